@@ -1,0 +1,649 @@
+//! The checkout guard: a scoped connection that gives everything back on drop.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::endpoint::EndpointId;
+use crate::registry::{Quota, TenantEntry};
+use crate::tenant::{TenantId, TenantScope};
+use crate::Error;
+
+/// How a checkout ended, as reported to its [`CheckoutObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// No failure was reported.
+    Success,
+    /// The caller reported a failure of the endpoint (broken connection, timeout);
+    /// the connection was discarded.
+    EndpointFailure,
+    /// The caller reported a failure of the request itself (rejected query); the
+    /// endpoint is fine.
+    RequestFailure,
+}
+
+/// Receives the life of every checkout on one endpoint: the router's hook for
+/// latency, passive health and metrics.
+///
+/// Methods run inline on the checkout path and in `Drop`: keep them to atomics.
+pub trait CheckoutObserver: Send + Sync + 'static {
+    /// A connection was handed out after `waited`.
+    fn on_acquired(&self, waited: Duration) {
+        let _ = waited;
+    }
+    /// Getting a connection failed after `waited`.
+    fn on_acquire_failed(&self, error: &Error, waited: Duration) {
+        let _ = (error, waited);
+    }
+    /// A connection came back after being held for `held`.
+    fn on_released(&self, held: Duration, outcome: Outcome) {
+        let _ = (held, outcome);
+    }
+}
+
+/// Checkouts in flight on one endpoint, including those still waiting for a
+/// connection: the load that least-connections balancing reads.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicU32);
+
+impl InFlight {
+    /// A counter at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current count.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more until the returned token is dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlightToken {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        InFlightToken(Arc::clone(self))
+    }
+}
+
+/// One unit of [`InFlight`] load, given back on drop.
+#[derive(Debug)]
+pub struct InFlightToken(Arc<InFlight>);
+
+impl Drop for InFlightToken {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What to check out: the tenant scope and quota, the deadline, and where to
+/// report load and outcome.
+#[derive(Clone)]
+pub struct CheckoutRequest {
+    scope: Option<Arc<TenantScope>>,
+    quota: Option<Quota>,
+    deadline: Instant,
+    in_flight: Option<Arc<InFlight>>,
+    observer: Option<Arc<dyn CheckoutObserver>>,
+}
+
+impl CheckoutRequest {
+    /// An unscoped checkout that gives up at `deadline`.
+    pub fn new(deadline: Instant) -> Self {
+        Self {
+            scope: None,
+            quota: None,
+            deadline,
+            in_flight: None,
+            observer: None,
+        }
+    }
+
+    /// An unscoped checkout that gives up after `timeout`.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self::new(Instant::now() + timeout)
+    }
+
+    /// Scopes the checkout to a tenant and holds it to the tenant's quota.
+    pub fn tenant(mut self, entry: &TenantEntry) -> Self {
+        self.scope = Some(Arc::clone(entry.scope()));
+        self.quota = entry.quota().cloned();
+        self
+    }
+
+    /// Scopes the checkout without a quota.
+    pub fn scope(mut self, scope: Arc<TenantScope>) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// Counts the checkout in `in_flight` from the moment it starts waiting.
+    pub fn in_flight(mut self, in_flight: Arc<InFlight>) -> Self {
+        self.in_flight = Some(in_flight);
+        self
+    }
+
+    /// Reports the checkout's life to `observer`.
+    pub fn observer(mut self, observer: Arc<dyn CheckoutObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The deadline.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Moves the deadline.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
+    /// The tenant scope, if any.
+    pub fn scope_ref(&self) -> Option<&Arc<TenantScope>> {
+        self.scope.as_ref()
+    }
+}
+
+impl fmt::Debug for CheckoutRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckoutRequest")
+            .field("scope", &self.scope)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection checked out from one endpoint, confined to one tenant when the
+/// request named one.
+///
+/// Derefs to the engine's connection. Dropping it gives everything back: the
+/// scope is undone (or the connection discarded if that fails), the in-flight
+/// count and tenant quota are released, and the hold time and outcome reach the
+/// observer. Nothing needs to be called by hand.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), switchyard_core::Error> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use switchyard_core::noop::NoopBackend;
+/// use switchyard_core::{Checkout, CheckoutRequest, Isolation, TenantId, TenantRegistry, TierPolicy};
+///
+/// let backend = Arc::new(NoopBackend::new("noop-1"));
+/// let tenants = TenantRegistry::new()
+///     .with_tier("free", TierPolicy::new(Isolation::Schema).with_max_connections(2))
+///     .with_default_tier("free");
+/// let acme = tenants.resolve(&TenantId::new("acme")?)?;
+///
+/// let conn = Checkout::acquire(
+///     &backend,
+///     CheckoutRequest::with_timeout(Duration::from_secs(1)).tenant(&acme),
+/// )
+/// .await?;
+/// assert_eq!(conn.tenant().map(|t| t.as_str()), Some("acme"));
+/// assert_eq!(acme.quota().unwrap().in_use(), 1);
+/// drop(conn);
+/// assert_eq!(acme.quota().unwrap().in_use(), 0);
+/// # Ok(()) }
+/// ```
+pub struct Checkout<B: Backend> {
+    conn: Option<B::Connection>,
+    backend: Arc<B>,
+    scope: Option<Arc<TenantScope>>,
+    observer: Option<Arc<dyn CheckoutObserver>>,
+    _in_flight: Option<InFlightToken>,
+    _quota: Option<OwnedSemaphorePermit>,
+    acquired_at: Instant,
+    waited: Duration,
+    outcome: Outcome,
+    keep: bool,
+}
+
+impl<B: Backend> Checkout<B> {
+    /// Checks out a connection from `backend`: takes the tenant's quota, gets a
+    /// connection, applies the tenant scope, all before the request's deadline.
+    #[tracing::instrument(
+        level = "debug",
+        name = "checkout",
+        skip_all,
+        fields(
+            endpoint = %backend.endpoint(),
+            tenant = req.scope.as_ref().map(|s| s.tenant().as_str()),
+            wait_us = tracing::field::Empty,
+        )
+    )]
+    pub async fn acquire(backend: &Arc<B>, req: CheckoutRequest) -> Result<Self, Error> {
+        let started = Instant::now();
+        let result = Self::acquire_inner(backend, &req, started).await;
+        let waited = started.elapsed();
+        tracing::Span::current().record("wait_us", waited.as_micros() as u64);
+        match result {
+            Ok((conn, in_flight, quota)) => {
+                if let Some(observer) = &req.observer {
+                    observer.on_acquired(waited);
+                }
+                Ok(Self {
+                    conn: Some(conn),
+                    backend: Arc::clone(backend),
+                    scope: req.scope,
+                    observer: req.observer,
+                    _in_flight: in_flight,
+                    _quota: quota,
+                    acquired_at: Instant::now(),
+                    waited,
+                    outcome: Outcome::Success,
+                    keep: true,
+                })
+            }
+            Err(error) => {
+                if let Some(observer) = &req.observer {
+                    observer.on_acquire_failed(&error, waited);
+                }
+                tracing::debug!(%error, "checkout failed");
+                Err(error)
+            }
+        }
+    }
+
+    async fn acquire_inner(
+        backend: &Arc<B>,
+        req: &CheckoutRequest,
+        started: Instant,
+    ) -> Result<
+        (
+            B::Connection,
+            Option<InFlightToken>,
+            Option<OwnedSemaphorePermit>,
+        ),
+        Error,
+    > {
+        let tenant = req.scope.as_ref().map(|s| s.tenant());
+        // The quota comes first: a tenant at its cap waits on itself, holding no
+        // pool capacity that other tenants could use.
+        let permit = match (&req.quota, tenant) {
+            (Some(quota), Some(tenant)) => Some(quota.acquire(tenant, req.deadline).await?),
+            _ => None,
+        };
+        let in_flight = req.in_flight.as_ref().map(InFlight::enter);
+        let timeout = || Error::Timeout {
+            endpoint: backend.endpoint().clone(),
+            tenant: tenant.cloned(),
+            elapsed: started.elapsed(),
+        };
+        let acquire = backend.acquire(req.scope.as_deref(), req.deadline);
+        let conn = tokio::time::timeout_at(req.deadline, acquire)
+            .await
+            .map_err(|_| timeout())??;
+        if let Some(scope) = &req.scope {
+            // Until the scope is applied, a cancelled or failed checkout must not
+            // let the half-scoped connection back into the pool.
+            let mut pending = Unscoped {
+                conn: Some(conn),
+                backend,
+            };
+            let Some(conn_ref) = pending.conn.as_mut() else {
+                return Err(Error::Closed);
+            };
+            tokio::time::timeout_at(req.deadline, backend.scope(conn_ref, scope))
+                .await
+                .map_err(|_| timeout())??;
+            let conn = pending.conn.take().ok_or(Error::Closed)?;
+            return Ok((conn, in_flight, permit));
+        }
+        Ok((conn, in_flight, permit))
+    }
+
+    /// The endpoint this connection came from.
+    pub fn endpoint(&self) -> &EndpointId {
+        self.backend.endpoint()
+    }
+
+    /// The tenant this connection is confined to, if any.
+    pub fn tenant(&self) -> Option<&TenantId> {
+        self.scope.as_ref().map(|s| s.tenant())
+    }
+
+    /// The full tenant scope, if any.
+    pub fn scope(&self) -> Option<&TenantScope> {
+        self.scope.as_deref()
+    }
+
+    /// How long the checkout waited for its connection.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// The backend the connection came from.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// Tells the router this checkout failed.
+    ///
+    /// An endpoint failure (timeout, broken connection) discards the connection
+    /// and counts against the endpoint's health; anything else only counts as a
+    /// failed request.
+    pub fn report_failure(&mut self, error: &Error) {
+        if error.is_endpoint_failure() {
+            self.outcome = Outcome::EndpointFailure;
+            self.keep = false;
+        } else if self.outcome == Outcome::Success {
+            self.outcome = Outcome::RequestFailure;
+        }
+    }
+
+    /// Closes the connection on drop instead of returning it (for a connection
+    /// left in a state the caller cannot vouch for).
+    pub fn discard_on_drop(&mut self) {
+        self.keep = false;
+    }
+
+    #[allow(clippy::expect_used)]
+    fn conn(&self) -> &B::Connection {
+        // Only `Drop` takes the connection out.
+        self.conn.as_ref().expect("connection present until drop")
+    }
+
+    #[allow(clippy::expect_used)]
+    fn conn_mut(&mut self) -> &mut B::Connection {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+}
+
+impl<B: Backend> Deref for Checkout<B> {
+    type Target = B::Connection;
+    fn deref(&self) -> &B::Connection {
+        self.conn()
+    }
+}
+
+impl<B: Backend> DerefMut for Checkout<B> {
+    fn deref_mut(&mut self) -> &mut B::Connection {
+        self.conn_mut()
+    }
+}
+
+impl<B: Backend> Drop for Checkout<B> {
+    fn drop(&mut self) {
+        if let Some(observer) = &self.observer {
+            observer.on_released(self.acquired_at.elapsed(), self.outcome);
+        }
+        if let Some(conn) = self.conn.take() {
+            Arc::clone(&self.backend).release(conn, self.scope.take(), self.keep);
+        }
+    }
+}
+
+impl<B: Backend> fmt::Debug for Checkout<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkout")
+            .field("endpoint", self.backend.endpoint())
+            .field("tenant", &self.tenant())
+            .field("waited", &self.waited)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection between acquire and scope: discarded unless taken out.
+struct Unscoped<'a, B: Backend> {
+    conn: Option<B::Connection>,
+    backend: &'a Arc<B>,
+}
+
+impl<B: Backend> Drop for Unscoped<'_, B> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.backend.discard(conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::noop::NoopBackend;
+    use crate::registry::{deadline_after, TenantRegistry, TierPolicy};
+    use crate::tenant::Isolation;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    const _: fn() = || {
+        fn assert_send<T: Send>() {}
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send::<Checkout<NoopBackend>>();
+        assert_send_sync::<CheckoutRequest>();
+    };
+
+    #[derive(Default)]
+    struct Recorder {
+        acquired: AtomicU64,
+        failed: AtomicU64,
+        released: Mutex<Vec<(Duration, Outcome)>>,
+    }
+
+    impl CheckoutObserver for Recorder {
+        fn on_acquired(&self, _: Duration) {
+            self.acquired.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_acquire_failed(&self, _: &Error, _: Duration) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_released(&self, held: Duration, outcome: Outcome) {
+            self.released.lock().unwrap().push((held, outcome));
+        }
+    }
+
+    fn registry() -> TenantRegistry {
+        TenantRegistry::new()
+            .with_tier(
+                "free",
+                TierPolicy::new(Isolation::Schema).with_max_connections(1),
+            )
+            .with_default_tier("free")
+    }
+
+    fn tenant(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drop_releases_in_flight_quota_and_reports_hold_time() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let reg = registry();
+        let entry = reg.resolve(&tenant("a")).unwrap();
+        let load = Arc::new(InFlight::new());
+        let rec = Arc::new(Recorder::default());
+        let req = CheckoutRequest::new(deadline_after(Duration::from_secs(1)))
+            .tenant(&entry)
+            .in_flight(Arc::clone(&load))
+            .observer(rec.clone());
+
+        let conn = Checkout::acquire(&backend, req).await.unwrap();
+        assert_eq!(conn.tenant, Some(tenant("a")));
+        assert_eq!(load.get(), 1);
+        assert_eq!(entry.quota().unwrap().in_use(), 1);
+        tokio::time::advance(Duration::from_millis(40)).await;
+        drop(conn);
+
+        assert_eq!(load.get(), 0);
+        assert_eq!(entry.quota().unwrap().in_use(), 0);
+        assert_eq!(rec.acquired.load(Ordering::Relaxed), 1);
+        let released = rec.released.lock().unwrap().clone();
+        assert_eq!(
+            released,
+            vec![(Duration::from_millis(40), Outcome::Success)]
+        );
+        // The reset runs on a task; let it finish.
+        tokio::task::yield_now().await;
+        let stats = backend.counters();
+        assert_eq!((stats.scoped, stats.unscoped, stats.discarded), (1, 1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_at_quota_waits_then_gets_quota_exceeded() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let reg = registry();
+        let a = reg.resolve(&tenant("a")).unwrap();
+        let b = reg.resolve(&tenant("b")).unwrap();
+        let timeout = Duration::from_millis(300);
+        let held = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout).tenant(&a))
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let err = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout).tenant(&a))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::QuotaExceeded { limit: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(started.elapsed(), timeout);
+
+        // Another tenant is not held up by a's full quota.
+        let started = Instant::now();
+        let other = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout).tenant(&b))
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        drop((held, other));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoint_failures_discard_the_connection() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let rec = Arc::new(Recorder::default());
+        let mut conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).observer(rec.clone()),
+        )
+        .await
+        .unwrap();
+        conn.report_failure(&Error::backend(
+            conn.endpoint(),
+            None,
+            crate::BackendErrorKind::Io,
+            std::io::Error::other("reset"),
+        ));
+        drop(conn);
+        assert_eq!(backend.counters().discarded, 1);
+        assert_eq!(rec.released.lock().unwrap()[0].1, Outcome::EndpointFailure);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_failures_keep_the_connection() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let mut conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        conn.report_failure(&Error::backend(
+            conn.endpoint(),
+            None,
+            crate::BackendErrorKind::Rejected,
+            std::io::Error::other("syntax error"),
+        ));
+        drop(conn);
+        assert_eq!(backend.counters().discarded, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_backend_times_out_at_the_deadline() {
+        let backend = Arc::new(NoopBackend::new("slow"));
+        backend.set_acquire_delay(Duration::from_secs(10));
+        let rec = Arc::new(Recorder::default());
+        let load = Arc::new(InFlight::new());
+        let started = Instant::now();
+        let err = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_millis(500))
+                .in_flight(Arc::clone(&load))
+                .observer(rec.clone()),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("slow"));
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        assert_eq!(rec.failed.load(Ordering::Relaxed), 1);
+        assert_eq!(load.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_scope_discards_the_connection() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        backend.set_fail_scope(true);
+        let reg = registry();
+        let a = reg.resolve(&tenant("a")).unwrap();
+        let err = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).tenant(&a),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Scope { .. }), "{err}");
+        assert_eq!(backend.counters().discarded, 1);
+        assert_eq!(a.quota().unwrap().in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reset_discards_the_connection() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        backend.set_fail_unscope(true);
+        let reg = registry();
+        let a = reg.resolve(&tenant("a")).unwrap();
+        let conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).tenant(&a),
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        tokio::task::yield_now().await;
+        assert_eq!(backend.counters().discarded, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkout_cancelled_while_scoping_never_pools_the_connection() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        backend.set_scope_delay(Duration::from_secs(5));
+        let reg = registry();
+        let a = reg.resolve(&tenant("a")).unwrap();
+        let fut = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(60)).tenant(&a),
+        );
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), fut).await;
+        assert!(cancelled.is_err());
+        assert_eq!(backend.counters().discarded, 1);
+        assert_eq!(backend.counters().live, 0);
+    }
+
+    #[test]
+    fn drop_outside_a_runtime_discards_a_scoped_connection() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let reg = registry();
+        let a = reg.resolve(&tenant("a")).unwrap();
+        let conn = rt
+            .block_on(Checkout::acquire(
+                &backend,
+                CheckoutRequest::with_timeout(Duration::from_secs(1)).tenant(&a),
+            ))
+            .unwrap();
+        drop(rt);
+        drop(conn);
+        assert_eq!(backend.counters().discarded, 1);
+    }
+}

@@ -1,0 +1,282 @@
+//! The error type shared by every switchyard crate.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::backend::Intent;
+use crate::endpoint::EndpointId;
+use crate::tenant::{TemplateError, TenantId, TenantIdError};
+
+/// A boxed driver error, kept as the `source` of [`Error::Backend`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong between asking for a connection and giving it back.
+///
+/// Variants carry the endpoint and tenant they concern; driver errors stay
+/// reachable through [`std::error::Error::source`]. Messages never contain
+/// secrets: endpoints are shown by name or redacted URL.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tenant id failed validation; nothing was sent anywhere.
+    #[error(transparent)]
+    InvalidTenant(#[from] TenantIdError),
+
+    /// A tier's name template is malformed.
+    #[error(transparent)]
+    InvalidTemplate(#[from] TemplateError),
+
+    /// The tenant is not registered and there is no default tier.
+    #[error("tenant {tenant} is not registered and no default tier is configured")]
+    UnknownTenant {
+        /// The tenant asked for.
+        tenant: TenantId,
+    },
+
+    /// The tenant's database or schema name would exceed the identifier limit.
+    #[error("tenant {tenant} is too long for name template {template}")]
+    TenantNameTooLong {
+        /// The tenant asked for.
+        tenant: TenantId,
+        /// The template it did not fit.
+        template: String,
+    },
+
+    /// No connection became available before the deadline.
+    #[error(
+        "timed out after {elapsed:?} waiting for a connection to {endpoint}{}",
+        ForTenant(tenant)
+    )]
+    Timeout {
+        /// Endpoint that was asked.
+        endpoint: EndpointId,
+        /// Tenant the checkout was for.
+        tenant: Option<TenantId>,
+        /// Time spent waiting.
+        elapsed: Duration,
+    },
+
+    /// The tenant already holds its tier's maximum of concurrent checkouts.
+    #[error("tenant {tenant} holds its quota of {limit} connections (waited {waited:?})")]
+    QuotaExceeded {
+        /// The tenant over quota.
+        tenant: TenantId,
+        /// The tier's limit.
+        limit: u32,
+        /// Time spent waiting for a permit.
+        waited: Duration,
+    },
+
+    /// Every endpoint that could serve the request is down or ejected.
+    #[error("no healthy endpoint in cluster {cluster} for {intent}")]
+    NoHealthyEndpoint {
+        /// Cluster name.
+        cluster: String,
+        /// What the checkout was for.
+        intent: Intent,
+    },
+
+    /// The cluster has no writable primary, and none appeared within the failover timeout.
+    #[error("no primary in cluster {cluster} after waiting {waited:?}")]
+    NoPrimary {
+        /// Cluster name.
+        cluster: String,
+        /// Time spent waiting for a primary.
+        waited: Duration,
+    },
+
+    /// The tenant's database, schema or index does not exist on the endpoint.
+    #[error("{what} {name:?} for tenant {tenant} does not exist on {endpoint}")]
+    TenantNotProvisioned {
+        /// Endpoint that was asked.
+        endpoint: EndpointId,
+        /// The tenant.
+        tenant: TenantId,
+        /// `database`, `schema`, `index`, ...
+        what: &'static str,
+        /// The missing object's name.
+        name: String,
+    },
+
+    /// Applying or undoing a tenant scope failed; the connection was discarded.
+    #[error("could not {action} tenant scope for {tenant} on {endpoint}")]
+    Scope {
+        /// Endpoint of the connection.
+        endpoint: EndpointId,
+        /// The tenant.
+        tenant: TenantId,
+        /// `apply` or `reset`.
+        action: &'static str,
+        /// The driver error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The engine or its driver failed.
+    #[error("{kind} error on {endpoint}{}", ForTenant(tenant))]
+    Backend {
+        /// Endpoint that failed.
+        endpoint: EndpointId,
+        /// Tenant the checkout was for.
+        tenant: Option<TenantId>,
+        /// What kind of failure it was, for retry and ejection decisions.
+        kind: BackendErrorKind,
+        /// The driver error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// Configuration is invalid.
+    #[error("{path}: {message}")]
+    Config {
+        /// Where in the configuration the problem is (`clusters.main.endpoints[1].url`).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The pool or router was shut down.
+    #[error("switchyard was shut down")]
+    Closed,
+}
+
+/// The kind of a backend failure, which decides retries and ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The endpoint could not be reached (refused, unreachable, TLS or auth at connect).
+    Connect,
+    /// The connection broke mid-operation (reset, closed, protocol error).
+    Io,
+    /// The endpoint answered but is read-only (a replica asked to write).
+    ReadOnly,
+    /// The server rejected the request (syntax, constraint, permission).
+    Rejected,
+}
+
+impl fmt::Display for BackendErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendErrorKind::Connect => "connect",
+            BackendErrorKind::Io => "i/o",
+            BackendErrorKind::ReadOnly => "read-only",
+            BackendErrorKind::Rejected => "server",
+        })
+    }
+}
+
+impl Error {
+    /// Wraps a driver error.
+    pub fn backend(
+        endpoint: &EndpointId,
+        tenant: Option<&TenantId>,
+        kind: BackendErrorKind,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Backend {
+            endpoint: endpoint.clone(),
+            tenant: tenant.cloned(),
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// Whether the same request may succeed on another endpoint or a moment later.
+    ///
+    /// True for timeouts, unreachable or broken endpoints, read-only replicas and
+    /// a missing healthy endpoint or primary; false for everything the caller must
+    /// fix (bad tenant, quota, config, rejected queries).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::NoHealthyEndpoint { .. } | Error::NoPrimary { .. } => {
+                true
+            }
+            Error::Backend { kind, .. } => matches!(
+                kind,
+                BackendErrorKind::Connect | BackendErrorKind::Io | BackendErrorKind::ReadOnly
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether the error says the endpoint itself is unhealthy (for passive ejection).
+    pub fn is_endpoint_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. }
+                | Error::Backend {
+                    kind: BackendErrorKind::Connect | BackendErrorKind::Io,
+                    ..
+                }
+        )
+    }
+
+    /// The endpoint the error concerns, when it concerns one.
+    pub fn endpoint(&self) -> Option<&EndpointId> {
+        match self {
+            Error::Timeout { endpoint, .. }
+            | Error::TenantNotProvisioned { endpoint, .. }
+            | Error::Scope { endpoint, .. }
+            | Error::Backend { endpoint, .. } => Some(endpoint),
+            _ => None,
+        }
+    }
+}
+
+struct ForTenant<'a>(&'a Option<TenantId>);
+
+impl fmt::Display for ForTenant<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(t) => write!(f, " for tenant {t}"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep() -> EndpointId {
+        EndpointId::new("pg-replica-1")
+    }
+
+    #[test]
+    fn messages_are_lowercase_and_carry_context() {
+        let t = TenantId::new("acme").unwrap();
+        let e = Error::Timeout {
+            endpoint: ep(),
+            tenant: Some(t.clone()),
+            elapsed: Duration::from_millis(250),
+        };
+        assert_eq!(
+            e.to_string(),
+            "timed out after 250ms waiting for a connection to pg-replica-1 for tenant acme"
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::backend(&ep(), None, BackendErrorKind::Connect, io);
+        assert_eq!(e.to_string(), "connect error on pg-replica-1");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn retryability_follows_the_kind() {
+        let io = || std::io::Error::other("x");
+        assert!(Error::backend(&ep(), None, BackendErrorKind::Connect, io()).is_retryable());
+        assert!(Error::backend(&ep(), None, BackendErrorKind::Io, io()).is_retryable());
+        assert!(!Error::backend(&ep(), None, BackendErrorKind::Rejected, io()).is_retryable());
+        assert!(!Error::from(TenantIdError::Empty).is_retryable());
+        let quota = Error::QuotaExceeded {
+            tenant: TenantId::new("a").unwrap(),
+            limit: 1,
+            waited: Duration::ZERO,
+        };
+        assert!(!quota.is_retryable());
+        assert!(!quota.is_endpoint_failure());
+        assert!(Error::backend(&ep(), None, BackendErrorKind::Io, io()).is_endpoint_failure());
+        assert!(
+            !Error::backend(&ep(), None, BackendErrorKind::ReadOnly, io()).is_endpoint_failure()
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! The contracts every switchyard engine and the router share.
+//!
+//! switchyard routes a service's database checkouts across a cluster of
+//! endpoints per engine and confines each checkout to one tenant. This crate
+//! holds the vocabulary, and no engine or routing policy:
+//!
+//! - [`Backend`]: what an engine crate implements for one endpoint: acquire a
+//!   connection before a deadline, probe health and role, apply and undo a
+//!   tenant scope, report pool statistics;
+//! - [`Checkout`]: the RAII guard a caller holds; dropping it undoes the scope,
+//!   releases the in-flight count and the tenant quota, and reports the outcome;
+//! - [`TenantId`], [`Isolation`], [`TenantScope`], [`TenantRegistry`],
+//!   [`TierPolicy`]: who a tenant is, how it is isolated and how much it may hold;
+//! - [`Intent`], [`Role`], [`Probe`], [`PoolSettings`], [`SecretUrl`];
+//! - [`Error`]: one typed error with [`Error::is_retryable`].
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), switchyard_core::Error> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use switchyard_core::noop::NoopBackend;
+//! use switchyard_core::{Checkout, CheckoutRequest, Isolation, TenantId, TenantRegistry, TierPolicy};
+//!
+//! let tenants = TenantRegistry::new()
+//!     .with_tier("standard", TierPolicy::new(Isolation::Row).with_max_connections(8))
+//!     .with_default_tier("standard");
+//!
+//! // A tenant id from a request header is validated before anything else happens.
+//! assert!(TenantId::new("acme'; --").is_err());
+//! let acme = tenants.resolve(&TenantId::new("acme")?)?;
+//!
+//! let backend = Arc::new(NoopBackend::new("primary"));
+//! let conn = Checkout::acquire(
+//!     &backend,
+//!     CheckoutRequest::with_timeout(Duration::from_secs(2)).tenant(&acme),
+//! )
+//! .await?;
+//! assert_eq!(conn.tenant(), Some(&TenantId::new("acme")?));
+//! # Ok(()) }
+//! ```
+
+mod backend;
+mod checkout;
+mod endpoint;
+mod error;
+pub mod noop;
+mod registry;
+mod tenant;
+
+pub use backend::{Backend, Intent, PoolStats, Probe, Role};
+pub use checkout::{Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, Outcome};
+pub use endpoint::{EndpointId, PoolSettings, SecretUrl};
+pub use error::{BackendErrorKind, BoxError, Error};
+pub use registry::{
+    deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,
+};
+pub use tenant::{
+    Isolation, NameTemplate, TemplateError, TenantId, TenantIdError, TenantScope, MAX_TENANT_ID_LEN,
+};

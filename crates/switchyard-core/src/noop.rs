@@ -1,0 +1,324 @@
+//! A backend with no engine behind it, for the router's unit tests and for
+//! measuring pure routing overhead.
+//!
+//! It never stands in for a real engine in an engine test: it has no data and
+//! no isolation to get wrong. What it offers is control: a role to report,
+//! faults to inject (down, slow, failing scope or reset) and counters to assert
+//! on.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::{Backend, PoolStats, Probe, Role};
+use crate::endpoint::EndpointId;
+use crate::tenant::{TenantId, TenantScope};
+use crate::{BackendErrorKind, Error};
+
+/// A connection from a [`NoopBackend`]: an id and the tenant it is scoped to.
+#[derive(Debug)]
+pub struct NoopConnection {
+    /// Sequence number of the connection within its backend.
+    pub id: u64,
+    /// The tenant the connection is currently scoped to.
+    pub tenant: Option<TenantId>,
+    state: Arc<State>,
+}
+
+impl Drop for NoopConnection {
+    fn drop(&mut self) {
+        self.state.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of what a [`NoopBackend`] was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NoopCounters {
+    /// Connections handed out.
+    pub acquired: u64,
+    /// Scopes applied.
+    pub scoped: u64,
+    /// Scopes undone.
+    pub unscoped: u64,
+    /// Connections discarded.
+    pub discarded: u64,
+    /// Probes answered.
+    pub probes: u64,
+    /// Connections currently alive (handed out and not yet dropped).
+    pub live: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: AtomicU64,
+    acquired: AtomicU64,
+    scoped: AtomicU64,
+    unscoped: AtomicU64,
+    discarded: AtomicU64,
+    probes: AtomicU64,
+    live: AtomicU64,
+}
+
+/// A backend that hands out [`NoopConnection`]s instantly.
+#[derive(Debug)]
+pub struct NoopBackend {
+    endpoint: EndpointId,
+    role: AtomicU8,
+    down: AtomicBool,
+    fail_scope: AtomicBool,
+    fail_unscope: AtomicBool,
+    acquire_delay_ns: AtomicU64,
+    scope_delay_ns: AtomicU64,
+    probe_rtt_ns: AtomicU64,
+    state: Arc<State>,
+}
+
+impl NoopBackend {
+    /// A healthy primary named `endpoint`.
+    pub fn new(endpoint: impl Into<Arc<str>>) -> Self {
+        Self {
+            endpoint: EndpointId::new(endpoint),
+            role: AtomicU8::new(role_to_u8(Role::Primary)),
+            down: AtomicBool::new(false),
+            fail_scope: AtomicBool::new(false),
+            fail_unscope: AtomicBool::new(false),
+            acquire_delay_ns: AtomicU64::new(0),
+            scope_delay_ns: AtomicU64::new(0),
+            probe_rtt_ns: AtomicU64::new(0),
+            state: Arc::default(),
+        }
+    }
+
+    /// A healthy endpoint reporting `role`.
+    pub fn with_role(endpoint: impl Into<Arc<str>>, role: Role) -> Self {
+        let b = Self::new(endpoint);
+        b.set_role(role);
+        b
+    }
+
+    /// Changes the role reported by probes (promotion, demotion).
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role_to_u8(role), Ordering::Relaxed);
+    }
+
+    /// The role probes report.
+    pub fn role(&self) -> Role {
+        role_from_u8(self.role.load(Ordering::Relaxed))
+    }
+
+    /// Makes acquire and probe fail as a refused connection would.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    /// Makes every acquire take `delay` (a slow or hung node).
+    pub fn set_acquire_delay(&self, delay: Duration) {
+        self.acquire_delay_ns.store(nanos(delay), Ordering::Relaxed);
+    }
+
+    /// Makes applying a scope take `delay`.
+    pub fn set_scope_delay(&self, delay: Duration) {
+        self.scope_delay_ns.store(nanos(delay), Ordering::Relaxed);
+    }
+
+    /// Makes probes take `rtt`.
+    pub fn set_probe_rtt(&self, rtt: Duration) {
+        self.probe_rtt_ns.store(nanos(rtt), Ordering::Relaxed);
+    }
+
+    /// Makes applying a scope fail.
+    pub fn set_fail_scope(&self, fail: bool) {
+        self.fail_scope.store(fail, Ordering::Relaxed);
+    }
+
+    /// Makes undoing a scope fail.
+    pub fn set_fail_unscope(&self, fail: bool) {
+        self.fail_unscope.store(fail, Ordering::Relaxed);
+    }
+
+    /// What the backend has been asked to do so far.
+    pub fn counters(&self) -> NoopCounters {
+        let s = &self.state;
+        NoopCounters {
+            acquired: s.acquired.load(Ordering::Relaxed),
+            scoped: s.scoped.load(Ordering::Relaxed),
+            unscoped: s.unscoped.load(Ordering::Relaxed),
+            discarded: s.discarded.load(Ordering::Relaxed),
+            probes: s.probes.load(Ordering::Relaxed),
+            live: s.live.load(Ordering::Relaxed),
+        }
+    }
+
+    fn refused(&self) -> Error {
+        Error::backend(
+            &self.endpoint,
+            None,
+            BackendErrorKind::Connect,
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        )
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn delay(ns: &AtomicU64) -> Option<Duration> {
+    match ns.load(Ordering::Relaxed) {
+        0 => None,
+        n => Some(Duration::from_nanos(n)),
+    }
+}
+
+fn role_to_u8(role: Role) -> u8 {
+    match role {
+        Role::Primary => 0,
+        Role::Replica => 1,
+        Role::Standalone => 2,
+    }
+}
+
+fn role_from_u8(v: u8) -> Role {
+    match v {
+        0 => Role::Primary,
+        1 => Role::Replica,
+        _ => Role::Standalone,
+    }
+}
+
+impl Backend for NoopBackend {
+    type Connection = NoopConnection;
+
+    fn endpoint(&self) -> &EndpointId {
+        &self.endpoint
+    }
+
+    async fn acquire(
+        &self,
+        _scope: Option<&TenantScope>,
+        deadline: Instant,
+    ) -> Result<NoopConnection, Error> {
+        if let Some(d) = delay(&self.acquire_delay_ns) {
+            let started = Instant::now();
+            let ready = started + d;
+            tokio::time::sleep_until(deadline.min(ready)).await;
+            if ready > deadline {
+                return Err(Error::Timeout {
+                    endpoint: self.endpoint.clone(),
+                    tenant: None,
+                    elapsed: started.elapsed(),
+                });
+            }
+        }
+        if self.down.load(Ordering::Relaxed) {
+            return Err(self.refused());
+        }
+        let s = &self.state;
+        s.acquired.fetch_add(1, Ordering::Relaxed);
+        s.live.fetch_add(1, Ordering::Relaxed);
+        Ok(NoopConnection {
+            id: s.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant: None,
+            state: Arc::clone(s),
+        })
+    }
+
+    async fn scope(&self, conn: &mut NoopConnection, scope: &TenantScope) -> Result<(), Error> {
+        if let Some(d) = delay(&self.scope_delay_ns) {
+            tokio::time::sleep(d).await;
+        }
+        if self.fail_scope.load(Ordering::Relaxed) {
+            return Err(Error::Scope {
+                endpoint: self.endpoint.clone(),
+                tenant: scope.tenant().clone(),
+                action: "apply",
+                source: "injected scope failure".into(),
+            });
+        }
+        self.state.scoped.fetch_add(1, Ordering::Relaxed);
+        conn.tenant = Some(scope.tenant().clone());
+        Ok(())
+    }
+
+    async fn unscope(&self, conn: &mut NoopConnection, scope: &TenantScope) -> Result<(), Error> {
+        if self.fail_unscope.load(Ordering::Relaxed) {
+            return Err(Error::Scope {
+                endpoint: self.endpoint.clone(),
+                tenant: scope.tenant().clone(),
+                action: "reset",
+                source: "injected reset failure".into(),
+            });
+        }
+        self.state.unscoped.fetch_add(1, Ordering::Relaxed);
+        conn.tenant = None;
+        Ok(())
+    }
+
+    fn discard(&self, conn: NoopConnection) {
+        self.state.discarded.fetch_add(1, Ordering::Relaxed);
+        drop(conn);
+    }
+
+    async fn probe(&self, _timeout: Duration) -> Result<Probe, Error> {
+        self.state.probes.fetch_add(1, Ordering::Relaxed);
+        let rtt = delay(&self.probe_rtt_ns).unwrap_or_default();
+        if !rtt.is_zero() {
+            tokio::time::sleep(rtt).await;
+        }
+        if self.down.load(Ordering::Relaxed) {
+            return Err(self.refused());
+        }
+        Ok(Probe::new(self.role(), rtt))
+    }
+
+    fn stats(&self) -> PoolStats {
+        let live = u32::try_from(self.state.live.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        PoolStats {
+            size: live,
+            idle: 0,
+            max_size: u32::MAX,
+            tenant_pools: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_role_and_faults() {
+        let b = NoopBackend::with_role("r1", Role::Replica);
+        assert_eq!(
+            b.probe(Duration::from_secs(1)).await.unwrap().role,
+            Role::Replica
+        );
+        b.set_role(Role::Primary);
+        assert_eq!(
+            b.probe(Duration::from_secs(1)).await.unwrap().role,
+            Role::Primary
+        );
+        b.set_down(true);
+        let err = b.probe(Duration::from_secs(1)).await.unwrap_err();
+        assert!(err.is_endpoint_failure());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert!(b.acquire(None, deadline).await.is_err());
+        assert_eq!(b.counters().probes, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_live_connections() {
+        let b = NoopBackend::new("n");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let c1 = b.acquire(None, deadline).await.unwrap();
+        let c2 = b.acquire(None, deadline).await.unwrap();
+        assert_eq!((c1.id, c2.id), (0, 1));
+        assert_eq!(b.stats().in_use(), 2);
+        drop(c1);
+        b.discard(c2);
+        let c = b.counters();
+        assert_eq!((c.acquired, c.discarded, c.live), (2, 1, 0));
+    }
+}
