@@ -1,0 +1,68 @@
+//! The test bed for switchyard: starts real database engines on loopback ports in
+//! scratch folders and hands back handles to break them.
+//!
+//! - [`PgCluster`]: a PostgreSQL primary plus streaming standbys.
+//! - [`RedisCluster`]: a Redis master plus replicas.
+//! - [`ClickHouse`]: one ClickHouse server.
+//! - [`MongoServer`], [`ElasticServer`]: the real engine when its URL is in the
+//!   environment, else a wire-compatible stand-in (see [`ServerKind`]).
+//! - [`FaultProxy`]: a TCP proxy in front of any of them that adds latency,
+//!   blackholes, resets or refuses connections.
+//!
+//! Every node can be killed (SIGKILL: connections are refused), paused (SIGSTOP:
+//! connections hang), resumed and restarted on the same port; replicas can be
+//! promoted. Each server is its own process with its own port and folder, so tests
+//! run in parallel. Dropping a handle stops its servers and removes their folders;
+//! folders and servers left by an aborted run are cleaned up by the next run.
+//!
+//! A missing engine binary is an error ([`TestkitError::MissingBinary`]) that names
+//! the install command, never a skipped test. Linux only (`/proc`, signals).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use switchyard_testkit::{FaultProxy, PgCluster};
+//!
+//! # async fn demo() -> switchyard_testkit::Result<()> {
+//! let pg = PgCluster::start(1).await?;
+//! println!("primary at {}", pg.primary().url());
+//!
+//! // Writes on the primary reach the standby.
+//! pg.wait_replayed(&pg.standbys()[0], Duration::from_secs(5)).await?;
+//!
+//! // Put a proxy in front of the standby and make it slow, then hang it.
+//! let proxy = FaultProxy::start(pg.standbys()[0].addr()).await?;
+//! proxy.set_latency(Duration::from_millis(50));
+//! pg.standbys()[0].pause().await?;
+//! pg.standbys()[0].resume().await?;
+//!
+//! // Fail over.
+//! pg.primary().kill().await?;
+//! pg.standbys()[0].promote().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod clickhouse;
+mod error;
+mod http;
+mod port;
+mod postgres;
+mod process;
+mod proxy;
+mod redis;
+mod scratch;
+mod standin;
+mod wait;
+
+pub use crate::clickhouse::ClickHouse;
+pub use crate::error::{Result, TestkitError};
+pub use crate::port::{free_port, loopback};
+pub use crate::postgres::{PgCluster, PgNode};
+pub use crate::process::{descendants, is_alive, signal_tree};
+pub use crate::proxy::{FaultHandle, FaultProxy};
+pub use crate::redis::{RedisCluster, RedisNode};
+pub use crate::standin::{ElasticServer, MongoServer, ServerKind};
+pub use crate::wait::{poll_until, wait_until, POLL_INTERVAL};
+
+/// Signals for [`signal_tree`], re-exported so callers need no `nix` dependency.
+pub use nix::sys::signal::Signal;
