@@ -49,8 +49,21 @@ pub trait CheckoutObserver: Send + Sync + 'static {
 
 /// Checkouts in flight on one endpoint, including those still waiting for a
 /// connection: the load that least-connections balancing reads.
-#[derive(Debug, Default)]
-pub struct InFlight(AtomicU32);
+#[derive(Default)]
+pub struct InFlight {
+    count: AtomicU32,
+    watcher: Option<Arc<dyn InFlightWatcher>>,
+}
+
+/// Told after every change of a watched [`InFlight`] count.
+///
+/// The router keeps an index of the least-loaded endpoint current with it, so
+/// picking stays O(log n) without scanning every counter. Runs inline on the
+/// checkout path and in `Drop`: keep it short and never block.
+pub trait InFlightWatcher: Send + Sync + 'static {
+    /// The count just changed; read the counter for its new value.
+    fn changed(&self);
+}
 
 impl InFlight {
     /// A counter at zero.
@@ -58,15 +71,36 @@ impl InFlight {
         Self::default()
     }
 
+    /// A counter at zero that tells `watcher` about every change.
+    pub fn watched(watcher: Arc<dyn InFlightWatcher>) -> Self {
+        Self {
+            count: AtomicU32::new(0),
+            watcher: Some(watcher),
+        }
+    }
+
     /// The current count.
     pub fn get(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
     }
 
     /// Counts one more until the returned token is dropped.
     pub fn enter(self: &Arc<Self>) -> InFlightToken {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.notify();
         InFlightToken(Arc::clone(self))
+    }
+
+    fn notify(&self) {
+        if let Some(watcher) = &self.watcher {
+            watcher.changed();
+        }
+    }
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("InFlight").field(&self.get()).finish()
     }
 }
 
@@ -76,7 +110,8 @@ pub struct InFlightToken(Arc<InFlight>);
 
 impl Drop for InFlightToken {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+        self.0.notify();
     }
 }
 
@@ -483,6 +518,27 @@ mod tests {
         tokio::task::yield_now().await;
         let stats = backend.counters();
         assert_eq!((stats.scoped, stats.unscoped, stats.discarded), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_watched_counter_reports_every_change() {
+        #[derive(Default)]
+        struct Seen(Mutex<Vec<u32>>, std::sync::OnceLock<Arc<InFlight>>);
+        impl InFlightWatcher for Seen {
+            fn changed(&self) {
+                let now = self.1.get().map_or(u32::MAX, |c| c.get());
+                self.0.lock().unwrap().push(now);
+            }
+        }
+        let seen = Arc::new(Seen::default());
+        let counter = Arc::new(InFlight::watched(seen.clone()));
+        seen.1.set(Arc::clone(&counter)).unwrap();
+        let a = counter.enter();
+        let b = counter.enter();
+        drop(a);
+        drop(b);
+        assert_eq!(*seen.0.lock().unwrap(), [1, 2, 1, 0]);
+        assert_eq!(format!("{:?}", counter), "InFlight(0)");
     }
 
     #[tokio::test(start_paused = true)]

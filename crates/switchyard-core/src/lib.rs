@@ -49,7 +49,9 @@ mod registry;
 mod tenant;
 
 pub use backend::{Backend, Intent, PoolStats, Probe, Role};
-pub use checkout::{Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, Outcome};
+pub use checkout::{
+    Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, InFlightWatcher, Outcome,
+};
 pub use endpoint::{EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Error};
 pub use registry::{

@@ -1,0 +1,341 @@
+//! Checkouts through the router: pick an endpoint, check out, fail over.
+//!
+//! Every connection is still created by [`switchyard_core::Checkout::acquire`],
+//! so the tenant scope, quota and in-flight accounting stay in one place; the
+//! router only decides where, and learns from the outcome through the
+//! endpoint's observer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use switchyard_core::{Backend, Checkout, CheckoutRequest, EndpointId, Error, Intent, TenantId};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::cluster::Cluster;
+use crate::config::ReadPreference;
+use crate::endpoint::{Endpoint, EndpointState};
+
+/// Options for one checkout or [`run`](Cluster::run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckoutOptions {
+    deadline: Option<Instant>,
+    idempotent: bool,
+}
+
+impl CheckoutOptions {
+    /// The defaults: the cluster's `checkout_timeout`, not idempotent.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Gives up at `deadline` instead of after the cluster's `checkout_timeout`.
+    pub fn deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Gives up after `timeout` from now.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.deadline(Instant::now() + timeout)
+    }
+
+    /// Marks a write as safe to repeat, so it is retried like a read.
+    ///
+    /// Only for operations that do the same thing when run twice (an upsert by
+    /// key, a `SET`): a write that failed mid-flight may have been applied.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
+}
+
+/// What one checkout (or one `run`) may still spend on retries.
+struct Budget {
+    deadline: Instant,
+    retryable: bool,
+    attempts_left: u32,
+    attempts: u32,
+    /// Endpoints that already failed this operation (reads only; allocated on
+    /// the first retry).
+    avoid: Vec<EndpointId>,
+}
+
+impl Budget {
+    fn new(config: &crate::ClusterConfig, intent: Intent, opts: &CheckoutOptions) -> Self {
+        let retryable = intent == Intent::Read || opts.idempotent;
+        Self {
+            deadline: opts
+                .deadline
+                .unwrap_or_else(|| Instant::now() + config.checkout_timeout),
+            retryable,
+            attempts_left: if retryable {
+                config.retry.max_attempts.max(1)
+            } else {
+                1
+            },
+            attempts: 0,
+            avoid: Vec::new(),
+        }
+    }
+
+    fn may_retry(&self, error: &Error) -> bool {
+        self.retryable
+            && error.is_retryable()
+            && self.attempts_left > 0
+            && Instant::now() < self.deadline
+    }
+}
+
+/// Gives the half-open trial back if the checkout ended without a verdict
+/// (cancelled, or failed for a reason that says nothing about the endpoint).
+struct TrialGuard(Arc<EndpointState>);
+
+impl Drop for TrialGuard {
+    fn drop(&mut self) {
+        if self.0.half_open.load(std::sync::atomic::Ordering::Acquire) {
+            self.0.release_trial();
+        }
+    }
+}
+
+type Chosen<B> = (Arc<Endpoint<B>>, Option<TrialGuard>);
+
+impl<B: Backend> Cluster<B> {
+    /// Checks out a connection for `intent`, scoped to `tenant` when given.
+    ///
+    /// Writes go to the current primary, waiting up to `failover_timeout` for
+    /// one to appear; reads go to replicas per the read preference. A read that
+    /// fails with a retryable error is retried on another endpoint within
+    /// `retry.max_attempts` and the deadline; a write is not (see
+    /// [`checkout_with`](Self::checkout_with)).
+    pub async fn checkout(
+        &self,
+        intent: Intent,
+        tenant: Option<&TenantId>,
+    ) -> Result<Checkout<B>, Error> {
+        self.checkout_with(intent, tenant, CheckoutOptions::default())
+            .await
+    }
+
+    /// [`checkout`](Self::checkout) with a deadline or the idempotent flag.
+    pub async fn checkout_with(
+        &self,
+        intent: Intent,
+        tenant: Option<&TenantId>,
+        opts: CheckoutOptions,
+    ) -> Result<Checkout<B>, Error> {
+        let mut budget = Budget::new(&self.shared.config, intent, &opts);
+        self.checkout_budgeted(intent, tenant, &mut budget).await
+    }
+
+    /// Runs `op` on a checked-out connection, and again on another endpoint when
+    /// it fails with a retryable error, for reads and idempotent writes.
+    ///
+    /// Failures `op` returns are reported to the router
+    /// ([`Checkout::report_failure`]): a broken connection ejects its endpoint.
+    /// Attempts of the checkout and of `op` share one budget of
+    /// `retry.max_attempts` and one deadline.
+    ///
+    /// ```
+    /// # use switchyard_router::{Cluster, CheckoutOptions};
+    /// # use switchyard_core::{noop::NoopBackend, Intent};
+    /// # async fn f(cluster: Cluster<NoopBackend>) -> Result<(), switchyard_core::Error> {
+    /// let id = cluster
+    ///     .run(Intent::Read, None, CheckoutOptions::new(), |conn| {
+    ///         Box::pin(async move { Ok(conn.id) })
+    ///     })
+    ///     .await?;
+    /// # let _ = id; Ok(()) }
+    /// ```
+    pub async fn run<T, F>(
+        &self,
+        intent: Intent,
+        tenant: Option<&TenantId>,
+        opts: CheckoutOptions,
+        mut op: F,
+    ) -> Result<T, Error>
+    where
+        F: for<'c> FnMut(&'c mut Checkout<B>) -> BoxFuture<'c, Result<T, Error>>,
+    {
+        let mut budget = Budget::new(&self.shared.config, intent, &opts);
+        loop {
+            let mut conn = self.checkout_budgeted(intent, tenant, &mut budget).await?;
+            let error = match op(&mut conn).await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            conn.report_failure(&error);
+            let id = conn.endpoint().clone();
+            drop(conn);
+            self.learn(&id, &error);
+            if !budget.may_retry(&error) {
+                return Err(error);
+            }
+            self.shared.metrics.retry(intent);
+            tracing::debug!(cluster = %self.shared.name, endpoint = %id, %error, "operation failed; retrying on another endpoint");
+            if intent == Intent::Read {
+                budget.avoid.push(id);
+            }
+        }
+    }
+
+    /// A write refused as read-only means our idea of the primary is stale.
+    fn learn(&self, id: &EndpointId, error: &Error) {
+        if let Error::Backend {
+            kind: switchyard_core::BackendErrorKind::ReadOnly,
+            ..
+        } = error
+        {
+            if let Some(ep) = self
+                .shared
+                .snapshot
+                .load()
+                .endpoints
+                .iter()
+                .find(|e| e.id() == id)
+            {
+                ep.state.request_probe();
+            }
+        }
+    }
+
+    async fn checkout_budgeted(
+        &self,
+        intent: Intent,
+        tenant: Option<&TenantId>,
+        budget: &mut Budget,
+    ) -> Result<Checkout<B>, Error> {
+        let span = tracing::debug_span!(
+            "switchyard.checkout",
+            engine = self.shared.engine,
+            cluster = %self.shared.name,
+            %intent,
+            tenant = tenant.map(TenantId::as_str),
+            endpoint = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            wait_us = tracing::field::Empty,
+        );
+        self.attempts(intent, tenant, budget).instrument(span).await
+    }
+
+    async fn attempts(
+        &self,
+        intent: Intent,
+        tenant: Option<&TenantId>,
+        budget: &mut Budget,
+    ) -> Result<Checkout<B>, Error> {
+        let started = Instant::now();
+        let entry = match tenant {
+            Some(t) => Some(self.shared.tenants.load().resolve(t)?),
+            None => None,
+        };
+        let mut last_error: Option<Error> = None;
+        loop {
+            budget.attempts_left = budget.attempts_left.saturating_sub(1);
+            budget.attempts += 1;
+            let (ep, trial) = match self.choose(intent, budget).await {
+                Ok(chosen) => chosen,
+                Err(error) => {
+                    self.shared.metrics.no_endpoint(&error);
+                    return Err(match (intent, last_error) {
+                        (Intent::Read, Some(last)) => last,
+                        _ => error,
+                    });
+                }
+            };
+            let deadline = if budget.retryable && budget.attempts_left > 0 {
+                budget
+                    .deadline
+                    .min(Instant::now() + self.shared.config.retry.attempt_timeout)
+            } else {
+                budget.deadline
+            };
+            let mut req = CheckoutRequest::new(deadline)
+                .in_flight(Arc::clone(&ep.state.in_flight))
+                .observer(Arc::clone(&ep.observer));
+            if let Some(entry) = &entry {
+                req = req.tenant(entry);
+            }
+            let result = Checkout::acquire(&ep.backend, req).await;
+            drop(trial);
+            let span = tracing::Span::current();
+            span.record("endpoint", ep.id().as_str());
+            span.record("attempts", budget.attempts);
+            match result {
+                Ok(conn) => {
+                    span.record("wait_us", started.elapsed().as_micros() as u64);
+                    return Ok(conn);
+                }
+                Err(error) => {
+                    if !budget.may_retry(&error) {
+                        return Err(error);
+                    }
+                    self.shared.metrics.retry(intent);
+                    tracing::debug!(endpoint = %ep.id(), %error, "checkout failed; retrying on another endpoint");
+                    if intent == Intent::Read {
+                        budget.avoid.push(ep.id().clone());
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+    }
+
+    /// An endpoint for `intent`; writes wait for a primary up to `failover_timeout`.
+    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<Chosen<B>, Error> {
+        let shared = &self.shared;
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            // Registered before looking, so a primary that appears in between wakes us.
+            let notified = shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
+                if let Some(since) = waiting_since {
+                    shared.metrics.waited_for_primary(since.elapsed());
+                }
+                return Ok(chosen);
+            }
+            if shared.cancel.is_cancelled() {
+                return Err(Error::Closed);
+            }
+            if intent == Intent::Read {
+                return Err(Error::NoHealthyEndpoint {
+                    cluster: shared.name.to_string(),
+                    intent,
+                });
+            }
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            let until = budget.deadline.min(since + shared.config.failover_timeout);
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                let waited = since.elapsed();
+                shared.metrics.waited_for_primary(waited);
+                return Err(Error::NoPrimary {
+                    cluster: shared.name.to_string(),
+                    waited,
+                });
+            }
+        }
+    }
+
+    /// One look at the snapshot: a half-open trial first, then the strategy.
+    fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<B>> {
+        let snap = self.shared.snapshot.load();
+        if let Some(ep) = snap.claim_trial(intent, avoid) {
+            return Some((Arc::clone(ep), Some(TrialGuard(Arc::clone(&ep.state)))));
+        }
+        if let Some(ep) = snap.pool(intent).pick(avoid) {
+            return Some((Arc::clone(ep), None));
+        }
+        // A read retry that ran out of replicas may still use the primary.
+        if intent == Intent::Read
+            && !avoid.is_empty()
+            && snap.read_preference != ReadPreference::ReplicasOnly
+        {
+            return snap.write.pick(avoid).map(|ep| (Arc::clone(ep), None));
+        }
+        None
+    }
+}

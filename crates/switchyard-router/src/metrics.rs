@@ -1,0 +1,191 @@
+//! Metrics the router emits through the [`metrics`] facade: the one place their
+//! names are defined.
+//!
+//! Every series carries `engine` and `cluster` labels; per-endpoint series also
+//! carry `endpoint` (an endpoint name, never a URL). Install a recorder (e.g.
+//! `metrics-exporter-prometheus`) before building clusters: handles are
+//! registered once per endpoint, so the checkout path records without looking
+//! anything up or allocating.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `switchyard_checkouts_total` | counter | endpoint, `result` = `ok`/`error` | checkouts handed out or failed, per attempt |
+//! | `switchyard_checkout_wait_seconds` | histogram | endpoint | wait for a connection, successful attempts |
+//! | `switchyard_checkout_timeouts_total` | counter | endpoint | attempts that hit their deadline |
+//! | `switchyard_checkout_held_seconds` | histogram | endpoint | how long connections were held |
+//! | `switchyard_checkout_errors_total` | counter | `kind` = `no_healthy_endpoint`/`no_primary` | checkouts that found no endpoint |
+//! | `switchyard_retries_total` | counter | `intent` | attempts retried on another endpoint |
+//! | `switchyard_failovers_total` | counter | | writes moved to a new primary |
+//! | `switchyard_primary_wait_seconds` | histogram | | time writes waited for a primary |
+//! | `switchyard_ejections_total` | counter | endpoint | passive ejections |
+//! | `switchyard_ejections_capped_total` | counter | endpoint | ejections refused by `max_ejected_percent` or the last-writer rule |
+//! | `switchyard_endpoint_up` | gauge | endpoint | 1 when serving (up and admitted), else 0 |
+//! | `switchyard_probe_rtt_seconds` | histogram | endpoint | round trip of good probes |
+//! | `switchyard_probe_failures_total` | counter | endpoint | failed probes |
+//! | `switchyard_replica_lag_seconds` | gauge | endpoint | replication lag, where reported |
+//! | `switchyard_in_flight` | gauge | endpoint | checkouts in flight, sampled every probe |
+//! | `switchyard_pool_in_use` | gauge | endpoint | connections in use, from `Backend::stats` |
+//! | `switchyard_pool_idle` | gauge | endpoint | idle connections, from `Backend::stats` |
+//! | `switchyard_pool_size` | gauge | endpoint | open connections, from `Backend::stats` |
+//! | `switchyard_warming_forecast` | gauge | endpoint | forecast concurrent demand (warming on) |
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Label};
+use switchyard_core::{Error, Intent, PoolStats};
+
+/// `switchyard_checkouts_total`
+pub const CHECKOUTS: &str = "switchyard_checkouts_total";
+/// `switchyard_checkout_wait_seconds`
+pub const CHECKOUT_WAIT: &str = "switchyard_checkout_wait_seconds";
+/// `switchyard_checkout_timeouts_total`
+pub const CHECKOUT_TIMEOUTS: &str = "switchyard_checkout_timeouts_total";
+/// `switchyard_checkout_held_seconds`
+pub const CHECKOUT_HELD: &str = "switchyard_checkout_held_seconds";
+/// `switchyard_checkout_errors_total`
+pub const CHECKOUT_ERRORS: &str = "switchyard_checkout_errors_total";
+/// `switchyard_retries_total`
+pub const RETRIES: &str = "switchyard_retries_total";
+/// `switchyard_failovers_total`
+pub const FAILOVERS: &str = "switchyard_failovers_total";
+/// `switchyard_primary_wait_seconds`
+pub const PRIMARY_WAIT: &str = "switchyard_primary_wait_seconds";
+/// `switchyard_ejections_total`
+pub const EJECTIONS: &str = "switchyard_ejections_total";
+/// `switchyard_ejections_capped_total`
+pub const EJECTIONS_CAPPED: &str = "switchyard_ejections_capped_total";
+/// `switchyard_endpoint_up`
+pub const ENDPOINT_UP: &str = "switchyard_endpoint_up";
+/// `switchyard_probe_rtt_seconds`
+pub const PROBE_RTT: &str = "switchyard_probe_rtt_seconds";
+/// `switchyard_probe_failures_total`
+pub const PROBE_FAILURES: &str = "switchyard_probe_failures_total";
+/// `switchyard_replica_lag_seconds`
+pub const REPLICA_LAG: &str = "switchyard_replica_lag_seconds";
+/// `switchyard_in_flight`
+pub const IN_FLIGHT: &str = "switchyard_in_flight";
+/// `switchyard_pool_in_use`
+pub const POOL_IN_USE: &str = "switchyard_pool_in_use";
+/// `switchyard_pool_idle`
+pub const POOL_IDLE: &str = "switchyard_pool_idle";
+/// `switchyard_pool_size`
+pub const POOL_SIZE: &str = "switchyard_pool_size";
+/// `switchyard_warming_forecast`
+pub const WARMING_FORECAST: &str = "switchyard_warming_forecast";
+
+/// Handles for one endpoint's series, registered once.
+#[derive(Debug)]
+pub(crate) struct EndpointMetrics {
+    pub acquired: Counter,
+    pub failed: Counter,
+    pub wait: Histogram,
+    pub timeouts: Counter,
+    pub held: Histogram,
+    pub ejections: Counter,
+    pub ejections_capped: Counter,
+    pub up: Gauge,
+    pub probe_rtt: Histogram,
+    pub probe_failures: Counter,
+    pub lag: Gauge,
+    pub in_flight: Gauge,
+    pub pool_in_use: Gauge,
+    pub pool_idle: Gauge,
+    pub pool_size: Gauge,
+    pub forecast: Gauge,
+}
+
+fn labels(engine: &'static str, cluster: &str, endpoint: &str) -> Vec<Label> {
+    vec![
+        Label::from_static_parts("engine", engine),
+        Label::new("cluster", cluster.to_owned()),
+        Label::new("endpoint", endpoint.to_owned()),
+    ]
+}
+
+impl EndpointMetrics {
+    pub fn new(engine: &'static str, cluster: &str, endpoint: &str) -> Self {
+        let l = labels(engine, cluster, endpoint);
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = l.clone();
+            l.push(Label::from_static_parts(k, v));
+            l
+        };
+        Self {
+            acquired: metrics::counter!(CHECKOUTS, with("result", "ok")),
+            failed: metrics::counter!(CHECKOUTS, with("result", "error")),
+            wait: metrics::histogram!(CHECKOUT_WAIT, l.clone()),
+            timeouts: metrics::counter!(CHECKOUT_TIMEOUTS, l.clone()),
+            held: metrics::histogram!(CHECKOUT_HELD, l.clone()),
+            ejections: metrics::counter!(EJECTIONS, l.clone()),
+            ejections_capped: metrics::counter!(EJECTIONS_CAPPED, l.clone()),
+            up: metrics::gauge!(ENDPOINT_UP, l.clone()),
+            probe_rtt: metrics::histogram!(PROBE_RTT, l.clone()),
+            probe_failures: metrics::counter!(PROBE_FAILURES, l.clone()),
+            lag: metrics::gauge!(REPLICA_LAG, l.clone()),
+            in_flight: metrics::gauge!(IN_FLIGHT, l.clone()),
+            pool_in_use: metrics::gauge!(POOL_IN_USE, l.clone()),
+            pool_idle: metrics::gauge!(POOL_IDLE, l.clone()),
+            pool_size: metrics::gauge!(POOL_SIZE, l.clone()),
+            forecast: metrics::gauge!(WARMING_FORECAST, l),
+        }
+    }
+
+    pub fn pool(&self, stats: PoolStats, in_flight: u32) {
+        self.pool_in_use.set(f64::from(stats.in_use()));
+        self.pool_idle.set(f64::from(stats.idle));
+        self.pool_size.set(f64::from(stats.size));
+        self.in_flight.set(f64::from(in_flight));
+    }
+}
+
+/// Handles for one cluster's series.
+#[derive(Debug)]
+pub(crate) struct ClusterMetrics {
+    pub retries_read: Counter,
+    pub retries_write: Counter,
+    pub failovers: Counter,
+    pub primary_wait: Histogram,
+    pub no_healthy: Counter,
+    pub no_primary: Counter,
+}
+
+impl ClusterMetrics {
+    pub fn new(engine: &'static str, cluster: &str) -> Self {
+        let l = vec![
+            Label::from_static_parts("engine", engine),
+            Label::new("cluster", cluster.to_owned()),
+        ];
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = l.clone();
+            l.push(Label::from_static_parts(k, v));
+            l
+        };
+        Self {
+            retries_read: metrics::counter!(RETRIES, with("intent", "read")),
+            retries_write: metrics::counter!(RETRIES, with("intent", "write")),
+            failovers: metrics::counter!(FAILOVERS, l.clone()),
+            primary_wait: metrics::histogram!(PRIMARY_WAIT, l.clone()),
+            no_healthy: metrics::counter!(CHECKOUT_ERRORS, with("kind", "no_healthy_endpoint")),
+            no_primary: metrics::counter!(CHECKOUT_ERRORS, with("kind", "no_primary")),
+        }
+    }
+
+    pub fn retry(&self, intent: Intent) {
+        match intent {
+            Intent::Read => self.retries_read.increment(1),
+            Intent::Write => self.retries_write.increment(1),
+        }
+    }
+
+    pub fn no_endpoint(&self, error: &Error) {
+        match error {
+            Error::NoPrimary { .. } => self.no_primary.increment(1),
+            Error::NoHealthyEndpoint { .. } => self.no_healthy.increment(1),
+            _ => {}
+        }
+    }
+
+    pub fn waited_for_primary(&self, waited: Duration) {
+        self.primary_wait.record(waited);
+    }
+}

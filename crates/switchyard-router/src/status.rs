@@ -1,0 +1,117 @@
+//! A point-in-time view of a cluster, for dashboards, `switchyard watch` and tests.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use switchyard_core::{Backend, EndpointId, PoolStats, Role};
+use tokio::time::Instant;
+
+use crate::cluster::Cluster;
+use crate::config::{ReadPreference, StrategyKind};
+use crate::health::{EjectionStatus, Health};
+
+/// The state of a whole cluster.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterStatus {
+    /// The cluster's name.
+    pub name: String,
+    /// The engine label given to the builder.
+    pub engine: &'static str,
+    /// The balancing strategy in use.
+    pub strategy: StrategyKind,
+    /// Where reads go.
+    pub read_preference: ReadPreference,
+    /// The endpoint writes go to now, if any.
+    pub writer: Option<EndpointId>,
+    /// Every endpoint, in the order they were added.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// The state of one endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointStatus {
+    /// The endpoint's name.
+    pub id: EndpointId,
+    /// Its role, as the last probe reported (or as configured before any probe).
+    pub role: Role,
+    /// Its weight.
+    pub weight: u32,
+    /// Up, down, ejected or half-open.
+    pub health: Health,
+    /// Whether reads are routed to it now.
+    pub serves_reads: bool,
+    /// Whether writes are routed to it now.
+    pub serves_writes: bool,
+    /// Checkouts in flight, waiting ones included.
+    pub in_flight: u32,
+    /// The peak-EWMA latency estimate.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// The current ejection, if any.
+    pub ejection: Option<EjectionStatus>,
+    /// Replication lag, where the engine reports it.
+    #[serde(with = "humantime_serde")]
+    pub lag: Option<Duration>,
+    /// Replication lag in bytes or offsets, where reported.
+    pub lag_bytes: Option<u64>,
+    /// Server version from the last probe.
+    pub version: Option<String>,
+    /// Round trip of the last good probe.
+    #[serde(with = "humantime_serde")]
+    pub probe_rtt: Option<Duration>,
+    /// The last probe's error, if it failed. Messages name endpoints, never URLs
+    /// or credentials.
+    pub last_probe_error: Option<String>,
+    /// The backend's pool occupancy.
+    pub pool: PoolStats,
+}
+
+impl<B: Backend> Cluster<B> {
+    /// A snapshot of every endpoint's state.
+    pub fn status(&self) -> ClusterStatus {
+        let snap = self.shared.snapshot.load();
+        let now = Instant::now();
+        let endpoints = snap
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let h = ep.state.health().clone();
+                let serves = |pool: &crate::topology::Pool<B>| {
+                    pool.candidates.iter().any(|c| c.id() == ep.id())
+                };
+                EndpointStatus {
+                    id: ep.id().clone(),
+                    role: h.role,
+                    weight: ep.state.weight(),
+                    health: h.health(),
+                    serves_reads: serves(&snap.read),
+                    serves_writes: serves(&snap.write),
+                    in_flight: ep.state.in_flight.get(),
+                    latency: ep.state.ewma.estimate(now),
+                    ejection: h.ejection.status(now),
+                    lag: h.lag,
+                    lag_bytes: h.lag_bytes,
+                    version: h.version,
+                    probe_rtt: h.probe_rtt,
+                    last_probe_error: h.last_error,
+                    pool: ep.backend.stats(),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            name: self.name().to_owned(),
+            engine: self.shared.engine,
+            strategy: snap.strategy,
+            read_preference: snap.read_preference,
+            writer: snap.writer().cloned(),
+            endpoints,
+        }
+    }
+}
+
+impl ClusterStatus {
+    /// The status of endpoint `id`, if it is in the cluster.
+    pub fn endpoint(&self, id: &str) -> Option<&EndpointStatus> {
+        self.endpoints.iter().find(|e| e.id.as_str() == id)
+    }
+}

@@ -1,0 +1,283 @@
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_core::{BackendErrorKind, Error, Intent, Role};
+use tokio::time::Instant;
+
+use super::*;
+use crate::Health;
+
+fn io_error(cluster_ep: &switchyard_core::EndpointId) -> Error {
+    Error::backend(
+        cluster_ep,
+        None,
+        BackendErrorKind::Io,
+        std::io::Error::other("reset"),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_read_is_retried_elsewhere_and_ejects_at_once() {
+    fastrand::seed(1);
+    let (cluster, b) = cluster(2, config()).await;
+    b[1].set_down(true); // r1 refuses; probes have not noticed yet
+    for _ in 0..20 {
+        let c = cluster.checkout(Intent::Read, None).await.unwrap();
+        assert_eq!(c.endpoint().as_str(), "r2");
+    }
+    let st = status_of(&cluster, "r1");
+    assert_eq!(st.health, Health::Ejected);
+    let ej = st.ejection.unwrap();
+    assert_eq!((ej.level, ej.backoff), (1, Duration::from_secs(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_replica_costs_one_attempt_timeout_then_reads_move_on() {
+    let (cluster, b) = cluster(1, config()).await;
+    b[1].set_acquire_delay(Duration::from_secs(60));
+    let started = Instant::now();
+    let c = cluster.checkout(Intent::Read, None).await.unwrap();
+    assert_eq!(c.endpoint().as_str(), "p", "fell back to the primary");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(1),
+        "one attempt_timeout"
+    );
+    assert_eq!(status_of(&cluster, "r1").health, Health::Ejected);
+}
+
+/// An operation that fails with a broken connection the first time only.
+fn flaky(
+    fails: Arc<AtomicU32>,
+) -> impl for<'c> FnMut(
+    &'c mut switchyard_core::Checkout<switchyard_core::noop::NoopBackend>,
+) -> crate::BoxFuture<'c, Result<u64, Error>> {
+    move |conn| {
+        let first = fails.fetch_add(1, Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            if first {
+                Err(io_error(conn.endpoint()))
+            } else {
+                Ok(conn.id)
+            }
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_are_not_retried_unless_idempotent() {
+    let (cluster, b) = cluster(1, config()).await;
+    let op = flaky;
+    let fails = Arc::new(AtomicU32::new(0));
+    let err = cluster
+        .run(
+            Intent::Write,
+            None,
+            CheckoutOptions::new(),
+            op(fails.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "retryable, yet a write is not retried");
+    assert_eq!(fails.load(Ordering::SeqCst), 1);
+    // The primary is the last writer: reported, but never ejected passively.
+    assert_eq!(status_of(&cluster, "p").health, Health::Up);
+
+    fails.store(0, Ordering::SeqCst);
+    let opts = CheckoutOptions::new().idempotent(true);
+    cluster
+        .run(Intent::Write, None, opts, op(fails.clone()))
+        .await
+        .unwrap();
+    assert_eq!(fails.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        b[0].counters().discarded,
+        2,
+        "broken connections are discarded"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_retries_a_read_on_another_endpoint() {
+    let (cluster, _) = cluster(2, config()).await;
+    let mut seen = Vec::new();
+    let value = cluster
+        .run(Intent::Read, None, CheckoutOptions::new(), |conn| {
+            seen.push(conn.endpoint().to_string());
+            let first = seen.len() == 1;
+            Box::pin(async move {
+                if first {
+                    Err(io_error(conn.endpoint()))
+                } else {
+                    Ok(7)
+                }
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(value, 7);
+    assert_eq!(seen.len(), 2);
+    assert_ne!(seen[0], seen[1], "the retry went elsewhere");
+    assert_eq!(status_of(&cluster, &seen[0]).health, Health::Ejected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_is_bounded() {
+    let (cluster, b) = cluster(4, config()).await;
+    for r in &b[1..] {
+        r.set_down(true);
+    }
+    b[0].set_down(true);
+    let err = cluster.checkout(Intent::Read, None).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                kind: BackendErrorKind::Connect,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let tried: u64 = b.iter().map(|x| x.counters().acquired).sum();
+    assert_eq!(tried, 0);
+    let ejected = cluster
+        .status()
+        .endpoints
+        .iter()
+        .filter(|e| e.health == Health::Ejected)
+        .count();
+    assert_eq!(ejected, 3, "max_attempts = 3");
+}
+
+async fn read_until_ejected(cluster: &Cluster<switchyard_core::noop::NoopBackend>, id: &str) {
+    for _ in 0..50 {
+        let _ = cluster.checkout(Intent::Read, None).await;
+        if status_of(cluster, id).health == Health::Ejected {
+            return;
+        }
+    }
+    panic!("{id} was never ejected");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejected_endpoints_come_back_through_a_half_open_trial_with_doubling_backoff() {
+    fastrand::seed(2);
+    let (cluster, b) = cluster(2, config()).await;
+    b[1].set_down(true);
+    read_until_ejected(&cluster, "r1").await;
+    // The backoff (1s) ends: half-open. One failed probe is below `fall`.
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(status_of(&cluster, "r1").health, Health::HalfOpen);
+    // The trial goes to r1, fails, and the read moves on; the backoff doubles.
+    let c = cluster.checkout(Intent::Read, None).await.unwrap();
+    assert_eq!(c.endpoint().as_str(), "r2");
+    let ej = status_of(&cluster, "r1").ejection.unwrap();
+    assert_eq!((ej.level, ej.backoff), (2, Duration::from_secs(2)));
+    // The node recovers; after the doubled backoff the trial succeeds.
+    b[1].set_down(false);
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(status_of(&cluster, "r1").health, Health::HalfOpen);
+    let c = cluster.checkout(Intent::Read, None).await.unwrap();
+    assert_eq!(
+        c.endpoint().as_str(),
+        "r1",
+        "the first checkout after the backoff is the trial"
+    );
+    assert_eq!(status_of(&cluster, "r1").health, Health::Up);
+    assert_eq!(
+        tally(&cluster, Intent::Read, 100).await.len(),
+        2,
+        "re-admitted without restart"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejection_is_capped_by_max_ejected_percent() {
+    let mut c = config();
+    c.health.max_ejected_percent = 50;
+    let (cluster, b) = cluster(3, c).await; // 4 endpoints: at most 2 out
+    for r in &b[1..] {
+        r.set_down(true);
+    }
+    let _ = cluster.checkout(Intent::Read, None).await;
+    let _ = cluster.checkout(Intent::Read, None).await;
+    let out = cluster
+        .status()
+        .endpoints
+        .iter()
+        .filter(|e| e.health == Health::Ejected)
+        .count();
+    assert_eq!(out, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_follow_a_promotion_and_the_old_primary_serves_reads() {
+    let (cluster, b) = cluster(2, config()).await;
+    b[0].set_down(true); // primary dies
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(status_of(&cluster, "p").health, Health::Down);
+    assert_eq!(cluster.status().writer, None);
+    // A write waits for a primary; r1 is promoted 1.5s later.
+    let waiter = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let c = cluster.checkout(Intent::Write, None).await.unwrap();
+            (c.endpoint().to_string(), started.elapsed())
+        })
+    };
+    settle().await;
+    run_for(Duration::from_millis(500)).await;
+    b[1].set_role(Role::Primary);
+    run_for(Duration::from_secs(1)).await;
+    let (ep, waited) = waiter.await.unwrap();
+    assert_eq!(ep, "r1");
+    assert!(
+        waited <= Duration::from_millis(1500),
+        "woken by the promotion, not a poll: {waited:?}"
+    );
+    // The old primary comes back as a replica and serves reads.
+    b[0].set_role(Role::Replica);
+    b[0].set_down(false);
+    run_for(Duration::from_secs(2)).await;
+    let reads = tally(&cluster, Intent::Read, 100).await;
+    assert_eq!(reads.keys().collect::<Vec<_>>(), ["p", "r2"]);
+    assert_eq!(
+        tally(&cluster, Intent::Write, 5)
+            .await
+            .keys()
+            .collect::<Vec<_>>(),
+        ["r1"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_primary_writes_fail_after_the_failover_timeout() {
+    let (cluster, b) = cluster(1, config()).await;
+    b[0].set_role(Role::Replica);
+    run_for(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let err = cluster.checkout(Intent::Write, None).await.unwrap_err();
+    assert!(matches!(err, Error::NoPrimary { .. }), "{err}");
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert!(err.to_string().contains("no primary in cluster test"));
+    // Reads still work meanwhile.
+    assert_eq!(tally(&cluster, Intent::Read, 50).await.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_longest_serving_primary_keeps_writes_when_two_report_primary() {
+    let (cluster, b) = cluster(1, config()).await;
+    run_for(Duration::from_secs(1)).await;
+    b[1].set_role(Role::Primary);
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(
+        tally(&cluster, Intent::Write, 5)
+            .await
+            .keys()
+            .collect::<Vec<_>>(),
+        ["p"]
+    );
+}
