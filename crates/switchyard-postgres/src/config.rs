@@ -1,0 +1,403 @@
+//! Configuration of one PostgreSQL endpoint: a plain `Deserialize` struct with
+//! documented defaults, plus a thin builder.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl};
+
+/// Default [`PgBackendConfig::max_tenant_pools`].
+pub const DEFAULT_MAX_TENANT_POOLS: usize = 64;
+/// Default [`PgBackendConfig::tenant_pool_max_size`].
+pub const DEFAULT_TENANT_POOL_MAX_SIZE: u32 = 4;
+/// Default [`PgBackendConfig::tenant_pool_idle_timeout`].
+pub const DEFAULT_TENANT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default [`PgBackendConfig::reset_timeout`].
+pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything a [`PgBackend`](crate::PgBackend) needs for one endpoint.
+///
+/// The URL keeps its password out of `Debug` and `Display` (see [`SecretUrl`]).
+///
+/// ```
+/// use switchyard_postgres::PgBackendConfig;
+///
+/// let config: PgBackendConfig = serde_json::from_str(r#"{
+///     "endpoint": "pg-primary",
+///     "url": "postgres://app:secret@db:5432/app",
+///     "pool": { "max_size": 8, "acquire_timeout": "2s" },
+///     "tenant_pool_idle_timeout": "1m",
+///     "affinity": { "max_idle": 4 }
+/// }"#).unwrap();
+/// assert_eq!(config.max_tenant_pools, 64);
+/// assert!(!format!("{config:?}").contains("secret"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgBackendConfig {
+    /// The endpoint's name in errors, logs and metrics.
+    pub endpoint: EndpointId,
+    /// `postgres://user:password@host:port/database?...`, as sqlx parses it.
+    /// Serializes redacted, so a serialized config never carries the password.
+    #[serde(serialize_with = "serialize_redacted")]
+    pub url: SecretUrl,
+    /// The endpoint's shared pool (unscoped, schema and row checkouts).
+    #[serde(default)]
+    pub pool: PoolSettings,
+    /// Most per-tenant pools open at once for database isolation (default 64).
+    /// At the cap, the least recently used idle one is closed to make room.
+    #[serde(default = "default_max_tenant_pools")]
+    pub max_tenant_pools: usize,
+    /// Most connections in each per-tenant pool (default 4).
+    #[serde(default = "default_tenant_pool_max_size")]
+    pub tenant_pool_max_size: u32,
+    /// A per-tenant pool unused this long is closed (default 5min).
+    #[serde(default = "default_tenant_pool_idle_timeout", with = "humantime_serde")]
+    pub tenant_pool_idle_timeout: Duration,
+    /// Longest a returned connection may take to be checked and reset before it
+    /// is closed instead (default 2s). A checkout dropped in the middle of a
+    /// long query runs into this.
+    #[serde(default = "default_reset_timeout", with = "humantime_serde")]
+    pub reset_timeout: Duration,
+    /// Tenant affinity (on by default).
+    #[serde(default)]
+    pub affinity: AffinitySettings,
+}
+
+/// Tenant affinity: returned schema- or row-scoped connections wait, still
+/// scoped, in a small stash, so the same tenant's next checkout skips the scope
+/// round trip.
+///
+/// On by default: a hit saves one round trip per checkout and costs nothing in
+/// safety, because a connection is stashed only after the same round trip that
+/// checks for an open transaction also confirms it carries exactly that tenant's
+/// scope, and it is handed out unreset only to that same scope. Stashed
+/// connections stay open and count against the pool: the stash is capped,
+/// entries age out, an empty pool takes from the stash (after a reset) before
+/// waiting, and nothing is stashed while a checkout waits for the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AffinitySettings {
+    /// Whether to stash scoped connections at all (default true).
+    pub enabled: bool,
+    /// Most connections stashed at once (default 8, never more than the pool's
+    /// `max_size`).
+    pub max_idle: u32,
+    /// A stashed connection older than this is reset and returned to the pool
+    /// (default 30s).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for AffinitySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_idle: 8,
+            max_age: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AffinitySettings {
+    /// Affinity switched off.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+}
+
+fn default_max_tenant_pools() -> usize {
+    DEFAULT_MAX_TENANT_POOLS
+}
+fn default_tenant_pool_max_size() -> u32 {
+    DEFAULT_TENANT_POOL_MAX_SIZE
+}
+fn default_tenant_pool_idle_timeout() -> Duration {
+    DEFAULT_TENANT_POOL_IDLE_TIMEOUT
+}
+fn default_reset_timeout() -> Duration {
+    DEFAULT_RESET_TIMEOUT
+}
+
+fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(url.redacted())
+}
+
+impl PgBackendConfig {
+    /// A configuration with every default, for `url`.
+    pub fn new(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> Self {
+        Self {
+            endpoint: EndpointId::new(endpoint),
+            url: url.into(),
+            pool: PoolSettings::default(),
+            max_tenant_pools: DEFAULT_MAX_TENANT_POOLS,
+            tenant_pool_max_size: DEFAULT_TENANT_POOL_MAX_SIZE,
+            tenant_pool_idle_timeout: DEFAULT_TENANT_POOL_IDLE_TIMEOUT,
+            reset_timeout: DEFAULT_RESET_TIMEOUT,
+            affinity: AffinitySettings::default(),
+        }
+    }
+
+    /// Starts a builder for `url`.
+    pub fn builder(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> PgBackendBuilder {
+        PgBackendBuilder {
+            config: Self::new(endpoint, url),
+        }
+    }
+
+    /// Every problem with this configuration, each as an [`Error::Config`] under `path`.
+    pub fn validate(&self, path: &str) -> Vec<Error> {
+        let mut problems = self.pool.validate(&format!("{path}.pool"));
+        let mut bad = |field: &str, message: String| {
+            problems.push(Error::Config {
+                path: format!("{path}.{field}"),
+                message,
+            })
+        };
+        match self.url.scheme().as_deref() {
+            Some("postgres" | "postgresql") => {
+                if let Err(e) = self.connect_options() {
+                    bad("url", format!("{} is not a valid url: {e}", self.url));
+                }
+            }
+            _ => bad(
+                "url",
+                format!("{} must start with postgres:// or postgresql://", self.url),
+            ),
+        }
+        if self.max_tenant_pools == 0 {
+            bad("max_tenant_pools", "must be at least 1".into());
+        }
+        if self.tenant_pool_max_size == 0 {
+            bad("tenant_pool_max_size", "must be at least 1".into());
+        }
+        if self.tenant_pool_idle_timeout.is_zero() {
+            bad(
+                "tenant_pool_idle_timeout",
+                "must be greater than zero".into(),
+            );
+        }
+        if self.reset_timeout.is_zero() {
+            bad("reset_timeout", "must be greater than zero".into());
+        }
+        if self.affinity.max_age.is_zero() {
+            bad("affinity.max_age", "must be greater than zero".into());
+        }
+        problems
+    }
+
+    /// The URL parsed by sqlx. The error text is scrubbed of the password.
+    pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, String> {
+        PgConnectOptions::from_str(self.url.expose()).map_err(|e| self.scrub(&e.to_string()))
+    }
+
+    /// `text` with anything secret from the URL replaced by `***`.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        let mut out = text.replace(self.url.expose(), self.url.redacted());
+        if let Some(password) = url_password(self.url.expose()) {
+            let decoded = percent_decode(&password);
+            for secret in [password, decoded] {
+                if !secret.is_empty() {
+                    out = out.replace(&secret, "***");
+                }
+            }
+        }
+        out
+    }
+
+    /// Stashed connections allowed, after clamping to the pool size.
+    pub(crate) fn stash_cap(&self) -> usize {
+        if self.affinity.enabled {
+            self.affinity.max_idle.min(self.pool.max_size) as usize
+        } else {
+            0
+        }
+    }
+
+    /// sqlx pool options for the endpoint's shared pool.
+    pub(crate) fn main_pool_options(&self) -> PgPoolOptions {
+        pool_options(&self.pool, self.pool.max_size, self.pool.min_idle)
+    }
+
+    /// sqlx pool options for one tenant database's pool.
+    pub(crate) fn tenant_pool_options(&self) -> PgPoolOptions {
+        let max = self.tenant_pool_max_size;
+        let mut settings = self.pool.clone();
+        settings.idle_timeout = Some(
+            settings
+                .idle_timeout
+                .map_or(self.tenant_pool_idle_timeout, |t| {
+                    t.min(self.tenant_pool_idle_timeout)
+                }),
+        );
+        pool_options(&settings, max, 0)
+    }
+}
+
+/// The password in a URL's userinfo, as written (percent-encoded).
+fn url_password(raw: &str) -> Option<String> {
+    let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (userinfo, _) = rest[..end].rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    Some(password.to_owned())
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn pool_options(settings: &PoolSettings, max: u32, min: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(min.min(max))
+        .acquire_timeout(settings.acquire_timeout)
+        .idle_timeout(settings.idle_timeout)
+        .max_lifetime(settings.max_lifetime)
+}
+
+/// A builder over [`PgBackendConfig`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), switchyard_core::Error> {
+/// use std::time::Duration;
+/// use switchyard_core::PoolSettings;
+/// use switchyard_postgres::PgBackendConfig;
+///
+/// let backend = PgBackendConfig::builder("pg-1", "postgres://app@127.0.0.1:5432/app")
+///     .pool(PoolSettings::default().with_max_size(8))
+///     .max_tenant_pools(16)
+///     .tenant_pool_idle_timeout(Duration::from_secs(60))
+///     .build()?;
+/// # let _ = backend; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgBackendBuilder {
+    config: PgBackendConfig,
+}
+
+impl PgBackendBuilder {
+    /// Sets the shared pool's settings.
+    pub fn pool(mut self, pool: PoolSettings) -> Self {
+        self.config.pool = pool;
+        self
+    }
+
+    /// Sets [`PgBackendConfig::max_tenant_pools`].
+    pub fn max_tenant_pools(mut self, n: usize) -> Self {
+        self.config.max_tenant_pools = n;
+        self
+    }
+
+    /// Sets [`PgBackendConfig::tenant_pool_max_size`].
+    pub fn tenant_pool_max_size(mut self, n: u32) -> Self {
+        self.config.tenant_pool_max_size = n;
+        self
+    }
+
+    /// Sets [`PgBackendConfig::tenant_pool_idle_timeout`].
+    pub fn tenant_pool_idle_timeout(mut self, t: Duration) -> Self {
+        self.config.tenant_pool_idle_timeout = t;
+        self
+    }
+
+    /// Sets [`PgBackendConfig::reset_timeout`].
+    pub fn reset_timeout(mut self, t: Duration) -> Self {
+        self.config.reset_timeout = t;
+        self
+    }
+
+    /// Sets the affinity settings.
+    pub fn affinity(mut self, affinity: AffinitySettings) -> Self {
+        self.config.affinity = affinity;
+        self
+    }
+
+    /// The configuration built so far.
+    pub fn config(self) -> PgBackendConfig {
+        self.config
+    }
+
+    /// Builds the backend; see [`PgBackend::new`](crate::PgBackend::new).
+    pub fn build(self) -> Result<crate::PgBackend, Error> {
+        crate::PgBackend::new(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_hide_the_password() {
+        let c = PgBackendConfig::new("pg", "postgres://app:hunter2@db:5432/app");
+        assert!(c.validate("pg").is_empty());
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("hunter2"), "{json}");
+        assert_eq!(c.stash_cap(), 8);
+    }
+
+    #[test]
+    fn validation_reports_each_problem_without_secrets() {
+        let mut c = PgBackendConfig::new("pg", "mysql://app:hunter2@db/app");
+        c.max_tenant_pools = 0;
+        c.reset_timeout = Duration::ZERO;
+        let problems: Vec<String> = c
+            .validate("clusters.main")
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems.iter().all(|p| !p.contains("hunter2")));
+        assert!(problems[0].starts_with("clusters.main.url: "));
+
+        let c = PgBackendConfig::new("pg", "postgres://app:hunter2@db:notaport/app");
+        let problems = c.validate("pg");
+        assert_eq!(problems.len(), 1);
+        assert!(!problems[0].to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn scrub_removes_raw_and_decoded_passwords() {
+        let c = PgBackendConfig::new("pg", "postgres://app:p%40ss@db/app");
+        assert_eq!(c.scrub("x p@ss y p%40ss"), "x *** y ***");
+        assert_eq!(url_password("postgres://db/app"), None);
+    }
+
+    #[test]
+    fn stash_cap_is_clamped_to_the_pool() {
+        let mut c = PgBackendConfig::new("pg", "postgres://db/app");
+        c.pool.max_size = 3;
+        assert_eq!(c.stash_cap(), 3);
+        c.affinity = AffinitySettings::disabled();
+        assert_eq!(c.stash_cap(), 0);
+    }
+}

@@ -1,0 +1,505 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Connection life cycle against a real PostgreSQL: returns after cancelled
+//! queries, open transactions and killed sessions; tenant database pools;
+//! probes through promotion, pause and kill; hostile tenant input.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{exec, registry, Fixture, READ_ITEMS};
+use sqlx::Row;
+use switchyard_core::{
+    Backend, BackendErrorKind, Checkout, CheckoutRequest, Error, Isolation, Role, TenantId,
+    TenantScope,
+};
+use switchyard_postgres::{PgBackend, PgBackendConfig};
+use switchyard_testkit::{poll_until, wait_until, FaultProxy};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn pid(conn: &mut Checkout<PgBackend>) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap()
+}
+
+/// search_path, row setting and whether a transaction block is open (simple
+/// protocol: only there is a statement's own implicit transaction started at
+/// the statement's timestamp).
+async fn session_state(conn: &mut Checkout<PgBackend>) -> (String, String, bool) {
+    let row = sqlx::raw_sql(
+        "SELECT current_setting('search_path'), coalesce(current_setting('app.tenant_id', true), ''), \
+         now() <> statement_timestamp()",
+    )
+    .fetch_one(&mut **conn)
+    .await
+    .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+const CLEAN_PATH: &str = "\"$user\", public";
+
+#[tokio::test]
+async fn a_checkout_dropped_mid_query_never_comes_back_dirty() {
+    let fx = Fixture::start(0).await;
+    fx.create_schema_tenant("a").await;
+    fx.create_row_table().await;
+    fx.create_row_tenant("b").await;
+    let reg = registry(&[("a", Isolation::Schema), ("b", Isolation::Row)], None);
+    let mut config = fx.config(1);
+    config.reset_timeout = Duration::from_millis(300);
+    let backend = fx.backend(config);
+
+    for id in ["a", "b"] {
+        let entry = reg.resolve(&TenantId::new(id).unwrap()).unwrap();
+        // Through the checkout's own executor, the abandoned query is seen:
+        // the connection is closed at once, not drained.
+        let before = backend.pg_stats().closed_mid_query;
+        let mut conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
+        )
+        .await
+        .unwrap();
+        let tracked_pid = pid(&mut conn).await;
+        let slow = sqlx::query("SELECT pg_sleep(0.1)").execute(&mut *conn);
+        assert!(tokio::time::timeout(Duration::from_millis(10), slow)
+            .await
+            .is_err());
+        drop(conn);
+        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+            .await
+            .unwrap();
+        assert_eq!(
+            session_state(&mut conn).await,
+            (CLEAN_PATH.into(), String::new(), false)
+        );
+        assert_ne!(pid(&mut conn).await, tracked_pid);
+        assert_eq!(backend.pg_stats().closed_mid_query, before + 1);
+        drop(conn);
+
+        // On the raw sqlx connection it is not seen: a short query is drained
+        // by the return check and the connection reused clean.
+        let mut conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
+        )
+        .await
+        .unwrap();
+        let first = pid(&mut conn).await;
+        let slow = sqlx::query("SELECT pg_sleep(0.1)").execute(&mut **conn);
+        assert!(tokio::time::timeout(Duration::from_millis(10), slow)
+            .await
+            .is_err());
+        drop(conn);
+        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+            .await
+            .unwrap();
+        assert_eq!(
+            session_state(&mut conn).await,
+            (CLEAN_PATH.into(), String::new(), false)
+        );
+        let same = pid(&mut conn).await == first;
+        drop(conn);
+
+        // A long one on the raw connection: the check times out and the
+        // connection is closed.
+        let before = backend.pg_stats().reset_failures;
+        let mut conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
+        )
+        .await
+        .unwrap();
+        let long_pid = pid(&mut conn).await;
+        let slow = sqlx::query("SELECT pg_sleep(5)").execute(&mut **conn);
+        assert!(tokio::time::timeout(Duration::from_millis(20), slow)
+            .await
+            .is_err());
+        drop(conn);
+        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+            .await
+            .unwrap();
+        assert_eq!(
+            session_state(&mut conn).await,
+            (CLEAN_PATH.into(), String::new(), false)
+        );
+        assert_ne!(
+            pid(&mut conn).await,
+            long_pid,
+            "a connection stuck in a query came back"
+        );
+        assert_eq!(backend.pg_stats().reset_failures, before + 1);
+        eprintln!("tenant {id}: short cancelled query reused same connection: {same}");
+    }
+}
+
+#[tokio::test]
+async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
+    let fx = Fixture::start(0).await;
+    fx.create_schema_tenant("a").await;
+    let reg = registry(&[("a", Isolation::Schema)], None);
+    let backend = fx.backend(fx.config(1));
+    let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
+
+    for scoped in [true, false] {
+        let req = CheckoutRequest::with_timeout(TIMEOUT);
+        let req = if scoped { req.tenant(&a) } else { req };
+        let mut conn = Checkout::acquire(&backend, req).await.unwrap();
+        let first = pid(&mut conn).await;
+        exec(&mut conn, "BEGIN").await;
+        exec(
+            &mut conn,
+            "INSERT INTO tenant_a.items VALUES ('a', 'uncommitted')",
+        )
+        .await;
+        drop(conn);
+        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+            .await
+            .unwrap();
+        assert_ne!(
+            pid(&mut conn).await,
+            first,
+            "a connection inside a transaction came back"
+        );
+        assert_eq!(
+            session_state(&mut conn).await,
+            (CLEAN_PATH.into(), String::new(), false)
+        );
+        drop(conn);
+    }
+    assert_eq!(backend.pg_stats().closed_dirty, 2);
+    let mut admin = fx.admin(common::APP_DB).await;
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = 'uncommitted'")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(n, 0);
+
+    // A transaction opened through sqlx and dropped is rolled back by sqlx and
+    // the connection stays usable.
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
+        .await
+        .unwrap();
+    {
+        let mut tx = sqlx::Connection::begin(&mut **conn).await.unwrap();
+        sqlx::query("INSERT INTO items VALUES ('a', 'uncommitted')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
+        .await
+        .unwrap();
+    assert!(!session_state(&mut conn).await.2);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE val = 'uncommitted'")
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_connection_whose_reset_fails_is_discarded() {
+    let fx = Fixture::start(0).await;
+    fx.create_schema_tenant("a").await;
+    let reg = registry(&[("a", Isolation::Schema)], None);
+    let mut config = fx.config(2);
+    config.affinity.enabled = false;
+    let backend = fx.backend(config);
+    let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
+    let mut admin = fx.admin("postgres").await;
+
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
+        .await
+        .unwrap();
+    let victim = pid(&mut conn).await;
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(victim)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    drop(conn);
+    wait_until(TIMEOUT, || async { backend.pg_stats().reset_failures == 1 })
+        .await
+        .unwrap();
+    assert_eq!(backend.pg_stats().resets, 0);
+    for _ in 0..3 {
+        let mut conn =
+            Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
+                .await
+                .unwrap();
+        assert_ne!(pid(&mut conn).await, victim);
+        let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
+            .fetch_all(&mut **conn)
+            .await
+            .unwrap();
+        assert!(rows.iter().all(|(t, _)| t == "a") && !rows.is_empty());
+    }
+
+    backend.close().await;
+    let err = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed), "{err}");
+}
+
+#[tokio::test]
+async fn tenant_databases_get_capped_lazily_opened_pools() {
+    let fx = Fixture::start(0).await;
+    for id in ["a", "b", "c"] {
+        fx.create_database_tenant(id).await;
+    }
+    let reg = registry(
+        &[
+            ("a", Isolation::Database),
+            ("b", Isolation::Database),
+            ("c", Isolation::Database),
+            ("ghost", Isolation::Database),
+        ],
+        None,
+    );
+    let mut config = fx.config(2);
+    config.max_tenant_pools = 2;
+    config.tenant_pool_max_size = 1;
+    config.tenant_pool_idle_timeout = Duration::from_millis(300);
+    let backend = fx.backend(config);
+    let entry = |id: &str| reg.resolve(&TenantId::new(id).unwrap()).unwrap();
+    let checkout = |id: &str| {
+        let e = entry(id);
+        let backend = backend.clone();
+        async move {
+            Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&e)).await
+        }
+    };
+    assert_eq!(backend.stats().tenant_pools, 0);
+
+    // A database that does not exist: TenantNotProvisioned, fast, no pool kept.
+    let started = Instant::now();
+    let err = checkout("ghost").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::TenantNotProvisioned { what: "database", name, .. } if name == "tenant_ghost"),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.stats().tenant_pools, 0);
+
+    let mut a = checkout("a").await.unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
+        .fetch_all(&mut **a)
+        .await
+        .unwrap();
+    assert!(rows.iter().all(|(t, _)| t == "a") && !rows.is_empty());
+    assert_eq!(a.tenant_database(), Some("tenant_a"));
+    let mut b = checkout("b").await.unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
+        .fetch_all(&mut **b)
+        .await
+        .unwrap();
+    assert!(rows.iter().all(|(t, _)| t == "b") && !rows.is_empty());
+    assert_eq!(backend.stats().tenant_pools, 2);
+
+    // At the cap with both pools in use: a clear error, at once.
+    let started = Instant::now();
+    let err = checkout("c").await.unwrap_err();
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains("tenant pools are in use"), "{chain}");
+    assert!(!err.is_endpoint_failure());
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Once a is idle (its return runs on a task), c takes its place.
+    drop(a);
+    let mut c = poll_until("a pool for c", TIMEOUT, || async {
+        checkout("c").await.ok()
+    })
+    .await
+    .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
+        .fetch_all(&mut **c)
+        .await
+        .unwrap();
+    assert!(rows.iter().all(|(t, _)| t == "c") && !rows.is_empty());
+    assert_eq!(backend.stats().tenant_pools, 2);
+    assert_eq!(backend.pg_stats().tenant_pools_evicted, 1);
+
+    // Idle pools are closed by the sweeper.
+    drop((b, c));
+    wait_until(TIMEOUT, || async { backend.stats().tenant_pools == 0 })
+        .await
+        .unwrap();
+    assert!(backend.pg_stats().tenant_pools_idle_closed >= 2);
+}
+
+#[tokio::test]
+async fn probes_report_role_lag_and_failures() {
+    let fx = Fixture::start(1).await;
+    let primary = fx.pg.primary();
+    let standby = &fx.pg.standbys()[0];
+    let backend_for = |port: u16| {
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        Arc::new(PgBackend::new(PgBackendConfig::new(format!("pg-{port}"), url)).unwrap())
+    };
+    let on_primary = backend_for(primary.port());
+    let on_standby = backend_for(standby.port());
+    let timeout = Duration::from_secs(2);
+
+    let p = on_primary.probe(timeout).await.unwrap();
+    assert_eq!(p.role, Role::Primary);
+    assert_eq!((p.lag, p.lag_bytes), (None, None));
+    assert!(p.version.as_deref().unwrap().starts_with("PostgreSQL "));
+    fx.pg.wait_replayed(standby, TIMEOUT).await.unwrap();
+    let s = on_standby.probe(timeout).await.unwrap();
+    eprintln!("standby probe: {s:?}");
+    assert_eq!(s.role, Role::Replica);
+    assert!(s.lag.is_some() && s.lag_bytes.is_some(), "{s:?}");
+    // The probe needs no pool capacity.
+    assert_eq!(on_standby.stats().size, 0);
+
+    // Paused: an error within the timeout, not a hang.
+    standby.pause().await.unwrap();
+    let short = Duration::from_millis(500);
+    let started = Instant::now();
+    let err = on_standby.probe(short).await.unwrap_err();
+    let took = started.elapsed();
+    standby.resume().await.unwrap();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(
+        took < short + Duration::from_millis(400),
+        "probe took {took:?}"
+    );
+    // After resuming, a fresh probe works again.
+    wait_until(TIMEOUT, || async {
+        on_standby.probe(timeout).await.is_ok()
+    })
+    .await
+    .unwrap();
+
+    // Promoted: the standby now probes as primary.
+    standby.promote().await.unwrap();
+    let s = on_standby.probe(timeout).await.unwrap();
+    assert_eq!(s.role, Role::Primary);
+
+    // Killed: a connect error, fast.
+    primary.kill().await.unwrap();
+    let started = Instant::now();
+    let err = on_primary.probe(timeout).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                kind: BackendErrorKind::Connect,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_endpoint_failure());
+    assert!(started.elapsed() < timeout);
+}
+
+#[tokio::test]
+async fn hostile_tenant_input_never_reaches_the_server() {
+    let fx = Fixture::start(0).await;
+    let mut admin = fx.admin(common::APP_DB).await;
+    exec(
+        &mut admin,
+        "CREATE TABLE victim (id int); INSERT INTO victim VALUES (1), (2), (3); GRANT ALL ON victim TO app",
+    )
+    .await;
+    let proxy = FaultProxy::start(fx.pg.primary().addr()).await.unwrap();
+    let mut config = fx.config(2);
+    config.url = format!("postgres://app@127.0.0.1:{}/app", proxy.port()).into();
+    let backend = fx.backend(config);
+
+    let long = "x".repeat(64);
+    for bad in [
+        "a'; DROP TABLE victim; --",
+        "a\"b",
+        "../x",
+        long.as_str(),
+        "zürich",
+        "",
+        "a b",
+        "a\0b",
+    ] {
+        let err = TenantId::new(bad).map(|_| ()).unwrap_err();
+        eprintln!("rejected {bad:?}: {err}");
+        let err = Error::from(err);
+        assert!(matches!(err, Error::InvalidTenant(_)));
+    }
+    assert_eq!(proxy.accepted(), 0, "something connected");
+    assert_eq!(backend.stats().size, 0);
+
+    // Scopes built by hand with hostile names are quoted or refused.
+    let t = TenantId::new("x").unwrap();
+    let schema = TenantScope::new(
+        t.clone(),
+        Isolation::Schema,
+        "x\"; DROP TABLE victim; --",
+        "app.tenant_id",
+    );
+    let err = Checkout::acquire(
+        &backend,
+        CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(schema)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::TenantNotProvisioned { what: "schema", .. }),
+        "{err:?}"
+    );
+    let accepted = proxy.accepted();
+    assert!(accepted > 0);
+    let row = TenantScope::new(
+        t.clone(),
+        Isolation::Row,
+        "x",
+        "app.x'; DROP TABLE victim; --",
+    );
+    let err = Checkout::acquire(
+        &backend,
+        CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(row)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err:?}");
+    assert_eq!(proxy.accepted(), accepted, "a bad row setting caused I/O");
+    let db = TenantScope::new(
+        t,
+        Isolation::Database,
+        "x\"; DROP TABLE victim; --",
+        "app.tenant_id",
+    );
+    let err = Checkout::acquire(
+        &backend,
+        CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(db)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TenantNotProvisioned {
+                what: "database",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM victim")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(n, 3, "the victim table changed");
+}
