@@ -11,3 +11,13 @@ pub use switchyard_core::{
     Backend, Checkout, CheckoutRequest, Error, Intent, Isolation, PoolSettings, Role, SecretUrl,
     TenantId, TenantRegistry, TenantScope, TierPolicy,
 };
+pub use switchyard_router as router;
+pub use switchyard_router::{Cluster, ClusterConfig};
+
+/// The PostgreSQL backend (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub use switchyard_postgres as postgres;
+
+/// The Redis backend (feature `redis`).
+#[cfg(feature = "redis")]
+pub use switchyard_redis as redis;
