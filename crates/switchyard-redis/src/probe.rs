@@ -1,0 +1,154 @@
+//! Health probes: `ROLE`, `INFO replication` and `INFO server` on a connection
+//! of the probe's own.
+//!
+//! # What a probe reports
+//!
+//! - `role`: `master` is [`Role::Primary`], `slave` is [`Role::Replica`].
+//! - `lag_bytes`, on a replica whose link to its master is up: the replication
+//!   stream it has read but not yet applied (`slave_read_repl_offset -
+//!   slave_repl_offset`, usually 0). A replica cannot see its master's offset,
+//!   so how far it is behind the master's latest write is not known here; the
+//!   master's `ROLE` lists every replica's acknowledged offset.
+//! - `lag`, on a replica whose link is down: how long it has been down
+//!   (`master_link_down_since_seconds`), or 2^32 seconds if the link was never
+//!   up (no data worth reading). `None` while the link is up.
+//! - `version`: `redis_version` from `INFO server`.
+
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, RedisResult, Value};
+use switchyard_core::{Probe, Role};
+
+/// A replica whose link never came up is this stale.
+const NEVER_LINKED: Duration = Duration::from_secs(1 << 32);
+
+/// Runs the probe's commands on a fresh connection from `client`.
+pub(crate) async fn run(client: &redis::Client, timeout: Duration) -> RedisResult<Probe> {
+    // The caller's own deadline is the one that counts; these only keep the
+    // driver from giving up first with a less precise error.
+    let slack = timeout.saturating_add(Duration::from_secs(1));
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(slack))
+        .set_response_timeout(Some(slack));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let (role, replication, server): (Value, String, String) = redis::pipe()
+        .cmd("ROLE")
+        .cmd("INFO")
+        .arg("replication")
+        .cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await?;
+    Ok(interpret(&role, &replication, &server))
+}
+
+/// Reads a probe out of the replies.
+pub(crate) fn interpret(role: &Value, replication: &str, server: &str) -> Probe {
+    let role_name = match role {
+        Value::Array(items) => items.first().and_then(text),
+        _ => None,
+    };
+    let is_replica = match role_name.as_deref() {
+        Some("slave" | "replica") => true,
+        Some(_) => false,
+        None => field(replication, "role") == Some("slave"),
+    };
+    let mut probe = Probe::new(
+        if is_replica {
+            Role::Replica
+        } else {
+            Role::Primary
+        },
+        Duration::ZERO,
+    );
+    probe.version = field(server, "redis_version").map(str::to_owned);
+    if is_replica {
+        if field(replication, "master_link_status") == Some("up") {
+            let read = number(replication, "slave_read_repl_offset");
+            let applied = number(replication, "slave_repl_offset");
+            probe.lag_bytes = match (read, applied) {
+                (Some(read), Some(applied)) => Some(read.saturating_sub(applied)),
+                (None, Some(_)) => Some(0),
+                _ => None,
+            };
+        } else {
+            probe.lag = Some(
+                field(replication, "master_link_down_since_seconds")
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map_or(NEVER_LINKED, Duration::from_secs),
+            );
+        }
+    }
+    probe
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The value of `name:value` in an `INFO` section.
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        let (key, value) = line.trim_end().split_once(':')?;
+        (key == name).then_some(value)
+    })
+}
+
+fn number(info: &str, name: &str) -> Option<u64> {
+    field(info, name)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    const SERVER: &str = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n";
+
+    #[test]
+    fn a_master_is_primary() {
+        let role = Value::Array(vec![bulk("master"), Value::Int(42), Value::Array(vec![])]);
+        let p = interpret(&role, "# Replication\r\nrole:master\r\n", SERVER);
+        assert_eq!(p.role, Role::Primary);
+        assert_eq!(p.version.as_deref(), Some("7.0.15"));
+        assert_eq!((p.lag, p.lag_bytes), (None, None));
+    }
+
+    #[test]
+    fn a_linked_replica_reports_unapplied_bytes() {
+        let role = Value::Array(vec![
+            bulk("slave"),
+            bulk("127.0.0.1"),
+            Value::Int(6379),
+            bulk("connected"),
+            Value::Int(100),
+        ]);
+        let info = "role:slave\r\nmaster_link_status:up\r\nslave_read_repl_offset:130\r\nslave_repl_offset:100\r\n";
+        let p = interpret(&role, info, SERVER);
+        assert_eq!(p.role, Role::Replica);
+        assert_eq!(p.lag_bytes, Some(30));
+        assert_eq!(p.lag, None);
+    }
+
+    #[test]
+    fn a_cut_off_replica_reports_how_long() {
+        let role = Value::Array(vec![bulk("slave")]);
+        let info = "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:7\r\n";
+        assert_eq!(
+            interpret(&role, info, SERVER).lag,
+            Some(Duration::from_secs(7))
+        );
+        let never =
+            "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:-1\r\n";
+        assert_eq!(interpret(&role, never, SERVER).lag, Some(NEVER_LINKED));
+    }
+}
