@@ -189,20 +189,37 @@ impl TenantRegistry {
         self
     }
 
-    /// Checks that every tier named by a tenant or as the default exists.
+    /// Checks that every tier named by a tenant or as the default exists, and
+    /// that no two tiers' name templates can render the same database, schema
+    /// or prefix for two different tenants.
     pub fn validate(&self) -> Result<(), Error> {
         let unknown = self
             .default_tier
             .iter()
             .chain(self.assigned.values())
             .find(|tier| !self.tiers.contains_key(*tier));
-        match unknown {
-            Some(tier) => Err(Error::Config {
+        if let Some(tier) = unknown {
+            return Err(Error::Config {
                 path: "tenants".into(),
                 message: format!("unknown tier {tier:?}"),
-            }),
-            None => Ok(()),
+            });
         }
+        let mut tiers: Vec<_> = self.tiers.iter().collect();
+        tiers.sort_by(|a, b| a.0.cmp(b.0));
+        for (i, (name_a, a)) in tiers.iter().enumerate() {
+            for (name_b, b) in &tiers[i + 1..] {
+                if a.name_template.may_collide_with(&b.name_template) {
+                    return Err(Error::Config {
+                        path: format!("tiers.{name_b}.name_template"),
+                        message: format!(
+                            "{} can render the same name as tier {name_a}'s {} for another tenant",
+                            b.name_template, a.name_template
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The tiers by name.
@@ -316,6 +333,26 @@ mod tests {
         let err = reg.validate().unwrap_err();
         assert!(err.to_string().contains("gold"), "{err}");
         assert!(registry().validate().is_ok());
+    }
+
+    #[test]
+    fn validate_rejects_templates_that_can_collide() {
+        let reg = TenantRegistry::new()
+            .with_tier(
+                "a",
+                TierPolicy::new(Isolation::Schema)
+                    .with_name_template(NameTemplate::new("t_{id}").unwrap()),
+            )
+            .with_tier(
+                "b",
+                TierPolicy::new(Isolation::Schema)
+                    .with_name_template(NameTemplate::new("t_a_{id}").unwrap()),
+            );
+        let err = reg.validate().unwrap_err();
+        assert!(
+            err.to_string().starts_with("tiers.b.name_template: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -230,6 +230,17 @@ impl NameTemplate {
         MAX_TENANT_ID_LEN - self.prefix.len() - self.suffix.len()
     }
 
+    /// Whether this template and `other` could render the same name for two
+    /// different tenants.
+    ///
+    /// Tenant ids may contain `_`, so `t_{id}` (tenant `a_b`) and `t_a_{id}`
+    /// (tenant `b`) both render `t_a_b`. Two different templates are told apart
+    /// only when neither fixed prefix is a prefix of the other.
+    pub fn may_collide_with(&self, other: &NameTemplate) -> bool {
+        self != other
+            && (self.prefix.starts_with(&*other.prefix) || other.prefix.starts_with(&*self.prefix))
+    }
+
     /// Renders the name for `tenant`, or `None` when it would exceed [`MAX_TENANT_ID_LEN`].
     pub fn render(&self, tenant: &TenantId) -> Option<String> {
         (tenant.as_str().len() <= self.max_tenant_len())
@@ -394,6 +405,19 @@ mod tests {
         assert_eq!(t.max_tenant_len(), 63 - 10);
         let long = TenantId::new(&"x".repeat(60)).unwrap();
         assert_eq!(t.render(&long), None);
+    }
+
+    #[test]
+    fn overlapping_templates_are_detected() {
+        let t = |s: &str| NameTemplate::new(s).unwrap();
+        assert!(t("t_{id}").may_collide_with(&t("t_a_{id}")));
+        assert!(t("t_{id}").may_collide_with(&t("t_{id}_x")));
+        assert!(!t("t_{id}").may_collide_with(&t("t_{id}")));
+        assert!(!t("free_{id}").may_collide_with(&t("paid_{id}")));
+        // The collision the check exists for.
+        let a = TenantId::new("a_b").unwrap();
+        let b = TenantId::new("b").unwrap();
+        assert_eq!(t("t_{id}").render(&a), t("t_a_{id}").render(&b));
     }
 
     #[test]
