@@ -1,0 +1,265 @@
+//! [`MongoBackend`]: the `switchyard_core::Backend` for one MongoDB endpoint
+//! (or replica set).
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+use switchyard_core::{Backend, EndpointId, Error, PoolStats, Probe, TenantScope};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::{MongoBackendConfig, Resolved};
+use crate::conn::{Confinement, HandleSettings, MongoConn};
+use crate::probe::Prober;
+use crate::stats::{bump, Counters, MongoStats};
+
+/// The MongoDB backend for one endpoint, or one replica set
+/// ([`Topology`](crate::Topology)).
+///
+/// Owns a driver [`Client`] for checkouts and a second, small one for probes,
+/// both created on first use, so building a backend does no I/O and never
+/// fails or blocks on an unreachable endpoint. Checkouts are
+/// [`MongoConn`] handles; at most `pool.max_size` are out at once, and
+/// [`Backend::acquire`] waits for one up to its deadline.
+pub struct MongoBackend {
+    config: MongoBackendConfig,
+    options: ClientOptions,
+    client: OnceLock<Client>,
+    prober: Prober,
+    permits: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    settings: Arc<HandleSettings>,
+}
+
+/// Creates a driver client (which starts its monitoring tasks).
+pub(crate) fn new_client(endpoint: &EndpointId, options: ClientOptions) -> Result<Client, Error> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(Error::Config {
+            path: endpoint.to_string(),
+            message: "a MongoDB backend must be used inside a Tokio runtime".into(),
+        });
+    }
+    Client::with_options(options).map_err(|e| Error::Config {
+        path: endpoint.to_string(),
+        message: format!("the driver refused the client options: {}", kind_only(&e)),
+    })
+}
+
+/// The error's kind without the server response or labels, which cannot
+/// contain the URL but are noise in a configuration message.
+fn kind_only(e: &mongodb::error::Error) -> String {
+    e.kind.to_string()
+}
+
+impl MongoBackend {
+    /// Builds the backend for `config` without any I/O.
+    ///
+    /// Fails with [`Error::Config`] when the configuration is invalid, and for
+    /// `mongodb+srv://` URLs, which need a DNS lookup: use
+    /// [`MongoBackend::connect`] for those.
+    pub fn new(config: MongoBackendConfig) -> Result<Self, Error> {
+        Self::check(&config)?;
+        let resolved = config.resolve_now()?;
+        Ok(Self::from_resolved(config, resolved))
+    }
+
+    /// Builds the backend, resolving a `mongodb+srv://` URL's DNS records
+    /// (within the connect timeout). Still opens no connection.
+    pub async fn connect(config: MongoBackendConfig) -> Result<Self, Error> {
+        Self::check(&config)?;
+        let resolved = config.resolve().await?;
+        Ok(Self::from_resolved(config, resolved))
+    }
+
+    fn check(config: &MongoBackendConfig) -> Result<(), Error> {
+        match config.validate(config.endpoint.as_str()).into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
+    }
+
+    fn from_resolved(config: MongoBackendConfig, resolved: Resolved) -> Self {
+        let Resolved {
+            mut main,
+            probe,
+            database,
+            direct_host,
+        } = resolved;
+        let counters = Arc::new(Counters::default());
+        main.cmap_event_handler = Some(counters.handler());
+        let settings = Arc::new(HandleSettings {
+            endpoint: config.endpoint.clone(),
+            database,
+            tenant_field: Arc::from(config.tenant_field.as_str()),
+            operation_timeout: config.operation_timeout,
+        });
+        tracing::debug!(endpoint = %config.endpoint, url = %config.url, "mongodb backend built");
+        Self {
+            permits: Arc::new(Semaphore::new(config.pool.max_size as usize)),
+            prober: Prober::new(probe, direct_host),
+            options: main,
+            client: OnceLock::new(),
+            counters,
+            settings,
+            config,
+        }
+    }
+
+    /// The configuration the backend was built from.
+    pub fn config(&self) -> &MongoBackendConfig {
+        &self.config
+    }
+
+    /// The shared database of unscoped, collection-prefix and row-level
+    /// checkouts.
+    pub fn database_name(&self) -> &str {
+        &self.settings.database
+    }
+
+    /// The driver client behind the checkouts, e.g. as a baseline for
+    /// benchmarks or for administration. Operations on it bypass the in-flight
+    /// bound and every tenant rule.
+    pub fn client(&self) -> Result<&Client, Error> {
+        if let Some(client) = self.client.get() {
+            return Ok(client);
+        }
+        let client = new_client(&self.config.endpoint, self.options.clone())?;
+        Ok(self.client.get_or_init(|| client))
+    }
+
+    /// Handles, connections and pool clears since the backend was built.
+    pub fn mongo_stats(&self) -> MongoStats {
+        self.counters.snapshot(self.handles_out())
+    }
+
+    fn handles_out(&self) -> u32 {
+        let max = self.config.pool.max_size as usize;
+        u32::try_from(max.saturating_sub(self.permits.available_permits())).unwrap_or(u32::MAX)
+    }
+
+    /// Stops handing out checkouts and shuts both clients down, waiting for
+    /// operations in progress. Checkouts after this fail with [`Error::Closed`].
+    pub async fn close(&self) {
+        self.permits.close();
+        if let Some(client) = self.client.get() {
+            client.clone().shutdown().await;
+        }
+        self.prober.shutdown().await;
+    }
+
+    fn confinement(&self, scope: &TenantScope) -> Result<Confinement, Error> {
+        Confinement::for_scope(scope, &self.settings).map_err(|e| Error::Scope {
+            endpoint: self.config.endpoint.clone(),
+            tenant: scope.tenant().clone(),
+            action: "apply",
+            source: Box::new(e),
+        })
+    }
+}
+
+impl Backend for MongoBackend {
+    type Connection = MongoConn;
+
+    fn endpoint(&self) -> &EndpointId {
+        &self.config.endpoint
+    }
+
+    /// Takes one of `max_size` permits, waiting until `deadline` at most.
+    ///
+    /// Nothing is sent to the server: the driver connects when the handle is
+    /// first used. A scope whose target is not a usable name is refused here,
+    /// before any wait.
+    async fn acquire(
+        &self,
+        scope: Option<&TenantScope>,
+        deadline: Instant,
+    ) -> Result<MongoConn, Error> {
+        if let Some(scope) = scope {
+            self.confinement(scope)?;
+        }
+        let started = Instant::now();
+        let permit = match tokio::time::timeout_at(
+            deadline,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => return Err(Error::Closed),
+            Err(_elapsed) => {
+                return Err(Error::Timeout {
+                    endpoint: self.config.endpoint.clone(),
+                    tenant: scope.map(|s| s.tenant().clone()),
+                    elapsed: started.elapsed(),
+                })
+            }
+        };
+        let client = self.client()?.clone();
+        bump(&self.counters.acquired);
+        Ok(MongoConn::new(client, Arc::clone(&self.settings), permit))
+    }
+
+    /// Confines the handle to `scope`: a pure, local change (see
+    /// [`unscope`](Backend::unscope)).
+    async fn scope(&self, conn: &mut MongoConn, scope: &TenantScope) -> Result<(), Error> {
+        conn.confinement = self.confinement(scope)?;
+        Ok(())
+    }
+
+    /// Forgets the tenant. Nothing needs undoing on the server: no MongoDB
+    /// connection carries tenant state. Every command names its own database
+    /// and collection, filters travel with each command, and the driver's
+    /// implicit sessions hold only a transaction number and cluster time. So a
+    /// connection that just served tenant A is safe for tenant B, and a
+    /// cancelled operation (its future dropped mid-flight) cannot leave
+    /// anything behind for the next user: the driver closes that connection.
+    async fn unscope(&self, conn: &mut MongoConn, _scope: &TenantScope) -> Result<(), Error> {
+        conn.confinement = Confinement::Unscoped;
+        Ok(())
+    }
+
+    fn discard(&self, conn: MongoConn) {
+        // The driver already clears its pool for the server after a network
+        // error; a handle has no connection of its own to close.
+        bump(&self.counters.discarded);
+        drop(conn);
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
+        self.prober.probe(&self.config.endpoint, timeout).await
+    }
+
+    fn stats(&self) -> PoolStats {
+        let (size, in_use) = self.counters.connections();
+        PoolStats {
+            size,
+            idle: size.saturating_sub(in_use),
+            max_size: self.config.pool.max_size,
+            tenant_pools: 0,
+        }
+    }
+
+    /// Gives the handle back: its permit returns on drop. Unlike the default,
+    /// no background task is spawned, since unscoping has nothing to do.
+    fn release(self: Arc<Self>, conn: MongoConn, _scope: Option<Arc<TenantScope>>, healthy: bool) {
+        if healthy {
+            drop(conn);
+        } else {
+            self.discard(conn);
+        }
+    }
+}
+
+impl fmt::Debug for MongoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MongoBackend")
+            .field("endpoint", &self.config.endpoint)
+            .field("url", &self.config.url)
+            .field("topology", &self.config.topology)
+            .field("database", &self.settings.database)
+            .finish_non_exhaustive()
+    }
+}
