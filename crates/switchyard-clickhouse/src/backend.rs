@@ -1,0 +1,266 @@
+//! [`ChBackend`]: the [`Backend`] for one ClickHouse endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_core::{Backend, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantScope};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::ChBackendConfig;
+use crate::connection::{ChConnection, Scoped};
+use crate::error::{ch_error, ChError};
+use crate::provision::ProvisionCache;
+
+/// The probe: liveness and the server version in one round trip.
+const PROBE_SQL: &str = "SELECT 1, version()";
+/// Whether a tenant database exists; the name is bound, never spliced.
+const DATABASE_EXISTS_SQL: &str = "SELECT count() FROM system.databases WHERE name = ?";
+
+/// What the backend and its handles share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) endpoint: EndpointId,
+    /// The endpoint's client: address, credentials, settings, default database.
+    pub(crate) base: clickhouse::Client,
+    /// `base` with `Connection: close`, so every probe opens a fresh
+    /// connection: a kept-alive socket left over from before a crash would
+    /// fail as a broken connection rather than a refused one.
+    probe: clickhouse::Client,
+    pub(crate) row_database: String,
+    pub(crate) tenant_column: Arc<str>,
+    pub(crate) row_policy_setting: Option<String>,
+    pub(crate) query_timeout: Duration,
+    pub(crate) provisioned: ProvisionCache,
+    permits: Arc<Semaphore>,
+    max_size: u32,
+    acquire_timeout: Duration,
+}
+
+/// The ClickHouse [`Backend`] for one endpoint: one HTTP client (hyper's
+/// keep-alive pool inside) and a bound on requests in flight.
+///
+/// A connection is a [`ChConnection`]: a permit plus a `clickhouse::Client`
+/// configured for the checkout's tenant. ClickHouse over HTTP keeps no session
+/// between requests (this crate never sends a `session_id`), so a scope lives
+/// only in the handle: nothing tenant-specific is ever left on a socket, and
+/// returning a connection is dropping the handle.
+///
+/// The role is always [`Role::Standalone`]: every ClickHouse replica accepts
+/// writes (ReplicatedMergeTree replicates in all directions), so there is no
+/// primary to find or fail over to.
+#[derive(Debug)]
+pub struct ChBackend {
+    shared: Arc<Shared>,
+}
+
+impl ChBackend {
+    /// Builds the backend. Nothing is sent until the first checkout or probe.
+    pub fn new(config: ChBackendConfig) -> Result<Self, Error> {
+        if let Some(problem) = config.validate(config.endpoint.as_str()).into_iter().next() {
+            return Err(problem);
+        }
+        let connect = config.connect().map_err(|message| Error::Config {
+            path: format!("{}.url", config.endpoint),
+            message,
+        })?;
+        // Validation is off: 18.16 knows neither RowBinaryWithNamesAndTypes nor
+        // the settings validation sends.
+        let mut base = clickhouse::Client::default()
+            .with_url(connect.base_url)
+            .with_validation(false);
+        if let Some(user) = connect.user {
+            base = base.with_user(user);
+        }
+        if let Some(password) = connect.password {
+            base = base.with_password(password);
+        }
+        if let Some(database) = &config.database {
+            base = base.with_database(database.clone());
+        }
+        for (name, value) in &config.settings {
+            base = base.with_setting(name.clone(), value.clone());
+        }
+        let max_size = config.pool.max_size;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                endpoint: config.endpoint.clone(),
+                probe: base.clone().with_header("Connection", "close"),
+                base,
+                row_database: config.row_database.clone(),
+                tenant_column: Arc::from(config.tenant_column.as_str()),
+                row_policy_setting: config.row_policy_setting.clone(),
+                query_timeout: config.query_timeout,
+                provisioned: ProvisionCache::new(config.provision_cache_ttl),
+                permits: Arc::new(Semaphore::new(max_size as usize)),
+                max_size,
+                acquire_timeout: config.pool.acquire_timeout,
+            }),
+        })
+    }
+
+    /// Starts a builder; see [`ChBackendConfig::builder`].
+    pub fn builder(
+        endpoint: impl Into<Arc<str>>,
+        url: impl Into<switchyard_core::SecretUrl>,
+    ) -> crate::ChBackendBuilder {
+        ChBackendConfig::builder(endpoint, url)
+    }
+
+    /// Forgets that a tenant database exists, so the next checkout asks the
+    /// server again (call it after dropping a tenant database).
+    pub fn forget_database(&self, database: &str) {
+        self.shared.provisioned.forget(database);
+    }
+
+    /// Fails with [`Error::TenantNotProvisioned`] unless the scope's database
+    /// exists; a positive answer is cached for `provision_cache_ttl`.
+    async fn check_database(&self, scope: &TenantScope) -> Result<(), Error> {
+        let shared = &self.shared;
+        let database = scope.target();
+        if shared.provisioned.is_fresh(database) {
+            return Ok(());
+        }
+        let query = shared.base.query(DATABASE_EXISTS_SQL).bind(database);
+        let count = tokio::time::timeout(shared.query_timeout, query.fetch_one::<u64>())
+            .await
+            .map_err(|_| {
+                Error::backend(
+                    &shared.endpoint,
+                    Some(scope.tenant()),
+                    switchyard_core::BackendErrorKind::Io,
+                    ChError::QueryTimeout(shared.query_timeout),
+                )
+            })?
+            .map_err(|e| ch_error(&shared.endpoint, Some(scope), e))?;
+        if count == 0 {
+            return Err(Error::TenantNotProvisioned {
+                endpoint: shared.endpoint.clone(),
+                tenant: scope.tenant().clone(),
+                what: "database",
+                name: database.to_owned(),
+            });
+        }
+        shared.provisioned.mark(database);
+        Ok(())
+    }
+}
+
+impl Backend for ChBackend {
+    type Connection = ChConnection;
+
+    fn endpoint(&self) -> &EndpointId {
+        &self.shared.endpoint
+    }
+
+    async fn acquire(
+        &self,
+        scope: Option<&TenantScope>,
+        deadline: Instant,
+    ) -> Result<ChConnection, Error> {
+        let started = Instant::now();
+        let deadline = deadline.min(started + self.shared.acquire_timeout);
+        let permits = Arc::clone(&self.shared.permits);
+        match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(ChConnection::new(Arc::clone(&self.shared), permit)),
+            Ok(Err(_closed)) => Err(Error::Closed),
+            Err(_elapsed) => Err(Error::Timeout {
+                endpoint: self.shared.endpoint.clone(),
+                tenant: scope.map(|s| s.tenant().clone()),
+                elapsed: started.elapsed(),
+            }),
+        }
+    }
+
+    async fn scope(&self, conn: &mut ChConnection, scope: &TenantScope) -> Result<(), Error> {
+        let shared = &self.shared;
+        // Drop any previous scope first, so a failure below leaves the handle
+        // unscoped rather than on the previous tenant.
+        conn.reset();
+        match scope.isolation() {
+            // ClickHouse has no schemas inside a database: both mean a database
+            // of the tenant's own.
+            Isolation::Database | Isolation::Schema => {
+                self.check_database(scope).await?;
+                let client = shared.base.clone().with_database(scope.target());
+                conn.set_scope(
+                    client,
+                    Scoped::Database {
+                        tenant: scope.tenant().clone(),
+                        database: Arc::from(scope.target()),
+                    },
+                );
+            }
+            Isolation::Row => {
+                let mut client = shared.base.clone().with_database(&shared.row_database);
+                if let Some(setting) = &shared.row_policy_setting {
+                    client = client.with_setting(setting.clone(), scope.tenant().as_str());
+                }
+                conn.set_scope(
+                    client,
+                    Scoped::Row {
+                        tenant: scope.tenant().clone(),
+                        column: Arc::clone(&shared.tenant_column),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn unscope(&self, conn: &mut ChConnection, _scope: &TenantScope) -> Result<(), Error> {
+        conn.reset();
+        Ok(())
+    }
+
+    fn discard(&self, conn: ChConnection) {
+        drop(conn);
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let query = shared.probe.query(PROBE_SQL).fetch_one::<(u8, String)>();
+        let (one, version) = tokio::time::timeout(timeout, query)
+            .await
+            .map_err(|_| Error::Timeout {
+                endpoint: shared.endpoint.clone(),
+                tenant: None,
+                elapsed: started.elapsed(),
+            })?
+            .map_err(|e| ch_error(&shared.endpoint, None, e))?;
+        if one != 1 {
+            return Err(Error::backend(
+                &shared.endpoint,
+                None,
+                switchyard_core::BackendErrorKind::Io,
+                ChError::UnexpectedProbe(one),
+            ));
+        }
+        let mut probe = Probe::new(Role::Standalone, started.elapsed());
+        probe.version = Some(version);
+        Ok(probe)
+    }
+
+    fn stats(&self) -> PoolStats {
+        let available = u32::try_from(self.shared.permits.available_permits()).unwrap_or(u32::MAX);
+        let in_use = self.shared.max_size.saturating_sub(available);
+        PoolStats {
+            size: in_use,
+            idle: 0,
+            max_size: self.shared.max_size,
+            tenant_pools: 0,
+        }
+    }
+
+    /// Dropping the handle is the whole return path: the scope lives only in
+    /// the handle, so there is nothing to undo on the server and no task to spawn.
+    fn release(
+        self: Arc<Self>,
+        conn: ChConnection,
+        _scope: Option<Arc<TenantScope>>,
+        _healthy: bool,
+    ) {
+        drop(conn);
+    }
+}

@@ -1,0 +1,271 @@
+//! Configuration of one Elasticsearch node: a plain `Deserialize` struct with
+//! documented defaults, plus a thin builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl};
+
+use crate::naming::{validate_field, IndexNaming};
+
+/// Default [`EsBackendConfig::tenant_field`].
+pub const DEFAULT_TENANT_FIELD: &str = "tenant_id";
+/// Default [`EsBackendConfig::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`EsBackendConfig::provision_cache_ttl`].
+pub const DEFAULT_PROVISION_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Everything an [`EsBackend`](crate::EsBackend) needs for one node.
+///
+/// The URL is `http(s)://[user[:password]@]host:port`; credentials are taken
+/// out of it and sent as basic authentication, and the URL keeps its password
+/// out of `Debug` and `Display` (see [`SecretUrl`]).
+///
+/// [`pool.max_size`](PoolSettings::max_size) bounds the requests in flight
+/// on the node (a checkout holds one slot), and `acquire_timeout` caps the
+/// wait for one.
+///
+/// ```
+/// use switchyard_elasticsearch::{EsBackendConfig, IndexNaming};
+///
+/// let config: EsBackendConfig = serde_json::from_str(r#"{
+///     "endpoint": "es-1",
+///     "url": "http://elastic:secret@127.0.0.1:9200",
+///     "pool": { "max_size": 32 },
+///     "index_naming": "strict",
+///     "request_timeout": "5s"
+/// }"#).unwrap();
+/// assert_eq!(config.index_naming, IndexNaming::Strict);
+/// assert!(config.validate("search").is_empty());
+/// assert!(!format!("{config:?}").contains("secret"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EsBackendConfig {
+    /// The endpoint's name in errors, logs and metrics.
+    pub endpoint: EndpointId,
+    /// `http://user:password@host:9200`.
+    #[serde(serialize_with = "serialize_redacted")]
+    pub url: SecretUrl,
+    /// `max_size` bounds requests in flight; `acquire_timeout` caps the wait.
+    #[serde(default)]
+    pub pool: PoolSettings,
+    /// The document field that carries the tenant id in shared indices
+    /// (default `tenant_id`; map it as `keyword`).
+    #[serde(default = "default_tenant_field")]
+    pub tenant_field: String,
+    /// How scope targets become index and alias names (default `encode`).
+    #[serde(default)]
+    pub index_naming: IndexNaming,
+    /// Upper bound on every request a handle or probe sends (default 30s).
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long a tenant index or alias seen to exist is trusted without
+    /// asking again (default 60s).
+    #[serde(default = "default_provision_cache_ttl", with = "humantime_serde")]
+    pub provision_cache_ttl: Duration,
+}
+
+fn default_tenant_field() -> String {
+    DEFAULT_TENANT_FIELD.to_owned()
+}
+fn default_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+fn default_provision_cache_ttl() -> Duration {
+    DEFAULT_PROVISION_CACHE_TTL
+}
+
+fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(url.redacted())
+}
+
+/// The URL without credentials, and the credentials.
+pub(crate) struct Connect {
+    pub(crate) url: url::Url,
+    pub(crate) basic: Option<(String, String)>,
+}
+
+impl EsBackendConfig {
+    /// A configuration with every default, for `url`.
+    pub fn new(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> Self {
+        Self {
+            endpoint: EndpointId::new(endpoint),
+            url: url.into(),
+            pool: PoolSettings::default(),
+            tenant_field: default_tenant_field(),
+            index_naming: IndexNaming::default(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            provision_cache_ttl: DEFAULT_PROVISION_CACHE_TTL,
+        }
+    }
+
+    /// Starts a builder for `url`.
+    pub fn builder(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> EsBackendBuilder {
+        EsBackendBuilder {
+            config: Self::new(endpoint, url),
+        }
+    }
+
+    /// Every problem with this configuration, each as an [`Error::Config`] under `path`.
+    pub fn validate(&self, path: &str) -> Vec<Error> {
+        let mut problems = self.pool.validate(&format!("{path}.pool"));
+        let mut bad = |field: &str, message: String| {
+            problems.push(Error::Config {
+                path: format!("{path}.{field}"),
+                message,
+            })
+        };
+        if let Err(message) = self.connect() {
+            bad("url", message);
+        }
+        if let Err(e) = validate_field(&self.tenant_field) {
+            bad("tenant_field", e.to_string());
+        }
+        if self.request_timeout.is_zero() {
+            bad("request_timeout", "must be greater than zero".into());
+        }
+        if self.provision_cache_ttl.is_zero() {
+            bad("provision_cache_ttl", "must be greater than zero".into());
+        }
+        problems
+    }
+
+    /// Splits the URL into address and credentials; errors never show the password.
+    pub(crate) fn connect(&self) -> Result<Connect, String> {
+        let mut url = url::Url::parse(self.url.expose())
+            .map_err(|e| format!("{} is not a valid url: {e}", self.url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("{} must start with http:// or https://", self.url));
+        }
+        if url.host_str().is_none() {
+            return Err(format!("{} has no host", self.url));
+        }
+        let basic = (!url.username().is_empty()).then(|| {
+            (
+                percent_decode(url.username()),
+                url.password().map(percent_decode).unwrap_or_default(),
+            )
+        });
+        // Cannot fail for a URL with a host.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Ok(Connect { url, basic })
+    }
+}
+
+/// Decodes `%XX` escapes (userinfo in a URL is percent-encoded).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A builder over [`EsBackendConfig`].
+///
+/// ```no_run
+/// # fn demo() -> Result<(), switchyard_core::Error> {
+/// use std::time::Duration;
+/// use switchyard_core::PoolSettings;
+/// use switchyard_elasticsearch::EsBackendConfig;
+///
+/// let backend = EsBackendConfig::builder("es-1", "http://127.0.0.1:9200")
+///     .pool(PoolSettings::default().with_max_size(32))
+///     .tenant_field("org")
+///     .request_timeout(Duration::from_secs(5))
+///     .build()?;
+/// # let _ = backend; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct EsBackendBuilder {
+    config: EsBackendConfig,
+}
+
+impl EsBackendBuilder {
+    /// Sets the in-flight bound and acquire timeout.
+    pub fn pool(mut self, pool: PoolSettings) -> Self {
+        self.config.pool = pool;
+        self
+    }
+
+    /// Sets [`EsBackendConfig::tenant_field`].
+    pub fn tenant_field(mut self, field: impl Into<String>) -> Self {
+        self.config.tenant_field = field.into();
+        self
+    }
+
+    /// Sets [`EsBackendConfig::index_naming`].
+    pub fn index_naming(mut self, naming: IndexNaming) -> Self {
+        self.config.index_naming = naming;
+        self
+    }
+
+    /// Sets [`EsBackendConfig::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`EsBackendConfig::provision_cache_ttl`].
+    pub fn provision_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.config.provision_cache_ttl = ttl;
+        self
+    }
+
+    /// The configuration built so far.
+    pub fn config(self) -> EsBackendConfig {
+        self.config
+    }
+
+    /// Builds the backend; see [`EsBackend::new`](crate::EsBackend::new).
+    pub fn build(self) -> Result<crate::EsBackend, Error> {
+        crate::EsBackend::new(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let c = EsBackendConfig::new("es", "http://elastic:p%40ss@127.0.0.1:9200");
+        let connect = c.connect().unwrap();
+        assert_eq!(connect.url.as_str(), "http://127.0.0.1:9200/");
+        assert_eq!(
+            connect.basic,
+            Some(("elastic".to_owned(), "p@ss".to_owned()))
+        );
+        assert!(c.validate("es").is_empty());
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("p%40ss"), "{json}");
+    }
+
+    #[test]
+    fn validation_reports_each_problem_without_secrets() {
+        let mut c = EsBackendConfig::new("es", "ftp://elastic:hunter2@db:9200");
+        c.tenant_field = "a.b".into();
+        c.request_timeout = Duration::ZERO;
+        let problems: Vec<String> = c.validate("es").iter().map(|e| e.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(
+            problems.iter().all(|p| !p.contains("hunter2")),
+            "{problems:#?}"
+        );
+    }
+}
