@@ -93,7 +93,7 @@ impl<B: Backend> Snapshot<B> {
                 Phase::Admitted => {}
                 Phase::Ejected { .. } => continue,
                 Phase::HalfOpen => {
-                    trials.push((Arc::clone(ep), h.role));
+                    trials.push((Arc::clone(ep), h.role, h.primary_since));
                     continue;
                 }
             }
@@ -111,6 +111,18 @@ impl<B: Backend> Snapshot<B> {
             let ids: Vec<&str> = primaries.iter().map(|(_, e)| e.id().as_str()).collect();
             tracing::warn!(endpoints = ?ids, "several endpoints report primary; writes stay on the longest-serving one");
         }
+        // A half-open primary that has not been primary longer than the one
+        // writes go to is a stale primary (an old one back after a failover):
+        // a trial would hand it a write or a read, so it gets none. It stays
+        // half-open, serving nothing, until it is the longest-serving primary.
+        let elected = primaries.first().map(|(since, _)| *since);
+        let trials: Vec<_> = trials
+            .into_iter()
+            .filter(|(_, role, since)| {
+                *role != Role::Primary || elected.is_none_or(|elected| *since < elected)
+            })
+            .map(|(ep, role, _)| (ep, role))
+            .collect();
         let writers: Vec<_> = match primaries.first() {
             Some((_, p)) => vec![Arc::clone(p)],
             None => standalone.clone(),

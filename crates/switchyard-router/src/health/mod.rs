@@ -175,6 +175,12 @@ impl HealthState {
             self.primary_since = (probe.role == Role::Primary).then_some(now);
             self.role = probe.role;
         }
+        // A primary back from down has been serving as primary only since now
+        // (going down cleared `primary_since`): an old primary restarted after a
+        // failover must not outrank the promoted one.
+        if self.up && self.role == Role::Primary && self.primary_since.is_none() {
+            self.primary_since = Some(now);
+        }
         let was_ok = self.lag_ok(cfg);
         self.lag = probe.lag;
         self.lag_bytes = probe.lag_bytes;
@@ -263,6 +269,32 @@ mod tests {
         h.probe_passed(ok(), &cfg, &who, now);
         assert_eq!(h.health(), Health::Up);
         assert_eq!(h.last_error, None);
+    }
+
+    #[test]
+    fn a_primary_back_from_down_is_primary_only_from_then() {
+        let (c, e) = who();
+        let who = Who {
+            cluster: &c,
+            endpoint: &e,
+        };
+        let cfg = HealthConfig {
+            fall: 1,
+            rise: 1,
+            ..HealthConfig::default()
+        };
+        let start = Instant::now();
+        let mut h = HealthState::new(Role::Primary, start);
+        h.probe_failed(&refused(), &cfg, &who, start);
+        assert_eq!((h.health(), h.primary_since), (Health::Down, None));
+        let back = start + Duration::from_secs(5);
+        h.probe_passed(Probe::new(Role::Primary, Duration::ZERO), &cfg, &who, back);
+        assert_eq!(h.health(), Health::Up);
+        assert_eq!(
+            h.primary_since,
+            Some(back),
+            "None would sort first and outrank a promoted replica"
+        );
     }
 
     #[test]

@@ -281,3 +281,45 @@ async fn the_longest_serving_primary_keeps_writes_when_two_report_primary() {
         ["p"]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_old_primary_back_after_a_failover_gets_no_checkout() {
+    let (cluster, b) = cluster(1, config()).await;
+    // A write holds a connection on p when p dies; r1 is promoted.
+    let mut held = cluster.checkout(Intent::Write, None).await.unwrap();
+    assert_eq!(held.endpoint().as_str(), "p");
+    b[0].set_down(true);
+    run_for(Duration::from_secs(2)).await;
+    b[1].set_role(Role::Primary);
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.status().writer.as_ref().map(|w| w.as_str()),
+        Some("r1")
+    );
+    // The held write fails late: p is no longer the writer, so it is ejected.
+    held.report_failure(&io_error(held.endpoint()));
+    drop(held);
+    assert_eq!(status_of(&cluster, "p").ejection.map(|e| e.level), Some(1));
+    // p comes back as an independent primary (split brain): probed up, its
+    // ejection over, half-open. It must get neither writes nor a trial.
+    b[0].set_down(false);
+    run_for(Duration::from_secs(3)).await;
+    let p = status_of(&cluster, "p");
+    assert_eq!((p.health, p.role), (Health::HalfOpen, Role::Primary));
+    let writes = tally(&cluster, Intent::Write, 5).await;
+    assert_eq!(
+        writes.keys().collect::<Vec<_>>(),
+        ["r1"],
+        "a write reached the old primary"
+    );
+    let reads = tally(&cluster, Intent::Read, 20).await;
+    assert_eq!(
+        reads.keys().collect::<Vec<_>>(),
+        ["r1"],
+        "a read reached the old primary"
+    );
+    assert_eq!(
+        cluster.status().writer.as_ref().map(|w| w.as_str()),
+        Some("r1")
+    );
+}
