@@ -298,7 +298,17 @@ impl Shared {
                     tracing::trace!("affinity hit");
                     return Ok(conn);
                 }
-                Take::Pool(conn) => return Ok(PgConn::new(conn, keeps_min)),
+                Take::Pool(conn) => {
+                    // `try_acquire` skips sqlx's test-before-acquire: without this
+                    // ping, connections that died with a restarted server would be
+                    // handed out one by one, each failing and ejecting the endpoint.
+                    let mut conn = PgConn::new(conn, keeps_min);
+                    let limit = deadline.min(Instant::now() + self.config.reset_timeout);
+                    match tokio::time::timeout_at(limit, sqlx::Connection::ping(&mut *conn)).await {
+                        Ok(Ok(())) => return Ok(conn),
+                        _ => conn.close(),
+                    }
+                }
                 Take::Steal(mut conn) => {
                     let limit = deadline.min(Instant::now() + self.config.reset_timeout);
                     if self.reset(&mut conn, limit).await {
