@@ -1,0 +1,262 @@
+//! One router or backend of any engine this build includes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_core::{Backend, EndpointId, Error, PoolSettings, Probe, TenantRegistry};
+use switchyard_postgres::{PgBackend, PgBackendConfig};
+use switchyard_redis::{RedisBackend, RedisBackendConfig};
+use switchyard_router::{Cluster, ClusterStatus, EndpointConfig, StrategyKind};
+
+use crate::error::ConfigError;
+use crate::settings::{ClusterSettings, EndpointSettings};
+use crate::Engine;
+
+/// A running cluster of any engine built in.
+///
+/// MongoDB, ClickHouse and Elasticsearch variants exist with the cargo
+/// features of the same names.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AnyCluster {
+    /// A PostgreSQL cluster.
+    Postgres(Cluster<PgBackend>),
+    /// A Redis cluster.
+    Redis(Cluster<RedisBackend>),
+    /// A MongoDB cluster.
+    #[cfg(feature = "mongodb")]
+    Mongodb(Cluster<switchyard_mongodb::MongoBackend>),
+    /// A ClickHouse cluster.
+    #[cfg(feature = "clickhouse")]
+    Clickhouse(Cluster<switchyard_clickhouse::ChBackend>),
+    /// An Elasticsearch cluster.
+    #[cfg(feature = "elasticsearch")]
+    Elasticsearch(Cluster<switchyard_elasticsearch::EsBackend>),
+}
+
+/// One backend of any engine built in.
+#[derive(Clone)]
+pub(crate) enum AnyBackend {
+    Postgres(Arc<PgBackend>),
+    Redis(Arc<RedisBackend>),
+    #[cfg(feature = "mongodb")]
+    Mongodb(Arc<switchyard_mongodb::MongoBackend>),
+    #[cfg(feature = "clickhouse")]
+    Clickhouse(Arc<switchyard_clickhouse::ChBackend>),
+    #[cfg(feature = "elasticsearch")]
+    Elasticsearch(Arc<switchyard_elasticsearch::EsBackend>),
+}
+
+/// `$body` with `$c` bound to the cluster (or backend) of whatever engine.
+macro_rules! each {
+    ($ty:ident, $value:expr, $c:ident => $body:expr) => {
+        match $value {
+            $ty::Postgres($c) => $body,
+            $ty::Redis($c) => $body,
+            #[cfg(feature = "mongodb")]
+            $ty::Mongodb($c) => $body,
+            #[cfg(feature = "clickhouse")]
+            $ty::Clickhouse($c) => $body,
+            #[cfg(feature = "elasticsearch")]
+            $ty::Elasticsearch($c) => $body,
+        }
+    };
+}
+
+/// Builds the cluster variant for `$variant` from the backends of that variant.
+macro_rules! cluster_of {
+    ($variant:ident, $name:expr, $c:expr, $tenants:expr, $backends:expr) => {{
+        let mut b = Cluster::builder($name)
+            .engine($c.engine.as_str())
+            .config($c.router.clone())
+            .tenants($tenants);
+        for (backend, cfg) in $backends {
+            if let AnyBackend::$variant(x) = backend {
+                b = b.endpoint(x, cfg);
+            }
+        }
+        AnyCluster::$variant(b.build().map_err(|source| ConfigError::Build {
+            cluster: $name.to_owned(),
+            source,
+        })?)
+    }};
+}
+
+impl AnyCluster {
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        each!(AnyCluster, self, c => c.name())
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> Engine {
+        match self {
+            AnyCluster::Postgres(_) => Engine::Postgres,
+            AnyCluster::Redis(_) => Engine::Redis,
+            #[cfg(feature = "mongodb")]
+            AnyCluster::Mongodb(_) => Engine::Mongodb,
+            #[cfg(feature = "clickhouse")]
+            AnyCluster::Clickhouse(_) => Engine::Clickhouse,
+            #[cfg(feature = "elasticsearch")]
+            AnyCluster::Elasticsearch(_) => Engine::Elasticsearch,
+        }
+    }
+
+    /// A snapshot of every endpoint's state.
+    pub fn status(&self) -> ClusterStatus {
+        each!(AnyCluster, self, c => c.status())
+    }
+
+    pub(crate) fn build(
+        name: &str,
+        c: &ClusterSettings,
+        tenants: TenantRegistry,
+        backends: Vec<(AnyBackend, EndpointConfig)>,
+    ) -> Result<Self, ConfigError> {
+        Ok(match c.engine {
+            Engine::Postgres => cluster_of!(Postgres, name, c, tenants, backends),
+            Engine::Redis => cluster_of!(Redis, name, c, tenants, backends),
+            #[cfg(feature = "mongodb")]
+            Engine::Mongodb => cluster_of!(Mongodb, name, c, tenants, backends),
+            #[cfg(feature = "clickhouse")]
+            Engine::Clickhouse => cluster_of!(Clickhouse, name, c, tenants, backends),
+            #[cfg(feature = "elasticsearch")]
+            Engine::Elasticsearch => cluster_of!(Elasticsearch, name, c, tenants, backends),
+            #[allow(unreachable_patterns)]
+            other => return Err(not_built_in(name, other)),
+        })
+    }
+
+    pub(crate) fn set_tenants(&self, tenants: TenantRegistry) -> Result<(), Error> {
+        each!(AnyCluster, self, c => c.set_tenants(tenants))
+    }
+
+    pub(crate) fn set_strategy(&self, strategy: StrategyKind) {
+        each!(AnyCluster, self, c => c.set_strategy(strategy))
+    }
+
+    pub(crate) fn set_weight(&self, id: &EndpointId, weight: u32) -> Result<(), Error> {
+        each!(AnyCluster, self, c => c.set_weight(id, weight))
+    }
+
+    pub(crate) fn remove_endpoint(&self, id: &EndpointId) -> bool {
+        each!(AnyCluster, self, c => c.remove_endpoint(id))
+    }
+
+    pub(crate) fn add_endpoint(
+        &self,
+        backend: &AnyBackend,
+        config: EndpointConfig,
+    ) -> Result<(), Error> {
+        match (self, backend) {
+            (AnyCluster::Postgres(c), AnyBackend::Postgres(b)) => c.add_endpoint(b.clone(), config),
+            (AnyCluster::Redis(c), AnyBackend::Redis(b)) => c.add_endpoint(b.clone(), config),
+            #[cfg(feature = "mongodb")]
+            (AnyCluster::Mongodb(c), AnyBackend::Mongodb(b)) => c.add_endpoint(b.clone(), config),
+            #[cfg(feature = "clickhouse")]
+            (AnyCluster::Clickhouse(c), AnyBackend::Clickhouse(b)) => {
+                c.add_endpoint(b.clone(), config)
+            }
+            #[cfg(feature = "elasticsearch")]
+            (AnyCluster::Elasticsearch(c), AnyBackend::Elasticsearch(b)) => {
+                c.add_endpoint(b.clone(), config)
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::Config {
+                path: format!("clusters.{}", self.name()),
+                message: "endpoint of another engine".into(),
+            }),
+        }
+    }
+}
+
+fn not_built_in(cluster: &str, engine: Engine) -> ConfigError {
+    ConfigError::EngineNotBuiltIn {
+        cluster: cluster.to_owned(),
+        engine: engine.as_str(),
+    }
+}
+
+/// Builds the backend variant `$variant` from `$config` with the cluster's pool.
+macro_rules! backend_of {
+    ($variant:ident, $backend:path, $config:expr, $pool:expr, $cluster:expr) => {{
+        let mut config = $config;
+        config.pool = $pool.clone();
+        let backend = <$backend>::new(config).map_err(|source| ConfigError::Build {
+            cluster: $cluster.to_owned(),
+            source,
+        })?;
+        AnyBackend::$variant(Arc::new(backend))
+    }};
+}
+
+impl AnyBackend {
+    pub(crate) fn build(
+        engine: Engine,
+        cluster: &str,
+        pool: &PoolSettings,
+        ep: &EndpointSettings,
+    ) -> Result<Self, ConfigError> {
+        let (name, url) = (ep.name.clone(), ep.url.clone());
+        Ok(match engine {
+            Engine::Postgres => {
+                backend_of!(
+                    Postgres,
+                    PgBackend,
+                    PgBackendConfig::new(name, url),
+                    pool,
+                    cluster
+                )
+            }
+            Engine::Redis => backend_of!(
+                Redis,
+                RedisBackend,
+                RedisBackendConfig::new(name, url),
+                pool,
+                cluster
+            ),
+            #[cfg(feature = "mongodb")]
+            Engine::Mongodb => backend_of!(
+                Mongodb,
+                switchyard_mongodb::MongoBackend,
+                switchyard_mongodb::MongoBackendConfig::new(name, url),
+                pool,
+                cluster
+            ),
+            #[cfg(feature = "clickhouse")]
+            Engine::Clickhouse => backend_of!(
+                Clickhouse,
+                switchyard_clickhouse::ChBackend,
+                switchyard_clickhouse::ChBackendConfig::new(name, url),
+                pool,
+                cluster
+            ),
+            #[cfg(feature = "elasticsearch")]
+            Engine::Elasticsearch => backend_of!(
+                Elasticsearch,
+                switchyard_elasticsearch::EsBackend,
+                switchyard_elasticsearch::EsBackendConfig::new(name, url),
+                pool,
+                cluster
+            ),
+            #[allow(unreachable_patterns)]
+            other => return Err(not_built_in(cluster, other)),
+        })
+    }
+
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
+        each!(AnyBackend, self, b => b.probe(timeout).await)
+    }
+}
+
+/// An error and its sources, joined with `: `.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,158 @@
+//! Hot reload: re-load, validate and apply the configuration while traffic flows.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::error::ConfigError;
+use crate::router_set::{ApplyReport, RouterSet};
+use crate::settings::Settings;
+use crate::source::ConfigSource;
+
+/// A running router set that follows its configuration files.
+///
+/// [`reload`](Self::reload) loads and validates the files; a valid
+/// configuration is applied to the running clusters and swapped in, an invalid
+/// one is rejected with every problem logged, and the running configuration
+/// stays.
+#[derive(Debug)]
+pub struct LiveConfig {
+    source: ConfigSource,
+    current: ArcSwap<Settings>,
+    routers: RouterSet,
+    /// Bumped after every accepted reload.
+    generation: watch::Sender<ReloadEvent>,
+}
+
+/// The outcome of the latest reload attempt, for watchers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadEvent {
+    /// Accepted reloads so far.
+    pub accepted: u64,
+    /// Rejected reloads so far.
+    pub rejected: u64,
+    /// The problems of the latest rejected reload.
+    pub last_problems: Vec<String>,
+}
+
+impl LiveConfig {
+    /// Loads `source`, validates it and starts its routers.
+    pub fn start(source: ConfigSource) -> Result<Self, ConfigError> {
+        let settings = source.load()?;
+        let routers = RouterSet::build(&settings)?;
+        Ok(Self {
+            source,
+            current: ArcSwap::from_pointee(settings),
+            routers,
+            generation: watch::Sender::new(ReloadEvent::default()),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.current.load_full()
+    }
+
+    /// The running routers.
+    pub fn routers(&self) -> &RouterSet {
+        &self.routers
+    }
+
+    /// Where the configuration is read from.
+    pub fn source(&self) -> &ConfigSource {
+        &self.source
+    }
+
+    /// Follows reload outcomes.
+    pub fn subscribe(&self) -> watch::Receiver<ReloadEvent> {
+        self.generation.subscribe()
+    }
+
+    /// Loads the files again; applies and swaps in a valid configuration, or
+    /// logs every problem of an invalid one and keeps the running one.
+    pub fn reload(&self) -> Result<ApplyReport, ConfigError> {
+        match self.source.load() {
+            Ok(next) => {
+                let prev = self.current.load_full();
+                let report = self.routers.apply(&prev, &next);
+                for change in &report.changes {
+                    tracing::info!(%change, "configuration change applied");
+                }
+                for item in &report.restart_required {
+                    tracing::warn!(%item, "configuration change needs a restart");
+                }
+                for failure in &report.failed {
+                    tracing::error!(%failure, "configuration change refused");
+                }
+                self.current.store(Arc::new(next));
+                self.generation.send_modify(|e| e.accepted += 1);
+                Ok(report)
+            }
+            Err(error) => {
+                for problem in error.problems() {
+                    tracing::error!(%problem, "configuration rejected; the running one stays");
+                }
+                if error.problems().is_empty() {
+                    tracing::error!(%error, "configuration rejected; the running one stays");
+                }
+                let lines = error.problems().iter().map(ToString::to_string).collect();
+                self.generation.send_modify(|e| {
+                    e.rejected += 1;
+                    e.last_problems = lines;
+                });
+                Err(error)
+            }
+        }
+    }
+
+    /// Watches the files: every `interval` their contents are compared with
+    /// the last seen, and a change triggers [`reload`](Self::reload). The watch
+    /// stops when the returned handle is dropped.
+    pub fn watch(self: &Arc<Self>, interval: Duration) -> WatchHandle {
+        let cancel = CancellationToken::new();
+        let live = Arc::downgrade(self);
+        let token = cancel.clone();
+        let mut seen = fingerprint(&self.source);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let Some(live) = live.upgrade() else { break };
+                let now = fingerprint(&live.source);
+                if now != seen {
+                    seen = now;
+                    tracing::info!(dir = %live.source.dir().display(), "configuration files changed; reloading");
+                    let _ = live.reload();
+                }
+            }
+        });
+        WatchHandle {
+            _guard: cancel.drop_guard(),
+        }
+    }
+}
+
+/// Keeps a [`LiveConfig::watch`] running; dropping it stops the watch.
+#[derive(Debug)]
+pub struct WatchHandle {
+    _guard: DropGuard,
+}
+
+/// A hash of every layer file's path and content (missing files included as such).
+fn fingerprint(source: &ConfigSource) -> u64 {
+    let mut h = DefaultHasher::new();
+    for file in source.candidate_files() {
+        file.hash(&mut h);
+        std::fs::read(&file).ok().hash(&mut h);
+    }
+    h.finish()
+}

@@ -1,0 +1,73 @@
+//! The validated configuration: what [`ConfigSource::load`](crate::ConfigSource::load) returns.
+
+use std::collections::BTreeMap;
+
+use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TierPolicy};
+use switchyard_router::ClusterConfig;
+
+use crate::Engine;
+
+/// A whole validated router set: clusters and tenant tiers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, ClusterSettings>,
+    /// Tenant tiers by name (`free`, `standard`, `premium`, `enterprise`, ...).
+    pub tiers: BTreeMap<String, TierPolicy>,
+    /// The tier of tenants not listed in `tenants`.
+    pub default_tier: Option<String>,
+    /// Tenants assigned to a tier explicitly.
+    pub tenants: BTreeMap<TenantId, String>,
+}
+
+impl Settings {
+    /// A fresh tenant registry for these tiers and tenants.
+    pub fn tenant_registry(&self) -> TenantRegistry {
+        let mut registry = TenantRegistry::new();
+        for (name, tier) in &self.tiers {
+            registry = registry.with_tier(name.clone(), tier.clone());
+        }
+        if let Some(default) = &self.default_tier {
+            registry = registry.with_default_tier(default.clone());
+        }
+        for (tenant, tier) in &self.tenants {
+            registry = registry.with_tenant(tenant.clone(), tier.clone());
+        }
+        registry
+    }
+
+    /// Whether the tenant part (tiers, default tier, assignments) differs from `other`'s.
+    pub fn tenants_differ(&self, other: &Settings) -> bool {
+        self.tiers != other.tiers
+            || self.default_tier != other.default_tier
+            || self.tenants != other.tenants
+    }
+}
+
+/// One cluster: an engine, router settings, pool settings and endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// The engine.
+    pub engine: Engine,
+    /// Whether the cluster takes writes, so it needs a primary (default true).
+    pub writes: bool,
+    /// Balancing, health, failover and retry settings.
+    pub router: ClusterConfig,
+    /// The pool behind each endpoint.
+    pub pool: PoolSettings,
+    /// The endpoints, in file order.
+    pub endpoints: Vec<EndpointSettings>,
+}
+
+/// One endpoint of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSettings {
+    /// Its name in errors, logs and metrics.
+    pub name: String,
+    /// Its URL, secrets resolved; shown redacted.
+    pub url: SecretUrl,
+    /// The role assumed until the first probe.
+    pub role: Role,
+    /// Relative share of traffic.
+    pub weight: u32,
+}

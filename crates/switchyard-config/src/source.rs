@@ -1,0 +1,229 @@
+//! Where configuration comes from: the files of a config directory, layered
+//! with figment, then `SWITCHYARD__...` environment variables.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml, Yaml};
+use figment::value::{Dict, Tag, Value};
+use figment::{Figment, Profile, Provider, Source};
+
+use crate::error::{ConfigError, Problem};
+use crate::settings::Settings;
+
+/// The environments an override file may exist for.
+pub const ENVIRONMENTS: [&str; 4] = ["development", "testing", "staging", "production"];
+
+/// The default prefix of environment variables (`SWITCHYARD__CLUSTERS__MAIN__STRATEGY`).
+pub const ENV_PREFIX: &str = "SWITCHYARD__";
+
+/// A config directory and the environment to load it for.
+///
+/// Layers, later ones winning: `base.{yaml,toml}`,
+/// `environments/{env}.{yaml,toml}`, `tiers.{yaml,toml}`, then environment
+/// variables with [`ENV_PREFIX`] and `__` between nested keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    dir: PathBuf,
+    environment: String,
+    env_prefix: String,
+}
+
+impl ConfigSource {
+    /// The configuration in `dir` for `environment`.
+    pub fn new(dir: impl Into<PathBuf>, environment: impl Into<String>) -> Self {
+        Self {
+            dir: dir.into(),
+            environment: environment.into(),
+            env_prefix: ENV_PREFIX.to_owned(),
+        }
+    }
+
+    /// Reads environment variables starting with `prefix` instead of [`ENV_PREFIX`].
+    pub fn env_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.env_prefix = prefix.into();
+        self
+    }
+
+    /// The config directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The environment name.
+    pub fn environment(&self) -> &str {
+        &self.environment
+    }
+
+    /// Every file a layer may come from, whether it exists or not, in merge order.
+    pub fn candidate_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for stem in self.stems() {
+            for ext in ["yaml", "yml", "toml"] {
+                files.push(self.dir.join(format!("{stem}.{ext}")));
+            }
+        }
+        files
+    }
+
+    fn stems(&self) -> [String; 3] {
+        [
+            "base".to_owned(),
+            format!("environments/{}", self.environment),
+            "tiers".to_owned(),
+        ]
+    }
+
+    /// The merged layers, before validation.
+    pub fn figment(&self) -> Result<Figment, ConfigError> {
+        let mut problems = Vec::new();
+        let mut figment = Figment::new();
+        for (i, stem) in self.stems().iter().enumerate() {
+            let found: Vec<PathBuf> = ["yaml", "yml", "toml"]
+                .iter()
+                .map(|ext| self.dir.join(format!("{stem}.{ext}")))
+                .filter(|p| p.is_file())
+                .collect();
+            if found.len() > 1 {
+                problems.push(Problem::new(
+                    stem.as_str(),
+                    format!(
+                        "more than one file for this layer: {}",
+                        found
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            match (i, found.first()) {
+                (0, None) => problems.push(Problem::new(
+                    "base",
+                    format!("no base.yaml or base.toml in {}", self.dir.display()),
+                )),
+                (1, None) if !ENVIRONMENTS.contains(&self.environment.as_str()) => {
+                    problems.push(Problem::new(
+                        "environment",
+                        format!(
+                            "unknown environment {:?} (expected one of {}, or a file environments/{}.yaml)",
+                            self.environment,
+                            ENVIRONMENTS.join(", "),
+                            self.environment
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            for file in found {
+                figment = if file.extension().is_some_and(|e| e == "toml") {
+                    figment.merge(Toml::file_exact(file))
+                } else {
+                    figment.merge(Yaml::file_exact(file))
+                };
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(figment.merge(Env::prefixed(&self.env_prefix).split("__")))
+    }
+
+    /// Loads, merges and validates everything, reporting every problem at once.
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        let figment = self.figment()?;
+        let root = match figment.data() {
+            Ok(mut data) => data.remove(&Profile::Default).unwrap_or_default(),
+            Err(errors) => {
+                let problems = errors
+                    .into_iter()
+                    .map(|e| {
+                        let origin = e.metadata.as_ref().map(|m| match &m.source {
+                            Some(Source::File(p)) => p.display().to_string(),
+                            _ => m.name.to_string(),
+                        });
+                        Problem::new(dotted(&e.path), e.kind.to_string()).with_origin(origin)
+                    })
+                    .collect();
+                return Err(ConfigError::Invalid(problems));
+            }
+        };
+        let mut problems = Vec::new();
+        let settings = crate::validate::walk(&root, &mut problems);
+        for p in &mut problems {
+            if p.origin.is_none() {
+                p.origin = origin_of(&figment, &root, &p.path, &self.env_prefix);
+            }
+        }
+        match settings {
+            Some(s) if problems.is_empty() => Ok(s),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+/// Renders figment key segments as a path: numbers become `[i]`.
+pub(crate) fn dotted(keys: &[String]) -> String {
+    let mut out = String::new();
+    for k in keys {
+        if k.parse::<usize>().is_ok() && !out.is_empty() {
+            out.push_str(&format!("[{k}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(k);
+        }
+    }
+    out
+}
+
+/// The deepest value along `path` (`a.b[1].c`) in `root`.
+fn deepest<'a>(root: &'a Dict, path: &str) -> Option<(&'a Value, Vec<String>)> {
+    let mut keys = Vec::new();
+    let mut segments = Vec::new();
+    for part in path.split('.') {
+        let (key, rest) = part.split_once('[').unwrap_or((part, ""));
+        segments.push((key.to_owned(), None));
+        for idx in rest.split('[') {
+            if let Ok(i) = idx.trim_end_matches(']').parse::<usize>() {
+                segments.push((String::new(), Some(i)));
+            }
+        }
+    }
+    let mut current: Option<&Value> = None;
+    for (key, idx) in segments {
+        let next = match (current, idx) {
+            (None, None) => root.get(&key),
+            (Some(Value::Dict(_, d)), None) => d.get(&key),
+            (Some(Value::Array(_, a)), Some(i)) => a.get(i),
+            _ => None,
+        };
+        match next {
+            Some(v) => {
+                if idx.is_none() {
+                    keys.push(key);
+                }
+                current = Some(v);
+            }
+            None => break,
+        }
+    }
+    current.map(|v| (v, keys))
+}
+
+/// Which file or environment variable the value at `path` came from.
+fn origin_of(figment: &Figment, root: &Dict, path: &str, prefix: &str) -> Option<String> {
+    let (value, keys) = deepest(root, path)?;
+    describe(figment, value.tag(), &keys, prefix)
+}
+
+fn describe(figment: &Figment, tag: Tag, keys: &[String], prefix: &str) -> Option<String> {
+    let meta = figment.get_metadata(tag)?;
+    Some(match &meta.source {
+        Some(Source::File(p)) => p.display().to_string(),
+        _ => format!(
+            "environment variable {prefix}{}",
+            keys.join("__").to_ascii_uppercase()
+        ),
+    })
+}

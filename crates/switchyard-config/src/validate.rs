@@ -1,0 +1,424 @@
+//! Walks the merged configuration tree, collecting every problem with its path.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use figment::value::{Dict, Value};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TierPolicy};
+use switchyard_postgres::PgBackendConfig;
+use switchyard_redis::RedisBackendConfig;
+use switchyard_router::{ClusterConfig, EndpointConfig};
+
+use crate::error::Problem;
+use crate::secrets::{resolve_references, with_password_file};
+use crate::settings::{ClusterSettings, EndpointSettings, Settings};
+use crate::source::dotted;
+use crate::Engine;
+
+/// One endpoint as written in a file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: String,
+    url: String,
+    #[serde(default = "default_role")]
+    role: Role,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+}
+
+fn default_role() -> Role {
+    Role::Replica
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn push(problems: &mut Vec<Problem>, path: &str, message: impl Into<String>) {
+    problems.push(Problem::new(path, message));
+}
+
+fn from_core(problems: &mut Vec<Problem>, errors: Vec<switchyard_core::Error>) {
+    for e in errors {
+        match e {
+            switchyard_core::Error::Config { path, message } => push(problems, &path, message),
+            other => push(problems, "", other.to_string()),
+        }
+    }
+}
+
+fn de<T: DeserializeOwned>(value: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<T> {
+    match value.deserialize::<T>() {
+        Ok(v) => Some(v),
+        Err(errors) => {
+            for e in errors {
+                let sub = dotted(&e.path);
+                let full = match (path.is_empty(), sub.is_empty()) {
+                    (_, true) => path.to_owned(),
+                    (true, false) => sub,
+                    (false, false) if sub.starts_with('[') => format!("{path}{sub}"),
+                    (false, false) => format!("{path}.{sub}"),
+                };
+                push(problems, &full, e.kind.to_string());
+            }
+            None
+        }
+    }
+}
+
+fn dict<'a>(value: &'a Value, path: &str, problems: &mut Vec<Problem>) -> Option<&'a Dict> {
+    match value {
+        Value::Dict(_, d) => Some(d),
+        _ => {
+            push(problems, path, "expected a map");
+            None
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Every problem in `root`, and the settings when there are none.
+pub(crate) fn walk(root: &Dict, problems: &mut Vec<Problem>) -> Option<Settings> {
+    for key in root.keys() {
+        if !["clusters", "tiers", "default_tier", "tenants"].contains(&key.as_str()) {
+            push(
+                problems,
+                key,
+                "unknown key (expected clusters, tiers, default_tier or tenants)",
+            );
+        }
+    }
+    let mut clusters = BTreeMap::new();
+    match root.get("clusters").map(|v| dict(v, "clusters", problems)) {
+        Some(Some(d)) => {
+            for (name, value) in d {
+                if let Some(c) = cluster(name, value, problems) {
+                    clusters.insert(name.clone(), c);
+                }
+            }
+        }
+        Some(None) => {}
+        None => push(problems, "clusters", "no clusters are configured"),
+    }
+    let (tiers, default_tier, tenants) = tenancy(root, problems);
+    problems.is_empty().then_some(Settings {
+        clusters,
+        tiers,
+        default_tier,
+        tenants,
+    })
+}
+
+type Tenancy = (
+    BTreeMap<String, TierPolicy>,
+    Option<String>,
+    BTreeMap<TenantId, String>,
+);
+
+fn tenancy(root: &Dict, problems: &mut Vec<Problem>) -> Tenancy {
+    let mut tiers = BTreeMap::new();
+    if let Some(Some(d)) = root.get("tiers").map(|v| dict(v, "tiers", problems)) {
+        for (name, value) in d {
+            let path = format!("tiers.{name}");
+            if !valid_name(name) {
+                push(
+                    problems,
+                    &path,
+                    "tier names allow ASCII letters, digits, '_' and '-'",
+                );
+            }
+            if let Some(policy) = de::<TierPolicy>(value, &path, problems) {
+                if policy.max_connections == Some(0) {
+                    push(
+                        problems,
+                        &format!("{path}.max_connections"),
+                        "must be at least 1",
+                    );
+                }
+                tiers.insert(name.clone(), policy);
+            }
+        }
+    }
+    let default_tier = root
+        .get("default_tier")
+        .and_then(|v| de::<String>(v, "default_tier", problems));
+    if let Some(t) = &default_tier {
+        if !tiers.contains_key(t) {
+            push(problems, "default_tier", format!("unknown tier {t:?}"));
+        }
+    }
+    let mut tenants = BTreeMap::new();
+    if let Some(v) = root.get("tenants") {
+        if let Some(map) = de::<BTreeMap<String, String>>(v, "tenants", problems) {
+            for (id, tier) in map {
+                let path = format!("tenants.{id}");
+                match TenantId::new(&id) {
+                    Ok(tenant) => {
+                        if !tiers.contains_key(&tier) {
+                            push(problems, &path, format!("unknown tier {tier:?}"));
+                        }
+                        tenants.insert(tenant, tier);
+                    }
+                    Err(e) => push(problems, &path, e.to_string()),
+                }
+            }
+        }
+    }
+    let mut sorted: Vec<_> = tiers.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    for (i, (name_a, a)) in sorted.iter().enumerate() {
+        for (name_b, b) in &sorted[i + 1..] {
+            if a.name_template.may_collide_with(&b.name_template) {
+                push(
+                    problems,
+                    &format!("tiers.{name_b}.name_template"),
+                    format!(
+                        "{} can render the same name as tier {name_a}'s {} for another tenant",
+                        b.name_template, a.name_template
+                    ),
+                );
+            }
+        }
+    }
+    (tiers, default_tier, tenants)
+}
+
+fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<ClusterSettings> {
+    let path = format!("clusters.{name}");
+    let before = problems.len();
+    if !valid_name(name) {
+        push(
+            problems,
+            &path,
+            "cluster names allow ASCII letters, digits, '_' and '-'",
+        );
+    }
+    let d = dict(value, &path, problems)?;
+    let engine = match d
+        .get("engine")
+        .map(|v| de::<String>(v, &format!("{path}.engine"), problems))
+    {
+        None => {
+            push(
+                problems,
+                &format!("{path}.engine"),
+                "missing (one of postgres, redis, mongodb, clickhouse, elasticsearch)",
+            );
+            None
+        }
+        Some(None) => None,
+        Some(Some(e)) => {
+            let parsed = Engine::parse(&e);
+            if parsed.is_none() {
+                let all: Vec<&str> = Engine::ALL.iter().map(|e| e.as_str()).collect();
+                push(
+                    problems,
+                    &format!("{path}.engine"),
+                    format!("unknown engine {e:?} (expected one of {})", all.join(", ")),
+                );
+            }
+            parsed
+        }
+    };
+    let writes = d
+        .get("writes")
+        .map_or(Some(true), |v| {
+            de::<bool>(v, &format!("{path}.writes"), problems)
+        })
+        .unwrap_or(true);
+    let pool = match d.get("pool") {
+        Some(v) => de::<PoolSettings>(v, &format!("{path}.pool"), problems).unwrap_or_default(),
+        None => PoolSettings::default(),
+    };
+    from_core(problems, pool.validate(&format!("{path}.pool")));
+    let rest: Dict = d
+        .iter()
+        .filter(|(k, _)| !["engine", "writes", "pool", "endpoints"].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let router = de::<ClusterConfig>(&Value::from(rest), &path, problems).unwrap_or_default();
+    from_core(problems, router.validate(&path));
+    let endpoints = endpoints(&path, engine, writes, d.get("endpoints"), problems);
+    (problems.len() == before).then_some(ClusterSettings {
+        engine: engine?,
+        writes,
+        router,
+        pool,
+        endpoints,
+    })
+}
+
+fn endpoints(
+    path: &str,
+    engine: Option<Engine>,
+    writes: bool,
+    value: Option<&Value>,
+    problems: &mut Vec<Problem>,
+) -> Vec<EndpointSettings> {
+    let list_path = format!("{path}.endpoints");
+    let raw = match value {
+        None => {
+            push(
+                problems,
+                &list_path,
+                "a cluster needs at least one endpoint",
+            );
+            return Vec::new();
+        }
+        Some(Value::Array(_, items)) => items,
+        Some(_) => {
+            push(problems, &list_path, "expected a list of endpoints");
+            return Vec::new();
+        }
+    };
+    if raw.is_empty() {
+        push(
+            problems,
+            &list_path,
+            "a cluster needs at least one endpoint",
+        );
+    }
+    let mut out: Vec<EndpointSettings> = Vec::new();
+    let mut has_primary = false;
+    for (i, item) in raw.iter().enumerate() {
+        let ep_path = format!("{list_path}[{i}]");
+        let Some(ep) = de::<RawEndpoint>(item, &ep_path, problems) else {
+            continue;
+        };
+        has_primary |= ep.role == Role::Primary;
+        if !valid_name(&ep.name) {
+            push(
+                problems,
+                &format!("{ep_path}.name"),
+                format!(
+                    "{:?}: endpoint names allow ASCII letters, digits, '_' and '-'",
+                    ep.name
+                ),
+            );
+        }
+        from_core(
+            problems,
+            EndpointConfig::new(ep.role)
+                .weight(ep.weight)
+                .validate(&ep_path),
+        );
+        let url_path = format!("{ep_path}.url");
+        let url = match resolve_references(&ep.url) {
+            Ok(resolved) => match &ep.password_file {
+                Some(file) => match with_password_file(&resolved, file) {
+                    Ok(u) => Some(u),
+                    Err(m) => {
+                        push(problems, &format!("{ep_path}.password_file"), m);
+                        None
+                    }
+                },
+                None => Some(SecretUrl::new(resolved)),
+            },
+            Err(missing) => {
+                for m in missing {
+                    push(problems, &url_path, m);
+                }
+                None
+            }
+        };
+        let Some(url) = url else { continue };
+        if let Some(engine) = engine {
+            check_url(engine, &ep.name, &url, &ep_path, problems);
+        }
+        if let Some(j) = out.iter().position(|o| o.name == ep.name) {
+            push(
+                problems,
+                &format!("{ep_path}.name"),
+                format!(
+                    "duplicate endpoint name {:?} (also endpoints[{j}])",
+                    ep.name
+                ),
+            );
+        }
+        if let Some(j) = out.iter().position(|o| o.url == url) {
+            push(
+                problems,
+                &url_path,
+                format!(
+                    "duplicate endpoint url {} (also endpoints[{j}])",
+                    url.redacted()
+                ),
+            );
+        }
+        out.push(EndpointSettings {
+            name: ep.name,
+            url,
+            role: ep.role,
+            weight: ep.weight,
+        });
+    }
+    if writes && !raw.is_empty() && !has_primary {
+        push(
+            problems,
+            &list_path,
+            "no endpoint has role primary, but the cluster takes writes (set `writes: false` for a read-only cluster)",
+        );
+    }
+    out
+}
+
+fn check_url(
+    engine: Engine,
+    name: &str,
+    url: &SecretUrl,
+    ep_path: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let url_path = format!("{ep_path}.url");
+    let scheme = url.scheme().unwrap_or_default();
+    if !engine.schemes().contains(&scheme.as_str()) {
+        push(
+            problems,
+            &url_path,
+            format!(
+                "unknown scheme {scheme:?} for engine {engine} (expected {})",
+                engine.schemes().join(" or ")
+            ),
+        );
+        return;
+    }
+    match engine {
+        Engine::Postgres => {
+            let errors = PgBackendConfig::new(name.to_owned(), url.clone()).validate(ep_path);
+            let errors = errors
+                .into_iter()
+                .filter(|e| !matches!(e, switchyard_core::Error::Config { path, .. } if path.starts_with(&format!("{ep_path}.pool"))))
+                .collect();
+            from_core(problems, errors);
+        }
+        Engine::Redis => {
+            let prefix = format!("redis.{name}");
+            for e in RedisBackendConfig::new(name.to_owned(), url.clone()).validate() {
+                if let switchyard_core::Error::Config { path, message } = e {
+                    if path.starts_with(&format!("{prefix}.pool")) {
+                        continue;
+                    }
+                    let rest = path.strip_prefix(&prefix).unwrap_or("");
+                    push(problems, &format!("{ep_path}{rest}"), message);
+                }
+            }
+        }
+        Engine::Mongodb | Engine::Clickhouse | Engine::Elasticsearch => {
+            if url.authority().is_empty() {
+                push(problems, &url_path, format!("{url} has no host"));
+            }
+        }
+    }
+}
