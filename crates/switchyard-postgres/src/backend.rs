@@ -18,6 +18,7 @@ use crate::config::PgBackendConfig;
 use crate::connection::PgConn;
 use crate::error::{timed_pg_error, PgError};
 use crate::probe::Prober;
+use crate::refusal::RefusalCheck;
 use crate::returns::{check, sweep};
 use crate::sql::{self, quote_ident, reset_sql, validate_setting_name};
 use crate::stats::{bump, read, PgStats, ReturnCounters};
@@ -45,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) tenants: TenantPools,
     pub(crate) stash: Stash,
     pub(crate) prober: Prober,
+    /// Fails checkouts fast when the endpoint refuses connections.
+    pub(crate) refusal: RefusalCheck,
     pub(crate) returns: ReturnCounters,
     /// Set by [`PgBackend::close`].
     pub(crate) closed: AtomicBool,
@@ -81,6 +84,7 @@ impl PgBackend {
             pool,
             tenants,
             stash,
+            refusal: RefusalCheck::new(&options),
             prober: Prober::new(options),
             returns: ReturnCounters::default(),
             closed: AtomicBool::new(false),
@@ -317,7 +321,20 @@ impl Shared {
                     conn.close();
                 }
                 Take::Wait(ticket) => {
-                    let got = tokio::time::timeout_at(deadline, self.pool.acquire()).await;
+                    // Only a pool with room opens connections, which sqlx retries
+                    // while they are refused.
+                    let opens = self.pool.size() < self.config.pool.max_size;
+                    let got = tokio::select! {
+                        got = tokio::time::timeout_at(deadline, self.pool.acquire()) => got,
+                        refused = self.refusal.refused(), if opens => {
+                            return Err(Error::backend(
+                                self.endpoint(),
+                                scope.map(TenantScope::tenant),
+                                BackendErrorKind::Connect,
+                                refused,
+                            ));
+                        }
+                    };
                     drop(ticket);
                     return match got {
                         Ok(Ok(conn)) => Ok(PgConn::new(conn, keeps_min)),

@@ -137,6 +137,7 @@ mod connection;
 mod error;
 mod executor;
 mod probe;
+mod refusal;
 mod returns;
 mod rls;
 mod sql;

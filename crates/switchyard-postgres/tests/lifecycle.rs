@@ -405,6 +405,31 @@ async fn probes_report_role_lag_and_failures() {
     );
     assert!(err.is_endpoint_failure());
     assert!(started.elapsed() < timeout);
+
+    // A checkout on the killed node fails as refused too, well before its
+    // deadline (sqlx alone would retry the refused connect until then).
+    let started = Instant::now();
+    let err = Checkout::acquire(
+        &on_primary,
+        CheckoutRequest::with_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                kind: BackendErrorKind::Connect,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "refused checkout took {took:?}"
+    );
 }
 
 #[tokio::test]
