@@ -264,6 +264,26 @@ impl<B: Backend> Cluster<B> {
             span.record("endpoint", ep.id().as_str());
             span.record("attempts", budget.attempts);
             match result {
+                // A write connection is handed out only by the endpoint that is
+                // the writer now: a checkout that waited through a failover (the
+                // old primary killed, then back as an independent primary) must
+                // not write there. Nothing was sent yet, so retrying is safe.
+                Ok(conn)
+                    if intent == Intent::Write
+                        && self.shared.snapshot.load().writer() != Some(ep.id()) =>
+                {
+                    tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
+                    drop(conn);
+                    self.shared.metrics.retry(intent);
+                    // Bounded by the deadline, not the retry budget: this retries the
+                    // checkout, never an operation, so it is safe for any write.
+                    if Instant::now() >= budget.deadline {
+                        return Err(Error::NoPrimary {
+                            cluster: self.shared.name.to_string(),
+                            waited: started.elapsed(),
+                        });
+                    }
+                }
                 Ok(conn) => {
                     span.record("wait_us", started.elapsed().as_micros() as u64);
                     return Ok(conn);

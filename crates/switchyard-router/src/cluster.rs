@@ -423,6 +423,7 @@ impl<B: Backend> ClusterHooks for Shared<B> {
             .store(false, std::sync::atomic::Ordering::Release);
         ep.release_trial();
         ep.metrics.ejections.increment(1);
+        ep.counters.ejected();
         if phase == Phase::HalfOpen {
             tracing::warn!(cluster = %self.name, endpoint = %ep.id, ?backoff, reason, "half-open trial failed: endpoint ejected again for {backoff:?}");
         } else {

@@ -2,7 +2,7 @@
 //! health, and the observer that learns from its checkouts.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterConfig, EndpointConfig};
 use crate::health::HealthState;
 use crate::metrics::EndpointMetrics;
+use crate::status::CheckoutCounters;
 use crate::strategy::{Load, LoadLinks, PeakEwma};
 
 /// What an endpoint's health events need from its cluster. Implemented by the
@@ -52,6 +53,52 @@ pub(crate) struct EndpointState {
     pub removed: AtomicBool,
     pub hooks: Weak<dyn ClusterHooks>,
     pub metrics: EndpointMetrics,
+    /// Lifetime counters shown in [`EndpointStatus`](crate::EndpointStatus).
+    pub counters: Counters,
+}
+
+/// A checkout whose acquire took longer than this counts as a wait.
+pub const WAIT_THRESHOLD: Duration = Duration::from_millis(1);
+
+/// Cumulative counters of one endpoint since it joined the cluster: plain
+/// relaxed atomics, updated inline on the checkout path without locks or
+/// allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    checkouts: AtomicU64,
+    waits: AtomicU64,
+    timeouts: AtomicU64,
+    ejections: AtomicU64,
+}
+
+impl Counters {
+    /// A connection was handed out after `waited`.
+    fn acquired(&self, waited: Duration) {
+        self.checkouts.fetch_add(1, Ordering::Relaxed);
+        if waited > WAIT_THRESHOLD {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An acquire gave up at its deadline.
+    fn timed_out(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The endpoint was ejected.
+    pub fn ejected(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current values.
+    pub fn snapshot(&self) -> CheckoutCounters {
+        CheckoutCounters {
+            checkouts: self.checkouts.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+            ejections: self.ejections.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl EndpointState {
@@ -79,6 +126,7 @@ impl EndpointState {
             removed: AtomicBool::new(false),
             hooks,
             metrics,
+            counters: Counters::default(),
             id,
         }
     }
@@ -130,6 +178,7 @@ impl CheckoutObserver for EndpointState {
         self.ewma.observe(waited);
         self.metrics.acquired.increment(1);
         self.metrics.wait.record(waited);
+        self.counters.acquired(waited);
         if self.half_open.load(Ordering::Acquire) {
             if let Some(hooks) = self.hooks() {
                 hooks.trial_passed(self);
@@ -141,6 +190,7 @@ impl CheckoutObserver for EndpointState {
         self.metrics.failed.increment(1);
         if matches!(error, Error::Timeout { .. }) {
             self.metrics.timeouts.increment(1);
+            self.counters.timed_out();
         }
         if error.is_endpoint_failure() {
             // A failed wait is a latency sample too: a hung node looks slow at once.

@@ -108,5 +108,5 @@ pub use config::{
 pub use futures_util::future::BoxFuture;
 pub use health::{EjectionStatus, Health};
 pub use service::{ClusterService, Route};
-pub use status::{ClusterStatus, EndpointStatus};
+pub use status::{CheckoutCounters, ClusterStatus, EndpointStatus, WAIT_THRESHOLD};
 pub use switchyard_core::Error;

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use crate::cluster::Cluster;
 use crate::config::{ReadPreference, StrategyKind};
+pub use crate::endpoint::WAIT_THRESHOLD;
 use crate::health::{EjectionStatus, Health};
 
 /// The state of a whole cluster.
@@ -64,6 +65,23 @@ pub struct EndpointStatus {
     pub last_probe_error: Option<String>,
     /// The backend's pool occupancy.
     pub pool: PoolStats,
+    /// Checkouts, waits, timeouts and ejections since the endpoint joined.
+    pub counters: CheckoutCounters,
+}
+
+/// Cumulative counts for one endpoint since it joined the cluster (a removed
+/// and re-added endpoint starts again from zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CheckoutCounters {
+    /// Connections handed out.
+    pub checkouts: u64,
+    /// Checkouts that waited longer than [`WAIT_THRESHOLD`] for their
+    /// connection (a queue behind a full pool, a slow connect).
+    pub waits: u64,
+    /// Acquires that gave up at their deadline.
+    pub timeouts: u64,
+    /// Passive ejections (failed checkouts and failed half-open trials).
+    pub ejections: u64,
 }
 
 impl<B: Backend> Cluster<B> {
@@ -95,6 +113,7 @@ impl<B: Backend> Cluster<B> {
                     probe_rtt: h.probe_rtt,
                     last_probe_error: h.last_error,
                     pool: ep.backend.stats(),
+                    counters: ep.state.counters.snapshot(),
                 }
             })
             .collect();

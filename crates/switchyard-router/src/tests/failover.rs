@@ -323,3 +323,31 @@ async fn an_old_primary_back_after_a_failover_gets_no_checkout() {
         Some("r1")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_write_checkout_that_outlives_its_primary_moves_to_the_new_one() {
+    let (cluster, b) = cluster(2, config()).await;
+    // The primary hangs: the write checkout waits on it...
+    b[0].set_acquire_delay(Duration::from_secs(3));
+    let waiter = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let c = cluster.checkout(Intent::Write, None).await.unwrap();
+            c.endpoint().to_string()
+        })
+    };
+    settle().await;
+    // ...while r1 is promoted and p demoted; p's connection then arrives.
+    b[0].set_role(Role::Replica);
+    b[1].set_role(Role::Primary);
+    run_for(Duration::from_secs(4)).await;
+    assert_eq!(
+        cluster.status().writer.as_ref().map(|w| w.as_str()),
+        Some("r1")
+    );
+    assert_eq!(
+        waiter.await.unwrap(),
+        "r1",
+        "the write went to the old primary"
+    );
+}

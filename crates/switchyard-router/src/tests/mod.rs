@@ -1,6 +1,7 @@
 //! Cluster-level tests with `NoopBackend`: routing, failover, live topology,
 //! tower. Time is paused; tasks are given turns with `settle`, never sleeps.
 
+mod counters;
 mod failover;
 mod live;
 mod routing;
