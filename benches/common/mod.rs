@@ -1,0 +1,78 @@
+//! Helpers shared by the benches: the runtime, the Criterion settings and a
+//! driver that spreads one measured batch over concurrent tasks.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::Criterion;
+use tokio::runtime::Runtime;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Concurrency levels of the throughput benches.
+pub const TASKS: [usize; 4] = [1, 2, 8, 64];
+
+/// A multi-threaded runtime with one worker per core (two on the reference box).
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Short runs: the machine has two cores shared with other builds.
+/// Command-line flags (`--quick`, `--measurement-time`, ...) still override.
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20)
+}
+
+/// Runs `iters` operations split over `tasks` concurrent tasks and returns the
+/// wall time scaled to exactly `iters` operations, so Criterion reports the
+/// inverse of throughput (time per operation at that concurrency). `op` is
+/// told which task (0..tasks) it runs on.
+pub fn concurrent<F, Fut>(rt: &Runtime, iters: u64, tasks: usize, op: F) -> Duration
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tasks_u64 = tasks as u64;
+    let per_task = iters.div_ceil(tasks_u64).max(1);
+    let op = Arc::new(op);
+    rt.block_on(async move {
+        let mut set = JoinSet::new();
+        let start = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+        for task in 0..tasks {
+            let op = Arc::clone(&op);
+            let start = Arc::clone(&start);
+            set.spawn(async move {
+                start.wait().await;
+                for _ in 0..per_task {
+                    op(task).await;
+                }
+            });
+        }
+        start.wait().await;
+        let began = Instant::now();
+        while let Some(done) = set.join_next().await {
+            done.expect("bench task panicked");
+        }
+        let elapsed = began.elapsed();
+        elapsed.mul_f64(iters as f64 / (per_task * tasks_u64) as f64)
+    })
+}
+
+/// This process's resident set size in bytes, from `/proc/self/statm`.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}

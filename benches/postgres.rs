@@ -1,0 +1,206 @@
+//! A real `SELECT 1` through switchyard next to the raw sqlx pool, against the
+//! testkit's PostgreSQL (one primary, started by the bench).
+//!
+//! Rows of one group run at the same concurrency (1 or 64 tasks); the time is
+//! wall time per checkout + `SELECT 1` + release, the inverse of throughput.
+//! Every pool, raw or not, has 16 connections, so at 64 tasks all of them queue
+//! the same way.
+//!
+//! - `raw_sqlx`: `PgPool::acquire` + query on a separate pool of the same size;
+//! - `backend/unscoped`: core `Checkout::acquire` on a `PgBackend` (no router);
+//! - `cluster/unscoped`: `Cluster::checkout` over that backend as the only primary;
+//! - `cluster/{schema,row}/affinity_{on,off}`: tenant-scoped checkouts (eight
+//!   tenants, task `i` serving tenant `i % 8`), with the backend's tenant
+//!   affinity stash on or off.
+//!
+//! `cargo bench --bench postgres`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
+use switchyard::router::EndpointConfig;
+use switchyard::{
+    Backend as _, Checkout, CheckoutRequest, Cluster, Intent, Isolation, PoolSettings, Role,
+    TenantId, TenantRegistry, TierPolicy,
+};
+use switchyard_testkit::PgCluster;
+
+/// Connections in every pool compared here.
+const POOL_SIZE: u32 = 16;
+/// Tenants per scoped row; task `i` serves tenant `i % TENANTS`.
+const TENANTS: usize = 8;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn select_one_raw(pool: &PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    black_box(one);
+}
+
+async fn select_one(mut conn: Checkout<PgBackend>) {
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    black_box(one);
+}
+
+fn backend(url: &str, name: &str, affinity: AffinitySettings) -> Arc<PgBackend> {
+    let config = PgBackendConfig::builder(name.to_owned(), url)
+        .pool(PoolSettings::default().with_max_size(POOL_SIZE))
+        .affinity(affinity)
+        .config();
+    Arc::new(PgBackend::new(config).expect("pg backend"))
+}
+
+/// Tenants `s0..s7` on a schema tier, `r0..r7` on a row tier.
+fn tenants() -> TenantRegistry {
+    let mut registry = TenantRegistry::new()
+        .with_tier("schema", TierPolicy::new(Isolation::Schema))
+        .with_tier(
+            "row",
+            TierPolicy::new(Isolation::Row)
+                .with_name_template("row_{id}".parse().expect("template")),
+        );
+    for i in 0..TENANTS {
+        registry = registry
+            .with_tenant(TenantId::new(&format!("s{i}")).unwrap(), "schema")
+            .with_tenant(TenantId::new(&format!("r{i}")).unwrap(), "row");
+    }
+    registry
+}
+
+fn tenant_ids(prefix: &str) -> Arc<Vec<TenantId>> {
+    Arc::new(
+        (0..TENANTS)
+            .map(|i| TenantId::new(&format!("{prefix}{i}")).unwrap())
+            .collect(),
+    )
+}
+
+fn cluster(backend: &Arc<PgBackend>) -> Cluster<PgBackend> {
+    Cluster::builder(format!("bench-{}", backend.endpoint()))
+        .engine("postgres")
+        .tenants(tenants())
+        .endpoint(Arc::clone(backend), EndpointConfig::new(Role::Primary))
+        .build()
+        .expect("cluster")
+}
+
+fn postgres(c: &mut Criterion) {
+    let rt = common::runtime();
+    let pg = rt
+        .block_on(PgCluster::start(0))
+        .expect("postgres (testkit)");
+    let url = pg.primary().url().to_owned();
+    println!("postgres bench against {url}");
+
+    let (raw, affine, plain, with_affinity, without_affinity) = rt.block_on(async {
+        let raw = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect(&url)
+            .await
+            .expect("raw pool");
+        for i in 0..TENANTS {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS tenant_s{i}"
+            )))
+            .execute(&raw)
+            .await
+            .expect("create schema");
+        }
+        let affine = backend(&url, "pg-affinity", AffinitySettings::default());
+        let plain = backend(&url, "pg-no-affinity", AffinitySettings::disabled());
+        let with_affinity = cluster(&affine);
+        let without_affinity = cluster(&plain);
+        (raw, affine, plain, with_affinity, without_affinity)
+    });
+    drop(plain);
+    let schema_ids = tenant_ids("s");
+    let row_ids = tenant_ids("r");
+
+    for tasks in [1, 64] {
+        let mut group = c.benchmark_group(format!("postgres/{tasks}_tasks"));
+        group.bench_function("raw_sqlx", |b| {
+            b.iter_custom(|iters| {
+                let pool = raw.clone();
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let pool = pool.clone();
+                    async move { select_one_raw(&pool).await }
+                })
+            });
+        });
+        group.bench_function("backend/unscoped", |b| {
+            b.iter_custom(|iters| {
+                let backend = Arc::clone(&affine);
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let backend = Arc::clone(&backend);
+                    async move {
+                        let req = CheckoutRequest::with_timeout(TIMEOUT);
+                        select_one(Checkout::acquire(&backend, req).await.unwrap()).await;
+                    }
+                })
+            });
+        });
+        group.bench_function("cluster/unscoped", |b| {
+            b.iter_custom(|iters| {
+                let cluster = with_affinity.clone();
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let cluster = cluster.clone();
+                    async move { select_one(cluster.checkout(Intent::Read, None).await.unwrap()).await }
+                })
+            });
+        });
+        let scoped = [
+            ("cluster/schema/affinity_on", &with_affinity, &schema_ids),
+            (
+                "cluster/schema/affinity_off",
+                &without_affinity,
+                &schema_ids,
+            ),
+            ("cluster/row/affinity_on", &with_affinity, &row_ids),
+            ("cluster/row/affinity_off", &without_affinity, &row_ids),
+        ];
+        for (name, cluster, ids) in scoped {
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let cluster = cluster.clone();
+                    let ids = Arc::clone(ids);
+                    common::concurrent(&rt, iters, tasks, move |task| {
+                        let cluster = cluster.clone();
+                        let ids = Arc::clone(&ids);
+                        async move {
+                            let tenant = &ids[task % ids.len()];
+                            let conn = cluster.checkout(Intent::Read, Some(tenant)).await.unwrap();
+                            select_one(conn).await;
+                        }
+                    })
+                });
+            });
+        }
+        group.finish();
+    }
+    rt.block_on(async {
+        drop((with_affinity, without_affinity, affine));
+        raw.close().await;
+    });
+    drop(pg);
+}
+
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = postgres
+}
+criterion_main!(benches);

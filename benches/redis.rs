@@ -1,0 +1,191 @@
+//! A real `PING` through switchyard next to a raw deadpool-redis pool, against
+//! the testkit's Redis (one master, started by the bench).
+//!
+//! Rows of one group run at the same concurrency (1 or 64 tasks); the time is
+//! wall time per checkout + `PING` + release, the inverse of throughput. Every
+//! pool, raw or not, has 16 connections.
+//!
+//! - `raw_deadpool_redis`: `Pool::get` + `PING` on a separate pool of the same size;
+//! - `backend/unscoped`: core `Checkout::acquire` on a `RedisBackend` (no router);
+//! - `cluster/unscoped`: `Cluster::checkout` over that backend as the only primary;
+//! - `cluster/schema`: key-prefix isolation (no round trip at checkout);
+//! - `cluster/row`: ACL isolation (`AUTH` as the tenant's user at checkout).
+//!
+//! The Redis backend has no tenant affinity stash, so there is no
+//! affinity on/off pair here (see the postgres bench).
+//!
+//! `cargo bench --bench redis`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use switchyard::redis::{provision_acl_users, RedisBackend, StaticPasswords};
+use switchyard::router::EndpointConfig;
+use switchyard::{
+    Checkout, CheckoutRequest, Cluster, Intent, Isolation, Role, TenantId, TenantRegistry,
+    TierPolicy,
+};
+use switchyard_testkit::RedisCluster;
+
+/// Connections in every pool compared here.
+const POOL_SIZE: u32 = 16;
+/// Tenants per scoped row; task `i` serves tenant `i % TENANTS`.
+const TENANTS: usize = 8;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn ping(mut conn: Checkout<RedisBackend>) {
+    conn.ping().await.unwrap();
+    black_box(&conn);
+}
+
+/// Tenants `s0..s7` on a key-prefix tier, `r0..r7` on an ACL tier.
+fn tenants() -> TenantRegistry {
+    let mut registry = TenantRegistry::new()
+        .with_tier("schema", TierPolicy::new(Isolation::Schema))
+        .with_tier(
+            "row",
+            TierPolicy::new(Isolation::Row)
+                .with_name_template("row_{id}".parse().expect("template")),
+        );
+    for i in 0..TENANTS {
+        registry = registry
+            .with_tenant(tenant(&format!("s{i}")), "schema")
+            .with_tenant(tenant(&format!("r{i}")), "row");
+    }
+    registry
+}
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).unwrap()
+}
+
+fn tenant_ids(prefix: &str) -> Arc<Vec<TenantId>> {
+    Arc::new(
+        (0..TENANTS)
+            .map(|i| tenant(&format!("{prefix}{i}")))
+            .collect(),
+    )
+}
+
+fn redis(c: &mut Criterion) {
+    let rt = common::runtime();
+    let server = rt
+        .block_on(RedisCluster::start(0))
+        .expect("redis (testkit)");
+    let url = server.master().url();
+    println!("redis bench against {url}");
+
+    let schema_ids = tenant_ids("s");
+    let row_ids = tenant_ids("r");
+    let (raw, backend, cluster) = rt.block_on(async {
+        let mut config = deadpool_redis::Config::from_url(url.clone());
+        config.pool = Some(deadpool_redis::PoolConfig::new(POOL_SIZE as usize));
+        let raw = config
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .expect("raw pool");
+
+        let registry = tenants();
+        let passwords = StaticPasswords::generate(row_ids.iter()).expect("passwords");
+        let backend = Arc::new(
+            RedisBackend::builder("redis-master", url.as_str())
+                .max_size(POOL_SIZE)
+                .acl_passwords(passwords.clone())
+                .build()
+                .expect("redis backend"),
+        );
+        let scopes: Vec<_> = row_ids
+            .iter()
+            .map(|id| Arc::clone(registry.resolve(id).unwrap().scope()))
+            .collect();
+        let mut admin = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+            .await
+            .expect("admin checkout");
+        provision_acl_users(&mut admin, scopes.iter().map(|s| &**s), &passwords)
+            .await
+            .expect("acl users");
+        drop(admin);
+
+        let cluster = Cluster::builder("bench-redis")
+            .engine("redis")
+            .tenants(registry)
+            .endpoint(Arc::clone(&backend), EndpointConfig::new(Role::Primary))
+            .build()
+            .expect("cluster");
+        (raw, backend, cluster)
+    });
+
+    for tasks in [1, 64] {
+        let mut group = c.benchmark_group(format!("redis/{tasks}_tasks"));
+        group.bench_function("raw_deadpool_redis", |b| {
+            b.iter_custom(|iters| {
+                let pool = raw.clone();
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let pool = pool.clone();
+                    async move {
+                        let mut conn = pool.get().await.unwrap();
+                        let pong: String = deadpool_redis::redis::cmd("PING")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        black_box(pong);
+                    }
+                })
+            });
+        });
+        group.bench_function("backend/unscoped", |b| {
+            b.iter_custom(|iters| {
+                let backend = Arc::clone(&backend);
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let backend = Arc::clone(&backend);
+                    async move {
+                        let req = CheckoutRequest::with_timeout(TIMEOUT);
+                        ping(Checkout::acquire(&backend, req).await.unwrap()).await;
+                    }
+                })
+            });
+        });
+        group.bench_function("cluster/unscoped", |b| {
+            b.iter_custom(|iters| {
+                let cluster = cluster.clone();
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let cluster = cluster.clone();
+                    async move { ping(cluster.checkout(Intent::Read, None).await.unwrap()).await }
+                })
+            });
+        });
+        for (name, ids) in [("cluster/schema", &schema_ids), ("cluster/row", &row_ids)] {
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let cluster = cluster.clone();
+                    let ids = Arc::clone(ids);
+                    common::concurrent(&rt, iters, tasks, move |task| {
+                        let cluster = cluster.clone();
+                        let ids = Arc::clone(&ids);
+                        async move {
+                            let tenant = &ids[task % ids.len()];
+                            ping(cluster.checkout(Intent::Read, Some(tenant)).await.unwrap()).await;
+                        }
+                    })
+                });
+            });
+        }
+        group.finish();
+    }
+    rt.block_on(async move {
+        drop((cluster, backend));
+        raw.close();
+    });
+    drop(server);
+}
+
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = redis
+}
+criterion_main!(benches);
