@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::config::ChBackendConfig;
 use crate::connection::{ChConnection, Scoped};
 use crate::error::{ch_error, ChError};
-use crate::provision::ProvisionCache;
+use switchyard_core::provision::ProvisionCache;
 
 /// The probe: liveness and the server version in one round trip.
 const PROBE_SQL: &str = "SELECT 1, version()";

@@ -115,7 +115,6 @@ mod connection;
 mod error;
 mod filter;
 mod policy;
-mod provision;
 
 pub use backend::ChBackend;
 pub use config::{

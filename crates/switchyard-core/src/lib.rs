@@ -45,6 +45,7 @@ mod checkout;
 mod endpoint;
 mod error;
 pub mod noop;
+pub mod provision;
 mod registry;
 mod tenant;
 

@@ -22,7 +22,7 @@ use crate::config::EsBackendConfig;
 use crate::connection::{EsConnection, Target};
 use crate::error::{classify, classify_status, EsError};
 use crate::naming::{index_name, IndexNaming};
-use crate::provision::ProvisionCache;
+use switchyard_core::provision::ProvisionCache;
 
 /// What the backend and its handles share.
 #[derive(Debug)]

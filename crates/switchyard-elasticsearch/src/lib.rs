@@ -108,7 +108,6 @@ mod config;
 mod connection;
 mod error;
 mod naming;
-mod provision;
 
 pub use admin::{create_tenant_alias, create_tenant_index};
 pub use backend::EsBackend;

@@ -1,5 +1,5 @@
-//! Which tenant indices and aliases were recently seen to exist, so that a checkout
-//! does not ask the server every time.
+//! Which tenant databases, schemas or indices were recently seen to exist, so
+//! that a checkout does not ask the server every time.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -11,15 +11,17 @@ use tokio::time::Instant;
 const MAX_ENTRIES: usize = 10_000;
 
 /// Names seen to exist, each trusted for `ttl`. Only positive answers are
-/// kept: a missing index is asked about again on the next checkout.
+/// kept: a missing one is asked about again on the next checkout. Bounded:
+/// past 10,000 names, expired entries are dropped, then all.
 #[derive(Debug)]
-pub(crate) struct ProvisionCache {
+pub struct ProvisionCache {
     ttl: Duration,
     seen: Mutex<HashMap<String, Instant>>,
 }
 
 impl ProvisionCache {
-    pub(crate) fn new(ttl: Duration) -> Self {
+    /// A cache trusting each positive answer for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
             seen: Mutex::new(HashMap::new()),
@@ -27,13 +29,13 @@ impl ProvisionCache {
     }
 
     /// Whether `name` was seen to exist less than `ttl` ago.
-    pub(crate) fn is_fresh(&self, name: &str) -> bool {
+    pub fn is_fresh(&self, name: &str) -> bool {
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         seen.get(name).is_some_and(|at| at.elapsed() < self.ttl)
     }
 
     /// Records that `name` exists.
-    pub(crate) fn mark(&self, name: &str) {
+    pub fn mark(&self, name: &str) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.len() >= MAX_ENTRIES {
             let ttl = self.ttl;
@@ -46,7 +48,7 @@ impl ProvisionCache {
     }
 
     /// Forgets `name` (it was found missing after all).
-    pub(crate) fn forget(&self, name: &str) {
+    pub fn forget(&self, name: &str) {
         self.seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
