@@ -334,7 +334,7 @@ fn key_positions(keys: Keys, args: &[Vec<u8>]) -> Result<Vec<usize>, &'static st
         Keys::Streams => {
             let start = streams_start(args)?;
             let rest = len - start;
-            if rest == 0 || rest % 2 != 0 {
+            if rest == 0 || !rest.is_multiple_of(2) {
                 return Err("STREAMS needs as many ids as keys");
             }
             Ok((start..start + rest / 2).collect())

@@ -127,10 +127,10 @@ async fn tenant_round(
         }
     }
 
-    if i % 8 == 0 {
+    if i.is_multiple_of(8) {
         reach_for_others(&mut conn, tenants, tally, t).await;
     }
-    if i % 97 == 0 {
+    if i.is_multiple_of(97) {
         // A command cancelled mid-flight: the connection must never be reused.
         let cut = tokio::time::timeout(
             Duration::from_millis(2),

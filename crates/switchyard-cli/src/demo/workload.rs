@@ -97,7 +97,7 @@ pub async fn pg_worker(cluster: Cluster<PgBackend>, stats: Arc<Stats>, seed: usi
         let Ok(tenant) = TenantId::new(PG_TENANTS[n % PG_TENANTS.len()]) else {
             return;
         };
-        let intent = if n % 4 == 0 {
+        let intent = if n.is_multiple_of(4) {
             Intent::Write
         } else {
             Intent::Read
@@ -162,7 +162,7 @@ pub async fn redis_worker(cluster: Cluster<RedisBackend>, stats: Arc<Stats>, see
         let Ok(tenant) = TenantId::new(REDIS_TENANTS[n % REDIS_TENANTS.len()]) else {
             return;
         };
-        let intent = if n % 3 == 0 {
+        let intent = if n.is_multiple_of(3) {
             Intent::Write
         } else {
             Intent::Read
