@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl};
+use switchyard_core::{percent_decode, EndpointId, Error, PoolSettings, SecretUrl};
 
 use crate::filter::validate_identifier;
 
@@ -212,27 +212,6 @@ impl ChBackendConfig {
             password,
         })
     }
-}
-
-/// Decodes `%XX` escapes (userinfo in a URL is percent-encoded).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
-        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
-            (b'%', Some(h), Some(l)) => {
-                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A builder over [`ChBackendConfig`].

@@ -98,6 +98,25 @@ impl SecretUrl {
             .map(|(scheme, _)| scheme.to_ascii_lowercase())
     }
 
+    /// The password in the URL's userinfo, as written (percent-encoded).
+    pub fn password(&self) -> Option<&str> {
+        let rest = self.raw.split_once("://").map_or(&*self.raw, |(_, r)| r);
+        let end = rest.find(['?', '#']).unwrap_or(rest.len());
+        let (userinfo, _) = rest[..end].rsplit_once('@')?;
+        userinfo.split_once(':').map(|(_, password)| password)
+    }
+
+    /// `text` with the URL and its password (as written and percent-decoded)
+    /// replaced, for driver error messages that may echo them.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.replace(&*self.raw, &self.redacted);
+        if let Some(password) = self.password().filter(|p| !p.is_empty()) {
+            out = out.replace(password, "***");
+            out = out.replace(&percent_decode(password), "***");
+        }
+        out
+    }
+
     /// The `host[:port][,host[:port]…]` part, without credentials.
     pub fn authority(&self) -> &str {
         let rest = self
@@ -110,6 +129,31 @@ impl SecretUrl {
             .rsplit_once('@')
             .map_or(authority, |(_, host)| host)
     }
+}
+
+/// Decodes `%XX` escapes (as in URL userinfo); anything malformed is kept as is.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn redact(raw: &str) -> String {
@@ -340,6 +384,19 @@ mod tests {
         assert!(!format!("{url}").contains("hunter2"));
         assert!(!format!("{url:?}").contains("hunter2"));
         assert!(!format!("{:#?}", vec![url.clone()]).contains("hunter2"));
+    }
+
+    #[test]
+    fn password_and_scrub() {
+        let url = SecretUrl::new("postgres://app:p%40ss@db/app");
+        assert_eq!(url.password(), Some("p%40ss"));
+        assert_eq!(SecretUrl::new("postgres://db/app").password(), None);
+        assert_eq!(url.scrub("x p@ss y p%40ss"), "x *** y ***");
+        assert_eq!(
+            url.scrub("bad url postgres://app:p%40ss@db/app"),
+            "bad url postgres://app:***@db/app"
+        );
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub use backend::{Backend, Intent, PoolStats, Probe, Role};
 pub use checkout::{
     Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, InFlightWatcher, Outcome,
 };
-pub use endpoint::{EndpointId, PoolSettings, SecretUrl};
+pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Error};
 pub use registry::{
     deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,

@@ -268,13 +268,7 @@ impl MongoBackendConfig {
 
     /// Replaces the URL's password (as written and percent-decoded) in `text`.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        match url_password(self.url.expose()) {
-            Some(pw) if !pw.is_empty() => {
-                let decoded = percent_decode(&pw);
-                text.replace(&pw, "***").replace(&decoded, "***")
-            }
-            _ => text.to_owned(),
-        }
+        self.url.scrub(text)
     }
 
     fn config_error(&self, field: &str, message: impl AsRef<str>) -> Error {
@@ -370,40 +364,6 @@ impl MongoBackendConfig {
             direct_host,
         })
     }
-}
-
-/// The password in a URL's userinfo, as written (percent-encoded).
-fn url_password(raw: &str) -> Option<String> {
-    let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (userinfo, _) = rest[..end].rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    Some(password.to_owned())
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied(),
-            bytes.get(i + 2).copied(),
-        ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
-                out.push(u8::try_from(v).unwrap_or(b'?'));
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A builder over [`MongoBackendConfig`].
@@ -564,7 +524,7 @@ mod tests {
     fn scrub_removes_raw_and_decoded_passwords() {
         let c = MongoBackendConfig::new("m", "mongodb://app:p%40ss@db/app");
         assert_eq!(c.scrub("x p@ss y p%40ss"), "x *** y ***");
-        assert_eq!(url_password("mongodb://db/app"), None);
+        assert_eq!(SecretUrl::new("mongodb://db/app").password(), None);
     }
 
     #[test]

@@ -199,16 +199,7 @@ impl PgBackendConfig {
 
     /// `text` with anything secret from the URL replaced by `***`.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        let mut out = text.replace(self.url.expose(), self.url.redacted());
-        if let Some(password) = url_password(self.url.expose()) {
-            let decoded = percent_decode(&password);
-            for secret in [password, decoded] {
-                if !secret.is_empty() {
-                    out = out.replace(&secret, "***");
-                }
-            }
-        }
-        out
+        self.url.scrub(text)
     }
 
     /// Stashed connections allowed, after clamping to the pool size.
@@ -238,40 +229,6 @@ impl PgBackendConfig {
         );
         pool_options(&settings, max, 0)
     }
-}
-
-/// The password in a URL's userinfo, as written (percent-encoded).
-fn url_password(raw: &str) -> Option<String> {
-    let rest = raw.split_once("://").map_or(raw, |(_, r)| r);
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (userinfo, _) = rest[..end].rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    Some(password.to_owned())
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied(),
-            bytes.get(i + 2).copied(),
-        ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
-                out.push(u8::try_from(v).unwrap_or(b'?'));
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn pool_options(settings: &PoolSettings, max: u32, min: u32) -> PgPoolOptions {
@@ -389,7 +346,7 @@ mod tests {
     fn scrub_removes_raw_and_decoded_passwords() {
         let c = PgBackendConfig::new("pg", "postgres://app:p%40ss@db/app");
         assert_eq!(c.scrub("x p@ss y p%40ss"), "x *** y ***");
-        assert_eq!(url_password("postgres://db/app"), None);
+        assert_eq!(SecretUrl::new("postgres://db/app").password(), None);
     }
 
     #[test]
