@@ -7,11 +7,21 @@ use std::process::{Command, Output};
 use switchyard_testkit::{free_port, PgCluster, RedisCluster};
 
 fn switchyard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
+    switchyard_with(args, &[])
+}
+
+/// Runs the binary with `env` set and the demo's engine URL variables unset
+/// unless `env` sets them.
+fn switchyard_with(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(args)
         .env_remove("RUST_LOG")
-        .output()
-        .expect("run switchyard")
+        .env_remove("SWITCHYARD_POSTGRES_URLS")
+        .env_remove("SWITCHYARD_REDIS_URLS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run switchyard")
 }
 
 fn config_dir(base: &str) -> tempfile::TempDir {
@@ -115,9 +125,9 @@ fn invalid_config_exits_2_with_every_problem() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
-#[test]
-fn demo_json_reports_no_leaks() {
-    let out = switchyard(&["demo", "--json"]);
+/// Runs `demo --json` and checks the summary every run must have.
+fn demo_summary(env: &[(&str, String)]) -> serde_json::Value {
+    let out = switchyard_with(&["demo", "--json"], env);
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -139,6 +149,7 @@ fn demo_json_reports_no_leaks() {
     }
     assert_eq!(v["leaks"], 0);
     assert!(v["checkouts"].as_u64().unwrap() > 100);
+    assert!(v["verified_reads"].as_u64().unwrap() > 100);
     let faults = v["faults"].as_array().unwrap();
     assert_eq!(faults.len(), 4);
     for f in faults {
@@ -146,4 +157,71 @@ fn demo_json_reports_no_leaks() {
         assert!(f["recover_ms"].is_u64(), "{f}");
     }
     assert_eq!(v["phases"].as_array().unwrap().len(), 4);
+    v
+}
+
+#[test]
+fn demo_json_reports_no_leaks() {
+    let v = demo_summary(&[]);
+    assert_eq!(v["engines"]["postgres"], "local test bed");
+    assert_eq!(v["engines"]["redis"], "local test bed");
+    assert_eq!(v["notes"].as_array().unwrap().len(), 0);
+}
+
+/// With the URL variables set the demo uses those engines (here started by
+/// the test kit, as docker-compose would), breaks them through fault proxies
+/// and promotes the standby with `pg_promote()`.
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_uses_external_engines_when_their_urls_are_set() {
+    let (pg, redis) = tokio::join!(PgCluster::start(1), RedisCluster::start(1));
+    let (pg, redis) = (pg.unwrap(), redis.unwrap());
+    let pg_urls = pg
+        .nodes()
+        .iter()
+        .rev() // standby first: the demo finds the primary by probing
+        .map(|n| format!("postgres://postgres@{}/postgres", n.addr()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let redis_urls = redis
+        .nodes()
+        .iter()
+        .map(|n| n.url())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let env = [
+        ("SWITCHYARD_POSTGRES_URLS", pg_urls.clone()),
+        ("SWITCHYARD_REDIS_URLS", redis_urls),
+    ];
+    let v = tokio::task::block_in_place(|| demo_summary(&env));
+    assert_eq!(
+        v["engines"]["postgres"],
+        "external (SWITCHYARD_POSTGRES_URLS)"
+    );
+    assert_eq!(v["engines"]["redis"], "external (SWITCHYARD_REDIS_URLS)");
+    let faults = v["faults"].as_array().unwrap();
+    assert_eq!(faults[0]["fault"], "kill pg-standby-1");
+    assert_eq!(faults[2]["fault"], "pause pg-standby-1");
+    assert_eq!(
+        faults[3]["fault"],
+        "kill pg-primary, promote pg-standby-1"
+    );
+    // The processes were never touched: the standby was promoted for real,
+    // and the old primary is still up (the note says how to reset).
+    assert!(!pg.standbys()[0].is_in_recovery().await.unwrap());
+    assert!(!pg.primary().is_in_recovery().await.unwrap());
+    assert!(v["notes"][0]
+        .as_str()
+        .unwrap()
+        .contains("pg-standby-1 was promoted"));
+
+    // Run again on what is left: two primaries is refused with the remedy.
+    let out = tokio::task::block_in_place(|| {
+        switchyard_with(&["demo", "--json"], &[("SWITCHYARD_POSTGRES_URLS", pg_urls)])
+    });
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("exactly one primary") && stderr.contains("docker compose down -v"),
+        "{stderr}"
+    );
 }

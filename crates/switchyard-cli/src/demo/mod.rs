@@ -1,6 +1,8 @@
-//! `switchyard demo`: the local test bed, a multi-tenant workload through the
-//! router, and faults injected in phases.
+//! `switchyard demo`: engines (the local test bed, or the user's own when
+//! their URLs are set), a multi-tenant workload through the router, and faults
+//! injected in phases.
 
+mod engines;
 mod setup;
 mod workload;
 
@@ -56,6 +58,10 @@ struct Summary {
     failed_writes: u64,
     phases: Vec<PhaseSummary>,
     faults: Vec<Fault>,
+    /// Where each engine's nodes came from.
+    engines: serde_json::Value,
+    /// What the user should know after the run.
+    notes: Vec<String>,
     tenants: serde_json::Value,
 }
 
@@ -91,10 +97,24 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
             println!("{line}");
         }
     };
-    say("starting the test bed: PostgreSQL primary + 2 standbys, Redis master + replica".into());
-    let bed = setup::TestBed::start().await?;
+    let source = |var: &str| {
+        if std::env::var_os(var).is_some() {
+            format!("the engines in {var}")
+        } else {
+            "a local test bed".to_owned()
+        }
+    };
     say(format!(
-        "test bed up in {} ms; routers built from {}",
+        "PostgreSQL: {}; Redis: {}",
+        source(engines::PG_URLS_VAR),
+        source(engines::REDIS_URLS_VAR)
+    ));
+    let bed = setup::Bed::start().await?;
+    let (pg_nodes, redis_nodes) = (&bed.pg, &bed.redis);
+    say(format!(
+        "PostgreSQL primary + {} standbys and Redis master + {} replica(s) ready in {} ms; routers built from {}",
+        pg_nodes.replicas(),
+        redis_nodes.replicas(),
         ms(started.elapsed()),
         bed.config_dir().display()
     ));
@@ -125,19 +145,24 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
     let mut durations = Vec::new();
     tokio::time::sleep(Duration::from_secs(4)).await;
 
-    // Phase 1: a PostgreSQL standby and the Redis replica die.
+    // The last standby is killed, the first one paused and later promoted;
+    // with a single standby, the killed one is brought back in between.
+    let (killed, paused) = (pg_nodes.replicas(), 1);
+    let redis_killed = redis_nodes.replicas();
+
+    // Phase 1: a PostgreSQL standby and a Redis replica die.
     next_phase(&stats, 1, &mut phase_start, &mut durations);
     let t0 = Instant::now();
-    bed.pg.standbys()[1].kill().await?;
-    bed.redis.replicas()[0].kill().await?;
+    pg_nodes.kill(killed).await?;
+    redis_nodes.kill(redis_killed).await?;
     faults.push(
         watch_fault(
             &stats,
             1,
-            "kill pg-standby-2",
+            &format!("kill {}", pg_nodes.name(killed)),
             t0,
             started,
-            || down(&pg.status(), "pg-standby-2"),
+            || down(&pg.status(), pg_nodes.name(killed)),
             true,
         )
         .await,
@@ -146,52 +171,64 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
         watch_fault(
             &stats,
             1,
-            "kill redis-replica",
+            &format!("kill {}", redis_nodes.name(redis_killed)),
             t0,
             started,
-            || down(&cache.status(), "redis-replica"),
+            || down(&cache.status(), redis_nodes.name(redis_killed)),
             true,
         )
         .await,
     );
     sleep_until(t0 + Duration::from_secs(5)).await;
+    if killed == paused {
+        pg_nodes.restore(killed).await?;
+        poll(Duration::from_secs(10), || {
+            !down(&pg.status(), pg_nodes.name(killed))
+        })
+        .await;
+    }
 
-    // Phase 2: the other standby hangs (SIGSTOP), then comes back.
+    // Phase 2: a standby hangs (SIGSTOP), then comes back.
     next_phase(&stats, 2, &mut phase_start, &mut durations);
     let t0 = Instant::now();
-    bed.pg.standbys()[0].pause().await?;
+    pg_nodes.pause(paused).await?;
     faults.push(
         watch_fault(
             &stats,
             2,
-            "pause pg-standby-1",
+            &format!("pause {}", pg_nodes.name(paused)),
             t0,
             started,
-            || down(&pg.status(), "pg-standby-1"),
+            || down(&pg.status(), pg_nodes.name(paused)),
             true,
         )
         .await,
     );
     sleep_until(t0 + Duration::from_secs(4)).await;
-    bed.pg.standbys()[0].resume().await?;
+    pg_nodes.resume(paused).await?;
     poll(Duration::from_secs(10), || {
-        !down(&pg.status(), "pg-standby-1")
+        !down(&pg.status(), pg_nodes.name(paused))
     })
     .await;
 
     // Phase 3: the primary dies and the standby is promoted.
     next_phase(&stats, 3, &mut phase_start, &mut durations);
     let t0 = Instant::now();
-    bed.pg.primary().kill().await?;
+    pg_nodes.kill(0).await?;
+    let what = format!(
+        "kill {}, promote {}",
+        pg_nodes.name(0),
+        pg_nodes.name(paused)
+    );
     let (promoted, mut fault) = tokio::join!(
-        bed.pg.standbys()[0].promote(),
+        pg_nodes.promote(paused),
         watch_fault(
             &stats,
             3,
-            "kill pg-primary, promote pg-standby-1",
+            &what,
             t0,
             started,
-            || down(&pg.status(), "pg-primary"),
+            || down(&pg.status(), pg_nodes.name(0)),
             false
         )
     );
@@ -201,7 +238,7 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
         pg.status()
             .writer
             .as_ref()
-            .is_some_and(|w| w.as_str() == "pg-standby-1")
+            .is_some_and(|w| w.as_str() == pg_nodes.name(paused))
     };
     let mut recovered = poll(Duration::from_secs(20), moved).await;
     if recovered {
@@ -238,6 +275,11 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
         failed_writes: stats.total(|c| &c.writes_failed),
         phases,
         faults,
+        engines: serde_json::json!({
+            "postgres": pg_nodes.origin().describe(engines::PG_URLS_VAR),
+            "redis": redis_nodes.origin().describe(engines::REDIS_URLS_VAR),
+        }),
+        notes: pg_nodes.aftermath(Some(paused)).into_iter().collect(),
         tenants: serde_json::json!({
             "postgres": { "schema": &workload::PG_TENANTS[..2], "row": &workload::PG_TENANTS[2..] },
             "redis": { "key_prefix": workload::REDIS_TENANTS },
@@ -417,4 +459,7 @@ fn print_summary(s: &Summary) {
         "failed reads {}, failed writes {}, total {} ms",
         s.failed_reads, s.failed_writes, s.duration_ms
     );
+    for note in &s.notes {
+        println!("\nnote: {note}");
+    }
 }

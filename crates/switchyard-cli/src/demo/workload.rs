@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::{Intent, TenantId};
-use switchyard_postgres::{PgBackend, PgCheckoutExt};
+use switchyard_core::{Error, Intent, TenantId};
+use switchyard_postgres::{pg_error, PgBackend, PgCheckoutExt};
 use switchyard_redis::RedisBackend;
-use switchyard_router::Cluster;
+use switchyard_router::{CheckoutOptions, Cluster};
 
 /// Tenants on PostgreSQL: the first two on schema isolation, the others on row isolation.
 pub const PG_TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
@@ -20,6 +20,8 @@ pub const REDIS_TENANTS: [&str; 3] = ["acme", "globex", "hooli"];
 
 /// Longest one operation may take before it counts as failed.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest one read attempt may wait on a node before it is retried elsewhere.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Counters of one phase.
 #[derive(Debug, Default)]
@@ -112,16 +114,17 @@ pub async fn pg_worker(cluster: Cluster<PgBackend>, stats: Arc<Stats>, seed: usi
 
 async fn pg_op(
     cluster: &Cluster<PgBackend>,
-    stats: &Stats,
+    stats: &Arc<Stats>,
     tenant: &TenantId,
     intent: Intent,
     n: usize,
 ) -> bool {
-    let Ok(mut conn) = cluster.checkout(intent, Some(tenant)).await else {
-        return false;
-    };
-    stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
     if intent == Intent::Write {
+        // Not idempotent: one attempt, and a failure counts.
+        let Ok(mut conn) = cluster.checkout(intent, Some(tenant)).await else {
+            return false;
+        };
+        stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
         let r = sqlx::query("INSERT INTO items (tenant, n) VALUES ($1, $2)")
             .bind(tenant.as_str())
             .bind(i64::try_from(n).unwrap_or(0))
@@ -129,29 +132,43 @@ async fn pg_op(
             .await;
         return r.map_err(|e| conn.fail(e)).is_ok();
     }
-    let rows: Result<Vec<String>, _> =
-        sqlx::query_scalar("SELECT tenant FROM items ORDER BY id DESC LIMIT 20")
-            .fetch_all(&mut *conn)
-            .await;
-    match rows {
-        Ok(rows) => {
-            let c = stats.now();
-            c.verified.fetch_add(1, Ordering::Relaxed);
-            let foreign = rows
-                .iter()
-                .filter(|t| t.as_str() != tenant.as_str())
-                .count();
-            if foreign > 0 || rows.is_empty() {
-                // An empty result would mean the tenant's seed row went missing.
-                c.leaks.fetch_add(foreign.max(1) as u64, Ordering::Relaxed);
-            }
-            true
-        }
-        Err(e) => {
-            conn.fail(e);
-            false
-        }
+    // Reads go through `Cluster::run`: one that fails on a dying endpoint is
+    // retried on another, as an application would do it.
+    let rows = cluster
+        .run(Intent::Read, Some(tenant), CheckoutOptions::new(), |conn| {
+            let stats = Arc::clone(stats);
+            Box::pin(async move {
+                stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
+                let query = sqlx::query_scalar::<_, String>(
+                    "SELECT tenant FROM items ORDER BY id DESC LIMIT 20",
+                )
+                .fetch_all(&mut **conn);
+                // A hung node answers nothing: give up on it and retry elsewhere.
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, query).await {
+                    Ok(rows) => rows.map_err(|e| pg_error(conn.endpoint(), conn.scope(), e)),
+                    Err(_) => Err(Error::Timeout {
+                        endpoint: conn.endpoint().clone(),
+                        tenant: conn.tenant().cloned(),
+                        elapsed: ATTEMPT_TIMEOUT,
+                    }),
+                }
+            })
+        })
+        .await;
+    let Ok(rows) = rows else {
+        return false;
+    };
+    let c = stats.now();
+    c.verified.fetch_add(1, Ordering::Relaxed);
+    let foreign = rows
+        .iter()
+        .filter(|t| t.as_str() != tenant.as_str())
+        .count();
+    if foreign > 0 || rows.is_empty() {
+        // An empty result would mean the tenant's seed row went missing.
+        c.leaks.fetch_add(foreign.max(1) as u64, Ordering::Relaxed);
     }
+    true
 }
 
 /// One Redis worker: per tenant keys under its prefix, values carrying the tenant.
@@ -177,39 +194,54 @@ pub async fn redis_worker(cluster: Cluster<RedisBackend>, stats: Arc<Stats>, see
 
 async fn redis_op(
     cluster: &Cluster<RedisBackend>,
-    stats: &Stats,
+    stats: &Arc<Stats>,
     tenant: &TenantId,
     intent: Intent,
     n: usize,
 ) -> bool {
-    let Ok(mut conn) = cluster.checkout(intent, Some(tenant)).await else {
-        return false;
-    };
-    stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
     // The same key names for every tenant: only the prefix keeps them apart.
     let key = format!("k{}", n % 8);
     if intent == Intent::Write {
+        let Ok(mut conn) = cluster.checkout(intent, Some(tenant)).await else {
+            return false;
+        };
+        stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
         return conn
             .set(&key, tenant.as_str())
             .await
             .map_err(|e| conn.report_failure(&e))
             .is_ok();
     }
-    match conn.get::<Option<String>>(&key).await {
-        Ok(value) => {
-            let c = stats.now();
-            c.verified.fetch_add(1, Ordering::Relaxed);
-            let prefix_ok = conn
-                .key_prefix()
-                .is_some_and(|p| p.contains(tenant.as_str()));
-            if value.is_some_and(|v| v != tenant.as_str()) || !prefix_ok {
-                c.leaks.fetch_add(1, Ordering::Relaxed);
-            }
-            true
-        }
-        Err(e) => {
-            conn.report_failure(&e);
-            false
-        }
+    let read = cluster
+        .run(Intent::Read, Some(tenant), CheckoutOptions::new(), |conn| {
+            let (stats, key, tenant) = (Arc::clone(stats), key.clone(), tenant.clone());
+            Box::pin(async move {
+                stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
+                let value = match tokio::time::timeout(ATTEMPT_TIMEOUT, conn.get(&key)).await {
+                    Ok(value) => value?,
+                    Err(_) => {
+                        return Err(Error::Timeout {
+                            endpoint: conn.endpoint().clone(),
+                            tenant: conn.tenant().cloned(),
+                            elapsed: ATTEMPT_TIMEOUT,
+                        })
+                    }
+                };
+                let value: Option<String> = value;
+                let prefix_ok = conn
+                    .key_prefix()
+                    .is_some_and(|p| p.contains(tenant.as_str()));
+                Ok((value, prefix_ok))
+            })
+        })
+        .await;
+    let Ok((value, prefix_ok)) = read else {
+        return false;
+    };
+    let c = stats.now();
+    c.verified.fetch_add(1, Ordering::Relaxed);
+    if value.is_some_and(|v| v != tenant.as_str()) || !prefix_ok {
+        c.leaks.fetch_add(1, Ordering::Relaxed);
     }
+    true
 }
