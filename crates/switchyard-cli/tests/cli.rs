@@ -201,10 +201,7 @@ async fn demo_uses_external_engines_when_their_urls_are_set() {
     let faults = v["faults"].as_array().unwrap();
     assert_eq!(faults[0]["fault"], "kill pg-standby-1");
     assert_eq!(faults[2]["fault"], "pause pg-standby-1");
-    assert_eq!(
-        faults[3]["fault"],
-        "kill pg-primary, promote pg-standby-1"
-    );
+    assert_eq!(faults[3]["fault"], "kill pg-primary, promote pg-standby-1");
     // The processes were never touched: the standby was promoted for real,
     // and the old primary is still up (the note says how to reset).
     assert!(!pg.standbys()[0].is_in_recovery().await.unwrap());
@@ -216,7 +213,10 @@ async fn demo_uses_external_engines_when_their_urls_are_set() {
 
     // Run again on what is left: two primaries is refused with the remedy.
     let out = tokio::task::block_in_place(|| {
-        switchyard_with(&["demo", "--json"], &[("SWITCHYARD_POSTGRES_URLS", pg_urls)])
+        switchyard_with(
+            &["demo", "--json"],
+            &[("SWITCHYARD_POSTGRES_URLS", pg_urls)],
+        )
     });
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -64,6 +64,7 @@
 mod any;
 mod engine;
 mod error;
+mod locate;
 mod reload;
 mod router_set;
 pub mod secrets;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml, Yaml};
-use figment::value::{Dict, Tag, Value};
+use figment::value::{Dict, Value};
 use figment::{Figment, Profile, Provider, Source};
 
 use crate::error::{ConfigError, Problem};
@@ -137,11 +137,12 @@ impl ConfigSource {
                 let problems = errors
                     .into_iter()
                     .map(|e| {
+                        let path = dotted(&e.path);
                         let origin = e.metadata.as_ref().map(|m| match &m.source {
-                            Some(Source::File(p)) => p.display().to_string(),
+                            Some(Source::File(p)) => file_and_line(p, &path),
                             _ => m.name.to_string(),
                         });
-                        Problem::new(dotted(&e.path), e.kind.to_string()).with_origin(origin)
+                        Problem::new(path, e.kind.to_string()).with_origin(origin)
                     })
                     .collect();
                 return Err(ConfigError::Invalid(problems));
@@ -214,16 +215,21 @@ fn deepest<'a>(root: &'a Dict, path: &str) -> Option<(&'a Value, Vec<String>)> {
 /// Which file or environment variable the value at `path` came from.
 fn origin_of(figment: &Figment, root: &Dict, path: &str, prefix: &str) -> Option<String> {
     let (value, keys) = deepest(root, path)?;
-    describe(figment, value.tag(), &keys, prefix)
-}
-
-fn describe(figment: &Figment, tag: Tag, keys: &[String], prefix: &str) -> Option<String> {
-    let meta = figment.get_metadata(tag)?;
+    let meta = figment.get_metadata(value.tag())?;
     Some(match &meta.source {
-        Some(Source::File(p)) => p.display().to_string(),
+        Some(Source::File(p)) => file_and_line(p, path),
         _ => format!(
             "environment variable {prefix}{}",
             keys.join("__").to_ascii_uppercase()
         ),
     })
+}
+
+/// `file:line` where `path` (or its deepest existing part) is written, or
+/// just the file when the line cannot be found.
+fn file_and_line(file: &Path, path: &str) -> String {
+    match crate::locate::line_of(file, path) {
+        Some(line) => format!("{}:{line}", file.display()),
+        None => file.display().to_string(),
+    }
 }

@@ -125,6 +125,34 @@ role = "primary"
     assert_eq!(main.router.failover_timeout.as_secs(), 15);
     assert_eq!(s.tiers["standard"].name_template.to_string(), "t_{id}");
     assert_eq!(s.default_tier.as_deref(), Some("standard"));
+
+    // TOML problems carry their line too, in whichever layer the value is.
+    write(
+        dir.path(),
+        "base.toml",
+        "[clusters.main]\nengine = \"postgres\"\n\n[[clusters.main.endpoints]]\nname = \"pg-1\"\nurl = \"postgres://app@h/app\"\nrole = \"primary\"\n\n[[clusters.main.endpoints]]\nname = \"pg-2\"\nurl = \"postgres://app@h2/app\"\nweight = 0\n",
+    );
+    write(
+        dir.path(),
+        "environments/production.yaml",
+        "clusters:\n  main:\n    checkout_timeout: 20s\n    failover_timeout: 30s\n",
+    );
+    let err = ConfigSource::new(dir.path(), "production")
+        .load()
+        .unwrap_err();
+    let text: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("clusters.main.endpoints[1].weight")
+                && t.ends_with("base.toml:12)")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("clusters.main.failover_timeout")
+                && t.ends_with("production.yaml:4)")),
+        "{text:#?}"
+    );
 }
 
 #[test]
@@ -243,39 +271,41 @@ tenants: { acme: diamond }
         .unwrap_err();
     let problems = err.problems();
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    // Every problem names the file and the line the value is written on (or,
+    // for something missing, the line of what should have held it).
     let expect = [
-        ("clusters.main.failover_timeout", "base.yaml"),
-        ("clusters.main.health.timeout", "base.yaml"),
-        ("clusters.main.pool.min_idle", "base.yaml"),
+        ("clusters.main.failover_timeout", "base.yaml:5)"),
+        ("clusters.main.health.timeout", "base.yaml:7)"),
+        ("clusters.main.pool.min_idle", "base.yaml:8)"),
         (
             "clusters.main.endpoints[1].url: unknown scheme \"postgress\"",
-            "base.yaml",
+            "base.yaml:11)",
         ),
-        ("clusters.main.endpoints[1].weight", "base.yaml"),
+        ("clusters.main.endpoints[1].weight", "base.yaml:11)"),
         (
             "clusters.main.endpoints[2].name: duplicate endpoint name \"pg-1\"",
-            "base.yaml",
+            "base.yaml:12)",
         ),
         (
             "clusters.main.endpoints[2].url: duplicate endpoint url",
-            "base.yaml",
+            "base.yaml:12)",
         ),
         (
             "clusters.main.endpoints: no endpoint has role primary",
-            "base.yaml",
+            "base.yaml:9)",
         ),
         (
             "clusters.cache.engine: unknown engine \"cassandra\"",
-            "base.yaml",
+            "base.yaml:14)",
         ),
-        ("tiers.free", "tiers.yaml"),
-        ("default_tier: unknown tier \"platinum\"", "tiers.yaml"),
-        ("tenants.acme: unknown tier \"diamond\"", "tiers.yaml"),
+        ("tiers.free", "tiers.yaml:3)"),
+        ("default_tier: unknown tier \"platinum\"", "tiers.yaml:5)"),
+        ("tenants.acme: unknown tier \"diamond\"", "tiers.yaml:6)"),
     ];
     for (what, file) in expect {
         let hit = text.iter().find(|t| t.starts_with(what));
         let hit = hit.unwrap_or_else(|| panic!("{what} missing in {text:#?}"));
-        assert!(hit.contains(file), "{hit} should name {file}");
+        assert!(hit.ends_with(file), "{hit} should name {file}");
     }
     assert!(text.iter().any(|t| t.contains("tenant-{id}")), "{text:#?}");
     assert_eq!(problems.len(), expect.len(), "{text:#?}");

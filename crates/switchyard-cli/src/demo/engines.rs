@@ -185,7 +185,8 @@ pub async fn postgres() -> Result<Engine, DynError> {
         Some(urls) => {
             let mut roles = Vec::new();
             for (i, url) in urls.iter().enumerate() {
-                let backend = PgBackend::new(PgBackendConfig::new(format!("node-{i}"), url.clone()))?;
+                let backend =
+                    PgBackend::new(PgBackendConfig::new(format!("node-{i}"), url.clone()))?;
                 roles.push(probe_role(&backend, url).await?);
             }
             let nodes = external(PG_URLS_VAR, urls, &roles).await?;
