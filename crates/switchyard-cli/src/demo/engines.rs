@@ -169,64 +169,43 @@ impl Engine {
 
 /// The PostgreSQL side: the test bed's primary and two standbys, or the user's.
 pub async fn postgres() -> Result<Engine, DynError> {
-    let names = |standbys: usize| {
-        std::iter::once("pg-primary".to_owned())
-            .chain((1..=standbys).map(|i| format!("pg-standby-{i}")))
-            .collect()
-    };
+    let names = |standbys| node_names("pg-primary", "pg-standby", standbys);
     match urls(PG_URLS_VAR)? {
-        None => {
-            let cluster = PgCluster::start(2).await?;
-            Ok(Engine {
-                names: names(2),
-                nodes: Nodes::Pg(cluster),
-            })
-        }
+        None => Ok(Engine {
+            names: names(2),
+            nodes: Nodes::Pg(PgCluster::start(2).await?),
+        }),
         Some(urls) => {
-            let mut roles = Vec::new();
-            for (i, url) in urls.iter().enumerate() {
-                let backend =
-                    PgBackend::new(PgBackendConfig::new(format!("node-{i}"), url.clone()))?;
-                roles.push(probe_role(&backend, url).await?);
-            }
-            let nodes = external(PG_URLS_VAR, urls, &roles).await?;
-            Ok(Engine {
-                names: names(nodes.len() - 1),
-                nodes: Nodes::External(nodes),
+            external(PG_URLS_VAR, urls, names, |name, url| {
+                PgBackend::new(PgBackendConfig::new(name, url))
             })
+            .await
         }
     }
 }
 
 /// The Redis side: the test bed's master and one replica, or the user's.
 pub async fn redis() -> Result<Engine, DynError> {
-    let names = |replicas: usize| {
-        std::iter::once("redis-master".to_owned())
-            .chain((1..=replicas).map(|i| format!("redis-replica-{i}")))
-            .collect()
-    };
+    let names = |replicas| node_names("redis-master", "redis-replica", replicas);
     match urls(REDIS_URLS_VAR)? {
-        None => {
-            let cluster = RedisCluster::start(1).await?;
-            Ok(Engine {
-                names: names(1),
-                nodes: Nodes::Redis(cluster),
-            })
-        }
+        None => Ok(Engine {
+            names: names(1),
+            nodes: Nodes::Redis(RedisCluster::start(1).await?),
+        }),
         Some(urls) => {
-            let mut roles = Vec::new();
-            for (i, url) in urls.iter().enumerate() {
-                let backend =
-                    RedisBackend::new(RedisBackendConfig::new(format!("node-{i}"), url.clone()))?;
-                roles.push(probe_role(&backend, url).await?);
-            }
-            let nodes = external(REDIS_URLS_VAR, urls, &roles).await?;
-            Ok(Engine {
-                names: names(nodes.len() - 1),
-                nodes: Nodes::External(nodes),
+            external(REDIS_URLS_VAR, urls, names, |name, url| {
+                RedisBackend::new(RedisBackendConfig::new(name, url))
             })
+            .await
         }
     }
+}
+
+/// `primary`, then `replica-1` to `replica-n`.
+fn node_names(primary: &str, replica: &str, replicas: usize) -> Vec<String> {
+    std::iter::once(primary.to_owned())
+        .chain((1..=replicas).map(|i| format!("{replica}-{i}")))
+        .collect()
 }
 
 /// The URLs in `var`, if it is set and not empty.
@@ -243,53 +222,50 @@ fn urls(var: &str) -> Result<Option<Vec<SecretUrl>>, DynError> {
     Ok((!urls.is_empty()).then_some(urls))
 }
 
-async fn probe_role<B: Backend>(backend: &B, url: &SecretUrl) -> Result<Role, DynError> {
-    let probe = backend
-        .probe(Duration::from_secs(5))
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
-    Ok(probe.role)
-}
-
-/// Orders the user's nodes primary first and puts a proxy in front of each.
-async fn external(
+/// The user's nodes: roles probed with the engine's own backend, primary
+/// first, each behind a fault proxy.
+async fn external<B: Backend>(
     var: &str,
     urls: Vec<SecretUrl>,
-    roles: &[Role],
-) -> Result<Vec<ExternalNode>, DynError> {
-    let primaries: Vec<String> = urls
-        .iter()
-        .zip(roles)
-        .filter(|(_, r)| **r == Role::Primary)
-        .map(|(u, _)| u.to_string())
-        .collect();
-    if primaries.len() != 1 || urls.len() < 2 {
+    names: impl Fn(usize) -> Vec<String>,
+    backend: impl Fn(String, SecretUrl) -> Result<B, switchyard_core::Error>,
+) -> Result<Engine, DynError> {
+    let mut primaries = Vec::new();
+    let mut replicas = Vec::new();
+    for (i, url) in urls.into_iter().enumerate() {
+        let probe = backend(format!("node-{i}"), url.clone())?
+            .probe(Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("{var}: cannot reach {url}: {e}"))?;
+        if probe.role == Role::Primary {
+            primaries.push(url);
+        } else {
+            replicas.push(url);
+        }
+    }
+    if primaries.len() != 1 || replicas.is_empty() {
         return Err(format!(
             "{var}: the demo needs exactly one primary and at least one replica; \
              found {} node(s), primaries: [{}]; if an earlier demo promoted a standby, \
              {RESET_HINT}",
-            urls.len(),
-            primaries.join(", ")
+            primaries.len() + replicas.len(),
+            primaries
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
         .into());
     }
-    let mut ordered: Vec<SecretUrl> = Vec::new();
-    let mut rest = Vec::new();
-    for (url, role) in urls.into_iter().zip(roles) {
-        if *role == Role::Primary {
-            ordered.push(url);
-        } else {
-            rest.push(url);
-        }
-    }
-    ordered.extend(rest);
     let mut nodes = Vec::new();
-    for url in ordered {
-        let upstream = socket_addr(&url).await?;
-        let proxy = FaultProxy::start(upstream).await?;
+    for url in primaries.into_iter().chain(replicas) {
+        let proxy = FaultProxy::start(socket_addr(&url).await?).await?;
         nodes.push(ExternalNode { url, proxy });
     }
-    Ok(nodes)
+    Ok(Engine {
+        names: names(nodes.len() - 1),
+        nodes: Nodes::External(nodes),
+    })
 }
 
 async fn socket_addr(url: &SecretUrl) -> Result<SocketAddr, DynError> {
