@@ -9,7 +9,9 @@
 //! 3. `tiers.yaml`: `tiers` (`free`, `standard`, `premium`, `enterprise`:
 //!    isolation, name template, quota), `default_tier`, `tenants`
 //! 4. environment variables `SWITCHYARD__CLUSTERS__MAIN__STRATEGY=round_robin`
-//!    (`__` separates nested keys)
+//!    (`__` separates nested keys; a number picks one item of a list, so
+//!    `SWITCHYARD__CLUSTERS__MAIN__ENDPOINTS__1__URL` sets the second
+//!    endpoint's URL and leaves the rest of the list as the files have it)
 //!
 //! URLs may hold `${VAR}` (from the environment) and `${file:/path}`
 //! references, or an endpoint may name a `password_file`; resolved URLs become
@@ -63,6 +65,7 @@
 
 mod any;
 mod engine;
+mod env;
 mod error;
 mod reload;
 mod router_set;
