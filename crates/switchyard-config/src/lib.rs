@@ -21,8 +21,11 @@
 //! [`ConfigSource::load`] reports every problem at once, each with its path
 //! and the file (or environment variable) it came from ([`Problem`]).
 //! [`RouterSet::build`] starts one router per cluster, and [`LiveConfig`]
-//! re-loads the files while traffic flows, applying endpoint, weight,
-//! strategy and tenant-tier changes to the running clusters.
+//! re-loads the files while traffic flows and applies every change live:
+//! router settings (timeouts, retries, health, read preference, warming,
+//! strategy), pool settings, endpoints added, removed or re-pointed, weights,
+//! clusters added or removed, and tenant tiers. An invalid configuration is
+//! rejected with every problem, and the running one stays.
 //!
 //! ```no_run
 //! # #[tokio::main]
