@@ -6,7 +6,7 @@ use std::time::Duration;
 use switchyard_core::{Backend, EndpointId, Error, PoolSettings, Probe, TenantRegistry};
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_redis::{RedisBackend, RedisBackendConfig};
-use switchyard_router::{Cluster, ClusterStatus, EndpointConfig, StrategyKind};
+use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig};
 
 use crate::error::ConfigError;
 use crate::settings::{ClusterSettings, EndpointSettings};
@@ -59,6 +59,43 @@ macro_rules! each {
             $ty::Clickhouse($c) => $body,
             #[cfg(feature = "elasticsearch")]
             $ty::Elasticsearch($c) => $body,
+        }
+    };
+}
+
+/// `$body` with `$c` bound to the cluster and `$b` to a clone of the backend
+/// `Arc`, when both are of the same engine; a config error otherwise.
+macro_rules! paired {
+    ($cluster:expr, $backend:expr, $c:ident, $b:ident => $body:expr) => {
+        match ($cluster, $backend) {
+            (AnyCluster::Postgres($c), AnyBackend::Postgres($b)) => {
+                let $b = Arc::clone($b);
+                $body
+            }
+            (AnyCluster::Redis($c), AnyBackend::Redis($b)) => {
+                let $b = Arc::clone($b);
+                $body
+            }
+            #[cfg(feature = "mongodb")]
+            (AnyCluster::Mongodb($c), AnyBackend::Mongodb($b)) => {
+                let $b = Arc::clone($b);
+                $body
+            }
+            #[cfg(feature = "clickhouse")]
+            (AnyCluster::Clickhouse($c), AnyBackend::Clickhouse($b)) => {
+                let $b = Arc::clone($b);
+                $body
+            }
+            #[cfg(feature = "elasticsearch")]
+            (AnyCluster::Elasticsearch($c), AnyBackend::Elasticsearch($b)) => {
+                let $b = Arc::clone($b);
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            (c, _) => Err(Error::Config {
+                path: format!("clusters.{}", c.name()),
+                message: "endpoint of another engine".into(),
+            }),
         }
     };
 }
@@ -131,8 +168,8 @@ impl AnyCluster {
         each!(AnyCluster, self, c => c.set_tenants(tenants))
     }
 
-    pub(crate) fn set_strategy(&self, strategy: StrategyKind) {
-        each!(AnyCluster, self, c => c.set_strategy(strategy))
+    pub(crate) fn set_config(&self, config: ClusterConfig) -> Result<(), Error> {
+        each!(AnyCluster, self, c => c.set_config(config))
     }
 
     pub(crate) fn set_weight(&self, id: &EndpointId, weight: u32) -> Result<(), Error> {
@@ -143,30 +180,28 @@ impl AnyCluster {
         each!(AnyCluster, self, c => c.remove_endpoint(id))
     }
 
+    pub(crate) fn close(&self) {
+        each!(AnyCluster, self, c => c.close())
+    }
+
     pub(crate) fn add_endpoint(
         &self,
         backend: &AnyBackend,
         config: EndpointConfig,
     ) -> Result<(), Error> {
-        match (self, backend) {
-            (AnyCluster::Postgres(c), AnyBackend::Postgres(b)) => c.add_endpoint(b.clone(), config),
-            (AnyCluster::Redis(c), AnyBackend::Redis(b)) => c.add_endpoint(b.clone(), config),
-            #[cfg(feature = "mongodb")]
-            (AnyCluster::Mongodb(c), AnyBackend::Mongodb(b)) => c.add_endpoint(b.clone(), config),
-            #[cfg(feature = "clickhouse")]
-            (AnyCluster::Clickhouse(c), AnyBackend::Clickhouse(b)) => {
-                c.add_endpoint(b.clone(), config)
-            }
-            #[cfg(feature = "elasticsearch")]
-            (AnyCluster::Elasticsearch(c), AnyBackend::Elasticsearch(b)) => {
-                c.add_endpoint(b.clone(), config)
-            }
-            #[allow(unreachable_patterns)]
-            _ => Err(Error::Config {
-                path: format!("clusters.{}", self.name()),
-                message: "endpoint of another engine".into(),
-            }),
-        }
+        paired!(self, backend, c, b => c.add_endpoint(b, config))
+    }
+
+    pub(crate) fn replace_endpoint(
+        &self,
+        backend: &AnyBackend,
+        config: EndpointConfig,
+    ) -> Result<(), Error> {
+        paired!(self, backend, c, b => c.replace_endpoint(b, config))
+    }
+
+    pub(crate) fn replace_backend(&self, backend: &AnyBackend) -> Result<(), Error> {
+        paired!(self, backend, c, b => c.replace_backend(b))
     }
 }
 

@@ -9,7 +9,9 @@
 //! 3. `tiers.yaml`: `tiers` (`free`, `standard`, `premium`, `enterprise`:
 //!    isolation, name template, quota), `default_tier`, `tenants`
 //! 4. environment variables `SWITCHYARD__CLUSTERS__MAIN__STRATEGY=round_robin`
-//!    (`__` separates nested keys)
+//!    (`__` separates nested keys; a number picks one item of a list, so
+//!    `SWITCHYARD__CLUSTERS__MAIN__ENDPOINTS__1__URL` sets the second
+//!    endpoint's URL and leaves the rest of the list as the files have it)
 //!
 //! URLs may hold `${VAR}` (from the environment) and `${file:/path}`
 //! references, or an endpoint may name a `password_file`; resolved URLs become
@@ -19,8 +21,11 @@
 //! [`ConfigSource::load`] reports every problem at once, each with its path
 //! and the file (or environment variable) it came from ([`Problem`]).
 //! [`RouterSet::build`] starts one router per cluster, and [`LiveConfig`]
-//! re-loads the files while traffic flows, applying endpoint, weight,
-//! strategy and tenant-tier changes to the running clusters.
+//! re-loads the files while traffic flows and applies every change live:
+//! router settings (timeouts, retries, health, read preference, warming,
+//! strategy), pool settings, endpoints added, removed or re-pointed, weights,
+//! clusters added or removed, and tenant tiers. An invalid configuration is
+//! rejected with every problem, and the running one stays.
 //!
 //! ```no_run
 //! # #[tokio::main]
@@ -63,6 +68,7 @@
 
 mod any;
 mod engine;
+mod env;
 mod error;
 mod locate;
 mod reload;

@@ -2,7 +2,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::ConfigError;
-use crate::router_set::{ApplyReport, RouterSet};
+use crate::router_set::{check_engines, ApplyReport, RouterSet};
 use crate::settings::Settings;
 use crate::source::ConfigSource;
 
@@ -19,7 +19,8 @@ use crate::source::ConfigSource;
 /// [`reload`](Self::reload) loads and validates the files; a valid
 /// configuration is applied to the running clusters and swapped in, an invalid
 /// one is rejected with every problem logged, and the running configuration
-/// stays.
+/// stays. Nothing in the files needs a restart: routers, pools, endpoints,
+/// clusters and tenant tiers all change live.
 #[derive(Debug)]
 pub struct LiveConfig {
     source: ConfigSource,
@@ -27,6 +28,8 @@ pub struct LiveConfig {
     routers: RouterSet,
     /// Bumped after every accepted reload.
     generation: watch::Sender<ReloadEvent>,
+    /// Held for a whole reload: load, compare, apply and swap.
+    reloading: Mutex<()>,
 }
 
 /// The outcome of the latest reload attempt, for watchers.
@@ -36,7 +39,8 @@ pub struct ReloadEvent {
     pub accepted: u64,
     /// Rejected reloads so far.
     pub rejected: u64,
-    /// The problems of the latest rejected reload.
+    /// The problems of the latest rejected reload (its error, when it was
+    /// not a list of problems).
     pub last_problems: Vec<String>,
 }
 
@@ -50,6 +54,7 @@ impl LiveConfig {
             current: ArcSwap::from_pointee(settings),
             routers,
             generation: watch::Sender::new(ReloadEvent::default()),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -75,16 +80,27 @@ impl LiveConfig {
 
     /// Loads the files again; applies and swaps in a valid configuration, or
     /// logs every problem of an invalid one and keeps the running one.
+    ///
+    /// Everything applies live (see [`RouterSet::apply`]): router and pool
+    /// settings, endpoints, clusters added, removed or changing engine, and
+    /// tenant tiers. A cluster whose engine this build cannot run rejects the
+    /// whole configuration, as a validation problem does. Reloads run one at a
+    /// time. Must run inside a tokio runtime.
     pub fn reload(&self) -> Result<ApplyReport, ConfigError> {
-        match self.source.load() {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let loaded = self
+            .source
+            .load()
+            .and_then(|next| check_engines(&next).map(|()| next));
+        match loaded {
             Ok(next) => {
                 let prev = self.current.load_full();
                 let report = self.routers.apply(&prev, &next);
                 for change in &report.changes {
                     tracing::info!(%change, "configuration change applied");
-                }
-                for item in &report.restart_required {
-                    tracing::warn!(%item, "configuration change needs a restart");
                 }
                 for failure in &report.failed {
                     tracing::error!(%failure, "configuration change refused");
@@ -97,10 +113,12 @@ impl LiveConfig {
                 for problem in error.problems() {
                     tracing::error!(%problem, "configuration rejected; the running one stays");
                 }
-                if error.problems().is_empty() {
+                let mut lines: Vec<String> =
+                    error.problems().iter().map(ToString::to_string).collect();
+                if lines.is_empty() {
                     tracing::error!(%error, "configuration rejected; the running one stays");
+                    lines.push(error.to_string());
                 }
-                let lines = error.problems().iter().map(ToString::to_string).collect();
                 self.generation.send_modify(|e| {
                     e.rejected += 1;
                     e.last_problems = lines;

@@ -1,13 +1,14 @@
 //! Turning validated [`Settings`] into running routers, one per cluster.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use switchyard_core::{EndpointId, Role, TenantRegistry};
 use switchyard_postgres::PgBackend;
 use switchyard_redis::RedisBackend;
-use switchyard_router::{Cluster, ClusterStatus, EndpointConfig};
+use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig};
 
 use crate::any::{error_chain, AnyBackend, AnyCluster};
 use crate::error::ConfigError;
@@ -18,6 +19,8 @@ struct Entry {
     /// The backends by endpoint name, for direct probes.
     backends: Mutex<BTreeMap<String, AnyBackend>>,
 }
+
+type Clusters = BTreeMap<String, Arc<Entry>>;
 
 /// One direct probe of one endpoint, as `switchyard check` prints it.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,14 +38,23 @@ pub struct EndpointProbe {
 }
 
 /// Every configured cluster, running: one router per cluster.
+///
+/// The set itself is live: [`apply`](Self::apply) starts clusters added to the
+/// configuration and closes removed ones, swapping the whole set at once, so
+/// readers never take a lock. The accessors return clones of the clusters
+/// (cheap: a cluster is an `Arc`), which stay valid after a reload; a clone of
+/// a cluster removed since fails its checkouts with
+/// [`Error::Closed`](switchyard_core::Error::Closed).
 pub struct RouterSet {
-    clusters: BTreeMap<String, Entry>,
+    clusters: ArcSwap<Clusters>,
+    /// Held while applying a change, so two changes never interleave.
+    applying: Mutex<()>,
 }
 
 impl std::fmt::Debug for RouterSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouterSet")
-            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .field("clusters", &self.names())
             .finish()
     }
 }
@@ -54,51 +66,66 @@ impl RouterSet {
     /// this build cannot run, and [`ConfigError::Build`] when a backend or
     /// router refuses its settings.
     pub fn build(settings: &Settings) -> Result<Self, ConfigError> {
+        check_engines(settings)?;
         let mut clusters = BTreeMap::new();
         for (name, c) in &settings.clusters {
-            clusters.insert(
-                name.clone(),
-                build_cluster(name, c, settings.tenant_registry())?,
-            );
+            let entry = build_cluster(name, c, settings.tenant_registry())?;
+            clusters.insert(name.clone(), Arc::new(entry));
         }
-        Ok(Self { clusters })
+        Ok(Self {
+            clusters: ArcSwap::from_pointee(clusters),
+            applying: Mutex::new(()),
+        })
     }
 
     /// The PostgreSQL cluster called `name`.
-    pub fn postgres(&self, name: &str) -> Option<&Cluster<PgBackend>> {
-        match self.clusters.get(name).map(|e| &e.cluster) {
-            Some(AnyCluster::Postgres(c)) => Some(c),
+    pub fn postgres(&self, name: &str) -> Option<Cluster<PgBackend>> {
+        match self.get(name)? {
+            AnyCluster::Postgres(c) => Some(c),
+            #[allow(unreachable_patterns)]
             _ => None,
         }
     }
 
     /// The Redis cluster called `name`.
-    pub fn redis(&self, name: &str) -> Option<&Cluster<RedisBackend>> {
-        match self.clusters.get(name).map(|e| &e.cluster) {
-            Some(AnyCluster::Redis(c)) => Some(c),
+    pub fn redis(&self, name: &str) -> Option<Cluster<RedisBackend>> {
+        match self.get(name)? {
+            AnyCluster::Redis(c) => Some(c),
+            #[allow(unreachable_patterns)]
             _ => None,
         }
     }
 
     /// The cluster called `name`, of any engine.
-    pub fn get(&self, name: &str) -> Option<&AnyCluster> {
-        self.clusters.get(name).map(|e| &e.cluster)
+    pub fn get(&self, name: &str) -> Option<AnyCluster> {
+        self.clusters.load().get(name).map(|e| e.cluster.clone())
     }
 
-    /// Every cluster, by name.
-    pub fn iter(&self) -> impl Iterator<Item = &AnyCluster> {
-        self.clusters.values().map(|e| &e.cluster)
+    /// Every cluster, by name, as the set is now.
+    pub fn iter(&self) -> impl Iterator<Item = AnyCluster> {
+        let clusters: Vec<AnyCluster> = self
+            .clusters
+            .load()
+            .values()
+            .map(|e| e.cluster.clone())
+            .collect();
+        clusters.into_iter()
+    }
+
+    /// The clusters' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.clusters.load().keys().cloned().collect()
     }
 
     /// The status of every cluster.
     pub fn statuses(&self) -> Vec<ClusterStatus> {
-        self.iter().map(AnyCluster::status).collect()
+        self.iter().map(|c| c.status()).collect()
     }
 
     /// Probes every endpoint directly, all at once, each within `timeout`.
     pub async fn probe_all(&self, timeout: Duration) -> Vec<EndpointProbe> {
         let mut tasks = Vec::new();
-        for (cluster, entry) in &self.clusters {
+        for (cluster, entry) in self.clusters.load_full().iter() {
             let backends: Vec<(String, AnyBackend)> = entry
                 .backends
                 .lock()
@@ -131,38 +158,77 @@ impl RouterSet {
         out
     }
 
-    /// Applies the differences between `old` and `new` to the running clusters:
-    /// endpoints added, removed or re-pointed, weights, strategy and tenant
-    /// tiers. What cannot change live is listed in the report.
+    /// Applies the differences between `old` and `new` to the running set,
+    /// while traffic flows:
+    ///
+    /// - clusters added start, clusters removed are closed, and a cluster
+    ///   whose engine changed is replaced by a new one (the set is swapped
+    ///   once, after every new cluster started);
+    /// - router settings go to [`Cluster::set_config`];
+    /// - pool settings rebuild every endpoint's backend, swapped in with
+    ///   [`Cluster::replace_backend`] so each endpoint keeps its health and
+    ///   serves at once;
+    /// - an endpoint with a new URL or role is swapped with
+    ///   [`Cluster::replace_endpoint`], in one routing change; endpoints are
+    ///   added and replaced before any is removed, so a cluster whose primary
+    ///   moves to a new name is never without one;
+    /// - weights and tenant tiers change in place.
+    ///
+    /// Whatever a running cluster refuses is listed in
+    /// [`ApplyReport::failed`], and the rest is still applied. Must run inside
+    /// a tokio runtime (new clusters and backends start tasks).
     pub fn apply(&self, old: &Settings, new: &Settings) -> ApplyReport {
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
         let mut report = ApplyReport::default();
-        for name in old
-            .clusters
+        let mut next: Clusters = Clusters::clone(&self.clusters.load());
+        let mut closing = Vec::new();
+        let gone: Vec<String> = next
             .keys()
             .filter(|n| !new.clusters.contains_key(*n))
-        {
-            report
-                .restart_required
-                .push(format!("cluster {name} removed"));
-        }
-        for (name, next) in &new.clusters {
-            let (Some(prev), Some(entry)) = (old.clusters.get(name), self.clusters.get(name))
-            else {
-                report
-                    .restart_required
-                    .push(format!("cluster {name} added"));
-                continue;
-            };
-            if prev.engine != next.engine {
-                report
-                    .restart_required
-                    .push(format!("cluster {name} changed engine"));
-                continue;
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(entry) = next.remove(&name) {
+                closing.push(entry);
+                report.changes.push(format!("cluster {name} removed"));
             }
-            apply_cluster(name, entry, prev, next, &mut report);
+        }
+        let mut kept = Vec::new();
+        for (name, wanted) in &new.clusters {
+            let running = next.get(name).map(Arc::clone);
+            match (old.clusters.get(name), running) {
+                (Some(prev), Some(entry)) if entry.cluster.engine() == wanted.engine => {
+                    apply_cluster(name, &entry, prev, wanted, &mut report);
+                    kept.push(entry);
+                }
+                (_, running) => match build_cluster(name, wanted, new.tenant_registry()) {
+                    Ok(entry) => {
+                        next.insert(name.clone(), Arc::new(entry));
+                        report.changes.push(match running {
+                            Some(previous) => {
+                                let change = format!(
+                                    "cluster {name} rebuilt: engine {} -> {}",
+                                    previous.cluster.engine(),
+                                    wanted.engine
+                                );
+                                closing.push(previous);
+                                change
+                            }
+                            None => format!("cluster {name} added"),
+                        });
+                    }
+                    Err(e) => report
+                        .failed
+                        .push(format!("cluster {name}: {}", error_chain(&e))),
+                },
+            }
+        }
+        self.clusters.store(Arc::new(next));
+        for entry in closing {
+            entry.cluster.close();
         }
         if new.tenants_differ(old) {
-            for entry in self.clusters.values() {
+            for entry in kept {
                 match entry.cluster.set_tenants(new.tenant_registry()) {
                     Ok(()) => report.changes.push(format!(
                         "cluster {}: tenant tiers replaced",
@@ -177,14 +243,30 @@ impl RouterSet {
 }
 
 /// What [`RouterSet::apply`] changed.
+///
+/// Every setting in the files applies live, so nothing waits for a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     /// Changes made to running clusters.
     pub changes: Vec<String>,
-    /// Changes that take effect only after a restart.
-    pub restart_required: Vec<String>,
-    /// Changes a running cluster refused.
+    /// Changes a running cluster refused; the rest of the change was applied.
     pub failed: Vec<String>,
+}
+
+/// [`ConfigError::EngineNotBuiltIn`] for the first cluster whose engine this
+/// build cannot run.
+pub(crate) fn check_engines(settings: &Settings) -> Result<(), ConfigError> {
+    match settings
+        .clusters
+        .iter()
+        .find(|(_, c)| !c.engine.is_built_in())
+    {
+        Some((name, c)) => Err(ConfigError::EngineNotBuiltIn {
+            cluster: name.clone(),
+            engine: c.engine.as_str(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn build_cluster(
@@ -210,6 +292,55 @@ fn endpoint_config(ep: &EndpointSettings) -> EndpointConfig {
     EndpointConfig::new(ep.role).weight(ep.weight)
 }
 
+/// The top-level router settings that differ, for the report.
+fn router_changes(prev: &ClusterConfig, next: &ClusterConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |differs: bool, name: &'static str| {
+        if differs {
+            out.push(name);
+        }
+    };
+    check(prev.strategy != next.strategy, "strategy");
+    check(
+        prev.read_preference != next.read_preference,
+        "read_preference",
+    );
+    check(
+        prev.checkout_timeout != next.checkout_timeout,
+        "checkout_timeout",
+    );
+    check(
+        prev.failover_timeout != next.failover_timeout,
+        "failover_timeout",
+    );
+    check(prev.health != next.health, "health");
+    check(prev.retry != next.retry, "retry");
+    check(prev.latency != next.latency, "latency");
+    check(prev.warming != next.warming, "warming");
+    out
+}
+
+/// How an endpoint of the new configuration reaches the running cluster.
+#[derive(Clone, Copy)]
+enum Swap {
+    /// A new name: added.
+    Add,
+    /// A new URL or role: replaced by a fresh endpoint.
+    Repoint,
+    /// Only the cluster's pool settings changed: a new backend, same state.
+    NewPool,
+}
+
+impl Swap {
+    fn done(self) -> &'static str {
+        match self {
+            Swap::Add => "added",
+            Swap::Repoint => "re-pointed",
+            Swap::NewPool => "given a new pool",
+        }
+    }
+}
+
 fn apply_cluster(
     name: &str,
     entry: &Entry,
@@ -217,31 +348,17 @@ fn apply_cluster(
     next: &ClusterSettings,
     report: &mut ApplyReport,
 ) {
-    if prev.router.strategy != next.router.strategy {
-        entry.cluster.set_strategy(next.router.strategy);
-        report.changes.push(format!(
-            "cluster {name}: strategy {:?}",
-            next.router.strategy
-        ));
+    if prev.router != next.router {
+        match entry.cluster.set_config(next.router.clone()) {
+            Ok(()) => report.changes.push(format!(
+                "cluster {name}: router settings changed ({})",
+                router_changes(&prev.router, &next.router).join(", ")
+            )),
+            Err(e) => report.failed.push(e.to_string()),
+        }
     }
-    let mut prev_router = prev.router.clone();
-    prev_router.strategy = next.router.strategy;
-    if prev_router != next.router {
-        report.restart_required.push(format!(
-            "cluster {name}: router settings other than strategy"
-        ));
-    }
-    if prev.pool != next.pool {
-        report.restart_required.push(format!(
-            "cluster {name}: pool settings (new endpoints use them)"
-        ));
-    }
+    let new_pool = prev.pool != next.pool;
     let old_eps: BTreeMap<&str, &EndpointSettings> = prev
-        .endpoints
-        .iter()
-        .map(|e| (e.name.as_str(), e))
-        .collect();
-    let new_eps: BTreeMap<&str, &EndpointSettings> = next
         .endpoints
         .iter()
         .map(|e| (e.name.as_str(), e))
@@ -250,55 +367,70 @@ fn apply_cluster(
         .backends
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    for (ep_name, old) in &old_eps {
-        let replaced = new_eps
-            .get(ep_name)
-            .is_some_and(|n| n.url != old.url || n.role != old.role);
-        if !new_eps.contains_key(ep_name) || replaced {
-            entry.cluster.remove_endpoint(&EndpointId::new(*ep_name));
-            backends.remove(*ep_name);
-            report
-                .changes
-                .push(format!("cluster {name}: endpoint {ep_name} removed"));
-        }
-    }
-    for (ep_name, ep) in &new_eps {
+    let mut failed = |what: &str, e: &dyn std::error::Error| {
+        report
+            .failed
+            .push(format!("cluster {name}: {what}: {}", error_chain(e)))
+    };
+    let mut changes = Vec::new();
+    // Additions and replacements first: a primary that moves to a new name
+    // joins before the old one leaves.
+    for ep in &next.endpoints {
+        let ep_name = ep.name.as_str();
         let old = old_eps.get(ep_name);
-        let add = old.is_none_or(|o| o.url != ep.url || o.role != ep.role);
-        if add {
-            let added = AnyBackend::build(next.engine, name, &next.pool, ep).and_then(|b| {
-                entry
-                    .cluster
-                    .add_endpoint(&b, endpoint_config(ep))
-                    .map(|()| b)
-                    .map_err(|source| ConfigError::Build {
-                        cluster: name.to_owned(),
-                        source,
-                    })
-            });
-            match added {
-                Ok(b) => {
-                    backends.insert((*ep_name).to_owned(), b);
-                    report
-                        .changes
-                        .push(format!("cluster {name}: endpoint {ep_name} added"));
+        let swap = match old {
+            None => Some(Swap::Add),
+            Some(o) if o.url != ep.url || o.role != ep.role => Some(Swap::Repoint),
+            Some(_) if new_pool => Some(Swap::NewPool),
+            Some(_) => None,
+        };
+        if let Some(swap) = swap {
+            let swapped = AnyBackend::build(next.engine, name, &next.pool, ep).and_then(|b| {
+                let cluster = &entry.cluster;
+                match swap {
+                    Swap::Add => cluster.add_endpoint(&b, endpoint_config(ep)),
+                    Swap::Repoint => cluster.replace_endpoint(&b, endpoint_config(ep)),
+                    Swap::NewPool => cluster.replace_backend(&b),
                 }
-                Err(e) => report.failed.push(format!(
-                    "cluster {name}: endpoint {ep_name}: {}",
-                    error_chain(&e)
-                )),
+                .map(|()| b)
+                .map_err(|source| ConfigError::Build {
+                    cluster: name.to_owned(),
+                    source,
+                })
+            });
+            match swapped {
+                Ok(b) => {
+                    backends.insert(ep.name.clone(), b);
+                    changes.push(format!(
+                        "cluster {name}: endpoint {ep_name} {}",
+                        swap.done()
+                    ));
+                }
+                Err(e) => failed(&format!("endpoint {ep_name}"), &e),
             }
-        } else if old.is_some_and(|o| o.weight != ep.weight) {
+        }
+        // A fresh endpoint (added or re-pointed) already has its new weight.
+        let reweigh = old.is_some_and(|o| o.weight != ep.weight)
+            && !matches!(swap, Some(Swap::Add | Swap::Repoint));
+        if reweigh {
             match entry
                 .cluster
-                .set_weight(&EndpointId::new(*ep_name), ep.weight)
+                .set_weight(&EndpointId::new(ep_name), ep.weight)
             {
-                Ok(()) => report.changes.push(format!(
+                Ok(()) => changes.push(format!(
                     "cluster {name}: endpoint {ep_name} weight {}",
                     ep.weight
                 )),
-                Err(e) => report.failed.push(e.to_string()),
+                Err(e) => failed(&format!("endpoint {ep_name}"), &e),
             }
         }
     }
+    for ep_name in old_eps.keys() {
+        if !next.endpoints.iter().any(|e| e.name == *ep_name) {
+            entry.cluster.remove_endpoint(&EndpointId::new(*ep_name));
+            backends.remove(*ep_name);
+            changes.push(format!("cluster {name}: endpoint {ep_name} removed"));
+        }
+    }
+    report.changes.extend(changes);
 }

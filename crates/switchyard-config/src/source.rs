@@ -7,6 +7,7 @@ use figment::providers::{Env, Format, Toml, Yaml};
 use figment::value::{Dict, Value};
 use figment::{Figment, Profile, Provider, Source};
 
+use crate::env::EnvLayer;
 use crate::error::{ConfigError, Problem};
 use crate::settings::Settings;
 
@@ -20,7 +21,12 @@ pub const ENV_PREFIX: &str = "SWITCHYARD__";
 ///
 /// Layers, later ones winning: `base.{yaml,toml}`,
 /// `environments/{env}.{yaml,toml}`, `tiers.{yaml,toml}`, then environment
-/// variables with [`ENV_PREFIX`] and `__` between nested keys.
+/// variables with [`ENV_PREFIX`] and `__` between nested keys. A key segment
+/// that is a number picks one item of a list the files define:
+/// `SWITCHYARD__CLUSTERS__MAIN__ENDPOINTS__1__URL` sets the `url` of the
+/// second endpoint of `main` and leaves the other endpoints and fields as the
+/// files have them; an index past the end of the list is a problem naming the
+/// variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigSource {
     dir: PathBuf,
@@ -73,8 +79,16 @@ impl ConfigSource {
         ]
     }
 
-    /// The merged layers, before validation.
+    /// The merged layers, before validation. Environment variables whose list
+    /// index is past the end of the list are left out ([`load`](Self::load)
+    /// reports them).
     pub fn figment(&self) -> Result<Figment, ConfigError> {
+        self.layers().map(|(figment, _)| figment)
+    }
+
+    /// The merged layers, and a problem for every environment variable whose
+    /// list index is past the end of its list.
+    fn layers(&self) -> Result<(Figment, Vec<Problem>), ConfigError> {
         let mut problems = Vec::new();
         let mut figment = Figment::new();
         for (i, stem) in self.stems().iter().enumerate() {
@@ -125,12 +139,14 @@ impl ConfigSource {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        Ok(figment.merge(Env::prefixed(&self.env_prefix).split("__")))
+        let env = Env::prefixed(&self.env_prefix).split("__");
+        let (layer, index_problems) = EnvLayer::new(&env, &self.env_prefix, &figment);
+        Ok((figment.merge(layer), index_problems))
     }
 
     /// Loads, merges and validates everything, reporting every problem at once.
     pub fn load(&self) -> Result<Settings, ConfigError> {
-        let figment = self.figment()?;
+        let (figment, index_problems) = self.layers()?;
         let root = match figment.data() {
             Ok(mut data) => data.remove(&Profile::Default).unwrap_or_default(),
             Err(errors) => {
@@ -144,6 +160,7 @@ impl ConfigSource {
                         });
                         Problem::new(path, e.kind.to_string()).with_origin(origin)
                     })
+                    .chain(index_problems)
                     .collect();
                 return Err(ConfigError::Invalid(problems));
             }
@@ -155,6 +172,7 @@ impl ConfigSource {
                 p.origin = origin_of(&figment, &root, &p.path, &self.env_prefix);
             }
         }
+        problems.extend(index_problems);
         match settings {
             Some(s) if problems.is_empty() => Ok(s),
             _ => Err(ConfigError::Invalid(problems)),
@@ -178,7 +196,8 @@ pub(crate) fn dotted(keys: &[String]) -> String {
     out
 }
 
-/// The deepest value along `path` (`a.b[1].c`) in `root`.
+/// The deepest value along `path` (`a.b[1].c`) in `root`, and the keys that
+/// lead to it (`a`, `b`, `1`, `c`).
 fn deepest<'a>(root: &'a Dict, path: &str) -> Option<(&'a Value, Vec<String>)> {
     let mut keys = Vec::new();
     let mut segments = Vec::new();
@@ -201,9 +220,7 @@ fn deepest<'a>(root: &'a Dict, path: &str) -> Option<(&'a Value, Vec<String>)> {
         };
         match next {
             Some(v) => {
-                if idx.is_none() {
-                    keys.push(key);
-                }
+                keys.push(idx.map_or(key, |i| i.to_string()));
                 current = Some(v);
             }
             None => break,

@@ -398,3 +398,119 @@ fn docker_compose_flavour_validates_all_five_engines() {
     );
     assert!(!format!("{s:?}").contains(":switchyard@"));
 }
+
+#[test]
+fn env_vars_address_one_item_of_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.yaml", BASE);
+    // The staging file replaces main's list (figment replaces lists); the
+    // variables address the list as merged from the files.
+    write(
+        dir.path(),
+        "environments/staging.yaml",
+        r#"
+clusters:
+  main:
+    endpoints:
+      - { name: pg-1, url: "postgres://app@127.0.0.1:5432/app", role: primary }
+      - { name: pg-2, url: "postgres://app@127.0.0.1:5433/app", weight: 3 }
+      - { name: pg-3, url: "postgres://app@127.0.0.1:5434/app", weight: 2 }
+"#,
+    );
+    std::env::set_var(
+        "SYTEST_INDEX__CLUSTERS__MAIN__ENDPOINTS__1__URL",
+        "postgres://app@10.0.0.9:6543/app",
+    );
+    std::env::set_var("SYTEST_INDEX__CLUSTERS__MAIN__ENDPOINTS__2__WEIGHT", "9");
+    std::env::set_var(
+        "SYTEST_INDEX__CLUSTERS__CACHE__ENDPOINTS__0__ROLE",
+        "replica",
+    );
+    std::env::set_var("SYTEST_INDEX__CLUSTERS__CACHE__WRITES", "false");
+    std::env::set_var("SYTEST_INDEX__CLUSTERS__MAIN__STRATEGY", "round_robin");
+    let s = ConfigSource::new(dir.path(), "staging")
+        .env_prefix("SYTEST_INDEX__")
+        .load()
+        .unwrap();
+    let main = &s.clusters["main"];
+    let names: Vec<&str> = main.endpoints.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["pg-1", "pg-2", "pg-3"], "the other items stay");
+    assert_eq!(
+        main.endpoints[0].url.expose(),
+        "postgres://app@127.0.0.1:5432/app"
+    );
+    assert_eq!(main.endpoints[0].role, Role::Primary);
+    assert_eq!(
+        main.endpoints[1].url.expose(),
+        "postgres://app@10.0.0.9:6543/app",
+        "the variable sets the second endpoint's url"
+    );
+    assert_eq!(main.endpoints[1].weight, 3, "and leaves its other fields");
+    assert_eq!(main.endpoints[1].role, Role::Replica);
+    assert_eq!(main.endpoints[2].weight, 9);
+    assert_eq!(
+        main.endpoints[2].url.expose(),
+        "postgres://app@127.0.0.1:5434/app"
+    );
+    assert_eq!(main.router.strategy, StrategyKind::RoundRobin);
+    let cache = &s.clusters["cache"].endpoints;
+    assert_eq!(cache.len(), 1);
+    assert_eq!(cache[0].role, Role::Replica);
+    assert_eq!(cache[0].name, "r-1");
+
+    // Without the staging file, the list has two items: index 2 is past its end.
+    let err = ConfigSource::new(dir.path(), "development")
+        .env_prefix("SYTEST_INDEX__")
+        .load()
+        .unwrap_err();
+    let text: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "clusters.main.endpoints[2].weight: index 2 is past the end of the list (2 items) \
+          (in environment variable SYTEST_INDEX__CLUSTERS__MAIN__ENDPOINTS__2__WEIGHT)"
+        ],
+    );
+}
+
+#[test]
+fn env_var_list_problems_name_the_variable_and_file_items_their_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.yaml",
+        &BASE.replace(
+            "postgres://app@127.0.0.1:5433/app",
+            "postgress://app@127.0.0.1:5433/app",
+        ),
+    );
+    std::env::set_var(
+        "SYTEST_PAST__CLUSTERS__MAIN__ENDPOINTS__5__URL",
+        "postgres://app@h:1/app",
+    );
+    std::env::set_var("SYTEST_PAST__CLUSTERS__MAIN__ENDPOINTS__5__ROLE", "primary");
+    std::env::set_var("SYTEST_PAST__CLUSTERS__MAIN__ENDPOINTS__1__WEIGHT", "0");
+    let err = ConfigSource::new(dir.path(), "development")
+        .env_prefix("SYTEST_PAST__")
+        .load()
+        .unwrap_err();
+    let text: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    let expect = [
+        // Set by a variable: named by it.
+        "clusters.main.endpoints[1].weight: 0 is outside 1..=1000 (in environment variable SYTEST_PAST__CLUSTERS__MAIN__ENDPOINTS__1__WEIGHT)",
+        // From the file, in an item the variables touched: still the file.
+        "clusters.main.endpoints[1].url: unknown scheme \"postgress\"",
+        "clusters.main.endpoints[5].role: index 5 is past the end of the list (2 items) (in environment variable SYTEST_PAST__CLUSTERS__MAIN__ENDPOINTS__5__ROLE)",
+        "clusters.main.endpoints[5].url: index 5 is past the end of the list (2 items) (in environment variable SYTEST_PAST__CLUSTERS__MAIN__ENDPOINTS__5__URL)",
+    ];
+    for want in expect {
+        let hit = text.iter().find(|t| t.starts_with(want));
+        assert!(hit.is_some(), "{want} missing in {text:#?}");
+    }
+    let url = text
+        .iter()
+        .find(|t| t.starts_with("clusters.main.endpoints[1].url"))
+        .unwrap();
+    assert!(url.ends_with("base.yaml)"), "{url}");
+    assert_eq!(text.len(), expect.len(), "{text:#?}");
+}

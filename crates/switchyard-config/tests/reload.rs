@@ -3,11 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_config::{ConfigError, ConfigSource, LiveConfig, RouterSet};
+use switchyard_core::{Error, Intent};
 use switchyard_router::StrategyKind;
+use switchyard_testkit::{wait_until, PgCluster};
 
 // Nothing listens on port 1: backends connect lazily, probes just fail.
 fn base(endpoints: &str, strategy: &str) -> String {
@@ -52,7 +55,6 @@ async fn reload_applies_valid_changes_and_rejects_invalid_ones() {
     );
     let report = live.reload().unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
-    assert!(report.restart_required.is_empty(), "{report:?}");
     assert_eq!(names(&live), ["pg-1", "pg-2", "pg-3"]);
     let status = live.routers().get("main").unwrap().status();
     assert_eq!(status.strategy, StrategyKind::WeightedRoundRobin);
@@ -114,6 +116,374 @@ async fn watcher_reloads_on_file_change() {
         "{event:?}"
     );
     assert_eq!(names(&live), ["pg-1", "pg-2", "pg-3"]);
+}
+
+const BEFORE: &str = r#"
+clusters:
+  main:
+    engine: postgres
+    checkout_timeout: 10s
+    health: { interval: 2s, timeout: 1s }
+    pool: { max_size: 4 }
+    endpoints:
+      - { name: pg-1, url: "postgres://app@127.0.0.1:1/a", role: primary }
+      - { name: pg-2, url: "postgres://app@127.0.0.1:1/b" }
+  spare:
+    engine: postgres
+    endpoints:
+      - { name: s-1, url: "postgres://app@127.0.0.1:1/s", role: primary }
+  flip:
+    engine: postgres
+    endpoints:
+      - { name: f-1, url: "postgres://app@127.0.0.1:1/f", role: primary }
+"#;
+
+const AFTER: &str = r#"
+clusters:
+  main:
+    engine: postgres
+    checkout_timeout: 7s
+    failover_timeout: 5s
+    read_preference: any
+    health: { interval: 500ms, timeout: 250ms, fall: 5 }
+    pool: { max_size: 9 }
+    endpoints:
+      - { name: pg-1, url: "postgres://app@127.0.0.1:1/a", role: primary, weight: 2 }
+      - { name: pg-2, url: "postgres://app@127.0.0.1:1/b2", weight: 4 }
+  extra:
+    engine: redis
+    endpoints:
+      - { name: x-1, url: "redis://127.0.0.1:1/0", role: primary }
+  flip:
+    engine: redis
+    endpoints:
+      - { name: f-1, url: "redis://127.0.0.1:1/1", role: primary }
+"#;
+
+#[tokio::test]
+async fn router_pool_and_cluster_changes_apply_live() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.yaml", BEFORE);
+    let live =
+        LiveConfig::start(ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_RELOAD3__"))
+            .unwrap();
+    let routers = live.routers();
+    let main = routers.postgres("main").unwrap();
+    let spare = routers.postgres("spare").unwrap();
+    let flip = routers.postgres("flip").unwrap();
+    assert_eq!(routers.names(), ["flip", "main", "spare"]);
+
+    // Nothing changed: nothing to do.
+    assert_eq!(live.reload().unwrap(), Default::default());
+
+    write(dir.path(), "base.yaml", AFTER);
+    let report = live.reload().unwrap();
+    assert!(report.failed.is_empty(), "{report:#?}");
+    for change in [
+        "cluster spare removed",
+        "cluster extra added",
+        "cluster flip rebuilt: engine postgres -> redis",
+        "cluster main: router settings changed (read_preference, checkout_timeout, failover_timeout, health)",
+        "cluster main: endpoint pg-1 given a new pool",
+        "cluster main: endpoint pg-1 weight 2",
+        "cluster main: endpoint pg-2 re-pointed",
+    ] {
+        assert!(
+            report.changes.iter().any(|c| c == change),
+            "{change} missing in {report:#?}"
+        );
+    }
+    assert_eq!(report.changes.len(), 7, "{report:#?}");
+
+    // Router settings: in force on the running cluster, for clones taken before.
+    assert!(!main.is_closed());
+    let config = main.config();
+    assert_eq!(config.checkout_timeout, Duration::from_secs(7));
+    assert_eq!(config.health.interval, Duration::from_millis(500));
+    assert_eq!(config.health.fall, 5);
+    assert_eq!(
+        config.read_preference,
+        switchyard_router::ReadPreference::Any
+    );
+    // Pool settings: every endpoint has a new backend; weights moved.
+    let status = main.status();
+    assert_eq!(names(&live), ["pg-1", "pg-2"]);
+    for ep in &status.endpoints {
+        assert_eq!(ep.pool.max_size, 9, "{}", ep.id);
+    }
+    assert_eq!(status.endpoint("pg-1").unwrap().weight, 2);
+    assert_eq!(status.endpoint("pg-2").unwrap().weight, 4);
+
+    // Clusters: removed ones closed, even through clones; new ones running.
+    assert_eq!(routers.names(), ["extra", "flip", "main"]);
+    assert!(spare.is_closed() && flip.is_closed());
+    assert!(matches!(
+        spare.checkout(Intent::Read, None).await,
+        Err(Error::Closed)
+    ));
+    assert!(routers.get("spare").is_none());
+    assert!(routers.postgres("flip").is_none());
+    assert_eq!(routers.redis("flip").unwrap().endpoint_ids().len(), 1);
+    assert_eq!(routers.redis("extra").unwrap().name(), "extra");
+    assert_eq!(routers.statuses().len(), 3);
+    assert_eq!(routers.iter().count(), 3);
+    assert_eq!(live.settings().clusters.len(), 3);
+
+    // And back: the removed cluster returns as a new one.
+    write(dir.path(), "base.yaml", BEFORE);
+    let report = live.reload().unwrap();
+    assert!(report.failed.is_empty(), "{report:#?}");
+    assert_eq!(routers.names(), ["flip", "main", "spare"]);
+    assert!(!routers.postgres("spare").unwrap().is_closed());
+    assert_eq!(main.config().checkout_timeout, Duration::from_secs(10));
+}
+
+#[cfg(not(feature = "mongodb"))]
+#[tokio::test]
+async fn a_cluster_of_an_engine_not_built_in_rejects_the_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.yaml", &base(TWO, "least_conn"));
+    let live =
+        LiveConfig::start(ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_RELOAD4__"))
+            .unwrap();
+    write(
+        dir.path(),
+        "base.yaml",
+        &format!(
+            "{}  docs:\n    engine: mongodb\n    endpoints:\n      - {{ name: m, url: \"mongodb://127.0.0.1:1\", role: primary }}\n",
+            base(THREE, "least_conn")
+        ),
+    );
+    let err = live.reload().unwrap_err();
+    assert!(matches!(err, ConfigError::EngineNotBuiltIn { .. }), "{err}");
+    assert_eq!(names(&live), ["pg-1", "pg-2"], "nothing applied");
+    assert!(live.routers().get("docs").is_none());
+    assert_eq!(live.settings().clusters.len(), 1);
+    let event = live.subscribe().borrow().clone();
+    assert_eq!((event.accepted, event.rejected), (0, 1));
+    assert!(
+        event.last_problems[0].contains("mongodb is not built in"),
+        "{event:?}"
+    );
+}
+
+/// Checkouts and queries through the cluster `main`, counted.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more operations succeeded.
+    async fn progress(&self, n: u64) {
+        let target = self.ok() + n;
+        wait_until(
+            Duration::from_secs(30),
+            || async move { self.ok() >= target },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no progress: {e}"));
+    }
+}
+
+/// Reads or writes through `main` (looked up afresh each time) until `stop`.
+async fn workload(live: Arc<LiveConfig>, intent: Intent, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let mut n = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let result: Result<(), String> = async {
+            let main = live.routers().postgres("main").ok_or("no cluster main")?;
+            let mut conn = main
+                .checkout(intent, None)
+                .await
+                .map_err(|e| format!("checkout: {e}"))?;
+            let query = match intent {
+                Intent::Write => sqlx::query("INSERT INTO reload_t (n) VALUES ($1)")
+                    .bind(n)
+                    .execute(&mut **conn)
+                    .await
+                    .map(drop),
+                Intent::Read => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM reload_t")
+                    .fetch_one(&mut **conn)
+                    .await
+                    .map(drop),
+            };
+            query.map_err(|e| format!("query on {}: {e}", conn.endpoint()))
+        }
+        .await;
+        match result {
+            Ok(()) => tally.ok.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tally.errors.lock().unwrap().push(e);
+                tally.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// `main` on the primary and the standby, and optional clusters `spare` and
+/// `extra` on the primary.
+fn pg_config(
+    pg: &PgCluster,
+    max_size: u32,
+    health: &str,
+    checkout: &str,
+    clusters: &[&str],
+) -> String {
+    let mut out = format!(
+        "clusters:\n  main:\n    engine: postgres\n    checkout_timeout: {checkout}\n    failover_timeout: 5s\n    health: {health}\n    pool: {{ max_size: {max_size} }}\n    endpoints:\n      - {{ name: pg-1, url: \"{}\", role: primary }}\n      - {{ name: pg-2, url: \"{}\", role: replica }}\n",
+        pg.primary().url(),
+        pg.standbys()[0].url(),
+    );
+    for name in clusters {
+        out.push_str(&format!(
+            "  {name}:\n    engine: postgres\n    pool: {{ max_size: 2 }}\n    endpoints:\n      - {{ name: {name}-1, url: \"{}\", role: primary }}\n",
+            pg.primary().url()
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_on_real_postgres() {
+    use sqlx::Connection;
+    let pg = PgCluster::start(1).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut admin = sqlx::PgConnection::connect(pg.primary().url())
+        .await
+        .unwrap();
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    eprintln!(
+        "running against real PostgreSQL primary {} + standby {}: {version}",
+        pg.primary().addr(),
+        pg.standbys()[0].addr()
+    );
+    sqlx::raw_sql("CREATE TABLE reload_t (id bigserial PRIMARY KEY, n bigint NOT NULL)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    pg.wait_replayed(&pg.standbys()[0], Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let slow = "{ interval: 1s, timeout: 500ms }";
+    write(
+        dir.path(),
+        "base.yaml",
+        &pg_config(&pg, 4, slow, "10s", &["spare"]),
+    );
+    let live = Arc::new(
+        LiveConfig::start(ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_RELOAD5__"))
+            .unwrap(),
+    );
+    let spare = live.routers().postgres("spare").unwrap();
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = [Intent::Write, Intent::Write, Intent::Read, Intent::Read]
+        .into_iter()
+        .map(|intent| {
+            tokio::spawn(workload(
+                Arc::clone(&live),
+                intent,
+                Arc::clone(&tally),
+                Arc::clone(&stop),
+            ))
+        })
+        .collect();
+    tally.progress(50).await;
+
+    // (a) A bigger pool: every endpoint gets a new backend, health kept.
+    write(
+        dir.path(),
+        "base.yaml",
+        &pg_config(&pg, 6, slow, "10s", &["spare"]),
+    );
+    let report = live.reload().unwrap();
+    assert!(report.failed.is_empty(), "{report:#?}");
+    let main = live.routers().postgres("main").unwrap();
+    for ep in main.status().endpoints {
+        assert_eq!(ep.pool.max_size, 6, "{}", ep.id);
+        assert_eq!(ep.health, switchyard_router::Health::Up, "{}", ep.id);
+    }
+    tally.progress(50).await;
+    for ep in main.status().endpoints {
+        assert!(ep.pool.size > 0, "{} serves from its new pool", ep.id);
+    }
+
+    // (b) Faster probes and a shorter checkout timeout.
+    let fast = "{ interval: 500ms, timeout: 250ms }";
+    write(
+        dir.path(),
+        "base.yaml",
+        &pg_config(&pg, 6, fast, "8s", &["spare"]),
+    );
+    let report = live.reload().unwrap();
+    assert_eq!(
+        report.changes,
+        ["cluster main: router settings changed (checkout_timeout, health)"]
+    );
+    let config = main.config();
+    assert_eq!(config.health.interval, Duration::from_millis(500));
+    assert_eq!(config.health.timeout, Duration::from_millis(250));
+    assert_eq!(config.checkout_timeout, Duration::from_secs(8));
+    tally.progress(50).await;
+
+    // (c) A cluster joins, usable at once.
+    write(
+        dir.path(),
+        "base.yaml",
+        &pg_config(&pg, 6, fast, "8s", &["spare", "extra"]),
+    );
+    let report = live.reload().unwrap();
+    assert_eq!(report.changes, ["cluster extra added"]);
+    let extra = live.routers().postgres("extra").unwrap();
+    let mut conn = extra.checkout(Intent::Write, None).await.unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    drop(conn);
+    tally.progress(50).await;
+
+    // (d) A cluster leaves: closed, even for the clone held here.
+    write(
+        dir.path(),
+        "base.yaml",
+        &pg_config(&pg, 6, fast, "8s", &["extra"]),
+    );
+    let report = live.reload().unwrap();
+    assert_eq!(report.changes, ["cluster spare removed"]);
+    assert!(spare.is_closed());
+    assert!(matches!(
+        spare.checkout(Intent::Read, None).await,
+        Err(Error::Closed)
+    ));
+    assert!(live.routers().get("spare").is_none());
+    tally.progress(50).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let errors = tally.errors.lock().unwrap().clone();
+    eprintln!(
+        "{} operations on main during four reloads, {} failed",
+        tally.ok(),
+        errors.len()
+    );
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "{errors:#?}");
+    assert!(main.status().endpoints.iter().all(|e| e.pool.max_size == 6));
+    assert_eq!(live.subscribe().borrow().accepted, 4);
 }
 
 #[cfg(not(feature = "mongodb"))]

@@ -60,12 +60,18 @@ struct Budget {
     /// Endpoints that already failed this operation (reads only; allocated on
     /// the first retry).
     avoid: Vec<EndpointId>,
+    /// From the configuration in force when the checkout started, so a reload
+    /// mid-way cannot change the rules of one checkout.
+    attempt_timeout: Duration,
+    failover_timeout: Duration,
 }
 
 impl Budget {
     fn new(config: &crate::ClusterConfig, intent: Intent, opts: &CheckoutOptions) -> Self {
         let retryable = intent == Intent::Read || opts.idempotent;
         Self {
+            attempt_timeout: config.retry.attempt_timeout,
+            failover_timeout: config.failover_timeout,
             deadline: opts
                 .deadline
                 .unwrap_or_else(|| Instant::now() + config.checkout_timeout),
@@ -126,7 +132,7 @@ impl<B: Backend> Cluster<B> {
         tenant: Option<&TenantId>,
         opts: CheckoutOptions,
     ) -> Result<Checkout<B>, Error> {
-        let mut budget = Budget::new(&self.shared.config, intent, &opts);
+        let mut budget = Budget::new(&self.shared.config.load(), intent, &opts);
         self.checkout_budgeted(intent, tenant, &mut budget).await
     }
 
@@ -159,7 +165,7 @@ impl<B: Backend> Cluster<B> {
     where
         F: for<'c> FnMut(&'c mut Checkout<B>) -> BoxFuture<'c, Result<T, Error>>,
     {
-        let mut budget = Budget::new(&self.shared.config, intent, &opts);
+        let mut budget = Budget::new(&self.shared.config.load(), intent, &opts);
         loop {
             let mut conn = self.checkout_budgeted(intent, tenant, &mut budget).await?;
             let error = match op(&mut conn).await {
@@ -246,9 +252,7 @@ impl<B: Backend> Cluster<B> {
                 }
             };
             let deadline = if budget.retryable && budget.attempts_left > 0 {
-                budget
-                    .deadline
-                    .min(Instant::now() + self.shared.config.retry.attempt_timeout)
+                budget.deadline.min(Instant::now() + budget.attempt_timeout)
             } else {
                 budget.deadline
             };
@@ -328,7 +332,7 @@ impl<B: Backend> Cluster<B> {
                 });
             }
             let since = *waiting_since.get_or_insert_with(Instant::now);
-            let until = budget.deadline.min(since + shared.config.failover_timeout);
+            let until = budget.deadline.min(since + budget.failover_timeout);
             if tokio::time::timeout_at(until, notified).await.is_err() {
                 let waited = since.elapsed();
                 shared.metrics.waited_for_primary(waited);

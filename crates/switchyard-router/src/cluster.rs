@@ -1,6 +1,7 @@
 //! The cluster: endpoints of one engine, their shared state, and live topology.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use crate::config::{self, join_problems, ClusterConfig, EndpointConfig, StrategyKind};
+use crate::config::{join_problems, ClusterConfig, EndpointConfig};
 use crate::endpoint::{ClusterHooks, Endpoint, EndpointState};
 use crate::health::ejection::{ejection_cap, Phase};
 use crate::health::{prober, Who};
@@ -21,9 +22,9 @@ use crate::warming;
 /// A cluster of endpoints of one engine, and the router in front of them.
 ///
 /// Cheap to clone: clones share everything. Background tasks (one prober per
-/// endpoint, and a warmer per endpoint when warming is on) run until the last
-/// clone is dropped. Checkouts still held then keep their endpoint alive and
-/// are returned normally.
+/// endpoint, and a warmer per endpoint while warming is on) run until the last
+/// clone is dropped or [`close`](Self::close) is called. Checkouts still held
+/// then keep their endpoint alive and are returned normally.
 pub struct Cluster<B: Backend> {
     pub(crate) shared: Arc<Shared<B>>,
     _owner: Arc<DropGuard>,
@@ -50,7 +51,10 @@ impl<B: Backend> fmt::Debug for Cluster<B> {
 pub(crate) struct Shared<B: Backend> {
     pub name: Arc<str>,
     pub engine: &'static str,
-    pub config: ClusterConfig,
+    /// The configuration in force; replaced whole by `set_config` and
+    /// `set_strategy` (under the topology lock), read by every checkout once
+    /// and by the probers and warmers every round.
+    pub config: Arc<ArcSwap<ClusterConfig>>,
     pub tenants: ArcSwap<TenantRegistry>,
     pub snapshot: ArcSwap<Snapshot<B>>,
     topology: Mutex<Topology<B>>,
@@ -63,9 +67,8 @@ pub(crate) struct Shared<B: Backend> {
     pub metrics: ClusterMetrics,
 }
 
-struct Topology<B: Backend> {
-    endpoints: Vec<Arc<Endpoint<B>>>,
-    strategy: StrategyKind,
+pub(crate) struct Topology<B: Backend> {
+    pub endpoints: Vec<Arc<Endpoint<B>>>,
     /// The last endpoint writes went to, to count and log failovers.
     last_writer: Option<EndpointId>,
     writer: Option<EndpointId>,
@@ -146,13 +149,9 @@ impl<B: Backend> ClusterBuilder<B> {
         let name: Arc<str> = self.name.into();
         let shared = Arc::new(Shared {
             metrics: ClusterMetrics::new(self.engine, &name),
-            snapshot: ArcSwap::from_pointee(Snapshot::empty(
-                self.config.strategy,
-                self.config.read_preference,
-            )),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty(&self.config)),
             topology: Mutex::new(Topology {
                 endpoints: Vec::new(),
-                strategy: self.config.strategy,
                 last_writer: None,
                 writer: None,
             }),
@@ -161,7 +160,7 @@ impl<B: Backend> ClusterBuilder<B> {
             generation: watch::Sender::new(0),
             cancel: cancel.clone(),
             engine: self.engine,
-            config: self.config,
+            config: Arc::new(ArcSwap::from_pointee(self.config)),
             runtime,
             name,
         });
@@ -193,78 +192,15 @@ impl<B: Backend> Cluster<B> {
         &self.shared.name
     }
 
-    /// The configuration it was built with.
-    pub fn config(&self) -> &ClusterConfig {
-        &self.shared.config
+    /// The configuration in force (as built, or as last set with
+    /// [`set_config`](Self::set_config) or [`set_strategy`](Self::set_strategy)).
+    pub fn config(&self) -> Arc<ClusterConfig> {
+        self.shared.config.load_full()
     }
 
     /// The tenant registry in use.
     pub fn tenants(&self) -> Arc<TenantRegistry> {
         self.shared.tenants.load_full()
-    }
-
-    /// Replaces the tenant registry while checkouts run.
-    ///
-    /// Checkouts already holding a connection keep the quota permit of the old
-    /// registry, so for a moment a tenant may hold up to twice its quota.
-    pub fn set_tenants(&self, tenants: TenantRegistry) -> Result<(), Error> {
-        tenants.validate()?;
-        self.shared.tenants.store(Arc::new(tenants));
-        Ok(())
-    }
-
-    /// Adds an endpoint while traffic flows; its prober starts at once.
-    pub fn add_endpoint(&self, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
-        self.shared.add(backend, config)
-    }
-
-    /// Removes an endpoint: no new checkouts go to it and its tasks stop;
-    /// checkouts in flight finish normally. Returns whether it was there.
-    pub fn remove_endpoint(&self, id: &EndpointId) -> bool {
-        let shared = &self.shared;
-        let mut topo = shared.lock();
-        let Some(pos) = topo.endpoints.iter().position(|e| e.id() == id) else {
-            return false;
-        };
-        let ep = topo.endpoints.remove(pos);
-        ep.state
-            .removed
-            .store(true, std::sync::atomic::Ordering::Release);
-        ep.cancel.cancel();
-        ep.state.links.set(Vec::new());
-        tracing::info!(cluster = %shared.name, endpoint = %id, "endpoint removed");
-        shared.rebuild(&mut topo, "endpoint removed");
-        true
-    }
-
-    /// Changes an endpoint's weight (1 to [`MAX_WEIGHT`](config::MAX_WEIGHT)).
-    pub fn set_weight(&self, id: &EndpointId, weight: u32) -> Result<(), Error> {
-        let mut problems = Vec::new();
-        config::check_weight(
-            weight,
-            &format!("clusters.{}.endpoints.{id}.weight", self.name()),
-            &mut problems,
-        );
-        join_problems(&format!("clusters.{}", self.name()), problems)?;
-        let mut topo = self.shared.lock();
-        let ep = topo
-            .endpoints
-            .iter()
-            .find(|e| e.id() == id)
-            .ok_or_else(|| Error::Config {
-                path: format!("clusters.{}.endpoints", self.name()),
-                message: format!("no endpoint {id}"),
-            })?;
-        ep.state.set_weight(weight);
-        self.shared.rebuild(&mut topo, "weight changed");
-        Ok(())
-    }
-
-    /// Switches the balancing strategy while traffic flows.
-    pub fn set_strategy(&self, strategy: StrategyKind) {
-        let mut topo = self.shared.lock();
-        topo.strategy = strategy;
-        self.shared.rebuild(&mut topo, "strategy changed");
     }
 
     /// The endpoints' ids, in the order they were added.
@@ -280,7 +216,7 @@ impl<B: Backend> Cluster<B> {
 }
 
 impl<B: Backend> Shared<B> {
-    fn lock(&self) -> MutexGuard<'_, Topology<B>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Topology<B>> {
         self.topology.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -291,62 +227,143 @@ impl<B: Backend> Shared<B> {
         }
     }
 
-    fn add(self: &Arc<Self>, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
-        let id = backend.endpoint().clone();
+    /// `clusters.<name>`, the root of this cluster's configuration paths.
+    pub(crate) fn path(&self) -> String {
+        format!("clusters.{}", self.name)
+    }
+
+    /// [`Error::Closed`] once [`Cluster::close`] ran.
+    pub(crate) fn check_open(&self) -> Result<(), Error> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Validates an endpoint's settings under its path.
+    pub(crate) fn check_endpoint(
+        &self,
+        id: &EndpointId,
+        config: &EndpointConfig,
+    ) -> Result<(), Error> {
         join_problems(
-            &format!("clusters.{}", self.name),
-            config.validate(&format!("clusters.{}.endpoints.{id}", self.name)),
-        )?;
+            &self.path(),
+            config.validate(&format!("{}.endpoints.{id}", self.path())),
+        )
+    }
+
+    /// The position of endpoint `id`, or a config error naming it.
+    pub(crate) fn position(&self, topo: &Topology<B>, id: &EndpointId) -> Result<usize, Error> {
+        topo.endpoints
+            .iter()
+            .position(|e| e.id() == id)
+            .ok_or_else(|| Error::Config {
+                path: format!("{}.endpoints", self.path()),
+                message: format!("no endpoint {id}"),
+            })
+    }
+
+    pub(crate) fn add(
+        self: &Arc<Self>,
+        backend: Arc<B>,
+        config: EndpointConfig,
+    ) -> Result<(), Error> {
+        let id = backend.endpoint().clone();
+        self.check_endpoint(&id, &config)?;
         let mut topo = self.lock();
+        self.check_open()?;
         if topo.endpoints.iter().any(|e| e.id() == &id) {
             return Err(Error::Config {
-                path: format!("clusters.{}.endpoints", self.name),
+                path: format!("{}.endpoints", self.path()),
                 message: format!("duplicate endpoint {id}"),
             });
         }
-        let weak: std::sync::Weak<Self> = Arc::downgrade(self);
-        let hooks: std::sync::Weak<dyn ClusterHooks> = weak;
-        let state = EndpointState::new(
-            id.clone(),
-            &self.name,
-            self.engine,
-            &config,
-            &self.config,
-            hooks,
-        );
-        let ep = Arc::new(Endpoint::new(backend, state, self.cancel.child_token()));
-        let span = tracing::info_span!("switchyard.prober", cluster = %self.name, endpoint = %id);
-        self.runtime.spawn(
-            prober::run(
-                Arc::clone(&ep),
-                self.config.health.clone(),
-                ep.cancel.clone(),
-            )
-            .instrument(span),
-        );
-        if self.config.warming.enabled {
-            let span =
-                tracing::info_span!("switchyard.warmer", cluster = %self.name, endpoint = %id);
-            self.runtime.spawn(
-                warming::run(
-                    Arc::clone(&ep),
-                    self.config.warming.clone(),
-                    self.config.health.timeout,
-                    ep.cancel.clone(),
-                )
-                .instrument(span),
-            );
-        }
+        let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
         topo.endpoints.push(ep);
         tracing::info!(cluster = %self.name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint added");
         self.rebuild(&mut topo, "endpoint added");
         Ok(())
     }
 
+    /// A new endpoint's state: assumed up in its configured role.
+    pub(crate) fn fresh_state(
+        self: &Arc<Self>,
+        id: &EndpointId,
+        config: &EndpointConfig,
+    ) -> Arc<EndpointState> {
+        let weak: std::sync::Weak<Self> = Arc::downgrade(self);
+        let hooks: std::sync::Weak<dyn ClusterHooks> = weak;
+        Arc::new(EndpointState::new(
+            id.clone(),
+            &self.name,
+            self.engine,
+            config,
+            &self.config.load(),
+            hooks,
+        ))
+    }
+
+    /// `backend` with `state`, and its tasks started: the prober (probing at
+    /// once, or an interval after `last_probe`) and the warmer when warming is on.
+    pub(crate) fn start_endpoint(
+        &self,
+        backend: Arc<B>,
+        state: Arc<EndpointState>,
+        last_probe: Option<Instant>,
+    ) -> Arc<Endpoint<B>> {
+        let ep = Arc::new(Endpoint::new(backend, state, self.cancel.child_token()));
+        let span =
+            tracing::info_span!("switchyard.prober", cluster = %self.name, endpoint = %ep.id());
+        self.runtime.spawn(
+            prober::run(
+                Arc::clone(&ep),
+                Arc::clone(&self.config),
+                last_probe,
+                ep.cancel.clone(),
+            )
+            .instrument(span),
+        );
+        if self.config.load().warming.enabled {
+            self.set_warmer(&ep, true);
+        }
+        ep
+    }
+
+    /// Starts or stops `ep`'s warmer.
+    pub(crate) fn set_warmer(&self, ep: &Arc<Endpoint<B>>, on: bool) {
+        let mut slot = ep.warmer();
+        match (on, slot.is_some()) {
+            (true, false) => {
+                let token = ep.cancel.child_token();
+                let span = tracing::info_span!("switchyard.warmer", cluster = %self.name, endpoint = %ep.id());
+                self.runtime.spawn(
+                    warming::run(Arc::clone(ep), Arc::clone(&self.config), token.clone())
+                        .instrument(span),
+                );
+                *slot = Some(token);
+            }
+            (false, true) => {
+                if let Some(token) = slot.take() {
+                    token.cancel();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops an endpoint that left the cluster: its tasks end, and its state
+    /// ignores what in-flight checkouts report from now on.
+    pub(crate) fn retire(ep: &Endpoint<B>) {
+        ep.state.removed.store(true, Ordering::Release);
+        ep.cancel.cancel();
+        ep.state.links.set(Vec::new());
+    }
+
     /// Publishes a new snapshot. Called with the topology lock held, after every
     /// change to anything routing depends on.
-    fn rebuild(&self, topo: &mut Topology<B>, reason: &str) {
-        let snap = Snapshot::build(topo.endpoints.clone(), topo.strategy, &self.config);
+    pub(crate) fn rebuild(&self, topo: &mut Topology<B>, reason: &str) {
+        let config = self.config.load();
+        let snap = Snapshot::build(topo.endpoints.clone(), &config);
         let writer = snap.writer().cloned();
         if writer != topo.writer {
             match (&topo.last_writer, &writer) {
@@ -357,9 +374,10 @@ impl<B: Backend> Shared<B> {
                 (_, Some(new)) => {
                     tracing::info!(cluster = %self.name, endpoint = %new, "writes go to {new}")
                 }
+                (_, None) if self.cancel.is_cancelled() => {}
                 (_, None) => tracing::warn!(
                     cluster = %self.name,
-                    failover_timeout = ?self.config.failover_timeout,
+                    failover_timeout = ?config.failover_timeout,
                     "no writable endpoint: writes wait for a primary"
                 ),
             }
@@ -379,19 +397,23 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Whether ejecting `ep` would break the cap or leave writes nowhere to go.
-    fn ejection_refused(&self, topo: &Topology<B>, ep: &EndpointState) -> Option<String> {
+    fn ejection_refused(
+        &self,
+        topo: &Topology<B>,
+        ep: &EndpointState,
+        max_ejected_percent: u8,
+    ) -> Option<String> {
         let out = topo
             .endpoints
             .iter()
             .filter(|e| !std::ptr::eq(Arc::as_ptr(&e.state), ep))
             .filter(|e| e.state.health().ejection.is_out())
             .count();
-        let cap = ejection_cap(topo.endpoints.len(), self.config.health.max_ejected_percent);
+        let cap = ejection_cap(topo.endpoints.len(), max_ejected_percent);
         if out >= cap {
             return Some(format!(
-                "{out} of {} endpoints already ejected (max_ejected_percent {})",
+                "{out} of {} endpoints already ejected (max_ejected_percent {max_ejected_percent})",
                 topo.endpoints.len(),
-                self.config.health.max_ejected_percent
             ));
         }
         let snap = self.snapshot.load();
@@ -405,11 +427,14 @@ impl<B: Backend> Shared<B> {
 impl<B: Backend> ClusterHooks for Shared<B> {
     fn endpoint_failed(&self, ep: &EndpointState, reason: &str) {
         let mut topo = self.lock();
+        let config = self.config.load();
         let phase = ep.health().ejection.phase;
         match phase {
             Phase::Ejected { .. } => return,
             Phase::Admitted => {
-                if let Some(why) = self.ejection_refused(&topo, ep) {
+                if let Some(why) =
+                    self.ejection_refused(&topo, ep, config.health.max_ejected_percent)
+                {
                     ep.metrics.ejections_capped.increment(1);
                     tracing::warn!(cluster = %self.name, endpoint = %ep.id, reason, "not ejecting endpoint: {why}");
                     return;
@@ -418,9 +443,8 @@ impl<B: Backend> ClusterHooks for Shared<B> {
             Phase::HalfOpen => {}
         }
         let now = Instant::now();
-        let backoff = ep.health().ejection.eject(&self.config.health, now);
-        ep.half_open
-            .store(false, std::sync::atomic::Ordering::Release);
+        let backoff = ep.health().ejection.eject(&config.health, now);
+        ep.half_open.store(false, Ordering::Release);
         ep.release_trial();
         ep.metrics.ejections.increment(1);
         ep.counters.ejected();
@@ -435,13 +459,10 @@ impl<B: Backend> ClusterHooks for Shared<B> {
 
     fn trial_passed(&self, ep: &EndpointState) {
         let mut topo = self.lock();
-        if ep.removed.load(std::sync::atomic::Ordering::Acquire)
-            || !ep.health().ejection.readmit(Instant::now())
-        {
+        if ep.removed.load(Ordering::Acquire) || !ep.health().ejection.readmit(Instant::now()) {
             return;
         }
-        ep.half_open
-            .store(false, std::sync::atomic::Ordering::Release);
+        ep.half_open.store(false, Ordering::Release);
         ep.release_trial();
         tracing::info!(cluster = %self.name, endpoint = %ep.id, "endpoint re-admitted after a successful trial checkout");
         self.rebuild(&mut topo, "endpoint re-admitted");
@@ -449,10 +470,11 @@ impl<B: Backend> ClusterHooks for Shared<B> {
 
     fn probed(&self, ep: &EndpointState, result: Result<Probe, Error>) {
         let mut topo = self.lock();
-        if ep.removed.load(std::sync::atomic::Ordering::Acquire) {
+        if ep.removed.load(Ordering::Acquire) {
             return;
         }
-        let cfg = &self.config.health;
+        let config = self.config.load();
+        let cfg = &config.health;
         let now = Instant::now();
         let changed = {
             let mut h = ep.health();
@@ -480,14 +502,11 @@ impl<B: Backend> ClusterHooks for Shared<B> {
 
     fn ejection_expired(&self, ep: &EndpointState) {
         let mut topo = self.lock();
-        if ep.removed.load(std::sync::atomic::Ordering::Acquire)
-            || !ep.health().ejection.expire(Instant::now())
-        {
+        if ep.removed.load(Ordering::Acquire) || !ep.health().ejection.expire(Instant::now()) {
             return;
         }
         ep.release_trial();
-        ep.half_open
-            .store(true, std::sync::atomic::Ordering::Release);
+        ep.half_open.store(true, Ordering::Release);
         tracing::info!(cluster = %self.name, endpoint = %ep.id, "ejection over: endpoint half-open, the next checkout is a trial");
         self.rebuild(&mut topo, "endpoint half-open");
     }

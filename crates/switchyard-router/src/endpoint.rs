@@ -230,23 +230,34 @@ impl fmt::Debug for EndpointState {
 }
 
 /// An endpoint of a cluster: the backend and its state.
+///
+/// The state may outlive the backend: when only the pool behind an endpoint
+/// changes, a new `Endpoint` with the new backend takes over the same state
+/// (health, load, latency, counters).
 pub(crate) struct Endpoint<B: Backend> {
     pub backend: Arc<B>,
     pub state: Arc<EndpointState>,
     pub observer: Arc<dyn CheckoutObserver>,
     /// Stops this endpoint's tasks (child of the cluster's token).
     pub cancel: CancellationToken,
+    /// Stops the warmer while warming is on (child of `cancel`).
+    pub warmer: Mutex<Option<CancellationToken>>,
 }
 
 impl<B: Backend> Endpoint<B> {
-    pub fn new(backend: Arc<B>, state: EndpointState, cancel: CancellationToken) -> Self {
-        let state = Arc::new(state);
+    pub fn new(backend: Arc<B>, state: Arc<EndpointState>, cancel: CancellationToken) -> Self {
         Self {
             backend,
             observer: state.clone(),
             state,
             cancel,
+            warmer: Mutex::new(None),
         }
+    }
+
+    /// The warmer slot; held only to start or stop the task.
+    pub fn warmer(&self) -> MutexGuard<'_, Option<CancellationToken>> {
+        self.warmer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn id(&self) -> &EndpointId {

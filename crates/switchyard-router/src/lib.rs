@@ -21,8 +21,11 @@
 //!   made by [`switchyard_core::Checkout::acquire`], which applies the scope and
 //!   quota.
 //!
-//! Endpoints, weights, the strategy and the tenant registry can change while
-//! traffic flows. The cluster is also a [`tower::Service`] ([`ClusterService`]),
+//! The whole configuration ([`Cluster::set_config`]: timeouts, retries,
+//! health, read preference, warming, latency, strategy), the endpoints (added,
+//! removed, or replaced in one step), weights and the tenant registry can
+//! change while traffic flows; a cluster removed from service stops with
+//! [`Cluster::close`]. The cluster is also a [`tower::Service`] ([`ClusterService`]),
 //! reports [`metrics`] and a [`ClusterStatus`], and can warm pools ahead of
 //! demand ([`warming`]).
 //!
@@ -87,6 +90,7 @@ mod cluster;
 pub mod config;
 mod endpoint;
 pub mod health;
+mod live;
 pub mod metrics;
 pub mod service;
 pub mod status;

@@ -1,7 +1,8 @@
 //! Snapshots: the immutable routing table that every pick reads.
 //!
 //! A snapshot is rebuilt whenever anything routing depends on changes (an
-//! endpoint's health, role or lag, a weight, the endpoint list, the strategy),
+//! endpoint's health, role or lag, a weight, the endpoint list, the strategy,
+//! the read preference or the replica lag limit),
 //! and published with one `ArcSwap` store. Rebuilds are serialised by the
 //! cluster's topology mutex and read every endpoint's state under it, so the
 //! last rebuild always reflects the last change. A pick loads the snapshot
@@ -63,23 +64,14 @@ pub(crate) struct Snapshot<B: Backend> {
 }
 
 impl<B: Backend> Snapshot<B> {
-    pub fn empty(kind: StrategyKind, read_preference: ReadPreference) -> Self {
-        Self {
-            endpoints: Vec::new(),
-            write: Pool::new(kind, Vec::new()),
-            read: Pool::new(kind, Vec::new()),
-            trials: Vec::new(),
-            strategy: kind,
-            read_preference,
-        }
+    pub fn empty(config: &ClusterConfig) -> Self {
+        Self::build(Vec::new(), config)
     }
 
-    /// Builds the table from every endpoint's current state.
-    pub fn build(
-        endpoints: Vec<Arc<Endpoint<B>>>,
-        kind: StrategyKind,
-        config: &ClusterConfig,
-    ) -> Self {
+    /// Builds the table from every endpoint's current state and the cluster's
+    /// strategy, read preference and replica lag limit.
+    pub fn build(endpoints: Vec<Arc<Endpoint<B>>>, config: &ClusterConfig) -> Self {
+        let kind = config.strategy;
         let mut primaries: Vec<(Option<Instant>, Arc<Endpoint<B>>)> = Vec::new();
         let mut standalone = Vec::new();
         let mut replicas = Vec::new();

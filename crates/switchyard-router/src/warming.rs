@@ -13,15 +13,21 @@
 //! Off by default: it briefly holds idle connections, and a pool that already
 //! keeps `min_idle` (sqlx, deadpool with a pre-fill) may not need it. It never
 //! warms an endpoint that is down or ejected.
+//!
+//! Turning `enabled` on or off with
+//! [`Cluster::set_config`](crate::Cluster::set_config) starts or stops the
+//! warmers at once; the other settings are read afresh at every step, so they
+//! apply from each warmer's next step.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use switchyard_core::{Backend, PoolStats};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WarmingConfig;
+use crate::config::ClusterConfig;
 use crate::endpoint::Endpoint;
 
 /// An exponentially weighted moving average of concurrent demand.
@@ -58,6 +64,11 @@ impl DemandForecast {
         self.value
     }
 
+    /// Changes the time constant for the samples to come.
+    pub fn set_window(&mut self, window: Duration) {
+        self.window = window;
+    }
+
     /// The current forecast.
     pub fn value(&self) -> f64 {
         self.value
@@ -81,22 +92,27 @@ pub fn connections_to_hold(target: u32, stats: PoolStats, max_step: u32) -> u32 
         .saturating_add((target - stats.size).min(max_step))
 }
 
-/// Keeps `ep`'s pool near the forecast until `cancel` fires.
+/// Keeps `ep`'s pool near the forecast until `cancel` fires, with the
+/// cluster's warming settings as they are at each step.
 pub(crate) async fn run<B: Backend>(
     ep: Arc<Endpoint<B>>,
-    cfg: WarmingConfig,
-    acquire_timeout: Duration,
+    config: Arc<ArcSwap<ClusterConfig>>,
     cancel: CancellationToken,
 ) {
-    let mut forecast = DemandForecast::new(cfg.window);
-    let mut tick = tokio::time::interval(cfg.interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut forecast = DemandForecast::new(config.load().warming.window);
+    let mut last_step: Option<Instant> = None;
     loop {
+        let interval = config.load().warming.interval;
+        let next = last_step.map_or_else(Instant::now, |t| t + interval);
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            _ = tick.tick() => {}
+            () = sleep_until(next) => {}
         }
+        last_step = Some(Instant::now());
+        let cfg = config.load_full();
+        let w = &cfg.warming;
+        forecast.set_window(w.window);
         let value = forecast.sample(ep.state.in_flight.get(), Instant::now());
         ep.state.metrics.forecast.set(value);
         let serving = {
@@ -108,12 +124,12 @@ pub(crate) async fn run<B: Backend>(
         }
         let stats = ep.backend.stats();
         let hold = connections_to_hold(
-            forecast.target(cfg.min_idle, stats.max_size),
+            forecast.target(w.min_idle, stats.max_size),
             stats,
-            cfg.max_step,
+            w.max_step,
         );
         if hold > 0 {
-            warm(&ep, hold, acquire_timeout).await;
+            warm(&ep, hold, cfg.health.timeout).await;
         }
     }
     tracing::debug!("warmer stopped");

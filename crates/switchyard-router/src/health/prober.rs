@@ -1,45 +1,56 @@
 //! The per-endpoint health task: probes on an interval and ends ejections.
 //!
 //! One task per endpoint owns every timer of that endpoint's health: the next
-//! probe and the end of the current ejection. It stops when the endpoint is
-//! removed or the cluster dropped (its cancellation token), and runs inside a
-//! `switchyard.prober` span naming the cluster and endpoint.
+//! probe and the end of the current ejection. It reads the cluster's health
+//! settings afresh on every round, and is woken when they change, so a new
+//! `interval` or `timeout` applies to the probe already scheduled. It stops
+//! when the endpoint is removed or the cluster dropped (its cancellation
+//! token), and runs inside a `switchyard.prober` span naming the cluster and
+//! endpoint.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use switchyard_core::{Backend, Error};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HealthConfig;
+use crate::config::{ClusterConfig, HealthConfig};
 use crate::endpoint::Endpoint;
 
-/// Probes `ep` until `cancel` fires.
+/// Probes `ep` until `cancel` fires: at once when `last_probe` is `None` (the
+/// configured role is only a guess), else one interval after it.
 pub(crate) async fn run<B: Backend>(
     ep: Arc<Endpoint<B>>,
-    cfg: HealthConfig,
+    config: Arc<ArcSwap<ClusterConfig>>,
+    last_probe: Option<Instant>,
     cancel: CancellationToken,
 ) {
-    // The first probe runs at once: the configured role is only a guess.
-    let mut next_probe = Instant::now();
+    let mut last_probe = last_probe;
+    let mut probe_at = Instant::now();
     loop {
+        let cfg = config.load_full();
+        let next_probe = last_probe.map_or(probe_at, |t| t + cfg.health.interval);
         let expiry = ep.state.health().ejection.until();
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
             () = sleep_until(next_probe) => {
-                probe_once(&ep, &cfg).await;
-                next_probe = Instant::now() + cfg.interval;
+                probe_once(&ep, &cfg.health).await;
+                last_probe = Some(Instant::now());
             }
             () = sleep_until(expiry.unwrap_or(next_probe)), if expiry.is_some() => {
                 if let Some(hooks) = ep.state.hooks.upgrade() {
                     hooks.ejection_expired(&ep.state);
                 }
             }
+            // A probe is wanted now, the ejection timer moved, or the settings
+            // changed: the next round re-reads all three.
             () = ep.state.wake.notified() => {
                 if ep.state.probe_now.swap(false, Ordering::AcqRel) {
-                    next_probe = Instant::now();
+                    last_probe = None;
+                    probe_at = Instant::now();
                 }
             }
         }

@@ -68,13 +68,15 @@ impl Strategy for Latency {
 ///
 /// The estimate (nanoseconds, as `f64` bits) and the time of its last update are
 /// two atomics; an update is a compare-and-swap loop on the estimate, so
-/// concurrent samples are never lost, only ordered arbitrarily.
+/// concurrent samples are never lost, only ordered arbitrarily. The decay is an
+/// atomic too, so a configuration reload can change it in place.
 #[derive(Debug)]
 pub struct PeakEwma {
     estimate: AtomicU64,
     updated_ns: AtomicU64,
     epoch: Instant,
-    decay_ns: f64,
+    /// The time constant in nanoseconds, as `f64` bits.
+    decay_ns: AtomicU64,
 }
 
 impl PeakEwma {
@@ -84,8 +86,14 @@ impl PeakEwma {
             estimate: AtomicU64::new(nanos(initial).to_bits()),
             updated_ns: AtomicU64::new(0),
             epoch: Instant::now(),
-            decay_ns: nanos(decay).max(1.0),
+            decay_ns: AtomicU64::new(nanos(decay).max(1.0).to_bits()),
         }
+    }
+
+    /// Changes the time constant; the estimate so far is kept.
+    pub fn set_decay(&self, decay: Duration) {
+        self.decay_ns
+            .store(nanos(decay).max(1.0).to_bits(), Ordering::Relaxed);
     }
 
     fn since_epoch(&self, now: Instant) -> u64 {
@@ -94,7 +102,8 @@ impl PeakEwma {
 
     fn decay_factor(&self, now_ns: u64) -> f64 {
         let elapsed = now_ns.saturating_sub(self.updated_ns.load(Ordering::Acquire));
-        (-(elapsed as f64) / self.decay_ns).exp()
+        let decay_ns = f64::from_bits(self.decay_ns.load(Ordering::Relaxed));
+        (-(elapsed as f64) / decay_ns).exp()
     }
 
     /// Records one latency sample.
@@ -163,6 +172,17 @@ mod tests {
         advance(Duration::from_secs(20)).await;
         let idle = e.estimate_ns(Instant::now()) / 1e6;
         assert!((idle - got * (-2.0f64).exp()).abs() < 1e-6, "{idle}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_decay_applies_to_the_estimate_in_place() {
+        let e = PeakEwma::new(Duration::from_secs(10), MS);
+        e.observe(100 * MS);
+        e.set_decay(Duration::from_secs(1));
+        advance(Duration::from_secs(1)).await;
+        let got = e.estimate_ns(Instant::now()) / 1e6;
+        let want = 100.0 / std::f64::consts::E;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,7 @@
 mod counters;
 mod failover;
 mod live;
+mod reconfig;
 mod routing;
 
 use std::sync::Arc;

@@ -1,0 +1,196 @@
+//! Live changes to a running cluster: its configuration, tenants and endpoints.
+//!
+//! Every change is made under the cluster's topology lock and ends in one
+//! snapshot rebuild, so a checkout sees the cluster either before or after it,
+//! never half-way. Checkouts in flight finish on the endpoint and backend they
+//! started on.
+
+use std::sync::Arc;
+
+use switchyard_core::{Backend, EndpointId, Error, TenantRegistry};
+
+use crate::cluster::{Cluster, Shared};
+use crate::config::{self, join_problems, ClusterConfig, EndpointConfig, StrategyKind};
+
+impl<B: Backend> Cluster<B> {
+    /// Replaces the tenant registry while checkouts run.
+    ///
+    /// Checkouts already holding a connection keep the quota permit of the old
+    /// registry, so for a moment a tenant may hold up to twice its quota.
+    pub fn set_tenants(&self, tenants: TenantRegistry) -> Result<(), Error> {
+        tenants.validate()?;
+        self.shared.tenants.store(Arc::new(tenants));
+        Ok(())
+    }
+
+    /// Replaces the whole configuration while traffic flows.
+    ///
+    /// Validated as [`ClusterBuilder::build`](crate::ClusterBuilder::build)
+    /// validates it: an invalid one fails with one [`Error::Config`] naming
+    /// every problem with its path, and the running one stays. A valid one
+    /// takes effect at once:
+    ///
+    /// - `strategy`, `read_preference` and `health.max_replica_lag`: the
+    ///   routing snapshot is rebuilt with them;
+    /// - `checkout_timeout`, `failover_timeout` and `retry`: from the next
+    ///   checkout (checkouts under way keep the deadline they started with);
+    /// - `health`: every prober is woken and reads the new settings, so a new
+    ///   `interval` applies to the probe already scheduled and `timeout`,
+    ///   `fall` and `rise` to the next probe. Ejection settings apply to the
+    ///   next ejection; one under way keeps its backoff;
+    /// - `warming.enabled` starts or stops the warmers; the other warming
+    ///   settings apply from each warmer's next step;
+    /// - `latency.decay` applies to every endpoint's estimate in place;
+    ///   `latency.default_rtt` is a starting value, so it applies to endpoints
+    ///   added (or re-pointed) afterwards.
+    pub fn set_config(&self, config: ClusterConfig) -> Result<(), Error> {
+        let shared = &self.shared;
+        let path = shared.path();
+        join_problems(&path, config.validate(&path))?;
+        let mut topo = shared.lock();
+        shared.check_open()?;
+        let warming = config.warming.enabled;
+        let decay = config.latency.decay;
+        shared.config.store(Arc::new(config));
+        for ep in &topo.endpoints {
+            ep.state.ewma.set_decay(decay);
+            shared.set_warmer(ep, warming);
+            ep.state.wake.notify_one();
+        }
+        tracing::info!(cluster = %shared.name, "configuration replaced");
+        shared.rebuild(&mut topo, "configuration changed");
+        Ok(())
+    }
+
+    /// Switches the balancing strategy while traffic flows.
+    pub fn set_strategy(&self, strategy: StrategyKind) {
+        let shared = &self.shared;
+        let mut topo = shared.lock();
+        let mut next = ClusterConfig::clone(&shared.config.load());
+        next.strategy = strategy;
+        shared.config.store(Arc::new(next));
+        shared.rebuild(&mut topo, "strategy changed");
+    }
+
+    /// Adds an endpoint while traffic flows; its prober starts at once.
+    pub fn add_endpoint(&self, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
+        self.shared.add(backend, config)
+    }
+
+    /// Removes an endpoint: no new checkouts go to it and its tasks stop;
+    /// checkouts in flight finish normally. Returns whether it was there.
+    pub fn remove_endpoint(&self, id: &EndpointId) -> bool {
+        let shared = &self.shared;
+        let mut topo = shared.lock();
+        let Ok(pos) = shared.position(&topo, id) else {
+            return false;
+        };
+        let ep = topo.endpoints.remove(pos);
+        Shared::retire(&ep);
+        tracing::info!(cluster = %shared.name, endpoint = %id, "endpoint removed");
+        shared.rebuild(&mut topo, "endpoint removed");
+        true
+    }
+
+    /// Replaces the endpoint with `backend`'s id by a new one, in one routing
+    /// change: there is no moment without it, so re-pointing the primary never
+    /// leaves writes without a writer.
+    ///
+    /// The new endpoint starts afresh, as [`add_endpoint`](Self::add_endpoint)
+    /// starts one: assumed up in `config.role`, probed at once, with new
+    /// counters and latency estimate. Use it when the endpoint now points
+    /// somewhere else (a new URL or role); when only the pool in front of the
+    /// same server changed, [`replace_backend`](Self::replace_backend) keeps
+    /// what is known about it. Checkouts in flight on the old backend finish
+    /// normally, and the old endpoint's tasks stop.
+    ///
+    /// Fails with [`Error::Config`] when there is no such endpoint or `config`
+    /// is invalid.
+    pub fn replace_endpoint(&self, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
+        let shared = &self.shared;
+        let id = backend.endpoint().clone();
+        shared.check_endpoint(&id, &config)?;
+        let mut topo = shared.lock();
+        shared.check_open()?;
+        let pos = shared.position(&topo, &id)?;
+        let ep = shared.start_endpoint(backend, shared.fresh_state(&id, &config), None);
+        let old = std::mem::replace(&mut topo.endpoints[pos], ep);
+        Shared::retire(&old);
+        tracing::info!(cluster = %shared.name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint replaced");
+        shared.rebuild(&mut topo, "endpoint replaced");
+        Ok(())
+    }
+
+    /// Puts `backend` in front of the endpoint with the same id, keeping
+    /// everything the router knows about the endpoint: health (up or down,
+    /// role, lag, ejection), weight, load, latency estimate and counters. It
+    /// serves at once, and its next probe comes an interval after the last.
+    ///
+    /// For a backend reaching the same server with other pool settings; when
+    /// the endpoint points somewhere else, use
+    /// [`replace_endpoint`](Self::replace_endpoint). Checkouts in flight on the
+    /// old backend finish normally (and still count against the endpoint's
+    /// load), and the old backend's tasks stop.
+    ///
+    /// Fails with [`Error::Config`] when there is no such endpoint.
+    pub fn replace_backend(&self, backend: Arc<B>) -> Result<(), Error> {
+        let shared = &self.shared;
+        let id = backend.endpoint().clone();
+        let mut topo = shared.lock();
+        shared.check_open()?;
+        let pos = shared.position(&topo, &id)?;
+        let state = Arc::clone(&topo.endpoints[pos].state);
+        let last_probe = state.health().last_probe;
+        let ep = shared.start_endpoint(backend, state, last_probe);
+        let old = std::mem::replace(&mut topo.endpoints[pos], ep);
+        // The state lives on in the new endpoint: only the old tasks stop.
+        old.cancel.cancel();
+        tracing::info!(cluster = %shared.name, endpoint = %id, "endpoint backend replaced");
+        shared.rebuild(&mut topo, "endpoint backend replaced");
+        Ok(())
+    }
+
+    /// Changes an endpoint's weight (1 to [`MAX_WEIGHT`](config::MAX_WEIGHT)).
+    pub fn set_weight(&self, id: &EndpointId, weight: u32) -> Result<(), Error> {
+        let shared = &self.shared;
+        let mut problems = Vec::new();
+        config::check_weight(
+            weight,
+            &format!("{}.endpoints.{id}.weight", shared.path()),
+            &mut problems,
+        );
+        join_problems(&shared.path(), problems)?;
+        let mut topo = shared.lock();
+        let pos = shared.position(&topo, id)?;
+        topo.endpoints[pos].state.set_weight(weight);
+        shared.rebuild(&mut topo, "weight changed");
+        Ok(())
+    }
+
+    /// Stops the cluster for every clone: its probers and warmers end, its
+    /// endpoints leave, and checkouts fail with [`Error::Closed`] from now on
+    /// (writes waiting for a primary at once). Checkouts in flight finish
+    /// normally. Idempotent; a closed cluster cannot be reopened.
+    ///
+    /// Dropping the last clone stops the tasks too; `close` is for a cluster
+    /// that must stop while clones are still held, e.g. one removed from the
+    /// configuration.
+    pub fn close(&self) {
+        let shared = &self.shared;
+        let mut topo = shared.lock();
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        shared.cancel.cancel();
+        for ep in topo.endpoints.drain(..) {
+            Shared::retire(&ep);
+        }
+        tracing::info!(cluster = %shared.name, "cluster closed");
+        shared.rebuild(&mut topo, "cluster closed");
+    }
+
+    /// Whether [`close`](Self::close) ran.
+    pub fn is_closed(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+}
