@@ -9,6 +9,7 @@ use figment::{Figment, Profile, Provider, Source};
 
 use crate::env::EnvLayer;
 use crate::error::{ConfigError, Problem};
+use crate::locate::{segments, Segment};
 use crate::settings::Settings;
 
 /// The environments an override file may exist for.
@@ -200,27 +201,20 @@ pub(crate) fn dotted(keys: &[String]) -> String {
 /// lead to it (`a`, `b`, `1`, `c`).
 fn deepest<'a>(root: &'a Dict, path: &str) -> Option<(&'a Value, Vec<String>)> {
     let mut keys = Vec::new();
-    let mut segments = Vec::new();
-    for part in path.split('.') {
-        let (key, rest) = part.split_once('[').unwrap_or((part, ""));
-        segments.push((key.to_owned(), None));
-        for idx in rest.split('[') {
-            if let Ok(i) = idx.trim_end_matches(']').parse::<usize>() {
-                segments.push((String::new(), Some(i)));
-            }
-        }
-    }
     let mut current: Option<&Value> = None;
-    for (key, idx) in segments {
-        let next = match (current, idx) {
-            (None, None) => root.get(&key),
-            (Some(Value::Dict(_, d)), None) => d.get(&key),
-            (Some(Value::Array(_, a)), Some(i)) => a.get(i),
+    for segment in segments(path) {
+        let next = match (current, &segment) {
+            (None, Segment::Key(key)) => root.get(key),
+            (Some(Value::Dict(_, d)), Segment::Key(key)) => d.get(key),
+            (Some(Value::Array(_, a)), Segment::Index(i)) => a.get(*i),
             _ => None,
         };
         match next {
             Some(v) => {
-                keys.push(idx.map_or(key, |i| i.to_string()));
+                keys.push(match segment {
+                    Segment::Key(key) => key,
+                    Segment::Index(i) => i.to_string(),
+                });
                 current = Some(v);
             }
             None => break,

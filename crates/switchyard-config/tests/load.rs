@@ -511,6 +511,6 @@ fn env_var_list_problems_name_the_variable_and_file_items_their_file() {
         .iter()
         .find(|t| t.starts_with("clusters.main.endpoints[1].url"))
         .unwrap();
-    assert!(url.ends_with("base.yaml)"), "{url}");
+    assert!(url.ends_with("base.yaml:8)"), "{url}");
     assert_eq!(text.len(), expect.len(), "{text:#?}");
 }

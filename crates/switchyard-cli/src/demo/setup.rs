@@ -125,8 +125,7 @@ clusters:
             .live
             .routers()
             .postgres("main")
-            .ok_or("no cluster main")?
-            .clone())
+            .ok_or("no cluster main")?)
     }
 
     /// The Redis router.
@@ -135,8 +134,7 @@ clusters:
             .live
             .routers()
             .redis("cache")
-            .ok_or("no cluster cache")?
-            .clone())
+            .ok_or("no cluster cache")?)
     }
 }
 
