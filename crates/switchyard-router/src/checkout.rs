@@ -309,10 +309,16 @@ impl<B: Backend> Cluster<B> {
 
     /// An endpoint for `intent`; writes wait for a primary up to `failover_timeout`.
     async fn choose(&self, intent: Intent, budget: &Budget) -> Result<Chosen<B>, Error> {
+        // The common case looks once and takes no lock: registering with
+        // `changed` locks its waiter list, which every checkout would contend on.
+        if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
+            return Ok(chosen);
+        }
         let shared = &self.shared;
         let mut waiting_since: Option<Instant> = None;
         loop {
-            // Registered before looking, so a primary that appears in between wakes us.
+            // Registered before looking again, so a primary that appears in
+            // between wakes us.
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -353,12 +359,23 @@ impl<B: Backend> Cluster<B> {
         if let Some(ep) = snap.pool(intent).pick(avoid) {
             return Some((Arc::clone(ep), None));
         }
-        // A read retry that ran out of replicas may still use the primary.
+        // A read retry that ran out of replicas may still use the primary, and
+        // then a primary that writes do not go to yet (one just promoted while
+        // the old one is not yet seen down).
         if intent == Intent::Read
             && !avoid.is_empty()
             && snap.read_preference != ReadPreference::ReplicasOnly
         {
-            return snap.write.pick(avoid).map(|ep| (Arc::clone(ep), None));
+            return snap
+                .write
+                .pick(avoid)
+                .or_else(|| {
+                    snap.other_primaries
+                        .iter()
+                        .rev()
+                        .find(|ep| !avoid.contains(ep.id()))
+                })
+                .map(|ep| (Arc::clone(ep), None));
         }
         None
     }

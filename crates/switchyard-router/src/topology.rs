@@ -59,6 +59,10 @@ pub(crate) struct Snapshot<B: Backend> {
     pub read: Pool<B>,
     /// Half-open endpoints waiting for their trial checkout.
     pub trials: Vec<(Arc<Endpoint<B>>, Role)>,
+    /// Admitted primaries other than the one writes go to, newest last: mid
+    /// failover, a promoted replica seen before its dead predecessor is down.
+    /// A last resort for read retries only.
+    pub other_primaries: Vec<Arc<Endpoint<B>>>,
     pub strategy: StrategyKind,
     pub read_preference: ReadPreference,
 }
@@ -120,21 +124,26 @@ impl<B: Backend> Snapshot<B> {
             None => standalone.clone(),
         };
         replicas.extend(standalone);
+        let mut primaries = primaries.into_iter().map(|(_, p)| p);
         let readers = match config.read_preference {
             ReadPreference::ReplicasOnly => replicas,
             ReadPreference::PreferReplicas if replicas.is_empty() => writers.clone(),
             ReadPreference::PreferReplicas => replicas,
             ReadPreference::Any => {
                 let mut all = replicas;
-                all.extend(primaries.into_iter().map(|(_, p)| p).take(1));
+                all.extend(primaries.next());
                 all
             }
         };
+        let other_primaries = primaries
+            .filter(|p| !writers.iter().any(|w| Arc::ptr_eq(w, p)))
+            .collect();
         let snapshot = Self {
             write: Pool::new(kind, writers),
             read: Pool::new(kind, readers),
             endpoints,
             trials,
+            other_primaries,
             strategy: kind,
             read_preference: config.read_preference,
         };

@@ -351,3 +351,34 @@ async fn a_write_checkout_that_outlives_its_primary_moves_to_the_new_one() {
         "the write went to the old primary"
     );
 }
+
+/// A primary dies and its only replica is promoted before the probes have
+/// marked the old one down: the replica has left the read pool (it is a
+/// primary now) and the dead one is still the elected writer. Reads must not
+/// fail in that window: a read retry that has run out of elected endpoints
+/// may use the newly promoted primary.
+#[tokio::test(start_paused = true)]
+async fn reads_survive_a_promotion_that_is_seen_before_the_dead_primary() {
+    let (cluster, b) = cluster(1, config()).await;
+    b[0].set_down(true);
+    b[1].set_role(Role::Primary);
+    // One probe round: r1 is seen as primary, p has failed once (fall is 2).
+    run_for(Duration::from_secs(1)).await;
+    let p = status_of(&cluster, "p");
+    assert_eq!(p.health, Health::Up, "{p:?}");
+    assert_eq!(status_of(&cluster, "r1").role, Role::Primary);
+    for _ in 0..20 {
+        let served = cluster
+            .run(Intent::Read, None, CheckoutOptions::new(), |conn| {
+                Box::pin(async move { Ok(conn.endpoint().to_string()) })
+            })
+            .await;
+        assert_eq!(served.unwrap(), "r1");
+    }
+    // Writes stay with the longest-serving primary until it is down.
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.status().writer.as_ref().map(|w| w.as_str()),
+        Some("r1")
+    );
+}
