@@ -53,6 +53,9 @@ impl CheckoutOptions {
 
 /// What one checkout (or one `run`) may still spend on retries.
 struct Budget {
+    /// When the operation started: the one clock read a checkout that gets
+    /// its connection at the first try needs.
+    started: Instant,
     deadline: Instant,
     retryable: bool,
     attempts_left: u32,
@@ -69,12 +72,12 @@ struct Budget {
 impl Budget {
     fn new(config: &crate::ClusterConfig, intent: Intent, opts: &CheckoutOptions) -> Self {
         let retryable = intent == Intent::Read || opts.idempotent;
+        let started = Instant::now();
         Self {
             attempt_timeout: config.retry.attempt_timeout,
             failover_timeout: config.failover_timeout,
-            deadline: opts
-                .deadline
-                .unwrap_or_else(|| Instant::now() + config.checkout_timeout),
+            started,
+            deadline: opts.deadline.unwrap_or(started + config.checkout_timeout),
             retryable,
             attempts_left: if retryable {
                 config.retry.max_attempts.max(1)
@@ -232,7 +235,7 @@ impl<B: Backend> Cluster<B> {
         tenant: Option<&TenantId>,
         budget: &mut Budget,
     ) -> Result<Checkout<B>, Error> {
-        let started = Instant::now();
+        let started = budget.started;
         let entry = match tenant {
             Some(t) => Some(self.shared.tenants.load().resolve(t)?),
             None => None,
@@ -251,12 +254,21 @@ impl<B: Backend> Cluster<B> {
                     });
                 }
             };
+            // The first attempt starts when the operation did: no clock read.
+            let attempt_started = if budget.attempts == 1 {
+                budget.started
+            } else {
+                Instant::now()
+            };
             let deadline = if budget.retryable && budget.attempts_left > 0 {
-                budget.deadline.min(Instant::now() + budget.attempt_timeout)
+                budget
+                    .deadline
+                    .min(attempt_started + budget.attempt_timeout)
             } else {
                 budget.deadline
             };
             let mut req = CheckoutRequest::new(deadline)
+                .started_at(attempt_started)
                 .in_flight(Arc::clone(&ep.state.in_flight))
                 .observer(Arc::clone(&ep.observer));
             if let Some(entry) = &entry {
@@ -289,7 +301,9 @@ impl<B: Backend> Cluster<B> {
                     }
                 }
                 Ok(conn) => {
-                    span.record("wait_us", started.elapsed().as_micros() as u64);
+                    if !span.is_disabled() {
+                        span.record("wait_us", started.elapsed().as_micros() as u64);
+                    }
                     return Ok(conn);
                 }
                 Err(error) => {

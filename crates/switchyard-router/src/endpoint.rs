@@ -174,8 +174,8 @@ impl EndpointState {
 }
 
 impl CheckoutObserver for EndpointState {
-    fn on_acquired(&self, waited: Duration) {
-        self.ewma.observe(waited);
+    fn on_acquired(&self, waited: Duration, at: Instant) {
+        self.ewma.observe_at(waited, at);
         self.metrics.acquired.increment(1);
         self.metrics.wait.record(waited);
         self.counters.acquired(waited);

@@ -108,7 +108,13 @@ impl PeakEwma {
 
     /// Records one latency sample.
     pub fn observe(&self, sample: Duration) {
-        let now = self.since_epoch(Instant::now());
+        self.observe_at(sample, Instant::now());
+    }
+
+    /// Records one latency sample taken at `at` (a clock read the caller
+    /// already made).
+    pub fn observe_at(&self, sample: Duration, at: Instant) {
+        let now = self.since_epoch(at);
         let sample = nanos(sample);
         let decay = self.decay_factor(now);
         let mut current = self.estimate.load(Ordering::Acquire);
