@@ -2,6 +2,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -128,14 +129,16 @@ impl LiveConfig {
         }
     }
 
-    /// Watches the files: every `interval` their contents are compared with
-    /// the last seen, and a change triggers [`reload`](Self::reload). The watch
-    /// stops when the returned handle is dropped.
+    /// Watches the files: every `interval` their contents, and those of the
+    /// files the running configuration reads secrets from (`${file:…}`,
+    /// `password_file`), are compared with the last seen, and a change triggers
+    /// [`reload`](Self::reload): a rotated password reaches new connections
+    /// without a restart. The watch stops when the returned handle is dropped.
     pub fn watch(self: &Arc<Self>, interval: Duration) -> WatchHandle {
         let cancel = CancellationToken::new();
         let live = Arc::downgrade(self);
         let token = cancel.clone();
-        let mut seen = fingerprint(&self.source);
+        let mut seen = fingerprint(&self.source, &self.settings());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -145,11 +148,11 @@ impl LiveConfig {
                     _ = tick.tick() => {}
                 }
                 let Some(live) = live.upgrade() else { break };
-                let now = fingerprint(&live.source);
-                if now != seen {
-                    seen = now;
-                    tracing::info!(dir = %live.source.dir().display(), "configuration files changed; reloading");
+                if fingerprint(&live.source, &live.settings()) != seen {
+                    tracing::info!(dir = %live.source.dir().display(), "configuration or secret files changed; reloading");
                     let _ = live.reload();
+                    // What the configuration now reads secrets from may differ.
+                    seen = fingerprint(&live.source, &live.settings());
                 }
             }
         });
@@ -165,10 +168,12 @@ pub struct WatchHandle {
     _guard: DropGuard,
 }
 
-/// A hash of every layer file's path and content (missing files included as such).
-fn fingerprint(source: &ConfigSource) -> u64 {
+/// A hash of every layer file's and secret file's path and content (missing
+/// files included as such). Only the hash is kept; contents are never logged.
+fn fingerprint(source: &ConfigSource, settings: &Settings) -> u64 {
     let mut h = DefaultHasher::new();
-    for file in source.candidate_files() {
+    let secrets = settings.secret_files().map(Path::to_path_buf);
+    for file in source.candidate_files().into_iter().chain(secrets) {
         file.hash(&mut h);
         std::fs::read(&file).ok().hash(&mut h);
     }

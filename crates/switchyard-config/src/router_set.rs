@@ -329,6 +329,9 @@ enum Swap {
     Repoint,
     /// Only the cluster's pool settings changed: a new backend, same state.
     NewPool,
+    /// Only the credentials in the URL changed (a rotated secret): a new
+    /// backend for the same server, same state.
+    NewCredentials,
 }
 
 impl Swap {
@@ -337,6 +340,7 @@ impl Swap {
             Swap::Add => "added",
             Swap::Repoint => "re-pointed",
             Swap::NewPool => "given a new pool",
+            Swap::NewCredentials => "given new credentials",
         }
     }
 }
@@ -380,8 +384,13 @@ fn apply_cluster(
         let old = old_eps.get(ep_name);
         let swap = match old {
             None => Some(Swap::Add),
-            Some(o) if o.url != ep.url || o.role != ep.role => Some(Swap::Repoint),
+            // The redacted form is the URL without its secrets: equal means
+            // the same server.
+            Some(o) if o.url.redacted() != ep.url.redacted() || o.role != ep.role => {
+                Some(Swap::Repoint)
+            }
             Some(_) if new_pool => Some(Swap::NewPool),
+            Some(o) if o.url != ep.url => Some(Swap::NewCredentials),
             Some(_) => None,
         };
         if let Some(swap) = swap {
@@ -390,7 +399,7 @@ fn apply_cluster(
                 match swap {
                     Swap::Add => cluster.add_endpoint(&b, endpoint_config(ep)),
                     Swap::Repoint => cluster.replace_endpoint(&b, endpoint_config(ep)),
-                    Swap::NewPool => cluster.replace_backend(&b),
+                    Swap::NewPool | Swap::NewCredentials => cluster.replace_backend(&b),
                 }
                 .map(|()| b)
                 .map_err(|source| ConfigError::Build {

@@ -3,7 +3,7 @@
 //! Resolved values go straight into a [`SecretUrl`]; messages name the
 //! variable or file, never what it holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use switchyard_core::SecretUrl;
 
@@ -47,6 +47,19 @@ pub fn resolve_references(raw: &str) -> Result<String, Vec<String>> {
     }
 }
 
+/// The files `raw` reads through `${file:/path}` references.
+pub fn file_references(raw: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut rest = raw;
+    while let Some(start) = rest.find("${file:") {
+        let after = &rest[start + "${file:".len()..];
+        let Some(end) = after.find('}') else { break };
+        files.push(PathBuf::from(&after[..end]));
+        rest = &after[end + 1..];
+    }
+    files
+}
+
 /// Puts the content of `password_file` into `url` as its password.
 pub fn with_password_file(url: &str, password_file: &Path) -> Result<SecretUrl, String> {
     let password = std::fs::read_to_string(password_file)
@@ -82,6 +95,8 @@ mod tests {
         let err = resolve_references("x${SY_SECRETS_UNIT_NOPE}y${z").unwrap_err();
         assert_eq!(err.len(), 2);
         assert!(err[0].contains("SY_SECRETS_UNIT_NOPE"));
+        assert_eq!(file_references(&raw), [f.clone()]);
+        assert!(file_references("postgres://a:${PW}@h/db").is_empty());
         let url = with_password_file("redis://u@h:1/0", &f).unwrap();
         assert_eq!(url.expose(), "redis://u:s3cret@h:1/0");
         assert!(!url.to_string().contains("s3cret"));

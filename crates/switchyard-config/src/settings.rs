@@ -1,6 +1,7 @@
 //! The validated configuration: what [`ConfigSource::load`](crate::ConfigSource::load) returns.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TierPolicy};
 use switchyard_router::ClusterConfig;
@@ -21,6 +22,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Every file a secret of some endpoint is read from.
+    pub fn secret_files(&self) -> impl Iterator<Item = &Path> {
+        self.clusters
+            .values()
+            .flat_map(|c| &c.endpoints)
+            .flat_map(|e| &e.secret_files)
+            .map(PathBuf::as_path)
+    }
+
     /// A fresh tenant registry for these tiers and tenants.
     pub fn tenant_registry(&self) -> TenantRegistry {
         let mut registry = TenantRegistry::new();
@@ -70,4 +80,8 @@ pub struct EndpointSettings {
     pub role: Role,
     /// Relative share of traffic.
     pub weight: u32,
+    /// The files its secrets are read from (`${file:…}` references and
+    /// `password_file`), which a watching [`LiveConfig`](crate::LiveConfig)
+    /// watches too, so a rotated secret is picked up.
+    pub secret_files: Vec<PathBuf>,
 }

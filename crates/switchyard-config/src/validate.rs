@@ -12,7 +12,7 @@ use switchyard_redis::RedisBackendConfig;
 use switchyard_router::{ClusterConfig, EndpointConfig};
 
 use crate::error::Problem;
-use crate::secrets::{resolve_references, with_password_file};
+use crate::secrets::{file_references, resolve_references, with_password_file};
 use crate::settings::{ClusterSettings, EndpointSettings, Settings};
 use crate::source::dotted;
 use crate::Engine;
@@ -357,11 +357,14 @@ fn endpoints(
                 ),
             );
         }
+        let mut secret_files = file_references(&ep.url);
+        secret_files.extend(ep.password_file);
         out.push(EndpointSettings {
             name: ep.name,
             url,
             role: ep.role,
             weight: ep.weight,
+            secret_files,
         });
     }
     if writes && !raw.is_empty() && !has_primary {

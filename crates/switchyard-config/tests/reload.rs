@@ -527,3 +527,62 @@ async fn engines_behind_features_build_routers() {
     );
     assert!(Engine::Mongodb.is_built_in());
 }
+
+/// A rotated secret file is picked up by the watcher, and the endpoint gets a
+/// new backend for the same server (its health is kept), not a fresh one.
+#[tokio::test(start_paused = true)]
+async fn a_rotated_secret_file_is_picked_up_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pg-password");
+    std::fs::write(&secret, "first\n").unwrap();
+    let endpoint = |url: &str| {
+        format!(
+            "      - {{ name: pg-1, url: \"{url}\", role: primary }}\n      - {{ name: pg-2, url: \"postgres://app@127.0.0.1:1/b\" }}"
+        )
+    };
+    let with_ref = endpoint(&format!(
+        "postgres://app:${{file:{}}}@127.0.0.1:1/a",
+        secret.display()
+    ));
+    write(dir.path(), "base.yaml", &base(&with_ref, "least_conn"));
+    let live = Arc::new(
+        LiveConfig::start(
+            ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_RELOAD_SECRET__"),
+        )
+        .unwrap(),
+    );
+    let url = |live: &LiveConfig| {
+        live.settings().clusters["main"].endpoints[0]
+            .url
+            .expose()
+            .to_owned()
+    };
+    assert_eq!(url(&live), "postgres://app:first@127.0.0.1:1/a");
+    let mut events = live.subscribe();
+    let _watch = live.watch(Duration::from_secs(1));
+
+    // Only the secret changes; no configuration file does.
+    std::fs::write(&secret, "second\n").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), events.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(events.borrow_and_update().accepted, 1);
+    assert_eq!(url(&live), "postgres://app:second@127.0.0.1:1/a");
+    // Never shown: the settings' Debug and the running cluster's status.
+    let shown = format!("{:?} {:?}", live.settings(), live.routers().statuses());
+    assert!(
+        !shown.contains("second") && !shown.contains("first"),
+        "{shown}"
+    );
+
+    // The same rotation applied by hand says what it did.
+    std::fs::write(&secret, "third\n").unwrap();
+    let report = live.reload().unwrap();
+    assert_eq!(
+        report.changes,
+        ["cluster main: endpoint pg-1 given new credentials"],
+        "{report:?}"
+    );
+    assert_eq!(names(&live), ["pg-1", "pg-2"]);
+}
