@@ -95,7 +95,7 @@ mod tests {
         let err = resolve_references("x${SY_SECRETS_UNIT_NOPE}y${z").unwrap_err();
         assert_eq!(err.len(), 2);
         assert!(err[0].contains("SY_SECRETS_UNIT_NOPE"));
-        assert_eq!(file_references(&raw), [f.clone()]);
+        assert_eq!(file_references(&raw), std::slice::from_ref(&f));
         assert!(file_references("postgres://a:${PW}@h/db").is_empty());
         let url = with_password_file("redis://u@h:1/0", &f).unwrap();
         assert_eq!(url.expose(), "redis://u:s3cret@h:1/0");
