@@ -4,6 +4,7 @@
 //! switchyard check --config config --env development [--json]
 //! switchyard watch --config config --env development
 //! switchyard demo [--json]
+//! switchyard testbed --config config --env development
 //! ```
 //!
 //! `check` exits 0 when every cluster has a healthy endpoint, 1 when some
@@ -13,6 +14,7 @@
 mod check;
 mod demo;
 mod table;
+mod testbed;
 mod watch;
 
 use std::path::PathBuf;
@@ -51,6 +53,16 @@ enum Command {
         #[arg(long, default_value = "development")]
         env: String,
     },
+    /// Start the PostgreSQL and Redis engines the configuration names, on
+    /// loopback at the ports of its URLs, and keep them up until Ctrl-C.
+    Testbed {
+        /// The config directory.
+        #[arg(long, default_value = "config")]
+        config: PathBuf,
+        /// The environment override to apply.
+        #[arg(long, default_value = "development")]
+        env: String,
+    },
     /// Start the local test bed, run a multi-tenant workload through the
     /// router while faults are injected, and print a timeline and an audit.
     Demo {
@@ -81,6 +93,7 @@ fn main() -> ExitCode {
             Command::Check { config, env, json } => check::run(&config, &env, json).await,
             Command::Watch { config, env } => watch::run(&config, &env).await,
             Command::Demo { json } => demo::run(json).await,
+            Command::Testbed { config, env } => testbed::run(&config, &env).await,
         }
     });
     // Probers and pools hold tasks; do not wait for them.

@@ -225,3 +225,79 @@ async fn demo_uses_external_engines_when_their_urls_are_set() {
         "{stderr}"
     );
 }
+
+/// `testbed` starts what a configuration names on the ports of its URLs (roles
+/// and databases included), `check` then finds every endpoint up, and Ctrl-C
+/// stops every server.
+#[test]
+fn testbed_serves_the_config_it_is_given_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let ports: Vec<u16> = (0..4).map(|_| free_port().unwrap()).collect();
+    let dir = config_dir(&format!(
+        "clusters:\n  main:\n    engine: postgres\n    endpoints:\n      - {{ name: pg-standby, url: \"postgres://app@127.0.0.1:{}/app\" }}\n      - {{ name: pg-primary, url: \"postgres://app@127.0.0.1:{}/app\", role: primary }}\n  cache:\n    engine: redis\n    endpoints:\n      - {{ name: r-1, url: \"redis://127.0.0.1:{}/0\", role: primary }}\n      - {{ name: r-2, url: \"redis://127.0.0.1:{}/0\" }}\n",
+        ports[0], ports[1], ports[2], ports[3]
+    ));
+    let config = dir.path().to_str().unwrap();
+    let mut bed = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["testbed", "--config", config, "--env", "testing"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(bed.stdout.take().unwrap()).lines();
+    let mut shown = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        shown.push_str(&line);
+        shown.push('\n');
+        if line.starts_with("ready:") {
+            break;
+        }
+    }
+    assert!(shown.contains("ready: 2 cluster(s) up"), "{shown}");
+    // The configured primary is started as the primary, whatever its place.
+    assert!(
+        shown.contains(&format!("127.0.0.1:{}  primary", ports[1])),
+        "{shown}"
+    );
+
+    let out = check(dir.path(), true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", text(&out.stderr));
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 4, "{v}");
+
+    let interrupted = Command::new("kill")
+        .args(["-INT", &bed.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    assert_eq!(bed.wait().unwrap().code(), Some(0));
+    for port in ports {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} still taken after the test bed stopped"
+        );
+    }
+
+    // A port that is taken is named, and nothing is left running.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let busy = config_dir(&format!(
+        "clusters:\n  cache:\n    engine: redis\n    endpoints:\n      - {{ name: r-1, url: \"redis://127.0.0.1:{port}/0\", role: primary }}\n"
+    ));
+    let out = switchyard(&[
+        "testbed",
+        "--config",
+        busy.path().to_str().unwrap(),
+        "--env",
+        "testing",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("127.0.0.1:{port} is not free")),
+        "{}",
+        text(&out.stderr)
+    );
+}

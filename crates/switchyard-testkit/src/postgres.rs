@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::error::{Result, TestkitError};
-use crate::port::{loopback, with_free_port};
+use crate::port::{loopback, with_port};
 use crate::process::{find_binary, run_command, Launch, RunAs, ServerProcess};
 use crate::scratch::node_dir;
 use crate::wait::{poll_until, POLL_INTERVAL};
@@ -207,11 +207,11 @@ pub struct PgNode {
 }
 
 impl PgNode {
-    /// Starts `postgres` on the data folder `dir/data`, on a free port.
-    async fn boot(install: &Install, dir: TempDir) -> Result<Self> {
+    /// Starts `postgres` on the data folder `dir/data`, on `port` or a free one.
+    async fn boot(install: &Install, dir: TempDir, port: Option<u16>) -> Result<Self> {
         let data = dir.path().join("data");
         let folder = dir.path().to_path_buf();
-        let (process, port) = with_free_port(|port| {
+        let (process, port) = with_port(port, |port| {
             let launch = Launch {
                 label: format!("postgres 127.0.0.1:{port}"),
                 program: install.tool("postgres"),
@@ -400,6 +400,24 @@ impl PgCluster {
     /// Starts a primary and `standbys` streaming standbys, and returns once every
     /// node accepts connections (standbys: read-only ones).
     pub async fn start(standbys: usize) -> Result<Self> {
+        Self::start_with(&vec![None; standbys + 1]).await
+    }
+
+    /// Starts a primary on `ports[0]` and a streaming standby on each further
+    /// port, for a test bed that must match a configuration's URLs. A port that
+    /// is taken is an error naming it; no other port is tried.
+    pub async fn start_on(ports: &[u16]) -> Result<Self> {
+        if ports.is_empty() {
+            return Err(TestkitError::Environment(
+                "a PostgreSQL cluster needs at least a primary's port".into(),
+            ));
+        }
+        Self::start_with(&ports.iter().copied().map(Some).collect::<Vec<_>>()).await
+    }
+
+    /// `ports[0]` for the primary, the rest for standbys; `None` is a free port.
+    async fn start_with(ports: &[Option<u16>]) -> Result<Self> {
+        let standbys = ports.len().saturating_sub(1);
         let started = Instant::now();
         let install = Install::locate()?;
         let template = template(&install).await?;
@@ -411,9 +429,9 @@ impl PgCluster {
             dir.path(),
         )
         .await?;
-        let primary = PgNode::boot(&install, dir).await?;
+        let primary = PgNode::boot(&install, dir, ports.first().copied().flatten()).await?;
         let mut nodes = vec![primary];
-        for _ in 0..standbys {
+        for port in ports.iter().skip(1).copied() {
             let dir = node_dir("pg", install.run_as)?;
             run_command(
                 &install.tool("pg_basebackup"),
@@ -437,7 +455,7 @@ impl PgCluster {
                 dir.path(),
             )
             .await?;
-            nodes.push(PgNode::boot(&install, dir).await?);
+            nodes.push(PgNode::boot(&install, dir, port).await?);
         }
         tracing::info!(standbys, elapsed = ?started.elapsed(), "postgres cluster started");
         Ok(Self { nodes })

@@ -13,7 +13,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use crate::error::{Result, TestkitError};
-use crate::port::{loopback, with_free_port};
+use crate::port::{loopback, with_port};
 use crate::process::{find_binary, Launch, ServerProcess};
 use crate::scratch::node_dir;
 use crate::wait::poll_until;
@@ -83,10 +83,10 @@ pub struct RedisNode {
 }
 
 impl RedisNode {
-    async fn boot(program: &Path, master: Option<u16>) -> Result<Self> {
+    async fn boot(program: &Path, master: Option<u16>, port: Option<u16>) -> Result<Self> {
         let dir = node_dir("redis", None)?;
         let folder = dir.path().to_path_buf();
-        let (process, port) = with_free_port(|port| {
+        let (process, port) = with_port(port, |port| {
             let mut args: Vec<OsString> = [
                 "--port",
                 &port.to_string(),
@@ -225,13 +225,31 @@ impl RedisCluster {
     /// Starts a master and `replicas` replicas and returns once every replica's link
     /// to the master is up.
     pub async fn start(replicas: usize) -> Result<Self> {
+        Self::start_with(&vec![None; replicas + 1]).await
+    }
+
+    /// Starts a master on `ports[0]` and a replica on each further port, for a
+    /// test bed that must match a configuration's URLs. A port that is taken
+    /// is an error naming it; no other port is tried.
+    pub async fn start_on(ports: &[u16]) -> Result<Self> {
+        if ports.is_empty() {
+            return Err(TestkitError::Environment(
+                "a Redis cluster needs at least a master's port".into(),
+            ));
+        }
+        Self::start_with(&ports.iter().copied().map(Some).collect::<Vec<_>>()).await
+    }
+
+    /// `ports[0]` for the master, the rest for replicas; `None` is a free port.
+    async fn start_with(ports: &[Option<u16>]) -> Result<Self> {
+        let replicas = ports.len().saturating_sub(1);
         let started = Instant::now();
         let program = locate()?;
-        let master = RedisNode::boot(&program, None).await?;
+        let master = RedisNode::boot(&program, None, ports.first().copied().flatten()).await?;
         let master_port = master.port;
         let mut nodes = vec![master];
-        for _ in 0..replicas {
-            nodes.push(RedisNode::boot(&program, Some(master_port)).await?);
+        for port in ports.iter().skip(1).copied() {
+            nodes.push(RedisNode::boot(&program, Some(master_port), port).await?);
         }
         tracing::info!(replicas, elapsed = ?started.elapsed(), "redis cluster started");
         Ok(Self { nodes })
