@@ -79,6 +79,25 @@ where
     }
 }
 
+/// Runs `start` on `port` when one is given (once: a fixed port that is taken
+/// is an error naming it), or on a fresh free port as [`with_free_port`] does.
+pub(crate) async fn with_port<T, F, Fut>(port: Option<u16>, mut start: F) -> Result<T>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let Some(port) = port else {
+        return with_free_port(start).await;
+    };
+    // Bound and released at once: a clear error beats a server log to read.
+    drop(TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| {
+        TestkitError::Environment(format!(
+            "127.0.0.1:{port} is not free ({e}); stop what listens there or pick other ports"
+        ))
+    })?);
+    start(port).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,23 +155,4 @@ mod tests {
         .unwrap_err();
         assert_eq!(attempts, START_ATTEMPTS);
     }
-}
-
-/// Runs `start` on `port` when one is given (once: a fixed port that is taken
-/// is an error naming it), or on a fresh free port as [`with_free_port`] does.
-pub(crate) async fn with_port<T, F, Fut>(port: Option<u16>, mut start: F) -> Result<T>
-where
-    F: FnMut(u16) -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let Some(port) = port else {
-        return with_free_port(start).await;
-    };
-    // Bound and released at once: a clear error beats a server log to read.
-    drop(TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| {
-        TestkitError::Environment(format!(
-            "127.0.0.1:{port} is not free ({e}); stop what listens there or pick other ports"
-        ))
-    })?);
-    start(port).await
 }
