@@ -123,36 +123,39 @@ async fn create_roles(pg: &PgCluster, cluster: &ClusterSettings) -> Result<(), D
     for endpoint in &cluster.endpoints {
         let (user, database) = login(&endpoint.url)?;
         if user != "postgres" {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)")
-                    .bind(&user)
-                    .fetch_one(&mut admin)
-                    .await?;
-            if !exists {
-                let sql = format!("CREATE ROLE {} LOGIN", quote_ident(&user));
-                sqlx::raw_sql(AssertSqlSafe(sql))
-                    .execute(&mut admin)
-                    .await?;
-            }
+            let create = format!("CREATE ROLE {} LOGIN", quote_ident(&user));
+            ensure(&mut admin, "pg_roles WHERE rolname", &user, create).await?;
         }
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)")
-                .bind(&database)
-                .fetch_one(&mut admin)
-                .await?;
-        if !exists {
-            let sql = format!(
-                "CREATE DATABASE {} OWNER {}",
-                quote_ident(&database),
-                quote_ident(&user)
-            );
-            sqlx::raw_sql(AssertSqlSafe(sql))
-                .execute(&mut admin)
-                .await?;
-        }
+        let create = format!(
+            "CREATE DATABASE {} OWNER {}",
+            quote_ident(&database),
+            quote_ident(&user)
+        );
+        ensure(&mut admin, "pg_database WHERE datname", &database, create).await?;
     }
     for standby in pg.standbys() {
         pg.wait_replayed(standby, std::time::Duration::from_secs(15))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Runs `create` unless `SELECT FROM {catalog} = name` finds a row.
+async fn ensure(
+    admin: &mut PgConnection,
+    catalog: &'static str,
+    name: &str,
+    create: String,
+) -> Result<(), DynError> {
+    let exists: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT FROM {catalog} = $1)"
+    )))
+    .bind(name)
+    .fetch_one(&mut *admin)
+    .await?;
+    if !exists {
+        sqlx::raw_sql(AssertSqlSafe(create))
+            .execute(&mut *admin)
             .await?;
     }
     Ok(())
