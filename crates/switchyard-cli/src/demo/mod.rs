@@ -97,24 +97,19 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
             println!("{line}");
         }
     };
-    let source = |var: &str| {
-        if std::env::var_os(var).is_some() {
-            format!("the engines in {var}")
-        } else {
-            "a local test bed".to_owned()
-        }
-    };
     say(format!(
-        "PostgreSQL: {}; Redis: {}",
-        source(engines::PG_URLS_VAR),
-        source(engines::REDIS_URLS_VAR)
+        "starting a local test bed, or reaching the engines in {} / {} where set",
+        engines::PG_URLS_VAR,
+        engines::REDIS_URLS_VAR
     ));
     let bed = setup::Bed::start().await?;
     let (pg_nodes, redis_nodes) = (&bed.pg, &bed.redis);
     say(format!(
-        "PostgreSQL primary + {} standbys and Redis master + {} replica(s) ready in {} ms; routers built from {}",
+        "PostgreSQL primary + {} standby(s) from the {} and Redis master + {} replica(s) from the {}, ready in {} ms; routers built from {}",
         pg_nodes.replicas(),
+        pg_nodes.origin().describe(engines::PG_URLS_VAR),
         redis_nodes.replicas(),
+        redis_nodes.origin().describe(engines::REDIS_URLS_VAR),
         ms(started.elapsed()),
         bed.config_dir().display()
     ));
