@@ -223,9 +223,8 @@ impl Backend for ChBackend {
         let query = shared.probe.query(PROBE_SQL).fetch_one::<(u8, String)>();
         let (one, version) = tokio::time::timeout(timeout, query)
             .await
-            .map_err(|_| Error::Timeout {
+            .map_err(|_| Error::ProbeTimeout {
                 endpoint: shared.endpoint.clone(),
-                tenant: None,
                 elapsed: started.elapsed(),
             })?
             .map_err(|e| ch_error(&shared.endpoint, None, e))?;

@@ -33,7 +33,7 @@ async fn probes_follow_kill_pause_resume_and_restart() {
     let started = Instant::now();
     let err = backend.probe(PROBE_TIMEOUT).await.unwrap_err();
     let elapsed = started.elapsed();
-    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(matches!(err, Error::ProbeTimeout { .. }), "{err}");
     assert!(err.is_endpoint_failure());
     assert!(
         elapsed >= PROBE_TIMEOUT && elapsed < PROBE_TIMEOUT + Duration::from_millis(300),

@@ -56,6 +56,16 @@ pub enum Error {
         elapsed: Duration,
     },
 
+    /// A health probe got no answer in time: the endpoint is hung or
+    /// unreachable (a down node, a paused process, a stalled network).
+    #[error("probe of {endpoint} timed out after {elapsed:?}")]
+    ProbeTimeout {
+        /// Endpoint that was probed.
+        endpoint: EndpointId,
+        /// Time spent waiting for the answer.
+        elapsed: Duration,
+    },
+
     /// The tenant already holds its tier's maximum of concurrent checkouts.
     #[error("tenant {tenant} holds its quota of {limit} connections (waited {waited:?})")]
     QuotaExceeded {
@@ -204,6 +214,7 @@ impl Error {
         matches!(
             self,
             Error::Timeout { .. }
+                | Error::ProbeTimeout { .. }
                 | Error::Backend {
                     kind: BackendErrorKind::Connect | BackendErrorKind::Io,
                     ..
@@ -215,6 +226,7 @@ impl Error {
     pub fn endpoint(&self) -> Option<&EndpointId> {
         match self {
             Error::Timeout { endpoint, .. }
+            | Error::ProbeTimeout { endpoint, .. }
             | Error::TenantNotProvisioned { endpoint, .. }
             | Error::Scope { endpoint, .. }
             | Error::Backend { endpoint, .. } => Some(endpoint),
@@ -254,6 +266,13 @@ mod tests {
             e.to_string(),
             "timed out after 250ms waiting for a connection to pg-replica-1 for tenant acme"
         );
+        let e = Error::ProbeTimeout {
+            endpoint: ep(),
+            elapsed: Duration::from_millis(500),
+        };
+        assert_eq!(e.to_string(), "probe of pg-replica-1 timed out after 500ms");
+        assert!(e.is_endpoint_failure() && !e.is_retryable());
+        assert_eq!(e.endpoint(), Some(&ep()));
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let e = Error::backend(&ep(), None, BackendErrorKind::Connect, io);
         assert_eq!(e.to_string(), "connect error on pg-replica-1");

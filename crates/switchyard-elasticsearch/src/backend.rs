@@ -326,9 +326,8 @@ impl Backend for EsBackend {
         };
         let ((h_status, health), (i_status, info)) = tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| Error::Timeout {
+            .map_err(|_| Error::ProbeTimeout {
                 endpoint: shared.endpoint.clone(),
-                tenant: None,
                 elapsed: started.elapsed(),
             })?
             .map_err(|e| shared.transport_error(None, e))?;

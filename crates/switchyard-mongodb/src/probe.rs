@@ -82,9 +82,8 @@ impl Prober {
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, self.run(endpoint)).await {
             Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
+            Err(_) => Err(Error::ProbeTimeout {
                 endpoint: endpoint.clone(),
-                tenant: None,
                 elapsed: started.elapsed(),
             }),
         };

@@ -257,7 +257,7 @@ async fn a_paused_server_times_out_within_the_probe_timeout_and_recovers() {
         let err = backend.probe(timeout).await.unwrap_err();
         let took = started.elapsed();
         assert!(
-            matches!(err, Error::Timeout { .. }),
+            matches!(err, Error::ProbeTimeout { .. }),
             "probe {attempt} while paused: {err}"
         );
         assert!(err.is_endpoint_failure());

@@ -128,7 +128,8 @@
 //! A refused connection on checkout is retried by sqlx until the acquire
 //! timeout, so a dead endpoint shows up on the checkout path as
 //! [`Error::Timeout`](switchyard_core::Error::Timeout); probes connect on their
-//! own and report it as a `Connect` error at once.
+//! own and report it as a `Connect` error at once, and a probe that gets no
+//! answer in time as [`Error::ProbeTimeout`](switchyard_core::Error::ProbeTimeout).
 
 mod affinity;
 mod backend;

@@ -69,9 +69,8 @@ impl Prober {
     ) -> Result<Probe, Error> {
         let started = Instant::now();
         let deadline = started + timeout;
-        let timed_out = || Error::Timeout {
+        let timed_out = || Error::ProbeTimeout {
             endpoint: endpoint.clone(),
-            tenant: None,
             elapsed: started.elapsed(),
         };
         if let Some(mut conn) = self.take_cached() {

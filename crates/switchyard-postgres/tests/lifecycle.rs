@@ -372,7 +372,7 @@ async fn probes_report_role_lag_and_failures() {
     let err = on_standby.probe(short).await.unwrap_err();
     let took = started.elapsed();
     standby.resume().await.unwrap();
-    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(matches!(err, Error::ProbeTimeout { .. }), "{err}");
     assert!(
         took < short + Duration::from_millis(400),
         "probe took {took:?}"

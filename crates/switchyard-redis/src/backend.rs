@@ -379,9 +379,8 @@ impl Backend for RedisBackend {
 
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
         let started = Instant::now();
-        let timed_out = || Error::Timeout {
+        let timed_out = || Error::ProbeTimeout {
             endpoint: self.endpoint.clone(),
-            tenant: None,
             elapsed: started.elapsed(),
         };
         match tokio::time::timeout(timeout, probe::run(&self.client, timeout)).await {

@@ -77,7 +77,7 @@ async fn probes_follow_role_promotion_hangs_and_deaths() {
     let waited = started.elapsed();
     replica_node.resume().await.unwrap();
     println!("paused node: {err} after {waited:?}");
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(matches!(err, Error::ProbeTimeout { .. }), "{err:?}");
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     assert!(waited < Duration::from_millis(1300), "{waited:?}");
     assert!(replica.probe(timeout).await.is_ok());

@@ -62,9 +62,8 @@ async fn probe_once<B: Backend>(ep: &Endpoint<B>, cfg: &HealthConfig) {
     let started = Instant::now();
     let result = match tokio::time::timeout(cfg.timeout, ep.backend.probe(cfg.timeout)).await {
         Ok(result) => result,
-        Err(_) => Err(Error::Timeout {
+        Err(_) => Err(Error::ProbeTimeout {
             endpoint: ep.id().clone(),
-            tenant: None,
             elapsed: started.elapsed(),
         }),
     };
