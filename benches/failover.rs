@@ -32,7 +32,7 @@ use switchyard::postgres::{pg_error, PgBackend, PgBackendConfig};
 use switchyard::redis::RedisBackend;
 use switchyard::router::{CheckoutOptions, EndpointConfig, HealthConfig, RetryConfig};
 use switchyard::{Backend, Cluster, ClusterConfig, Error, Intent, PoolSettings, Role};
-use switchyard_testkit::{PgCluster, RedisCluster};
+use switchyard_testkit::{PgCluster, PgNode, RedisCluster, RedisNode};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -343,37 +343,7 @@ async fn pg_iteration(fault: Fault) -> Sample {
         )
         .build()
         .unwrap();
-    let sample = match fault {
-        Fault::KilledReplica => {
-            measure(
-                cluster,
-                fault,
-                async { standby.kill().await.unwrap() },
-                async {},
-            )
-            .await
-        }
-        Fault::PausedReplica => {
-            let s = measure(
-                cluster,
-                fault,
-                async { standby.pause().await.unwrap() },
-                async {},
-            )
-            .await;
-            standby.resume().await.unwrap();
-            s
-        }
-        Fault::KilledPrimary => {
-            measure(
-                cluster,
-                fault,
-                async { pg.primary().kill().await.unwrap() },
-                async { standby.promote().await.unwrap() },
-            )
-            .await
-        }
-    };
+    let sample = inject(cluster, fault, pg.primary(), standby).await;
     drop(pg);
     sample
 }
@@ -405,7 +375,48 @@ async fn redis_iteration(fault: Fault) -> Sample {
         )
         .build()
         .unwrap();
-    let sample = match fault {
+    let sample = inject(cluster, fault, redis.master(), replica).await;
+    drop(redis);
+    sample
+}
+
+/// The testkit's PostgreSQL and Redis nodes, as the faults use them.
+trait Node {
+    async fn kill(&self) -> switchyard_testkit::Result<()>;
+    async fn pause(&self) -> switchyard_testkit::Result<()>;
+    async fn resume(&self) -> switchyard_testkit::Result<()>;
+    async fn promote(&self) -> switchyard_testkit::Result<()>;
+}
+
+macro_rules! node {
+    ($ty:ty) => {
+        impl Node for $ty {
+            async fn kill(&self) -> switchyard_testkit::Result<()> {
+                <$ty>::kill(self).await
+            }
+            async fn pause(&self) -> switchyard_testkit::Result<()> {
+                <$ty>::pause(self).await
+            }
+            async fn resume(&self) -> switchyard_testkit::Result<()> {
+                <$ty>::resume(self).await
+            }
+            async fn promote(&self) -> switchyard_testkit::Result<()> {
+                <$ty>::promote(self).await
+            }
+        }
+    };
+}
+node!(PgNode);
+node!(RedisNode);
+
+/// Injects `fault` into a primary and replica pair under load and measures.
+async fn inject<B: Engine>(
+    cluster: Cluster<B>,
+    fault: Fault,
+    primary: &impl Node,
+    replica: &impl Node,
+) -> Sample {
+    match fault {
         Fault::KilledReplica => {
             measure(
                 cluster,
@@ -430,14 +441,12 @@ async fn redis_iteration(fault: Fault) -> Sample {
             measure(
                 cluster,
                 fault,
-                async { redis.master().kill().await.unwrap() },
+                async { primary.kill().await.unwrap() },
                 async { replica.promote().await.unwrap() },
             )
             .await
         }
-    };
-    drop(redis);
-    sample
+    }
 }
 
 fn report(engine: &str, fault: Fault, sample: &Sample) {

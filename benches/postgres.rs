@@ -20,7 +20,6 @@ mod common;
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sqlx::postgres::PgPoolOptions;
@@ -28,8 +27,8 @@ use sqlx::PgPool;
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::router::EndpointConfig;
 use switchyard::{
-    Backend as _, Checkout, CheckoutRequest, Cluster, Intent, Isolation, PoolSettings, Role,
-    TenantId, TenantRegistry, TierPolicy,
+    Backend as _, Checkout, Cluster, Isolation, PoolSettings, Role, TenantId, TenantRegistry,
+    TierPolicy,
 };
 use switchyard_testkit::PgCluster;
 
@@ -37,7 +36,6 @@ use switchyard_testkit::PgCluster;
 const POOL_SIZE: u32 = 16;
 /// Tenants per scoped row; task `i` serves tenant `i % TENANTS`.
 const TENANTS: usize = 8;
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn select_one_raw(pool: &PgPool) {
     let mut conn = pool.acquire().await.unwrap();
@@ -141,27 +139,16 @@ fn postgres(c: &mut Criterion) {
                 })
             });
         });
-        group.bench_function("backend/unscoped", |b| {
-            b.iter_custom(|iters| {
-                let backend = Arc::clone(&affine);
-                common::concurrent(&rt, iters, tasks, move |_| {
-                    let backend = Arc::clone(&backend);
-                    async move {
-                        let req = CheckoutRequest::with_timeout(TIMEOUT);
-                        select_one(Checkout::acquire(&backend, req).await.unwrap()).await;
-                    }
-                })
-            });
-        });
-        group.bench_function("cluster/unscoped", |b| {
-            b.iter_custom(|iters| {
-                let cluster = with_affinity.clone();
-                common::concurrent(&rt, iters, tasks, move |_| {
-                    let cluster = cluster.clone();
-                    async move { select_one(cluster.checkout(Intent::Read, None).await.unwrap()).await }
-                })
-            });
-        });
+        common::backend_row(&mut group, &rt, tasks, &affine, select_one);
+        common::cluster_row(
+            &mut group,
+            &rt,
+            tasks,
+            "cluster/unscoped",
+            &with_affinity,
+            None,
+            select_one,
+        );
         let scoped = [
             ("cluster/schema/affinity_on", &with_affinity, &schema_ids),
             (
@@ -173,21 +160,7 @@ fn postgres(c: &mut Criterion) {
             ("cluster/row/affinity_off", &without_affinity, &row_ids),
         ];
         for (name, cluster, ids) in scoped {
-            group.bench_function(name, |b| {
-                b.iter_custom(|iters| {
-                    let cluster = cluster.clone();
-                    let ids = Arc::clone(ids);
-                    common::concurrent(&rt, iters, tasks, move |task| {
-                        let cluster = cluster.clone();
-                        let ids = Arc::clone(&ids);
-                        async move {
-                            let tenant = &ids[task % ids.len()];
-                            let conn = cluster.checkout(Intent::Read, Some(tenant)).await.unwrap();
-                            select_one(conn).await;
-                        }
-                    })
-                });
-            });
+            common::cluster_row(&mut group, &rt, tasks, name, cluster, Some(ids), select_one);
         }
         group.finish();
     }

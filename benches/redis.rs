@@ -21,14 +21,12 @@ mod common;
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::redis::{provision_acl_users, RedisBackend, StaticPasswords};
 use switchyard::router::EndpointConfig;
 use switchyard::{
-    Checkout, CheckoutRequest, Cluster, Intent, Isolation, Role, TenantId, TenantRegistry,
-    TierPolicy,
+    Checkout, CheckoutRequest, Cluster, Isolation, Role, TenantId, TenantRegistry, TierPolicy,
 };
 use switchyard_testkit::RedisCluster;
 
@@ -36,7 +34,6 @@ use switchyard_testkit::RedisCluster;
 const POOL_SIZE: u32 = 16;
 /// Tenants per scoped row; task `i` serves tenant `i % TENANTS`.
 const TENANTS: usize = 8;
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn ping(mut conn: Checkout<RedisBackend>) {
     conn.ping().await.unwrap();
@@ -102,9 +99,12 @@ fn redis(c: &mut Criterion) {
             .iter()
             .map(|id| Arc::clone(registry.resolve(id).unwrap().scope()))
             .collect();
-        let mut admin = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-            .await
-            .expect("admin checkout");
+        let mut admin = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT),
+        )
+        .await
+        .expect("admin checkout");
         provision_acl_users(&mut admin, scopes.iter().map(|s| &**s), &passwords)
             .await
             .expect("acl users");
@@ -137,42 +137,18 @@ fn redis(c: &mut Criterion) {
                 })
             });
         });
-        group.bench_function("backend/unscoped", |b| {
-            b.iter_custom(|iters| {
-                let backend = Arc::clone(&backend);
-                common::concurrent(&rt, iters, tasks, move |_| {
-                    let backend = Arc::clone(&backend);
-                    async move {
-                        let req = CheckoutRequest::with_timeout(TIMEOUT);
-                        ping(Checkout::acquire(&backend, req).await.unwrap()).await;
-                    }
-                })
-            });
-        });
-        group.bench_function("cluster/unscoped", |b| {
-            b.iter_custom(|iters| {
-                let cluster = cluster.clone();
-                common::concurrent(&rt, iters, tasks, move |_| {
-                    let cluster = cluster.clone();
-                    async move { ping(cluster.checkout(Intent::Read, None).await.unwrap()).await }
-                })
-            });
-        });
+        common::backend_row(&mut group, &rt, tasks, &backend, ping);
+        common::cluster_row(
+            &mut group,
+            &rt,
+            tasks,
+            "cluster/unscoped",
+            &cluster,
+            None,
+            ping,
+        );
         for (name, ids) in [("cluster/schema", &schema_ids), ("cluster/row", &row_ids)] {
-            group.bench_function(name, |b| {
-                b.iter_custom(|iters| {
-                    let cluster = cluster.clone();
-                    let ids = Arc::clone(ids);
-                    common::concurrent(&rt, iters, tasks, move |task| {
-                        let cluster = cluster.clone();
-                        let ids = Arc::clone(&ids);
-                        async move {
-                            let tenant = &ids[task % ids.len()];
-                            ping(cluster.checkout(Intent::Read, Some(tenant)).await.unwrap()).await;
-                        }
-                    })
-                });
-            });
+            common::cluster_row(&mut group, &rt, tasks, name, &cluster, Some(ids), ping);
         }
         group.finish();
     }

@@ -6,7 +6,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::Criterion;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion};
+use switchyard::{Backend, Checkout, CheckoutRequest, Cluster, Intent, TenantId};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -64,6 +66,68 @@ where
         let elapsed = began.elapsed();
         elapsed.mul_f64(iters as f64 / (per_task * tasks_u64) as f64)
     })
+}
+
+/// How long a bench checkout may wait before the bench fails.
+pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `backend/unscoped` row of an engine bench: `Checkout::acquire` on
+/// `backend` alone, then `work` on the connection.
+pub fn backend_row<B, W, Fut>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    tasks: usize,
+    backend: &Arc<B>,
+    work: W,
+) where
+    B: Backend,
+    W: Fn(Checkout<B>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    group.bench_function("backend/unscoped", |b| {
+        b.iter_custom(|iters| {
+            let backend = Arc::clone(backend);
+            concurrent(rt, iters, tasks, move |_| {
+                let backend = Arc::clone(&backend);
+                async move {
+                    let req = CheckoutRequest::with_timeout(CHECKOUT_TIMEOUT);
+                    work(Checkout::acquire(&backend, req).await.unwrap()).await;
+                }
+            })
+        });
+    });
+}
+
+/// A `cluster/...` row of an engine bench: a routed read checkout, unscoped or
+/// for one of `tenants` (task *i* serves tenant *i* mod their number), then
+/// `work` on the connection.
+pub fn cluster_row<B, W, Fut>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    tasks: usize,
+    name: &str,
+    cluster: &Cluster<B>,
+    tenants: Option<&Arc<Vec<TenantId>>>,
+    work: W,
+) where
+    B: Backend,
+    W: Fn(Checkout<B>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let cluster = cluster.clone();
+            let tenants = tenants.cloned();
+            concurrent(rt, iters, tasks, move |task| {
+                let cluster = cluster.clone();
+                let tenants = tenants.clone();
+                async move {
+                    let tenant = tenants.as_ref().map(|ids| &ids[task % ids.len()]);
+                    work(cluster.checkout(Intent::Read, tenant).await.unwrap()).await;
+                }
+            })
+        });
+    });
 }
 
 /// This process's resident set size in bytes, from `/proc/self/statm`.
