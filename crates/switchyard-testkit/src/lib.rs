@@ -57,7 +57,7 @@ mod wait;
 pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
 pub use crate::port::{free_port, loopback};
-pub use crate::postgres::{PgCluster, PgNode};
+pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};
 pub use crate::proxy::{FaultHandle, FaultProxy};
 pub use crate::redis::{RedisCluster, RedisNode};

@@ -174,7 +174,16 @@ async fn template(install: &Install) -> Result<&'static Path> {
 }
 
 async fn connect_url(url: &str) -> Result<PgConnection> {
-    let node = url.trim_start_matches("postgres://postgres@").to_owned();
+    connect_named(
+        url,
+        url.trim_start_matches("postgres://postgres@").to_owned(),
+    )
+    .await
+}
+
+/// Connects to `url`; errors name the server `node`, never the URL (which may
+/// carry a password).
+async fn connect_named(url: &str, node: String) -> Result<PgConnection> {
     match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(TestkitError::Postgres { node, source }),
@@ -479,40 +488,63 @@ impl PgCluster {
     /// Waits until `standby` has replayed all WAL the primary had written when this
     /// was called (`pg_last_wal_replay_lsn() >= pg_current_wal_lsn()`).
     pub async fn wait_replayed(&self, standby: &PgNode, timeout: Duration) -> Result<()> {
-        let primary = self.primary();
-        let mut conn = primary.connect().await?;
-        let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-            .fetch_one(&mut conn)
-            .await
-            .map_err(|source| primary.error(source))?;
-        let _ = conn.close().await;
+        wait_replayed_at(
+            &self.primary().url,
+            &standby.url,
+            &standby.addr().to_string(),
+            timeout,
+        )
+        .await
+    }
+}
 
-        let started = Instant::now();
-        let mut session: Option<PgConnection> = None;
-        loop {
-            if session.is_none() {
-                session = standby.connect().await.ok();
-            }
-            if let Some(conn) = session.as_mut() {
-                let replayed = sqlx::query_scalar::<_, bool>(
-                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
-                )
-                .bind(&target)
-                .fetch_one(&mut *conn)
-                .await;
-                match replayed {
-                    Ok(true) => return Ok(()),
-                    Ok(false) => {}
-                    Err(_) => session = None,
-                }
-            }
-            if started.elapsed() >= timeout {
-                return Err(TestkitError::Timeout {
-                    what: format!("{} to replay WAL up to {target}", standby.addr()),
-                    elapsed: started.elapsed(),
-                });
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
+/// Waits until the standby at `standby_url` has replayed all WAL the primary
+/// at `primary_url` had written when this was called
+/// (`pg_last_wal_replay_lsn() >= pg_current_wal_lsn()`). For servers the test
+/// kit did not start too; the URLs may carry passwords, and errors name the
+/// standby `standby` (and the primary "the primary of `standby`") instead.
+pub async fn wait_replayed_at(
+    primary_url: &str,
+    standby_url: &str,
+    standby: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let primary = format!("the primary of {standby}");
+    let mut conn = connect_named(primary_url, primary.clone()).await?;
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|source| TestkitError::Postgres {
+            node: primary,
+            source,
+        })?;
+    let _ = conn.close().await;
+
+    let started = Instant::now();
+    let mut session: Option<PgConnection> = None;
+    loop {
+        if session.is_none() {
+            session = connect_named(standby_url, standby.to_owned()).await.ok();
         }
+        if let Some(conn) = session.as_mut() {
+            let replayed = sqlx::query_scalar::<_, bool>(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
+            )
+            .bind(&target)
+            .fetch_one(&mut *conn)
+            .await;
+            match replayed {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(_) => session = None,
+            }
+        }
+        if started.elapsed() >= timeout {
+            return Err(TestkitError::Timeout {
+                what: format!("{standby} to replay WAL up to {target}"),
+                elapsed: started.elapsed(),
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }

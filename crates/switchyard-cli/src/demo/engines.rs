@@ -15,7 +15,7 @@ use sqlx::{Connection, PgConnection};
 use switchyard_core::{Backend, Role, SecretUrl};
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_redis::{RedisBackend, RedisBackendConfig};
-use switchyard_testkit::{FaultProxy, PgCluster, RedisCluster};
+use switchyard_testkit::{wait_replayed_at, FaultProxy, PgCluster, RedisCluster};
 
 use super::DynError;
 
@@ -170,7 +170,7 @@ impl Engine {
 /// The PostgreSQL side: the test bed's primary and two standbys, or the user's.
 pub async fn postgres() -> Result<Engine, DynError> {
     let names = |standbys| node_names("pg-primary", "pg-standby", standbys);
-    match urls(PG_URLS_VAR)? {
+    match urls(PG_URLS_VAR) {
         None => Ok(Engine {
             names: names(2),
             nodes: Nodes::Pg(PgCluster::start(2).await?),
@@ -187,7 +187,7 @@ pub async fn postgres() -> Result<Engine, DynError> {
 /// The Redis side: the test bed's master and one replica, or the user's.
 pub async fn redis() -> Result<Engine, DynError> {
     let names = |replicas| node_names("redis-master", "redis-replica", replicas);
-    match urls(REDIS_URLS_VAR)? {
+    match urls(REDIS_URLS_VAR) {
         None => Ok(Engine {
             names: names(1),
             nodes: Nodes::Redis(RedisCluster::start(1).await?),
@@ -209,17 +209,15 @@ fn node_names(primary: &str, replica: &str, replicas: usize) -> Vec<String> {
 }
 
 /// The URLs in `var`, if it is set and not empty.
-fn urls(var: &str) -> Result<Option<Vec<SecretUrl>>, DynError> {
-    let Ok(raw) = std::env::var(var) else {
-        return Ok(None);
-    };
+fn urls(var: &str) -> Option<Vec<SecretUrl>> {
+    let raw = std::env::var(var).ok()?;
     let urls: Vec<SecretUrl> = raw
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(SecretUrl::new)
         .collect();
-    Ok((!urls.is_empty()).then_some(urls))
+    (!urls.is_empty()).then_some(urls)
 }
 
 /// The user's nodes: roles probed with the engine's own backend, primary
@@ -374,33 +372,10 @@ pub fn pg_admin_url(engine: &Engine, i: usize, database: &str) -> Result<SecretU
 
 /// Waits until every standby has replayed what the primary has written.
 pub async fn wait_replayed(engine: &Engine, timeout: Duration) -> Result<(), DynError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut primary = PgConnection::connect(pg_admin_url(engine, 0, "postgres")?.expose()).await?;
-    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&mut primary)
-        .await?;
+    let primary = pg_admin_url(engine, 0, "postgres")?;
     for i in 1..=engine.replicas() {
-        let url = pg_admin_url(engine, i, "postgres")?;
-        let mut standby = PgConnection::connect(url.expose()).await?;
-        loop {
-            let replayed: bool = sqlx::query_scalar(
-                "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
-            )
-            .bind(&target)
-            .fetch_one(&mut standby)
-            .await?;
-            if replayed {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "{} did not replay the demo's setup within {timeout:?}",
-                    engine.name(i)
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let standby = pg_admin_url(engine, i, "postgres")?;
+        wait_replayed_at(primary.expose(), standby.expose(), engine.name(i), timeout).await?;
     }
     Ok(())
 }
