@@ -330,19 +330,11 @@ async fn pg_iteration(fault: Fault) -> Sample {
             .unwrap(),
         )
     };
-    let cluster = Cluster::builder("failover-pg")
-        .engine("postgres")
-        .config(config())
-        .endpoint(
-            backend("pg-primary", pg.primary().url()),
-            EndpointConfig::new(Role::Primary),
-        )
-        .endpoint(
-            backend("pg-standby", standby.url()),
-            EndpointConfig::new(Role::Replica),
-        )
-        .build()
-        .unwrap();
+    let cluster = two_nodes(
+        "postgres",
+        backend("pg-primary", pg.primary().url()),
+        backend("pg-standby", standby.url()),
+    );
     let sample = inject(cluster, fault, pg.primary(), standby).await;
     drop(pg);
     sample
@@ -362,22 +354,26 @@ async fn redis_iteration(fault: Fault) -> Sample {
                 .unwrap(),
         )
     };
-    let cluster = Cluster::builder("failover-redis")
-        .engine("redis")
-        .config(config())
-        .endpoint(
-            backend("redis-master", redis.master().url()),
-            EndpointConfig::new(Role::Primary),
-        )
-        .endpoint(
-            backend("redis-replica", replica.url()),
-            EndpointConfig::new(Role::Replica),
-        )
-        .build()
-        .unwrap();
+    let cluster = two_nodes(
+        "redis",
+        backend("redis-master", redis.master().url()),
+        backend("redis-replica", replica.url()),
+    );
     let sample = inject(cluster, fault, redis.master(), replica).await;
     drop(redis);
     sample
+}
+
+/// The router every iteration measures: `primary` and `replica` of `engine`,
+/// with the bench's configuration.
+fn two_nodes<B: Engine>(engine: &'static str, primary: Arc<B>, replica: Arc<B>) -> Cluster<B> {
+    Cluster::builder(format!("failover-{engine}"))
+        .engine(engine)
+        .config(config())
+        .endpoint(primary, EndpointConfig::new(Role::Primary))
+        .endpoint(replica, EndpointConfig::new(Role::Replica))
+        .build()
+        .unwrap()
 }
 
 /// The testkit's PostgreSQL and Redis nodes, as the faults use them.

@@ -26,17 +26,11 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::router::EndpointConfig;
-use switchyard::{
-    Backend as _, Checkout, Cluster, Isolation, PoolSettings, Role, TenantId, TenantRegistry,
-    TierPolicy,
-};
+use switchyard::{Backend as _, Checkout, Cluster, PoolSettings, Role};
 use switchyard_testkit::PgCluster;
 
 /// Connections in every pool compared here.
 const POOL_SIZE: u32 = 16;
-/// Tenants per scoped row; task `i` serves tenant `i % TENANTS`.
-const TENANTS: usize = 8;
-
 async fn select_one_raw(pool: &PgPool) {
     let mut conn = pool.acquire().await.unwrap();
     let one: i32 = sqlx::query_scalar("SELECT 1")
@@ -62,35 +56,10 @@ fn backend(url: &str, name: &str, affinity: AffinitySettings) -> Arc<PgBackend> 
     Arc::new(PgBackend::new(config).expect("pg backend"))
 }
 
-/// Tenants `s0..s7` on a schema tier, `r0..r7` on a row tier.
-fn tenants() -> TenantRegistry {
-    let mut registry = TenantRegistry::new()
-        .with_tier("schema", TierPolicy::new(Isolation::Schema))
-        .with_tier(
-            "row",
-            TierPolicy::new(Isolation::Row)
-                .with_name_template("row_{id}".parse().expect("template")),
-        );
-    for i in 0..TENANTS {
-        registry = registry
-            .with_tenant(TenantId::new(&format!("s{i}")).unwrap(), "schema")
-            .with_tenant(TenantId::new(&format!("r{i}")).unwrap(), "row");
-    }
-    registry
-}
-
-fn tenant_ids(prefix: &str) -> Arc<Vec<TenantId>> {
-    Arc::new(
-        (0..TENANTS)
-            .map(|i| TenantId::new(&format!("{prefix}{i}")).unwrap())
-            .collect(),
-    )
-}
-
 fn cluster(backend: &Arc<PgBackend>) -> Cluster<PgBackend> {
     Cluster::builder(format!("bench-{}", backend.endpoint()))
         .engine("postgres")
-        .tenants(tenants())
+        .tenants(common::tenants())
         .endpoint(Arc::clone(backend), EndpointConfig::new(Role::Primary))
         .build()
         .expect("cluster")
@@ -110,7 +79,7 @@ fn postgres(c: &mut Criterion) {
             .connect(&url)
             .await
             .expect("raw pool");
-        for i in 0..TENANTS {
+        for i in 0..common::TENANTS {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "CREATE SCHEMA IF NOT EXISTS tenant_s{i}"
             )))
@@ -125,8 +94,8 @@ fn postgres(c: &mut Criterion) {
         (raw, affine, plain, with_affinity, without_affinity)
     });
     drop(plain);
-    let schema_ids = tenant_ids("s");
-    let row_ids = tenant_ids("r");
+    let schema_ids = common::tenant_ids("s");
+    let row_ids = common::tenant_ids("r");
 
     for tasks in [1, 64] {
         let mut group = c.benchmark_group(format!("postgres/{tasks}_tasks"));

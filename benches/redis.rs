@@ -25,48 +25,14 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::redis::{provision_acl_users, RedisBackend, StaticPasswords};
 use switchyard::router::EndpointConfig;
-use switchyard::{
-    Checkout, CheckoutRequest, Cluster, Isolation, Role, TenantId, TenantRegistry, TierPolicy,
-};
+use switchyard::{Checkout, CheckoutRequest, Cluster, Role};
 use switchyard_testkit::RedisCluster;
 
 /// Connections in every pool compared here.
 const POOL_SIZE: u32 = 16;
-/// Tenants per scoped row; task `i` serves tenant `i % TENANTS`.
-const TENANTS: usize = 8;
-
 async fn ping(mut conn: Checkout<RedisBackend>) {
     conn.ping().await.unwrap();
     black_box(&conn);
-}
-
-/// Tenants `s0..s7` on a key-prefix tier, `r0..r7` on an ACL tier.
-fn tenants() -> TenantRegistry {
-    let mut registry = TenantRegistry::new()
-        .with_tier("schema", TierPolicy::new(Isolation::Schema))
-        .with_tier(
-            "row",
-            TierPolicy::new(Isolation::Row)
-                .with_name_template("row_{id}".parse().expect("template")),
-        );
-    for i in 0..TENANTS {
-        registry = registry
-            .with_tenant(tenant(&format!("s{i}")), "schema")
-            .with_tenant(tenant(&format!("r{i}")), "row");
-    }
-    registry
-}
-
-fn tenant(id: &str) -> TenantId {
-    TenantId::new(id).unwrap()
-}
-
-fn tenant_ids(prefix: &str) -> Arc<Vec<TenantId>> {
-    Arc::new(
-        (0..TENANTS)
-            .map(|i| tenant(&format!("{prefix}{i}")))
-            .collect(),
-    )
 }
 
 fn redis(c: &mut Criterion) {
@@ -77,8 +43,8 @@ fn redis(c: &mut Criterion) {
     let url = server.master().url();
     println!("redis bench against {url}");
 
-    let schema_ids = tenant_ids("s");
-    let row_ids = tenant_ids("r");
+    let schema_ids = common::tenant_ids("s");
+    let row_ids = common::tenant_ids("r");
     let (raw, backend, cluster) = rt.block_on(async {
         let mut config = deadpool_redis::Config::from_url(url.clone());
         config.pool = Some(deadpool_redis::PoolConfig::new(POOL_SIZE as usize));
@@ -86,7 +52,7 @@ fn redis(c: &mut Criterion) {
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .expect("raw pool");
 
-        let registry = tenants();
+        let registry = common::tenants();
         let passwords = StaticPasswords::generate(row_ids.iter()).expect("passwords");
         let backend = Arc::new(
             RedisBackend::builder("redis-master", url.as_str())

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
-use switchyard::{Backend, Checkout, CheckoutRequest, Cluster, Intent, TenantId};
+use switchyard::{
+    Backend, Checkout, CheckoutRequest, Cluster, Intent, Isolation, TenantId, TenantRegistry,
+    TierPolicy,
+};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -66,6 +69,42 @@ where
         let elapsed = began.elapsed();
         elapsed.mul_f64(iters as f64 / (per_task * tasks_u64) as f64)
     })
+}
+
+/// Tenants per scoped row of the engine benches; task `i` serves tenant
+/// `i % TENANTS`.
+pub const TENANTS: usize = 8;
+
+/// Tenants `s0..s7` on a tier `schema` (schema or key-prefix isolation) and
+/// `r0..r7` on a tier `row` (row isolation, names `row_{id}`).
+pub fn tenants() -> TenantRegistry {
+    let mut registry = TenantRegistry::new()
+        .with_tier("schema", TierPolicy::new(Isolation::Schema))
+        .with_tier(
+            "row",
+            TierPolicy::new(Isolation::Row)
+                .with_name_template("row_{id}".parse().expect("template")),
+        );
+    for i in 0..TENANTS {
+        registry = registry
+            .with_tenant(tenant(&format!("s{i}")), "schema")
+            .with_tenant(tenant(&format!("r{i}")), "row");
+    }
+    registry
+}
+
+/// A bench tenant id.
+pub fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).expect("tenant id")
+}
+
+/// `{prefix}0` to `{prefix}7`.
+pub fn tenant_ids(prefix: &str) -> Arc<Vec<TenantId>> {
+    Arc::new(
+        (0..TENANTS)
+            .map(|i| tenant(&format!("{prefix}{i}")))
+            .collect(),
+    )
 }
 
 /// How long a bench checkout may wait before the bench fails.
