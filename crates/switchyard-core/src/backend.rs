@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::endpoint::EndpointId;
+use crate::registry::TierPolicy;
 use crate::tenant::TenantScope;
 use crate::Error;
 
@@ -167,6 +168,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Current pool occupancy.
     fn stats(&self) -> PoolStats;
+
+    /// Refuses a tier this engine cannot serve safely, when a cluster is
+    /// built or its tenants or endpoints change: above all a name template
+    /// that can render a reserved or shared namespace (a system database,
+    /// the row tier's shared one) for some tenant
+    /// ([`TierPolicy::refuse_reserved`]). The default accepts every tier.
+    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+        let _ = (tier, policy);
+        Ok(())
+    }
 
     /// Gives a connection back after a checkout.
     ///

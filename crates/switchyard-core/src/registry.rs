@@ -64,6 +64,33 @@ impl TierPolicy {
         self
     }
 
+    /// Refuses this tier (named `tier`) when its template can render one of
+    /// `reserved` for some tenant: an engine's system namespaces and the
+    /// shared namespace of its row tier, which no tenant may be handed.
+    /// `fold_case` compares ignoring ASCII case (engines with case-insensitive
+    /// names). Engines call it from [`Backend::check_tier`](crate::Backend::check_tier).
+    pub fn refuse_reserved<'a>(
+        &self,
+        tier: &str,
+        reserved: impl IntoIterator<Item = &'a str>,
+        fold_case: bool,
+    ) -> Result<(), Error> {
+        match reserved
+            .into_iter()
+            .find(|name| self.name_template.can_render(name, fold_case))
+        {
+            Some(name) => Err(Error::Config {
+                path: format!("tiers.{tier}.name_template"),
+                message: format!(
+                    "{} can render {name:?} (a reserved or shared namespace of this engine) for a tenant; \
+                     add a fixed prefix such as tenant_{{id}}",
+                    self.name_template
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Resolves the scope of `tenant` under this tier.
     pub fn scope(&self, tenant: &TenantId) -> Result<TenantScope, Error> {
         let target = self
@@ -220,6 +247,21 @@ impl TenantRegistry {
             }
         }
         Ok(())
+    }
+
+    /// Asks `check` about every tier (an engine's
+    /// [`Backend::check_tier`](crate::Backend::check_tier)), in name order,
+    /// and returns every refusal.
+    pub fn check_tiers(
+        &self,
+        mut check: impl FnMut(&str, &TierPolicy) -> Result<(), Error>,
+    ) -> Vec<Error> {
+        let mut tiers: Vec<_> = self.tiers.iter().collect();
+        tiers.sort_by(|a, b| a.0.cmp(b.0));
+        tiers
+            .into_iter()
+            .filter_map(|(name, policy)| check(name, policy).err())
+            .collect()
     }
 
     /// The tiers by name.

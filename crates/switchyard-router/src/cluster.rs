@@ -252,6 +252,15 @@ impl<B: Backend> Shared<B> {
         )
     }
 
+    /// Every tier of the current registry that `backend` refuses
+    /// ([`Backend::check_tier`]), as one config error.
+    pub(crate) fn check_tiers(&self, backend: &B, tenants: &TenantRegistry) -> Result<(), Error> {
+        join_problems(
+            &self.path(),
+            tenants.check_tiers(|tier, policy| backend.check_tier(tier, policy)),
+        )
+    }
+
     /// The position of endpoint `id`, or a config error naming it.
     pub(crate) fn position(&self, topo: &Topology<B>, id: &EndpointId) -> Result<usize, Error> {
         topo.endpoints
@@ -270,6 +279,7 @@ impl<B: Backend> Shared<B> {
     ) -> Result<(), Error> {
         let id = backend.endpoint().clone();
         self.check_endpoint(&id, &config)?;
+        self.check_tiers(&backend, &self.tenants.load())?;
         let mut topo = self.lock();
         self.check_open()?;
         if topo.endpoints.iter().any(|e| e.id() == &id) {

@@ -19,7 +19,12 @@ impl<B: Backend> Cluster<B> {
     /// registry, so for a moment a tenant may hold up to twice its quota.
     pub fn set_tenants(&self, tenants: TenantRegistry) -> Result<(), Error> {
         tenants.validate()?;
+        let topo = self.shared.lock();
+        for ep in &topo.endpoints {
+            self.shared.check_tiers(&ep.backend, &tenants)?;
+        }
         self.shared.tenants.store(Arc::new(tenants));
+        drop(topo);
         Ok(())
     }
 
@@ -110,6 +115,7 @@ impl<B: Backend> Cluster<B> {
         let shared = &self.shared;
         let id = backend.endpoint().clone();
         shared.check_endpoint(&id, &config)?;
+        shared.check_tiers(&backend, &shared.tenants.load())?;
         let mut topo = shared.lock();
         shared.check_open()?;
         let pos = shared.position(&topo, &id)?;
@@ -136,6 +142,7 @@ impl<B: Backend> Cluster<B> {
     pub fn replace_backend(&self, backend: Arc<B>) -> Result<(), Error> {
         let shared = &self.shared;
         let id = backend.endpoint().clone();
+        shared.check_tiers(&backend, &shared.tenants.load())?;
         let mut topo = shared.lock();
         shared.check_open()?;
         let pos = shared.position(&topo, &id)?;

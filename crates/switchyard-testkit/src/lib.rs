@@ -8,6 +8,7 @@
 //!   environment, else a wire-compatible stand-in (see [`ServerKind`]).
 //! - [`FaultProxy`]: a TCP proxy in front of any of them that adds latency,
 //!   blackholes, resets or refuses connections.
+//! - [`conformance`]: the tenant isolation suite every engine crate runs.
 //!
 //! Every node can be killed (SIGKILL: connections are refused), paused (SIGSTOP:
 //! connections hang), resumed and restarted on the same port; replicas can be
@@ -43,6 +44,7 @@
 //! ```
 
 mod clickhouse;
+pub mod conformance;
 mod error;
 mod http;
 mod port;
