@@ -3,7 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::{Backend, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantScope};
+use switchyard_core::{
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantId, TenantScope,
+    TierPolicy,
+};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -16,6 +19,13 @@ use switchyard_core::provision::ProvisionCache;
 const PROBE_SQL: &str = "SELECT 1, version()";
 /// Whether a tenant database exists; the name is bound, never spliced.
 const DATABASE_EXISTS_SQL: &str = "SELECT count() FROM system.databases WHERE name = ?";
+/// The type of a row table's tenant column (no row when it is missing).
+const COLUMN_TYPE_SQL: &str =
+    "SELECT type FROM system.columns WHERE database = ? AND table = ? AND name = ?";
+/// Tenant column types that compare as the tenant id's own text.
+const STRING_TYPES: &[&str] = &["String", "LowCardinality(String)"];
+/// Databases that exist on every server and belong to none of its tenants.
+const SYSTEM_DATABASES: &[&str] = &["system", "default", "information_schema", "INFORMATION_SCHEMA"];
 
 /// What the backend and its handles share.
 #[derive(Debug)]
@@ -32,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) row_policy_setting: Option<String>,
     pub(crate) query_timeout: Duration,
     pub(crate) provisioned: ProvisionCache,
+    /// The unscoped checkouts' database, if configured.
+    database: Option<String>,
     permits: Arc<Semaphore>,
     max_size: u32,
     acquire_timeout: Duration,
@@ -92,6 +104,7 @@ impl ChBackend {
                 row_policy_setting: config.row_policy_setting.clone(),
                 query_timeout: config.query_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
+                database: config.database.clone(),
                 permits: Arc::new(Semaphore::new(max_size as usize)),
                 max_size,
                 acquire_timeout: config.pool.acquire_timeout,
@@ -114,10 +127,21 @@ impl ChBackend {
     }
 
     /// Fails with [`Error::TenantNotProvisioned`] unless the scope's database
-    /// exists; a positive answer is cached for `provision_cache_ttl`.
+    /// exists; a positive answer is cached for `provision_cache_ttl`. A
+    /// system database or the row tier's shared one is refused outright.
     async fn check_database(&self, scope: &TenantScope) -> Result<(), Error> {
         let shared = &self.shared;
         let database = scope.target();
+        if let Some(why) = shared.reserved_database(database) {
+            return Err(crate::error::rejected(
+                &shared.endpoint,
+                Some(scope.tenant()),
+                ChError::ReservedDatabase {
+                    database: database.to_owned(),
+                    why,
+                },
+            ));
+        }
         if shared.provisioned.is_fresh(database) {
             return Ok(());
         }
@@ -143,6 +167,75 @@ impl ChBackend {
         }
         shared.provisioned.mark(database);
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Every database no tenant may be scoped to.
+    fn reserved_databases(&self) -> impl Iterator<Item = &str> {
+        SYSTEM_DATABASES
+            .iter()
+            .copied()
+            .chain([self.row_database.as_str()])
+            .chain(self.database.as_deref())
+    }
+
+    /// What `database` is, when no tenant may have it.
+    fn reserved_database(&self, database: &str) -> Option<&'static str> {
+        if SYSTEM_DATABASES.contains(&database) {
+            Some("a system database")
+        } else if database == self.row_database {
+            Some("the shared database of row-isolated tenants")
+        } else if self.database.as_deref() == Some(database) {
+            Some("the database of unscoped checkouts")
+        } else {
+            None
+        }
+    }
+
+    /// Fails unless `table`'s tenant column in the row database is a string
+    /// type; a positive answer is cached for `provision_cache_ttl`.
+    pub(crate) async fn check_tenant_column(
+        &self,
+        tenant: &TenantId,
+        table: &str,
+    ) -> Result<(), Error> {
+        let key = format!("tenant-column:{table}");
+        if self.provisioned.is_fresh(&key) {
+            return Ok(());
+        }
+        let query = self
+            .base
+            .query(COLUMN_TYPE_SQL)
+            .bind(self.row_database.as_str())
+            .bind(table)
+            .bind(&*self.tenant_column);
+        let found = tokio::time::timeout(self.query_timeout, query.fetch_optional::<String>())
+            .await
+            .map_err(|_| {
+                Error::backend(
+                    &self.endpoint,
+                    Some(tenant),
+                    switchyard_core::BackendErrorKind::Io,
+                    ChError::QueryTimeout(self.query_timeout),
+                )
+            })?
+            .map_err(|e| ch_error(&self.endpoint, None, e))?;
+        match found {
+            Some(ty) if STRING_TYPES.contains(&ty.as_str()) => {
+                self.provisioned.mark(&key);
+                Ok(())
+            }
+            other => Err(crate::error::rejected(
+                &self.endpoint,
+                Some(tenant),
+                ChError::TenantColumnType {
+                    table: format!("{}.{table}", self.row_database),
+                    column: self.tenant_column.to_string(),
+                    found: other.unwrap_or_else(|| "missing".into()),
+                },
+            )),
+        }
     }
 }
 
@@ -215,6 +308,16 @@ impl Backend for ChBackend {
 
     fn discard(&self, conn: ChConnection) {
         drop(conn);
+    }
+
+    /// Refuses a database (or schema) tier whose template can render a
+    /// system database (`system`, `default`, `information_schema`), the row
+    /// tier's shared database or the unscoped checkouts' database.
+    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+        if policy.isolation == Isolation::Row {
+            return Ok(());
+        }
+        policy.refuse_reserved(tier, self.shared.reserved_databases(), false)
     }
 
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {

@@ -162,6 +162,7 @@ impl ChConnection {
     /// on a row-scoped handle).
     pub async fn count(&self, table: &str, filter: Filter) -> Result<u64, Error> {
         let (mut sql, binds) = self.table_and_filter(table, &filter)?;
+        self.check_row_table(table).await?;
         sql.insert_str(0, "SELECT count() ");
         let query = bind_all(self.client.query(&sql), &binds);
         self.run(query.fetch_one::<u64>()).await
@@ -192,6 +193,7 @@ impl ChConnection {
         if count == 0 {
             return Ok(0);
         }
+        self.check_row_table(&table[1..table.len() - 1]).await?;
         let sql = format!("INSERT INTO {table} FORMAT JSONEachRow");
         let mut insert = self.client.insert_formatted_with(sql);
         self.run(async move {
@@ -200,6 +202,18 @@ impl ChConnection {
         })
         .await?;
         Ok(count)
+    }
+
+    /// On a row-scoped handle, checks (once per cache period) that `table`'s
+    /// tenant column is a string: with a numeric one, tenant `007`'s rows
+    /// would be stored and matched as tenant `7`'s.
+    async fn check_row_table(&self, table: &str) -> Result<(), Error> {
+        match &self.scoped {
+            Some(Scoped::Row { tenant, .. }) => {
+                self.shared.check_tenant_column(tenant, table).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Serializes one row and applies the row scope's tenant rule to it.
@@ -360,6 +374,7 @@ where
     pub async fn fetch_all(self) -> Result<Vec<T>, Error> {
         let conn = self.conn;
         let (table_and_filter, binds) = conn.table_and_filter(&self.table, &self.filter)?;
+        conn.check_row_table(&self.table).await?;
         let mut sql = format!("SELECT ?fields {table_and_filter}");
         for (i, (column, desc)) in self.order.iter().enumerate() {
             let column = quoted(column).map_err(|e| conn.rejected(e))?;

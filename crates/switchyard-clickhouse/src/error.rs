@@ -161,6 +161,26 @@ pub enum ChError {
         /// The value found in the row (truncated to 80 characters).
         found: String,
     },
+    /// The tenant column of a row-isolated table is missing or not a string.
+    /// A numeric column would store tenant `007` as `7`, and compare `'007'`
+    /// equal to it: two tenants would share rows.
+    #[error("{table}.{column} is {found}; row isolation needs the tenant column to be String or LowCardinality(String)")]
+    TenantColumnType {
+        /// The table.
+        table: String,
+        /// The tenant column.
+        column: String,
+        /// What the server has (`missing` when there is no such column).
+        found: String,
+    },
+    /// A tenant scope names a database no tenant may be given.
+    #[error("database {database:?} is {why}; no tenant may be scoped to it")]
+    ReservedDatabase {
+        /// The database.
+        database: String,
+        /// What it is.
+        why: &'static str,
+    },
     /// A row to insert did not serialize to a JSON object.
     #[error("row {index} is not a struct or map")]
     NotARow {

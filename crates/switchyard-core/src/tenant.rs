@@ -267,7 +267,11 @@ impl NameTemplate {
                 self.suffix.to_ascii_lowercase(),
             )
         } else {
-            (name.to_owned(), self.prefix.to_string(), self.suffix.to_string())
+            (
+                name.to_owned(),
+                self.prefix.to_string(),
+                self.suffix.to_string(),
+            )
         };
         let Some(middle) = name
             .strip_prefix(prefix.as_str())

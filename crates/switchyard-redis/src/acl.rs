@@ -15,11 +15,26 @@
 //!
 //! The user is named after the scope's target (the tier's template rendered for
 //! the tenant, `tenant_acme` by default) and may touch keys and channels under
-//! `<target>:` only, running any command outside `@admin` and `@dangerous`:
+//! `<target>:` only. Its commands are denied by default and allowed one by one
+//! from the handle's command table ([`tenant_user_commands`]), so the server
+//! holds a tenant user to what the handle lets through, scripts included:
 //!
 //! ```text
-//! ACL SETUSER tenant_acme reset on >… ~tenant_acme:* &tenant_acme:* +@all -@admin -@dangerous
+//! ACL SETUSER tenant_acme reset on >… ~tenant_acme:* &tenant_acme:* -@all +get +set … +eval …
 //! ```
+//!
+//! A category rule such as `+@all -@admin -@dangerous` is not enough: it
+//! leaves `SCAN`, `RANDOMKEY`, `DBSIZE`, `SELECT` and `MOVE`, and key patterns
+//! neither filter `SCAN`'s reply nor confine a user to one logical database,
+//! so a script could list every tenant's key names or write into another
+//! database. None of those are in the table's ACL list, nor are `KEYS`,
+//! `COPY` (its `DB` option), `SORT`, `CLIENT`, `FLUSHALL`, `PUBSUB` or any
+//! administrative command.
+//!
+//! A template that could name the user `default` (the administrator every
+//! Redis has) or the pool's own user is refused when the tier is configured
+//! ([`RedisBackend::check_tier`](switchyard_core::Backend::check_tier)):
+//! provisioning would rewrite that user.
 //!
 //! ACL rules are not replicated: provision every node, replicas included, and
 //! again on a node that was rebuilt.
@@ -35,8 +50,15 @@ use crate::connection::RedisConnection;
 use crate::error::redis_error;
 use crate::keys::is_safe_target;
 
-/// The command categories a tenant user may run.
-pub const TENANT_USER_COMMANDS: &[&str] = &["+@all", "-@admin", "-@dangerous"];
+/// The ACL command rules of a tenant user: `-@all`, then `+<command>` for
+/// every command the handle's table lets an ACL-confined connection send
+/// (`+get`, `+object|encoding`, `+eval`, ...). Deny by default: a command
+/// missing here is refused by the server, inside scripts too.
+pub fn tenant_user_commands() -> Vec<String> {
+    std::iter::once("-@all".to_owned())
+        .chain(crate::table::acl_commands().map(|c| format!("+{c}")))
+        .collect()
+}
 
 /// A tenant user's password. Cheap to clone; never shown by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -167,8 +189,8 @@ fn setuser(scope: &TenantScope, password: &AclPassword) -> redis::Cmd {
         .arg(format!(">{}", password.expose()))
         .arg(format!("~{prefix}*"))
         .arg(format!("&{prefix}*"));
-    for rule in TENANT_USER_COMMANDS {
-        cmd.arg(*rule);
+    for rule in tenant_user_commands() {
+        cmd.arg(rule);
     }
     cmd
 }
@@ -288,7 +310,7 @@ mod tests {
             })
             .collect();
         assert_eq!(
-            args,
+            args[..9],
             [
                 "ACL",
                 "SETUSER",
@@ -298,10 +320,44 @@ mod tests {
                 ">pw",
                 "~tenant_acme:*",
                 "&tenant_acme:*",
-                "+@all",
-                "-@admin",
-                "-@dangerous"
+                "-@all",
             ]
         );
+        for allowed in [
+            "+get",
+            "+eval",
+            "+object|encoding",
+            "+publish",
+            "+script|load",
+        ] {
+            assert!(args.iter().any(|a| a == allowed), "{allowed} missing");
+        }
+        for denied in [
+            "scan",
+            "keys",
+            "randomkey",
+            "dbsize",
+            "select",
+            "move",
+            "swapdb",
+            "copy",
+            "sort",
+            "client",
+            "flushall",
+            "flushdb",
+            "pubsub",
+            "config",
+            "acl",
+            "migrate",
+            "function",
+        ] {
+            assert!(
+                !args
+                    .iter()
+                    .any(|a| a.trim_start_matches('+').split('|').next() == Some(denied)),
+                "{denied} must not be allowed"
+            );
+        }
+        assert!(args[9..].iter().all(|a| a.starts_with('+')));
     }
 }

@@ -9,13 +9,13 @@ use std::time::Duration;
 use deadpool_redis::redis::{self, IntoConnectionInfo};
 use deadpool_redis::{Hook, HookError, Manager, Pool, Runtime, Timeouts};
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, SecretUrl, TenantScope,
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, SecretUrl, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
 use crate::acl::{acl_user, key_prefix, AclPasswords};
 use crate::config::{DatabaseResolver, RedisBackendBuilder, RedisBackendConfig};
-use crate::connection::{RedisConnection, SessionDefaults};
+use crate::connection::{Reauth, RedisConnection, SessionDefaults};
 use crate::error::{error_kind, pool_error, redis_error};
 use crate::keys::{is_safe_target, Confinement};
 use crate::probe;
@@ -218,8 +218,26 @@ impl RedisBackend {
             .ok_or_else(|| self.not_provisioned(scope, "acl user"))
     }
 
+    /// ACL users no tenant may be: the administrator every Redis has and
+    /// the pool's own user.
+    fn reserved_users(&self) -> impl Iterator<Item = &str> {
+        std::iter::once("default").chain(self.defaults.username.as_deref())
+    }
+
     /// Fails before any I/O when the scope cannot be applied here.
     fn check_provisioned(&self, scope: &TenantScope) -> Result<(), Error> {
+        if scope.isolation() == Isolation::Row
+            && self.reserved_users().any(|user| user == acl_user(scope))
+        {
+            return Err(Error::Config {
+                path: "tenants".into(),
+                message: format!(
+                    "tenant {} would authenticate as the reserved ACL user {:?}",
+                    scope.tenant(),
+                    acl_user(scope)
+                ),
+            });
+        }
         if !is_safe_target(scope.target()) {
             return Err(Error::Config {
                 path: "tenants".into(),
@@ -331,7 +349,11 @@ impl Backend for RedisBackend {
                         self.scope_error(scope, "apply", e)
                     }
                 })?;
-                conn.confine(tenant, Isolation::Database, Confinement::Database);
+                conn.confine(
+                    tenant,
+                    Isolation::Database,
+                    Confinement::Database(key_prefix(scope).into()),
+                );
             }
             Isolation::Row => {
                 let password = self.password_of(scope)?;
@@ -350,6 +372,11 @@ impl Backend for RedisBackend {
                     Isolation::Row,
                     Confinement::Acl(key_prefix(scope).into()),
                 );
+                conn.reauth = Some(Reauth {
+                    user: acl_user(scope).to_owned(),
+                    password,
+                    defaults: self.defaults.clone(),
+                });
             }
         }
         tracing::trace!(
@@ -375,6 +402,15 @@ impl Backend for RedisBackend {
 
     fn discard(&self, conn: RedisConnection) {
         self.count_discard(conn);
+    }
+
+    /// Refuses a row (ACL user) tier whose template can name the user
+    /// `default` or the pool's own user: provisioning would rewrite it.
+    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+        if policy.isolation != Isolation::Row {
+            return Ok(());
+        }
+        policy.refuse_reserved(tier, self.reserved_users(), false)
     }
 
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {

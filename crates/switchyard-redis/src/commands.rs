@@ -201,7 +201,9 @@ impl RedisConnection {
             .arg(full)
             .arg("COUNT")
             .arg(count.max(1));
-        let value = self.send(&cmd, None).await.map_err(|e| self.fail(e))?;
+        // A tenant ACL user may not run SCAN (its reply is not filtered by
+        // key patterns); this one, prefix built in, runs as the pool's user.
+        let value = self.send_as_pool(&cmd).await.map_err(|e| self.fail(e))?;
         let (next, keys): (u64, Vec<Vec<u8>>) = match value {
             Value::Array(mut parts) if parts.len() == 2 => {
                 let keys = parts.pop().unwrap_or(Value::Nil);

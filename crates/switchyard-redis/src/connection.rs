@@ -43,6 +43,15 @@ impl fmt::Debug for SessionDefaults {
     }
 }
 
+/// What an ACL-confined connection needs to run one command of the handle's
+/// own as the pool's user and come back (see [`RedisConnection::send_as_pool`]).
+#[derive(Clone)]
+pub(crate) struct Reauth {
+    pub(crate) user: String,
+    pub(crate) password: crate::AclPassword,
+    pub(crate) defaults: SessionDefaults,
+}
+
 /// A connection from a [`RedisBackend`](crate::RedisBackend), as a checkout
 /// derefs to it.
 ///
@@ -63,6 +72,8 @@ pub struct RedisConnection {
     confinement: Confinement,
     response_timeout: Duration,
     pub(crate) session: Session,
+    /// Set while ACL-confined.
+    pub(crate) reauth: Option<Reauth>,
 }
 
 impl RedisConnection {
@@ -79,6 +90,7 @@ impl RedisConnection {
             confinement: Confinement::Open,
             response_timeout,
             session: Session::default(),
+            reauth: None,
         }
     }
 
@@ -101,7 +113,7 @@ impl RedisConnection {
     pub fn key_prefix(&self) -> Option<&str> {
         match &self.confinement {
             Confinement::Prefix(p) | Confinement::Acl(p) => Some(p),
-            Confinement::Open | Confinement::Database => None,
+            Confinement::Open | Confinement::Database(_) => None,
         }
     }
 
@@ -213,6 +225,48 @@ impl RedisConnection {
         self.note(result.and_then(Value::extract_error))
     }
 
+    /// Sends `cmd`, built by the handle itself with the tenant's prefix in
+    /// place (a `SCAN ... MATCH <prefix>*`), as the pool's user when the
+    /// connection is ACL-confined, since the tenant user may not run it; then
+    /// authenticates as the tenant again, all in one pipeline. If any step
+    /// fails the connection is marked broken and never reused: it could be
+    /// left as the pool's user.
+    pub(crate) async fn send_as_pool(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        let Some(reauth) = self.reauth.clone() else {
+            return self.send(cmd, None).await;
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("RESET");
+        if let Some(password) = &reauth.defaults.password {
+            let auth = pipe.cmd("AUTH");
+            if let Some(user) = &reauth.defaults.username {
+                auth.arg(user);
+            }
+            auth.arg(password);
+        }
+        if reauth.defaults.db != 0 {
+            pipe.cmd("SELECT").arg(reauth.defaults.db);
+        }
+        pipe.add_command(cmd.clone());
+        pipe.cmd("AUTH")
+            .arg(&reauth.user)
+            .arg(reauth.password.expose());
+        let result = self.send_pipeline(&pipe).await;
+        let mut replies = match result {
+            Ok(Value::Array(replies)) if replies.len() >= 2 => replies,
+            Ok(_) => {
+                self.session.broken = true;
+                return Err(std::io::Error::other("unexpected pipeline reply").into());
+            }
+            Err(e) => {
+                self.session.broken = true;
+                return Err(e);
+            }
+        };
+        replies.pop();
+        Ok(replies.pop().unwrap_or(Value::Nil))
+    }
+
     /// Sends a pipeline, keeping track of whether its replies were read.
     pub(crate) async fn send_pipeline(&mut self, pipe: &Pipeline) -> RedisResult<Value> {
         let Some(socket) = self.inner.as_mut() else {
@@ -270,6 +324,7 @@ impl RedisConnection {
 
     /// Forgets the confinement (the server side was already reset).
     pub(crate) fn release_confinement(&mut self) {
+        self.reauth = None;
         self.tenant = None;
         self.isolation = None;
         self.confinement = Confinement::Open;

@@ -73,8 +73,8 @@ pub(crate) enum Confinement {
     /// Unscoped: commands pass through untouched.
     Open,
     /// A logical database of the tenant's own: keys as given, but nothing that
-    /// leaves the database.
-    Database,
+    /// leaves the database; pub/sub channels (server-wide) under the prefix.
+    Database(Arc<str>),
     /// Keys under a prefix (schema isolation).
     Prefix(Arc<str>),
     /// Keys under a prefix, and an ACL user the server holds to it (row
@@ -96,7 +96,17 @@ impl Confinement {
     pub(crate) fn prefix(&self) -> &[u8] {
         match self {
             Confinement::Prefix(p) | Confinement::Acl(p) => p.as_bytes(),
-            Confinement::Open | Confinement::Database => b"",
+            Confinement::Open | Confinement::Database(_) => b"",
+        }
+    }
+
+    /// The prefix of pub/sub channels: the key prefix, and in a database of
+    /// the tenant's own the same `<target>:`, because channels are not per
+    /// database.
+    pub(crate) fn channel_prefix(&self) -> &[u8] {
+        match self {
+            Confinement::Prefix(p) | Confinement::Acl(p) | Confinement::Database(p) => p.as_bytes(),
+            Confinement::Open => b"",
         }
     }
 }
@@ -143,8 +153,9 @@ pub(crate) fn prepare(
     };
     let permitted = match spec.allowed {
         Allowed::Everywhere => true,
-        Allowed::DatabaseOnly => *confinement == Confinement::Database,
+        Allowed::DatabaseOnly => matches!(confinement, Confinement::Database(_)),
         Allowed::AclOnly => matches!(confinement, Confinement::Acl(_)),
+        Allowed::NotAcl => !matches!(confinement, Confinement::Acl(_)),
     };
     if !permitted {
         return Err(ConfinementError::Forbidden {
@@ -175,7 +186,11 @@ pub(crate) fn prepare(
             &command.name,
             &command.args,
             &positions,
-            confinement.prefix(),
+            if spec.channels {
+                confinement.channel_prefix()
+            } else {
+                confinement.prefix()
+            },
         ),
         reply: spec.reply,
         blocks_for,
@@ -362,7 +377,7 @@ mod tests {
             Err(ConfinementError::Forbidden { .. })
         ));
         assert!(matches!(
-            prepare(&cmd, &Confinement::Database),
+            prepare(&cmd, &Confinement::Database("tenant_a:".into())),
             Err(ConfinementError::Forbidden { .. })
         ));
         let acl = Confinement::Acl("tenant_a:".into());
@@ -413,7 +428,7 @@ mod tests {
     fn unconfinable_commands_are_refused_with_a_reason() {
         for c in [
             prefix(),
-            Confinement::Database,
+            Confinement::Database("tenant_a:".into()),
             Confinement::Acl("t:".into()),
         ] {
             for name in [
@@ -446,7 +461,11 @@ mod tests {
         }
         for name in ["KEYS", "SCAN", "DBSIZE", "RANDOMKEY"] {
             assert!(prepare(&Command::new(name).arg("*"), &prefix()).is_err());
-            assert!(prepare(&Command::new(name).arg("*"), &Confinement::Database).is_ok());
+            assert!(prepare(
+                &Command::new(name).arg("*"),
+                &Confinement::Database("tenant_a:".into())
+            )
+            .is_ok());
         }
         assert!(prepare(&Command::new("BLPOP").arg("l").arg(0), &prefix()).is_err());
     }

@@ -71,8 +71,8 @@ mod probe;
 mod table;
 
 pub use acl::{
-    acl_user, key_prefix, provision_acl_users, remove_acl_users, AclPassword, AclPasswords,
-    StaticPasswords, TENANT_USER_COMMANDS,
+    acl_user, key_prefix, provision_acl_users, remove_acl_users, tenant_user_commands, AclPassword,
+    AclPasswords, StaticPasswords,
 };
 pub use backend::{RedisBackend, RedisCounters};
 pub use config::{DatabaseResolver, RedisBackendBuilder, RedisBackendConfig};

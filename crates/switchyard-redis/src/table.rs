@@ -6,6 +6,8 @@
 //! a key count or a `STREAMS` token, the table parses it the same way, so the
 //! server and the table always agree on which arguments are keys.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Where a command keeps its keys. Positions count arguments after the name.
@@ -47,6 +49,9 @@ pub(crate) enum Allowed {
     DatabaseOnly,
     /// Computes key names the table cannot see: confined only by an ACL user.
     AclOnly,
+    /// Has an option (`COPY ... DB`) the handle refuses but the server's ACL
+    /// cannot: left out of tenant users' rules, so not for ACL isolation.
+    NotAcl,
 }
 
 /// How a blocking command says how long it blocks.
@@ -62,6 +67,8 @@ enum Block {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Spec {
     keys: Keys,
+    /// Its "keys" are pub/sub channels.
+    pub(crate) channels: bool,
     pub(crate) reply: Reply,
     pub(crate) allowed: Allowed,
     block: Block,
@@ -70,6 +77,7 @@ pub(crate) struct Spec {
 const fn spec(keys: Keys) -> Spec {
     Spec {
         keys,
+        channels: false,
         reply: Reply::Plain,
         allowed: Allowed::Everywhere,
         block: Block::No,
@@ -98,131 +106,358 @@ const SUB_ONE: Spec = spec(Keys::Range {
     step: 1,
 });
 
-/// The table. `name` is upper case; container commands are looked up as
-/// `NAME|SUB`.
-fn lookup(name: &str) -> Option<Spec> {
-    let s = match name {
-        "PING" | "ECHO" | "TIME" | "UNWATCH" => NONE,
-        // Strings, counters, bits, HyperLogLog.
-        "GET" | "SET" | "SETNX" | "SETEX" | "PSETEX" | "GETSET" | "GETDEL" | "GETEX"
-        | "GETRANGE" | "SETRANGE" | "APPEND" | "STRLEN" | "INCR" | "INCRBY" | "INCRBYFLOAT"
-        | "DECR" | "DECRBY" | "SETBIT" | "GETBIT" | "BITCOUNT" | "BITPOS" | "BITFIELD"
-        | "BITFIELD_RO" | "PFADD" => ONE,
-        "MGET" | "DEL" | "UNLINK" | "EXISTS" | "TOUCH" | "WATCH" | "PFCOUNT" | "PFMERGE"
-        | "SINTER" | "SUNION" | "SDIFF" | "SINTERSTORE" | "SUNIONSTORE" | "SDIFFSTORE" => ALL,
-        "MSET" | "MSETNX" => spec(Keys::Range {
+/// The table: every command a confined connection may send, upper case;
+/// container commands are listed as `NAME|SUB`. The ACL rules of tenant users
+/// ([`acl_commands`]) come from this same list, so the server allows a tenant
+/// user exactly what the handle lets through.
+const TABLE: &[(&[&str], Spec)] = &[
+    (&["PING", "ECHO", "TIME", "UNWATCH"], NONE),
+    // Strings, counters, bits, HyperLogLog.
+    (
+        &[
+            "GET",
+            "SET",
+            "SETNX",
+            "SETEX",
+            "PSETEX",
+            "GETSET",
+            "GETDEL",
+            "GETEX",
+            "GETRANGE",
+            "SETRANGE",
+            "APPEND",
+            "STRLEN",
+            "INCR",
+            "INCRBY",
+            "INCRBYFLOAT",
+            "DECR",
+            "DECRBY",
+            "SETBIT",
+            "GETBIT",
+            "BITCOUNT",
+            "BITPOS",
+            "BITFIELD",
+            "BITFIELD_RO",
+            "PFADD",
+        ],
+        ONE,
+    ),
+    (
+        &[
+            "MGET",
+            "DEL",
+            "UNLINK",
+            "EXISTS",
+            "TOUCH",
+            "WATCH",
+            "PFCOUNT",
+            "PFMERGE",
+            "SINTER",
+            "SUNION",
+            "SDIFF",
+            "SINTERSTORE",
+            "SUNIONSTORE",
+            "SDIFFSTORE",
+        ],
+        ALL,
+    ),
+    (
+        &["MSET", "MSETNX"],
+        spec(Keys::Range {
             first: 0,
             last: -1,
             step: 2,
         }),
-        "BITOP" => spec(Keys::Range {
+    ),
+    (
+        &["BITOP"],
+        spec(Keys::Range {
             first: 1,
             last: -1,
             step: 1,
         }),
-        "LCS" => TWO,
-        // Generic key commands.
-        "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "EXPIRETIME" | "PEXPIRETIME"
-        | "PERSIST" | "TTL" | "PTTL" | "TYPE" | "DUMP" => ONE,
-        "RENAME" | "RENAMENX" | "COPY" => TWO,
-        "OBJECT|ENCODING" | "OBJECT|FREQ" | "OBJECT|IDLETIME" | "OBJECT|REFCOUNT"
-        | "MEMORY|USAGE" => SUB_ONE,
-        // Hashes.
-        "HGET" | "HSET" | "HSETNX" | "HMSET" | "HMGET" | "HDEL" | "HEXISTS" | "HGETALL"
-        | "HKEYS" | "HVALS" | "HLEN" | "HSTRLEN" | "HINCRBY" | "HINCRBYFLOAT" | "HRANDFIELD"
-        | "HSCAN" => ONE,
-        // Lists.
-        "LPUSH" | "RPUSH" | "LPUSHX" | "RPUSHX" | "LPOP" | "RPOP" | "LRANGE" | "LLEN"
-        | "LINDEX" | "LSET" | "LINSERT" | "LREM" | "LTRIM" | "LPOS" => ONE,
-        "RPOPLPUSH" | "LMOVE" => TWO,
-        "BRPOPLPUSH" | "BLMOVE" => Spec {
+    ),
+    (&["LCS"], TWO),
+    // Generic key commands.
+    (
+        &[
+            "EXPIRE",
+            "PEXPIRE",
+            "EXPIREAT",
+            "PEXPIREAT",
+            "EXPIRETIME",
+            "PEXPIRETIME",
+            "PERSIST",
+            "TTL",
+            "PTTL",
+            "TYPE",
+            "DUMP",
+        ],
+        ONE,
+    ),
+    (&["RENAME", "RENAMENX"], TWO),
+    // Its DB option reaches another database, and a script could pass it.
+    (
+        &["COPY"],
+        Spec {
+            allowed: Allowed::NotAcl,
+            ..TWO
+        },
+    ),
+    (
+        &[
+            "OBJECT|ENCODING",
+            "OBJECT|FREQ",
+            "OBJECT|IDLETIME",
+            "OBJECT|REFCOUNT",
+            "MEMORY|USAGE",
+        ],
+        SUB_ONE,
+    ),
+    // Hashes.
+    (
+        &[
+            "HGET",
+            "HSET",
+            "HSETNX",
+            "HMSET",
+            "HMGET",
+            "HDEL",
+            "HEXISTS",
+            "HGETALL",
+            "HKEYS",
+            "HVALS",
+            "HLEN",
+            "HSTRLEN",
+            "HINCRBY",
+            "HINCRBYFLOAT",
+            "HRANDFIELD",
+            "HSCAN",
+        ],
+        ONE,
+    ),
+    // Lists.
+    (
+        &[
+            "LPUSH", "RPUSH", "LPUSHX", "RPUSHX", "LPOP", "RPOP", "LRANGE", "LLEN", "LINDEX",
+            "LSET", "LINSERT", "LREM", "LTRIM", "LPOS",
+        ],
+        ONE,
+    ),
+    (&["RPOPLPUSH", "LMOVE"], TWO),
+    (
+        &["BRPOPLPUSH", "BLMOVE"],
+        Spec {
             block: Block::Seconds(-1),
             ..TWO
         },
-        "BLPOP" | "BRPOP" => blocking_pop(),
-        "LMPOP" => Spec {
+    ),
+    (&["BLPOP", "BRPOP"], BLOCKING_POP),
+    (
+        &["LMPOP"],
+        Spec {
             reply: Reply::KeyFirst,
             ..spec(Keys::Counted { at: 0 })
         },
-        "BLMPOP" => Spec {
+    ),
+    (
+        &["BLMPOP"],
+        Spec {
             reply: Reply::KeyFirst,
             block: Block::Seconds(0),
             ..spec(Keys::Counted { at: 1 })
         },
-        // Sets.
-        "SADD" | "SREM" | "SMEMBERS" | "SISMEMBER" | "SMISMEMBER" | "SCARD" | "SPOP"
-        | "SRANDMEMBER" | "SSCAN" => ONE,
-        "SMOVE" => TWO,
-        "SINTERCARD" => spec(Keys::Counted { at: 0 }),
-        // Sorted sets.
-        "ZADD" | "ZREM" | "ZSCORE" | "ZMSCORE" | "ZINCRBY" | "ZCARD" | "ZCOUNT" | "ZLEXCOUNT"
-        | "ZRANGE" | "ZRANGEBYSCORE" | "ZRANGEBYLEX" | "ZREVRANGE" | "ZREVRANGEBYSCORE"
-        | "ZREVRANGEBYLEX" | "ZRANK" | "ZREVRANK" | "ZPOPMIN" | "ZPOPMAX" | "ZRANDMEMBER"
-        | "ZREMRANGEBYRANK" | "ZREMRANGEBYSCORE" | "ZREMRANGEBYLEX" | "ZSCAN" => ONE,
-        "ZRANGESTORE" => TWO,
-        "ZUNION" | "ZINTER" | "ZDIFF" | "ZINTERCARD" => spec(Keys::Counted { at: 0 }),
-        "ZUNIONSTORE" | "ZINTERSTORE" | "ZDIFFSTORE" => spec(Keys::DestCounted),
-        "ZMPOP" => Spec {
+    ),
+    // Sets.
+    (
+        &[
+            "SADD",
+            "SREM",
+            "SMEMBERS",
+            "SISMEMBER",
+            "SMISMEMBER",
+            "SCARD",
+            "SPOP",
+            "SRANDMEMBER",
+            "SSCAN",
+        ],
+        ONE,
+    ),
+    (&["SMOVE"], TWO),
+    (&["SINTERCARD"], spec(Keys::Counted { at: 0 })),
+    // Sorted sets.
+    (
+        &[
+            "ZADD",
+            "ZREM",
+            "ZSCORE",
+            "ZMSCORE",
+            "ZINCRBY",
+            "ZCARD",
+            "ZCOUNT",
+            "ZLEXCOUNT",
+            "ZRANGE",
+            "ZRANGEBYSCORE",
+            "ZRANGEBYLEX",
+            "ZREVRANGE",
+            "ZREVRANGEBYSCORE",
+            "ZREVRANGEBYLEX",
+            "ZRANK",
+            "ZREVRANK",
+            "ZPOPMIN",
+            "ZPOPMAX",
+            "ZRANDMEMBER",
+            "ZREMRANGEBYRANK",
+            "ZREMRANGEBYSCORE",
+            "ZREMRANGEBYLEX",
+            "ZSCAN",
+        ],
+        ONE,
+    ),
+    (&["ZRANGESTORE"], TWO),
+    (
+        &["ZUNION", "ZINTER", "ZDIFF", "ZINTERCARD"],
+        spec(Keys::Counted { at: 0 }),
+    ),
+    (
+        &["ZUNIONSTORE", "ZINTERSTORE", "ZDIFFSTORE"],
+        spec(Keys::DestCounted),
+    ),
+    (
+        &["ZMPOP"],
+        Spec {
             reply: Reply::KeyFirst,
             ..spec(Keys::Counted { at: 0 })
         },
-        "BZMPOP" => Spec {
+    ),
+    (
+        &["BZMPOP"],
+        Spec {
             reply: Reply::KeyFirst,
             block: Block::Seconds(0),
             ..spec(Keys::Counted { at: 1 })
         },
-        "BZPOPMIN" | "BZPOPMAX" => blocking_pop(),
-        // Geo (the GEORADIUS family's STORE options are left out).
-        "GEOADD" | "GEOPOS" | "GEODIST" | "GEOHASH" | "GEOSEARCH" => ONE,
-        "GEOSEARCHSTORE" => TWO,
-        // Streams.
-        "XADD" | "XLEN" | "XRANGE" | "XREVRANGE" | "XDEL" | "XTRIM" | "XACK" | "XPENDING"
-        | "XCLAIM" | "XAUTOCLAIM" | "XSETID" => ONE,
-        "XGROUP|CREATE"
-        | "XGROUP|DESTROY"
-        | "XGROUP|CREATECONSUMER"
-        | "XGROUP|DELCONSUMER"
-        | "XGROUP|SETID"
-        | "XINFO|STREAM"
-        | "XINFO|GROUPS"
-        | "XINFO|CONSUMERS" => SUB_ONE,
-        "XREAD" | "XREADGROUP" => Spec {
+    ),
+    (&["BZPOPMIN", "BZPOPMAX"], BLOCKING_POP),
+    // Geo (the GEORADIUS family's STORE options are left out).
+    (
+        &["GEOADD", "GEOPOS", "GEODIST", "GEOHASH", "GEOSEARCH"],
+        ONE,
+    ),
+    (&["GEOSEARCHSTORE"], TWO),
+    // Streams.
+    (
+        &[
+            "XADD",
+            "XLEN",
+            "XRANGE",
+            "XREVRANGE",
+            "XDEL",
+            "XTRIM",
+            "XACK",
+            "XPENDING",
+            "XCLAIM",
+            "XAUTOCLAIM",
+            "XSETID",
+        ],
+        ONE,
+    ),
+    (
+        &[
+            "XGROUP|CREATE",
+            "XGROUP|DESTROY",
+            "XGROUP|CREATECONSUMER",
+            "XGROUP|DELCONSUMER",
+            "XGROUP|SETID",
+            "XINFO|STREAM",
+            "XINFO|GROUPS",
+            "XINFO|CONSUMERS",
+        ],
+        SUB_ONE,
+    ),
+    (
+        &["XREAD", "XREADGROUP"],
+        Spec {
             reply: Reply::Streams,
             block: Block::Option,
             ..spec(Keys::Streams)
         },
-        // Channels are namespaced like keys.
-        "PUBLISH" | "SPUBLISH" => ONE,
-        // Whole-keyspace commands: fine in a database of the tenant's own.
-        "DBSIZE" | "RANDOMKEY" | "KEYS" | "SCAN" => Spec {
+    ),
+    // Channels are namespaced like keys, in a database of the tenant's own
+    // too: pub/sub is server-wide, not per database.
+    (
+        &["PUBLISH", "SPUBLISH"],
+        Spec {
+            channels: true,
+            ..ONE
+        },
+    ),
+    // Whole-keyspace commands: fine in a database of the tenant's own.
+    (
+        &["DBSIZE", "RANDOMKEY", "KEYS", "SCAN"],
+        Spec {
             allowed: Allowed::DatabaseOnly,
             ..NONE
         },
-        // Scripts name keys the table cannot see; the server's ACL can.
-        "EVAL" | "EVAL_RO" | "EVALSHA" | "EVALSHA_RO" | "FCALL" | "FCALL_RO" => Spec {
+    ),
+    // Scripts name keys the table cannot see; the server's ACL can.
+    (
+        &[
+            "EVAL",
+            "EVAL_RO",
+            "EVALSHA",
+            "EVALSHA_RO",
+            "FCALL",
+            "FCALL_RO",
+        ],
+        Spec {
             allowed: Allowed::AclOnly,
             ..spec(Keys::Counted { at: 1 })
         },
-        "SCRIPT|LOAD" | "SCRIPT|EXISTS" => Spec {
+    ),
+    (
+        &["SCRIPT|LOAD", "SCRIPT|EXISTS"],
+        Spec {
             allowed: Allowed::AclOnly,
             ..NONE
         },
-        _ => return None,
-    };
-    Some(s)
+    ),
+];
+
+/// The spec of `name` (upper case, or `NAME|SUB`).
+fn lookup(name: &str) -> Option<Spec> {
+    static INDEX: OnceLock<HashMap<&'static str, Spec>> = OnceLock::new();
+    INDEX
+        .get_or_init(|| {
+            TABLE
+                .iter()
+                .flat_map(|(names, spec)| names.iter().map(move |n| (*n, *spec)))
+                .collect()
+        })
+        .get(name)
+        .copied()
 }
 
-fn blocking_pop() -> Spec {
-    Spec {
-        reply: Reply::KeyFirst,
-        block: Block::Seconds(-1),
-        ..spec(Keys::Range {
-            first: 0,
-            last: -2,
-            step: 1,
-        })
-    }
+/// The commands an ACL (row-isolated) tenant user may run, as ACL rule
+/// names (`get`, `object|encoding`): every entry of the table except those
+/// that see a whole keyspace, which only a database of the tenant's own
+/// confines. Everything else is denied, inside scripts too.
+pub(crate) fn acl_commands() -> impl Iterator<Item = String> {
+    TABLE
+        .iter()
+        .filter(|(_, spec)| matches!(spec.allowed, Allowed::Everywhere | Allowed::AclOnly))
+        .flat_map(|(names, _)| names.iter().map(|n| n.to_ascii_lowercase()))
 }
+
+const BLOCKING_POP: Spec = Spec {
+    reply: Reply::KeyFirst,
+    block: Block::Seconds(-1),
+    ..spec(Keys::Range {
+        first: 0,
+        last: -2,
+        step: 1,
+    })
+};
 
 /// Why a command outside the table is refused, for the ones worth explaining.
 pub(crate) fn forbidden(name: &str) -> Option<&'static str> {

@@ -33,6 +33,10 @@ enum Escape {
     EvalMove,
     /// `EVAL` reading another tenant's key by its full name.
     EvalForeignKey,
+    /// `EVAL` copying the tenant's own key into another database.
+    EvalCopyDb,
+    /// `EVAL` publishing on a channel outside the tenant's namespace.
+    EvalPublish,
     /// `KEYS *`, `SCAN 0`, `RANDOMKEY` sent through the handle.
     Keys,
     Scan,
@@ -63,6 +67,8 @@ const ESCAPES: &[(Category, Escape)] = &[
     (Category::CrossData, Escape::EvalSelectAndWrite),
     (Category::CrossData, Escape::EvalMove),
     (Category::CrossData, Escape::EvalForeignKey),
+    (Category::CrossData, Escape::EvalCopyDb),
+    (Category::CrossData, Escape::EvalPublish),
     (Category::Enumeration, Escape::Keys),
     (Category::Enumeration, Escape::Scan),
     (Category::Enumeration, Escape::RandomKey),
@@ -136,7 +142,7 @@ impl RedisFixture {
             CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| conformance::error_chain(&e))
     }
 
     async fn send(&self, tenant: &str, command: Command) -> Attempt {
@@ -146,7 +152,7 @@ impl RedisFixture {
         };
         match conn.query::<redis_value::Value>(&command).await {
             Ok(v) => Attempt::Ran(format!("{v:?}")),
-            Err(e) => Attempt::Refused(e.to_string()),
+            Err(e) => Attempt::Refused(conformance::error_chain(&e)),
         }
     }
 
@@ -196,7 +202,7 @@ impl RedisFixture {
             Ok(n) => Attempt::Breached(format!(
                 "{attacker}'s PUBLISH news reached {n} subscriber(s) outside its namespace"
             )),
-            Err(e) => Attempt::Refused(e.to_string()),
+            Err(e) => Attempt::Refused(conformance::error_chain(&e)),
         }
     }
 
@@ -282,7 +288,10 @@ impl Fixture for RedisFixture {
                 )
                 .await
             }
-            Escape::EvalKeys => self.eval(attacker, "return redis.call('KEYS', '*')", &[]).await,
+            Escape::EvalKeys => {
+                self.eval(attacker, "return redis.call('KEYS', '*')", &[])
+                    .await
+            }
             Escape::EvalRandomKey => {
                 let script = "local out = {} for i = 1, 200 do out[i] = redis.call('RANDOMKEY') end return out";
                 self.eval(attacker, script, &[]).await
@@ -302,6 +311,15 @@ impl Fixture for RedisFixture {
                 let script = format!("return redis.call('GET', 'tenant_{victim}:marker')");
                 self.eval(attacker, &script, &[]).await
             }
+            Escape::EvalCopyDb => {
+                let script = format!("return redis.call('COPY', KEYS[1], KEYS[2], 'DB', {OTHER_DB})");
+                let owned = conformance::owned_name(attacker);
+                self.eval(attacker, &script, &[&owned, "copied"]).await
+            }
+            Escape::EvalPublish => {
+                let script = format!("return redis.call('PUBLISH', 'tenant_{victim}:news', 'x')");
+                self.eval(attacker, &script, &[]).await
+            }
             Escape::Keys => self.send(attacker, plain("KEYS").arg("*")).await,
             Escape::Scan => {
                 self.send(attacker, plain("SCAN").arg(0).arg("COUNT").arg(1000))
@@ -314,7 +332,10 @@ impl Fixture for RedisFixture {
                 self.send(attacker, plain("MOVE").arg(owned).arg(OTHER_DB))
                     .await
             }
-            Escape::SwapDb => self.send(attacker, plain("SWAPDB").arg(0).arg(OTHER_DB)).await,
+            Escape::SwapDb => {
+                self.send(attacker, plain("SWAPDB").arg(0).arg(OTHER_DB))
+                    .await
+            }
             Escape::FlushAll => self.send(attacker, plain("FLUSHALL")).await,
             Escape::SortGet => {
                 let cmd = plain("SORT")
@@ -327,14 +348,18 @@ impl Fixture for RedisFixture {
             }
             Escape::CopyDb => {
                 let owned = conformance::owned_name(attacker);
-                let cmd = plain("COPY").arg(owned).arg("copied").arg("DB").arg(OTHER_DB);
+                let cmd = plain("COPY")
+                    .arg(owned)
+                    .arg("copied")
+                    .arg("DB")
+                    .arg(OTHER_DB);
                 self.send(attacker, cmd).await
             }
             Escape::ClientList => self.send(attacker, plain("CLIENT").arg("LIST")).await,
             Escape::Raw => match self.scoped(attacker).await {
                 Ok(mut conn) => match conn.raw() {
                     Ok(_) => Attempt::Breached("a scoped checkout handed out its socket".into()),
-                    Err(e) => Attempt::Refused(e.to_string()),
+                    Err(e) => Attempt::Refused(conformance::error_chain(&e)),
                 },
                 Err(e) => Attempt::Refused(e),
             },

@@ -92,6 +92,23 @@ pub fn owned_name(tenant: &str) -> String {
     format!("owned_by_{tenant}")
 }
 
+/// `error` and each of its sources, joined by `: `, for [`Attempt::Refused`]
+/// and fixture errors (the top-level message alone often names only the
+/// endpoint).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 /// What an escape is trying to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Category {
@@ -275,9 +292,7 @@ pub async fn check<F: Fixture>(fixture: &F) -> Report {
 async fn seed<F: Fixture>(fixture: &F, report: &mut Report) {
     for tenant in TENANTS {
         let written = async {
-            fixture
-                .write(tenant, MARKER_KEY, &marker(tenant))
-                .await?;
+            fixture.write(tenant, MARKER_KEY, &marker(tenant)).await?;
             fixture.write(tenant, &owned_name(tenant), "1").await
         }
         .await;
@@ -391,11 +406,15 @@ async fn escape_case<F: Fixture>(
     let verdict = match attempt {
         Attempt::Skipped(why) => Verdict::Skipped(why),
         Attempt::Breached(evidence) => Verdict::Broke(evidence),
-        Attempt::Refused(e) => after_escape(fixture, attacker, victim, format!("refused: {e}")).await,
+        Attempt::Refused(e) => {
+            after_escape(fixture, attacker, victim, format!("refused: {e}")).await
+        }
         Attempt::Ran(output) => {
             let tells = [marker(victim), owned_name(victim)];
             match tells.iter().find(|t| output.contains(t.as_str())) {
-                Some(tell) => Verdict::Broke(format!("it ran and showed {tell:?}: {}", short(&output))),
+                Some(tell) => {
+                    Verdict::Broke(format!("it ran and showed {tell:?}: {}", short(&output)))
+                }
                 None => after_escape(fixture, attacker, victim, format!("ran: {output}")).await,
             }
         }
@@ -404,7 +423,12 @@ async fn escape_case<F: Fixture>(
 }
 
 /// After an escape, both tenants must still read exactly their own markers.
-async fn after_escape<F: Fixture>(fixture: &F, attacker: &str, victim: &str, seen: String) -> Verdict {
+async fn after_escape<F: Fixture>(
+    fixture: &F,
+    attacker: &str,
+    victim: &str,
+    seen: String,
+) -> Verdict {
     for tenant in [victim, attacker] {
         if let Err(why) = reads_own(fixture, tenant).await {
             return Verdict::Broke(format!("afterwards {why} ({})", short(&seen)));
