@@ -25,7 +25,12 @@ const COLUMN_TYPE_SQL: &str =
 /// Tenant column types that compare as the tenant id's own text.
 const STRING_TYPES: &[&str] = &["String", "LowCardinality(String)"];
 /// Databases that exist on every server and belong to none of its tenants.
-const SYSTEM_DATABASES: &[&str] = &["system", "default", "information_schema", "INFORMATION_SCHEMA"];
+const SYSTEM_DATABASES: &[&str] = &[
+    "system",
+    "default",
+    "information_schema",
+    "INFORMATION_SCHEMA",
+];
 
 /// What the backend and its handles share.
 #[derive(Debug)]

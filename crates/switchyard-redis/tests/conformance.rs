@@ -312,7 +312,8 @@ impl Fixture for RedisFixture {
                 self.eval(attacker, &script, &[]).await
             }
             Escape::EvalCopyDb => {
-                let script = format!("return redis.call('COPY', KEYS[1], KEYS[2], 'DB', {OTHER_DB})");
+                let script =
+                    format!("return redis.call('COPY', KEYS[1], KEYS[2], 'DB', {OTHER_DB})");
                 let owned = conformance::owned_name(attacker);
                 self.eval(attacker, &script, &[&owned, "copied"]).await
             }

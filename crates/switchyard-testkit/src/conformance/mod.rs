@@ -153,6 +153,12 @@ pub enum Attempt {
     /// This server cannot show the case (a stand-in); the reason, printed as
     /// `skipped: needs a real ...`.
     Skipped(String),
+    /// It ran and reached the other tenant, and this isolation level
+    /// documents that it trusts the application not to do it (raw SQL naming
+    /// another schema, say); printed as `trusted: ...` so the line is seen,
+    /// not counted as broken. A level that enforces the boundary must never
+    /// answer this.
+    Trusted(String),
 }
 
 /// One engine at one isolation level, as the suite drives it.
@@ -205,6 +211,8 @@ pub enum Verdict {
     Broke(String),
     /// Not shown on this server.
     Skipped(String),
+    /// Not enforced at this level, by its documented trust model.
+    Trusted(String),
 }
 
 /// One case's result.
@@ -239,6 +247,7 @@ impl Report {
             Verdict::Held(seen) => format!("ok ({})", short(seen)),
             Verdict::Broke(why) => format!("BROKEN: {why}"),
             Verdict::Skipped(why) => format!("skipped: {why}"),
+            Verdict::Trusted(why) => format!("trusted (documented, not enforced): {why}"),
         };
         println!("conformance {}: {case} ... {line}", self.label);
         self.cases.push(CaseResult { case, verdict });
@@ -406,6 +415,7 @@ async fn escape_case<F: Fixture>(
     let verdict = match attempt {
         Attempt::Skipped(why) => Verdict::Skipped(why),
         Attempt::Breached(evidence) => Verdict::Broke(evidence),
+        Attempt::Trusted(why) => Verdict::Trusted(why),
         Attempt::Refused(e) => {
             after_escape(fixture, attacker, victim, format!("refused: {e}")).await
         }
