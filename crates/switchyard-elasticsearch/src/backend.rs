@@ -13,7 +13,7 @@ use elasticsearch::Elasticsearch;
 use serde_json::Value;
 use switchyard_core::{
     Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantId,
-    TenantScope,
+    TenantScope, TierPolicy,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -301,6 +301,23 @@ impl Backend for EsBackend {
         };
         self.check_exists(&target).await?;
         conn.set_target(target);
+        Ok(())
+    }
+
+    /// Refuses a tier whose template can render a name Elasticsearch
+    /// reserves: with no fixed prefix, tenant `_all` names every index and
+    /// tenant `Security` (encoded `.security`) a system index; a prefix
+    /// starting with `_`, `-` or an uppercase letter does the same for every
+    /// tenant.
+    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+        policy.refuse_reserved(tier, ["_all", "-all", "Security"], false)?;
+        let sample = TenantId::new("a").map_err(Error::from)?;
+        if let Some(rendered) = policy.name_template.render(&sample) {
+            index_name(&rendered, self.shared.naming).map_err(|e| Error::Config {
+                path: format!("tiers.{tier}.name_template"),
+                message: e.to_string(),
+            })?;
+        }
         Ok(())
     }
 

@@ -47,8 +47,24 @@ const ROW_KEYS: &[(&str, &str)] = &[
     ("sub_searches", "its queries are not narrowed by the handle"),
 ];
 
-/// `min_doc_count: 0` lists terms of every document in the shard.
+/// `min_doc_count` below 1 lists terms of every document in the shard.
 const ZERO_MIN_DOC_COUNT: &str = "with 0 it lists terms of other tenants' documents";
+
+/// `profile: true` on a shared index: profiles name the terms each shard's
+/// queries rewrote into, across the whole index.
+const PROFILE: &str = "a profile shows index-wide terms past the alias filter";
+
+/// Whether `value` is a `min_doc_count` of at least 1 as Elasticsearch would
+/// read it: it coerces strings (`"0"`) and truncates fractions (`0.5`), so
+/// the parsed value is compared, not the JSON type.
+fn at_least_one(value: &Value) -> bool {
+    let parsed = match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    parsed.is_some_and(|n| n >= 1.0)
+}
 
 /// Fails with [`EsError::ForbiddenKey`] if `body` holds a refused key.
 pub(crate) fn guard(body: &Value, row: bool) -> Result<(), EsError> {
@@ -65,8 +81,12 @@ fn walk(value: &Value, path: &mut String, row: bool) -> Result<(), EsError> {
                     .find(|(k, _)| k == key)
                     .map(|(_, why)| *why)
                     .or_else(|| {
-                        (row && key == "min_doc_count" && child.as_f64() == Some(0.0))
+                        (row && key == "min_doc_count" && !at_least_one(child))
                             .then_some(ZERO_MIN_DOC_COUNT)
+                    })
+                    .or_else(|| {
+                        (row && path.is_empty() && key == "profile" && *child != Value::Bool(false))
+                            .then_some(PROFILE)
                     });
                 if let Some(reason) = refused {
                     return Err(EsError::ForbiddenKey {
@@ -208,6 +228,30 @@ mod tests {
             true
         )
         .is_ok());
+        // Elasticsearch coerces strings and truncates fractions.
+        for zero in [
+            json!("0"),
+            json!(" 0 "),
+            json!("0.0"),
+            json!(0.5),
+            json!("-1"),
+            json!(null),
+            json!("x"),
+        ] {
+            let body = json!({"aggs": {"t": {"terms": {"field": "tag", "min_doc_count": zero}}}});
+            assert!(guard(&body, true).is_err(), "{body}");
+        }
+        assert!(guard(
+            &json!({"aggs": {"t": {"terms": {"field": "tag", "min_doc_count": "2"}}}}),
+            true
+        )
+        .is_ok());
+        assert!(guard(&json!({"profile": true}), true).is_err());
+        assert!(guard(&json!({"profile": "true"}), true).is_err());
+        assert!(guard(&json!({"profile": false}), true).is_ok());
+        assert!(guard(&json!({"profile": true}), false).is_ok());
+        // A field named `profile` is data, not the option.
+        assert!(guard(&json!({"query": {"match": {"profile": "x"}}}), true).is_ok());
     }
 
     #[test]

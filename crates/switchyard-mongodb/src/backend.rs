@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use mongodb::options::ClientOptions;
 use mongodb::Client;
-use switchyard_core::{Backend, EndpointId, Error, PoolStats, Probe, TenantScope};
+use switchyard_core::{
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, TenantScope, TierPolicy,
+};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -219,6 +221,24 @@ impl Backend for MongoBackend {
     async fn unscope(&self, conn: &mut MongoConn, _scope: &TenantScope) -> Result<(), Error> {
         conn.confinement = Confinement::Unscoped;
         Ok(())
+    }
+
+    /// Refuses a database tier whose template can render `admin`, `local`,
+    /// `config` or the shared database of row and prefix tenants (compared
+    /// ignoring case, as MongoDB refuses databases differing only in case).
+    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+        if policy.isolation != Isolation::Database {
+            return Ok(());
+        }
+        let shared = [&*self.settings.database];
+        policy.refuse_reserved(
+            tier,
+            crate::names::RESERVED_DATABASES
+                .iter()
+                .copied()
+                .chain(shared),
+            true,
+        )
     }
 
     fn discard(&self, conn: MongoConn) {

@@ -73,6 +73,21 @@ impl<'a> ScopedCollection<'a> {
         }
     }
 
+    /// Refuses a caller's collation on a row-scoped handle: it would apply
+    /// to the injected tenant condition as well as to the caller's filter.
+    fn check_collation<T>(
+        &self,
+        options: &Option<T>,
+        collation: impl Fn(&T) -> bool,
+        operation: &'static str,
+    ) -> Result<(), Error> {
+        let row = matches!(self.conn.confinement, Confinement::Row(_));
+        if row && options.as_ref().is_some_and(collation) {
+            return Err(self.refuse(MongoError::CollationRefused { operation }));
+        }
+        Ok(())
+    }
+
     fn document(&self, doc: Document) -> Result<Document, Error> {
         match &self.conn.confinement {
             Confinement::Row(guard) => guard.document(doc).map_err(|e| self.refuse(e)),
@@ -137,6 +152,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<Vec<Document>, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "find")?;
         self.run(async {
             let cursor = self.inner.find(filter).with_options(options).await?;
             cursor.try_collect().await
@@ -154,6 +170,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<Cursor<Document>, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "find")?;
         self.run(self.inner.find(filter).with_options(options).into_future())
             .await
     }
@@ -166,6 +183,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<Option<Document>, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "find")?;
         self.run(
             self.inner
                 .find_one(filter)
@@ -221,6 +239,7 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<UpdateOptions>>,
     ) -> Result<UpdateResult, Error> {
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "update")?;
         let upsert = options.as_ref().and_then(|o| o.upsert) == Some(true);
         let update = self.update(update, upsert)?;
         let filter = self.filter(filter);
@@ -242,6 +261,7 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<UpdateOptions>>,
     ) -> Result<UpdateResult, Error> {
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "update")?;
         let upsert = options.as_ref().and_then(|o| o.upsert) == Some(true);
         let update = self.update(update, upsert)?;
         let filter = self.filter(filter);
@@ -265,6 +285,7 @@ impl<'a> ScopedCollection<'a> {
         let replacement = self.document(replacement)?;
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "replace")?;
         self.run(
             self.inner
                 .replace_one(filter, replacement)
@@ -282,6 +303,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<DeleteResult, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "delete")?;
         self.run(
             self.inner
                 .delete_one(filter)
@@ -299,6 +321,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<DeleteResult, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "delete")?;
         self.run(
             self.inner
                 .delete_many(filter)
@@ -316,6 +339,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<u64, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "count")?;
         self.run(
             self.inner
                 .count_documents(filter)
@@ -335,6 +359,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<Vec<Bson>, Error> {
         let filter = self.filter(filter);
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "distinct")?;
         self.run(
             self.inner
                 .distinct(field, filter)
@@ -355,6 +380,7 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<Vec<Document>, Error> {
         let pipeline = self.pipeline(pipeline.into_iter().collect())?;
         let options = options.into();
+        self.check_collation(&options, |o| o.collation.is_some(), "aggregate")?;
         self.run(async {
             let cursor = self.inner.aggregate(pipeline).with_options(options).await?;
             cursor.try_collect().await

@@ -206,6 +206,14 @@ pub enum MongoError {
         /// The path it touches.
         path: String,
     },
+    /// A row-scoped operation carried a `collation`: it would apply to the
+    /// tenant condition too, and under a case-insensitive one
+    /// `{tenant_id: "acme"}` also matches tenant `ACME`'s documents.
+    #[error("a collation is not allowed on a row-scoped {operation}: it would also apply to the tenant condition")]
+    CollationRefused {
+        /// The operation (`find`, `update`, ...).
+        operation: &'static str,
+    },
     /// An update document is not made of update operators.
     #[error("invalid update document: {reason}")]
     InvalidUpdate {

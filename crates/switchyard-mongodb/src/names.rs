@@ -25,7 +25,7 @@ pub const MAX_DATABASE_LEN: usize = 63;
 pub const MAX_NAMESPACE_LEN: usize = 255;
 
 /// Databases a tenant scope may never point at.
-const RESERVED_DATABASES: &[&str] = &["admin", "local", "config"];
+pub(crate) const RESERVED_DATABASES: &[&str] = &["admin", "local", "config"];
 
 /// Whether `c` may appear in a database name or tenant prefix.
 fn is_name_char(c: char) -> bool {
