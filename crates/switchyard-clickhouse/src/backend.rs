@@ -318,7 +318,7 @@ impl Backend for ChBackend {
     /// Refuses a database (or schema) tier whose template can render a
     /// system database (`system`, `default`, `information_schema`), the row
     /// tier's shared database or the unscoped checkouts' database.
-    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+    fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
         if policy.isolation == Isolation::Row {
             return Ok(());
         }

@@ -174,7 +174,7 @@ pub trait Backend: Send + Sync + 'static {
     /// that can render a reserved or shared namespace (a system database,
     /// the row tier's shared one) for some tenant
     /// ([`TierPolicy::refuse_reserved`]). The default accepts every tier.
-    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+    fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
         let _ = (tier, policy);
         Ok(())
     }

@@ -68,7 +68,7 @@ impl TierPolicy {
     /// `reserved` for some tenant: an engine's system namespaces and the
     /// shared namespace of its row tier, which no tenant may be handed.
     /// `fold_case` compares ignoring ASCII case (engines with case-insensitive
-    /// names). Engines call it from [`Backend::check_tier`](crate::Backend::check_tier).
+    /// names). Engines call it from [`Backend::validate_tier`](crate::Backend::validate_tier).
     pub fn refuse_reserved<'a>(
         &self,
         tier: &str,
@@ -77,7 +77,13 @@ impl TierPolicy {
     ) -> Result<(), Error> {
         match reserved
             .into_iter()
-            .find(|name| self.name_template.can_render(name, fold_case))
+            .find(|name| {
+                if fold_case {
+                    self.name_template.can_render_ignoring_case(name)
+                } else {
+                    self.name_template.can_render(name)
+                }
+            })
         {
             Some(name) => Err(Error::Config {
                 path: format!("tiers.{tier}.name_template"),
@@ -250,7 +256,7 @@ impl TenantRegistry {
     }
 
     /// Asks `check` about every tier (an engine's
-    /// [`Backend::check_tier`](crate::Backend::check_tier)), in name order,
+    /// [`Backend::validate_tier`](crate::Backend::validate_tier)), in name order,
     /// and returns every refusal.
     pub fn check_tiers(
         &self,

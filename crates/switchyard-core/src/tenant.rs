@@ -241,45 +241,35 @@ impl NameTemplate {
             && (self.prefix.starts_with(&*other.prefix) || other.prefix.starts_with(&*self.prefix))
     }
 
-    /// Whether some valid tenant id makes this template render `name`
-    /// (compared ignoring ASCII case when `fold_case`, for engines whose names
-    /// are case-insensitive).
-    ///
-    /// Engines use it when a tier is configured, to refuse a template that
-    /// could hand a tenant a reserved or shared namespace: `{id}` can render
-    /// `system` (tenant `system`), `tenant_{id}` cannot.
+    /// Whether some valid tenant id renders exactly `name`: a refusal check
+    /// for names a tier must never hand out (a system or shared namespace).
     ///
     /// ```
     /// use switchyard_core::NameTemplate;
     ///
-    /// let bare = NameTemplate::new("{id}").unwrap();
-    /// assert!(bare.can_render("system", false));
-    /// let prefixed = NameTemplate::new("tenant_{id}").unwrap();
-    /// assert!(!prefixed.can_render("system", false));
-    /// assert!(prefixed.can_render("tenant_shared", false));
-    /// assert!(!prefixed.can_render("tenant_", false));
+    /// assert!(NameTemplate::new("{id}").unwrap().can_render("postgres"));
+    /// assert!(NameTemplate::new("{id}1").unwrap().can_render("template1"));
+    /// assert!(!NameTemplate::new("tenant_{id}").unwrap().can_render("postgres"));
+    /// assert!(NameTemplate::new("tenant_{id}").unwrap().can_render("tenant_shared"));
     /// ```
-    pub fn can_render(&self, name: &str, fold_case: bool) -> bool {
-        let (name, prefix, suffix) = if fold_case {
-            (
-                name.to_ascii_lowercase(),
-                self.prefix.to_ascii_lowercase(),
-                self.suffix.to_ascii_lowercase(),
-            )
-        } else {
-            (
-                name.to_owned(),
-                self.prefix.to_string(),
-                self.suffix.to_string(),
-            )
-        };
-        let Some(middle) = name
-            .strip_prefix(prefix.as_str())
-            .and_then(|rest| rest.strip_suffix(suffix.as_str()))
-        else {
-            return false;
-        };
-        middle.len() <= self.max_tenant_len() && validate(middle).is_ok()
+    pub fn can_render(&self, name: &str) -> bool {
+        self.renders(name, &self.prefix, &self.suffix)
+    }
+
+    /// [`can_render`](Self::can_render) comparing ASCII letters ignoring case,
+    /// for engines whose names are case-insensitive (MongoDB databases).
+    pub fn can_render_ignoring_case(&self, name: &str) -> bool {
+        self.renders(
+            &name.to_ascii_lowercase(),
+            &self.prefix.to_ascii_lowercase(),
+            &self.suffix.to_ascii_lowercase(),
+        )
+    }
+
+    fn renders(&self, name: &str, prefix: &str, suffix: &str) -> bool {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .is_some_and(|id| id.len() <= self.max_tenant_len() && validate(id).is_ok())
     }
 
     /// Renders the name for `tenant`, or `None` when it would exceed [`MAX_TENANT_ID_LEN`].
@@ -488,16 +478,16 @@ mod tests {
     #[test]
     fn can_render_finds_exactly_the_names_a_tenant_can_reach() {
         let t = |s: &str| NameTemplate::new(s).unwrap();
-        assert!(t("{id}").can_render("default", false));
-        assert!(t("{id}").can_render("template1", false));
-        assert!(!t("{id}").can_render("a.b", false));
-        assert!(!t("{id}").can_render("", false));
-        assert!(t("db_{id}_v1").can_render("db_x_v1", false));
-        assert!(!t("db_{id}_v1").can_render("db__v1", false));
-        assert!(!t("tenant_{id}").can_render("ADMIN", true));
-        assert!(t("{id}").can_render("ADMIN", false));
-        assert!(t("Ten_{id}").can_render("ten_admin", true));
-        assert!(!t("Ten_{id}").can_render("ten_admin", false));
+        assert!(t("{id}").can_render("default"));
+        assert!(t("{id}").can_render("template1"));
+        assert!(!t("{id}").can_render("a.b"));
+        assert!(!t("{id}").can_render(""));
+        assert!(t("db_{id}_v1").can_render("db_x_v1"));
+        assert!(!t("db_{id}_v1").can_render("db__v1"));
+        assert!(!t("tenant_{id}").can_render_ignoring_case("ADMIN"));
+        assert!(t("{id}").can_render("ADMIN"));
+        assert!(t("Ten_{id}").can_render_ignoring_case("ten_admin"));
+        assert!(!t("Ten_{id}").can_render("ten_admin"));
     }
 
     #[test]

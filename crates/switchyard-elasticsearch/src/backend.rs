@@ -309,7 +309,7 @@ impl Backend for EsBackend {
     /// tenant `Security` (encoded `.security`) a system index; a prefix
     /// starting with `_`, `-` or an uppercase letter does the same for every
     /// tenant.
-    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+    fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
         policy.refuse_reserved(tier, ["_all", "-all", "Security"], false)?;
         let sample = TenantId::new("a").map_err(Error::from)?;
         if let Some(rendered) = policy.name_template.render(&sample) {

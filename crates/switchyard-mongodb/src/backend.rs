@@ -226,7 +226,7 @@ impl Backend for MongoBackend {
     /// Refuses a database tier whose template can render `admin`, `local`,
     /// `config` or the shared database of row and prefix tenants (compared
     /// ignoring case, as MongoDB refuses databases differing only in case).
-    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+    fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
         if policy.isolation != Isolation::Database {
             return Ok(());
         }

@@ -214,7 +214,7 @@ impl Fixture for MongoFixture {
         let template = NameTemplate::new(template).map_err(|e| e.to_string())?;
         let policy = TierPolicy::new(self.level).with_name_template(template);
         self.backend
-            .check_tier("t", &policy)
+            .validate_tier("t", &policy)
             .map_err(|e| error_chain(&e))
     }
 

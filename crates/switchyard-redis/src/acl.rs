@@ -33,7 +33,7 @@
 //!
 //! A template that could name the user `default` (the administrator every
 //! Redis has) or the pool's own user is refused when the tier is configured
-//! ([`RedisBackend::check_tier`](switchyard_core::Backend::check_tier)):
+//! ([`RedisBackend::validate_tier`](switchyard_core::Backend::validate_tier)):
 //! provisioning would rewrite that user.
 //!
 //! ACL rules are not replicated: provision every node, replicas included, and

@@ -406,7 +406,7 @@ impl Backend for RedisBackend {
 
     /// Refuses a row (ACL user) tier whose template can name the user
     /// `default` or the pool's own user: provisioning would rewrite it.
-    fn check_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
+    fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
         if policy.isolation != Isolation::Row {
             return Ok(());
         }

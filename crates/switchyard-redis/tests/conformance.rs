@@ -269,7 +269,7 @@ impl Fixture for RedisFixture {
         let template = NameTemplate::new(template).map_err(|e| e.to_string())?;
         let policy = tier(self.level).with_name_template(template);
         self.backend
-            .check_tier("t", &policy)
+            .validate_tier("t", &policy)
             .map_err(|e| e.to_string())
     }
 

@@ -253,11 +253,11 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Every tier of the current registry that `backend` refuses
-    /// ([`Backend::check_tier`]), as one config error.
+    /// ([`Backend::validate_tier`]), as one config error.
     pub(crate) fn check_tiers(&self, backend: &B, tenants: &TenantRegistry) -> Result<(), Error> {
         join_problems(
             &self.path(),
-            tenants.check_tiers(|tier, policy| backend.check_tier(tier, policy)),
+            tenants.check_tiers(|tier, policy| backend.validate_tier(tier, policy)),
         )
     }
 
