@@ -8,6 +8,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use switchyard_core::{
     Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, TenantScope,
+    TierPolicy,
 };
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -20,9 +21,13 @@ use crate::error::{timed_pg_error, PgError};
 use crate::probe::Prober;
 use crate::refusal::RefusalCheck;
 use crate::returns::{check, sweep};
+use crate::roles;
 use crate::sql::{self, quote_ident, reset_sql, validate_setting_name};
 use crate::stats::{bump, read, PgStats, ReturnCounters};
 use crate::tenant_pools::{close_in_background, TenantPools};
+
+/// Schemas that every session shares: a schema tier must never render them.
+const RESERVED_SCHEMAS: [&str; 4] = ["public", "information_schema", "pg_catalog", "pg_toast"];
 
 /// The PostgreSQL backend for one endpoint.
 ///
@@ -167,6 +172,50 @@ impl Backend for PgBackend {
 
     async fn unscope(&self, conn: &mut PgConn, scope: &TenantScope) -> Result<(), Error> {
         self.shared.unscope(conn, scope).await
+    }
+
+    /// Refuses a tier whose template can render a database or schema that
+    /// tenants share or PostgreSQL reserves (`postgres`, `template0`,
+    /// `template1`, the shared pool's database; `public`, `pg_catalog`,
+    /// `information_schema`, `pg_toast`), or whose row setting is invalid.
+    /// (The return-path branch, issue 11, carries the same check; this is the
+    /// isolation suite's copy until the two merge.)
+    fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
+        let config = |field: &str, message: String| Error::Config {
+            path: format!("tiers.{name}.{field}"),
+            message,
+        };
+        let reserved: Vec<String> = match tier.isolation {
+            Isolation::Row => {
+                return validate_setting_name(&tier.row_setting)
+                    .map_err(|message| config("row_setting", message));
+            }
+            Isolation::Database => {
+                let shared = self
+                    .shared
+                    .config
+                    .connect_options()
+                    .ok()
+                    .and_then(|o| o.get_database().map(str::to_owned));
+                ["postgres", "template0", "template1"]
+                    .map(str::to_owned)
+                    .into_iter()
+                    .chain(shared)
+                    .collect()
+            }
+            Isolation::Schema => RESERVED_SCHEMAS.map(str::to_owned).into(),
+        };
+        match reserved.iter().find(|r| tier.name_template.can_render(r)) {
+            Some(taken) => Err(config(
+                "name_template",
+                format!(
+                    "{} can render {taken:?}, which endpoint {} shares between tenants or reserves",
+                    tier.name_template,
+                    self.endpoint()
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn discard(&self, conn: PgConn) {
@@ -394,18 +443,39 @@ impl Shared {
         }
         // Marked before any I/O, so a cancelled apply can never be pooled.
         conn.scoped = Some(scope.clone());
+        let as_role = self.config.tenant_roles;
         let result = match scope.isolation() {
-            Isolation::Schema => sqlx::query_scalar::<_, Option<String>>(sql::APPLY_SCHEMA)
-                .bind(quote_ident(scope.target()))
-                .fetch_one(&mut **conn)
-                .await
-                .map(|set| set.is_some()),
-            _ => sqlx::query(sql::APPLY_ROW)
-                .bind(scope.row_setting())
-                .bind(scope.tenant().as_str())
-                .execute(&mut **conn)
-                .await
-                .map(|_| true),
+            Isolation::Schema => {
+                let text = if as_role {
+                    roles::APPLY_SCHEMA_AS_ROLE
+                } else {
+                    sql::APPLY_SCHEMA
+                };
+                let query =
+                    sqlx::query_scalar::<_, Option<String>>(text).bind(quote_ident(scope.target()));
+                let query = if as_role {
+                    query.bind(scope.target())
+                } else {
+                    query
+                };
+                query.fetch_one(&mut **conn).await.map(|set| set.is_some())
+            }
+            _ => {
+                let text = if as_role {
+                    roles::APPLY_ROW_AS_ROLE
+                } else {
+                    sql::APPLY_ROW
+                };
+                let query = sqlx::query(text)
+                    .bind(scope.row_setting())
+                    .bind(scope.tenant().as_str());
+                let query = if as_role {
+                    query.bind(scope.target())
+                } else {
+                    query
+                };
+                query.execute(&mut **conn).await.map(|_| true)
+            }
         };
         match result {
             Ok(true) => Ok(()),

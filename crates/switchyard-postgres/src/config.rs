@@ -65,6 +65,13 @@ pub struct PgBackendConfig {
     /// Tenant affinity (on by default).
     #[serde(default)]
     pub affinity: AffinitySettings,
+    /// Privilege-enforced isolation (default off): schema- and row-scoped
+    /// checkouts also run as the tenant's own role (named like the scope's
+    /// target), so the server refuses another tenant's schema or rows; see
+    /// [`provision_tenant_role`](crate::provision_tenant_role). Affinity is
+    /// off in this mode.
+    #[serde(default)]
+    pub tenant_roles: bool,
 }
 
 /// Tenant affinity: returned schema- or row-scoped connections wait, still
@@ -141,6 +148,7 @@ impl PgBackendConfig {
             tenant_pool_idle_timeout: DEFAULT_TENANT_POOL_IDLE_TIMEOUT,
             reset_timeout: DEFAULT_RESET_TIMEOUT,
             affinity: AffinitySettings::default(),
+            tenant_roles: false,
         }
     }
 
@@ -204,7 +212,7 @@ impl PgBackendConfig {
 
     /// Stashed connections allowed, after clamping to the pool size.
     pub(crate) fn stash_cap(&self) -> usize {
-        if self.affinity.enabled {
+        if self.affinity.enabled && !self.tenant_roles {
             self.affinity.max_idle.min(self.pool.max_size) as usize
         } else {
             0
@@ -288,6 +296,12 @@ impl PgBackendBuilder {
     /// Sets [`PgBackendConfig::reset_timeout`].
     pub fn reset_timeout(mut self, t: Duration) -> Self {
         self.config.reset_timeout = t;
+        self
+    }
+
+    /// Sets [`PgBackendConfig::tenant_roles`].
+    pub fn tenant_roles(mut self, on: bool) -> Self {
+        self.config.tenant_roles = on;
         self
     }
 

@@ -141,6 +141,7 @@ mod probe;
 mod refusal;
 mod returns;
 mod rls;
+mod roles;
 mod sql;
 mod stats;
 mod tenant_pools;
@@ -153,6 +154,7 @@ pub use config::{
 pub use connection::PgConn;
 pub use error::{classify, pg_error, sqlstate, PgCheckoutExt, PgError};
 pub use rls::{enable_row_level_security, POLICY_NAME};
+pub use roles::{enable_role_row_security, provision_tenant_role, ROLE_POLICY_NAME};
 pub use sql::{quote_ident, quote_literal, validate_setting_name};
 pub use stats::PgStats;
 

@@ -95,14 +95,17 @@ pub(crate) const OUTSIDE_TRANSACTION: &str = "transaction_timestamp() = statemen
 /// whether the connection is outside a transaction block.
 pub(crate) fn reset_sql(scoped: Option<&TenantScope>) -> String {
     match scoped.map(|s| (s.isolation(), s)) {
-        Some((Isolation::Schema, _)) => {
-            format!("RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
-        }
-        Some((Isolation::Row, scope)) => format!(
-            "SELECT {OUTSIDE_TRANSACTION}, set_config({}, '', false)",
+        // RESET ROLE: a tenant role (privilege-enforced mode) never outlives
+        // its checkout, and neither does a role the application switched to.
+        // And both levels reset what the other one scopes: the application
+        // may have set either itself.
+        Some((Isolation::Schema | Isolation::Row, scope)) => format!(
+            "RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}, set_config({}, '', false)",
             quote_literal(scope.row_setting())
         ),
-        Some((Isolation::Database, _)) | None => format!("SELECT {OUTSIDE_TRANSACTION}"),
+        Some((Isolation::Database, _)) | None => {
+            format!("RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
+        }
     }
 }
 
@@ -185,15 +188,15 @@ mod tests {
         let row = TenantScope::new(t.clone(), Isolation::Row, "tenant_Acme-1", "app.t");
         assert_eq!(
             reset_sql(Some(&schema)),
-            "RESET search_path; SELECT transaction_timestamp() = statement_timestamp()"
+            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp(), set_config('app.t', '', false)"
         );
         assert_eq!(
             reset_sql(Some(&row)),
-            "SELECT transaction_timestamp() = statement_timestamp(), set_config('app.t', '', false)"
+            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp(), set_config('app.t', '', false)"
         );
         assert_eq!(
             reset_sql(None),
-            "SELECT transaction_timestamp() = statement_timestamp()"
+            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp()"
         );
         assert!(
             verify_sql(&schema).ends_with("current_setting('search_path') = '\"tenant_Acme-1\"'")
