@@ -13,6 +13,11 @@
 //!   tenants, task `i` serving tenant `i % 8`), with the backend's tenant
 //!   affinity stash on or off.
 //!
+//! `postgres_roles/{1,64}_tasks` sets the privilege-enforced mode
+//! (`tenant_roles`: the scope statement also switches to the tenant's role,
+//! the return resets it) next to the setting-based one, both with affinity
+//! off (the role mode turns it off), schema and row.
+//!
 //! `cargo bench --bench postgres`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -49,9 +54,19 @@ async fn select_one(mut conn: Checkout<PgBackend>) {
 }
 
 fn backend(url: &str, name: &str, affinity: AffinitySettings) -> Arc<PgBackend> {
+    roles_backend(url, name, affinity, false)
+}
+
+fn roles_backend(
+    url: &str,
+    name: &str,
+    affinity: AffinitySettings,
+    tenant_roles: bool,
+) -> Arc<PgBackend> {
     let config = PgBackendConfig::builder(name.to_owned(), url)
         .pool(PoolSettings::default().with_max_size(POOL_SIZE))
         .affinity(affinity)
+        .tenant_roles(tenant_roles)
         .config();
     Arc::new(PgBackend::new(config).expect("pg backend"))
 }
@@ -140,9 +155,55 @@ fn postgres(c: &mut Criterion) {
     drop(pg);
 }
 
+/// Setting-based scopes next to the same scopes run as the tenant's role.
+fn postgres_roles(c: &mut Criterion) {
+    let rt = common::runtime();
+    let pg = rt
+        .block_on(PgCluster::start(0))
+        .expect("postgres (testkit)");
+    let url = pg.primary().url().to_owned();
+    let (setting, roles) = rt.block_on(async {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("admin pool");
+        for i in 0..common::TENANTS {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS tenant_s{i}; CREATE ROLE tenant_s{i} NOLOGIN; \
+                 GRANT USAGE ON SCHEMA tenant_s{i} TO tenant_s{i}; CREATE ROLE row_r{i} NOLOGIN"
+            )))
+            .execute(&admin)
+            .await
+            .expect("provision tenant roles");
+        }
+        admin.close().await;
+        let setting = roles_backend(&url, "pg-setting", AffinitySettings::disabled(), false);
+        let roles = roles_backend(&url, "pg-roles", AffinitySettings::disabled(), true);
+        (cluster(&setting), cluster(&roles))
+    });
+    let schema_ids = common::tenant_ids("s");
+    let row_ids = common::tenant_ids("r");
+    for tasks in [1, 64] {
+        let mut group = c.benchmark_group(format!("postgres_roles/{tasks}_tasks"));
+        let rows = [
+            ("schema/setting", &setting, &schema_ids),
+            ("schema/role", &roles, &schema_ids),
+            ("row/setting", &setting, &row_ids),
+            ("row/role", &roles, &row_ids),
+        ];
+        for (name, cluster, ids) in rows {
+            common::cluster_row(&mut group, &rt, tasks, name, cluster, Some(ids), select_one);
+        }
+        group.finish();
+    }
+    rt.block_on(async { drop((setting, roles)) });
+    drop(pg);
+}
+
 criterion_group! {
     name = benches;
     config = common::criterion();
-    targets = postgres
+    targets = postgres, postgres_roles
 }
 criterion_main!(benches);

@@ -88,6 +88,19 @@
 //! | [`Row`](switchyard_core::Isolation::Row), handle-enforced | shared tables in [`row_database`](ChBackendConfig::row_database); [`ChConnection::select`] and [`ChConnection::count`] add `tenant_column = <tenant>` to every query, [`ChConnection::insert_rows`] sets or checks the tenant column of every row, and [`ChConnection::client`] is refused | all (18.16 included) |
 //! | Row, server-enforced | row policies ([`row_policy_sql`]) reading a custom setting the handle sends ([`row_policy_setting`](ChBackendConfig::row_policy_setting)) or the user name | 20.4+ for `CREATE ROW POLICY`, 21.x+ for setting-based policies; untested here |
 //!
+//! What each level promises: the row level is enforced by the handle alone
+//! (no raw client, a tenant filter on every read, the tenant checked on every
+//! written row) and needs the tenant column to be `String` or
+//! `LowCardinality(String)`: a numeric one would store tenant `007` as `7`, so
+//! the column's type is checked once per table (and cached) before the first
+//! row-scoped query ([`ChError::TenantColumnType`]). The database level sets
+//! the client's default database; raw SQL naming another database is the
+//! application's to avoid (or a per-tenant user's to refuse). A database tier
+//! whose template can render `system`, `default`, `information_schema`, the row
+//! database or the unscoped database is refused when the cluster is built, and
+//! a scope naming one is refused at checkout. `tests/conformance.rs` runs the
+//! test bed's isolation suite at both levels.
+//!
 //! Why a structured [`Filter`] and not a SQL fragment: no fragment spliced
 //! into `WHERE tenant = ? AND (...)` is safe, because `1) OR (1` closes the
 //! parenthesis, and a subquery or `UNION` in it reads other tenants' rows even

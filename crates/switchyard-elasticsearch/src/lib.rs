@@ -93,6 +93,13 @@
 //! on a shared index still use index-wide term statistics; use an index per
 //! tenant where that matters.
 //!
+//! `min_doc_count` is compared as Elasticsearch parses it (`"0"` and `0.5`
+//! count as zero), `profile` is refused on shared indices, and a tier whose
+//! template can render `_all`, a `-` or `_` start, or an encoded `.` start (a
+//! hidden or system index) is refused when the cluster is built.
+//! `tests/conformance.rs` runs the test bed's isolation suite at both levels,
+//! on the stand-in or on a real server by URL.
+//!
 //! # Errors
 //!
 //! [`es_error`], [`classify`] and [`classify_status`] map transport errors and

@@ -103,6 +103,17 @@
 //! and sessions and transactions are therefore available to unscoped
 //! checkouts only.
 //!
+//! What the row level leaves to the application: the shared collections must
+//! keep MongoDB's default (simple, binary) collation. A caller's `collation`
+//! option is refused on row-scoped operations ([`MongoError::CollationRefused`]),
+//! because it would apply to the tenant condition too (case-insensitive:
+//! `{tenant_id: "acme"}` matches `ACME`), but a collection created with a
+//! non-simple default collation applies it anyway. A database tier whose
+//! template can render `admin`, `local`, `config` or the shared database
+//! (ignoring case) is refused when the cluster is built. `tests/conformance.rs`
+//! runs the test bed's isolation suite at each level, on the stand-in or on a
+//! real server by URL.
+//!
 //! # Returning handles
 //!
 //! Unscoping is a local change: no connection carries tenant state (see

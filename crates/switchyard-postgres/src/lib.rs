@@ -72,6 +72,23 @@
 //! role (`CREATE ROLE app LOGIN NOSUPERUSER NOBYPASSRLS`) and grant it the
 //! tables; a backend connected as `postgres` sees every tenant's rows.
 //!
+//! # What each mode promises
+//!
+//! | level | enforced by | the application must not |
+//! |---|---|---|
+//! | database | the server: a pool per tenant database | reach other databases through `dblink` or `postgres_fdw` |
+//! | schema | `search_path` only | name another tenant's schema, `SET search_path`, `SET ROLE` |
+//! | schema, [`tenant_roles`](PgBackendConfig::tenant_roles) | the server: the checkout runs as the tenant's role ([`provision_tenant_role`]); `tenant_b.items` is `permission denied for schema` | `SET ROLE` / `RESET ROLE` (PostgreSQL 15 checks the login role's memberships) |
+//! | row | the server's RLS on the row setting | set the row setting itself; connect as a superuser or `BYPASSRLS` role |
+//! | row, `tenant_roles` | the server's RLS keyed on the role ([`enable_role_row_security`]): a `set_config` changes nothing | `SET ROLE` / `RESET ROLE` |
+//!
+//! Every returned connection gets `RESET ROLE` and `RESET search_path`
+//! whatever its level, and a tier whose template can render `postgres`,
+//! `template0`, `template1`, the shared pool's database, `public`,
+//! `pg_catalog`, `information_schema` or `pg_toast` is refused when the
+//! cluster is built ([`Backend::validate_tier`](switchyard_core::Backend::validate_tier)).
+//! `tests/conformance.rs` runs the test bed's isolation suite at each level.
+//!
 //! # Returning connections
 //!
 //! Every healthy checkout comes back through one simple-protocol round trip on a

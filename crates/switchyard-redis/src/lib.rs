@@ -10,6 +10,15 @@
 //! | [`Schema`](switchyard_core::Isolation::Schema) | nothing | the handle puts every key under `<target>:` and refuses what it cannot confine |
 //! | [`Row`](switchyard_core::Isolation::Row) | `AUTH <target> <password>` | an ACL user the server holds to `~<target>:*`, plus the same prefixing |
 //!
+//! What each level leaves to the application: nothing on scoped checkouts
+//! (they have no raw access). The database level relies on the handle (the
+//! server cannot hold a connection to one database); pub/sub is server-wide,
+//! so a database tenant's `PUBLISH` channels are prefixed like keys. The ACL
+//! level is enforced by the server too: a deny-by-default command allow-list
+//! built from the handle's own table ([`tenant_user_commands`]), so a script
+//! cannot `SCAN`, `SELECT` or `MOVE` its way out. `tests/conformance.rs` runs
+//! the test bed's isolation suite at each level.
+//!
 //! Scoped connections never expose the socket: commands go through typed
 //! methods ([`RedisConnection::get`], [`RedisConnection::hset`], ...) or a
 //! [`Command`] checked against a table of key positions. Unscoped checkouts
