@@ -21,8 +21,10 @@
 //! ACL SETUSER tenant_acme reset on >… ~tenant_acme:* &tenant_acme:* +@all -@admin -@dangerous
 //! ```
 //!
-//! ACL rules are not replicated: provision every node, replicas included, and
-//! again on a node that was rebuilt.
+//! ACL rules are not replicated: provision every node, replicas included.
+//! A node keeps its users in memory only; users provisioned through a
+//! backend are written again when that node restarts (see
+//! [`RedisBackend`](crate::RedisBackend)).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -157,7 +159,7 @@ pub fn key_prefix(scope: &TenantScope) -> String {
 }
 
 /// The `ACL SETUSER` arguments for `scope`, password last but one.
-fn setuser(scope: &TenantScope, password: &AclPassword) -> redis::Cmd {
+pub(crate) fn setuser(scope: &TenantScope, password: &AclPassword) -> redis::Cmd {
     let prefix = key_prefix(scope);
     let mut cmd = redis::cmd("ACL");
     cmd.arg("SETUSER")
@@ -223,6 +225,7 @@ pub async fn provision_acl_users<'a>(
             }
             return Err(redis_error(&endpoint, Some(tenant), e));
         }
+        conn.remember_user(scope);
         written += 1;
     }
     Ok(written)
@@ -245,12 +248,16 @@ pub async fn remove_acl_users<'a>(
         return Ok(0);
     }
     let mut raw = conn.raw()?;
-    redis::cmd("ACL")
+    let existed = redis::cmd("ACL")
         .arg("DELUSER")
         .arg(&users)
         .query_async::<usize>(&mut raw)
         .await
-        .map_err(|e| redis_error(&endpoint, None, e))
+        .map_err(|e| redis_error(&endpoint, None, e))?;
+    for user in users {
+        conn.forget_user(user);
+    }
+    Ok(existed)
 }
 
 #[cfg(test)]
