@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use switchyard::postgres::{PgBackend, PgBackendConfig};
-use switchyard::redis::{provision_acl_users, RedisBackend, StaticPasswords};
+use switchyard::redis::{provision_acl_users, Command, RedisBackend, StaticPasswords};
 use switchyard_core::{
     Backend, Checkout, CheckoutRequest, Error, Intent, Isolation, PoolSettings, Role, TenantId,
     TenantRegistry, TierPolicy,
@@ -119,7 +119,7 @@ impl Figures {
 
 /// Runs `tasks` copies of `op` in a loop; `fault` starts after 500 ms, `heal`
 /// after `FAULT` more, and the load stops 500 ms later. Returns the figures
-/// of the operations started while the fault was on.
+/// of the operations that overlapped the fault.
 async fn under_fault<B: Backend>(
     label: &str,
     cluster: &Cluster<B>,
@@ -161,7 +161,9 @@ async fn under_fault<B: Backend>(
     let mut figures = Figures::default();
     let mut done: Vec<Instant> = vec![from];
     for (started, ended, result) in log.iter() {
-        if *started < from || *started >= to {
+        // Every operation the fault could touch: those in flight when it
+        // began count as much as those started during it.
+        if *started >= to || *ended <= from {
             continue;
         }
         figures.ops += 1;
@@ -225,7 +227,9 @@ fn pg_read() -> Op<PgBackend> {
         Box::pin(async move {
             cluster
                 .run(Intent::Read, None, CheckoutOptions::new(), async |conn| {
-                    sqlx::query_scalar::<_, i32>("SELECT 1")
+                    // 20 ms of work, so most readers are mid-query when
+                    // the fault strikes.
+                    sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_sleep(0.02)")
                         .fetch_one(&mut **conn)
                         .await?;
                     Ok::<_, sqlx::Error>(conn.endpoint().to_string())
@@ -331,6 +335,18 @@ fn redis_read(tenant: Option<TenantId>) -> Op<RedisBackend> {
                     tenant.as_ref(),
                     CheckoutOptions::new(),
                     async |conn| {
+                        // 20 ms of work (a blocking read that finds nothing),
+                        // so most readers are mid-command when the fault strikes.
+                        let _: switchyard::redis::redis::Value = conn
+                            .query(
+                                &Command::new("XREAD")
+                                    .arg("BLOCK")
+                                    .arg(20)
+                                    .arg("STREAMS")
+                                    .arg("quiet")
+                                    .arg("$"),
+                            )
+                            .await?;
                         let value: Option<String> = conn.get("hot").await?;
                         match value {
                             Some(_) => Ok(conn.endpoint().to_string()),

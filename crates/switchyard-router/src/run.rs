@@ -42,6 +42,15 @@ impl<B: Backend> Cluster<B> {
     /// may use the engine connection any way it likes (for PostgreSQL,
     /// `&mut **conn` as the executor).
     ///
+    /// # In a task that must be `Send`
+    ///
+    /// Under `tokio::spawn` or an axum handler, give `op` owned captures:
+    /// `async move |conn| ...` over values moved in once (an `Arc` clone, a
+    /// `String`), which every attempt then borrows. A closure that captures a
+    /// reference, even a `&'static str`, makes this future not provably
+    /// `Send` today (rustc's "implementation of `Send` is not general
+    /// enough", rust-lang/rust#110338); outside such tasks it may borrow.
+    ///
     /// ```
     /// # use switchyard_router::{Cluster, CheckoutOptions};
     /// # use switchyard_core::{noop::NoopBackend, Intent};
