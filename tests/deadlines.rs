@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use switchyard::postgres::{PgBackend, PgBackendConfig};
-use switchyard::redis::{provision_acl_users, Command, RedisBackend, StaticPasswords};
+use switchyard::redis::{provision_acl_users, remove_acl_users, RedisBackend, StaticPasswords};
 use switchyard_core::{
     Backend, Checkout, CheckoutRequest, Error, Intent, Isolation, PoolSettings, Role, TenantId,
     TenantRegistry, TierPolicy,
@@ -31,7 +31,7 @@ use switchyard_core::{
 use switchyard_router::{
     BoxFuture, CheckoutOptions, Cluster, ClusterConfig, EndpointConfig, Health,
 };
-use switchyard_testkit::{poll_until, FaultProxy, PgCluster, RedisCluster};
+use switchyard_testkit::{poll_until, FaultProxy, PgCluster, RedisCluster, RedisNode};
 use tokio::time::Instant;
 
 /// Each attempt of a read; the figures before the fix are dominated by the
@@ -106,6 +106,8 @@ struct Figures {
     max: Duration,
     /// Served by each endpoint, by name.
     served: std::collections::BTreeMap<String, usize>,
+    /// Served by each endpoint before the fault, by name.
+    served_before: std::collections::BTreeMap<String, usize>,
     /// The longest time without an operation finishing well.
     longest_gap: Duration,
     first_error: Option<String>,
@@ -163,7 +165,13 @@ async fn under_fault<B: Backend>(
     for (started, ended, result) in log.iter() {
         // Every operation the fault could touch: those in flight when it
         // began count as much as those started during it.
-        if *started >= to || *ended <= from {
+        if *ended <= from {
+            if let Ok(endpoint) = result {
+                *figures.served_before.entry(endpoint.clone()).or_default() += 1;
+            }
+            continue;
+        }
+        if *started >= to {
             continue;
         }
         figures.ops += 1;
@@ -335,18 +343,6 @@ fn redis_read(tenant: Option<TenantId>) -> Op<RedisBackend> {
                     tenant.as_ref(),
                     CheckoutOptions::new(),
                     async |conn| {
-                        // 20 ms of work (a blocking read that finds nothing),
-                        // so most readers are mid-command when the fault strikes.
-                        let _: switchyard::redis::redis::Value = conn
-                            .query(
-                                &Command::new("XREAD")
-                                    .arg("BLOCK")
-                                    .arg(20)
-                                    .arg("STREAMS")
-                                    .arg("quiet")
-                                    .arg("$"),
-                            )
-                            .await?;
                         let value: Option<String> = conn.get("hot").await?;
                         match value {
                             Some(_) => Ok(conn.endpoint().to_string()),
@@ -474,27 +470,34 @@ async fn redis_hung_replica_and_slow_primary() {
 }
 
 /// A restarted replica has lost its tenant ACL users; tenant reads keep
-/// working and come back to it once it has resynced.
+/// working and come back to it once it has resynced. Only users provisioned
+/// and not removed come back; one revoked by hand on a running node stays
+/// revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_tenant_reads_survive_a_replica_restart() {
     let rc = RedisCluster::start(1)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let (master, replica) = (rc.master(), &rc.replicas()[0]);
-    let tenant = TenantId::new("acme").unwrap();
+    let (tenant, gone) = (
+        TenantId::new("acme").unwrap(),
+        TenantId::new("globex").unwrap(),
+    );
     let tenants = TenantRegistry::new()
         .with_tier(
             "strict",
             TierPolicy::new(Isolation::Row).with_max_connections(16),
         )
         .with_default_tier("strict");
-    let passwords = StaticPasswords::generate([&tenant]).unwrap();
+    let passwords = StaticPasswords::generate([&tenant, &gone]).unwrap();
     let backends = [
         redis_backend("redis-0", master.url(), Some(passwords.clone())),
         redis_backend("redis-1", replica.url(), Some(passwords.clone())),
     ];
-    // Provisioned on every node, as an operator does: ACLs do not replicate.
+    // Provisioned on every node, as an operator does (ACLs do not
+    // replicate); globex is offboarded again before the restart.
     let entry = tenants.resolve(&tenant).unwrap();
+    let offboarded = tenants.resolve(&gone).unwrap();
     for backend in &backends {
         let mut admin = Checkout::acquire(
             backend,
@@ -502,7 +505,11 @@ async fn redis_tenant_reads_survive_a_replica_restart() {
         )
         .await
         .unwrap();
-        provision_acl_users(&mut admin, [&**entry.scope()], &passwords)
+        let scopes = [&**entry.scope(), &**offboarded.scope()];
+        provision_acl_users(&mut admin, scopes, &passwords)
+            .await
+            .unwrap();
+        remove_acl_users(&mut admin, [&**offboarded.scope()])
             .await
             .unwrap();
     }
@@ -523,16 +530,17 @@ async fn redis_tenant_reads_survive_a_replica_restart() {
         )
         .await
         .unwrap();
+    let served_by_replica = || async {
+        let served = redis_read(Some(tenant.clone()))(routed.clone())
+            .await
+            .ok()?;
+        (served == "redis-1").then_some(())
+    };
     // Let a probe see the replica's first run before it restarts.
     poll_until(
         "the replica to serve the tenant",
         Duration::from_secs(10),
-        || async {
-            let served = redis_read(Some(tenant.clone()))(routed.clone())
-                .await
-                .ok()?;
-            (served == "redis-1").then_some(())
-        },
+        served_by_replica,
     )
     .await
     .unwrap();
@@ -550,13 +558,60 @@ async fn redis_tenant_reads_survive_a_replica_restart() {
     poll_until(
         "tenant reads back on the restarted replica",
         Duration::from_secs(15),
-        || async {
-            let served = redis_read(Some(tenant.clone()))(routed.clone())
-                .await
-                .ok()?;
-            (served == "redis-1").then_some(())
-        },
+        served_by_replica,
     )
     .await
     .unwrap();
+
+    // Only what was provisioned and not removed came back.
+    assert_eq!(acl_users(replica).await, ["default", "tenant_acme"]);
+    let offboarded_read = redis_read(Some(gone.clone()))(routed.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(offboarded_read, Error::TenantNotProvisioned { .. }),
+        "{offboarded_read}"
+    );
+
+    // A user revoked by hand on a running server stays revoked.
+    let deleted: i64 = admin_command(
+        master,
+        switchyard::redis::redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg("tenant_acme"),
+    )
+    .await;
+    assert_eq!(deleted, 1);
+    let revoked = routed
+        .run(
+            Intent::Write,
+            Some(&tenant),
+            CheckoutOptions::new(),
+            async |conn| conn.set("hot", "2").await,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(revoked, Error::TenantNotProvisioned { .. }),
+        "{revoked}"
+    );
+    assert_eq!(acl_users(master).await, ["default"]);
+}
+
+/// `cmd` sent to `node` as its default user, outside the router.
+async fn admin_command<T: switchyard::redis::redis::FromRedisValue>(
+    node: &RedisNode,
+    cmd: &switchyard::redis::redis::Cmd,
+) -> T {
+    let client = switchyard::redis::redis::Client::open(node.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// The ACL users `node` has, sorted.
+async fn acl_users(node: &RedisNode) -> Vec<String> {
+    let mut users: Vec<String> =
+        admin_command(node, switchyard::redis::redis::cmd("ACL").arg("USERS")).await;
+    users.sort();
+    users
 }

@@ -261,10 +261,11 @@ impl RedisBackend {
     }
 
     /// `AUTH` as `scope`'s ACL user. A user this backend provisioned that
-    /// the node lost (a restart) is written again first (see
-    /// [`crate::acl`]); one it cannot restore is an endpoint failure, so
-    /// reads move to a node that has it. An unknown user is the caller's to
-    /// provision.
+    /// the node lost in a restart (a `run_id` other than the one the users
+    /// were last known in) is written again first; one it cannot restore is
+    /// an endpoint failure, so reads move to a node that has it. A user
+    /// missing without a restart, or never provisioned here, is
+    /// [`Error::TenantNotProvisioned`].
     async fn log_in(&self, conn: &mut RedisConnection, scope: &TenantScope) -> Result<(), Error> {
         let password = self.password_of(scope)?;
         conn.session.dirty = true;
@@ -279,11 +280,19 @@ impl RedisBackend {
         if !self.users.knows(scope) {
             return Err(self.not_provisioned(scope, "acl user"));
         }
-        tracing::warn!(endpoint = %self.endpoint, tenant = %scope.tenant(), "tenant ACL user missing on the node (restarted?): restoring it");
         let restored = match &self.passwords {
             Some(passwords) => {
                 let mut raw = conn.raw()?;
-                users::restore(&mut raw, scope, passwords.as_ref()).await
+                match users::restarted(&mut raw, &self.users).await {
+                    // Deleted on a running server, by someone else: an
+                    // operator's revocation stands.
+                    Ok(false) => return Err(self.not_provisioned(scope, "acl user")),
+                    Ok(true) => {
+                        tracing::warn!(endpoint = %self.endpoint, tenant = %scope.tenant(), "redis restarted and lost a tenant ACL user: restoring it");
+                        users::restore(&mut raw, scope, passwords.as_ref()).await
+                    }
+                    Err(e) => Err(e),
+                }
             }
             None => Err(e),
         };

@@ -126,7 +126,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 /// The value of `name:value` in an `INFO` section.
-fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines().find_map(|line| {
         let (key, value) = line.trim_end().split_once(':')?;
         (key == name).then_some(value)

@@ -11,14 +11,17 @@
 //! - when a probe sees the server's `run_id` change (a restart), before the
 //!   probe reports the node healthy, so reads that come back to it find their
 //!   users;
-//! - when `AUTH` for a remembered user fails with `WRONGPASS` anyway (a
-//!   checkout that raced the probe), on that same connection, which is still
-//!   the pool's default user, and then `AUTH` again.
+//! - when `AUTH` for a remembered user fails with `WRONGPASS` on a server
+//!   whose `run_id` changed (a checkout that raced the probe), on that same
+//!   connection, which is still the pool's default user, and then `AUTH`
+//!   again.
 //!
-//! Only users this backend provisioned are restored, with the password the
-//! backend's [`AclPasswords`] source gives: a user an operator removed, or
-//! one that was never provisioned, stays missing and its tenant gets
-//! `TenantNotProvisioned`. Restoring needs the pool's user to be allowed
+//! Only users this backend provisioned are restored, only after a restart,
+//! and with the password the backend's [`AclPasswords`] source gives: a user
+//! removed with `remove_acl_users`, one deleted on a running server (an
+//! operator revoking it by hand), and one never provisioned stay missing,
+//! and their tenant gets `TenantNotProvisioned`. (A user revoked by hand and
+//! then lost in a restart is restored: revoke with `remove_acl_users`.) Restoring needs the pool's user to be allowed
 //! `ACL SETUSER`, as provisioning did; when it is not, the failure is logged
 //! and the tenant's checkouts there fail as an endpoint failure, so reads
 //! move to a node that has the user.
@@ -33,6 +36,7 @@ use deadpool_redis::redis::{self, aio::ConnectionLike, RedisResult};
 use switchyard_core::{EndpointId, TenantScope};
 
 use crate::acl::{acl_user, setuser, AclPasswords};
+use crate::probe::field;
 
 /// The tenant users provisioned on one node through its backend, and the
 /// server run they were last written to.
@@ -110,6 +114,20 @@ impl TenantUsers {
         self.lock().run_id = Some(run_id.to_owned());
         Ok(())
     }
+}
+
+/// Whether the server behind `conn` is another run than the one the users
+/// were last known to exist in (it restarted since).
+pub(crate) async fn restarted(
+    conn: &mut impl ConnectionLike,
+    users: &TenantUsers,
+) -> RedisResult<bool> {
+    let server: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    let now = field(&server, "run_id");
+    Ok(match (users.lock().run_id.as_deref(), now) {
+        (Some(seen), Some(now)) => seen != now,
+        _ => false,
+    })
 }
 
 /// Writes `scope`'s user again with the password from `passwords`; a tenant

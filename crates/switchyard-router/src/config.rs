@@ -150,7 +150,9 @@ pub struct RetryConfig {
     pub max_attempts: u32,
     /// Longest one attempt of a retryable checkout may wait before the next
     /// endpoint is tried (default 3s), so a hung replica cannot eat the whole
-    /// deadline.
+    /// deadline. Under [`run`](crate::Cluster::run) it bounds the checkout
+    /// and the operation together; an attempt with no other after it runs to
+    /// the whole deadline instead.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
 }
