@@ -124,35 +124,31 @@ fn timed_out(endpoint: &switchyard::core::EndpointId) -> Error {
     }
 }
 
+// Reads are bounded by the router: each attempt, query included, ends at
+// `retry.attempt_timeout` (QUERY_TIMEOUT) and moves to another endpoint. A
+// write's one attempt would run to OP_DEADLINE, so writes bound their query.
 impl Engine for PgBackend {
     fn read(cluster: &Cluster<Self>) -> impl Future<Output = Result<(), Error>> + Send {
         let opts = CheckoutOptions::new().timeout(OP_DEADLINE);
-        cluster.run(Intent::Read, None, opts, |conn| {
-            Box::pin(async move {
-                let endpoint = conn.endpoint().clone();
-                let query = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut **conn);
-                match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(pg_error(&endpoint, None, e)),
-                    Err(_) => Err(timed_out(&endpoint)),
-                }
-            })
+        cluster.run(Intent::Read, None, opts, async |conn| {
+            sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&mut **conn)
+                .await
+                .map(drop)
         })
     }
 
     fn write(cluster: &Cluster<Self>) -> impl Future<Output = Result<(), Error>> + Send {
         let opts = CheckoutOptions::new().timeout(OP_DEADLINE);
-        cluster.run(Intent::Write, None, opts, |conn| {
-            Box::pin(async move {
-                let endpoint = conn.endpoint().clone();
-                let query = sqlx::query("INSERT INTO failover_bench (at) VALUES (now())")
-                    .execute(&mut **conn);
-                match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(pg_error(&endpoint, None, e)),
-                    Err(_) => Err(timed_out(&endpoint)),
-                }
-            })
+        cluster.run(Intent::Write, None, opts, async |conn| {
+            let endpoint = conn.endpoint().clone();
+            let query =
+                sqlx::query("INSERT INTO failover_bench (at) VALUES (now())").execute(&mut **conn);
+            match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(pg_error(&endpoint, None, e)),
+                Err(_) => Err(timed_out(&endpoint)),
+            }
         })
     }
 }
@@ -160,27 +156,19 @@ impl Engine for PgBackend {
 impl Engine for RedisBackend {
     fn read(cluster: &Cluster<Self>) -> impl Future<Output = Result<(), Error>> + Send {
         let opts = CheckoutOptions::new().timeout(OP_DEADLINE);
-        cluster.run(Intent::Read, None, opts, |conn| {
-            Box::pin(async move {
-                let endpoint = conn.endpoint().clone();
-                match tokio::time::timeout(QUERY_TIMEOUT, conn.get::<Option<String>>("k")).await {
-                    Ok(result) => result.map(drop),
-                    Err(_) => Err(timed_out(&endpoint)),
-                }
-            })
+        cluster.run(Intent::Read, None, opts, async |conn| {
+            conn.get::<Option<String>>("k").await.map(drop)
         })
     }
 
     fn write(cluster: &Cluster<Self>) -> impl Future<Output = Result<(), Error>> + Send {
         let opts = CheckoutOptions::new().timeout(OP_DEADLINE);
-        cluster.run(Intent::Write, None, opts, |conn| {
-            Box::pin(async move {
-                let endpoint = conn.endpoint().clone();
-                match tokio::time::timeout(QUERY_TIMEOUT, conn.set("k", "v")).await {
-                    Ok(result) => result,
-                    Err(_) => Err(timed_out(&endpoint)),
-                }
-            })
+        cluster.run(Intent::Write, None, opts, async |conn| {
+            let endpoint = conn.endpoint().clone();
+            match tokio::time::timeout(QUERY_TIMEOUT, conn.set("k", "v")).await {
+                Ok(result) => result,
+                Err(_) => Err(timed_out(&endpoint)),
+            }
         })
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use sqlx::{Connection, PgConnection};
-use switchyard_core::{EndpointId, Intent, PoolSettings, Role};
+use switchyard_core::{EndpointId, Error, Intent, PoolSettings, Role};
 use switchyard_postgres::{pg_error, PgBackend, PgBackendConfig};
 use switchyard_router::{CheckoutOptions, Cluster, EndpointConfig, Health, StrategyKind};
 use switchyard_testkit::{poll_until, PgCluster, PgNode};
@@ -101,59 +101,50 @@ fn cluster(pg: &PgCluster, failover_timeout: Duration) -> (Cluster<Pg>, Vec<Arc<
 }
 
 /// A read through `Cluster::run`: retried on another endpoint when the
-/// checkout or the query fails with a retryable error.
+/// checkout or the query fails with a retryable error, or overruns the
+/// router's attempt timeout (which bounds the query too).
 fn reader(cluster: &Cluster<Pg>) -> ReadFn {
     let cluster = cluster.clone();
-    Arc::new(move |deadline| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let opts = CheckoutOptions::new().deadline(deadline);
-            cluster
-                .run(Intent::Read, None, opts, |conn| {
-                    Box::pin(async move {
-                        let started = Instant::now();
-                        let query = sqlx::query_scalar::<_, i64>(
-                            "SELECT coalesce(max(id), 0)::int8 FROM ledger",
-                        )
-                        .fetch_one(&mut **conn);
-                        match tokio::time::timeout_at(query_limit(deadline), query).await {
-                            Ok(Ok(_)) => Ok(conn.endpoint().to_string()),
-                            Ok(Err(e)) => Err(pg_error(conn.endpoint(), None, e)),
-                            Err(_) => Err(query_timeout(conn.endpoint(), started.elapsed())),
-                        }
-                    })
-                })
-                .await
+    Arc::new(move |deadline| Box::pin(read(cluster.clone(), deadline)))
+}
+
+async fn read(cluster: Cluster<Pg>, deadline: Instant) -> Result<String, Error> {
+    let opts = CheckoutOptions::new().deadline(deadline);
+    cluster
+        .run(Intent::Read, None, opts, async |conn| {
+            sqlx::query_scalar::<_, i64>("SELECT coalesce(max(id), 0)::int8 FROM ledger")
+                .fetch_one(&mut **conn)
+                .await?;
+            Ok::<_, sqlx::Error>(conn.endpoint().to_string())
         })
-    })
+        .await
 }
 
 /// A write of `id`, not idempotent, so never retried by the router: it is
 /// acknowledged (Ok) only when its commit returned.
 fn writer(cluster: &Cluster<Pg>) -> WriteFn {
     let cluster = cluster.clone();
-    Arc::new(move |id, deadline| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let opts = CheckoutOptions::new().deadline(deadline);
-            cluster
-                .run(Intent::Write, None, opts, |conn| {
-                    Box::pin(async move {
-                        let started = Instant::now();
-                        let insert = sqlx::query("INSERT INTO ledger (id, writer) VALUES ($1, $2)")
-                            .bind(id)
-                            .bind(i32::try_from(id / 10_000_000).unwrap())
-                            .execute(&mut **conn);
-                        match tokio::time::timeout_at(query_limit(deadline), insert).await {
-                            Ok(Ok(_)) => Ok(conn.endpoint().to_string()),
-                            Ok(Err(e)) => Err(pg_error(conn.endpoint(), None, e)),
-                            Err(_) => Err(query_timeout(conn.endpoint(), started.elapsed())),
-                        }
-                    })
-                })
-                .await
+    Arc::new(move |id, deadline| Box::pin(write(cluster.clone(), id, deadline)))
+}
+
+async fn write(cluster: Cluster<Pg>, id: i64, deadline: Instant) -> Result<String, Error> {
+    let opts = CheckoutOptions::new().deadline(deadline);
+    cluster
+        .run(Intent::Write, None, opts, async move |conn| {
+            // A write's one attempt runs to the whole deadline; this test
+            // wants a hung primary seen sooner.
+            let started = Instant::now();
+            let insert = sqlx::query("INSERT INTO ledger (id, writer) VALUES ($1, $2)")
+                .bind(id)
+                .bind(i32::try_from(id / 10_000_000).unwrap())
+                .execute(&mut **conn);
+            match tokio::time::timeout_at(query_limit(deadline), insert).await {
+                Ok(Ok(_)) => Ok(conn.endpoint().to_string()),
+                Ok(Err(e)) => Err(pg_error(conn.endpoint(), None, e)),
+                Err(_) => Err(query_timeout(conn.endpoint(), started.elapsed())),
+            }
         })
-    })
+        .await
 }
 
 fn not_serving(id: &'static str) -> impl Fn(&switchyard_router::ClusterStatus) -> bool {

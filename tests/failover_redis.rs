@@ -120,28 +120,21 @@ fn cluster(rc: &RedisCluster, failover_timeout: Duration) -> (Cluster<Rd>, Vec<A
 }
 
 /// `GET hot` through `Cluster::run`, retried on another endpoint when the
-/// checkout or the command fails with a retryable error.
+/// checkout or the command fails with a retryable error, or overruns the
+/// router's attempt timeout (which bounds the command too).
 fn reader(cluster: &Cluster<Rd>) -> ReadFn {
     let cluster = cluster.clone();
-    Arc::new(move |deadline| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let opts = CheckoutOptions::new().deadline(deadline);
-            cluster
-                .run(Intent::Read, None, opts, |conn| {
-                    Box::pin(async move {
-                        let started = Instant::now();
-                        let get = conn.get::<Option<String>>("hot");
-                        match tokio::time::timeout_at(query_limit(deadline), get).await {
-                            Ok(Ok(_)) => Ok(conn.endpoint().to_string()),
-                            Ok(Err(e)) => Err(e),
-                            Err(_) => Err(query_timeout(conn.endpoint(), started.elapsed())),
-                        }
-                    })
-                })
-                .await
+    Arc::new(move |deadline| Box::pin(read(cluster.clone(), deadline)))
+}
+
+async fn read(cluster: Cluster<Rd>, deadline: Instant) -> Result<String, Error> {
+    let opts = CheckoutOptions::new().deadline(deadline);
+    cluster
+        .run(Intent::Read, None, opts, async |conn| {
+            conn.get::<Option<String>>("hot").await?;
+            Ok::<_, Error>(conn.endpoint().to_string())
         })
-    })
+        .await
 }
 
 /// `SET w:<id> <id>`, not idempotent, so never retried by the router.
@@ -151,55 +144,53 @@ fn reader(cluster: &Cluster<Rd>) -> ReadFn {
 /// promotion test).
 fn writer(cluster: &Cluster<Rd>, confirm_on: Option<&'static str>) -> WriteFn {
     let cluster = cluster.clone();
-    Arc::new(move |id, deadline| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let opts = CheckoutOptions::new().deadline(deadline);
-            cluster
-                .run(Intent::Write, None, opts, |conn| {
-                    Box::pin(async move {
-                        let started = Instant::now();
-                        let ep = conn.endpoint().clone();
-                        let confirm = confirm_on == Some(ep.as_str());
-                        let key = format!("w:{id}");
-                        let write = async {
-                            let mut raw = conn.raw()?;
-                            let mut pipe = redis::pipe();
-                            pipe.cmd("SET").arg(&key).arg(id);
-                            if !confirm {
-                                let ((),): ((),) = pipe
-                                    .query_async(&mut raw)
-                                    .await
-                                    .map_err(|e| redis_error(&ep, None, e))?;
-                                return Ok(());
-                            }
-                            pipe.cmd("WAIT").arg(2).arg(1000);
-                            let ((), replicas): ((), i64) = pipe
-                                .query_async(&mut raw)
-                                .await
-                                .map_err(|e| redis_error(&ep, None, e))?;
-                            if replicas < 2 {
-                                return Err(Error::backend(
-                                    &ep,
-                                    None,
-                                    BackendErrorKind::Rejected,
-                                    std::io::Error::other(format!(
-                                        "unconfirmed: WAIT saw {replicas} of 2 replicas"
-                                    )),
-                                ));
-                            }
-                            Ok(())
-                        };
-                        match tokio::time::timeout_at(deadline, write).await {
-                            Ok(Ok(())) => Ok(ep.to_string()),
-                            Ok(Err(e)) => Err(e),
-                            Err(_) => Err(query_timeout(&ep, started.elapsed())),
-                        }
-                    })
-                })
+    Arc::new(move |id, deadline| Box::pin(write(cluster.clone(), confirm_on, id, deadline)))
+}
+
+async fn write(
+    cluster: Cluster<Rd>,
+    confirm_on: Option<&'static str>,
+    id: i64,
+    deadline: Instant,
+) -> Result<String, Error> {
+    let opts = CheckoutOptions::new().deadline(deadline);
+    // Owned captures only: a captured reference, even `&'static`, makes the
+    // future not provably `Send` (a rustc limitation with async closures).
+    let confirm_on = confirm_on.map(EndpointId::new);
+    // The closure's one attempt (a write) runs to `deadline`, which the
+    // router enforces: a cancelled write is an `OperationTimeout`.
+    cluster
+        .run(Intent::Write, None, opts, async move |conn| {
+            let ep = conn.endpoint().clone();
+            let confirm = confirm_on.as_ref() == Some(&ep);
+            let mut raw = conn.raw()?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET").arg(format!("w:{id}")).arg(id);
+            if !confirm {
+                let ((),): ((),) = pipe
+                    .query_async(&mut raw)
+                    .await
+                    .map_err(|e| redis_error(&ep, None, e))?;
+                return Ok(ep.to_string());
+            }
+            pipe.cmd("WAIT").arg(2).arg(1000);
+            let ((), replicas): ((), i64) = pipe
+                .query_async(&mut raw)
                 .await
+                .map_err(|e| redis_error(&ep, None, e))?;
+            if replicas < 2 {
+                return Err(Error::backend(
+                    &ep,
+                    None,
+                    BackendErrorKind::Rejected,
+                    std::io::Error::other(format!(
+                        "unconfirmed: WAIT saw {replicas} of 2 replicas"
+                    )),
+                ));
+            }
+            Ok(ep.to_string())
         })
-    })
+        .await
 }
 
 fn not_serving(id: &'static str) -> impl Fn(&ClusterStatus) -> bool {

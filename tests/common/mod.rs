@@ -49,8 +49,7 @@ pub fn ms(a: Instant, b: Instant) -> i64 {
 }
 
 /// The router configuration every fault test uses: fast probes, fast
-/// ejection, short attempts. `interval` must be at least `timeout` (the
-/// router refuses a probe timeout longer than its interval).
+/// ejection, short attempts.
 pub fn fast_config(failover_timeout: Duration) -> ClusterConfig {
     let mut c = ClusterConfig {
         checkout_timeout: OP_DEADLINE,

@@ -239,7 +239,7 @@ clusters:
     engine: postgres
     failover_timeout: 30s
     checkout_timeout: 5s
-    health: { interval: 1s, timeout: 2s }
+    health: { interval: 1s, timeout: 0s }
     pool: { max_size: 2, min_idle: 3 }
     endpoints:
       - { name: pg-1, url: "postgres://app@db:5432/app", role: replica }

@@ -56,6 +56,25 @@ pub enum Error {
         elapsed: Duration,
     },
 
+    /// An operation run on a checked-out connection (through the router's
+    /// `Cluster::run`) overran a deadline and was cancelled; its connection was
+    /// closed, never pooled. [`Error::Timeout`] is the other timeout: no
+    /// connection in time.
+    #[error(
+        "operation on {endpoint}{} cancelled: {deadline} deadline passed after {elapsed:?}",
+        ForTenant(tenant)
+    )]
+    OperationTimeout {
+        /// Endpoint the operation ran on.
+        endpoint: EndpointId,
+        /// Tenant the checkout was for.
+        tenant: Option<TenantId>,
+        /// Which deadline fired.
+        deadline: Deadline,
+        /// Time the attempt had run (checkout and operation).
+        elapsed: Duration,
+    },
+
     /// A health probe got no answer in time: the endpoint is hung or
     /// unreachable (a down node, a paused process, a stalled network).
     #[error("probe of {endpoint} timed out after {elapsed:?}")]
@@ -150,6 +169,31 @@ pub enum Error {
     Closed,
 }
 
+/// Which deadline of a routed operation fired (as deadpool's `TimeoutType`
+/// says which of its timeouts did). Waiting for a connection is
+/// [`Error::Timeout`]; these two bound the operation run on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Deadline {
+    /// One attempt's deadline (`retry.attempt_timeout`): the endpoint did not
+    /// finish in the time one attempt may take, so it is charged with a
+    /// failure and a read moves to another endpoint.
+    Attempt,
+    /// The whole operation's deadline (`checkout_timeout`, or the caller's)
+    /// passed before the attempt's own: nothing is left to retry with, and
+    /// the endpoint is not blamed for the caller's impatience.
+    Budget,
+}
+
+impl fmt::Display for Deadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Deadline::Attempt => "attempt",
+            Deadline::Budget => "whole-operation",
+        })
+    }
+}
+
 /// The kind of a backend failure, which decides retries and ejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -193,14 +237,15 @@ impl Error {
 
     /// Whether the same request may succeed on another endpoint or a moment later.
     ///
-    /// True for timeouts, unreachable or broken endpoints, read-only replicas and
+    /// True for timeouts (waiting or operating), unreachable or broken endpoints, read-only replicas and
     /// a missing healthy endpoint or primary; false for everything the caller must
     /// fix (bad tenant, quota, config, rejected queries).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::NoHealthyEndpoint { .. } | Error::NoPrimary { .. } => {
-                true
-            }
+            Error::Timeout { .. }
+            | Error::OperationTimeout { .. }
+            | Error::NoHealthyEndpoint { .. }
+            | Error::NoPrimary { .. } => true,
             Error::Backend { kind, .. } => matches!(
                 kind,
                 BackendErrorKind::Connect | BackendErrorKind::Io | BackendErrorKind::ReadOnly
@@ -215,6 +260,10 @@ impl Error {
             self,
             Error::Timeout { .. }
                 | Error::ProbeTimeout { .. }
+                | Error::OperationTimeout {
+                    deadline: Deadline::Attempt,
+                    ..
+                }
                 | Error::Backend {
                     kind: BackendErrorKind::Connect | BackendErrorKind::Io,
                     ..
@@ -226,6 +275,7 @@ impl Error {
     pub fn endpoint(&self) -> Option<&EndpointId> {
         match self {
             Error::Timeout { endpoint, .. }
+            | Error::OperationTimeout { endpoint, .. }
             | Error::ProbeTimeout { endpoint, .. }
             | Error::TenantNotProvisioned { endpoint, .. }
             | Error::Scope { endpoint, .. }
@@ -277,6 +327,31 @@ mod tests {
         let e = Error::backend(&ep(), None, BackendErrorKind::Connect, io);
         assert_eq!(e.to_string(), "connect error on pg-replica-1");
         assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn an_operation_timeout_names_its_deadline_and_blames_only_a_slow_attempt() {
+        let t = TenantId::new("acme").unwrap();
+        let attempt = Error::OperationTimeout {
+            endpoint: ep(),
+            tenant: Some(t),
+            deadline: Deadline::Attempt,
+            elapsed: Duration::from_millis(300),
+        };
+        assert_eq!(
+            attempt.to_string(),
+            "operation on pg-replica-1 for tenant acme cancelled: attempt deadline passed after 300ms"
+        );
+        assert!(attempt.is_retryable() && attempt.is_endpoint_failure());
+        assert_eq!(attempt.endpoint(), Some(&ep()));
+        let budget = Error::OperationTimeout {
+            endpoint: ep(),
+            tenant: None,
+            deadline: Deadline::Budget,
+            elapsed: Duration::from_millis(40),
+        };
+        assert!(budget.to_string().contains("whole-operation deadline"));
+        assert!(!budget.is_endpoint_failure());
     }
 
     #[test]

@@ -45,6 +45,7 @@ mod checkout;
 mod endpoint;
 mod error;
 pub mod noop;
+mod operation;
 pub mod provision;
 mod registry;
 mod tenant;
@@ -54,7 +55,8 @@ pub use checkout::{
     Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, InFlightWatcher, Outcome,
 };
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
-pub use error::{BackendErrorKind, BoxError, Error};
+pub use error::{BackendErrorKind, BoxError, Deadline, Error};
+pub use operation::OperationError;
 pub use registry::{
     deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,
 };

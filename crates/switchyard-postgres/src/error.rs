@@ -3,7 +3,9 @@
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use switchyard_core::{BackendErrorKind, Checkout, EndpointId, Error, Isolation, TenantScope};
+use switchyard_core::{
+    BackendErrorKind, Checkout, EndpointId, Error, Isolation, OperationError, TenantScope,
+};
 
 /// SQLSTATE `25006`: a write on a hot standby.
 const READ_ONLY_SQL_TRANSACTION: &str = "25006";
@@ -122,6 +124,15 @@ pub(crate) fn timed_pg_error(
         }
     }
     Error::backend(endpoint, tenant, classify(&error), error)
+}
+
+/// A sqlx error from an operation run by the router's `Cluster::run`, mapped
+/// by [`pg_error`] with the endpoint and tenant scope of the checkout it ran on:
+/// the operation returns `sqlx::Error` and needs no mapping of its own.
+impl OperationError<crate::PgConn> for sqlx::Error {
+    fn into_error(self, endpoint: &EndpointId, scope: Option<&TenantScope>) -> Error {
+        pg_error(endpoint, scope, self)
+    }
 }
 
 /// Convenience for reporting sqlx failures on a checkout.

@@ -36,8 +36,10 @@
 //! ([`RedisBackend::validate_tier`](switchyard_core::Backend::validate_tier)):
 //! provisioning would rewrite that user.
 //!
-//! ACL rules are not replicated: provision every node, replicas included, and
-//! again on a node that was rebuilt.
+//! ACL rules are not replicated: provision every node, replicas included.
+//! A node keeps its users in memory only; users provisioned through a
+//! backend are written again when that node restarts (see
+//! [`RedisBackend`](crate::RedisBackend)).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -179,7 +181,7 @@ pub fn key_prefix(scope: &TenantScope) -> String {
 }
 
 /// The `ACL SETUSER` arguments for `scope`, password last but one.
-fn setuser(scope: &TenantScope, password: &AclPassword) -> redis::Cmd {
+pub(crate) fn setuser(scope: &TenantScope, password: &AclPassword) -> redis::Cmd {
     let prefix = key_prefix(scope);
     let mut cmd = redis::cmd("ACL");
     cmd.arg("SETUSER")
@@ -245,6 +247,7 @@ pub async fn provision_acl_users<'a>(
             }
             return Err(redis_error(&endpoint, Some(tenant), e));
         }
+        conn.remember_user(scope);
         written += 1;
     }
     Ok(written)
@@ -267,12 +270,16 @@ pub async fn remove_acl_users<'a>(
         return Ok(0);
     }
     let mut raw = conn.raw()?;
-    redis::cmd("ACL")
+    let existed = redis::cmd("ACL")
         .arg("DELUSER")
         .arg(&users)
         .query_async::<usize>(&mut raw)
         .await
-        .map_err(|e| redis_error(&endpoint, None, e))
+        .map_err(|e| redis_error(&endpoint, None, e))?;
+    for user in users {
+        conn.forget_user(user);
+    }
+    Ok(existed)
 }
 
 #[cfg(test)]

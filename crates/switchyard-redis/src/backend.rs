@@ -19,6 +19,7 @@ use crate::connection::{Reauth, RedisConnection, SessionDefaults};
 use crate::error::{error_kind, pool_error, redis_error};
 use crate::keys::{is_safe_target, Confinement};
 use crate::probe;
+use crate::users::{self, TenantUsers};
 
 /// What a [`RedisBackend`] did with connections that came back, for tests and
 /// metrics.
@@ -85,6 +86,7 @@ pub struct RedisBackend {
     recycle_timeout: Duration,
     response_timeout: Duration,
     counters: Counters,
+    users: Arc<TenantUsers>,
 }
 
 impl RedisBackend {
@@ -169,6 +171,7 @@ impl RedisBackend {
             recycle_timeout: config.recycle_timeout,
             response_timeout: config.response_timeout,
             counters: Counters::default(),
+            users: Arc::default(),
         })
     }
 
@@ -275,6 +278,57 @@ impl RedisBackend {
         }
     }
 
+    /// `AUTH` as `scope`'s ACL user. A user this backend provisioned that
+    /// the node lost in a restart (a `run_id` other than the one the users
+    /// were last known in) is written again first; one it cannot restore is
+    /// an endpoint failure, so reads move to a node that has it. A user
+    /// missing without a restart, or never provisioned here, is
+    /// [`Error::TenantNotProvisioned`].
+    async fn log_in(&self, conn: &mut RedisConnection, scope: &TenantScope) -> Result<(), Error> {
+        let password = self.password_of(scope)?;
+        conn.session.dirty = true;
+        let mut auth = redis::cmd("AUTH");
+        auth.arg(acl_user(scope)).arg(password.expose());
+        let Err(e) = conn.send(&auth, None).await else {
+            return Ok(());
+        };
+        if e.code() != Some("WRONGPASS") {
+            return Err(self.scope_error(scope, "apply", e));
+        }
+        if !self.users.knows(scope) {
+            return Err(self.not_provisioned(scope, "acl user"));
+        }
+        let restored = match &self.passwords {
+            Some(passwords) => {
+                let mut raw = conn.raw()?;
+                match users::restarted(&mut raw, &self.users).await {
+                    // Deleted on a running server, by someone else: an
+                    // operator's revocation stands.
+                    Ok(false) => return Err(self.not_provisioned(scope, "acl user")),
+                    Ok(true) => {
+                        tracing::warn!(endpoint = %self.endpoint, tenant = %scope.tenant(), "redis restarted and lost a tenant ACL user: restoring it");
+                        users::restore(&mut raw, scope, passwords.as_ref()).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            None => Err(e),
+        };
+        let result = match restored {
+            Ok(()) => conn.send(&auth, None).await.map(drop),
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| {
+            tracing::warn!(endpoint = %self.endpoint, tenant = %scope.tenant(), error = %e, "could not restore the tenant ACL user: this node cannot serve the tenant");
+            Error::backend(
+                &self.endpoint,
+                Some(scope.tenant()),
+                switchyard_core::BackendErrorKind::Connect,
+                e,
+            )
+        })
+    }
+
     fn count_discard(&self, conn: RedisConnection) {
         self.counters.discarded.fetch_add(1, Ordering::Relaxed);
         drop(conn.into_detached());
@@ -309,11 +363,10 @@ impl Backend for RedisBackend {
             .timeout_get(&timeouts)
             .await
             .map_err(|e| pool_error(&self.endpoint, tenant, e, started.elapsed()))?;
-        Ok(RedisConnection::new(
-            inner,
-            self.endpoint.clone(),
-            self.response_timeout,
-        ))
+        Ok(
+            RedisConnection::new(inner, self.endpoint.clone(), self.response_timeout)
+                .recording_users(Arc::clone(&self.users)),
+        )
     }
 
     async fn scope(&self, conn: &mut RedisConnection, scope: &TenantScope) -> Result<(), Error> {
@@ -356,17 +409,7 @@ impl Backend for RedisBackend {
                 );
             }
             Isolation::Row => {
-                let password = self.password_of(scope)?;
-                conn.session.dirty = true;
-                let mut auth = redis::cmd("AUTH");
-                auth.arg(acl_user(scope)).arg(password.expose());
-                conn.send(&auth, None).await.map_err(|e| {
-                    if e.code() == Some("WRONGPASS") {
-                        self.not_provisioned(scope, "acl user")
-                    } else {
-                        self.scope_error(scope, "apply", e)
-                    }
-                })?;
+                self.log_in(conn, scope).await?;
                 conn.confine(
                     tenant,
                     Isolation::Row,
@@ -419,7 +462,12 @@ impl Backend for RedisBackend {
             endpoint: self.endpoint.clone(),
             elapsed: started.elapsed(),
         };
-        match tokio::time::timeout(timeout, probe::run(&self.client, timeout)).await {
+        let restore = probe::Restore {
+            users: &self.users,
+            passwords: self.passwords.as_deref(),
+            endpoint: &self.endpoint,
+        };
+        match tokio::time::timeout(timeout, probe::run(&self.client, timeout, restore)).await {
             Ok(Ok(mut found)) => {
                 found.rtt = started.elapsed();
                 Ok(found)

@@ -2,6 +2,7 @@
 //! checkout was scoped, raw only when it was not.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::redis::{
@@ -11,6 +12,7 @@ use switchyard_core::{EndpointId, Error, Isolation, TenantId};
 
 use crate::error::{breaks_connection, redis_error, shown, ConfinementError};
 use crate::keys::{prepare, strip_reply, Command, Confinement};
+use crate::users::TenantUsers;
 
 /// What the server-side session of a connection is known to be.
 #[derive(Debug, Default, Clone, Copy)]
@@ -74,6 +76,9 @@ pub struct RedisConnection {
     pub(crate) session: Session,
     /// Set while ACL-confined.
     pub(crate) reauth: Option<Reauth>,
+    /// The backend's record of provisioned tenant users, which provisioning
+    /// through this connection updates.
+    users: Option<Arc<TenantUsers>>,
 }
 
 impl RedisConnection {
@@ -91,6 +96,27 @@ impl RedisConnection {
             response_timeout,
             session: Session::default(),
             reauth: None,
+            users: None,
+        }
+    }
+
+    /// Reports tenant users provisioned or removed through this connection to `users`.
+    pub(crate) fn recording_users(mut self, users: Arc<TenantUsers>) -> Self {
+        self.users = Some(users);
+        self
+    }
+
+    /// `scope`'s ACL user was written through this connection.
+    pub(crate) fn remember_user(&self, scope: &switchyard_core::TenantScope) {
+        if let Some(users) = &self.users {
+            users.record(scope);
+        }
+    }
+
+    /// `user` was deleted through this connection.
+    pub(crate) fn forget_user(&self, user: &str) {
+        if let Some(users) = &self.users {
+            users.forget(user);
         }
     }
 

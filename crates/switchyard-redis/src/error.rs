@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
 use deadpool_redis::PoolError;
-use switchyard_core::{BackendErrorKind, EndpointId, Error, TenantId};
+use switchyard_core::{BackendErrorKind, EndpointId, Error, OperationError, TenantId, TenantScope};
 
 /// Why a tenant-confined connection refused to send a command.
 ///
@@ -111,6 +111,15 @@ pub fn error_kind(err: &RedisError) -> BackendErrorKind {
 pub fn redis_error(endpoint: &EndpointId, tenant: Option<&TenantId>, err: RedisError) -> Error {
     let kind = error_kind(&err);
     Error::backend(endpoint, tenant, kind, err)
+}
+
+/// A redis error from an operation run by the router's `Cluster::run` (on a
+/// [`RawConnection`](crate::RawConnection), say), mapped by [`redis_error`]
+/// with the endpoint and tenant of the checkout it ran on.
+impl OperationError<crate::RedisConnection> for RedisError {
+    fn into_error(self, endpoint: &EndpointId, scope: Option<&TenantScope>) -> Error {
+        redis_error(endpoint, scope.map(TenantScope::tenant), self)
+    }
 }
 
 /// Whether a redis error leaves the connection unfit for another command: the

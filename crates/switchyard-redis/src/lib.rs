@@ -78,6 +78,7 @@ mod error;
 mod keys;
 mod probe;
 mod table;
+mod users;
 
 pub use acl::{
     acl_user, key_prefix, provision_acl_users, remove_acl_users, tenant_user_commands, AclPassword,

@@ -13,17 +13,36 @@
 //!   (`master_link_down_since_seconds`), or 2^32 seconds if the link was never
 //!   up (no data worth reading). `None` while the link is up.
 //! - `version`: `redis_version` from `INFO server`.
+//!
+//! A probe also notices a restart (`run_id` in `INFO server` changed) and
+//! restores the tenant ACL users the node lost before it answers.
 
 use std::time::Duration;
 
 use deadpool_redis::redis::{self, RedisResult, Value};
-use switchyard_core::{Probe, Role};
+use switchyard_core::{EndpointId, Probe, Role};
+
+use crate::acl::AclPasswords;
+use crate::users::TenantUsers;
 
 /// A replica whose link never came up is this stale.
 const NEVER_LINKED: Duration = Duration::from_secs(1 << 32);
 
-/// Runs the probe's commands on a fresh connection from `client`.
-pub(crate) async fn run(client: &redis::Client, timeout: Duration) -> RedisResult<Probe> {
+/// What a probe needs to restore a restarted node's tenant users.
+pub(crate) struct Restore<'a> {
+    pub users: &'a TenantUsers,
+    pub passwords: Option<&'a dyn AclPasswords>,
+    pub endpoint: &'a EndpointId,
+}
+
+/// Runs the probe's commands on a fresh connection from `client`; a server
+/// that restarted since the last probe (a new `run_id`) gets its tenant users
+/// back before the probe answers.
+pub(crate) async fn run(
+    client: &redis::Client,
+    timeout: Duration,
+    restore: Restore<'_>,
+) -> RedisResult<Probe> {
     // The caller's own deadline is the one that counts; these only keep the
     // driver from giving up first with a less precise error.
     let slack = timeout.saturating_add(Duration::from_secs(1));
@@ -41,6 +60,20 @@ pub(crate) async fn run(client: &redis::Client, timeout: Duration) -> RedisResul
         .arg("server")
         .query_async(&mut conn)
         .await?;
+    let restored = restore
+        .users
+        .after_probe(
+            &mut conn,
+            field(&server, "run_id"),
+            restore.passwords,
+            restore.endpoint,
+        )
+        .await;
+    if let Err(error) = restored {
+        // Not a failed probe: the node serves everything else. Its tenant
+        // checkouts fail over until a later probe restores the users.
+        tracing::warn!(endpoint = %restore.endpoint, %error, "could not restore tenant ACL users after a restart; trying again at the next probe");
+    }
     Ok(interpret(&role, &replication, &server))
 }
 
@@ -93,7 +126,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 /// The value of `name:value` in an `INFO` section.
-fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines().find_map(|line| {
         let (key, value) = line.trim_end().split_once(':')?;
         (key == name).then_some(value)

@@ -8,14 +8,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use switchyard_core::{Backend, Checkout, CheckoutRequest, EndpointId, Error, Intent, TenantId};
+use switchyard_core::{
+    Backend, Checkout, CheckoutRequest, Deadline, EndpointId, Error, Intent, TenantId,
+};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cluster::Cluster;
 use crate::config::ReadPreference;
 use crate::endpoint::{Endpoint, EndpointState};
+use crate::run::Attempt;
 
 /// Options for one checkout or [`run`](Cluster::run).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,7 +54,7 @@ impl CheckoutOptions {
 }
 
 /// What one checkout (or one `run`) may still spend on retries.
-struct Budget {
+pub(crate) struct Budget {
     /// When the operation started: the one clock read a checkout that gets
     /// its connection at the first try needs.
     started: Instant,
@@ -67,10 +69,16 @@ struct Budget {
     /// mid-way cannot change the rules of one checkout.
     attempt_timeout: Duration,
     failover_timeout: Duration,
+    /// The attempt in progress: its start and end, set when it checks out.
+    attempt: Attempt,
 }
 
 impl Budget {
-    fn new(config: &crate::ClusterConfig, intent: Intent, opts: &CheckoutOptions) -> Self {
+    pub(crate) fn new(
+        config: &crate::ClusterConfig,
+        intent: Intent,
+        opts: &CheckoutOptions,
+    ) -> Self {
         let retryable = intent == Intent::Read || opts.idempotent;
         let started = Instant::now();
         Self {
@@ -86,14 +94,54 @@ impl Budget {
             },
             attempts: 0,
             avoid: Vec::new(),
+            attempt: Attempt {
+                started,
+                ends: started,
+                deadline: Deadline::Budget,
+            },
         }
     }
 
-    fn may_retry(&self, error: &Error) -> bool {
+    pub(crate) fn may_retry(&self, error: &Error) -> bool {
         self.retryable
             && error.is_retryable()
             && self.attempts_left > 0
             && Instant::now() < self.deadline
+    }
+
+    /// Starts an attempt at `started`: it ends at `retry.attempt_timeout`
+    /// while another attempt may follow, else at the whole deadline.
+    fn start_attempt(&mut self, started: Instant) -> Instant {
+        let (ends, deadline) = if self.retryable && self.attempts_left > 0 {
+            let own = started + self.attempt_timeout;
+            if own < self.deadline {
+                (own, Deadline::Attempt)
+            } else {
+                (self.deadline, Deadline::Budget)
+            }
+        } else {
+            (self.deadline, Deadline::Budget)
+        };
+        self.attempt = Attempt {
+            started,
+            ends,
+            deadline,
+        };
+        ends
+    }
+
+    /// The attempt that checked out last.
+    pub(crate) fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+
+    pub(crate) fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// Keeps the rest of this operation's reads off `id`.
+    pub(crate) fn avoid(&mut self, id: EndpointId) {
+        self.avoid.push(id);
     }
 }
 
@@ -139,78 +187,7 @@ impl<B: Backend> Cluster<B> {
         self.checkout_budgeted(intent, tenant, &mut budget).await
     }
 
-    /// Runs `op` on a checked-out connection, and again on another endpoint when
-    /// it fails with a retryable error, for reads and idempotent writes.
-    ///
-    /// Failures `op` returns are reported to the router
-    /// ([`Checkout::report_failure`]): a broken connection ejects its endpoint.
-    /// Attempts of the checkout and of `op` share one budget of
-    /// `retry.max_attempts` and one deadline.
-    ///
-    /// ```
-    /// # use switchyard_router::{Cluster, CheckoutOptions};
-    /// # use switchyard_core::{noop::NoopBackend, Intent};
-    /// # async fn f(cluster: Cluster<NoopBackend>) -> Result<(), switchyard_core::Error> {
-    /// let id = cluster
-    ///     .run(Intent::Read, None, CheckoutOptions::new(), |conn| {
-    ///         Box::pin(async move { Ok(conn.id) })
-    ///     })
-    ///     .await?;
-    /// # let _ = id; Ok(()) }
-    /// ```
-    pub async fn run<T, F>(
-        &self,
-        intent: Intent,
-        tenant: Option<&TenantId>,
-        opts: CheckoutOptions,
-        mut op: F,
-    ) -> Result<T, Error>
-    where
-        F: for<'c> FnMut(&'c mut Checkout<B>) -> BoxFuture<'c, Result<T, Error>>,
-    {
-        let mut budget = Budget::new(&self.shared.config.load(), intent, &opts);
-        loop {
-            let mut conn = self.checkout_budgeted(intent, tenant, &mut budget).await?;
-            let error = match op(&mut conn).await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
-            };
-            conn.report_failure(&error);
-            let id = conn.endpoint().clone();
-            drop(conn);
-            self.learn(&id, &error);
-            if !budget.may_retry(&error) {
-                return Err(error);
-            }
-            self.shared.metrics.retry(intent);
-            tracing::debug!(cluster = %self.shared.name, endpoint = %id, %error, "operation failed; retrying on another endpoint");
-            if intent == Intent::Read {
-                budget.avoid.push(id);
-            }
-        }
-    }
-
-    /// A write refused as read-only means our idea of the primary is stale.
-    fn learn(&self, id: &EndpointId, error: &Error) {
-        if let Error::Backend {
-            kind: switchyard_core::BackendErrorKind::ReadOnly,
-            ..
-        } = error
-        {
-            if let Some(ep) = self
-                .shared
-                .snapshot
-                .load()
-                .endpoints
-                .iter()
-                .find(|e| e.id() == id)
-            {
-                ep.state.request_probe();
-            }
-        }
-    }
-
-    async fn checkout_budgeted(
+    pub(crate) async fn checkout_budgeted(
         &self,
         intent: Intent,
         tenant: Option<&TenantId>,
@@ -260,13 +237,7 @@ impl<B: Backend> Cluster<B> {
             } else {
                 Instant::now()
             };
-            let deadline = if budget.retryable && budget.attempts_left > 0 {
-                budget
-                    .deadline
-                    .min(attempt_started + budget.attempt_timeout)
-            } else {
-                budget.deadline
-            };
+            let deadline = budget.start_attempt(attempt_started);
             let mut req = CheckoutRequest::new(deadline)
                 .started_at(attempt_started)
                 .in_flight(Arc::clone(&ep.state.in_flight))

@@ -406,6 +406,21 @@ impl<B: Backend> Shared<B> {
         tracing::debug!(cluster = %self.name, reason, "routing snapshot rebuilt");
     }
 
+    /// Whether `ep` is up as a primary and no other endpoint is: writes have
+    /// nowhere else to go, so a probe it does not answer in time says "slow"
+    /// rather than "dead" (a refused or broken probe still says dead).
+    fn only_primary(topo: &Topology<B>, ep: &EndpointState) -> bool {
+        let primary =
+            |h: &crate::health::HealthState| h.up && h.role == switchyard_core::Role::Primary;
+        topo.endpoints.iter().all(|e| {
+            if std::ptr::eq(Arc::as_ptr(&e.state), ep) {
+                primary(&e.state.health())
+            } else {
+                !primary(&e.state.health())
+            }
+        })
+    }
+
     /// Whether ejecting `ep` would break the cap or leave writes nowhere to go.
     fn ejection_refused(
         &self,
@@ -486,6 +501,12 @@ impl<B: Backend> ClusterHooks for Shared<B> {
         let config = self.config.load();
         let cfg = &config.health;
         let now = Instant::now();
+        let slow_only_primary = match &result {
+            Err(Error::ProbeTimeout { elapsed, .. }) if Self::only_primary(&topo, ep) => {
+                Some(*elapsed)
+            }
+            _ => None,
+        };
         let changed = {
             let mut h = ep.health();
             let before = h.routing_key(cfg);
@@ -500,7 +521,15 @@ impl<B: Backend> ClusterHooks for Shared<B> {
                 }
                 Err(error) => {
                     ep.metrics.probe_failures.increment(1);
-                    h.probe_failed(&error, cfg, &self.who(ep), now);
+                    match slow_only_primary {
+                        Some(elapsed) => {
+                            // Slow, as far as anyone can tell: the latency
+                            // estimate learns it, routing does not drop it.
+                            ep.ewma.observe(elapsed);
+                            h.probe_slow(&error, &self.who(ep), now);
+                        }
+                        None => h.probe_failed(&error, cfg, &self.who(ep), now),
+                    }
                 }
             }
             before != h.routing_key(cfg)

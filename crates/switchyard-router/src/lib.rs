@@ -92,6 +92,7 @@ mod endpoint;
 pub mod health;
 mod live;
 pub mod metrics;
+mod run;
 pub mod service;
 pub mod status;
 pub mod strategy;

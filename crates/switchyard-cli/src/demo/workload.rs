@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{Error, Intent, TenantId};
-use switchyard_postgres::{pg_error, PgBackend, PgCheckoutExt};
+use switchyard_postgres::{PgBackend, PgCheckoutExt};
 use switchyard_redis::RedisBackend;
 use switchyard_router::{CheckoutOptions, Cluster};
 
@@ -18,10 +18,9 @@ pub const PG_TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
 /// Tenants on Redis, all on key-prefix isolation.
 pub const REDIS_TENANTS: [&str; 3] = ["acme", "globex", "hooli"];
 
-/// Longest one operation may take before it counts as failed.
+/// Longest one operation may take before it counts as failed. Reads are also
+/// bounded per attempt by the router (`retry.attempt_timeout`).
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest one read attempt may wait on a node before it is retried elsewhere.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Counters of one phase.
 #[derive(Debug, Default)]
@@ -132,28 +131,25 @@ async fn pg_op(
             .await;
         return r.map_err(|e| conn.fail(e)).is_ok();
     }
-    // Reads go through `Cluster::run`: one that fails on a dying endpoint is
-    // retried on another, as an application would do it.
+    // Reads go through `Cluster::run`: one that fails on a dying endpoint, or
+    // hangs on it past the router's attempt timeout, is retried on another.
+    // Owned captures, moved in once and borrowed by every attempt: a closure
+    // that borrowed `stats` would make this task's future not provably `Send`.
+    let counted = Arc::clone(stats);
     let rows = cluster
-        .run(Intent::Read, Some(tenant), CheckoutOptions::new(), |conn| {
-            let stats = Arc::clone(stats);
-            Box::pin(async move {
-                stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
-                let query = sqlx::query_scalar::<_, String>(
+        .run(
+            Intent::Read,
+            Some(tenant),
+            CheckoutOptions::new(),
+            async move |conn| {
+                counted.now().checkouts.fetch_add(1, Ordering::Relaxed);
+                sqlx::query_scalar::<_, String>(
                     "SELECT tenant FROM items ORDER BY id DESC LIMIT 20",
                 )
-                .fetch_all(&mut **conn);
-                // A hung node answers nothing: give up on it and retry elsewhere.
-                match tokio::time::timeout(ATTEMPT_TIMEOUT, query).await {
-                    Ok(rows) => rows.map_err(|e| pg_error(conn.endpoint(), conn.scope(), e)),
-                    Err(_) => Err(Error::Timeout {
-                        endpoint: conn.endpoint().clone(),
-                        tenant: conn.tenant().cloned(),
-                        elapsed: ATTEMPT_TIMEOUT,
-                    }),
-                }
-            })
-        })
+                .fetch_all(&mut **conn)
+                .await
+            },
+        )
         .await;
     let Ok(rows) = rows else {
         return false;
@@ -212,28 +208,21 @@ async fn redis_op(
             .map_err(|e| conn.report_failure(&e))
             .is_ok();
     }
+    let (counted, owner) = (Arc::clone(stats), tenant.clone());
     let read = cluster
-        .run(Intent::Read, Some(tenant), CheckoutOptions::new(), |conn| {
-            let (stats, key, tenant) = (Arc::clone(stats), key.clone(), tenant.clone());
-            Box::pin(async move {
-                stats.now().checkouts.fetch_add(1, Ordering::Relaxed);
-                let value = match tokio::time::timeout(ATTEMPT_TIMEOUT, conn.get(&key)).await {
-                    Ok(value) => value?,
-                    Err(_) => {
-                        return Err(Error::Timeout {
-                            endpoint: conn.endpoint().clone(),
-                            tenant: conn.tenant().cloned(),
-                            elapsed: ATTEMPT_TIMEOUT,
-                        })
-                    }
-                };
-                let value: Option<String> = value;
+        .run(
+            Intent::Read,
+            Some(tenant),
+            CheckoutOptions::new(),
+            async move |conn| {
+                counted.now().checkouts.fetch_add(1, Ordering::Relaxed);
+                let value: Option<String> = conn.get(&key).await?;
                 let prefix_ok = conn
                     .key_prefix()
-                    .is_some_and(|p| p.contains(tenant.as_str()));
-                Ok((value, prefix_ok))
-            })
-        })
+                    .is_some_and(|p| p.contains(owner.as_str()));
+                Ok::<_, Error>((value, prefix_ok))
+            },
+        )
         .await;
     let Ok((value, prefix_ok)) = read else {
         return false;

@@ -213,6 +213,22 @@ impl HealthState {
     }
 }
 
+impl HealthState {
+    /// Applies a probe that got no answer in time on an endpoint that must not
+    /// be dropped for slowness alone (the only primary): recorded and shown,
+    /// but it neither counts towards `fall` nor passes.
+    pub fn probe_slow(&mut self, error: &Error, who: &Who<'_>, now: Instant) {
+        if self.last_error.is_none() {
+            tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, %error, "the only primary answers probes slowly or not at all; kept up, writes have nowhere else to go");
+        } else {
+            tracing::debug!(cluster = who.cluster, endpoint = %who.endpoint, %error, "the only primary's probe timed out again");
+        }
+        self.passes = 0;
+        self.last_probe = Some(now);
+        self.last_error = Some(error.to_string());
+    }
+}
+
 /// Names for log lines.
 pub(crate) struct Who<'a> {
     pub cluster: &'a str,

@@ -50,18 +50,15 @@ async fn a_hung_replica_costs_one_attempt_timeout_then_reads_move_on() {
 /// An operation that fails with a broken connection the first time only.
 fn flaky(
     fails: Arc<AtomicU32>,
-) -> impl for<'c> FnMut(
-    &'c mut switchyard_core::Checkout<switchyard_core::noop::NoopBackend>,
-) -> crate::BoxFuture<'c, Result<u64, Error>> {
-    move |conn| {
-        let first = fails.fetch_add(1, Ordering::SeqCst) == 0;
-        Box::pin(async move {
-            if first {
-                Err(io_error(conn.endpoint()))
-            } else {
-                Ok(conn.id)
-            }
-        })
+) -> impl AsyncFnMut(
+    &mut switchyard_core::Checkout<switchyard_core::noop::NoopBackend>,
+) -> Result<u64, Error> {
+    async move |conn| {
+        if fails.fetch_add(1, Ordering::SeqCst) == 0 {
+            Err(io_error(conn.endpoint()))
+        } else {
+            Ok(conn.id)
+        }
     }
 }
 
@@ -103,16 +100,13 @@ async fn run_retries_a_read_on_another_endpoint() {
     let (cluster, _) = cluster(2, config()).await;
     let mut seen = Vec::new();
     let value = cluster
-        .run(Intent::Read, None, CheckoutOptions::new(), |conn| {
+        .run(Intent::Read, None, CheckoutOptions::new(), async |conn| {
             seen.push(conn.endpoint().to_string());
-            let first = seen.len() == 1;
-            Box::pin(async move {
-                if first {
-                    Err(io_error(conn.endpoint()))
-                } else {
-                    Ok(7)
-                }
-            })
+            if seen.len() == 1 {
+                Err(io_error(conn.endpoint()))
+            } else {
+                Ok(7)
+            }
         })
         .await
         .unwrap();
@@ -369,8 +363,8 @@ async fn reads_survive_a_promotion_that_is_seen_before_the_dead_primary() {
     assert_eq!(status_of(&cluster, "r1").role, Role::Primary);
     for _ in 0..20 {
         let served = cluster
-            .run(Intent::Read, None, CheckoutOptions::new(), |conn| {
-                Box::pin(async move { Ok(conn.endpoint().to_string()) })
+            .run(Intent::Read, None, CheckoutOptions::new(), async |conn| {
+                Ok::<_, Error>(conn.endpoint().to_string())
             })
             .await;
         assert_eq!(served.unwrap(), "r1");

@@ -2,6 +2,7 @@
 //! tower. Time is paused; tasks are given turns with `settle`, never sleeps.
 
 mod counters;
+mod deadline;
 mod failover;
 mod live;
 mod reconfig;
@@ -24,8 +25,8 @@ fn futures_are_send(cluster: &Cluster<NoopBackend>, tenant: &TenantId) {
     is_send(&cluster.checkout(Intent::Read, Some(tenant)));
     is_send(&cluster.checkout_with(Intent::Write, None, CheckoutOptions::new()));
     is_send(
-        &cluster.run(Intent::Read, None, CheckoutOptions::new(), |conn| {
-            Box::pin(async move { Ok(conn.id) })
+        &cluster.run(Intent::Read, None, CheckoutOptions::new(), async |conn| {
+            Ok::<_, switchyard_core::Error>(conn.id)
         }),
     );
     fn is_send_sync<T: Send + Sync>() {}
