@@ -3,6 +3,7 @@
 
 mod counters;
 mod failover;
+mod fencing;
 mod live;
 mod reconfig;
 mod routing;
