@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::endpoint::EndpointId;
+use crate::history::History;
 use crate::registry::TierPolicy;
 use crate::tenant::TenantScope;
 use crate::Error;
@@ -63,7 +64,11 @@ impl fmt::Display for Role {
 }
 
 /// What one health probe of an endpoint found.
+///
+/// Built with [`Probe::new`] and its fields set one by one, so fields can be
+/// added without breaking engines.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Probe {
     /// The endpoint's current role.
     pub role: Role,
@@ -75,6 +80,15 @@ pub struct Probe {
     pub version: Option<String>,
     /// Round-trip time of the probe.
     pub rtt: Duration,
+    /// Where the endpoint stands in the engine's own replication history: the
+    /// line a primary writes or a replica follows. `None` where the engine
+    /// keeps no such history (or the probe could not read it).
+    pub history: Option<History>,
+    /// On a replica, whether it is receiving its primary's stream right now
+    /// (a PostgreSQL WAL receiver in `streaming`, a Redis link `up`). A
+    /// replica that is not has unknown lag. `None` where the engine does not
+    /// say, and on primaries.
+    pub streaming: Option<bool>,
 }
 
 impl Probe {
@@ -86,6 +100,8 @@ impl Probe {
             lag_bytes: None,
             version: None,
             rtt,
+            history: None,
+            streaming: None,
         }
     }
 }

@@ -114,6 +114,21 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// Several endpoints report primary and their engine's histories do not
+    /// say which one writes moved to (unrelated lines, or one line written by
+    /// two): writes are refused rather than sent to a guess.
+    #[error(
+        "split brain in cluster {cluster}: {} report primary and their histories cannot be ordered; \
+         writes refused until all but one are demoted or an operator names the one to trust",
+        Names(primaries)
+    )]
+    SplitBrain {
+        /// Cluster name.
+        cluster: String,
+        /// The primaries that could not be ordered.
+        primaries: Vec<EndpointId>,
+    },
+
     /// The tenant's database, schema or index does not exist on the endpoint.
     #[error("{what} {name:?} for tenant {tenant} does not exist on {endpoint}")]
     TenantNotProvisioned {
@@ -282,6 +297,20 @@ impl Error {
             | Error::Backend { endpoint, .. } => Some(endpoint),
             _ => None,
         }
+    }
+}
+
+struct Names<'a>(&'a [EndpointId]);
+
+impl fmt::Display for Names<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, id) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{id}")?;
+        }
+        Ok(())
     }
 }
 

@@ -11,7 +11,8 @@
 //!   releases the in-flight count and the tenant quota, and reports the outcome;
 //! - [`TenantId`], [`Isolation`], [`TenantScope`], [`TenantRegistry`],
 //!   [`TierPolicy`]: who a tenant is, how it is isolated and how much it may hold;
-//! - [`Intent`], [`Role`], [`Probe`], [`PoolSettings`], [`SecretUrl`];
+//! - [`Intent`], [`Role`], [`Probe`] (with the endpoint's replication
+//!   [`History`]), [`PoolSettings`], [`SecretUrl`];
 //! - [`Error`]: one typed error with [`Error::is_retryable`].
 //!
 //! ```
@@ -44,6 +45,7 @@ mod backend;
 mod checkout;
 mod endpoint;
 mod error;
+mod history;
 pub mod noop;
 mod operation;
 pub mod provision;
@@ -56,6 +58,7 @@ pub use checkout::{
 };
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Deadline, Error};
+pub use history::History;
 pub use operation::OperationError;
 pub use registry::{
     deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,

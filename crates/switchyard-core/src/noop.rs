@@ -7,13 +7,14 @@
 //! on.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::backend::{Backend, PoolStats, Probe, Role};
 use crate::endpoint::EndpointId;
+use crate::history::History;
 use crate::tenant::{TenantId, TenantScope};
 use crate::{BackendErrorKind, Error};
 
@@ -72,6 +73,8 @@ pub struct NoopBackend {
     acquire_delay_ns: AtomicU64,
     scope_delay_ns: AtomicU64,
     probe_rtt_ns: AtomicU64,
+    /// What probes report besides the role: history and streaming.
+    replication: Mutex<(Option<History>, Option<bool>)>,
     state: Arc<State>,
 }
 
@@ -87,6 +90,7 @@ impl NoopBackend {
             acquire_delay_ns: AtomicU64::new(0),
             scope_delay_ns: AtomicU64::new(0),
             probe_rtt_ns: AtomicU64::new(0),
+            replication: Mutex::new((None, None)),
             state: Arc::default(),
         }
     }
@@ -126,6 +130,15 @@ impl NoopBackend {
     /// Makes probes take `rtt`.
     pub fn set_probe_rtt(&self, rtt: Duration) {
         self.probe_rtt_ns.store(nanos(rtt), Ordering::Relaxed);
+    }
+
+    /// Makes probes report `history` and, for a replica, whether it is
+    /// `streaming`.
+    pub fn set_replication(&self, history: Option<History>, streaming: Option<bool>) {
+        *self
+            .replication
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (history, streaming);
     }
 
     /// Makes applying a scope fail.
@@ -270,7 +283,13 @@ impl Backend for NoopBackend {
         if self.down.load(Ordering::Relaxed) {
             return Err(self.refused());
         }
-        Ok(Probe::new(self.role(), rtt))
+        let mut probe = Probe::new(self.role(), rtt);
+        (probe.history, probe.streaming) = self
+            .replication
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Ok(probe)
     }
 
     fn stats(&self) -> PoolStats {

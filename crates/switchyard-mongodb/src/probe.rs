@@ -18,7 +18,7 @@ use mongodb::action::Action;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria, ServerAddress};
 use mongodb::Client;
-use switchyard_core::{BackendErrorKind, EndpointId, Error, Probe, Role};
+use switchyard_core::{BackendErrorKind, EndpointId, Error, History, Probe, Role};
 use tokio::time::Instant;
 
 use crate::error::{classify, mongo_error, server_code, MongoError};
@@ -188,12 +188,29 @@ async fn query(client: &Client, set_mode: bool) -> Result<Probe, Failure> {
         Role::Replica if !set_mode => replica_lag(client).await,
         _ => None,
     };
-    Ok(Probe {
-        role,
-        lag,
-        lag_bytes: None,
-        version,
-        rtt,
+    let mut probe = Probe::new(role, rtt);
+    probe.lag = lag;
+    probe.version = version;
+    probe.history = history(&hello);
+    Ok(probe)
+}
+
+/// A replica-set primary's election, from its `hello` reply: `setName`,
+/// `electionId` and `setVersion` (the MongoDB server discovery specification
+/// orders primaries by the last two). `None` for a standalone server, a
+/// mongos or a secondary, which report no election.
+pub(crate) fn history(hello: &Document) -> Option<History> {
+    let set = hello.get_str("setName").ok()?.to_owned();
+    let election_id = hello.get_object_id("electionId").ok()?.bytes();
+    let set_version = match hello.get("setVersion")? {
+        Bson::Int32(v) => i64::from(*v),
+        Bson::Int64(v) => *v,
+        _ => return None,
+    };
+    Some(History::Election {
+        set,
+        election_id,
+        set_version,
     })
 }
 
@@ -273,6 +290,31 @@ mod tests {
                 .contains("arbiter")
         );
         assert!(role(&doc! { "isWritablePrimary": false }).is_err());
+    }
+
+    #[test]
+    fn a_set_primary_reports_its_election() {
+        use mongodb::bson::oid::ObjectId;
+        let id = ObjectId::from_bytes([0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 3]);
+        let hello =
+            doc! { "isWritablePrimary": true, "setName": "rs0", "electionId": id, "setVersion": 2 };
+        assert_eq!(
+            history(&hello),
+            Some(History::Election {
+                set: "rs0".into(),
+                election_id: id.bytes(),
+                set_version: 2
+            })
+        );
+        assert_eq!(
+            history(&doc! { "isWritablePrimary": true }),
+            None,
+            "a standalone server"
+        );
+        assert_eq!(
+            history(&doc! { "secondary": true, "setName": "rs0", "setVersion": 2 }),
+            None
+        );
     }
 
     #[test]

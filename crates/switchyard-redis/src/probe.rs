@@ -13,6 +13,12 @@
 //!   (`master_link_down_since_seconds`), or 2^32 seconds if the link was never
 //!   up (no data worth reading). `None` while the link is up.
 //! - `version`: `redis_version` from `INFO server`.
+//! - `history`: the replication id lineage: `master_replid` (the line a master
+//!   writes, or a replica follows), `master_replid2` (on a promoted replica,
+//!   the line of the master it replaced; absent when all zeros) and
+//!   `master_repl_offset`. A master restarted without its data starts a new,
+//!   unrelated line.
+//! - `streaming`, on a replica: whether its link to its master is up.
 //!
 //! A probe also notices a restart (`run_id` in `INFO server` changed) and
 //! restores the tenant ACL users the node lost before it answers.
@@ -20,7 +26,7 @@
 use std::time::Duration;
 
 use deadpool_redis::redis::{self, RedisResult, Value};
-use switchyard_core::{EndpointId, Probe, Role};
+use switchyard_core::{EndpointId, History, Probe, Role};
 
 use crate::acl::AclPasswords;
 use crate::users::TenantUsers;
@@ -97,7 +103,9 @@ pub(crate) fn interpret(role: &Value, replication: &str, server: &str) -> Probe 
         Duration::ZERO,
     );
     probe.version = field(server, "redis_version").map(str::to_owned);
+    probe.history = lineage(replication);
     if is_replica {
+        probe.streaming = Some(field(replication, "master_link_status") == Some("up"));
         if field(replication, "master_link_status") == Some("up") {
             let read = number(replication, "slave_read_repl_offset");
             let applied = number(replication, "slave_repl_offset");
@@ -115,6 +123,19 @@ pub(crate) fn interpret(role: &Value, replication: &str, server: &str) -> Probe 
         }
     }
     probe
+}
+
+/// The replication id lineage in `INFO replication`.
+fn lineage(replication: &str) -> Option<History> {
+    let id = field(replication, "master_replid")?.to_owned();
+    let previous = field(replication, "master_replid2")
+        .filter(|p| !p.is_empty() && p.bytes().any(|b| b != b'0'))
+        .map(str::to_owned);
+    Some(History::Lineage {
+        id,
+        previous,
+        offset: number(replication, "master_repl_offset").unwrap_or(0),
+    })
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -154,6 +175,31 @@ mod tests {
         assert_eq!(p.role, Role::Primary);
         assert_eq!(p.version.as_deref(), Some("7.0.15"));
         assert_eq!((p.lag, p.lag_bytes), (None, None));
+        assert_eq!(p.history, None, "no replid in the reply");
+    }
+
+    #[test]
+    fn a_promoted_replica_names_the_line_it_replaced() {
+        let role = Value::Array(vec![bulk("master"), Value::Int(42), Value::Array(vec![])]);
+        let info =
+            "role:master\r\nmaster_replid:bbbb\r\nmaster_replid2:aaaa\r\nmaster_repl_offset:42\r\n";
+        assert_eq!(
+            interpret(&role, info, SERVER).history,
+            Some(History::Lineage {
+                id: "bbbb".into(),
+                previous: Some("aaaa".into()),
+                offset: 42
+            })
+        );
+        let fresh = "role:master\r\nmaster_replid:cccc\r\nmaster_replid2:0000000000000000000000000000000000000000\r\nmaster_repl_offset:0\r\n";
+        assert_eq!(
+            interpret(&role, fresh, SERVER).history,
+            Some(History::Lineage {
+                id: "cccc".into(),
+                previous: None,
+                offset: 0
+            })
+        );
     }
 
     #[test]
@@ -170,6 +216,7 @@ mod tests {
         assert_eq!(p.role, Role::Replica);
         assert_eq!(p.lag_bytes, Some(30));
         assert_eq!(p.lag, None);
+        assert_eq!(p.streaming, Some(true));
     }
 
     #[test]
@@ -180,6 +227,7 @@ mod tests {
             interpret(&role, info, SERVER).lag,
             Some(Duration::from_secs(7))
         );
+        assert_eq!(interpret(&role, info, SERVER).streaming, Some(false));
         let never =
             "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:-1\r\n";
         assert_eq!(interpret(&role, never, SERVER).lag, Some(NEVER_LINKED));

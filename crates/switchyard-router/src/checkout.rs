@@ -316,6 +316,13 @@ impl<B: Backend> Cluster<B> {
             if shared.cancel.is_cancelled() {
                 return Err(Error::Closed);
             }
+            let split_brain = &shared.snapshot.load().split_brain;
+            if intent == Intent::Write && !split_brain.is_empty() {
+                return Err(Error::SplitBrain {
+                    cluster: shared.name.to_string(),
+                    primaries: split_brain.clone(),
+                });
+            }
             if intent == Intent::Read {
                 return Err(Error::NoHealthyEndpoint {
                     cluster: shared.name.to_string(),
@@ -344,23 +351,12 @@ impl<B: Backend> Cluster<B> {
         if let Some(ep) = snap.pool(intent).pick(avoid) {
             return Some((Arc::clone(ep), None));
         }
-        // A read retry that ran out of replicas may still use the primary, and
-        // then a primary that writes do not go to yet (one just promoted while
-        // the old one is not yet seen down).
+        // A read retry that ran out of replicas may still use the primary.
         if intent == Intent::Read
             && !avoid.is_empty()
             && snap.read_preference != ReadPreference::ReplicasOnly
         {
-            return snap
-                .write
-                .pick(avoid)
-                .or_else(|| {
-                    snap.other_primaries
-                        .iter()
-                        .rev()
-                        .find(|ep| !avoid.contains(ep.id()))
-                })
-                .map(|ep| (Arc::clone(ep), None));
+            return snap.write.pick(avoid).map(|ep| (Arc::clone(ep), None));
         }
         None
     }

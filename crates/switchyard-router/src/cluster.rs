@@ -12,6 +12,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::config::{join_problems, ClusterConfig, EndpointConfig};
+use crate::election::Line;
 use crate::endpoint::{ClusterHooks, Endpoint, EndpointState};
 use crate::health::ejection::{ejection_cap, Phase};
 use crate::health::{prober, Who};
@@ -72,6 +73,13 @@ pub(crate) struct Topology<B: Backend> {
     /// The last endpoint writes went to, to count and log failovers.
     last_writer: Option<EndpointId>,
     writer: Option<EndpointId>,
+    /// The line writes follow (see [`crate::election`]); kept while no
+    /// primary is up, so the next one is judged against it.
+    pub line: Option<Line>,
+    /// Fenced primaries and split-brain primaries of the last rebuild, to log
+    /// changes.
+    fenced: Vec<EndpointId>,
+    split_brain: Vec<EndpointId>,
 }
 
 /// Builds a [`Cluster`]: configuration, tenants and the initial endpoints.
@@ -154,6 +162,9 @@ impl<B: Backend> ClusterBuilder<B> {
                 endpoints: Vec::new(),
                 last_writer: None,
                 writer: None,
+                line: None,
+                fenced: Vec::new(),
+                split_brain: Vec::new(),
             }),
             tenants: ArcSwap::from_pointee(self.tenants),
             changed: Notify::new(),
@@ -373,7 +384,8 @@ impl<B: Backend> Shared<B> {
     /// change to anything routing depends on.
     pub(crate) fn rebuild(&self, topo: &mut Topology<B>, reason: &str) {
         let config = self.config.load();
-        let snap = Snapshot::build(topo.endpoints.clone(), &config);
+        let snap = Snapshot::build(topo.endpoints.clone(), &config, &mut topo.line);
+        self.log_fencing(topo, &snap);
         let writer = snap.writer().cloned();
         if writer != topo.writer {
             match (&topo.last_writer, &writer) {
@@ -419,6 +431,63 @@ impl<B: Backend> Shared<B> {
                 !primary(&e.state.health())
             }
         })
+    }
+
+    /// Logs and counts primaries fenced or released and split brains begun or
+    /// ended by a rebuild: what an operator is paged for.
+    fn log_fencing(&self, topo: &mut Topology<B>, snap: &Snapshot<B>) {
+        let line = topo.line.as_ref();
+        let history = |id: &EndpointId| {
+            snap.endpoints
+                .iter()
+                .find(|e| e.id() == id)
+                .and_then(|e| e.state.health().history.as_ref().map(ToString::to_string))
+                .unwrap_or_else(|| "no history".into())
+        };
+        for ep in &snap.endpoints {
+            let fenced = snap.fenced.contains(ep.id());
+            if fenced == topo.fenced.contains(ep.id()) {
+                continue;
+            }
+            ep.state.metrics.fenced.set(if fenced { 1.0 } else { 0.0 });
+            if fenced {
+                ep.state.metrics.fencings.increment(1);
+                tracing::warn!(
+                    cluster = %self.name,
+                    endpoint = %ep.id(),
+                    history = %history(ep.id()),
+                    line = ?line.map(|l| l.writer.as_str()),
+                    "primary FENCED: it is behind or off the line writes follow; it gets no writes and no reads until it is demoted or Cluster::unfence names it"
+                );
+            } else {
+                tracing::info!(cluster = %self.name, endpoint = %ep.id(), "endpoint no longer fenced");
+            }
+        }
+        if snap.split_brain != topo.split_brain {
+            self.metrics
+                .split_brain
+                .set(if snap.split_brain.is_empty() {
+                    0.0
+                } else {
+                    1.0
+                });
+            if snap.split_brain.is_empty() {
+                tracing::info!(cluster = %self.name, "split brain over: writes accepted again");
+            } else {
+                let primaries: Vec<String> = snap
+                    .split_brain
+                    .iter()
+                    .map(|id| format!("{id} ({})", history(id)))
+                    .collect();
+                tracing::error!(
+                    cluster = %self.name,
+                    ?primaries,
+                    "SPLIT BRAIN: several primaries whose histories cannot be ordered; writes refused until all but one are demoted or Cluster::unfence names the one to trust"
+                );
+            }
+        }
+        topo.fenced.clone_from(&snap.fenced);
+        topo.split_brain.clone_from(&snap.split_brain);
     }
 
     /// Whether ejecting `ep` would break the cap or leave writes nowhere to go.
@@ -507,9 +576,9 @@ impl<B: Backend> ClusterHooks for Shared<B> {
             }
             _ => None,
         };
+        let at = now + cfg.interval;
         let changed = {
             let mut h = ep.health();
-            let before = h.routing_key(cfg);
             match result {
                 Ok(probe) => {
                     ep.metrics.probe_rtt.record(probe.rtt);
@@ -532,7 +601,7 @@ impl<B: Backend> ClusterHooks for Shared<B> {
                     }
                 }
             }
-            before != h.routing_key(cfg)
+            h.reroute(cfg, at)
         };
         if changed {
             self.rebuild(&mut topo, "probe changed routing");

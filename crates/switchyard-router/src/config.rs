@@ -123,6 +123,14 @@ pub struct HealthConfig {
     /// accepts any lag).
     #[serde(with = "humantime_serde")]
     pub max_replica_lag: Option<Duration>,
+    /// Longest a replica that stopped receiving its primary's stream (an
+    /// orphaned PostgreSQL standby, a Redis replica whose link is down) keeps
+    /// serving reads while `max_replica_lag` is set, counted from the last
+    /// probe that saw it streaming (default `null`: for as long as its lag
+    /// then plus the time since stays within `max_replica_lag`). Its lag is
+    /// unknown; that sum bounds it. See [`crate::health`].
+    #[serde(with = "humantime_serde")]
+    pub detached_grace: Option<Duration>,
 }
 
 impl Default for HealthConfig {
@@ -137,6 +145,7 @@ impl Default for HealthConfig {
             eject_jitter: true,
             max_ejected_percent: 50,
             max_replica_lag: Some(Duration::from_secs(10)),
+            detached_grace: None,
         }
     }
 }

@@ -16,6 +16,11 @@
 //! - around unhealthy endpoints: active probes with HAProxy-style `fall`/`rise`,
 //!   passive ejection on a failed checkout with exponential backoff and a
 //!   half-open trial, capped as Envoy caps it (see [`health`]);
+//! - never backwards: of several primaries, writes go to the newest by the
+//!   engine's own history (timeline, replication id, election); an old
+//!   primary back after a failover is fenced, unordered primaries refuse
+//!   writes with [`Error::SplitBrain`], and [`Cluster::unfence`] is the
+//!   operator's override;
 //! - scoped to a tenant through a live-swappable
 //!   [`TenantRegistry`](switchyard_core::TenantRegistry): every connection is
 //!   made by [`switchyard_core::Checkout::acquire`], which applies the scope and
@@ -88,7 +93,9 @@
 pub mod checkout;
 mod cluster;
 pub mod config;
+mod election;
 mod endpoint;
+mod fencing;
 pub mod health;
 mod live;
 pub mod metrics;

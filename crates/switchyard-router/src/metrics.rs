@@ -20,6 +20,9 @@
 //! | `switchyard_ejections_total` | counter | endpoint | passive ejections |
 //! | `switchyard_ejections_capped_total` | counter | endpoint | ejections refused by `max_ejected_percent` or the last-writer rule |
 //! | `switchyard_endpoint_up` | gauge | endpoint | 1 when serving (up and admitted), else 0 |
+//! | `switchyard_endpoint_fenced` | gauge | endpoint | 1 while the endpoint is a primary fenced behind the line writes follow |
+//! | `switchyard_fenced_total` | counter | endpoint | times the endpoint was fenced |
+//! | `switchyard_split_brain` | gauge | | 1 while primaries nothing orders make writes refused |
 //! | `switchyard_probe_rtt_seconds` | histogram | endpoint | round trip of good probes |
 //! | `switchyard_probe_failures_total` | counter | endpoint | failed probes |
 //! | `switchyard_replica_lag_seconds` | gauge | endpoint | replication lag, where reported |
@@ -56,6 +59,12 @@ pub const EJECTIONS: &str = "switchyard_ejections_total";
 pub const EJECTIONS_CAPPED: &str = "switchyard_ejections_capped_total";
 /// `switchyard_endpoint_up`
 pub const ENDPOINT_UP: &str = "switchyard_endpoint_up";
+/// `switchyard_endpoint_fenced`
+pub const ENDPOINT_FENCED: &str = "switchyard_endpoint_fenced";
+/// `switchyard_fenced_total`
+pub const FENCED_TOTAL: &str = "switchyard_fenced_total";
+/// `switchyard_split_brain`
+pub const SPLIT_BRAIN: &str = "switchyard_split_brain";
 /// `switchyard_probe_rtt_seconds`
 pub const PROBE_RTT: &str = "switchyard_probe_rtt_seconds";
 /// `switchyard_probe_failures_total`
@@ -84,6 +93,8 @@ pub(crate) struct EndpointMetrics {
     pub ejections: Counter,
     pub ejections_capped: Counter,
     pub up: Gauge,
+    pub fenced: Gauge,
+    pub fencings: Counter,
     pub probe_rtt: Histogram,
     pub probe_failures: Counter,
     pub lag: Gauge,
@@ -119,6 +130,8 @@ impl EndpointMetrics {
             ejections: metrics::counter!(EJECTIONS, l.clone()),
             ejections_capped: metrics::counter!(EJECTIONS_CAPPED, l.clone()),
             up: metrics::gauge!(ENDPOINT_UP, l.clone()),
+            fenced: metrics::gauge!(ENDPOINT_FENCED, l.clone()),
+            fencings: metrics::counter!(FENCED_TOTAL, l.clone()),
             probe_rtt: metrics::histogram!(PROBE_RTT, l.clone()),
             probe_failures: metrics::counter!(PROBE_FAILURES, l.clone()),
             lag: metrics::gauge!(REPLICA_LAG, l.clone()),
@@ -147,6 +160,7 @@ pub(crate) struct ClusterMetrics {
     pub primary_wait: Histogram,
     pub no_healthy: Counter,
     pub no_primary: Counter,
+    pub split_brain: Gauge,
 }
 
 impl ClusterMetrics {
@@ -167,6 +181,7 @@ impl ClusterMetrics {
             primary_wait: metrics::histogram!(PRIMARY_WAIT, l.clone()),
             no_healthy: metrics::counter!(CHECKOUT_ERRORS, with("kind", "no_healthy_endpoint")),
             no_primary: metrics::counter!(CHECKOUT_ERRORS, with("kind", "no_primary")),
+            split_brain: metrics::gauge!(SPLIT_BRAIN, l.clone()),
         }
     }
 

@@ -24,6 +24,9 @@ pub struct ClusterStatus {
     pub read_preference: ReadPreference,
     /// The endpoint writes go to now, if any.
     pub writer: Option<EndpointId>,
+    /// Primaries whose histories cannot be ordered; while any are listed,
+    /// writes fail with [`Error::SplitBrain`](switchyard_core::Error::SplitBrain).
+    pub split_brain: Vec<EndpointId>,
     /// Every endpoint, in the order they were added.
     pub endpoints: Vec<EndpointStatus>,
 }
@@ -43,6 +46,13 @@ pub struct EndpointStatus {
     pub serves_reads: bool,
     /// Whether writes are routed to it now.
     pub serves_writes: bool,
+    /// Whether it is a primary fenced behind (or off) the line writes follow:
+    /// no writes, no reads, until it is demoted or
+    /// [`Cluster::unfence`] names it.
+    pub fenced: bool,
+    /// Where it stands in the engine's replication history, from the last
+    /// good probe (timeline, replication id, election), where reported.
+    pub history: Option<String>,
     /// Checkouts in flight, waiting ones included.
     pub in_flight: u32,
     /// The peak-EWMA latency estimate.
@@ -104,6 +114,8 @@ impl<B: Backend> Cluster<B> {
                     health: h.health(),
                     serves_reads: serves(&snap.read),
                     serves_writes: serves(&snap.write),
+                    fenced: snap.fenced.contains(ep.id()),
+                    history: h.history.as_ref().map(ToString::to_string),
                     in_flight: ep.state.in_flight.get(),
                     latency: ep.state.ewma.estimate(now),
                     ejection: h.ejection.status(now),
@@ -123,6 +135,7 @@ impl<B: Backend> Cluster<B> {
             strategy: snap.strategy,
             read_preference: snap.read_preference,
             writer: snap.writer().cloned(),
+            split_brain: snap.split_brain.clone(),
             endpoints,
         }
     }

@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use switchyard_core::{Backend, EndpointId, Intent, Role};
+use switchyard_core::{Backend, EndpointId, History, Intent, Role};
 use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, ReadPreference, StrategyKind};
+use crate::election::{elect, follows, Line, Primary};
 use crate::endpoint::Endpoint;
 use crate::health::ejection::Phase;
 use crate::strategy::{Picker, Strategy};
@@ -59,91 +60,123 @@ pub(crate) struct Snapshot<B: Backend> {
     pub read: Pool<B>,
     /// Half-open endpoints waiting for their trial checkout.
     pub trials: Vec<(Arc<Endpoint<B>>, Role)>,
-    /// Admitted primaries other than the one writes go to, newest last: mid
-    /// failover, a promoted replica seen before its dead predecessor is down.
-    /// A last resort for read retries only.
-    pub other_primaries: Vec<Arc<Endpoint<B>>>,
+    /// Primaries behind (or off) the line writes follow: no writes, no reads.
+    pub fenced: Vec<EndpointId>,
+    /// Primaries nothing orders: while there are any, writes are refused.
+    pub split_brain: Vec<EndpointId>,
     pub strategy: StrategyKind,
     pub read_preference: ReadPreference,
 }
 
 impl<B: Backend> Snapshot<B> {
     pub fn empty(config: &ClusterConfig) -> Self {
-        Self::build(Vec::new(), config)
+        Self::build(Vec::new(), config, &mut None)
     }
 
     /// Builds the table from every endpoint's current state and the cluster's
-    /// strategy, read preference and replica lag limit.
-    pub fn build(endpoints: Vec<Arc<Endpoint<B>>>, config: &ClusterConfig) -> Self {
+    /// strategy, read preference and replica lag limit, electing the writer
+    /// relative to `line` (see [`crate::election`]) and moving `line` to the
+    /// writer's latest history.
+    pub fn build(
+        endpoints: Vec<Arc<Endpoint<B>>>,
+        config: &ClusterConfig,
+        line: &mut Option<Line>,
+    ) -> Self {
         let kind = config.strategy;
-        let mut primaries: Vec<(Option<Instant>, Arc<Endpoint<B>>)> = Vec::new();
+        // Looking one probe ahead: a replica drifting out of bounds is out
+        // before it gets there.
+        let at = Instant::now() + config.health.interval;
+        let mut primaries: Vec<(Arc<Endpoint<B>>, Option<History>, bool)> = Vec::new();
+        // Whether every primary has been probed: until then one is only a
+        // configured guess, and the first one probed must not set the line
+        // the others are judged by (that would order them by sight).
+        let mut settled = true;
         let mut standalone = Vec::new();
-        let mut replicas = Vec::new();
+        let mut replicas: Vec<(Arc<Endpoint<B>>, Option<History>)> = Vec::new();
         let mut trials = Vec::new();
         for ep in &endpoints {
             let h = ep.state.health();
             if !h.up {
                 continue;
             }
-            match h.ejection.phase {
-                Phase::Admitted => {}
+            let half_open = match h.ejection.phase {
+                Phase::Admitted => false,
                 Phase::Ejected { .. } => continue,
-                Phase::HalfOpen => {
-                    trials.push((Arc::clone(ep), h.role, h.primary_since));
-                    continue;
-                }
-            }
+                Phase::HalfOpen => true,
+            };
             match h.role {
-                Role::Primary => primaries.push((h.primary_since, Arc::clone(ep))),
+                Role::Primary => {
+                    settled &= h.last_probe.is_some();
+                    primaries.push((Arc::clone(ep), h.history.clone(), half_open));
+                }
+                _ if half_open => trials.push((Arc::clone(ep), h.role)),
                 Role::Standalone => standalone.push(Arc::clone(ep)),
-                Role::Replica if h.lag_ok(&config.health) => replicas.push(Arc::clone(ep)),
+                Role::Replica if h.lag_ok(&config.health, at) => {
+                    replicas.push((Arc::clone(ep), h.history.clone()))
+                }
                 Role::Replica => {}
             }
         }
-        // Two primaries happen mid-failover (an old primary back before it is
-        // fenced). The one that has been primary longest keeps the writes.
-        primaries.sort_by_key(|(since, _)| *since);
-        if primaries.len() > 1 {
-            let ids: Vec<&str> = primaries.iter().map(|(_, e)| e.id().as_str()).collect();
-            tracing::warn!(endpoints = ?ids, "several endpoints report primary; writes stay on the longest-serving one");
-        }
-        // A half-open primary that has not been primary longer than the one
-        // writes go to is a stale primary (an old one back after a failover):
-        // a trial would hand it a write or a read, so it gets none. It stays
-        // half-open, serving nothing, until it is the longest-serving primary.
-        let elected = primaries.first().map(|(since, _)| *since);
-        let trials: Vec<_> = trials
-            .into_iter()
-            .filter(|(_, role, since)| {
-                *role != Role::Primary || elected.is_none_or(|elected| *since < elected)
-            })
-            .map(|(ep, role, _)| (ep, role))
-            .collect();
-        let writers: Vec<_> = match primaries.first() {
-            Some((_, p)) => vec![Arc::clone(p)],
-            None => standalone.clone(),
+        let election = {
+            let candidates: Vec<Primary<'_>> = primaries
+                .iter()
+                .map(|(ep, history, _)| Primary {
+                    id: ep.id(),
+                    history: history.as_ref(),
+                })
+                .collect();
+            elect(&candidates, line.as_ref())
         };
-        replicas.extend(standalone);
-        let mut primaries = primaries.into_iter().map(|(_, p)| p);
+        let ids = |idx: &[usize]| -> Vec<EndpointId> {
+            idx.iter().map(|&i| primaries[i].0.id().clone()).collect()
+        };
+        let fenced = ids(&election.fenced);
+        let split_brain = ids(&election.split_brain);
+        let mut writers = Vec::new();
+        let mut primary = None;
+        if let Some((ep, history, half_open)) = election.writer.map(|w| &primaries[w]) {
+            if settled {
+                *line = Some(Line {
+                    writer: ep.id().clone(),
+                    history: history.clone(),
+                });
+            }
+            // A half-open writer gets writes only through its trial.
+            if *half_open {
+                trials.push((Arc::clone(ep), Role::Primary));
+            } else {
+                writers.push(Arc::clone(ep));
+                primary = Some(Arc::clone(ep));
+            }
+        } else if primaries.is_empty() {
+            writers.clone_from(&standalone);
+        }
+        // A replica serves reads that need freshness only while it follows
+        // the line writes follow.
+        let strict = config.health.max_replica_lag.is_some();
+        let line_history = line.as_ref().and_then(|l| l.history.as_ref());
+        let mut readers: Vec<_> = replicas
+            .into_iter()
+            .filter(|(_, history)| !strict || follows(history.as_ref(), line_history))
+            .map(|(ep, _)| ep)
+            .collect();
+        readers.extend(standalone);
         let readers = match config.read_preference {
-            ReadPreference::ReplicasOnly => replicas,
-            ReadPreference::PreferReplicas if replicas.is_empty() => writers.clone(),
-            ReadPreference::PreferReplicas => replicas,
+            ReadPreference::ReplicasOnly => readers,
+            ReadPreference::PreferReplicas if readers.is_empty() => writers.clone(),
+            ReadPreference::PreferReplicas => readers,
             ReadPreference::Any => {
-                let mut all = replicas;
-                all.extend(primaries.next());
-                all
+                readers.extend(primary);
+                readers
             }
         };
-        let other_primaries = primaries
-            .filter(|p| !writers.iter().any(|w| Arc::ptr_eq(w, p)))
-            .collect();
         let snapshot = Self {
             write: Pool::new(kind, writers),
             read: Pool::new(kind, readers),
             endpoints,
             trials,
-            other_primaries,
+            fenced,
+            split_brain,
             strategy: kind,
             read_preference: config.read_preference,
         };

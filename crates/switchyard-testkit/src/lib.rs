@@ -12,7 +12,11 @@
 //!
 //! Every node can be killed (SIGKILL: connections are refused), paused (SIGSTOP:
 //! connections hang), resumed and restarted on the same port; replicas can be
-//! promoted. Each server is its own process with its own port and folder, so tests
+//! promoted, and after a failover an operator's moves are there too: a
+//! PostgreSQL standby re-pointed ([`PgNode::follow`]) or an old primary
+//! re-cloned ([`PgNode::reclone`]), a Redis replica re-pointed
+//! ([`RedisNode::replicaof`]); [`Node`] is the one trait fault scenarios are
+//! written against. Each server is its own process with its own port and folder, so tests
 //! run in parallel. Dropping a handle stops its servers and removes their folders;
 //! folders and servers left by an aborted run are cleaned up by the next run.
 //!
@@ -47,6 +51,7 @@ mod clickhouse;
 pub mod conformance;
 mod error;
 mod http;
+mod node;
 mod port;
 mod postgres;
 mod process;
@@ -58,6 +63,7 @@ mod wait;
 
 pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
+pub use crate::node::Node;
 pub use crate::port::{free_port, loopback};
 pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};

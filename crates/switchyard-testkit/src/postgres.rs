@@ -331,7 +331,9 @@ impl PgNode {
     /// Starts the server again on the same port and data folder and waits until it
     /// accepts connections. A running (or paused) server is killed first, so this is
     /// a crash-and-recover, not a clean restart. A standby comes back as a standby
-    /// unless it was promoted.
+    /// unless it was promoted; a primary comes back as a primary on its own
+    /// timeline even if a standby was promoted meanwhile (a split brain, as
+    /// a real old primary restarted by its init system would be).
     pub async fn restart(&self) -> Result<()> {
         tracing::info!(node = %self.addr(), "restarting postgres");
         self.process.kill().await?;
@@ -359,6 +361,184 @@ impl PgNode {
         )
         .await
     }
+}
+
+impl PgNode {
+    /// Re-points this standby at `primary` (`primary_conninfo` in
+    /// `postgresql.auto.conf`, then a reload: PostgreSQL restarts its WAL
+    /// receiver) and waits until it streams from it. The standby follows
+    /// `primary`'s timeline (`recovery_target_timeline` is `latest`, the
+    /// default) only if it has not replayed past the point where that
+    /// timeline forked; otherwise this times out and [`reclone`](Self::reclone)
+    /// is the way back.
+    pub async fn follow(&self, primary: &PgNode) -> Result<()> {
+        tracing::info!(node = %self.addr(), primary = %primary.addr(), "re-pointing postgres standby");
+        self.set_primary_conninfo(primary)?;
+        let mut conn = self.connect().await?;
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&mut conn)
+            .await
+            .map_err(|source| self.error(source))?;
+        let _ = conn.close().await;
+        self.wait_streaming_from(primary).await
+    }
+
+    /// Whether this standby can follow `primary`'s timeline: it is on that
+    /// timeline already, or it has not replayed past the point where the
+    /// timeline forked off its own (from `primary`'s timeline history file).
+    pub async fn can_follow(&self, primary: &PgNode) -> Result<bool> {
+        let timeline = primary.timeline().await?;
+        let mut conn = self.connect().await?;
+        let (own, replayed): (i64, String) = sqlx::query_as(
+            "SELECT coalesce((SELECT received_tli FROM pg_stat_wal_receiver WHERE pid IS NOT NULL), \
+                             (SELECT timeline_id FROM pg_control_checkpoint()))::int8, \
+                    coalesce(pg_last_wal_replay_lsn(), '0/0')::text",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|source| self.error(source))?;
+        if own == timeline {
+            let _ = conn.close().await;
+            return Ok(true);
+        }
+        let mut on_primary = primary.connect().await?;
+        let history: String = sqlx::query_scalar("SELECT pg_read_file($1)")
+            .bind(format!("pg_wal/{timeline:08X}.history"))
+            .fetch_one(&mut on_primary)
+            .await
+            .map_err(|source| primary.error(source))?;
+        let _ = on_primary.close().await;
+        // Lines are `parent_tli <TAB> switch_lsn <TAB> reason`.
+        let Some(fork) = history.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let parent: i64 = fields.next()?.parse().ok()?;
+            (parent == own)
+                .then(|| fields.next().map(str::to_owned))
+                .flatten()
+        }) else {
+            let _ = conn.close().await;
+            return Ok(false);
+        };
+        let before: bool = sqlx::query_scalar("SELECT $1::pg_lsn <= $2::pg_lsn")
+            .bind(&replayed)
+            .bind(&fork)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|source| self.error(source))?;
+        let _ = conn.close().await;
+        Ok(before)
+    }
+
+    /// The timeline this primary writes.
+    async fn timeline(&self) -> Result<i64> {
+        let mut conn = self.connect().await?;
+        let timeline: i64 = sqlx::query_scalar(
+            "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int4::int8",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|source| self.error(source))?;
+        let _ = conn.close().await;
+        Ok(timeline)
+    }
+
+    /// Makes this node (an old primary, or a standby that cannot follow)
+    /// a fresh standby of `primary`: stops it, replaces its data folder with a
+    /// `pg_basebackup` of `primary` and starts it. (`pg_rewind` would need
+    /// `full_page_writes` or `wal_log_hints`, which the test bed turns off for
+    /// speed; a re-clone is what remains, and what an operator does when a
+    /// rewind is impossible.)
+    pub async fn reclone(&self, primary: &PgNode) -> Result<()> {
+        tracing::info!(node = %self.addr(), primary = %primary.addr(), "re-cloning postgres node as a standby");
+        self.process.kill().await?;
+        release_shared_memory(&self.data);
+        std::fs::remove_dir_all(&self.data).map_err(TestkitError::io(format!(
+            "removing {}",
+            self.data.display()
+        )))?;
+        basebackup(&self.install, primary.port, &self.data, self.dir.path()).await?;
+        self.process.start()?;
+        self.process
+            .wait_ready(START_TIMEOUT, || accepts_queries(&self.url))
+            .await?;
+        self.wait_streaming_from(primary).await
+    }
+
+    /// Rewrites `primary_conninfo` in `postgresql.auto.conf` to point at `primary`.
+    fn set_primary_conninfo(&self, primary: &PgNode) -> Result<()> {
+        let path = self.data.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&path)
+            .map_err(TestkitError::io(format!("reading {}", path.display())))?;
+        let mut kept: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        kept.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres'\n",
+            primary.port
+        ));
+        // Rewriting an existing file keeps its owner (the postgres user).
+        std::fs::write(&path, kept).map_err(TestkitError::io(format!("writing {}", path.display())))
+    }
+
+    /// Waits until this standby's WAL receiver streams from `primary` on
+    /// `primary`'s current timeline.
+    async fn wait_streaming_from(&self, primary: &PgNode) -> Result<()> {
+        let timeline = primary.timeline().await?;
+        let port = primary.port;
+        poll_until(
+            &format!(
+                "{} to stream timeline {timeline} from {}",
+                self.addr(),
+                primary.addr()
+            ),
+            START_TIMEOUT,
+            || async move {
+                let mut conn = self.connect().await.ok()?;
+                let streaming: Option<bool> = sqlx::query_scalar(
+                    "SELECT status = 'streaming' AND received_tli = $1 AND sender_port = $2 \
+                     FROM pg_stat_wal_receiver",
+                )
+                .bind(timeline)
+                .bind(i32::from(port))
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten();
+                let _ = conn.close().await;
+                (streaming == Some(true)).then_some(())
+            },
+        )
+        .await
+    }
+}
+
+/// `pg_basebackup -R` of the primary on `port` into `data` (a standby's
+/// folder, with `standby.signal` and `primary_conninfo`).
+async fn basebackup(install: &Install, port: u16, data: &Path, cwd: &Path) -> Result<()> {
+    run_command(
+        &install.tool("pg_basebackup"),
+        &args([
+            &"-h",
+            &"127.0.0.1",
+            &"-p",
+            &port.to_string(),
+            &"-U",
+            &"postgres",
+            &"-D",
+            &data,
+            &"-R",
+            &"-X",
+            &"stream",
+            &"-c",
+            &"fast",
+            &"--no-sync",
+        ]),
+        install.run_as,
+        cwd,
+    )
+    .await
 }
 
 impl Drop for PgNode {
@@ -442,25 +622,10 @@ impl PgCluster {
         let mut nodes = vec![primary];
         for port in ports.iter().skip(1).copied() {
             let dir = node_dir("pg", install.run_as)?;
-            run_command(
-                &install.tool("pg_basebackup"),
-                &args([
-                    &"-h",
-                    &"127.0.0.1",
-                    &"-p",
-                    &nodes[0].port.to_string(),
-                    &"-U",
-                    &"postgres",
-                    &"-D",
-                    &dir.path().join("data"),
-                    &"-R",
-                    &"-X",
-                    &"stream",
-                    &"-c",
-                    &"fast",
-                    &"--no-sync",
-                ]),
-                install.run_as,
+            basebackup(
+                &install,
+                nodes[0].port,
+                &dir.path().join("data"),
                 dir.path(),
             )
             .await?;

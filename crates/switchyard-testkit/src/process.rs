@@ -275,18 +275,33 @@ pub(crate) struct Launch {
 #[derive(Debug)]
 pub(crate) struct ServerProcess {
     launch: Launch,
+    /// Arguments added after the launch's own from the next start on (a
+    /// Redis node's `--replicaof`, which an operator may change).
+    extra_args: Mutex<Vec<OsString>>,
     child: Mutex<Option<Child>>,
 }
 
 impl ServerProcess {
     /// Spawns the server described by `launch`.
     pub(crate) fn spawn(launch: Launch) -> Result<Self> {
+        Self::spawn_with(launch, Vec::new())
+    }
+
+    /// Spawns the server described by `launch` with `extra_args` added (see
+    /// [`set_extra_args`](Self::set_extra_args)).
+    pub(crate) fn spawn_with(launch: Launch, extra_args: Vec<OsString>) -> Result<Self> {
         let process = Self {
             launch,
+            extra_args: Mutex::new(extra_args),
             child: Mutex::new(None),
         };
         process.start()?;
         Ok(process)
+    }
+
+    /// Replaces the arguments added to the launch's own from the next start on.
+    pub(crate) fn set_extra_args(&self, extra_args: Vec<OsString>) {
+        *self.extra_args.lock().unwrap_or_else(|e| e.into_inner()) = extra_args;
     }
 
     pub(crate) fn log_path(&self) -> &Path {
@@ -318,9 +333,15 @@ impl ServerProcess {
         let log_err = log
             .try_clone()
             .map_err(TestkitError::io("duplicating a log handle"))?;
+        let extra = self
+            .extra_args
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut command = Command::new(&launch.program);
         command
             .args(&launch.args)
+            .args(&extra)
             .current_dir(&launch.dir)
             .stdin(Stdio::null())
             .stdout(log)

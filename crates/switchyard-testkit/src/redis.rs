@@ -71,13 +71,25 @@ async fn is_ready(addr: SocketAddr, replica: bool) -> bool {
     }
 }
 
+/// `--replicaof 127.0.0.1 PORT` for a replica of `master`, nothing for a master.
+fn replicaof_args(master: Option<u16>) -> Vec<OsString> {
+    match master {
+        Some(port) => ["--replicaof", "127.0.0.1", &port.to_string()]
+            .map(OsString::from)
+            .to_vec(),
+        None => Vec::new(),
+    }
+}
+
 /// One `redis-server` owned by the test bed.
 #[derive(Debug)]
 pub struct RedisNode {
     process: ServerProcess,
     port: u16,
-    /// The master port this node was started to replicate from.
-    master: Option<u16>,
+    /// The master port this node replicates from, as last set by start,
+    /// [`promote`](Self::promote) or [`replicaof`](Self::replicaof): what a
+    /// restart starts it with.
+    master: std::sync::Mutex<Option<u16>>,
     // Last, so the folder is removed only after the server is gone.
     dir: TempDir,
 }
@@ -87,7 +99,7 @@ impl RedisNode {
         let dir = node_dir("redis", None)?;
         let folder = dir.path().to_path_buf();
         let (process, port) = with_port(port, |port| {
-            let mut args: Vec<OsString> = [
+            let args: Vec<OsString> = [
                 "--port",
                 &port.to_string(),
                 "--bind",
@@ -106,9 +118,6 @@ impl RedisNode {
             .iter()
             .map(OsString::from)
             .collect();
-            if let Some(master) = master {
-                args.extend(["--replicaof", "127.0.0.1", &master.to_string()].map(OsString::from));
-            }
             let launch = Launch {
                 label: format!("redis 127.0.0.1:{port}"),
                 program: program.to_path_buf(),
@@ -118,7 +127,7 @@ impl RedisNode {
                 run_as: None,
             };
             async move {
-                let process = ServerProcess::spawn(launch)?;
+                let process = ServerProcess::spawn_with(launch, replicaof_args(master))?;
                 process
                     .wait_ready(START_TIMEOUT, || is_ready(loopback(port), master.is_some()))
                     .await?;
@@ -129,7 +138,7 @@ impl RedisNode {
         Ok(Self {
             process,
             port,
-            master,
+            master: std::sync::Mutex::new(master),
             dir,
         })
     }
@@ -187,27 +196,61 @@ impl RedisNode {
         self.process.resume()
     }
 
-    /// Starts the server again on the same port, as it was first configured (a
-    /// replica rejoins its master, even if it had been promoted), and waits until it
-    /// is ready. A running server is killed first. Data is not kept.
+    fn master(&self) -> Option<u16> {
+        *self.master.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_master(&self, master: Option<u16>) {
+        *self.master.lock().unwrap_or_else(|e| e.into_inner()) = master;
+        self.process.set_extra_args(replicaof_args(master));
+    }
+
+    /// Starts the server again on the same port, in the role it last had: a
+    /// master as a master; a replica of the master it was last pointed at
+    /// (at start, or by [`replicaof`](Self::replicaof)), never the one it
+    /// was first started with if it has been re-pointed or promoted since. It
+    /// waits until the node answers (a replica: until its link is up). A
+    /// running server is killed first. Data is not kept: a restarted master
+    /// is empty, on a new replication id.
     pub async fn restart(&self) -> Result<()> {
-        tracing::info!(node = %self.addr(), "restarting redis");
+        tracing::info!(node = %self.addr(), master = ?self.master(), "restarting redis");
         self.process.kill().await?;
         self.process.start()?;
-        let replica = self.master.is_some();
+        let replica = self.master().is_some();
         self.process
             .wait_ready(START_TIMEOUT, || is_ready(self.addr(), replica))
             .await
     }
 
-    /// `REPLICAOF NO ONE`, then waits until `ROLE` says `master`.
+    /// `REPLICAOF NO ONE`, then waits until `ROLE` says `master`. A later
+    /// restart starts it as a master.
     pub async fn promote(&self) -> Result<()> {
         tracing::info!(node = %self.addr(), "promoting redis replica");
         command::<String>(self.addr(), ::redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await?;
+        self.set_master(None);
         poll_until(
             &format!("{} to become master", self.addr()),
             START_TIMEOUT,
             || async { matches!(self.role().await.as_deref(), Ok("master")).then_some(()) },
+        )
+        .await
+    }
+
+    /// What an operator does after a failover: `REPLICAOF` the new `master`
+    /// (this node's data is replaced by the master's), then waits until the
+    /// link is up. A later restart starts it as a replica of `master`.
+    pub async fn replicaof(&self, master: &RedisNode) -> Result<()> {
+        tracing::info!(node = %self.addr(), master = %master.addr(), "re-pointing redis replica");
+        command::<String>(
+            self.addr(),
+            ::redis::cmd("REPLICAOF").arg("127.0.0.1").arg(master.port),
+        )
+        .await?;
+        self.set_master(Some(master.port));
+        poll_until(
+            &format!("{} to link to {}", self.addr(), master.addr()),
+            START_TIMEOUT,
+            || async { is_ready(self.addr(), true).await.then_some(()) },
         )
         .await
     }

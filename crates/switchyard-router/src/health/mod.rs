@@ -39,7 +39,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
-use switchyard_core::{EndpointId, Error, Probe, Role};
+use switchyard_core::{EndpointId, Error, History, Probe, Role};
 use tokio::time::Instant;
 
 pub use ejection::EjectionStatus;
@@ -87,18 +87,30 @@ pub(crate) struct HealthState {
     pub probe_rtt: Option<Duration>,
     pub last_error: Option<String>,
     pub last_probe: Option<Instant>,
-    /// Since when the endpoint has continuously been primary; the longest-serving
-    /// primary wins when probes see two.
-    pub primary_since: Option<Instant>,
+    /// Where the endpoint stands in the engine's replication history (the
+    /// line a primary writes, a replica follows), from the last good probe.
+    pub history: Option<History>,
+    /// Whether the replica receives its primary's stream, from the last good
+    /// probe (`None`: the engine does not say, or a primary).
+    pub streaming: Option<bool>,
+    /// When a probe last saw the replica streaming, and its lag then: what
+    /// bounds its staleness once it stops.
+    last_streamed: Option<(Instant, Option<Duration>)>,
+    /// The routing key as of the last probe, to tell whether the next one
+    /// changes routing (lag bounds move with time, so recomputing the old
+    /// state's key at the new time would miss it). `None` before the first
+    /// probe, which always counts as a change: it replaces a configured guess.
+    routed: Option<RoutingKey>,
 }
 
 /// What routing depends on, to tell whether a change needs a new snapshot.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RoutingKey {
     role: Role,
     up: bool,
     phase: Option<bool>,
     lag_ok: bool,
+    line: Option<History>,
 }
 
 impl HealthState {
@@ -115,7 +127,10 @@ impl HealthState {
             probe_rtt: None,
             last_error: None,
             last_probe: None,
-            primary_since: (role == Role::Primary).then_some(now),
+            history: None,
+            streaming: None,
+            last_streamed: None,
+            routed: None,
         }
     }
 
@@ -128,15 +143,46 @@ impl HealthState {
         }
     }
 
-    /// Whether the replica is close enough to its primary to serve reads.
-    pub fn lag_ok(&self, cfg: &HealthConfig) -> bool {
-        match (self.lag, cfg.max_replica_lag) {
-            (Some(lag), Some(max)) => lag <= max,
-            _ => true,
+    /// Whether the replica is close enough to its primary to serve reads at
+    /// `at` (the caller looks one probe interval ahead, so a replica drifting
+    /// out of bounds is out before it gets there, not a probe after).
+    ///
+    /// While it streams, its reported lag decides. Once it stops (an
+    /// orphaned PostgreSQL standby, a Redis replica whose link is down) its
+    /// lag is unknown; what is known is a bound: the lag it had when a probe
+    /// last saw it streaming plus the time since (or the engine's own
+    /// link-down time, if larger). It serves while that bound is within
+    /// `max_replica_lag` and, when set, it has been detached no longer than
+    /// `detached_grace`; one never seen streaming does not serve. With no
+    /// `max_replica_lag`, any lag is accepted, this included.
+    pub fn lag_ok(&self, cfg: &HealthConfig, at: Instant) -> bool {
+        let Some(max) = cfg.max_replica_lag else {
+            return true;
+        };
+        if self.streaming != Some(false) {
+            return self.lag.is_none_or(|lag| lag <= max);
         }
+        let Some((seen, lag_then)) = self.last_streamed else {
+            return self.lag.is_some_and(|lag| lag <= max);
+        };
+        let detached_for = at.saturating_duration_since(seen);
+        if cfg.detached_grace.is_some_and(|grace| detached_for > grace) {
+            return false;
+        }
+        let bound = lag_then.unwrap_or_default().saturating_add(detached_for);
+        bound.max(self.lag.unwrap_or_default()) <= max
     }
 
-    pub fn routing_key(&self, cfg: &HealthConfig) -> RoutingKey {
+    /// Records the routing key at `at` (after a probe); true when it differs
+    /// from the last one recorded.
+    pub fn reroute(&mut self, cfg: &HealthConfig, at: Instant) -> bool {
+        let key = self.routing_key(cfg, at);
+        let changed = self.routed.as_ref() != Some(&key);
+        self.routed = Some(key);
+        changed
+    }
+
+    pub fn routing_key(&self, cfg: &HealthConfig, at: Instant) -> RoutingKey {
         RoutingKey {
             role: self.role,
             up: self.up,
@@ -145,7 +191,8 @@ impl HealthState {
                 Phase::Ejected { .. } => Some(false),
                 Phase::HalfOpen => Some(true),
             },
-            lag_ok: self.lag_ok(cfg),
+            lag_ok: self.lag_ok(cfg, at),
+            line: self.history.as_ref().map(crate::election::line_of),
         }
     }
 
@@ -172,20 +219,28 @@ impl HealthState {
                     tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, %from, %to, "endpoint role changed from {from} to {to}")
                 }
             }
-            self.primary_since = (probe.role == Role::Primary).then_some(now);
             self.role = probe.role;
         }
-        // A primary back from down has been serving as primary only since now
-        // (going down cleared `primary_since`): an old primary restarted after a
-        // failover must not outrank the promoted one.
-        if self.up && self.role == Role::Primary && self.primary_since.is_none() {
-            self.primary_since = Some(now);
+        let at = now + cfg.interval;
+        let was_ok = self.lag_ok(cfg, at);
+        match (self.streaming == Some(false), probe.streaming) {
+            (false, Some(false)) => {
+                tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, "replica not streaming from its primary: its lag is unknown from now on")
+            }
+            (true, Some(true)) => {
+                tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, "replica streaming from its primary again")
+            }
+            _ => {}
         }
-        let was_ok = self.lag_ok(cfg);
+        if probe.streaming != Some(false) {
+            self.last_streamed = Some((now, probe.lag));
+        }
+        self.streaming = probe.streaming;
+        self.history = probe.history;
         self.lag = probe.lag;
         self.lag_bytes = probe.lag_bytes;
         self.version = probe.version;
-        match (was_ok, self.lag_ok(cfg)) {
+        match (was_ok, self.lag_ok(cfg, at)) {
             (true, false) => {
                 tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, lag = ?self.lag, max = ?cfg.max_replica_lag, "replica lag over the limit: no reads until it catches up")
             }
@@ -205,7 +260,6 @@ impl HealthState {
         self.last_error = Some(error.to_string());
         if self.up && self.fails >= cfg.fall {
             self.up = false;
-            self.primary_since = None;
             tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, fails = self.fails, %error, "endpoint down: {} consecutive probes failed", self.fails);
         } else {
             tracing::debug!(cluster = who.cluster, endpoint = %who.endpoint, fails = self.fails, %error, "probe failed");
@@ -288,33 +342,7 @@ mod tests {
     }
 
     #[test]
-    fn a_primary_back_from_down_is_primary_only_from_then() {
-        let (c, e) = who();
-        let who = Who {
-            cluster: &c,
-            endpoint: &e,
-        };
-        let cfg = HealthConfig {
-            fall: 1,
-            rise: 1,
-            ..HealthConfig::default()
-        };
-        let start = Instant::now();
-        let mut h = HealthState::new(Role::Primary, start);
-        h.probe_failed(&refused(), &cfg, &who, start);
-        assert_eq!((h.health(), h.primary_since), (Health::Down, None));
-        let back = start + Duration::from_secs(5);
-        h.probe_passed(Probe::new(Role::Primary, Duration::ZERO), &cfg, &who, back);
-        assert_eq!(h.health(), Health::Up);
-        assert_eq!(
-            h.primary_since,
-            Some(back),
-            "None would sort first and outrank a promoted replica"
-        );
-    }
-
-    #[test]
-    fn probes_teach_role_and_lag() {
+    fn probes_teach_role_lag_and_history() {
         let (c, e) = who();
         let who = Who {
             cluster: &c,
@@ -326,16 +354,106 @@ mod tests {
         };
         let now = Instant::now();
         let mut h = HealthState::new(Role::Primary, now);
-        let before = h.routing_key(&cfg);
+        let before = h.routing_key(&cfg, now);
         let mut p = Probe::new(Role::Replica, Duration::ZERO);
         p.lag = Some(Duration::from_secs(9));
         h.probe_passed(p, &cfg, &who, now);
         assert_eq!(h.role, Role::Replica);
-        assert_eq!(h.primary_since, None);
-        assert!(!h.lag_ok(&cfg));
-        assert_ne!(before, h.routing_key(&cfg));
-        h.probe_passed(Probe::new(Role::Primary, Duration::ZERO), &cfg, &who, now);
-        assert_eq!(h.primary_since, Some(now));
-        assert!(h.lag_ok(&cfg));
+        assert!(!h.lag_ok(&cfg, now));
+        assert_ne!(before, h.routing_key(&cfg, now));
+        let mut p = Probe::new(Role::Primary, Duration::ZERO);
+        p.history = Some(History::Timeline {
+            system: 1,
+            timeline: 2,
+            position: 10,
+        });
+        h.probe_passed(p.clone(), &cfg, &who, now);
+        assert!(h.lag_ok(&cfg, now));
+        let key = h.routing_key(&cfg, now);
+        p.history = Some(History::Timeline {
+            system: 1,
+            timeline: 2,
+            position: 99,
+        });
+        h.probe_passed(p.clone(), &cfg, &who, now);
+        assert_eq!(
+            key,
+            h.routing_key(&cfg, now),
+            "a position alone changes no routing"
+        );
+        p.history = Some(History::Timeline {
+            system: 1,
+            timeline: 3,
+            position: 0,
+        });
+        h.probe_passed(p, &cfg, &who, now);
+        assert_ne!(key, h.routing_key(&cfg, now), "a new timeline does");
+    }
+
+    fn replica(streaming: bool, lag: Option<Duration>) -> Probe {
+        let mut p = Probe::new(Role::Replica, Duration::ZERO);
+        p.streaming = Some(streaming);
+        p.lag = lag;
+        p
+    }
+
+    #[test]
+    fn a_replica_that_stops_streaming_serves_only_while_its_staleness_is_bounded() {
+        let (c, e) = who();
+        let who = Who {
+            cluster: &c,
+            endpoint: &e,
+        };
+        let s = Duration::from_secs;
+        let mut cfg = HealthConfig {
+            max_replica_lag: Some(s(5)),
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut h = HealthState::new(Role::Replica, t0);
+        h.probe_passed(replica(true, Some(s(1))), &cfg, &who, t0);
+        assert!(h.lag_ok(&cfg, t0));
+        // Cut off at t0 + 1s: the lag it reports (PostgreSQL: none, since
+        // nothing received is unreplayed) says nothing about the primary.
+        h.probe_passed(replica(false, None), &cfg, &who, t0 + s(1));
+        assert!(h.lag_ok(&cfg, t0 + s(4)), "1s behind at t0, +4s: within 5s");
+        assert!(!h.lag_ok(&cfg, t0 + s(5)), "1s + 5s is over the limit");
+        cfg.detached_grace = Some(s(2));
+        assert!(h.lag_ok(&cfg, t0 + s(2)));
+        assert!(!h.lag_ok(&cfg, t0 + s(3)), "the grace is shorter");
+        cfg.max_replica_lag = None;
+        assert!(
+            h.lag_ok(&cfg, t0 + s(3600)),
+            "no limit: any lag is accepted"
+        );
+        cfg.max_replica_lag = Some(s(5));
+        h.probe_passed(replica(true, Some(Duration::ZERO)), &cfg, &who, t0 + s(60));
+        assert!(h.lag_ok(&cfg, t0 + s(60)), "streaming again");
+    }
+
+    #[test]
+    fn a_replica_never_seen_streaming_has_unknown_lag() {
+        let (c, e) = who();
+        let who = Who {
+            cluster: &c,
+            endpoint: &e,
+        };
+        let cfg = HealthConfig {
+            max_replica_lag: Some(Duration::from_secs(5)),
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut orphan = HealthState::new(Role::Replica, t0);
+        orphan.probe_passed(replica(false, None), &cfg, &who, t0);
+        assert!(
+            !orphan.lag_ok(&cfg, t0),
+            "an orphaned standby from the start"
+        );
+        // A Redis replica says how long its link has been down.
+        let mut linkless = HealthState::new(Role::Replica, t0);
+        linkless.probe_passed(replica(false, Some(Duration::from_secs(2))), &cfg, &who, t0);
+        assert!(linkless.lag_ok(&cfg, t0));
+        linkless.probe_passed(replica(false, Some(Duration::from_secs(9))), &cfg, &who, t0);
+        assert!(!linkless.lag_ok(&cfg, t0));
     }
 }

@@ -347,20 +347,35 @@ async fn a_write_checkout_that_outlives_its_primary_moves_to_the_new_one() {
 }
 
 /// A primary dies and its only replica is promoted before the probes have
-/// marked the old one down: the replica has left the read pool (it is a
-/// primary now) and the dead one is still the elected writer. Reads must not
-/// fail in that window: a read retry that has run out of elected endpoints
-/// may use the newly promoted primary.
+/// marked the old one down. The promoted one's history (a later timeline)
+/// says it is the newer primary: writes and reads move to it at once, and the
+/// dead one, still "up" for one more probe, is fenced.
 #[tokio::test(start_paused = true)]
-async fn reads_survive_a_promotion_that_is_seen_before_the_dead_primary() {
+async fn a_promotion_seen_before_the_dead_primary_takes_over_by_history() {
     let (cluster, b) = cluster(1, config()).await;
+    let timeline = |timeline| {
+        Some(switchyard_core::History::Timeline {
+            system: 1,
+            timeline,
+            position: 0,
+        })
+    };
+    b[0].set_replication(timeline(1), None);
+    b[1].set_replication(timeline(1), Some(true));
+    run_for(Duration::from_secs(1)).await;
     b[0].set_down(true);
     b[1].set_role(Role::Primary);
+    b[1].set_replication(timeline(2), None);
     // One probe round: r1 is seen as primary, p has failed once (fall is 2).
     run_for(Duration::from_secs(1)).await;
     let p = status_of(&cluster, "p");
     assert_eq!(p.health, Health::Up, "{p:?}");
+    assert!(p.fenced, "{p:?}");
     assert_eq!(status_of(&cluster, "r1").role, Role::Primary);
+    assert_eq!(
+        cluster.status().writer.as_ref().map(|w| w.as_str()),
+        Some("r1")
+    );
     for _ in 0..20 {
         let served = cluster
             .run(Intent::Read, None, CheckoutOptions::new(), async |conn| {
@@ -369,10 +384,4 @@ async fn reads_survive_a_promotion_that_is_seen_before_the_dead_primary() {
             .await;
         assert_eq!(served.unwrap(), "r1");
     }
-    // Writes stay with the longest-serving primary until it is down.
-    run_for(Duration::from_secs(2)).await;
-    assert_eq!(
-        cluster.status().writer.as_ref().map(|w| w.as_str()),
-        Some("r1")
-    );
 }

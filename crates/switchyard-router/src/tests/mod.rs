@@ -4,6 +4,7 @@
 mod counters;
 mod deadline;
 mod failover;
+mod fencing;
 mod live;
 mod reconfig;
 mod routing;

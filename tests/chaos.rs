@@ -1,0 +1,349 @@
+//! A randomized chaos run through the public API (issue 17), CI-sized: per
+//! engine (PostgreSQL primary + 2 standbys, Redis master + 2 replicas), a
+//! fixed seed decides which replica is promoted and the order, length and
+//! spacing of the faults, while writers and readers run throughout:
+//!
+//! - a replica paused (SIGSTOP) for a few hundred ms, another killed and
+//!   restarted;
+//! - the primary killed, a replica promoted, the old primary restarted as an
+//!   independent primary, then the promoted one stalled for 800 ms (the
+//!   sequence that once handed the writes back to the stale node);
+//! - the third node orphaned by that failover (it follows the old primary
+//!   again once it is back), then re-pointed at the new primary, and the old
+//!   primary re-cloned (PostgreSQL) or re-pointed (Redis) as a replica.
+//!
+//! Asserted: no acknowledged write lost outside a promotion window (those
+//! inside it are reported: replication here is asynchronous); no read missing
+//! an acknowledged write older than `max_replica_lag` (PostgreSQL; for Redis
+//! such reads are printed, not asserted: a linked Redis replica reports no
+//! lag, see `Engine::LINKED_LAG_VISIBLE`); no operation running
+//! past its bound (no hung operation); nothing held once the load stops.
+//! Tenant isolation is not part of this run (the tenancy suites cover it).
+//!
+//! `SWITCHYARD_CHAOS_SEEDS=1,2,3 cargo test -p switchyard --test chaos --
+//! --nocapture` runs more seeds; the default is one per engine.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fixture;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fixture::*;
+use switchyard_postgres::PgBackend;
+use switchyard_redis::RedisBackend;
+use switchyard_router::Cluster;
+use switchyard_testkit::Node;
+use tokio::time::Instant;
+
+const WRITERS: usize = 2;
+const READERS: usize = 3;
+const PACE: Duration = Duration::from_millis(10);
+/// The most one operation may take: the checkout deadline plus its retries'
+/// statements, plus scheduling slack on two shared cores.
+const OP_BOUND: Duration = Duration::from_secs(5);
+/// A write acknowledged this long before the primary's kill has reached
+/// every replica that streams (loopback replication takes milliseconds).
+const REPLICATION_SLACK: Duration = Duration::from_millis(500);
+
+/// A small xorshift generator: the run is a function of its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.below(to - from))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Ack {
+    id: i64,
+    at: Instant,
+    endpoint: String,
+}
+
+#[derive(Default)]
+struct Log {
+    acked: Mutex<Vec<Ack>>,
+    /// Reads that missed a write acknowledged more than `MAX_LAG` before
+    /// they started: (id, served by, age of the write).
+    misses: Mutex<Vec<(i64, String, Duration)>>,
+    reads: AtomicI64,
+    failed: AtomicI64,
+    slowest: Mutex<Duration>,
+}
+
+impl Log {
+    fn took(&self, started: Instant) {
+        let took = started.elapsed();
+        let mut slowest = self.slowest.lock().unwrap();
+        *slowest = (*slowest).max(took);
+    }
+}
+
+/// Writers and readers over `cluster` until `stop`.
+fn load<E: Engine>(
+    cluster: &Cluster<E>,
+    log: &Arc<Log>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let next_id = Arc::new(AtomicI64::new(1_000));
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let (cluster, log, stop, next_id) =
+            (cluster.clone(), log.clone(), stop.clone(), next_id.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                match E::write(&cluster, id).await {
+                    Ok(endpoint) => log.acked.lock().unwrap().push(Ack {
+                        id,
+                        at: Instant::now(),
+                        endpoint,
+                    }),
+                    Err(_) => {
+                        log.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                log.took(started);
+                tokio::time::sleep(PACE).await;
+            }
+        }));
+    }
+    for _ in 0..READERS {
+        let (cluster, log, stop) = (cluster.clone(), log.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let started = Instant::now();
+                // The newest write old enough that every read must see it.
+                let target = log
+                    .acked
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .find(|a| started.duration_since(a.at) > MAX_LAG)
+                    .cloned();
+                if let Some(ack) = target {
+                    match E::read(&cluster, ack.id).await {
+                        Ok((endpoint, false)) => log.misses.lock().unwrap().push((
+                            ack.id,
+                            endpoint,
+                            started.duration_since(ack.at),
+                        )),
+                        Ok(_) => {}
+                        Err(_) => {
+                            log.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    log.reads.fetch_add(1, Ordering::Relaxed);
+                    log.took(started);
+                }
+                tokio::time::sleep(PACE).await;
+            }
+        }));
+    }
+    tasks
+}
+
+async fn chaos<E: Engine>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    let bed = E::start(2).await;
+    let nodes = E::nodes(&bed);
+    let name = |i: usize| format!("{}-{i}", E::NAME);
+    let cluster = cluster::<E>(&bed);
+    wait_status(&cluster, "the primary to take writes", writer_is(name(0))).await;
+    let log = Arc::new(Log::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&cluster, &log, &stop);
+    let started = Instant::now();
+    let say = |what: String| {
+        println!(
+            "{} seed {seed} +{:>5} ms: {what}",
+            E::NAME,
+            started.elapsed().as_millis()
+        )
+    };
+
+    // Replica faults, in a seeded order.
+    tokio::time::sleep(rng.millis(300, 800)).await;
+    let (paused, killed) = if rng.below(2) == 0 { (1, 2) } else { (2, 1) };
+    let pause = rng.millis(200, 800);
+    say(format!("pause {} for {pause:?}", name(paused)));
+    nodes[paused].pause().await.unwrap();
+    tokio::time::sleep(pause).await;
+    nodes[paused].resume().await.unwrap();
+    tokio::time::sleep(rng.millis(200, 600)).await;
+    say(format!("kill and restart {}", name(killed)));
+    nodes[killed].kill().await.unwrap();
+    tokio::time::sleep(rng.millis(100, 500)).await;
+    nodes[killed].restart().await.unwrap();
+    wait_status(&cluster, "both replicas to serve reads", |st| {
+        st.endpoints.iter().filter(|e| e.serves_reads).count() == 2
+    })
+    .await;
+    tokio::time::sleep(rng.millis(MAX_LAG.as_millis() as u64, 1500)).await;
+
+    // The failover: kill, promote, old primary back independent, stall.
+    let promoted = 1 + rng.below(2) as usize;
+    let orphan = 3 - promoted;
+    say(format!("kill {}, promote {}", name(0), name(promoted)));
+    let killed_at = Instant::now();
+    nodes[0].kill().await.unwrap();
+    tokio::time::sleep(rng.millis(100, 400)).await;
+    nodes[promoted].promote().await.unwrap();
+    wait_status(
+        &cluster,
+        "writes to follow the promotion",
+        writer_is(name(promoted)),
+    )
+    .await;
+    let window = (killed_at - REPLICATION_SLACK, Instant::now());
+    say(format!(
+        "writes on {}; restart {} as an independent primary",
+        name(promoted),
+        name(0)
+    ));
+    nodes[0].restart().await.unwrap();
+    tokio::time::sleep(rng.millis(300, 800)).await;
+    say(format!("stall {} for {STALL:?}", name(promoted)));
+    nodes[promoted].pause().await.unwrap();
+    tokio::time::sleep(STALL).await;
+    nodes[promoted].resume().await.unwrap();
+    wait_status(
+        &cluster,
+        "writes back on the promoted node",
+        writer_is(name(promoted)),
+    )
+    .await;
+    tokio::time::sleep(rng.millis(MAX_LAG.as_millis() as u64, 2000)).await;
+
+    // The operator puts the house in order.
+    say(format!(
+        "re-point {} and re-attach {} to {}",
+        name(orphan),
+        name(0),
+        name(promoted)
+    ));
+    nodes[orphan].rejoin(&nodes[promoted]).await.unwrap();
+    nodes[0].rejoin(&nodes[promoted]).await.unwrap();
+    wait_status(&cluster, "both replicas to serve reads again", |st| {
+        st.endpoints.iter().filter(|e| e.serves_reads).count() == 2
+    })
+    .await;
+    tokio::time::sleep(MAX_LAG * 2).await;
+
+    stop.store(true, Ordering::Release);
+    for task in tasks {
+        tokio::time::timeout(OP_BOUND * 2, task)
+            .await
+            .expect("a load task hung")
+            .unwrap();
+    }
+
+    // Nothing held once the load stopped.
+    wait_status(&cluster, "every checkout returned", |st| {
+        st.endpoints.iter().all(|e| e.in_flight == 0)
+    })
+    .await;
+
+    let acked = log.acked.lock().unwrap().clone();
+    let mut lost_in_window = std::collections::HashSet::new();
+    let mut lost = Vec::new();
+    let absent: std::collections::HashSet<i64> =
+        E::missing(&nodes[promoted], acked.iter().map(|a| a.id).collect())
+            .await
+            .into_iter()
+            .collect();
+    for ack in acked.iter().filter(|a| absent.contains(&a.id)) {
+        if ack.at >= window.0 && ack.at <= window.1 {
+            lost_in_window.insert(ack.id);
+        } else {
+            lost.push(ack.clone());
+        }
+    }
+    // A read of a write the failover lost in its window misses it forever:
+    // that loss is reported above, not counted again as stale reads.
+    let misses: Vec<_> = log
+        .misses
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _, _)| !lost_in_window.contains(id))
+        .cloned()
+        .collect();
+    let by_endpoint = acked
+        .iter()
+        .fold(HashMap::<&str, usize>::new(), |mut m, a| {
+            *m.entry(a.endpoint.as_str()).or_default() += 1;
+            m
+        });
+    say(format!(
+        "{} writes acknowledged {by_endpoint:?}, {} lost inside the promotion window, {} outside; {} reads, {} missed an acknowledged write older than {MAX_LAG:?}; {} operations failed; slowest {:?}",
+        acked.len(),
+        lost_in_window.len(),
+        lost.len(),
+        log.reads.load(Ordering::Relaxed),
+        misses.len(),
+        log.failed.load(Ordering::Relaxed),
+        *log.slowest.lock().unwrap(),
+    ));
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost outside the promotion window: {:?}",
+        &lost[..lost.len().min(10)]
+    );
+    if E::LINKED_LAG_VISIBLE {
+        assert!(
+            misses.is_empty(),
+            "stale reads: {:?}",
+            &misses[..misses.len().min(10)]
+        );
+    } else if !misses.is_empty() {
+        // Reported, not asserted: see `Engine::LINKED_LAG_VISIBLE` and the
+        // issue 17 note (a Redis replica whose link is up reports no lag).
+        say(format!(
+            "KNOWN GAP: {} reads from linked replicas missed writes older than {MAX_LAG:?}: {:?}",
+            misses.len(),
+            &misses[..misses.len().min(10)]
+        ));
+    }
+    let slowest = *log.slowest.lock().unwrap();
+    assert!(slowest <= OP_BOUND, "an operation took {slowest:?}");
+    assert!(
+        log.reads.load(Ordering::Relaxed) > 0 && acked.len() > 100,
+        "too little load to mean anything"
+    );
+}
+
+fn seeds() -> Vec<u64> {
+    std::env::var("SWITCHYARD_CHAOS_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![17])
+}
+
+/// One test, so the engines run one after the other (the runs share two
+/// cores with the servers they break).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_over_postgres_then_redis() {
+    for seed in seeds() {
+        chaos::<PgBackend>(seed).await;
+        chaos::<RedisBackend>(seed).await;
+    }
+}
