@@ -284,13 +284,17 @@ impl RedisBackend {
     /// an endpoint failure, so reads move to a node that has it. A user
     /// missing without a restart, or never provisioned here, is
     /// [`Error::TenantNotProvisioned`].
-    async fn log_in(&self, conn: &mut RedisConnection, scope: &TenantScope) -> Result<(), Error> {
+    async fn log_in(
+        &self,
+        conn: &mut RedisConnection,
+        scope: &TenantScope,
+    ) -> Result<crate::AclPassword, Error> {
         let password = self.password_of(scope)?;
         conn.session.dirty = true;
         let mut auth = redis::cmd("AUTH");
         auth.arg(acl_user(scope)).arg(password.expose());
         let Err(e) = conn.send(&auth, None).await else {
-            return Ok(());
+            return Ok(password);
         };
         if e.code() != Some("WRONGPASS") {
             return Err(self.scope_error(scope, "apply", e));
@@ -318,7 +322,7 @@ impl RedisBackend {
             Ok(()) => conn.send(&auth, None).await.map(drop),
             Err(e) => Err(e),
         };
-        result.map_err(|e| {
+        result.map(|()| password).map_err(|e| {
             tracing::warn!(endpoint = %self.endpoint, tenant = %scope.tenant(), error = %e, "could not restore the tenant ACL user: this node cannot serve the tenant");
             Error::backend(
                 &self.endpoint,
@@ -409,7 +413,7 @@ impl Backend for RedisBackend {
                 );
             }
             Isolation::Row => {
-                self.log_in(conn, scope).await?;
+                let password = self.log_in(conn, scope).await?;
                 conn.confine(
                     tenant,
                     Isolation::Row,
