@@ -85,15 +85,20 @@ impl<B: Backend> Snapshot<B> {
             if !h.up {
                 continue;
             }
+            // A topology source's designation, combined with the probe's role
+            // (see `crate::source`); `None` serves nothing.
+            let Some(role) = crate::source::effective_role(ep.state.designated(), h.role) else {
+                continue;
+            };
             match h.ejection.phase {
                 Phase::Admitted => {}
                 Phase::Ejected { .. } => continue,
                 Phase::HalfOpen => {
-                    trials.push((Arc::clone(ep), h.role, h.primary_since));
+                    trials.push((Arc::clone(ep), role, h.primary_since));
                     continue;
                 }
             }
-            match h.role {
+            match role {
                 Role::Primary => primaries.push((h.primary_since, Arc::clone(ep))),
                 Role::Standalone => standalone.push(Arc::clone(ep)),
                 Role::Replica if h.lag_ok(&config.health) => replicas.push(Arc::clone(ep)),
