@@ -150,12 +150,18 @@ impl EndpointState {
 
     /// The role a topology source gives the endpoint, if one does.
     pub fn designated(&self) -> Option<Role> {
-        *self.designated.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .designated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sets the role a topology source gives the endpoint.
     pub fn designate(&self, role: Option<Role>) {
-        *self.designated.lock().unwrap_or_else(PoisonError::into_inner) = role;
+        *self
+            .designated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = role;
     }
 
     /// Claims the half-open trial; true for exactly one caller per half-open spell.

@@ -132,7 +132,9 @@ impl PatroniSource {
                     }
                     Err(e) => errors.push(format!("{}: bad JSON: {e}", redact(url.as_str()))),
                 },
-                Ok(resp) => errors.push(format!("{}: HTTP {}", redact(url.as_str()), resp.status())),
+                Ok(resp) => {
+                    errors.push(format!("{}: HTTP {}", redact(url.as_str()), resp.status()))
+                }
                 Err(e) => errors.push(e),
             }
         }

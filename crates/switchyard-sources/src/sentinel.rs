@@ -235,7 +235,9 @@ fn decide(configured: usize, answers: &[Answer]) -> Option<&Answer> {
 }
 
 fn view_of(answer: &Answer) -> View {
-    let member = |(ip, port): &(String, u16), role| Member::new(format!("{ip}:{port}"), ip.clone(), *port, role);
+    let member = |(ip, port): &(String, u16), role| {
+        Member::new(format!("{ip}:{port}"), ip.clone(), *port, role)
+    };
     let mut members = vec![member(&answer.master, Role::Primary)];
     for r in &answer.replicas {
         if r != &answer.master && !members.iter().any(|m| m.host == r.0 && m.port == r.1) {

@@ -273,9 +273,8 @@ where
         topo: &mut Topology<B>,
         change: Change,
     ) -> Result<(), Error> {
-        let position = |topo: &Topology<B>, id: &EndpointId| {
-            topo.endpoints.iter().position(|e| e.id() == id)
-        };
+        let position =
+            |topo: &Topology<B>, id: &EndpointId| topo.endpoints.iter().position(|e| e.id() == id);
         match change {
             Change::Insert(member) | Change::Repoint(member) => {
                 let backend = (self.backends)(&member)?;
