@@ -47,6 +47,7 @@
 mod clickhouse;
 mod error;
 mod http;
+mod patroni;
 mod port;
 mod postgres;
 mod process;
@@ -59,6 +60,7 @@ mod wait;
 
 pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
+pub use crate::patroni::{PatroniCluster, PatroniMember, PatroniNode};
 pub use crate::port::{free_port, loopback};
 pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};

@@ -161,6 +161,16 @@ pub trait TopologySource: Send + 'static {
     fn next(&mut self) -> BoxFuture<'_, Report>;
 }
 
+impl TopologySource for Box<dyn TopologySource> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Report> {
+        (**self).next()
+    }
+}
+
 /// How a source is doing, in [`SourceStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
