@@ -184,15 +184,17 @@ async fn leader_since(seen: &Leaders, name: &str, after: Instant) -> Instant {
     .unwrap()
 }
 
-/// Writes acknowledged by a node that Patroni called something else both
+/// Writes acknowledged by a node while Patroni named another leader both
 /// just before and just after the acknowledgement.
 fn writes_to_non_leaders(acks: &[Ack], seen: &[(Instant, Option<String>)]) -> Vec<String> {
     acks.iter()
         .filter(|a| {
             let before = seen.iter().rev().find(|(t, _)| *t <= a.at);
             let after = seen.iter().find(|(t, _)| *t >= a.at);
+            // A sample without a confirmed leader (mid-failover, or the
+            // poller's own request timed out) says nothing either way.
             let other = |s: Option<&(Instant, Option<String>)>| {
-                s.is_some_and(|(_, l)| l.as_deref() != Some(a.endpoint.as_str()))
+                s.is_some_and(|(_, l)| l.as_deref().is_some_and(|l| l != a.endpoint.as_str()))
             };
             other(before) && other(after)
         })
