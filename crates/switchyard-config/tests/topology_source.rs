@@ -120,7 +120,7 @@ async fn a_router_set_follows_sentinel_and_reloads() {
     write(
         dir.path(),
         "base.yaml",
-        &sentinel_yaml(&[nobody.clone()], "1s"),
+        &sentinel_yaml(std::slice::from_ref(&nobody), "1s"),
     );
     let live = LiveConfig::start(ConfigSource::new(dir.path(), "development")).unwrap();
     let err = live

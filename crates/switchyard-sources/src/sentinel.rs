@@ -80,6 +80,13 @@ pub struct SentinelSource {
     asked: bool,
 }
 
+/// The replies to `get-master-addr-by-name`, `master` and `replicas`.
+type Replies = (
+    Option<(String, String)>,
+    HashMap<String, String>,
+    Vec<HashMap<String, String>>,
+);
+
 /// One sentinel's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Answer {
@@ -150,11 +157,7 @@ impl SentinelSource {
             let mut conn = client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
-            let (addr, master, replicas): (
-                Option<(String, String)>,
-                HashMap<String, String>,
-                Vec<HashMap<String, String>>,
-            ) = redis::pipe()
+            let (addr, master, replicas): Replies = redis::pipe()
                 .cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
                 .arg(&self.master)
