@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
-use switchyard_config::{ConfigError, ConfigSource, RouterSet};
+use switchyard_config::{ConfigError, ConfigSource, EndpointProbe, RouterSet};
 
 use crate::table;
 
@@ -48,7 +48,46 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
         .max()
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_secs(1));
-    let probes = routers.probe_all(timeout).await;
+    if let Err(e) = routers
+        .wait_sources(timeout.max(Duration::from_secs(3)))
+        .await
+    {
+        eprintln!("switchyard: {e}");
+        return UNHEALTHY;
+    }
+    let mut probes = routers.probe_all(timeout).await;
+    // Members of clusters that follow a topology source: as the router sees
+    // them once each has been probed.
+    tokio::time::sleep(timeout).await;
+    let mut source_roles = BTreeMap::new();
+    for status in routers.statuses() {
+        let Some(source) = &status.source else {
+            continue;
+        };
+        for ep in &status.endpoints {
+            source_roles.insert(
+                (status.name.clone(), ep.id.to_string()),
+                source.roles.get(&ep.id).copied(),
+            );
+            probes.push(EndpointProbe {
+                cluster: status.name.clone(),
+                endpoint: ep.id.to_string(),
+                role: ep.role,
+                result: match (&ep.last_probe_error, ep.probe_rtt) {
+                    (Some(e), _) => Err(e.clone()),
+                    (None, Some(rtt)) => Ok(rtt),
+                    (None, None) => Err("not probed yet".into()),
+                },
+                lag: ep.lag,
+            });
+        }
+    }
+    let source_of =
+        |p: &EndpointProbe| match source_roles.get(&(p.cluster.clone(), p.endpoint.clone())) {
+            None => "static".to_owned(),
+            Some(None) => "-".to_owned(),
+            Some(Some(role)) => role.to_string(),
+        };
     let mut healthy: BTreeMap<&str, usize> =
         settings.clusters.keys().map(|k| (k.as_str(), 0)).collect();
     for p in &probes {
@@ -65,6 +104,7 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
                     "cluster": p.cluster,
                     "endpoint": p.endpoint,
                     "role": p.role.to_string(),
+                    "source_role": source_of(p),
                     "healthy": p.result.is_ok(),
                     "latency_ms": p.result.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
                     "lag_ms": p.lag.map(|d| d.as_secs_f64() * 1000.0),
@@ -88,6 +128,7 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
                     p.cluster.clone(),
                     p.endpoint.clone(),
                     p.role.to_string(),
+                    source_of(p),
                     match &p.result {
                         Ok(_) => "up".to_owned(),
                         Err(e) => format!("down: {e}"),
@@ -100,7 +141,7 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
         print!(
             "{}",
             table::render(
-                &["CLUSTER", "ENDPOINT", "ROLE", "HEALTH", "LATENCY", "LAG"],
+                &["CLUSTER", "ENDPOINT", "ROLE", "SOURCE", "HEALTH", "LATENCY", "LAG"],
                 &rows
             )
         );

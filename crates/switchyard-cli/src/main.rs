@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! switchyard check --config config --env development [--json]
-//! switchyard watch --config config --env development
+//! switchyard watch --config config --env development [--metrics 127.0.0.1:9187]
 //! switchyard demo [--json]
 //! switchyard testbed --config config --env development
 //! ```
@@ -52,6 +52,9 @@ enum Command {
         /// The environment override to apply.
         #[arg(long, default_value = "development")]
         env: String,
+        /// Serve the routers' metrics for Prometheus at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Start the PostgreSQL and Redis engines the configuration names, on
     /// loopback at the ports of its URLs, and keep them up until Ctrl-C.
@@ -91,7 +94,11 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Check { config, env, json } => check::run(&config, &env, json).await,
-            Command::Watch { config, env } => watch::run(&config, &env).await,
+            Command::Watch {
+                config,
+                env,
+                metrics,
+            } => watch::run(&config, &env, metrics).await,
             Command::Demo { json } => demo::run(json).await,
             Command::Testbed { config, env } => testbed::run(&config, &env).await,
         }

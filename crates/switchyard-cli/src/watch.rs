@@ -1,5 +1,6 @@
 //! `switchyard watch`: live endpoint state, refreshed every second.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +10,20 @@ use switchyard_config::{ConfigSource, LiveConfig};
 use crate::check::{print_invalid, INVALID};
 use crate::table;
 
-/// Runs until Ctrl-C; returns the exit code.
-pub async fn run(dir: &Path, env: &str) -> u8 {
+/// Runs until Ctrl-C; returns the exit code. With `metrics`, serves every
+/// metric the routers record in Prometheus' text format at
+/// `http://ADDR/metrics` meanwhile.
+pub async fn run(dir: &Path, env: &str, metrics: Option<SocketAddr>) -> u8 {
+    if let Some(addr) = metrics {
+        // Installed before any cluster is built: handles register once.
+        let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install();
+        if let Err(e) = installed {
+            eprintln!("switchyard: cannot serve metrics on {addr}: {e}");
+            return INVALID;
+        }
+    }
     let live = match LiveConfig::start(ConfigSource::new(dir, env)) {
         Ok(l) => Arc::new(l),
         Err(e) => {
@@ -33,6 +46,8 @@ pub async fn run(dir: &Path, env: &str) -> u8 {
                     status.name.clone(),
                     ep.id.to_string(),
                     ep.role.to_string(),
+                    ep.source_role
+                        .map_or_else(|| "-".to_owned(), |r| r.to_string()),
                     ep.health.to_string(),
                     if status.writer.as_ref() == Some(&ep.id) {
                         "yes"
@@ -67,6 +82,7 @@ pub async fn run(dir: &Path, env: &str) -> u8 {
                     "CLUSTER",
                     "ENDPOINT",
                     "ROLE",
+                    "SOURCE",
                     "HEALTH",
                     "WRITER",
                     "IN-FLIGHT",
@@ -80,6 +96,20 @@ pub async fn run(dir: &Path, env: &str) -> u8 {
                 &rows
             )
         );
+        for status in live.routers().statuses() {
+            if let Some(source) = &status.source {
+                println!(
+                    "cluster {}: {} {}{}",
+                    status.name,
+                    source.source,
+                    source.state,
+                    source
+                        .last_error
+                        .as_ref()
+                        .map_or_else(String::new, |e| format!(" ({e})"))
+                );
+            }
+        }
         for p in &event.last_problems {
             println!("rejected: {p}");
         }

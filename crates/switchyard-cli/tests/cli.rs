@@ -301,3 +301,59 @@ fn testbed_serves_the_config_it_is_given_until_interrupted() {
         text(&out.stderr)
     );
 }
+
+/// `GET /metrics` on `port`, the body when it answers 200.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.starts_with("HTTP/1.1 200").then_some(body)
+}
+
+#[tokio::test]
+async fn watch_serves_the_routers_metrics_for_prometheus() {
+    let redis = RedisCluster::start(0).await.unwrap();
+    let dir = config_dir(&format!(
+        "clusters:\n  cache:\n    engine: redis\n    health: {{ interval: 200ms, timeout: 200ms }}\n    endpoints:\n      - {{ name: r-1, url: \"{}/0\", role: primary }}\n",
+        redis.master().url()
+    ));
+    let port = free_port().unwrap();
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "watch",
+            "--config",
+            dir.path().to_str().unwrap(),
+            "--env",
+            "testing",
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let body = loop {
+        match scrape(port) {
+            Some(body) if body.contains("switchyard_probe_rtt_seconds") => break body,
+            _ if std::time::Instant::now() > deadline => {
+                let _ = watch.kill();
+                panic!("no probe metrics at 127.0.0.1:{port}/metrics");
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(
+        body.contains(r#"switchyard_endpoint_up{engine="redis",cluster="cache",endpoint="r-1"} 1"#),
+        "{body}"
+    );
+}

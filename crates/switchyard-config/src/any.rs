@@ -6,10 +6,12 @@ use std::time::Duration;
 use switchyard_core::{Backend, EndpointId, Error, PoolSettings, Probe, TenantRegistry};
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_redis::{RedisBackend, RedisBackendConfig};
-use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig};
+use switchyard_router::source::Member;
+use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig, TopologySource};
 
 use crate::error::ConfigError;
 use crate::settings::{ClusterSettings, EndpointSettings};
+use crate::topology::member_url;
 use crate::Engine;
 
 /// A running cluster of any engine built in.
@@ -162,6 +164,58 @@ impl AnyCluster {
             #[allow(unreachable_patterns)]
             other => return Err(not_built_in(name, other)),
         })
+    }
+
+    /// Follows the cluster's topology source: each member's backend is made
+    /// from the member URL template with the member's host and port, and
+    /// the cluster's pool settings.
+    pub(crate) fn follow(&self, c: &ClusterSettings, source: Box<dyn TopologySource>) {
+        let Some(template) = c.source.member_url().cloned() else {
+            return;
+        };
+        let (engine, pool, cluster) = (c.engine, c.pool.clone(), self.name().to_owned());
+        let make = move |m: &Member| -> Result<AnyBackend, Error> {
+            let url = member_url(&template, m).map_err(|message| Error::Config {
+                path: format!("clusters.{cluster}.member_url"),
+                message,
+            })?;
+            let ep = EndpointSettings {
+                name: m.name.to_string(),
+                url,
+                role: m.role,
+                weight: 1,
+                secret_files: Vec::new(),
+            };
+            AnyBackend::build(engine, &cluster, &pool, &ep).map_err(|e| match e {
+                ConfigError::Build { source, .. } => source,
+                other => Error::Config {
+                    path: format!("clusters.{cluster}"),
+                    message: other.to_string(),
+                },
+            })
+        };
+        macro_rules! follow_as {
+            ($c:expr, $variant:ident) => {{
+                $c.follow(source, move |m| match make(m)? {
+                    AnyBackend::$variant(b) => Ok(b),
+                    #[allow(unreachable_patterns)]
+                    _ => Err(Error::Config {
+                        path: "source".into(),
+                        message: "backend of another engine".into(),
+                    }),
+                });
+            }};
+        }
+        match self {
+            AnyCluster::Postgres(c) => follow_as!(c, Postgres),
+            AnyCluster::Redis(c) => follow_as!(c, Redis),
+            #[cfg(feature = "mongodb")]
+            AnyCluster::Mongodb(c) => follow_as!(c, Mongodb),
+            #[cfg(feature = "clickhouse")]
+            AnyCluster::Clickhouse(c) => follow_as!(c, Clickhouse),
+            #[cfg(feature = "elasticsearch")]
+            AnyCluster::Elasticsearch(c) => follow_as!(c, Elasticsearch),
+        }
     }
 
     pub(crate) fn set_tenants(&self, tenants: TenantRegistry) -> Result<(), Error> {

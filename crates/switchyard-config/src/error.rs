@@ -57,6 +57,16 @@ pub enum ConfigError {
         /// The engine it asked for.
         engine: &'static str,
     },
+    /// A cluster's topology source gave no view.
+    #[error("cluster {cluster}: topology source {name} is unreachable: {reason}")]
+    SourceUnreachable {
+        /// The cluster.
+        cluster: String,
+        /// The source (kind and addresses).
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// A router or backend refused to start.
     #[error("cluster {cluster} could not be built")]
     Build {

@@ -8,11 +8,12 @@ use arc_swap::ArcSwap;
 use switchyard_core::{EndpointId, Role, TenantRegistry};
 use switchyard_postgres::PgBackend;
 use switchyard_redis::RedisBackend;
-use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig};
+use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig, SourceState};
 
 use crate::any::{error_chain, AnyBackend, AnyCluster};
 use crate::error::ConfigError;
 use crate::settings::{ClusterSettings, EndpointSettings, Settings};
+use crate::topology::SourceSettings;
 
 struct Entry {
     cluster: AnyCluster,
@@ -122,6 +123,44 @@ impl RouterSet {
         self.iter().map(|c| c.status()).collect()
     }
 
+    /// Waits until every cluster that follows a topology source has its first
+    /// report; fails with [`ConfigError::SourceUnreachable`] naming the first
+    /// cluster whose source is unreachable or silent after `timeout`. Such a
+    /// cluster keeps trying in the background.
+    pub async fn wait_sources(&self, timeout: Duration) -> Result<(), ConfigError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut starting = None;
+            for c in self.iter() {
+                let Some(source) = c.status().source else {
+                    continue;
+                };
+                match source.state {
+                    SourceState::Following => {}
+                    SourceState::Unreachable => {
+                        return Err(ConfigError::SourceUnreachable {
+                            cluster: c.name().to_owned(),
+                            name: source.source,
+                            reason: source.last_error.unwrap_or_default(),
+                        })
+                    }
+                    SourceState::Starting => starting = Some((c.name().to_owned(), source.source)),
+                }
+            }
+            let Some((cluster, source)) = starting else {
+                return Ok(());
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ConfigError::SourceUnreachable {
+                    cluster,
+                    name: source,
+                    reason: format!("no answer within {timeout:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Probes every endpoint directly, all at once, each within `timeout`.
     pub async fn probe_all(&self, timeout: Duration) -> Vec<EndpointProbe> {
         let mut tasks = Vec::new();
@@ -197,7 +236,9 @@ impl RouterSet {
         for (name, wanted) in &new.clusters {
             let running = next.get(name).map(Arc::clone);
             match (old.clusters.get(name), running) {
-                (Some(prev), Some(entry)) if entry.cluster.engine() == wanted.engine => {
+                (Some(prev), Some(entry))
+                    if entry.cluster.engine() == wanted.engine && !follows_anew(prev, wanted) =>
+                {
                     apply_cluster(name, &entry, prev, wanted, &mut report);
                     kept.push(entry);
                 }
@@ -207,9 +248,11 @@ impl RouterSet {
                         report.changes.push(match running {
                             Some(previous) => {
                                 let change = format!(
-                                    "cluster {name} rebuilt: engine {} -> {}",
+                                    "cluster {name} rebuilt: engine {} -> {}, source {} -> {}",
                                     previous.cluster.engine(),
-                                    wanted.engine
+                                    wanted.engine,
+                                    old.clusters.get(name).map_or("?", |c| c.source.kind()),
+                                    wanted.source.kind(),
                                 );
                                 closing.push(previous);
                                 change
@@ -240,6 +283,13 @@ impl RouterSet {
         }
         report
     }
+}
+
+/// Whether a running cluster must be rebuilt to follow `next`'s source: the
+/// source changed, or (with a source) the pool or member URL its members'
+/// backends are made with did.
+fn follows_anew(prev: &ClusterSettings, next: &ClusterSettings) -> bool {
+    prev.source != next.source || (next.source != SourceSettings::Static && prev.pool != next.pool)
 }
 
 /// What [`RouterSet::apply`] changed.
@@ -282,6 +332,16 @@ fn build_cluster(
         backends.insert(ep.name.clone(), backend);
     }
     let cluster = AnyCluster::build(name, c, tenants, ordered)?;
+    let source = c.source.client().map_err(|message| ConfigError::Build {
+        cluster: name.to_owned(),
+        source: switchyard_core::Error::Config {
+            path: format!("clusters.{name}.source"),
+            message,
+        },
+    })?;
+    if let Some(source) = source {
+        cluster.follow(c, source);
+    }
     Ok(Entry {
         cluster,
         backends: Mutex::new(backends),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TierPolicy};
 use switchyard_router::ClusterConfig;
 
+use crate::topology::SourceSettings;
 use crate::Engine;
 
 /// A whole validated router set: clusters and tenant tiers.
@@ -65,8 +66,10 @@ pub struct ClusterSettings {
     pub router: ClusterConfig,
     /// The pool behind each endpoint.
     pub pool: PoolSettings,
-    /// The endpoints, in file order.
+    /// The endpoints, in file order (empty with a topology source).
     pub endpoints: Vec<EndpointSettings>,
+    /// Where the endpoints come from: the list above, Patroni or Sentinel.
+    pub source: SourceSettings,
 }
 
 /// One endpoint of a cluster.

@@ -15,6 +15,7 @@ use crate::error::Problem;
 use crate::secrets::{file_references, resolve_references, with_password_file};
 use crate::settings::{ClusterSettings, EndpointSettings, Settings};
 use crate::source::dotted;
+use crate::topology::SourceSettings;
 use crate::Engine;
 
 /// One endpoint as written in a file.
@@ -31,6 +32,18 @@ struct RawEndpoint {
     password_file: Option<PathBuf>,
 }
 
+/// Cluster keys that are not router settings.
+const NOT_ROUTER: [&str; 8] = [
+    "engine",
+    "writes",
+    "pool",
+    "endpoints",
+    "source",
+    "patroni",
+    "sentinel",
+    "member_url",
+];
+
 fn default_role() -> Role {
     Role::Replica
 }
@@ -39,7 +52,7 @@ fn default_weight() -> u32 {
     1
 }
 
-fn push(problems: &mut Vec<Problem>, path: &str, message: impl Into<String>) {
+pub(crate) fn push(problems: &mut Vec<Problem>, path: &str, message: impl Into<String>) {
     problems.push(Problem::new(path, message));
 }
 
@@ -52,7 +65,11 @@ fn from_core(problems: &mut Vec<Problem>, errors: Vec<switchyard_core::Error>) {
     }
 }
 
-fn de<T: DeserializeOwned>(value: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<T> {
+pub(crate) fn de<T: DeserializeOwned>(
+    value: &Value,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
     match value.deserialize::<T>() {
         Ok(v) => Some(v),
         Err(errors) => {
@@ -245,18 +262,40 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
     from_core(problems, pool.validate(&format!("{path}.pool")));
     let rest: Dict = d
         .iter()
-        .filter(|(k, _)| !["engine", "writes", "pool", "endpoints"].contains(&k.as_str()))
+        .filter(|(k, _)| !NOT_ROUTER.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let router = de::<ClusterConfig>(&Value::from(rest), &path, problems).unwrap_or_default();
     from_core(problems, router.validate(&path));
-    let endpoints = endpoints(&path, engine, writes, d.get("endpoints"), problems);
+    let source = crate::topology::settings(&path, engine, d, problems);
+    let endpoints = match (&source, d.get("endpoints")) {
+        (Some(SourceSettings::Static), value) => endpoints(&path, engine, writes, value, problems),
+        (_, Some(_)) => {
+            push(
+                problems,
+                &format!("{path}.endpoints"),
+                "a cluster with a topology source has no endpoints list: its members are the endpoints",
+            );
+            Vec::new()
+        }
+        (_, None) => Vec::new(),
+    };
+    if let (Some(engine), Some(url)) = (engine, source.as_ref().and_then(|s| s.member_url())) {
+        check_url(
+            engine,
+            "member",
+            url,
+            &format!("{path}.member_url"),
+            problems,
+        );
+    }
     (problems.len() == before).then_some(ClusterSettings {
         engine: engine?,
         writes,
         router,
         pool,
         endpoints,
+        source: source?,
     })
 }
 

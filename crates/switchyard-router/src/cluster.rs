@@ -17,6 +17,7 @@ use crate::endpoint::{ClusterHooks, Endpoint, EndpointState};
 use crate::health::ejection::{ejection_cap, Phase};
 use crate::health::{prober, Who};
 use crate::metrics::ClusterMetrics;
+use crate::source::follow::SourceCell;
 use crate::topology::Snapshot;
 use crate::warming;
 
@@ -64,8 +65,10 @@ pub(crate) struct Shared<B: Backend> {
     /// Bumped after every rebuild, for `poll_ready`.
     pub generation: watch::Sender<u64>,
     pub cancel: CancellationToken,
-    runtime: tokio::runtime::Handle,
+    pub runtime: tokio::runtime::Handle,
     pub metrics: ClusterMetrics,
+    /// The topology source being followed, if any, and its task's token.
+    source: Mutex<Option<(SourceCell, CancellationToken)>>,
 }
 
 pub(crate) struct Topology<B: Backend> {
@@ -174,6 +177,7 @@ impl<B: Backend> ClusterBuilder<B> {
             config: Arc::new(ArcSwap::from_pointee(self.config)),
             runtime,
             name,
+            source: Mutex::new(None),
         });
         let cluster = Cluster {
             _owner: Arc::new(cancel.drop_guard()),
@@ -229,6 +233,11 @@ impl<B: Backend> Cluster<B> {
 impl<B: Backend> Shared<B> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Topology<B>> {
         self.topology.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The topology source's record; taken after the topology lock, never before.
+    pub(crate) fn source_cell(&self) -> MutexGuard<'_, Option<(SourceCell, CancellationToken)>> {
+        self.source.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn who<'a>(&'a self, ep: &'a EndpointState) -> Who<'a> {

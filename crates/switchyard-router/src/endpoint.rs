@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, BackendErrorKind, CheckoutObserver, EndpointId, Error, InFlight, Outcome, Probe,
+    Backend, BackendErrorKind, CheckoutObserver, EndpointId, Error, InFlight, Outcome, Probe, Role,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -55,6 +55,9 @@ pub(crate) struct EndpointState {
     pub metrics: EndpointMetrics,
     /// Lifetime counters shown in [`EndpointStatus`](crate::EndpointStatus).
     pub counters: Counters,
+    /// The role a topology source gives the endpoint (`None`: no source);
+    /// written by the cluster under its topology lock.
+    designated: Mutex<Option<Role>>,
 }
 
 /// A checkout whose acquire took longer than this counts as a wait.
@@ -127,6 +130,7 @@ impl EndpointState {
             hooks,
             metrics,
             counters: Counters::default(),
+            designated: Mutex::new(None),
             id,
         }
     }
@@ -142,6 +146,22 @@ impl EndpointState {
     /// The health state; held only briefly and never across an `.await`.
     pub fn health(&self) -> MutexGuard<'_, HealthState> {
         self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The role a topology source gives the endpoint, if one does.
+    pub fn designated(&self) -> Option<Role> {
+        *self
+            .designated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the role a topology source gives the endpoint.
+    pub fn designate(&self, role: Option<Role>) {
+        *self
+            .designated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = role;
     }
 
     /// Claims the half-open trial; true for exactly one caller per half-open spell.

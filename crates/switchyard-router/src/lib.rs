@@ -101,6 +101,7 @@ mod live;
 pub mod metrics;
 mod run;
 pub mod service;
+pub mod source;
 pub mod status;
 pub mod strategy;
 mod topology;
@@ -120,5 +121,6 @@ pub use config::{
 pub use futures_util::future::BoxFuture;
 pub use health::{EjectionStatus, Health};
 pub use service::{ClusterService, Route};
+pub use source::{SourceState, SourceStatus, SourceUnreachable, TopologySource};
 pub use status::{CheckoutCounters, ClusterStatus, EndpointStatus, WAIT_THRESHOLD};
 pub use switchyard_core::Error;

@@ -31,6 +31,9 @@
 //! | `switchyard_pool_idle` | gauge | endpoint | idle connections, from `Backend::stats` |
 //! | `switchyard_pool_size` | gauge | endpoint | open connections, from `Backend::stats` |
 //! | `switchyard_warming_forecast` | gauge | endpoint | forecast concurrent demand (warming on) |
+//! | `switchyard_source_up` | gauge | | 1 while the cluster's topology source answers, 0 while it is unreachable |
+//! | `switchyard_source_errors_total` | counter | | reports of an unreachable topology source |
+//! | `switchyard_source_changes_total` | counter | | topology source views that changed the endpoints or roles |
 
 use std::time::Duration;
 
@@ -81,6 +84,13 @@ pub const POOL_IDLE: &str = "switchyard_pool_idle";
 pub const POOL_SIZE: &str = "switchyard_pool_size";
 /// `switchyard_warming_forecast`
 pub const WARMING_FORECAST: &str = "switchyard_warming_forecast";
+
+/// `switchyard_source_up`
+pub const SOURCE_UP: &str = "switchyard_source_up";
+/// `switchyard_source_errors_total`
+pub const SOURCE_ERRORS: &str = "switchyard_source_errors_total";
+/// `switchyard_source_changes_total`
+pub const SOURCE_CHANGES: &str = "switchyard_source_changes_total";
 
 /// Handles for one endpoint's series, registered once.
 #[derive(Debug)]
@@ -202,5 +212,27 @@ impl ClusterMetrics {
 
     pub fn waited_for_primary(&self, waited: Duration) {
         self.primary_wait.record(waited);
+    }
+}
+
+/// Handles for one cluster's topology source series.
+#[derive(Debug)]
+pub(crate) struct SourceMetrics {
+    pub up: Gauge,
+    pub errors: Counter,
+    pub changes: Counter,
+}
+
+impl SourceMetrics {
+    pub fn new(engine: &'static str, cluster: &str) -> Self {
+        let l = vec![
+            Label::from_static_parts("engine", engine),
+            Label::new("cluster", cluster.to_owned()),
+        ];
+        Self {
+            up: metrics::gauge!(SOURCE_UP, l.clone()),
+            errors: metrics::counter!(SOURCE_ERRORS, l.clone()),
+            changes: metrics::counter!(SOURCE_CHANGES, l),
+        }
     }
 }

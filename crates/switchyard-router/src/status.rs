@@ -10,6 +10,7 @@ use crate::cluster::Cluster;
 use crate::config::{ReadPreference, StrategyKind};
 pub use crate::endpoint::WAIT_THRESHOLD;
 use crate::health::{EjectionStatus, Health};
+use crate::source::SourceStatus;
 
 /// The state of a whole cluster.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,6 +30,8 @@ pub struct ClusterStatus {
     pub split_brain: Vec<EndpointId>,
     /// Every endpoint, in the order they were added.
     pub endpoints: Vec<EndpointStatus>,
+    /// The topology source the cluster follows (`None`: static configuration).
+    pub source: Option<SourceStatus>,
 }
 
 /// The state of one endpoint.
@@ -38,6 +41,8 @@ pub struct EndpointStatus {
     pub id: EndpointId,
     /// Its role, as the last probe reported (or as configured before any probe).
     pub role: Role,
+    /// The role the topology source gives it (`None`: no source).
+    pub source_role: Option<Role>,
     /// Its weight.
     pub weight: u32,
     /// Up, down, ejected or half-open.
@@ -110,6 +115,7 @@ impl<B: Backend> Cluster<B> {
                 EndpointStatus {
                     id: ep.id().clone(),
                     role: h.role,
+                    source_role: ep.state.designated(),
                     weight: ep.state.weight(),
                     health: h.health(),
                     serves_reads: serves(&snap.read),
@@ -137,6 +143,11 @@ impl<B: Backend> Cluster<B> {
             writer: snap.writer().cloned(),
             split_brain: snap.split_brain.clone(),
             endpoints,
+            source: self
+                .shared
+                .source_cell()
+                .as_ref()
+                .map(|(cell, _)| cell.status()),
         }
     }
 }

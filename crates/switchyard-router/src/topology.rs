@@ -99,17 +99,22 @@ impl<B: Backend> Snapshot<B> {
             if !h.up {
                 continue;
             }
+            // A topology source's designation, combined with the probe's role
+            // (see `crate::source`); `None` serves nothing.
+            let Some(role) = crate::source::effective_role(ep.state.designated(), h.role) else {
+                continue;
+            };
             let half_open = match h.ejection.phase {
                 Phase::Admitted => false,
                 Phase::Ejected { .. } => continue,
                 Phase::HalfOpen => true,
             };
-            match h.role {
+            match role {
                 Role::Primary => {
                     settled &= h.last_probe.is_some();
                     primaries.push((Arc::clone(ep), h.history.clone(), half_open));
                 }
-                _ if half_open => trials.push((Arc::clone(ep), h.role)),
+                _ if half_open => trials.push((Arc::clone(ep), role)),
                 Role::Standalone => standalone.push(Arc::clone(ep)),
                 Role::Replica if h.lag_ok(&config.health, at) => {
                     replicas.push((Arc::clone(ep), h.history.clone()))

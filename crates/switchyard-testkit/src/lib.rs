@@ -3,6 +3,8 @@
 //!
 //! - [`PgCluster`]: a PostgreSQL primary plus streaming standbys.
 //! - [`RedisCluster`]: a Redis master plus replicas.
+//! - [`SentinelCluster`]: a Redis master plus replicas watched by three sentinels.
+//! - [`PatroniCluster`]: etcd plus three Patroni-managed PostgreSQL nodes.
 //! - [`ClickHouse`]: one ClickHouse server.
 //! - [`MongoServer`], [`ElasticServer`]: the real engine when its URL is in the
 //!   environment, else a wire-compatible stand-in (see [`ServerKind`]).
@@ -52,23 +54,27 @@ pub mod conformance;
 mod error;
 mod http;
 mod node;
+mod patroni;
 mod port;
 mod postgres;
 mod process;
 mod proxy;
 mod redis;
 mod scratch;
+mod sentinel;
 mod standin;
 mod wait;
 
 pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
 pub use crate::node::Node;
+pub use crate::patroni::{PatroniCluster, PatroniMember, PatroniNode};
 pub use crate::port::{free_port, loopback};
 pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};
 pub use crate::proxy::{FaultHandle, FaultProxy};
 pub use crate::redis::{RedisCluster, RedisNode};
+pub use crate::sentinel::{SentinelCluster, SentinelNode, SENTINEL_MASTER};
 pub use crate::standin::{ElasticServer, MongoServer, ServerKind};
 pub use crate::wait::{poll_until, wait_until, POLL_INTERVAL};
 

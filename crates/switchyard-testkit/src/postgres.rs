@@ -51,15 +51,15 @@ log_line_prefix = '%m [%p] '
 
 /// Where the PostgreSQL binaries are and which OS user runs them.
 #[derive(Debug, Clone)]
-struct Install {
-    bin: PathBuf,
-    run_as: Option<RunAs>,
+pub(crate) struct Install {
+    pub(crate) bin: PathBuf,
+    pub(crate) run_as: Option<RunAs>,
 }
 
 impl Install {
     /// Finds the binaries: `$SWITCHYARD_PG_BINDIR`, the newest
     /// `/usr/lib/postgresql/*/bin`, then `PATH`.
-    fn locate() -> Result<Self> {
+    pub(crate) fn locate() -> Result<Self> {
         let mut dirs = Vec::new();
         if let Some(dir) = std::env::var_os("SWITCHYARD_PG_BINDIR") {
             dirs.push(PathBuf::from(dir));
@@ -183,7 +183,7 @@ async fn connect_url(url: &str) -> Result<PgConnection> {
 
 /// Connects to `url`; errors name the server `node`, never the URL (which may
 /// carry a password).
-async fn connect_named(url: &str, node: String) -> Result<PgConnection> {
+pub(crate) async fn connect_named(url: &str, node: String) -> Result<PgConnection> {
     match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(TestkitError::Postgres { node, source }),

@@ -81,7 +81,7 @@ fn adopted_and_alive(pid: i32) -> bool {
 
 /// Reaps whichever of `pids` are zombies adopted by this process; true once none of
 /// them is alive or waiting to be reaped here.
-fn reap(pids: &[i32]) -> bool {
+pub(crate) fn reap(pids: &[i32]) -> bool {
     let me = std::process::id();
     pids.iter().all(|&pid| {
         let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));

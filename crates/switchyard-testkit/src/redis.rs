@@ -36,7 +36,10 @@ fn locate() -> Result<PathBuf> {
 }
 
 /// Sends one command on a fresh connection, with a deadline on connect and reply.
-async fn command<T: ::redis::FromRedisValue>(addr: SocketAddr, cmd: &::redis::Cmd) -> Result<T> {
+pub(crate) async fn command<T: ::redis::FromRedisValue>(
+    addr: SocketAddr,
+    cmd: &::redis::Cmd,
+) -> Result<T> {
     let node = addr.to_string();
     let work = async {
         let client = ::redis::Client::open(format!("redis://{addr}"))?;

@@ -1,0 +1,314 @@
+//! Topology sources: where a cluster's endpoints and their roles come from.
+//!
+//! By default a cluster's endpoints are the ones it was built with or given
+//! live ([`Cluster::add_endpoint`](crate::Cluster::add_endpoint) and friends),
+//! and their roles are whatever the probes see: the *static* source. Teams
+//! that run an HA control plane (Patroni for PostgreSQL, Redis Sentinel)
+//! want every service instance to follow the control plane's decision instead
+//! of forming its own view, so that an instance cut off from the old primary
+//! never keeps writing to it. A [`TopologySource`] reports the control plane's
+//! view, the whole membership at a time ([`View`]); the cluster diffs it
+//! against the last one into a list of [`Change`]s (insert, re-point, remove,
+//! role) and applies them in one place, under one lock, ending in one routing
+//! rebuild, as tower's balancer consumes `discover::Change` in one loop.
+//!
+//! # Combining the source's view with the probes
+//!
+//! Probes keep running on every endpoint, at the cluster's interval, and an
+//! endpoint whose role the source changes is probed at once. The source says
+//! who *should* be primary; probes say who is reachable and what each node
+//! believes it is. The rules ([`effective_role`]):
+//!
+//! | source says | probe says | the endpoint serves |
+//! |---|---|---|
+//! | primary | primary | writes (and reads per the read preference) |
+//! | primary | replica | reads only: writes wait (up to `failover_timeout`) until the probe confirms the promotion |
+//! | replica | replica | reads |
+//! | replica | primary | **nothing**: an old primary back before the control plane demoted it (a restarted Redis master is empty and writable for seconds), or a split brain |
+//! | (any) | down, ejected | nothing, as for any endpoint |
+//!
+//! So writes only ever go to the endpoint the source designates primary, and
+//! only once that endpoint itself reports primary. A source that cannot reach
+//! its control plane leaves the last known topology in place (probes still
+//! act on it) and is reported in [`ClusterStatus::source`](crate::ClusterStatus),
+//! in logs (`warn` when it is lost, `info` when it is back) and in the
+//! metrics `switchyard_source_up` and `switchyard_source_errors_total`.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use switchyard_core::noop::NoopBackend;
+//! use switchyard_core::{EndpointId, Intent, Role};
+//! use switchyard_router::source::{Member, Report, TopologySource, View};
+//! use switchyard_router::{BoxFuture, Cluster};
+//!
+//! /// A control plane that always names `db-1` primary and `db-2` replica.
+//! struct Fixed(bool);
+//! impl TopologySource for Fixed {
+//!     fn describe(&self) -> String { "fixed".into() }
+//!     fn next(&mut self) -> BoxFuture<'_, Report> {
+//!         let first = std::mem::replace(&mut self.0, false);
+//!         Box::pin(async move {
+//!             if !first { std::future::pending::<()>().await; }
+//!             Report::View(View::new(vec![
+//!                 Member::new("db-1", "10.0.0.1", 5432, Role::Primary),
+//!                 Member::new("db-2", "10.0.0.2", 5432, Role::Replica),
+//!             ]))
+//!         })
+//!     }
+//! }
+//!
+//! let cluster = Cluster::<NoopBackend>::builder("main").build()?;
+//! // The backend of each member the source reports; a real engine's backend
+//! // would connect to member.host:member.port with the cluster's credentials.
+//! cluster
+//!     .follow(Fixed(true), |m: &Member| {
+//!         let role = if m.name.as_str() == "db-1" { Role::Primary } else { Role::Replica };
+//!         Ok(Arc::new(NoopBackend::with_role(m.name.as_str(), role)))
+//!     })
+//!     .ready(Duration::from_secs(1))
+//!     .await?;
+//! # tokio::time::pause();
+//! # tokio::time::sleep(Duration::from_millis(10)).await;
+//! let write = cluster.checkout(Intent::Write, None).await?;
+//! assert_eq!(write.endpoint(), &EndpointId::new("db-1"));
+//! assert_eq!(cluster.status().source.map(|s| s.primary), Some(Some(EndpointId::new("db-1"))));
+//! # Ok(()) }
+//! ```
+
+pub(crate) mod follow;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use switchyard_core::{EndpointId, Role};
+
+pub use follow::{Following, SourceUnreachable};
+
+/// One member of the cluster as the control plane reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// The endpoint's name (Patroni's member name, Sentinel's `ip:port`).
+    pub name: EndpointId,
+    /// Where it listens.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The role the control plane gives it: [`Role::Primary`] for the one
+    /// writes should go to, [`Role::Replica`] for every other member.
+    pub role: Role,
+}
+
+impl Member {
+    /// A member called `name` at `host:port`.
+    pub fn new(name: impl Into<String>, host: impl Into<String>, port: u16, role: Role) -> Self {
+        Self {
+            name: EndpointId::new(name.into()),
+            host: host.into(),
+            port,
+            role,
+        }
+    }
+}
+
+/// The control plane's whole view of the cluster at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Every member, at most one of them primary.
+    pub members: Vec<Member>,
+}
+
+impl View {
+    /// A view of `members`.
+    pub fn new(members: Vec<Member>) -> Self {
+        Self { members }
+    }
+
+    /// The member designated primary, if any.
+    pub fn primary(&self) -> Option<&Member> {
+        self.members.iter().find(|m| m.role == Role::Primary)
+    }
+}
+
+/// What a source reports each time it is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// The control plane's current view (a source may report the same view
+    /// again; only differences are applied).
+    View(View),
+    /// The control plane could not be reached or gave no usable answer; the
+    /// reason names what was tried, never a secret.
+    Unreachable(String),
+}
+
+/// Where a cluster's endpoints and roles come from: a control plane's client.
+///
+/// The cluster calls [`next`](Self::next) in a loop from one task: the first
+/// call should answer as soon as the control plane does; later calls wait
+/// for a change (a push, such as Sentinel's `+switch-master`) or the poll
+/// interval, whichever comes first. Cancel safety: the future may be dropped
+/// when the cluster closes.
+pub trait TopologySource: Send + 'static {
+    /// The source in logs, status and errors (kind and addresses, never a secret).
+    fn describe(&self) -> String;
+
+    /// The next report.
+    fn next(&mut self) -> BoxFuture<'_, Report>;
+}
+
+impl TopologySource for Box<dyn TopologySource> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Report> {
+        (**self).next()
+    }
+}
+
+/// How a source is doing, in [`SourceStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    /// No report yet.
+    Starting,
+    /// The last report was a view.
+    Following,
+    /// The last report said the control plane is unreachable; the last known
+    /// topology stays in place.
+    Unreachable,
+}
+
+impl fmt::Display for SourceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceState::Starting => "starting",
+            SourceState::Following => "following",
+            SourceState::Unreachable => "unreachable",
+        })
+    }
+}
+
+/// A cluster's topology source, as [`Cluster::status`](crate::Cluster::status) reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceStatus {
+    /// [`TopologySource::describe`].
+    pub source: String,
+    /// Starting, following or unreachable.
+    pub state: SourceState,
+    /// The member the source designates primary in the last view.
+    pub primary: Option<EndpointId>,
+    /// The roles of the last view, by endpoint.
+    pub roles: BTreeMap<EndpointId, Role>,
+    /// Views that changed the topology, since the source started.
+    pub changes: u64,
+    /// When the last view arrived.
+    pub last_view: Option<SystemTime>,
+    /// Why the source is unreachable (when it is).
+    pub last_error: Option<String>,
+    /// How long it has been unreachable (when it is).
+    #[serde(with = "humantime_serde")]
+    pub unreachable_for: Option<Duration>,
+}
+
+/// One difference between two views, applied by the cluster in one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new member: an endpoint is added.
+    Insert(Member),
+    /// A known member at a new address: its endpoint is replaced.
+    Repoint(Member),
+    /// A member left: its endpoint is removed.
+    Remove(EndpointId),
+    /// A known member at the same address got a new role.
+    Role(EndpointId, Role),
+}
+
+/// The changes that turn `known` (the members applied so far, by name) into `view`.
+///
+/// Inserts and re-points come first and removals last, so a primary that moves
+/// to a new member joins before the old one leaves.
+pub fn diff(known: &BTreeMap<EndpointId, Member>, view: &View) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for m in &view.members {
+        match known.get(&m.name) {
+            None => changes.push(Change::Insert(m.clone())),
+            Some(k) if k.host != m.host || k.port != m.port => {
+                changes.push(Change::Repoint(m.clone()))
+            }
+            Some(k) if k.role != m.role => changes.push(Change::Role(m.name.clone(), m.role)),
+            Some(_) => {}
+        }
+    }
+    for name in known.keys() {
+        if !view.members.iter().any(|m| &m.name == name) {
+            changes.push(Change::Remove(name.clone()));
+        }
+    }
+    changes
+}
+
+/// The role an endpoint routes as, from the source's designation and the
+/// probe's role; `None` when it must serve nothing. See the module docs.
+pub(crate) fn effective_role(designated: Option<Role>, probed: Role) -> Option<Role> {
+    match (designated, probed) {
+        (None, probed) => Some(probed),
+        (Some(Role::Replica), Role::Primary) => None,
+        (Some(Role::Primary), Role::Primary) => Some(Role::Primary),
+        (Some(_), probed) => Some(probed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(name: &str, port: u16, role: Role) -> Member {
+        Member::new(name, "127.0.0.1", port, role)
+    }
+
+    #[test]
+    fn diff_lists_inserts_and_repoints_before_removals() {
+        let known: BTreeMap<_, _> = [m("a", 1, Role::Primary), m("b", 2, Role::Replica)]
+            .into_iter()
+            .map(|m| (m.name.clone(), m))
+            .collect();
+        let view = View::new(vec![
+            m("b", 2, Role::Primary),
+            m("c", 3, Role::Replica),
+            m("d", 9, Role::Replica),
+        ]);
+        assert_eq!(
+            diff(&known, &view),
+            vec![
+                Change::Role(EndpointId::new("b"), Role::Primary),
+                Change::Insert(m("c", 3, Role::Replica)),
+                Change::Insert(m("d", 9, Role::Replica)),
+                Change::Remove(EndpointId::new("a")),
+            ]
+        );
+        let moved = View::new(vec![m("a", 7, Role::Primary), m("b", 2, Role::Replica)]);
+        assert_eq!(
+            diff(&known, &moved),
+            vec![Change::Repoint(m("a", 7, Role::Primary))]
+        );
+        let same = View::new(known.values().cloned().collect());
+        assert!(diff(&known, &same).is_empty());
+    }
+
+    #[test]
+    fn a_replica_that_probes_primary_serves_nothing() {
+        use Role::*;
+        assert_eq!(effective_role(None, Primary), Some(Primary));
+        assert_eq!(effective_role(Some(Primary), Primary), Some(Primary));
+        assert_eq!(effective_role(Some(Primary), Replica), Some(Replica));
+        assert_eq!(effective_role(Some(Replica), Replica), Some(Replica));
+        assert_eq!(effective_role(Some(Replica), Primary), None);
+        assert_eq!(effective_role(Some(Replica), Standalone), Some(Standalone));
+    }
+}
