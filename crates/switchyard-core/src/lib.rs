@@ -48,6 +48,7 @@ pub mod noop;
 pub mod provision;
 mod registry;
 mod tenant;
+mod tls;
 
 pub use backend::{Backend, Intent, PoolStats, Probe, Role};
 pub use checkout::{
@@ -55,6 +56,7 @@ pub use checkout::{
 };
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Error};
+pub use tls::{ClientIdentity, TlsFailure, TlsMaterial, TlsSettings, Transport};
 pub use registry::{
     deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,
 };

@@ -121,7 +121,7 @@ pub(crate) fn timed_pg_error(
             };
         }
     }
-    Error::backend(endpoint, tenant, classify(&error), error)
+    Error::connect(endpoint, tenant, classify(&error), error)
 }
 
 /// Convenience for reporting sqlx failures on a checkout.

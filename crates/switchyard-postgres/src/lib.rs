@@ -144,6 +144,7 @@ mod rls;
 mod sql;
 mod stats;
 mod tenant_pools;
+mod tls;
 
 pub use backend::PgBackend;
 pub use config::{

@@ -110,7 +110,7 @@ pub fn error_kind(err: &RedisError) -> BackendErrorKind {
 /// result is safe to log.
 pub fn redis_error(endpoint: &EndpointId, tenant: Option<&TenantId>, err: RedisError) -> Error {
     let kind = error_kind(&err);
-    Error::backend(endpoint, tenant, kind, err)
+    Error::connect(endpoint, tenant, kind, err)
 }
 
 /// Whether a redis error leaves the connection unfit for another command: the

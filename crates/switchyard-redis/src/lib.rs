@@ -69,6 +69,7 @@ mod error;
 mod keys;
 mod probe;
 mod table;
+mod tls;
 
 pub use acl::{
     acl_user, key_prefix, provision_acl_users, remove_acl_users, AclPassword, AclPasswords,

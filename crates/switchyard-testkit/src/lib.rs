@@ -52,6 +52,7 @@ mod proxy;
 mod redis;
 mod scratch;
 mod standin;
+mod tls;
 mod wait;
 
 pub use crate::clickhouse::ClickHouse;
@@ -62,6 +63,7 @@ pub use crate::process::{descendants, is_alive, signal_tree};
 pub use crate::proxy::{FaultHandle, FaultProxy};
 pub use crate::redis::{RedisCluster, RedisNode};
 pub use crate::standin::{ElasticServer, MongoServer, ServerKind};
+pub use crate::tls::{TestCa, CLIENT_NAME, SERVER_NAME};
 pub use crate::wait::{poll_until, wait_until, POLL_INTERVAL};
 
 /// Signals for [`signal_tree`], re-exported so callers need no `nix` dependency.
