@@ -235,21 +235,15 @@ impl AnyBackend {
         let (name, url) = (ep.name.clone(), ep.url.clone());
         Ok(match engine {
             Engine::Postgres => {
-                backend_of!(
-                    Postgres,
-                    PgBackend,
-                    PgBackendConfig::new(name, url),
-                    pool,
-                    cluster
-                )
+                let mut config = PgBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(Postgres, PgBackend, config, pool, cluster)
             }
-            Engine::Redis => backend_of!(
-                Redis,
-                RedisBackend,
-                RedisBackendConfig::new(name, url),
-                pool,
-                cluster
-            ),
+            Engine::Redis => {
+                let mut config = RedisBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(Redis, RedisBackend, config, pool, cluster)
+            }
             #[cfg(feature = "mongodb")]
             Engine::Mongodb => backend_of!(
                 Mongodb,

@@ -254,21 +254,27 @@ impl fmt::Display for TlsFailure {
 impl TlsFailure {
     /// The TLS failure somewhere in `error`'s source chain, if it is one.
     ///
-    /// Looks through `std::io::Error` wrappers too: their `source()` skips
-    /// the error they wrap, which is where drivers keep rustls' error.
+    /// Looks through `std::io::Error` and `Arc` wrappers too: their
+    /// `source()` skips the error they wrap, which is where drivers keep
+    /// rustls' error.
     pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
         let mut next = Some(error);
         while let Some(e) = next {
             if let Some(tls) = e.downcast_ref::<rustls::Error>() {
                 return Some(Self::of(tls));
             }
-            if let Some(inner) = e
-                .downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::get_ref)
-            {
-                if let Some(found) = Self::find(inner) {
-                    return Some(found);
-                }
+            // Wrappers whose `source()` skips what they wrap: an `io::Error`
+            // (tokio-rustls puts rustls' error in one) and an `Arc` (the redis
+            // crate keeps its io errors in one).
+            let wrapped: Option<&(dyn std::error::Error + 'static)> =
+                match e.downcast_ref::<std::io::Error>() {
+                    Some(io) => io.get_ref().map(|inner| inner as _),
+                    None => e
+                        .downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()
+                        .map(|inner| &**inner as _),
+                };
+            if let Some(found) = wrapped.and_then(Self::find) {
+                return Some(found);
             }
             next = e.source();
         }
@@ -300,6 +306,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// An error whose source is an `Arc`, as the redis crate's errors are.
+    #[derive(Debug)]
+    struct Outer(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
     #[test]
     fn finds_rustls_errors_behind_io_errors() {
         let inner = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
@@ -307,6 +329,10 @@ mod tests {
         assert_eq!(TlsFailure::find(&io), Some(TlsFailure::UnknownIssuer));
         let name = rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
         assert_eq!(TlsFailure::find(&name), Some(TlsFailure::HostnameMismatch));
+        let shared: std::sync::Arc<dyn std::error::Error + Send + Sync> = std::sync::Arc::new(
+            std::io::Error::new(std::io::ErrorKind::InvalidData, name.clone()),
+        );
+        assert_eq!(TlsFailure::find(&Outer(shared)), Some(TlsFailure::HostnameMismatch));
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(TlsFailure::find(&refused), None);
     }

@@ -75,7 +75,7 @@ pub struct RedisBackendConfig {
     #[serde(default)]
     pub databases: BTreeMap<String, u8>,
     /// TLS trust and client certificate for a `rediss://` URL (without it, a
-    /// `rediss://` URL verifies the server against the system's roots).
+    /// `rediss://` URL verifies the server against Mozilla's roots).
     #[serde(default)]
     pub tls: Option<TlsSettings>,
 }

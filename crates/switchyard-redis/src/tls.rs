@@ -2,7 +2,7 @@
 //! with the endpoint's [`TlsSettings`] (trusted CAs, client certificate).
 //!
 //! A `rediss://` URL always verifies the server: against the `ca_file` when
-//! one is given, else against the system's roots. Skipping verification takes
+//! one is given, else against Mozilla's roots (webpki-roots, as sqlx does). Skipping verification takes
 //! `insecure_skip_verify: true` in the settings; the redis crate's own
 //! `#insecure` URL fragment is refused, so it cannot hide in a URL.
 
