@@ -18,8 +18,8 @@ use std::time::Duration;
 use common::*;
 use sqlx::{Connection, PgConnection};
 use switchyard_core::{
-    Error, Intent, Isolation, PoolSettings, Role, TenantId, TenantRegistry, TierPolicy,
-    TlsFailure, TlsSettings,
+    Error, Intent, Isolation, PoolSettings, Role, TenantId, TenantRegistry, TierPolicy, TlsFailure,
+    TlsSettings,
 };
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_redis::{redis, Command, RedisBackend, RedisBackendConfig};
@@ -40,11 +40,7 @@ fn schema_tenants() -> TenantRegistry {
 
 /// A cluster of `backends`, the first the primary; probes at the router's
 /// default pace unless `fast`.
-fn build<B: switchyard_core::Backend>(
-    name: &str,
-    backends: &[Arc<B>],
-    fast: bool,
-) -> Cluster<B> {
+fn build<B: switchyard_core::Backend>(name: &str, backends: &[Arc<B>], fast: bool) -> Cluster<B> {
     let config = if fast {
         fast_config(Duration::from_secs(2))
     } else {
@@ -101,10 +97,12 @@ fn pg_backends(pg: &PgCluster, user: &str, tls: &TlsSettings) -> Vec<Arc<Counted
 
 /// `(ssl, version)` of the session `conn` is on, from the server's side.
 async fn pg_ssl(conn: &mut PgConnection) -> (bool, String) {
-    sqlx::query_as("SELECT ssl, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-        .fetch_one(conn)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT ssl, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +128,10 @@ async fn postgres_checkout_scoping_and_failover_over_tls() {
         .await
         .unwrap();
     assert_eq!(v, 7);
-    assert!(pg_ssl(&mut conn).await.0, "the standby session is not encrypted");
+    assert!(
+        pg_ssl(&mut conn).await.0,
+        "the standby session is not encrypted"
+    );
     drop(conn);
 
     // Failover: the primary dies, the standby is promoted, writes follow it.
@@ -245,7 +246,10 @@ async fn redis_checkout_scoping_and_failover_over_tls() {
     let backends = redis_backends(&rc, &client_tls(&ca));
     let cluster = build("redis-tls", &backends, true);
 
-    let mut conn = cluster.checkout(Intent::Write, Some(&acme())).await.unwrap();
+    let mut conn = cluster
+        .checkout(Intent::Write, Some(&acme()))
+        .await
+        .unwrap();
     assert_eq!(conn.endpoint().as_str(), "redis-0");
     let () = conn
         .query(&Command::new("SET").arg("k").arg("v1"))
@@ -270,7 +274,12 @@ async fn redis_checkout_scoping_and_failover_over_tls() {
     .await
     .unwrap();
     let mut conn = cluster.checkout(Intent::Read, Some(&acme())).await.unwrap();
-    assert_eq!(conn.endpoint().as_str(), "redis-1", "{:#?}", cluster.status());
+    assert_eq!(
+        conn.endpoint().as_str(),
+        "redis-1",
+        "{:#?}",
+        cluster.status()
+    );
     let v: String = conn.query(&Command::new("GET").arg("k")).await.unwrap();
     assert_eq!(v, "v1");
     drop(conn);
@@ -285,7 +294,9 @@ async fn redis_checkout_scoping_and_failover_over_tls() {
         .unwrap();
     let tls_port = format!(":{}", rc.replicas()[0].tls_port().unwrap());
     assert!(
-        clients.lines().any(|l| l.contains(&format!("laddr=127.0.0.1{tls_port}"))),
+        clients
+            .lines()
+            .any(|l| l.contains(&format!("laddr=127.0.0.1{tls_port}"))),
         "no client on the TLS port: {clients}"
     );
 
@@ -334,7 +345,10 @@ async fn redis_refuses_untrusted_or_misnamed_servers_at_once() {
     let port = rc.master().tls_port().unwrap();
     let mut config = RedisBackendConfig::new("redis-ip", format!("rediss://127.0.0.1:{port}"));
     config.tls = Some(client_tls(&ca));
-    let single = cluster_of_one("redis-misnamed", Counted::new(RedisBackend::new(config).unwrap()));
+    let single = cluster_of_one(
+        "redis-misnamed",
+        Counted::new(RedisBackend::new(config).unwrap()),
+    );
     match single.checkout(Intent::Write, None).await.unwrap_err() {
         Error::Tls { failure, .. } => assert_eq!(failure, TlsFailure::HostnameMismatch),
         other => panic!("expected a TLS error, got {other:?}"),

@@ -76,6 +76,7 @@ mod router_set;
 pub mod secrets;
 mod settings;
 mod source;
+mod tls_check;
 mod validate;
 
 pub use any::AnyCluster;
@@ -85,3 +86,4 @@ pub use reload::{LiveConfig, ReloadEvent, WatchHandle};
 pub use router_set::{ApplyReport, EndpointProbe, RouterSet};
 pub use settings::{ClusterSettings, EndpointSettings, Settings};
 pub use source::{ConfigSource, ENVIRONMENTS, ENV_PREFIX};
+pub use tls_check::{check_tls, transport, EndpointTls};

@@ -247,9 +247,7 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
     from_core(problems, pool.validate(&format!("{path}.pool")));
     let rest: Dict = d
         .iter()
-        .filter(|(k, _)| {
-            !["engine", "writes", "pool", "endpoints", "tls"].contains(&k.as_str())
-        })
+        .filter(|(k, _)| !["engine", "writes", "pool", "endpoints", "tls"].contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let router = de::<ClusterConfig>(&Value::from(rest), &path, problems).unwrap_or_default();
@@ -503,7 +501,11 @@ fn check_url(
                     format!(
                         "tls files are not supported for {engine} yet; use an {} url, \
                          which verifies against the driver's default roots",
-                        if engine == Engine::Mongodb { "tls=true" } else { "https://" }
+                        if engine == Engine::Mongodb {
+                            "tls=true"
+                        } else {
+                            "https://"
+                        }
                     ),
                 );
             }

@@ -49,10 +49,7 @@ fn tls_problems_name_the_file_and_the_line() {
         .env_prefix("SYTEST_TLS_PROBLEMS__")
         .load()
         .unwrap_err();
-    assert!(
-        err.to_string().contains("insecure_skip_verify"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("insecure_skip_verify"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

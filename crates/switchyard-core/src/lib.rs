@@ -56,10 +56,10 @@ pub use checkout::{
 };
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Error};
-pub use tls::{ClientIdentity, TlsFailure, TlsMaterial, TlsSettings, Transport};
 pub use registry::{
     deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,
 };
 pub use tenant::{
     Isolation, NameTemplate, TemplateError, TenantId, TenantIdError, TenantScope, MAX_TENANT_ID_LEN,
 };
+pub use tls::{ClientIdentity, TlsFailure, TlsMaterial, TlsSettings, Transport};

@@ -66,7 +66,11 @@ impl TlsSettings {
     }
 
     /// Adds a client certificate and key.
-    pub fn client_cert(mut self, cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Self {
+    pub fn client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
         self.cert_file = Some(cert_file.into());
         self.key_file = Some(key_file.into());
         self
@@ -97,7 +101,10 @@ impl TlsSettings {
                 if added == 0 {
                     return Err(problem(
                         "ca_file",
-                        format!("{}: none of its {count} certificate(s) is a usable CA", file.display()),
+                        format!(
+                            "{}: none of its {count} certificate(s) is a usable CA",
+                            file.display()
+                        ),
                     ));
                 }
                 Some(pem)
@@ -106,8 +113,12 @@ impl TlsSettings {
         };
         let identity = match (&self.cert_file, &self.key_file) {
             (None, None) => None,
-            (Some(_), None) => return Err(problem("key_file", "cert_file needs a key_file".into())),
-            (None, Some(_)) => return Err(problem("cert_file", "key_file needs a cert_file".into())),
+            (Some(_), None) => {
+                return Err(problem("key_file", "cert_file needs a key_file".into()))
+            }
+            (None, Some(_)) => {
+                return Err(problem("cert_file", "key_file needs a cert_file".into()))
+            }
             (Some(cert_file), Some(key_file)) => {
                 let cert = read(cert_file).map_err(|m| problem("cert_file", m))?;
                 certificates(&cert, cert_file).map_err(|m| problem("cert_file", m))?;
@@ -332,7 +343,10 @@ mod tests {
         let shared: std::sync::Arc<dyn std::error::Error + Send + Sync> = std::sync::Arc::new(
             std::io::Error::new(std::io::ErrorKind::InvalidData, name.clone()),
         );
-        assert_eq!(TlsFailure::find(&Outer(shared)), Some(TlsFailure::HostnameMismatch));
+        assert_eq!(
+            TlsFailure::find(&Outer(shared)),
+            Some(TlsFailure::HostnameMismatch)
+        );
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(TlsFailure::find(&refused), None);
     }
@@ -343,9 +357,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "hunter2, not a certificate\n").unwrap();
-        let err = TlsSettings::with_ca_file(&junk).load("tls").unwrap_err().to_string();
+        let err = TlsSettings::with_ca_file(&junk)
+            .load("tls")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("tls.ca_file: "), "{err}");
-        assert!(err.contains("junk.pem") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("junk.pem") && !err.contains("hunter2"),
+            "{err}"
+        );
         let half = TlsSettings {
             cert_file: Some(junk.clone()),
             ..TlsSettings::default()

@@ -128,7 +128,10 @@ mod tests {
         };
         assert_eq!(applied(url, &insecure), Ok(PgSslMode::Require));
         let weak = applied("postgres://app@db/app?sslmode=require", &tls).unwrap_err();
-        assert!(weak.starts_with("pg.tls: the url's sslmode=require"), "{weak}");
+        assert!(
+            weak.starts_with("pg.tls: the url's sslmode=require"),
+            "{weak}"
+        );
         let off = applied("postgres://app@db/app?sslmode=disable", &tls).unwrap_err();
         assert!(off.contains("sslmode=disable"), "{off}");
         assert_eq!(

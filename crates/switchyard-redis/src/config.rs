@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use deadpool_redis::redis::{IntoConnectionInfo, ProtocolVersion};
 use serde::Deserialize;
-use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TenantScope, TlsSettings, Transport};
+use switchyard_core::{
+    EndpointId, Error, PoolSettings, SecretUrl, TenantScope, TlsSettings, Transport,
+};
 
 use crate::acl::AclPasswords;
 use crate::backend::RedisBackend;

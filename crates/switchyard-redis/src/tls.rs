@@ -15,7 +15,11 @@ fn is_tls(info: &ConnectionInfo) -> bool {
 }
 
 /// What is wrong with `tls` for a connection to `info`, or `None`.
-pub(crate) fn problem(info: &ConnectionInfo, url: &str, tls: Option<&TlsSettings>) -> Option<String> {
+pub(crate) fn problem(
+    info: &ConnectionInfo,
+    url: &str,
+    tls: Option<&TlsSettings>,
+) -> Option<String> {
     if !is_tls(info) {
         return tls.map(|_| "tls settings are given but the url is redis://; use rediss://".into());
     }

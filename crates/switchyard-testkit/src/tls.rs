@@ -59,7 +59,9 @@ fn leaf(
     usage: ExtendedKeyUsagePurpose,
 ) -> Result<(String, String)> {
     let mut params = CertificateParams::new(names).map_err(tls_error("certificate"))?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.extended_key_usages = vec![usage];
     let key = KeyPair::generate().map_err(tls_error("key"))?;
     let cert = params
@@ -180,8 +182,9 @@ impl TestCa {
                 })?;
             }
         }
-        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600))
-            .map_err(TestkitError::io(format!("restricting {}", files.key.display())))?;
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600)).map_err(
+            TestkitError::io(format!("restricting {}", files.key.display())),
+        )?;
         Ok(files)
     }
 }
