@@ -27,9 +27,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use switchyard::redis::RedisBackendConfig;
 use switchyard::redis::{provision_acl_users, RedisBackend, StaticPasswords};
 use switchyard::router::EndpointConfig;
-use switchyard::redis::RedisBackendConfig;
 use switchyard::{Checkout, CheckoutRequest, Cluster, PoolSettings, Role, TlsSettings};
 use switchyard_testkit::{RedisCluster, TestCa};
 
@@ -154,10 +154,17 @@ fn redis_tls(c: &mut Criterion) {
                 .expect("cluster")
         };
         [
-            ("plaintext", build("redis-plaintext", server.master().url(), None)),
+            (
+                "plaintext",
+                build("redis-plaintext", server.master().url(), None),
+            ),
             (
                 "tls",
-                build("redis-tls", server.master().tls_url().expect("tls url"), Some(tls)),
+                build(
+                    "redis-tls",
+                    server.master().tls_url().expect("tls url"),
+                    Some(tls),
+                ),
             ),
         ]
     });
