@@ -17,6 +17,10 @@
 //! (`tenant_roles`: the scope statement also switches to the tenant's role,
 //! the return resets it) next to the setting-based one, both with affinity
 //! off (the role mode turns it off), schema and row.
+//! - `postgres_tls/{plaintext,tls}`: `Cluster::checkout` + `SELECT 1` against
+//!   one server with `ssl = on`, once over `sslmode=disable` and once over
+//!   verified TLS (the test bed's CA): what TLS costs per checkout when
+//!   connections are reused (the handshake is paid once per connection).
 //!
 //! `cargo bench --bench postgres`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -31,8 +35,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::router::EndpointConfig;
-use switchyard::{Backend as _, Checkout, Cluster, PoolSettings, Role};
-use switchyard_testkit::PgCluster;
+use switchyard::{Backend as _, Checkout, Cluster, PoolSettings, Role, TlsSettings};
+use switchyard_testkit::{PgCluster, TestCa};
 
 /// Connections in every pool compared here.
 const POOL_SIZE: u32 = 16;
@@ -198,12 +202,40 @@ fn postgres_roles(c: &mut Criterion) {
         group.finish();
     }
     rt.block_on(async { drop((setting, roles)) });
+}
+
+/// Plaintext next to TLS, both to one `ssl = on` server, connections reused.
+fn postgres_tls(c: &mut Criterion) {
+    let rt = common::runtime();
+    let ca = TestCa::generate().expect("test CA");
+    let pg = rt
+        .block_on(PgCluster::start_tls(0, &ca))
+        .expect("postgres with TLS (testkit)");
+    let plain_url = format!("{}?sslmode=disable", pg.primary().url());
+    let tls_url = pg.primary().tls_url("postgres").expect("tls url");
+    let (plain, tls) = rt.block_on(async {
+        let plain = backend(&plain_url, "pg-plaintext", AffinitySettings::default());
+        let config = PgBackendConfig::builder("pg-tls", tls_url.as_str())
+            .pool(PoolSettings::default().with_max_size(POOL_SIZE))
+            .tls(TlsSettings::with_ca_file(ca.ca_file()))
+            .config();
+        let tls = Arc::new(PgBackend::new(config).expect("pg tls backend"));
+        (cluster(&plain), cluster(&tls))
+    });
+    for tasks in [1, 64] {
+        let mut group = c.benchmark_group(format!("postgres_tls/{tasks}_tasks"));
+        for (name, cluster) in [("plaintext", &plain), ("tls", &tls)] {
+            common::cluster_row(&mut group, &rt, tasks, name, cluster, None, select_one);
+        }
+        group.finish();
+    }
+    rt.block_on(async move { drop((plain, tls)) });
     drop(pg);
 }
 
 criterion_group! {
     name = benches;
     config = common::criterion();
-    targets = postgres, postgres_roles
+    targets = postgres, postgres_roles, postgres_tls
 }
 criterion_main!(benches);

@@ -14,6 +14,10 @@
 //! The Redis backend has no tenant affinity stash, so there is no
 //! affinity on/off pair here (see the postgres bench).
 //!
+//! `redis_tls/{plaintext,tls}`: unscoped `Cluster::checkout` + `PING` on one
+//! server, over its plaintext and its TLS port: TLS's cost per checkout with
+//! connections reused.
+//!
 //! `cargo bench --bench redis`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,10 +27,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use switchyard::redis::RedisBackendConfig;
 use switchyard::redis::{provision_acl_users, RedisBackend, StaticPasswords};
 use switchyard::router::EndpointConfig;
-use switchyard::{Checkout, CheckoutRequest, Cluster, Role};
-use switchyard_testkit::RedisCluster;
+use switchyard::{Checkout, CheckoutRequest, Cluster, PoolSettings, Role, TlsSettings};
+use switchyard_testkit::{RedisCluster, TestCa};
 
 /// Connections in every pool compared here.
 const POOL_SIZE: u32 = 16;
@@ -125,9 +130,58 @@ fn redis(c: &mut Criterion) {
     drop(server);
 }
 
+/// `Cluster::checkout` + `PING` on one server, over its plaintext port and
+/// over its TLS port (verified, client certificate): what TLS costs per
+/// checkout when connections are reused.
+fn redis_tls(c: &mut Criterion) {
+    let rt = common::runtime();
+    let ca = TestCa::generate().expect("test CA");
+    let server = rt
+        .block_on(RedisCluster::start_tls(0, &ca))
+        .expect("redis with TLS (testkit)");
+    let tls = TlsSettings::with_ca_file(ca.ca_file())
+        .client_cert(ca.client_cert_file(), ca.client_key_file());
+    let clusters = rt.block_on(async {
+        let build = |name: &str, url: String, tls: Option<TlsSettings>| {
+            let mut config = RedisBackendConfig::new(name.to_owned(), url);
+            config.pool = PoolSettings::default().with_max_size(POOL_SIZE);
+            config.tls = tls;
+            let backend = Arc::new(RedisBackend::new(config).expect("redis backend"));
+            Cluster::builder(format!("bench-{name}"))
+                .engine("redis")
+                .endpoint(backend, EndpointConfig::new(Role::Primary))
+                .build()
+                .expect("cluster")
+        };
+        [
+            (
+                "plaintext",
+                build("redis-plaintext", server.master().url(), None),
+            ),
+            (
+                "tls",
+                build(
+                    "redis-tls",
+                    server.master().tls_url().expect("tls url"),
+                    Some(tls),
+                ),
+            ),
+        ]
+    });
+    for tasks in [1, 64] {
+        let mut group = c.benchmark_group(format!("redis_tls/{tasks}_tasks"));
+        for (name, cluster) in &clusters {
+            common::cluster_row(&mut group, &rt, tasks, name, cluster, None, ping);
+        }
+        group.finish();
+    }
+    rt.block_on(async move { drop(clusters) });
+    drop(server);
+}
+
 criterion_group! {
     name = benches;
     config = common::criterion();
-    targets = redis
+    targets = redis, redis_tls
 }
 criterion_main!(benches);

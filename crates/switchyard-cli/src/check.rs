@@ -5,7 +5,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
-use switchyard_config::{ConfigError, ConfigSource, EndpointProbe, RouterSet};
+use switchyard_config::{
+    check_tls, ConfigError, ConfigSource, EndpointProbe, EndpointTls, RouterSet,
+};
+use switchyard_core::Transport;
 
 use crate::table;
 
@@ -22,6 +25,26 @@ pub fn print_invalid(error: &ConfigError) {
     }
     for p in error.problems() {
         eprintln!("  {p}");
+    }
+}
+
+/// The configured protection, for `--json`.
+fn transport_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Plaintext => "plaintext",
+        Transport::Opportunistic => "opportunistic_unverified",
+        Transport::Unverified => "tls_unverified",
+        Transport::Verified => "tls_verified",
+        _ => "unknown",
+    }
+}
+
+/// The ENCRYPTION column: `TLSv1_3, verified`, `plaintext`, or the failure.
+fn shown(t: &EndpointTls) -> String {
+    match (&t.version, t.transport) {
+        (Ok(Some(version)), _) => format!("{version}, verified"),
+        (Ok(None), transport) => transport.to_string(),
+        (Err(e), _) => format!("tls FAILED: {e}"),
     }
 }
 
@@ -55,7 +78,13 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
         eprintln!("switchyard: {e}");
         return UNHEALTHY;
     }
-    let mut probes = routers.probe_all(timeout).await;
+    let (mut probes, encryption) =
+        tokio::join!(routers.probe_all(timeout), check_tls(&settings, timeout));
+    let tls_of = |cluster: &str, endpoint: &str| {
+        encryption
+            .iter()
+            .find(|t| t.cluster == cluster && t.endpoint == endpoint)
+    };
     // Members of clusters that follow a topology source: as the router sees
     // them once each has been probed.
     tokio::time::sleep(timeout).await;
@@ -109,6 +138,9 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
                     "latency_ms": p.result.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
                     "lag_ms": p.lag.map(|d| d.as_secs_f64() * 1000.0),
                     "error": p.result.as_ref().err(),
+                    "transport": tls_of(&p.cluster, &p.endpoint).map(|t| transport_name(t.transport)),
+                    "tls_version": tls_of(&p.cluster, &p.endpoint).and_then(|t| t.version.clone().ok().flatten()),
+                    "tls_error": tls_of(&p.cluster, &p.endpoint).and_then(|t| t.version.clone().err()),
                 })
             })
             .collect();
@@ -135,16 +167,37 @@ pub async fn run(dir: &Path, env: &str, json: bool) -> u8 {
                     },
                     table::ms(p.result.as_ref().ok().copied()),
                     table::ms(p.lag),
+                    tls_of(&p.cluster, &p.endpoint).map_or_else(String::new, shown),
                 ]
             })
             .collect();
         print!(
             "{}",
             table::render(
-                &["CLUSTER", "ENDPOINT", "ROLE", "SOURCE", "HEALTH", "LATENCY", "LAG"],
+                &[
+                    "CLUSTER",
+                    "ENDPOINT",
+                    "ROLE",
+                    "SOURCE",
+                    "HEALTH",
+                    "LATENCY",
+                    "LAG",
+                    "ENCRYPTION"
+                ],
                 &rows
             )
         );
+        for t in &encryption {
+            if matches!(
+                t.transport,
+                Transport::Unverified | Transport::Opportunistic
+            ) {
+                println!(
+                    "WARNING: cluster {} endpoint {}: the server's certificate is NOT VERIFIED ({})",
+                    t.cluster, t.endpoint, t.transport
+                );
+            }
+        }
         for (cluster, n) in &healthy {
             if *n == 0 {
                 println!("cluster {cluster}: no healthy endpoint");

@@ -185,6 +185,8 @@ impl AnyCluster {
                 role: m.role,
                 weight: 1,
                 secret_files: Vec::new(),
+                tls: None,
+                tls_digest: 0,
             };
             AnyBackend::build(engine, &cluster, &pool, &ep).map_err(|e| match e {
                 ConfigError::Build { source, .. } => source,
@@ -289,21 +291,15 @@ impl AnyBackend {
         let (name, url) = (ep.name.clone(), ep.url.clone());
         Ok(match engine {
             Engine::Postgres => {
-                backend_of!(
-                    Postgres,
-                    PgBackend,
-                    PgBackendConfig::new(name, url),
-                    pool,
-                    cluster
-                )
+                let mut config = PgBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(Postgres, PgBackend, config, pool, cluster)
             }
-            Engine::Redis => backend_of!(
-                Redis,
-                RedisBackend,
-                RedisBackendConfig::new(name, url),
-                pool,
-                cluster
-            ),
+            Engine::Redis => {
+                let mut config = RedisBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(Redis, RedisBackend, config, pool, cluster)
+            }
             #[cfg(feature = "mongodb")]
             Engine::Mongodb => backend_of!(
                 Mongodb,

@@ -76,6 +76,7 @@ mod router_set;
 pub mod secrets;
 mod settings;
 mod source;
+mod tls_check;
 mod topology;
 mod validate;
 
@@ -86,4 +87,5 @@ pub use reload::{LiveConfig, ReloadEvent, WatchHandle};
 pub use router_set::{ApplyReport, EndpointProbe, RouterSet};
 pub use settings::{ClusterSettings, EndpointSettings, Settings};
 pub use source::{ConfigSource, ENVIRONMENTS, ENV_PREFIX};
+pub use tls_check::{check_tls, transport, EndpointTls};
 pub use topology::SourceSettings;

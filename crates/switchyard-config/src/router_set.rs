@@ -389,8 +389,9 @@ enum Swap {
     Repoint,
     /// Only the cluster's pool settings changed: a new backend, same state.
     NewPool,
-    /// Only the credentials in the URL changed (a rotated secret): a new
-    /// backend for the same server, same state.
+    /// Only the credentials in the URL or the TLS settings or files changed
+    /// (a rotated secret or certificate): a new backend for the same server,
+    /// same state.
     NewCredentials,
 }
 
@@ -450,7 +451,9 @@ fn apply_cluster(
                 Some(Swap::Repoint)
             }
             Some(_) if new_pool => Some(Swap::NewPool),
-            Some(o) if o.url != ep.url => Some(Swap::NewCredentials),
+            Some(o) if o.url != ep.url || o.tls != ep.tls || o.tls_digest != ep.tls_digest => {
+                Some(Swap::NewCredentials)
+            }
             Some(_) => None,
         };
         if let Some(swap) = swap {

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TierPolicy};
+use switchyard_core::{
+    PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TierPolicy, TlsSettings,
+};
 use switchyard_router::ClusterConfig;
 
 use crate::topology::SourceSettings;
@@ -85,6 +87,13 @@ pub struct EndpointSettings {
     pub weight: u32,
     /// The files its secrets are read from (`${file:…}` references and
     /// `password_file`), which a watching [`LiveConfig`](crate::LiveConfig)
-    /// watches too, so a rotated secret is picked up.
+    /// watches too, so a rotated secret is picked up. The TLS files are
+    /// among them.
     pub secret_files: Vec<PathBuf>,
+    /// TLS trust and client certificate: the endpoint's own `tls`, else its
+    /// cluster's. Paths with `${VAR}` references resolved.
+    pub tls: Option<TlsSettings>,
+    /// A hash of the TLS files' contents when loaded, so a rotated CA,
+    /// certificate or key makes the endpoint differ and get a new backend.
+    pub tls_digest: u64,
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use figment::value::{Dict, Value};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TierPolicy};
+use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TierPolicy, TlsSettings};
 use switchyard_postgres::PgBackendConfig;
 use switchyard_redis::RedisBackendConfig;
 use switchyard_router::{ClusterConfig, EndpointConfig};
@@ -30,10 +30,13 @@ struct RawEndpoint {
     weight: u32,
     #[serde(default)]
     password_file: Option<PathBuf>,
+    #[serde(default)]
+    tls: Option<TlsSettings>,
 }
 
 /// Cluster keys that are not router settings.
-const NOT_ROUTER: [&str; 8] = [
+const NOT_ROUTER: [&str; 9] = [
+    "tls",
     "engine",
     "writes",
     "pool",
@@ -268,8 +271,21 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
     let router = de::<ClusterConfig>(&Value::from(rest), &path, problems).unwrap_or_default();
     from_core(problems, router.validate(&path));
     let source = crate::topology::settings(&path, engine, d, problems);
+    let tls = d
+        .get("tls")
+        .and_then(|v| de::<TlsSettings>(v, &format!("{path}.tls"), problems))
+        .map(|t| (t, format!("{path}.tls")));
+    if tls.is_some() && !matches!(source, Some(SourceSettings::Static) | None) {
+        push(
+            problems,
+            &format!("{path}.tls"),
+            "a cluster with a topology source cannot take a tls block yet: its members connect as member_url says",
+        );
+    }
     let endpoints = match (&source, d.get("endpoints")) {
-        (Some(SourceSettings::Static), value) => endpoints(&path, engine, writes, value, problems),
+        (Some(SourceSettings::Static), value) => {
+            endpoints(&path, engine, writes, value, tls, problems)
+        }
         (_, Some(_)) => {
             push(
                 problems,
@@ -285,6 +301,7 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
             engine,
             "member",
             url,
+            None,
             &format!("{path}.member_url"),
             problems,
         );
@@ -304,6 +321,7 @@ fn endpoints(
     engine: Option<Engine>,
     writes: bool,
     value: Option<&Value>,
+    cluster_tls: Option<(TlsSettings, String)>,
     problems: &mut Vec<Problem>,
 ) -> Vec<EndpointSettings> {
     let list_path = format!("{path}.endpoints");
@@ -373,8 +391,15 @@ fn endpoints(
             }
         };
         let Some(url) = url else { continue };
+        let tls = match ep.tls {
+            Some(t) => Some((t, format!("{ep_path}.tls"))),
+            None => cluster_tls.clone(),
+        };
+        let Some((tls, tls_digest)) = tls_files(tls, problems) else {
+            continue;
+        };
         if let Some(engine) = engine {
-            check_url(engine, &ep.name, &url, &ep_path, problems);
+            check_url(engine, &ep.name, &url, tls.as_ref(), &ep_path, problems);
         }
         if let Some(j) = out.iter().position(|o| o.name == ep.name) {
             push(
@@ -398,12 +423,15 @@ fn endpoints(
         }
         let mut secret_files = file_references(&ep.url);
         secret_files.extend(ep.password_file);
+        secret_files.extend(tls.iter().flat_map(|t| t.files().map(PathBuf::from)));
         out.push(EndpointSettings {
             name: ep.name,
             url,
             role: ep.role,
             weight: ep.weight,
             secret_files,
+            tls,
+            tls_digest,
         });
     }
     if writes && !raw.is_empty() && !has_primary {
@@ -416,10 +444,61 @@ fn endpoints(
     out
 }
 
+/// `tls` (written at the path it carries) with `${VAR}` and `${file:…}`
+/// references in its paths resolved and its files read and checked, plus a
+/// hash of their contents; `None` after pushing the problems.
+fn tls_files(
+    tls: Option<(TlsSettings, String)>,
+    problems: &mut Vec<Problem>,
+) -> Option<(Option<TlsSettings>, u64)> {
+    use std::hash::{Hash, Hasher};
+    let Some((mut tls, path)) = tls else {
+        return Some((None, 0));
+    };
+    let before = problems.len();
+    for (field, file) in [
+        ("ca_file", &mut tls.ca_file),
+        ("cert_file", &mut tls.cert_file),
+        ("key_file", &mut tls.key_file),
+    ] {
+        let Some(raw) = file.as_ref().map(|f| f.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        match resolve_references(&raw) {
+            Ok(resolved) => *file = Some(PathBuf::from(resolved)),
+            Err(missing) => {
+                for m in missing {
+                    push(problems, &format!("{path}.{field}"), m);
+                }
+            }
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    match tls.load(&path) {
+        Ok(material) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            material.ca.hash(&mut h);
+            material
+                .identity
+                .as_ref()
+                .map(|i| (&i.cert, &i.key))
+                .hash(&mut h);
+            Some((Some(tls), h.finish()))
+        }
+        Err(e) => {
+            from_core(problems, vec![e]);
+            None
+        }
+    }
+}
+
 fn check_url(
     engine: Engine,
     name: &str,
     url: &SecretUrl,
+    tls: Option<&TlsSettings>,
     ep_path: &str,
     problems: &mut Vec<Problem>,
 ) {
@@ -438,7 +517,9 @@ fn check_url(
     }
     match engine {
         Engine::Postgres => {
-            let errors = PgBackendConfig::new(name.to_owned(), url.clone()).validate(ep_path);
+            let mut config = PgBackendConfig::new(name.to_owned(), url.clone());
+            config.tls = tls.cloned();
+            let errors = config.validate(ep_path);
             let errors = errors
                 .into_iter()
                 .filter(|e| !matches!(e, switchyard_core::Error::Config { path, .. } if path.starts_with(&format!("{ep_path}.pool"))))
@@ -447,7 +528,9 @@ fn check_url(
         }
         Engine::Redis => {
             let prefix = format!("redis.{name}");
-            for e in RedisBackendConfig::new(name.to_owned(), url.clone()).validate() {
+            let mut config = RedisBackendConfig::new(name.to_owned(), url.clone());
+            config.tls = tls.cloned();
+            for e in config.validate() {
                 if let switchyard_core::Error::Config { path, message } = e {
                     if path.starts_with(&format!("{prefix}.pool")) {
                         continue;
@@ -460,6 +543,21 @@ fn check_url(
         Engine::Mongodb | Engine::Clickhouse | Engine::Elasticsearch => {
             if url.authority().is_empty() {
                 push(problems, &url_path, format!("{url} has no host"));
+            }
+            if tls.is_some() {
+                push(
+                    problems,
+                    &format!("{ep_path}.tls"),
+                    format!(
+                        "tls files are not supported for {engine} yet; use an {} url, \
+                         which verifies against the driver's default roots",
+                        if engine == Engine::Mongodb {
+                            "tls=true"
+                        } else {
+                            "https://"
+                        }
+                    ),
+                );
             }
         }
     }

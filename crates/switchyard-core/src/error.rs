@@ -170,6 +170,21 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A TLS handshake with the endpoint was refused: its certificate is not
+    /// trusted or does not name the host, or it refused ours. A configuration
+    /// problem, so neither retried elsewhere nor counted against the
+    /// endpoint's health (see [`crate::TlsSettings`]).
+    #[error("TLS handshake with {endpoint} failed: {failure}")]
+    Tls {
+        /// Endpoint whose handshake failed.
+        endpoint: EndpointId,
+        /// Why.
+        failure: crate::TlsFailure,
+        /// The driver error.
+        #[source]
+        source: BoxError,
+    },
+
     /// Configuration is invalid.
     #[error("{path}: {message}")]
     Config {
@@ -250,6 +265,25 @@ impl Error {
         }
     }
 
+    /// [`Error::Tls`] when `source` failed in a TLS handshake, else
+    /// [`Error::backend`] of `kind`: what engines call on connect errors.
+    pub fn connect(
+        endpoint: &EndpointId,
+        tenant: Option<&TenantId>,
+        kind: BackendErrorKind,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        let source = source.into();
+        match crate::TlsFailure::find(source.as_ref()) {
+            Some(failure) => Error::Tls {
+                endpoint: endpoint.clone(),
+                failure,
+                source,
+            },
+            None => Error::backend(endpoint, tenant, kind, source),
+        }
+    }
+
     /// Whether the same request may succeed on another endpoint or a moment later.
     ///
     /// True for timeouts (waiting or operating), unreachable or broken endpoints, read-only replicas and
@@ -294,6 +328,7 @@ impl Error {
             | Error::ProbeTimeout { endpoint, .. }
             | Error::TenantNotProvisioned { endpoint, .. }
             | Error::Scope { endpoint, .. }
+            | Error::Tls { endpoint, .. }
             | Error::Backend { endpoint, .. } => Some(endpoint),
             _ => None,
         }

@@ -51,6 +51,7 @@ mod operation;
 pub mod provision;
 mod registry;
 mod tenant;
+mod tls;
 
 pub use backend::{Backend, Intent, PoolStats, Probe, Role};
 pub use checkout::{
@@ -66,3 +67,4 @@ pub use registry::{
 pub use tenant::{
     Isolation, NameTemplate, TemplateError, TenantId, TenantIdError, TenantScope, MAX_TENANT_ID_LEN,
 };
+pub use tls::{ClientIdentity, TlsFailure, TlsMaterial, TlsSettings, Transport};

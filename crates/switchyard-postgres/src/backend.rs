@@ -71,10 +71,7 @@ impl PgBackend {
             path: config.endpoint.to_string(),
             message: "a PostgreSQL backend must be built inside a Tokio runtime".into(),
         })?;
-        let options = config.connect_options().map_err(|message| Error::Config {
-            path: format!("{}.url", config.endpoint),
-            message,
-        })?;
+        let options = config.connect_options()?;
         let pool = config
             .main_pool_options()
             .connect_lazy_with(options.clone());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl};
+use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
 /// Default [`PgBackendConfig::max_tenant_pools`].
 pub const DEFAULT_MAX_TENANT_POOLS: usize = 64;
@@ -72,6 +72,12 @@ pub struct PgBackendConfig {
     /// off in this mode.
     #[serde(default)]
     pub tenant_roles: bool,
+    /// TLS trust and client certificate. With it, connections verify the
+    /// server (`sslmode=verify-full`) unless it says `insecure_skip_verify`;
+    /// without it, the URL's `sslmode` decides (see [`crate::tls`]'s table in
+    /// the README's engine section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
 }
 
 /// Tenant affinity: returned schema- or row-scoped connections wait, still
@@ -149,6 +155,7 @@ impl PgBackendConfig {
             reset_timeout: DEFAULT_RESET_TIMEOUT,
             affinity: AffinitySettings::default(),
             tenant_roles: false,
+            tls: None,
         }
     }
 
@@ -162,6 +169,7 @@ impl PgBackendConfig {
     /// Every problem with this configuration, each as an [`Error::Config`] under `path`.
     pub fn validate(&self, path: &str) -> Vec<Error> {
         let mut problems = self.pool.validate(&format!("{path}.pool"));
+        let mut tls_problem = None;
         let mut bad = |field: &str, message: String| {
             problems.push(Error::Config {
                 path: format!("{path}.{field}"),
@@ -169,11 +177,14 @@ impl PgBackendConfig {
             })
         };
         match self.url.scheme().as_deref() {
-            Some("postgres" | "postgresql") => {
-                if let Err(e) = self.connect_options() {
-                    bad("url", format!("{} is not a valid url: {e}", self.url));
+            Some("postgres" | "postgresql") => match self.parsed_options() {
+                Ok(options) => {
+                    tls_problem =
+                        crate::tls::apply(options, self.url.expose(), self.tls.as_ref(), path)
+                            .err();
                 }
-            }
+                Err(e) => bad("url", format!("{} is not a valid url: {e}", self.url)),
+            },
             _ => bad(
                 "url",
                 format!("{} must start with postgres:// or postgresql://", self.url),
@@ -197,11 +208,36 @@ impl PgBackendConfig {
         if self.affinity.max_age.is_zero() {
             bad("affinity.max_age", "must be greater than zero".into());
         }
+        problems.extend(tls_problem);
         problems
     }
 
-    /// The URL parsed by sqlx. The error text is scrubbed of the password.
-    pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, String> {
+    /// The URL parsed by sqlx, with the TLS settings applied (their files
+    /// read now). Errors are [`Error::Config`], scrubbed of the password.
+    pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, Error> {
+        let path = self.endpoint.as_str();
+        let options = self.parsed_options().map_err(|message| Error::Config {
+            path: format!("{path}.url"),
+            message,
+        })?;
+        crate::tls::apply(options, self.url.expose(), self.tls.as_ref(), path)
+    }
+
+    /// How this endpoint's connections are protected, as configured (no I/O;
+    /// an unreadable TLS file shows as what the settings ask for).
+    pub fn transport(&self) -> Transport {
+        let Ok(options) = self.parsed_options() else {
+            return Transport::Plaintext;
+        };
+        match &self.tls {
+            Some(tls) if tls.insecure_skip_verify => Transport::Unverified,
+            Some(_) => Transport::Verified,
+            None => crate::tls::transport(&options),
+        }
+    }
+
+    /// The URL parsed by sqlx; the error text is scrubbed of the password.
+    fn parsed_options(&self) -> Result<PgConnectOptions, String> {
         PgConnectOptions::from_str(self.url.expose()).map_err(|e| self.scrub(&e.to_string()))
     }
 
@@ -302,6 +338,12 @@ impl PgBackendBuilder {
     /// Sets [`PgBackendConfig::tenant_roles`].
     pub fn tenant_roles(mut self, on: bool) -> Self {
         self.config.tenant_roles = on;
+        self
+    }
+
+    /// Sets the TLS settings (see [`PgBackendConfig::tls`]).
+    pub fn tls(mut self, tls: TlsSettings) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 

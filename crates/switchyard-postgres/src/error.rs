@@ -123,7 +123,7 @@ pub(crate) fn timed_pg_error(
             };
         }
     }
-    Error::backend(endpoint, tenant, classify(&error), error)
+    Error::connect(endpoint, tenant, classify(&error), error)
 }
 
 /// A sqlx error from an operation run by the router's `Cluster::run`, mapped

@@ -162,6 +162,7 @@ mod roles;
 mod sql;
 mod stats;
 mod tenant_pools;
+mod tls;
 
 pub use backend::PgBackend;
 pub use config::{

@@ -127,12 +127,15 @@ impl RedisBackend {
             username: settings.username().map(str::to_owned),
             password: settings.password().map(str::to_owned),
         };
-        let client = redis::Client::open(info.clone())
-            .map_err(|e| config_error(format!("{}: {e}", config.url.redacted())))?;
+        let client = crate::tls::client(
+            info,
+            config.tls.as_ref(),
+            &format!("redis.{}", config.endpoint),
+        )?;
         let connection = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
-        let manager = Manager::new_with_config(info, connection)
+        let manager = Manager::new_with_config(client.get_connection_info().clone(), connection)
             .map_err(|e| config_error(format!("{}: {e}", config.url.redacted())))?;
         let (idle, life) = (config.pool.idle_timeout, config.pool.max_lifetime);
         let retire = Hook::sync_fn(move |_, metrics| {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use deadpool_redis::redis::{IntoConnectionInfo, ProtocolVersion};
 use serde::Deserialize;
-use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TenantScope};
+use switchyard_core::{
+    EndpointId, Error, PoolSettings, SecretUrl, TenantScope, TlsSettings, Transport,
+};
 
 use crate::acl::AclPasswords;
 use crate::backend::RedisBackend;
@@ -74,6 +76,10 @@ pub struct RedisBackendConfig {
     /// [`Error::TenantNotProvisioned`].
     #[serde(default)]
     pub databases: BTreeMap<String, u8>,
+    /// TLS trust and client certificate for a `rediss://` URL (without it, a
+    /// `rediss://` URL verifies the server against Mozilla's roots).
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
 }
 
 impl RedisBackendConfig {
@@ -87,6 +93,15 @@ impl RedisBackendConfig {
             recycle_timeout: default_recycle_timeout(),
             response_timeout: default_response_timeout(),
             databases: BTreeMap::new(),
+            tls: None,
+        }
+    }
+
+    /// How this endpoint's connections are protected, as configured.
+    pub fn transport(&self) -> Transport {
+        match self.url.expose().into_connection_info() {
+            Ok(info) => crate::tls::transport(&info, self.tls.as_ref()),
+            Err(_) => Transport::Plaintext,
         }
     }
 
@@ -116,6 +131,11 @@ impl RedisBackendConfig {
                         "url",
                         format!("{}: only RESP2 is supported", self.url.redacted()),
                     );
+                }
+                if let Some(message) =
+                    crate::tls::problem(&info, self.url.redacted(), self.tls.as_ref())
+                {
+                    bad("tls", message);
                 }
                 Some(info.redis_settings().db())
             }
@@ -223,6 +243,12 @@ impl RedisBackendBuilder {
     /// Sets the longest wait for a reply.
     pub fn response_timeout(mut self, t: Duration) -> Self {
         self.config.response_timeout = t;
+        self
+    }
+
+    /// Sets the TLS settings (see [`RedisBackendConfig::tls`]).
+    pub fn tls(mut self, tls: TlsSettings) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 

@@ -110,7 +110,7 @@ pub fn error_kind(err: &RedisError) -> BackendErrorKind {
 /// result is safe to log.
 pub fn redis_error(endpoint: &EndpointId, tenant: Option<&TenantId>, err: RedisError) -> Error {
     let kind = error_kind(&err);
-    Error::backend(endpoint, tenant, kind, err)
+    Error::connect(endpoint, tenant, kind, err)
 }
 
 /// A redis error from an operation run by the router's `Cluster::run` (on a

@@ -78,6 +78,7 @@ mod error;
 mod keys;
 mod probe;
 mod table;
+mod tls;
 mod users;
 
 pub use acl::{

@@ -63,6 +63,7 @@ mod redis;
 mod scratch;
 mod sentinel;
 mod standin;
+mod tls;
 mod wait;
 
 pub use crate::clickhouse::ClickHouse;
@@ -76,6 +77,7 @@ pub use crate::proxy::{FaultHandle, FaultProxy};
 pub use crate::redis::{RedisCluster, RedisNode};
 pub use crate::sentinel::{SentinelCluster, SentinelNode, SENTINEL_MASTER};
 pub use crate::standin::{ElasticServer, MongoServer, ServerKind};
+pub use crate::tls::{TestCa, CLIENT_NAME, SERVER_NAME};
 pub use crate::wait::{poll_until, wait_until, POLL_INTERVAL};
 
 /// Signals for [`signal_tree`], re-exported so callers need no `nix` dependency.

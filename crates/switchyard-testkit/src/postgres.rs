@@ -22,6 +22,7 @@ use crate::error::{Result, TestkitError};
 use crate::port::{loopback, with_port};
 use crate::process::{find_binary, run_command, Launch, RunAs, ServerProcess};
 use crate::scratch::node_dir;
+use crate::tls::{TestCa, CLIENT_NAME, SERVER_NAME};
 use crate::wait::{poll_until, POLL_INTERVAL};
 
 const INSTALL: &str = "apt-get install -y postgresql";
@@ -211,27 +212,49 @@ pub struct PgNode {
     port: u16,
     url: String,
     data: PathBuf,
+    /// Whether it was started with `ssl = on`.
+    tls: bool,
     // Last, so the folder is removed only after the server is gone.
     dir: TempDir,
 }
 
 impl PgNode {
-    /// Starts `postgres` on the data folder `dir/data`, on `port` or a free one.
-    async fn boot(install: &Install, dir: TempDir, port: Option<u16>) -> Result<Self> {
+    /// Starts `postgres` on the data folder `dir/data`, on `port` or a free one;
+    /// with `ssl = on` and `tls`'s server certificate when given.
+    async fn boot(
+        install: &Install,
+        dir: TempDir,
+        port: Option<u16>,
+        tls: Option<&TestCa>,
+    ) -> Result<Self> {
         let data = dir.path().join("data");
         let folder = dir.path().to_path_buf();
+        let mut ssl = Vec::new();
+        if let Some(ca) = tls {
+            let files = ca.install(&folder, install.run_as)?;
+            for setting in [
+                "ssl=on".to_owned(),
+                format!("ssl_cert_file={}", files.cert.display()),
+                format!("ssl_key_file={}", files.key.display()),
+                format!("ssl_ca_file={}", files.ca.display()),
+            ] {
+                ssl.extend([OsString::from("-c"), OsString::from(setting)]);
+            }
+        }
         let (process, port) = with_port(port, |port| {
+            let mut node_args = args([
+                &"-D",
+                &data,
+                &"-p",
+                &port.to_string(),
+                &"-c",
+                &format!("unix_socket_directories={}", folder.display()),
+            ]);
+            node_args.extend(ssl.iter().cloned());
             let launch = Launch {
                 label: format!("postgres 127.0.0.1:{port}"),
                 program: install.tool("postgres"),
-                args: args([
-                    &"-D",
-                    &data,
-                    &"-p",
-                    &port.to_string(),
-                    &"-c",
-                    &format!("unix_socket_directories={}", folder.display()),
-                ]),
+                args: node_args,
                 dir: folder.clone(),
                 log: folder.join("postgres.log"),
                 run_as: install.run_as,
@@ -252,6 +275,7 @@ impl PgNode {
             port,
             url: url_for(port),
             data,
+            tls: tls.is_some(),
             dir,
         })
     }
@@ -259,6 +283,16 @@ impl PgNode {
     /// `postgres://postgres@127.0.0.1:PORT/postgres` (trust auth, no password).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// For a node started with TLS: `postgres://USER@localhost:PORT/postgres`,
+    /// the host its certificate names, without `sslmode` (the client's TLS
+    /// settings decide). `user` is `postgres` (trust, also over TLS) or
+    /// [`CLIENT_NAME`], which must present the test CA's client certificate
+    /// (`hostssl ... cert`). `None` for a plaintext node.
+    pub fn tls_url(&self, user: &str) -> Option<String> {
+        self.tls
+            .then(|| format!("postgres://{user}@{SERVER_NAME}:{}/postgres", self.port))
     }
 
     /// The TCP port.
@@ -573,6 +607,20 @@ pub(crate) fn release_shared_memory(data_dir: &Path) {
         .status();
 }
 
+/// Puts `hostssl all CLIENT_NAME ... cert` first in `pg_hba.conf` (standbys
+/// copy it), so that role logs in only over TLS with a client certificate
+/// whose common name is its name.
+fn require_client_certificate(data: &Path) -> Result<()> {
+    let hba = data.join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba)
+        .map_err(TestkitError::io(format!("reading {}", hba.display())))?;
+    let rule = format!(
+        "hostssl all {CLIENT_NAME} 127.0.0.1/32 cert\nhost all {CLIENT_NAME} 127.0.0.1/32 reject\n"
+    );
+    std::fs::write(&hba, rule + &text)
+        .map_err(TestkitError::io(format!("writing {}", hba.display())))
+}
+
 fn url_for(port: u16) -> String {
     format!("postgres://postgres@127.0.0.1:{port}/postgres")
 }
@@ -589,7 +637,16 @@ impl PgCluster {
     /// Starts a primary and `standbys` streaming standbys, and returns once every
     /// node accepts connections (standbys: read-only ones).
     pub async fn start(standbys: usize) -> Result<Self> {
-        Self::start_with(&vec![None; standbys + 1]).await
+        Self::start_with(&vec![None; standbys + 1], None).await
+    }
+
+    /// [`start`](Self::start) with `ssl = on` on every node, serving `ca`'s
+    /// server certificate (see [`PgNode::tls_url`]). Plaintext connections
+    /// are still accepted, so [`PgNode::url`] keeps working for set-up; the
+    /// role [`CLIENT_NAME`] may only log in over TLS with `ca`'s client
+    /// certificate.
+    pub async fn start_tls(standbys: usize, ca: &TestCa) -> Result<Self> {
+        Self::start_with(&vec![None; standbys + 1], Some(ca)).await
     }
 
     /// Starts a primary on `ports[0]` and a streaming standby on each further
@@ -601,11 +658,11 @@ impl PgCluster {
                 "a PostgreSQL cluster needs at least a primary's port".into(),
             ));
         }
-        Self::start_with(&ports.iter().copied().map(Some).collect::<Vec<_>>()).await
+        Self::start_with(&ports.iter().copied().map(Some).collect::<Vec<_>>(), None).await
     }
 
     /// `ports[0]` for the primary, the rest for standbys; `None` is a free port.
-    async fn start_with(ports: &[Option<u16>]) -> Result<Self> {
+    async fn start_with(ports: &[Option<u16>], tls: Option<&TestCa>) -> Result<Self> {
         let standbys = ports.len().saturating_sub(1);
         let started = Instant::now();
         let install = Install::locate()?;
@@ -618,7 +675,10 @@ impl PgCluster {
             dir.path(),
         )
         .await?;
-        let primary = PgNode::boot(&install, dir, ports.first().copied().flatten()).await?;
+        if tls.is_some() {
+            require_client_certificate(&dir.path().join("data"))?;
+        }
+        let primary = PgNode::boot(&install, dir, ports.first().copied().flatten(), tls).await?;
         let mut nodes = vec![primary];
         for port in ports.iter().skip(1).copied() {
             let dir = node_dir("pg", install.run_as)?;
@@ -629,7 +689,7 @@ impl PgCluster {
                 dir.path(),
             )
             .await?;
-            nodes.push(PgNode::boot(&install, dir, port).await?);
+            nodes.push(PgNode::boot(&install, dir, port, tls).await?);
         }
         tracing::info!(standbys, elapsed = ?started.elapsed(), "postgres cluster started");
         Ok(Self { nodes })

@@ -13,9 +13,10 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use crate::error::{Result, TestkitError};
-use crate::port::{loopback, with_port};
+use crate::port::{free_port, loopback, with_port};
 use crate::process::{find_binary, Launch, ServerProcess};
 use crate::scratch::node_dir;
+use crate::tls::{TestCa, SERVER_NAME};
 use crate::wait::poll_until;
 
 const INSTALL: &str = "apt-get install -y redis-server";
@@ -93,16 +94,45 @@ pub struct RedisNode {
     /// [`promote`](Self::promote) or [`replicaof`](Self::replicaof): what a
     /// restart starts it with.
     master: std::sync::Mutex<Option<u16>>,
+    /// The TLS port, for a node started with TLS.
+    tls_port: Option<u16>,
     // Last, so the folder is removed only after the server is gone.
     dir: TempDir,
 }
 
 impl RedisNode {
-    async fn boot(program: &Path, master: Option<u16>, port: Option<u16>) -> Result<Self> {
+    async fn boot(
+        program: &Path,
+        master: Option<u16>,
+        port: Option<u16>,
+        tls: Option<&TestCa>,
+    ) -> Result<Self> {
         let dir = node_dir("redis", None)?;
         let folder = dir.path().to_path_buf();
+        let mut tls_args: Vec<OsString> = Vec::new();
+        let tls_port = match tls {
+            Some(ca) => {
+                let files = ca.install(&folder, None)?;
+                let tls_port = free_port()?;
+                tls_args.extend([
+                    OsString::from("--tls-port"),
+                    tls_port.to_string().into(),
+                    "--tls-cert-file".into(),
+                    files.cert.into(),
+                    "--tls-key-file".into(),
+                    files.key.into(),
+                    "--tls-ca-cert-file".into(),
+                    files.ca.into(),
+                    // Clients must present a certificate the CA signed.
+                    "--tls-auth-clients".into(),
+                    "yes".into(),
+                ]);
+                Some(tls_port)
+            }
+            None => None,
+        };
         let (process, port) = with_port(port, |port| {
-            let args: Vec<OsString> = [
+            let mut args: Vec<OsString> = [
                 "--port",
                 &port.to_string(),
                 "--bind",
@@ -121,6 +151,7 @@ impl RedisNode {
             .iter()
             .map(OsString::from)
             .collect();
+            args.extend(tls_args.iter().cloned());
             let launch = Launch {
                 label: format!("redis 127.0.0.1:{port}"),
                 program: program.to_path_buf(),
@@ -142,6 +173,7 @@ impl RedisNode {
             process,
             port,
             master: std::sync::Mutex::new(master),
+            tls_port,
             dir,
         })
     }
@@ -149,6 +181,19 @@ impl RedisNode {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// For a node started with TLS: `rediss://localhost:TLS_PORT`, the host its
+    /// certificate names. The server asks for a client certificate signed by
+    /// the test CA. `None` for a plaintext node.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("rediss://{SERVER_NAME}:{port}"))
+    }
+
+    /// The TLS port, for a node started with TLS.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// The TCP port.
@@ -271,7 +316,14 @@ impl RedisCluster {
     /// Starts a master and `replicas` replicas and returns once every replica's link
     /// to the master is up.
     pub async fn start(replicas: usize) -> Result<Self> {
-        Self::start_with(&vec![None; replicas + 1]).await
+        Self::start_with(&vec![None; replicas + 1], None).await
+    }
+
+    /// [`start`](Self::start), every node also listening for TLS with `ca`'s
+    /// server certificate (see [`RedisNode::tls_url`]). The plaintext port
+    /// stays open for set-up and replication, which runs over loopback.
+    pub async fn start_tls(replicas: usize, ca: &TestCa) -> Result<Self> {
+        Self::start_with(&vec![None; replicas + 1], Some(ca)).await
     }
 
     /// Starts a master on `ports[0]` and a replica on each further port, for a
@@ -283,19 +335,19 @@ impl RedisCluster {
                 "a Redis cluster needs at least a master's port".into(),
             ));
         }
-        Self::start_with(&ports.iter().copied().map(Some).collect::<Vec<_>>()).await
+        Self::start_with(&ports.iter().copied().map(Some).collect::<Vec<_>>(), None).await
     }
 
     /// `ports[0]` for the master, the rest for replicas; `None` is a free port.
-    async fn start_with(ports: &[Option<u16>]) -> Result<Self> {
+    async fn start_with(ports: &[Option<u16>], tls: Option<&TestCa>) -> Result<Self> {
         let replicas = ports.len().saturating_sub(1);
         let started = Instant::now();
         let program = locate()?;
-        let master = RedisNode::boot(&program, None, ports.first().copied().flatten()).await?;
+        let master = RedisNode::boot(&program, None, ports.first().copied().flatten(), tls).await?;
         let master_port = master.port;
         let mut nodes = vec![master];
         for port in ports.iter().skip(1).copied() {
-            nodes.push(RedisNode::boot(&program, Some(master_port), port).await?);
+            nodes.push(RedisNode::boot(&program, Some(master_port), port, tls).await?);
         }
         tracing::info!(replicas, elapsed = ?started.elapsed(), "redis cluster started");
         Ok(Self { nodes })

@@ -1,0 +1,175 @@
+//! What `switchyard check` shows about encryption: how each endpoint is
+//! protected as configured, and the TLS version its server negotiates.
+//!
+//! The version comes from a handshake of the check's own, with the
+//! endpoint's TLS settings (same CA file, same client certificate), since
+//! the drivers do not expose the version of their connections. For
+//! PostgreSQL the handshake follows the `SSLRequest` message, as libpq's does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use switchyard_core::{TlsSettings, Transport};
+use switchyard_postgres::PgBackendConfig;
+use switchyard_redis::RedisBackendConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::settings::{EndpointSettings, Settings};
+use crate::Engine;
+
+/// One endpoint's encryption, as `switchyard check` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointTls {
+    /// The cluster.
+    pub cluster: String,
+    /// The endpoint.
+    pub endpoint: String,
+    /// How its connections are protected, as configured.
+    pub transport: Transport,
+    /// The TLS version a verified handshake negotiated (`TLSv1_3`), `None`
+    /// where nothing was verified (plaintext, or verification off), or why the
+    /// handshake failed (never a secret).
+    pub version: Result<Option<String>, String>,
+}
+
+/// The encryption of every endpoint in `settings`, each handshake bounded by
+/// `timeout`.
+pub async fn check_tls(settings: &Settings, timeout: Duration) -> Vec<EndpointTls> {
+    let mut out = Vec::new();
+    for (cluster, c) in &settings.clusters {
+        for ep in &c.endpoints {
+            let transport = transport(c.engine, ep);
+            let version = if transport == Transport::Verified {
+                match tokio::time::timeout(timeout, handshake(c.engine, ep)).await {
+                    Ok(result) => result.map(Some),
+                    Err(_) => Err(format!("no TLS handshake within {timeout:?}")),
+                }
+            } else {
+                Ok(None)
+            };
+            out.push(EndpointTls {
+                cluster: cluster.clone(),
+                endpoint: ep.name.clone(),
+                transport,
+                version,
+            });
+        }
+    }
+    out
+}
+
+/// How `ep`'s connections are protected, as configured.
+pub fn transport(engine: Engine, ep: &EndpointSettings) -> Transport {
+    match engine {
+        Engine::Postgres => {
+            let mut config = PgBackendConfig::new(ep.name.clone(), ep.url.clone());
+            config.tls = ep.tls.clone();
+            config.transport()
+        }
+        Engine::Redis => {
+            let mut config = RedisBackendConfig::new(ep.name.clone(), ep.url.clone());
+            config.tls = ep.tls.clone();
+            config.transport()
+        }
+        Engine::Mongodb => {
+            let query = ep.url.expose().split_once('?').map_or("", |(_, q)| q);
+            let on = query
+                .split('&')
+                .any(|kv| kv == "tls=true" || kv == "ssl=true");
+            let off = query
+                .split('&')
+                .any(|kv| kv == "tlsInsecure=true" || kv == "tlsAllowInvalidCertificates=true");
+            match (on || ep.url.scheme().as_deref() == Some("mongodb+srv"), off) {
+                (false, _) => Transport::Plaintext,
+                (true, true) => Transport::Unverified,
+                (true, false) => Transport::Verified,
+            }
+        }
+        Engine::Clickhouse | Engine::Elasticsearch => match ep.url.scheme().as_deref() {
+            Some("https") => Transport::Verified,
+            _ => Transport::Plaintext,
+        },
+    }
+}
+
+/// Host, port and TLS server name of `ep`'s URL.
+fn address(engine: Engine, ep: &EndpointSettings) -> Result<(String, u16), String> {
+    let url = url::Url::parse(ep.url.expose()).map_err(|e| format!("{}: {e}", ep.url))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("{} has no host", ep.url))?;
+    let port = url.port().unwrap_or(match engine {
+        Engine::Postgres => 5432,
+        Engine::Redis => 6379,
+        Engine::Mongodb => 27017,
+        Engine::Clickhouse | Engine::Elasticsearch => 443,
+    });
+    Ok((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+/// A rustls client configuration from `tls`: its CA file (else Mozilla's
+/// roots, as the drivers use) and client certificate.
+fn client_config(tls: Option<&TlsSettings>, path: &str) -> Result<rustls::ClientConfig, String> {
+    let material = tls
+        .map(|t| t.load(path))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    match material.as_ref().and_then(|m| m.ca.as_ref()) {
+        Some(pem) => {
+            roots.add_parsable_certificates(CertificateDer::pem_slice_iter(pem).flatten());
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    match material.and_then(|m| m.identity) {
+        Some(id) => {
+            let chain: Vec<_> = CertificateDer::pem_slice_iter(&id.cert).flatten().collect();
+            let key = PrivateKeyDer::from_pem_slice(&id.key).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// PostgreSQL's `SSLRequest`: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+async fn handshake(engine: Engine, ep: &EndpointSettings) -> Result<String, String> {
+    let (host, port) = address(engine, ep)?;
+    let config = client_config(ep.tls.as_ref(), &format!("{}.tls", ep.name))?;
+    let name = ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
+    let mut tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    if engine == Engine::Postgres {
+        tcp.write_all(&SSL_REQUEST)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer[0] != b'S' {
+            return Err("the server does not offer TLS".into());
+        }
+    }
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| match switchyard_core::TlsFailure::find(&e) {
+            Some(failure) => failure.to_string(),
+            None => e.to_string(),
+        })?;
+    let version = stream.get_ref().1.protocol_version();
+    Ok(version.map_or_else(|| "?".to_owned(), |v| format!("{v:?}")))
+}
