@@ -185,7 +185,7 @@ impl Attack {
                 let finished = if self == Attack::CancelledOnCheckout {
                     tokio::time::timeout(cut, slow.fetch_all(&mut **conn)).await
                 } else {
-                    let driver: &mut PgConnection = &mut ***conn;
+                    let driver: &mut PgConnection = conn;
                     tokio::time::timeout(cut, slow.fetch_all(driver)).await
                 };
                 assert!(finished.is_err(), "the slow query was not cut short");
@@ -291,7 +291,7 @@ impl Attack {
                 }
             }
             Attack::OrdinarySettings => {
-                let now = settings(&mut **conn).await;
+                let now = settings(conn).await;
                 let fresh = run.bed.fresh_settings().await;
                 if now != fresh {
                     leaks.push(format!("B's settings {now:?}, a fresh session's {fresh:?}"));
