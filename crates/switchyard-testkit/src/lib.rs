@@ -7,7 +7,10 @@
 //! - [`MongoServer`], [`ElasticServer`]: the real engine when its URL is in the
 //!   environment, else a wire-compatible stand-in (see [`ServerKind`]).
 //! - [`FaultProxy`]: a TCP proxy in front of any of them that adds latency,
-//!   blackholes, resets or refuses connections.
+//!   blackholes, resets or refuses connections; in front of PostgreSQL it can
+//!   also count the client's messages ([`PgMessages`]: round trips on the wire).
+//! - [`PgBouncer`]: Debian's PgBouncer in session or transaction mode in front
+//!   of a [`PgNode`], the proxy peer the benches compare with.
 //!
 //! Every node can be killed (SIGKILL: connections are refused), paused (SIGSTOP:
 //! connections hang), resumed and restarted on the same port; replicas can be
@@ -45,6 +48,8 @@
 mod clickhouse;
 mod error;
 mod http;
+mod pgbouncer;
+mod pgwire;
 mod port;
 mod postgres;
 mod process;
@@ -56,6 +61,8 @@ mod wait;
 
 pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
+pub use crate::pgbouncer::{PgBouncer, PoolMode};
+pub use crate::pgwire::PgMessages;
 pub use crate::port::{free_port, loopback};
 pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};
