@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use switchyard_core::{
-    Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, TenantScope,
+    Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned,
+    TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -19,10 +20,13 @@ use crate::connection::PgConn;
 use crate::error::{timed_pg_error, PgError};
 use crate::probe::Prober;
 use crate::refusal::RefusalCheck;
-use crate::returns::{check, sweep};
-use crate::sql::{self, quote_ident, reset_sql, validate_setting_name};
+use crate::returns::sweep;
+use crate::sql::{self, quote_ident, validate_setting_name};
 use crate::stats::{bump, read, PgStats, ReturnCounters};
 use crate::tenant_pools::{close_in_background, TenantPools};
+
+/// Schemas that every session shares: a schema tier must never render them.
+const RESERVED_SCHEMAS: [&str; 4] = ["public", "information_schema", "pg_catalog", "pg_toast"];
 
 /// The PostgreSQL backend for one endpoint.
 ///
@@ -51,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) returns: ReturnCounters,
     /// Set by [`PgBackend::close`].
     pub(crate) closed: AtomicBool,
+    /// Databases no tenant may be given (see [`PgError::ReservedDatabase`]).
+    pub(crate) reserved: Vec<String>,
 }
 
 impl PgBackend {
@@ -88,6 +94,7 @@ impl PgBackend {
             prober: Prober::new(options),
             returns: ReturnCounters::default(),
             closed: AtomicBool::new(false),
+            reserved: config.reserved_databases(),
             config,
         });
         let cancel = CancellationToken::new();
@@ -165,15 +172,6 @@ impl Backend for PgBackend {
         self.shared.scope(conn, scope).await
     }
 
-    async fn unscope(&self, conn: &mut PgConn, scope: &TenantScope) -> Result<(), Error> {
-        self.shared.unscope(conn, scope).await
-    }
-
-    fn discard(&self, conn: PgConn) {
-        bump(&self.shared.returns.discarded);
-        conn.close();
-    }
-
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
         self.shared
             .prober
@@ -193,22 +191,58 @@ impl Backend for PgBackend {
         }
     }
 
-    /// Checks and resets the connection on a background task: a connection that
-    /// is inside a transaction block, or whose check or reset fails or takes
-    /// longer than `reset_timeout` (a checkout dropped mid-query), is closed. A
-    /// clean schema- or row-scoped one may go to the affinity stash instead,
-    /// still scoped. Without a runtime to run the check on, it is closed.
-    fn release(self: Arc<Self>, conn: PgConn, _scope: Option<Arc<TenantScope>>, healthy: bool) {
-        if !healthy {
-            self.discard(conn);
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let shared = Arc::clone(&self.shared);
-                rt.spawn(async move { shared.give_back(conn).await });
+    /// A connection closed by its backend or left mid-query is broken; any
+    /// other is checked (and reset, or verified for the stash) by `recycle`.
+    fn inspect(&self, conn: &mut PgConn) -> Returned {
+        if self.shared.closed.load(Ordering::Acquire) || conn.in_flight {
+            if conn.in_flight {
+                bump(&self.shared.returns.closed_mid_query);
             }
-            Err(_) => self.discard(conn),
+            return Returned::Broken;
+        }
+        Returned::Dirty
+    }
+
+    async fn recycle(&self, conn: &mut PgConn) -> Recycle {
+        self.shared.recycle(conn).await
+    }
+
+    /// Refuses a row tier whose setting name is not a plain dotted name, and a
+    /// database or schema tier whose template can render a database or schema
+    /// that others share (see [`PgError::ReservedDatabase`]).
+    fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
+        let config = |field: &str, message: String| Error::Config {
+            path: format!("tiers.{name}.{field}"),
+            message,
+        };
+        let reserved = match tier.isolation {
+            Isolation::Row => {
+                return validate_setting_name(&tier.row_setting)
+                    .map_err(|message| config("row_setting", message));
+            }
+            Isolation::Database => self.shared.reserved.clone(),
+            Isolation::Schema => RESERVED_SCHEMAS.map(str::to_owned).into(),
+        };
+        match reserved.iter().find(|r| tier.name_template.can_render(r)) {
+            Some(taken) => Err(config(
+                "name_template",
+                format!(
+                    "{} can render {taken:?}, which endpoint {} shares between tenants or reserves",
+                    tier.name_template,
+                    self.endpoint()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn release(&self, conn: PgConn, recycle: Recycle) {
+        match recycle {
+            Recycle::Keep => self.shared.keep(conn),
+            Recycle::Discard => {
+                bump(&self.shared.returns.discarded);
+                conn.close();
+            }
         }
     }
 }
@@ -260,6 +294,16 @@ impl Shared {
         started: Instant,
     ) -> Result<PgConn, Error> {
         let database = scope.target();
+        if self.reserved.iter().any(|r| r == database) {
+            return Err(Error::backend(
+                self.endpoint(),
+                Some(scope.tenant()),
+                BackendErrorKind::Rejected,
+                PgError::ReservedDatabase {
+                    database: database.to_owned(),
+                },
+            ));
+        }
         let (pool, name, lease) = self.tenants.get(database).map_err(|e| {
             Error::backend(
                 self.endpoint(),
@@ -416,25 +460,6 @@ impl Shared {
                 name: scope.target().to_owned(),
             }),
             Err(error) => Err(self.sqlx_scope_error(scope, "apply", error)),
-        }
-    }
-
-    async fn unscope(&self, conn: &mut PgConn, scope: &TenantScope) -> Result<(), Error> {
-        if conn.scoped.is_none() {
-            return Ok(());
-        }
-        let sql = reset_sql(conn.scoped.as_ref());
-        match check(conn, sql).await {
-            Ok(true) => {
-                conn.scoped = None;
-                Ok(())
-            }
-            Ok(false) => Err(self.scope_error(
-                scope,
-                "reset",
-                "the connection is inside a transaction block",
-            )),
-            Err(error) => Err(self.sqlx_scope_error(scope, "reset", error)),
         }
     }
 

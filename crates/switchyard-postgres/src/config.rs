@@ -197,6 +197,23 @@ impl PgBackendConfig {
         PgConnectOptions::from_str(self.url.expose()).map_err(|e| self.scrub(&e.to_string()))
     }
 
+    /// The databases a database-isolated tenant must never be given: the
+    /// URL's own (shared by every unscoped, schema and row checkout; the user
+    /// name when the URL names none), the maintenance database and the
+    /// templates.
+    pub(crate) fn reserved_databases(&self) -> Vec<String> {
+        let mut reserved: Vec<String> = ["postgres", "template0", "template1"]
+            .map(str::to_owned)
+            .into();
+        if let Ok(options) = self.connect_options() {
+            let shared = options
+                .get_database()
+                .unwrap_or_else(|| options.get_username());
+            reserved.push(shared.to_owned());
+        }
+        reserved
+    }
+
     /// `text` with anything secret from the URL replaced by `***`.
     pub(crate) fn scrub(&self, text: &str) -> String {
         self.url.scrub(text)

@@ -3,13 +3,14 @@
 //! stash, confirms it) and checks that no transaction block is open. Anything
 //! that fails, times out or comes back dirty is closed, never pooled.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, Row};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use switchyard_core::Recycle;
 
 use crate::affinity::Put;
 use crate::backend::Shared;
@@ -57,35 +58,45 @@ impl Shared {
         }
     }
 
-    /// The return path of every healthy checkout.
-    pub(crate) async fn give_back(self: Arc<Self>, mut conn: PgConn) {
-        if self.closed.load(Ordering::Acquire) {
-            conn.close();
-            return;
-        }
-        if conn.in_flight {
-            // A query's future or stream was dropped before it finished: the
-            // server may still be running it. Closing beats draining.
-            bump(&self.returns.closed_mid_query);
-            tracing::debug!(endpoint = %self.endpoint(), "checkout dropped mid-query; connection closed");
-            conn.close();
-            return;
-        }
+    /// The recycle step: a clean schema- or row-scoped connection bound for
+    /// the stash is verified to carry exactly its scope; any other is reset.
+    pub(crate) async fn recycle(&self, conn: &mut PgConn) -> Recycle {
         let stashable = conn.database.is_none() && self.stash.enabled();
         if let Some(scope) = conn.scoped.clone().filter(|_| stashable) {
             let limit = Instant::now() + self.config.reset_timeout;
-            let outcome =
-                tokio::time::timeout_at(limit, check(&mut conn, verify_sql(&scope))).await;
-            if !self.judge(&conn, outcome) {
-                conn.close();
-                return;
-            }
-            match self.stash.put(conn) {
-                Put::Stashed => return,
-                Put::Evicted(other) | Put::Refused(other) => conn = other,
-            }
+            let outcome = tokio::time::timeout_at(limit, check(conn, verify_sql(&scope))).await;
+            return if self.judge(conn, outcome) {
+                Recycle::Keep
+            } else {
+                Recycle::Discard
+            };
         }
-        self.reset_and_return(conn).await;
+        let was_scoped = conn.scoped.is_some();
+        if self
+            .reset(conn, Instant::now() + self.config.reset_timeout)
+            .await
+        {
+            if was_scoped {
+                bump(&self.returns.resets);
+            }
+            Recycle::Keep
+        } else {
+            Recycle::Discard
+        }
+    }
+
+    /// Keeps a recycled connection: a scoped one goes to the stash (or, when
+    /// the stash refuses it, is reset on a task first), an unscoped one back to
+    /// the pool.
+    pub(crate) fn keep(self: &Arc<Self>, conn: PgConn) {
+        if conn.scoped.is_none() {
+            conn.return_to_pool();
+            return;
+        }
+        match self.stash.put(conn) {
+            Put::Stashed => {}
+            Put::Evicted(other) | Put::Refused(other) => self.reset_in_background(other),
+        }
     }
 
     async fn reset_and_return(&self, mut conn: PgConn) {
