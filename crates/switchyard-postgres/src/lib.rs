@@ -131,16 +131,16 @@
 //! own and report it as a `Connect` error at once, and a probe that gets no
 //! answer in time as [`Error::ProbeTimeout`](switchyard_core::Error::ProbeTimeout).
 
-mod affinity;
 mod backend;
 mod config;
 mod connection;
 mod error;
 mod executor;
+mod lifecycle;
 mod probe;
-mod refusal;
 mod returns;
 mod rls;
+mod slots;
 mod sql;
 mod stats;
 mod tenant_pools;
