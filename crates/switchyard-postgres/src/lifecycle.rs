@@ -25,6 +25,7 @@
 //! counts as dirty too. A connection that fails a check is closed and the
 //! checkout takes another one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgRow;
@@ -36,8 +37,9 @@ use crate::backend::Shared;
 use crate::connection::PgConn;
 use crate::error::{classify, timed_pg_error, PgError};
 use crate::slots::{Grant, Pooled, Reservation, Slots, Take};
-use crate::sql::{apply_sql, switch_sql, verify_sql};
+use crate::sql::{apply_sql, switch_sql, validate_setting_name, verify_sql};
 use crate::stats::bump;
+use crate::tenant_pools::TenantLease;
 
 /// A connection checked less than this long ago is handed to its own owner
 /// without another check: it was vouched for on return, and a server that died
@@ -69,13 +71,48 @@ impl Shared {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        let (slots, database, lease) = match scope {
+        match scope {
             Some(s) if s.isolation() == Isolation::Database => {
                 let (slots, name, lease) = self.tenant_slots(s)?;
-                (slots, Some(name), Some(lease))
+                let got = self
+                    .checkout_from(slots, Some(name), Some(lease), scope, deadline, started)
+                    .await;
+                if let Err(Error::TenantNotProvisioned { .. }) = &got {
+                    // No pool kept for a database that does not exist.
+                    self.tenants.forget_if_empty(s.target());
+                }
+                got
             }
-            _ => (std::sync::Arc::clone(&self.slots), None, None),
-        };
+            Some(s) => {
+                if s.isolation() == Isolation::Row {
+                    // Refused before any I/O.
+                    validate_setting_name(s.row_setting()).map_err(|message| Error::Config {
+                        path: "tenants.row_setting".into(),
+                        message,
+                    })?;
+                }
+                let slots = Arc::clone(&self.slots);
+                self.checkout_from(slots, None, None, scope, deadline, started)
+                    .await
+            }
+            None => {
+                let slots = Arc::clone(&self.slots);
+                self.checkout_from(slots, None, None, scope, deadline, started)
+                    .await
+            }
+        }
+    }
+
+    /// Takes a connection from `slots` and gets it ready for `scope`.
+    async fn checkout_from(
+        &self,
+        slots: Arc<Slots>,
+        database: Option<Arc<str>>,
+        lease: Option<TenantLease>,
+        scope: Option<&TenantScope>,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<PgConn, Error> {
         loop {
             let pooled = match slots.take(scope) {
                 Take::Idle(pooled) => pooled,
@@ -94,12 +131,7 @@ impl Shared {
                 },
                 Take::Closed => return Err(Error::Closed),
             };
-            let mut conn = PgConn::new(
-                pooled,
-                std::sync::Arc::clone(&slots),
-                database.clone(),
-                lease.clone(),
-            );
+            let mut conn = PgConn::new(pooled, Arc::clone(&slots), database.clone(), lease.clone());
             match self.ready(&mut conn, scope, deadline).await {
                 Ok(Ready::Yes) => return Ok(conn),
                 Ok(Ready::Stale) => conn.close(),
@@ -157,11 +189,12 @@ impl Shared {
             Ok(Ok(raw)) => Ok(reservation.fill(raw)),
             Ok(Err(error)) => {
                 drop(reservation);
-                let error = timed_pg_error(self.endpoint(), scope, error, started.elapsed());
-                if let (Error::TenantNotProvisioned { .. }, Some(s)) = (&error, scope) {
-                    self.tenants.forget_if_empty(s.target());
-                }
-                Err(error)
+                Err(timed_pg_error(
+                    self.endpoint(),
+                    scope,
+                    error,
+                    started.elapsed(),
+                ))
             }
             Err(_) => Err(self.timeout(scope, started)),
         }
