@@ -210,6 +210,7 @@ impl Shared {
         let pooled = conn.pooled_mut();
         if pooled.fresh {
             pooled.fresh = false;
+            bump(&self.returns.misses);
             let Some(apply) = scope.and_then(apply_sql) else {
                 pooled.owner = scope.cloned();
                 return Ok(Ready::Yes);

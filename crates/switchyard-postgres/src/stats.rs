@@ -11,8 +11,9 @@ pub struct PgStats {
     /// Checkouts served by a connection whose session last served the same
     /// owner (same tenant, or unscoped to unscoped): no reset, no new scope.
     pub affinity_hits: u64,
-    /// Checkouts served by a used connection of another owner: completely
-    /// reset and given the new scope in one round trip.
+    /// Checkouts that found no connection of their own owner: served by a
+    /// new connection, or by another owner's, completely reset and given the
+    /// new scope in one round trip.
     pub affinity_misses: u64,
     /// Returned connections handed straight to a waiting checkout of their own
     /// owner ahead of other waiters.
@@ -39,7 +40,7 @@ pub struct PgStats {
 }
 
 impl PgStats {
-    /// Affinity hits over checkouts of used connections, or `None` before any.
+    /// Affinity hits over all checkouts, or `None` before any.
     pub fn affinity_hit_rate(&self) -> Option<f64> {
         let total = self.affinity_hits + self.affinity_misses;
         (total > 0).then(|| self.affinity_hits as f64 / total as f64)
