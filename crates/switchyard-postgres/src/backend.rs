@@ -260,6 +260,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tiers_that_could_reach_shared_names_are_refused() {
+        use switchyard_core::NameTemplate;
+        let backend = PgBackend::new(PgBackendConfig::new(
+            "pg",
+            "postgres://app:pw@127.0.0.1:1/shop",
+        ))
+        .unwrap();
+        let tier = |isolation, template: &str| {
+            TierPolicy::new(isolation).with_name_template(NameTemplate::new(template).unwrap())
+        };
+        for (isolation, template, refused) in [
+            (Isolation::Database, "tenant_{id}", None),
+            (Isolation::Database, "{id}", Some("postgres")),
+            (Isolation::Database, "sh{id}", Some("shop")),
+            (Isolation::Database, "template{id}", Some("template0")),
+            (Isolation::Schema, "tenant_{id}", None),
+            (Isolation::Schema, "{id}", Some("public")),
+            (Isolation::Schema, "pg_{id}", Some("pg_catalog")),
+        ] {
+            let got = backend.validate_tier("t", &tier(isolation, template));
+            match refused {
+                None => assert!(got.is_ok(), "{template}: {got:?}"),
+                Some(name) => {
+                    let err = got.unwrap_err();
+                    assert!(matches!(err, Error::Config { .. }), "{err}");
+                    assert!(err.to_string().contains(name), "{err}");
+                    assert!(
+                        err.to_string().starts_with("tiers.t.name_template"),
+                        "{err}"
+                    );
+                }
+            }
+        }
+        let row = TierPolicy::new(Isolation::Row).with_row_setting("tenant id");
+        let err = backend.validate_tier("r", &row).unwrap_err();
+        assert!(err.to_string().starts_with("tiers.r.row_setting"), "{err}");
+        assert!(backend
+            .validate_tier("r", &TierPolicy::new(Isolation::Row))
+            .is_ok());
+    }
+
+    #[tokio::test]
     async fn building_never_connects() {
         // Port 1 refuses; construction neither fails nor waits.
         let config = PgBackendConfig::new("pg", "postgres://app:pw@127.0.0.1:1/app");

@@ -151,6 +151,18 @@ pub(crate) struct Slots {
     pub(crate) handoffs: AtomicU64,
 }
 
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connect options hold the password: show only the counts.
+        let occupancy = self.occupancy();
+        f.debug_struct("Slots")
+            .field("size", &occupancy.size)
+            .field("idle", &occupancy.idle)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Slots {
     pub(crate) fn new(options: PgConnectOptions, max: u32, max_bypass: u32) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
