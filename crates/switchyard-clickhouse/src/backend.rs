@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::{Backend, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantScope};
+use switchyard_core::{
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, Role, TenantScope,
+};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -208,15 +210,6 @@ impl Backend for ChBackend {
         Ok(())
     }
 
-    async fn unscope(&self, conn: &mut ChConnection, _scope: &TenantScope) -> Result<(), Error> {
-        conn.reset();
-        Ok(())
-    }
-
-    fn discard(&self, conn: ChConnection) {
-        drop(conn);
-    }
-
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
         let shared = &self.shared;
         let started = Instant::now();
@@ -252,14 +245,14 @@ impl Backend for ChBackend {
         }
     }
 
-    /// Dropping the handle is the whole return path: the scope lives only in
-    /// the handle, so there is nothing to undo on the server and no task to spawn.
-    fn release(
-        self: Arc<Self>,
-        conn: ChConnection,
-        _scope: Option<Arc<TenantScope>>,
-        _healthy: bool,
-    ) {
+    /// Always clean: the scope lives only in the handle, so there is nothing
+    /// to undo on the server and no task to spawn.
+    fn inspect(&self, _conn: &mut ChConnection) -> Returned {
+        Returned::Clean
+    }
+
+    /// Dropping the handle is the whole return path, kept or discarded alike.
+    fn release(&self, conn: ChConnection, _recycle: Recycle) {
         drop(conn);
     }
 }

@@ -241,6 +241,22 @@ impl NameTemplate {
             && (self.prefix.starts_with(&*other.prefix) || other.prefix.starts_with(&*self.prefix))
     }
 
+    /// Whether some valid tenant id renders exactly `name`: a refusal check for
+    /// names a tier must never hand out (a shared or maintenance database).
+    ///
+    /// ```
+    /// use switchyard_core::NameTemplate;
+    ///
+    /// assert!(NameTemplate::new("{id}").unwrap().can_render("postgres"));
+    /// assert!(NameTemplate::new("{id}1").unwrap().can_render("template1"));
+    /// assert!(!NameTemplate::new("tenant_{id}").unwrap().can_render("postgres"));
+    /// ```
+    pub fn can_render(&self, name: &str) -> bool {
+        name.strip_prefix(&*self.prefix)
+            .and_then(|rest| rest.strip_suffix(&*self.suffix))
+            .is_some_and(|id| TenantId::new(id).is_ok())
+    }
+
     /// Renders the name for `tenant`, or `None` when it would exceed [`MAX_TENANT_ID_LEN`].
     pub fn render(&self, tenant: &TenantId) -> Option<String> {
         (tenant.as_str().len() <= self.max_tenant_len())

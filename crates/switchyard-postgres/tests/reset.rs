@@ -231,7 +231,8 @@ impl Attack {
                 if let Ok(rows) = fetched {
                     leaks.push(format!("B fetched A's held cursor: {rows:?}"));
                 }
-                let open: i64 = scalar(conn, "SELECT count(*) FROM pg_cursors").await;
+                let open: i64 =
+                    scalar(conn, "SELECT count(*) FROM pg_cursors WHERE name <> ''").await;
                 if open != 0 {
                     leaks.push(format!("{open} cursor(s) open in B's session"));
                 }
