@@ -45,9 +45,9 @@ fn cluster(url: &str, tenants: TenantRegistry) -> Result<Cluster<PgBackend>, Err
         .build()
 }
 
-/// What a refusal must look like: a configuration error naming the database,
-/// not a failure of the engine.
-fn refusal(err: &Error, database: &str) -> Result<(), String> {
+/// What a refusal must look like: a configuration error that names what to
+/// fix (the template, or the database it renders), not a failure of the engine.
+fn refusal(err: &Error, names: &[&str]) -> Result<(), String> {
     let engine = matches!(
         err,
         Error::Backend { .. }
@@ -56,9 +56,10 @@ fn refusal(err: &Error, database: &str) -> Result<(), String> {
             | Error::NoHealthyEndpoint { .. }
             | Error::NoPrimary { .. }
     );
-    if engine || !err.to_string().contains(database) {
+    let text = err.to_string();
+    if engine || !names.iter().any(|name| text.contains(name)) {
         return Err(format!(
-            "refused, but not as a configuration error naming {database:?}: {err}"
+            "refused, but not as a configuration error naming any of {names:?}: {err}"
         ));
     }
     Ok(())
@@ -109,7 +110,7 @@ async fn database_tiers_that_render_reserved_databases_are_refused_at_build() {
         match cluster(&url, assigned) {
             Err(e) => {
                 eprintln!("refused: {case}: {e}");
-                if let Err(why) = refusal(&e, database) {
+                if let Err(why) = refusal(&e, &[template, database]) {
                     failures.push(format!("{case}: {why}"));
                 }
             }
@@ -140,7 +141,7 @@ async fn database_tiers_that_render_reserved_databases_are_refused_at_build() {
                     )),
                     Err(e) => {
                         eprintln!("refused at checkout: default tier {{id}}, {tenant}: {e}");
-                        if let Err(why) = refusal(&e, tenant) {
+                        if let Err(why) = refusal(&e, &["{id}", tenant]) {
                             failures.push(format!("default tier {{id}}, {tenant}: {why}"));
                         }
                     }
