@@ -211,6 +211,7 @@ async fn main() -> Result<(), Box<dyn StdError>> {
     ))?);
 
     // Provision each tenant's schema, as an operator would.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(pg.primary().url()).await?;
     for t in TENANTS {
         for ddl in [
             format!("CREATE SCHEMA IF NOT EXISTS tenant_{t}"),
@@ -220,7 +221,7 @@ async fn main() -> Result<(), Box<dyn StdError>> {
             ),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
-                .execute(primary.pool())
+                .execute(&mut admin)
                 .await?;
         }
     }

@@ -63,11 +63,12 @@ async fn main() -> Result<(), Box<dyn StdError>> {
         .build()?;
 
     // The tenant's schema, provisioned as an operator would.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(pg.primary().url()).await?;
     for ddl in [
         "CREATE SCHEMA IF NOT EXISTS tenant_acme",
         "CREATE TABLE IF NOT EXISTS tenant_acme.notes (body text)",
     ] {
-        sqlx::query(ddl).execute(primary.pool()).await?;
+        sqlx::query(ddl).execute(&mut admin).await?;
     }
     let acme = TenantId::new("acme")?;
 

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use switchyard_core::{Backend, EndpointId, Error, Intent, PoolStats, Probe, TenantScope};
+use switchyard_core::{
+    Backend, EndpointId, Error, Intent, PoolStats, Probe, Recycle, Returned, TenantScope,
+    TierPolicy,
+};
 use switchyard_router::{BoxFuture, Cluster, ClusterConfig, ClusterStatus, EndpointStatus, Health};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -128,18 +131,6 @@ impl<B: Backend> Backend for Counted<B> {
         self.inner.scope(conn, scope)
     }
 
-    fn unscope(
-        &self,
-        conn: &mut B::Connection,
-        scope: &TenantScope,
-    ) -> impl Future<Output = Result<(), Error>> + Send {
-        self.inner.unscope(conn, scope)
-    }
-
-    fn discard(&self, conn: B::Connection) {
-        self.inner.discard(conn);
-    }
-
     fn probe(&self, timeout: Duration) -> impl Future<Output = Result<Probe, Error>> + Send {
         self.inner.probe(timeout)
     }
@@ -148,14 +139,21 @@ impl<B: Backend> Backend for Counted<B> {
         self.inner.stats()
     }
 
-    fn release(
-        self: Arc<Self>,
-        conn: B::Connection,
-        scope: Option<Arc<TenantScope>>,
-        healthy: bool,
-    ) {
-        // The engine's own return path (resets, affinity stash), unchanged.
-        Arc::clone(&self.inner).release(conn, scope, healthy);
+    // The engine's own return path (resets, affinity), unchanged.
+    fn inspect(&self, conn: &mut B::Connection) -> Returned {
+        self.inner.inspect(conn)
+    }
+
+    fn recycle(&self, conn: &mut B::Connection) -> impl Future<Output = Recycle> + Send {
+        self.inner.recycle(conn)
+    }
+
+    fn release(&self, conn: B::Connection, recycle: Recycle) {
+        self.inner.release(conn, recycle);
+    }
+
+    fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
+        self.inner.validate_tier(name, tier)
     }
 }
 

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantId, TenantScope,
-    TierPolicy,
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, Role, TenantId,
+    TenantScope, TierPolicy,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -306,15 +306,6 @@ impl Backend for ChBackend {
         Ok(())
     }
 
-    async fn unscope(&self, conn: &mut ChConnection, _scope: &TenantScope) -> Result<(), Error> {
-        conn.reset();
-        Ok(())
-    }
-
-    fn discard(&self, conn: ChConnection) {
-        drop(conn);
-    }
-
     /// Refuses a database (or schema) tier whose template can render a
     /// system database (`system`, `default`, `information_schema`), the row
     /// tier's shared database or the unscoped checkouts' database.
@@ -360,14 +351,14 @@ impl Backend for ChBackend {
         }
     }
 
-    /// Dropping the handle is the whole return path: the scope lives only in
-    /// the handle, so there is nothing to undo on the server and no task to spawn.
-    fn release(
-        self: Arc<Self>,
-        conn: ChConnection,
-        _scope: Option<Arc<TenantScope>>,
-        _healthy: bool,
-    ) {
+    /// Always clean: the scope lives only in the handle, so there is nothing
+    /// to undo on the server and no task to spawn.
+    fn inspect(&self, _conn: &mut ChConnection) -> Returned {
+        Returned::Clean
+    }
+
+    /// Dropping the handle is the whole return path, kept or discarded alike.
+    fn release(&self, conn: ChConnection, _recycle: Recycle) {
         drop(conn);
     }
 }

@@ -126,26 +126,64 @@ impl PoolStats {
     }
 }
 
+/// What a returned connection needs, from a look that does no I/O
+/// ([`Backend::inspect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returned {
+    /// Nothing to undo: it goes straight back ([`Recycle::Keep`]), no task spawned.
+    Clean,
+    /// Its session may carry state: [`Backend::recycle`] runs first, on a task.
+    Dirty,
+    /// It cannot be vouched for (broken socket, abandoned query): discarded.
+    Broken,
+}
+
+/// The answer of the recycle step, and what [`Backend::release`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recycle {
+    /// The connection is clean: pool it (or hand it to a waiting checkout).
+    Keep,
+    /// The connection cannot be proven clean: close it.
+    Discard,
+}
+
 /// One engine's driver for one endpoint.
 ///
-/// A backend owns the driver's own pool (or client) for its endpoint and knows
-/// five things: how to get a connection before a deadline, how to probe the
-/// endpoint's health and role, how to confine a connection to one tenant, how to
-/// undo that, and how full its pool is. Everything else (balancing, retries,
-/// quotas, health state, metrics) belongs to the router and the [`Checkout`]
-/// guard, as deadpool keeps hooks and timeouts out of its `Manager`.
+/// A backend owns the connections (or the driver's client) for its endpoint,
+/// as deadpool's `Manager` does, and knows: how to get a connection before a
+/// deadline, how to confine it to one tenant, how to probe the endpoint's
+/// health and role, how full its pool is, and how to take a connection back
+/// (one cheap look, one async recycle step that answers keep or discard, and
+/// the final keep-or-close). Everything else (balancing, retries, quotas,
+/// health state, metrics) belongs to the router and the [`Checkout`] guard.
 ///
-/// # Tenant scope contract
+/// # Owners and the return path
 ///
-/// [`acquire`](Backend::acquire) is told the scope so that a backend can pick a
-/// per-tenant pool (database isolation) or prefer a connection already scoped to
-/// that tenant (affinity). Afterwards the guard calls [`scope`](Backend::scope),
-/// which must leave the connection serving exactly that tenant whatever it served
-/// before; on return [`release`](Backend::release) must undo the scope or discard
-/// the connection. A connection is never handed out or pooled carrying a scope
-/// other than the one asked for.
+/// A connection records which owner its session last served: a tenant scope,
+/// or none for an unscoped checkout. [`acquire`](Backend::acquire) is told the
+/// owner it serves next, so that a backend can pick a per-tenant pool
+/// (database isolation) or prefer a connection that last served the same owner
+/// (affinity); handing a connection to a different owner means a complete
+/// reset of its session, not only of the scope. [`scope`](Backend::scope) must
+/// leave the connection serving exactly that tenant whatever it served before.
+///
+/// The guard drives the return path, written once in core: a connection whose
+/// checkout reported an endpoint failure is released with [`Recycle::Discard`];
+/// otherwise [`inspect`](Backend::inspect) decides without I/O whether it is
+/// [`Clean`](Returned::Clean) (released with [`Recycle::Keep`] at once),
+/// [`Broken`](Returned::Broken) (discarded) or [`Dirty`](Returned::Dirty): then
+/// [`recycle`](Backend::recycle) runs on a spawned task and its answer goes to
+/// [`release`](Backend::release). With no runtime to spawn on, a dirty
+/// connection is discarded. A connection is never pooled carrying state that
+/// another owner could see.
 ///
 /// The futures are `Send` so router code can move them into `tokio::spawn`.
+///
+/// # Cancel safety
+///
+/// A connection whose `scope` future is dropped half-way is released with
+/// [`Recycle::Discard`] by the guard. `recycle` runs on its own task and is
+/// never cancelled; it must bound its own I/O (a reset timeout).
 ///
 /// [`Checkout`]: crate::Checkout
 pub trait Backend: Send + Sync + 'static {
@@ -155,35 +193,42 @@ pub trait Backend: Send + Sync + 'static {
     /// The endpoint this backend serves.
     fn endpoint(&self) -> &EndpointId;
 
-    /// Gets a connection, giving up at `deadline` with [`Error::Timeout`].
+    /// Gets a connection for `scope`'s tenant (or for no tenant), giving up at
+    /// `deadline` with [`Error::Timeout`].
     fn acquire(
         &self,
         scope: Option<&TenantScope>,
         deadline: Instant,
     ) -> impl Future<Output = Result<Self::Connection, Error>> + Send;
 
-    /// Confines `conn` to `scope`'s tenant, replacing any previous scope.
+    /// Confines `conn` to `scope`'s tenant, replacing whatever it served before.
     fn scope(
         &self,
         conn: &mut Self::Connection,
         scope: &TenantScope,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// Undoes [`scope`](Backend::scope) so `conn` can serve anyone again.
-    fn unscope(
-        &self,
-        conn: &mut Self::Connection,
-        scope: &TenantScope,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
-
-    /// Closes `conn` instead of returning it to the pool.
-    fn discard(&self, conn: Self::Connection);
-
     /// Checks liveness and reports role, lag and version.
     fn probe(&self, timeout: Duration) -> impl Future<Output = Result<Probe, Error>> + Send;
 
     /// Current pool occupancy.
     fn stats(&self) -> PoolStats;
+
+    /// Looks at a returned connection without I/O: clean, dirty or broken.
+    fn inspect(&self, conn: &mut Self::Connection) -> Returned;
+
+    /// Undoes what a [`Dirty`](Returned::Dirty) connection's session carries,
+    /// answering whether it can be kept. The default keeps it, for engines
+    /// whose [`inspect`](Backend::inspect) never answers `Dirty` (the scope
+    /// lives in the handle, nothing on the server).
+    fn recycle(&self, conn: &mut Self::Connection) -> impl Future<Output = Recycle> + Send {
+        let _ = conn;
+        std::future::ready(Recycle::Keep)
+    }
+
+    /// Takes a connection back for good: pools it ([`Recycle::Keep`]) or
+    /// closes it ([`Recycle::Discard`]). Never blocks.
+    fn release(&self, conn: Self::Connection, recycle: Recycle);
 
     /// Refuses a tier this engine cannot serve safely, when a cluster is
     /// built or its tenants or endpoints change: above all a name template
@@ -194,48 +239,26 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (tier, policy);
         Ok(())
     }
+}
 
-    /// Gives a connection back after a checkout.
-    ///
-    /// The default discards it when `healthy` is false, returns an unscoped one
-    /// as is, and otherwise undoes the scope on a background task, discarding the
-    /// connection if that fails, so [`Drop`] never blocks. Backends override this
-    /// when their driver has a cheaper return path (a pool hook, an affinity
-    /// stash).
-    fn release(
-        self: Arc<Self>,
-        conn: Self::Connection,
-        scope: Option<Arc<TenantScope>>,
-        healthy: bool,
-    ) {
-        if !healthy {
-            self.discard(conn);
-            return;
-        }
-        let Some(scope) = scope else {
-            drop(conn);
-            return;
-        };
-        match tokio::runtime::Handle::try_current() {
+/// The return path of every checkout, written once: see [`Backend`].
+pub(crate) fn give_back<B: Backend>(backend: Arc<B>, mut conn: B::Connection, keep: bool) {
+    if !keep {
+        backend.release(conn, Recycle::Discard);
+        return;
+    }
+    match backend.inspect(&mut conn) {
+        Returned::Clean => backend.release(conn, Recycle::Keep),
+        Returned::Broken => backend.release(conn, Recycle::Discard),
+        Returned::Dirty => match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    let mut conn = conn;
-                    match self.unscope(&mut conn, &scope).await {
-                        Ok(()) => drop(conn),
-                        Err(error) => {
-                            tracing::warn!(
-                                endpoint = %self.endpoint(),
-                                tenant = %scope.tenant(),
-                                %error,
-                                "tenant scope reset failed; connection discarded"
-                            );
-                            self.discard(conn);
-                        }
-                    }
+                    let verdict = backend.recycle(&mut conn).await;
+                    backend.release(conn, verdict);
                 });
             }
-            // No runtime left to run the reset on: never pool a scoped connection.
-            Err(_) => self.discard(conn),
-        }
+            // No runtime left to reset it on: never pool a dirty connection.
+            Err(_) => backend.release(conn, Recycle::Discard),
+        },
     }
 }

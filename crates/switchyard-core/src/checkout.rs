@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{give_back, Backend, Recycle};
 use crate::endpoint::EndpointId;
 use crate::registry::{Quota, TenantEntry};
 use crate::tenant::{TenantId, TenantScope};
@@ -208,9 +208,10 @@ impl fmt::Debug for CheckoutRequest {
 /// request named one.
 ///
 /// Derefs to the engine's connection. Dropping it gives everything back: the
-/// scope is undone (or the connection discarded if that fails), the in-flight
-/// count and tenant quota are released, and the hold time and outcome reach the
-/// observer. Nothing needs to be called by hand.
+/// connection takes the backend's return path (kept as it is, recycled on a
+/// task, or discarded; see [`Backend`]), the in-flight count and tenant quota
+/// are released, and the hold time and outcome reach the observer. Nothing
+/// needs to be called by hand.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -421,7 +422,7 @@ impl<B: Backend> Drop for Checkout<B> {
             observer.on_released(self.acquired_at.elapsed(), self.outcome);
         }
         if let Some(conn) = self.conn.take() {
-            Arc::clone(&self.backend).release(conn, self.scope.take(), self.keep);
+            give_back(Arc::clone(&self.backend), conn, self.keep);
         }
     }
 }
@@ -446,7 +447,7 @@ struct Unscoped<'a, B: Backend> {
 impl<B: Backend> Drop for Unscoped<'_, B> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.backend.discard(conn);
+            self.backend.release(conn, Recycle::Discard);
         }
     }
 }
@@ -529,7 +530,7 @@ mod tests {
         // The reset runs on a task; let it finish.
         tokio::task::yield_now().await;
         let stats = backend.counters();
-        assert_eq!((stats.scoped, stats.unscoped, stats.discarded), (1, 1, 0));
+        assert_eq!((stats.scoped, stats.recycled, stats.discarded), (1, 1, 0));
     }
 
     #[test]
@@ -665,7 +666,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_reset_discards_the_connection() {
         let backend = Arc::new(NoopBackend::new("n1"));
-        backend.set_fail_unscope(true);
+        backend.set_fail_recycle(true);
         let reg = registry();
         let a = reg.resolve(&tenant("a")).unwrap();
         let conn = Checkout::acquire(

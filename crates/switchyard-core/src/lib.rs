@@ -5,10 +5,12 @@
 //! holds the vocabulary, and no engine or routing policy:
 //!
 //! - [`Backend`]: what an engine crate implements for one endpoint: acquire a
-//!   connection before a deadline, probe health and role, apply and undo a
-//!   tenant scope, report pool statistics;
-//! - [`Checkout`]: the RAII guard a caller holds; dropping it undoes the scope,
-//!   releases the in-flight count and the tenant quota, and reports the outcome;
+//!   connection before a deadline, apply a tenant scope, probe health and role,
+//!   report pool statistics, and take a connection back (inspect, recycle,
+//!   keep or discard);
+//! - [`Checkout`]: the RAII guard a caller holds; dropping it sends the
+//!   connection down the one return path, releases the in-flight count and the
+//!   tenant quota, and reports the outcome;
 //! - [`TenantId`], [`Isolation`], [`TenantScope`], [`TenantRegistry`],
 //!   [`TierPolicy`]: who a tenant is, how it is isolated and how much it may hold;
 //! - [`Intent`], [`Role`], [`Probe`] (with the endpoint's replication
@@ -53,7 +55,7 @@ mod registry;
 mod tenant;
 mod tls;
 
-pub use backend::{Backend, Intent, PoolStats, Probe, Role};
+pub use backend::{Backend, Intent, PoolStats, Probe, Recycle, Returned, Role};
 pub use checkout::{
     Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, InFlightWatcher, Outcome,
 };

@@ -3,8 +3,8 @@
 //!
 //! It never stands in for a real engine in an engine test: it has no data and
 //! no isolation to get wrong. What it offers is control: a role to report,
-//! faults to inject (down, slow, failing scope or reset) and counters to assert
-//! on.
+//! faults to inject (down, slow, failing scope or recycle) and counters to
+//! assert on.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,18 +12,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::{Backend, PoolStats, Probe, Role};
+use crate::backend::{Backend, PoolStats, Probe, Recycle, Returned, Role};
 use crate::endpoint::EndpointId;
 use crate::history::History;
 use crate::tenant::{TenantId, TenantScope};
 use crate::{BackendErrorKind, Error};
 
-/// A connection from a [`NoopBackend`]: an id and the tenant it is scoped to.
+/// A connection from a [`NoopBackend`]: an id and the tenant its session last
+/// served.
 #[derive(Debug)]
 pub struct NoopConnection {
     /// Sequence number of the connection within its backend.
     pub id: u64,
-    /// The tenant the connection is currently scoped to.
+    /// The tenant the connection's session last served (its owner).
     pub tenant: Option<TenantId>,
     state: Arc<State>,
 }
@@ -41,8 +42,8 @@ pub struct NoopCounters {
     pub acquired: u64,
     /// Scopes applied.
     pub scoped: u64,
-    /// Scopes undone.
-    pub unscoped: u64,
+    /// Returned scoped connections whose session was reset by `recycle`.
+    pub recycled: u64,
     /// Connections discarded.
     pub discarded: u64,
     /// Probes answered.
@@ -56,7 +57,7 @@ struct State {
     next_id: AtomicU64,
     acquired: AtomicU64,
     scoped: AtomicU64,
-    unscoped: AtomicU64,
+    recycled: AtomicU64,
     discarded: AtomicU64,
     probes: AtomicU64,
     live: AtomicU64,
@@ -69,7 +70,7 @@ pub struct NoopBackend {
     role: AtomicU8,
     down: AtomicBool,
     fail_scope: AtomicBool,
-    fail_unscope: AtomicBool,
+    fail_recycle: AtomicBool,
     acquire_delay_ns: AtomicU64,
     scope_delay_ns: AtomicU64,
     probe_rtt_ns: AtomicU64,
@@ -86,7 +87,7 @@ impl NoopBackend {
             role: AtomicU8::new(role_to_u8(Role::Primary)),
             down: AtomicBool::new(false),
             fail_scope: AtomicBool::new(false),
-            fail_unscope: AtomicBool::new(false),
+            fail_recycle: AtomicBool::new(false),
             acquire_delay_ns: AtomicU64::new(0),
             scope_delay_ns: AtomicU64::new(0),
             probe_rtt_ns: AtomicU64::new(0),
@@ -146,9 +147,9 @@ impl NoopBackend {
         self.fail_scope.store(fail, Ordering::Relaxed);
     }
 
-    /// Makes undoing a scope fail.
-    pub fn set_fail_unscope(&self, fail: bool) {
-        self.fail_unscope.store(fail, Ordering::Relaxed);
+    /// Makes the recycle step of a returned scoped connection answer discard.
+    pub fn set_fail_recycle(&self, fail: bool) {
+        self.fail_recycle.store(fail, Ordering::Relaxed);
     }
 
     /// What the backend has been asked to do so far.
@@ -157,7 +158,7 @@ impl NoopBackend {
         NoopCounters {
             acquired: s.acquired.load(Ordering::Relaxed),
             scoped: s.scoped.load(Ordering::Relaxed),
-            unscoped: s.unscoped.load(Ordering::Relaxed),
+            recycled: s.recycled.load(Ordering::Relaxed),
             discarded: s.discarded.load(Ordering::Relaxed),
             probes: s.probes.load(Ordering::Relaxed),
             live: s.live.load(Ordering::Relaxed),
@@ -255,25 +256,6 @@ impl Backend for NoopBackend {
         Ok(())
     }
 
-    async fn unscope(&self, conn: &mut NoopConnection, scope: &TenantScope) -> Result<(), Error> {
-        if self.fail_unscope.load(Ordering::Relaxed) {
-            return Err(Error::Scope {
-                endpoint: self.endpoint.clone(),
-                tenant: scope.tenant().clone(),
-                action: "reset",
-                source: "injected reset failure".into(),
-            });
-        }
-        self.state.unscoped.fetch_add(1, Ordering::Relaxed);
-        conn.tenant = None;
-        Ok(())
-    }
-
-    fn discard(&self, conn: NoopConnection) {
-        self.state.discarded.fetch_add(1, Ordering::Relaxed);
-        drop(conn);
-    }
-
     async fn probe(&self, _timeout: Duration) -> Result<Probe, Error> {
         self.state.probes.fetch_add(1, Ordering::Relaxed);
         let rtt = delay(&self.probe_rtt_ns).unwrap_or_default();
@@ -290,6 +272,31 @@ impl Backend for NoopBackend {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         Ok(probe)
+    }
+
+    /// A connection that served a tenant is dirty: its owner must be reset.
+    fn inspect(&self, conn: &mut NoopConnection) -> Returned {
+        if conn.tenant.is_some() {
+            Returned::Dirty
+        } else {
+            Returned::Clean
+        }
+    }
+
+    async fn recycle(&self, conn: &mut NoopConnection) -> Recycle {
+        if self.fail_recycle.load(Ordering::Relaxed) {
+            return Recycle::Discard;
+        }
+        self.state.recycled.fetch_add(1, Ordering::Relaxed);
+        conn.tenant = None;
+        Recycle::Keep
+    }
+
+    fn release(&self, conn: NoopConnection, recycle: Recycle) {
+        if recycle == Recycle::Discard {
+            self.state.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(conn);
     }
 
     fn stats(&self) -> PoolStats {
@@ -336,7 +343,7 @@ mod tests {
         assert_eq!((c1.id, c2.id), (0, 1));
         assert_eq!(b.stats().in_use(), 2);
         drop(c1);
-        b.discard(c2);
+        b.release(c2, Recycle::Discard);
         let c = b.counters();
         assert_eq!((c.acquired, c.discarded, c.live), (2, 1, 0));
     }

@@ -12,8 +12,8 @@ use elasticsearch::indices::{IndicesExistsAliasParts, IndicesExistsParts};
 use elasticsearch::Elasticsearch;
 use serde_json::Value;
 use switchyard_core::{
-    Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, Role, TenantId,
-    TenantScope, TierPolicy,
+    Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned,
+    Role, TenantId, TenantScope, TierPolicy,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -321,15 +321,6 @@ impl Backend for EsBackend {
         Ok(())
     }
 
-    async fn unscope(&self, conn: &mut EsConnection, _scope: &TenantScope) -> Result<(), Error> {
-        conn.reset();
-        Ok(())
-    }
-
-    fn discard(&self, conn: EsConnection) {
-        drop(conn);
-    }
-
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
         let shared = &self.shared;
         let started = Instant::now();
@@ -394,14 +385,14 @@ impl Backend for EsBackend {
         }
     }
 
-    /// Dropping the handle is the whole return path: the scope lives only in
-    /// the handle, so there is nothing to undo and no task to spawn.
-    fn release(
-        self: Arc<Self>,
-        conn: EsConnection,
-        _scope: Option<Arc<TenantScope>>,
-        _healthy: bool,
-    ) {
+    /// Always clean: the scope lives only in the handle, so there is nothing
+    /// to undo on the server and no task to spawn.
+    fn inspect(&self, _conn: &mut EsConnection) -> Returned {
+        Returned::Clean
+    }
+
+    /// Dropping the handle is the whole return path, kept or discarded alike.
+    fn release(&self, conn: EsConnection, _recycle: Recycle) {
         drop(conn);
     }
 }

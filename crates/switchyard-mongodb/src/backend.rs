@@ -8,7 +8,8 @@ use std::time::Duration;
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, TenantScope, TierPolicy,
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, TenantScope,
+    TierPolicy,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -205,21 +206,9 @@ impl Backend for MongoBackend {
     }
 
     /// Confines the handle to `scope`: a pure, local change (see
-    /// [`unscope`](Backend::unscope)).
+    /// [`inspect`](Backend::inspect)).
     async fn scope(&self, conn: &mut MongoConn, scope: &TenantScope) -> Result<(), Error> {
         conn.confinement = self.confinement(scope)?;
-        Ok(())
-    }
-
-    /// Forgets the tenant. Nothing needs undoing on the server: no MongoDB
-    /// connection carries tenant state. Every command names its own database
-    /// and collection, filters travel with each command, and the driver's
-    /// implicit sessions hold only a transaction number and cluster time. So a
-    /// connection that just served tenant A is safe for tenant B, and a
-    /// cancelled operation (its future dropped mid-flight) cannot leave
-    /// anything behind for the next user: the driver closes that connection.
-    async fn unscope(&self, conn: &mut MongoConn, _scope: &TenantScope) -> Result<(), Error> {
-        conn.confinement = Confinement::Unscoped;
         Ok(())
     }
 
@@ -241,13 +230,6 @@ impl Backend for MongoBackend {
         )
     }
 
-    fn discard(&self, conn: MongoConn) {
-        // The driver already clears its pool for the server after a network
-        // error; a handle has no connection of its own to close.
-        bump(&self.counters.discarded);
-        drop(conn);
-    }
-
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
         self.prober.probe(&self.config.endpoint, timeout).await
     }
@@ -262,14 +244,26 @@ impl Backend for MongoBackend {
         }
     }
 
-    /// Gives the handle back: its permit returns on drop. Unlike the default,
-    /// no background task is spawned, since unscoping has nothing to do.
-    fn release(self: Arc<Self>, conn: MongoConn, _scope: Option<Arc<TenantScope>>, healthy: bool) {
-        if healthy {
-            drop(conn);
-        } else {
-            self.discard(conn);
+    /// Always clean. Nothing needs undoing on the server: no MongoDB
+    /// connection carries tenant state. Every command names its own database
+    /// and collection, filters travel with each command, and the driver's
+    /// implicit sessions hold only a transaction number and cluster time. So a
+    /// connection that just served tenant A is safe for tenant B, and a
+    /// cancelled operation (its future dropped mid-flight) cannot leave
+    /// anything behind for the next user: the driver closes that connection.
+    /// The tenant lives only in the handle, which is dropped.
+    fn inspect(&self, _conn: &mut MongoConn) -> Returned {
+        Returned::Clean
+    }
+
+    /// Drops the handle, which returns its permit. A discarded one is only
+    /// counted: the driver already clears its pool for the server after a
+    /// network error, and a handle has no connection of its own to close.
+    fn release(&self, conn: MongoConn, recycle: Recycle) {
+        if recycle == Recycle::Discard {
+            bump(&self.counters.discarded);
         }
+        drop(conn);
     }
 }
 

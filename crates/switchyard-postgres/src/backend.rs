@@ -5,37 +5,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use switchyard_core::{
-    Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, TenantScope,
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, TenantScope,
     TierPolicy,
 };
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use crate::affinity::{Stash, Take};
 use crate::config::PgBackendConfig;
 use crate::connection::PgConn;
-use crate::error::{timed_pg_error, PgError};
 use crate::probe::Prober;
-use crate::refusal::RefusalCheck;
-use crate::returns::{check, sweep};
-use crate::roles;
-use crate::sql::{self, quote_ident, reset_sql, validate_setting_name};
+use crate::returns::sweep;
+use crate::slots::Slots;
+use crate::sql::validate_setting_name;
 use crate::stats::{bump, read, PgStats, ReturnCounters};
-use crate::tenant_pools::{close_in_background, TenantPools};
+use crate::tenant_pools::TenantPools;
 
 /// Schemas that every session shares: a schema tier must never render them.
 const RESERVED_SCHEMAS: [&str; 4] = ["public", "information_schema", "pg_catalog", "pg_toast"];
 
 /// The PostgreSQL backend for one endpoint.
 ///
-/// Owns a sqlx [`PgPool`] for the endpoint (unscoped, schema- and row-scoped
-/// checkouts), one small pool per tenant database (database isolation), a
-/// dedicated probe connection, the affinity stash and a background sweeper
-/// that closes idle tenant pools and ages out stashed connections. The
-/// sweeper stops when the backend is dropped.
+/// Owns the endpoint's pool of sqlx `PgConnection`s (unscoped, schema- and
+/// row-scoped checkouts), one small pool per tenant database (database
+/// isolation), a dedicated probe connection, and a background sweeper that
+/// closes idle connections and tenant pools and keeps `min_idle` connections
+/// open. The sweeper stops when the backend is dropped.
 ///
 /// Build it inside a Tokio runtime; nothing connects until the first checkout
 /// or probe, so an unreachable endpoint never fails or blocks construction.
@@ -47,22 +43,23 @@ pub struct PgBackend {
 /// Everything the backend and its background tasks share.
 pub(crate) struct Shared {
     pub(crate) config: PgBackendConfig,
-    pub(crate) pool: PgPool,
+    /// The pool of the URL's own database.
+    pub(crate) slots: Arc<Slots>,
     pub(crate) tenants: TenantPools,
-    pub(crate) stash: Stash,
     pub(crate) prober: Prober,
-    /// Fails checkouts fast when the endpoint refuses connections.
-    pub(crate) refusal: RefusalCheck,
     pub(crate) returns: ReturnCounters,
     /// Set by [`PgBackend::close`].
     pub(crate) closed: AtomicBool,
+    /// Databases no tenant may be given (see
+    /// [`PgError::ReservedDatabase`](crate::PgError::ReservedDatabase)).
+    pub(crate) reserved: Vec<String>,
 }
 
 impl PgBackend {
     /// Builds the backend for `config`.
     ///
     /// Fails with [`Error::Config`] when the configuration is invalid or when
-    /// called outside a Tokio runtime (sqlx's pool starts maintenance tasks).
+    /// called outside a Tokio runtime (the backend starts its sweeper).
     pub fn new(config: PgBackendConfig) -> Result<Self, Error> {
         if let Some(problem) = config.validate(config.endpoint.as_str()).into_iter().next() {
             return Err(problem);
@@ -72,24 +69,21 @@ impl PgBackend {
             message: "a PostgreSQL backend must be built inside a Tokio runtime".into(),
         })?;
         let options = config.connect_options()?;
-        let pool = config
-            .main_pool_options()
-            .connect_lazy_with(options.clone());
+        let slots = Slots::new(options.clone(), config.pool.max_size, config.max_bypass());
         let tenants = TenantPools::new(
             options.clone(),
-            config.tenant_pool_options(),
+            config.tenant_pool_max_size,
+            config.max_bypass(),
             config.max_tenant_pools,
             config.tenant_pool_idle_timeout,
         );
-        let stash = Stash::new(config.stash_cap(), config.affinity.max_age);
         let shared = Arc::new(Shared {
-            pool,
+            slots,
             tenants,
-            stash,
-            refusal: RefusalCheck::new(&options),
             prober: Prober::new(options),
             returns: ReturnCounters::default(),
             closed: AtomicBool::new(false),
+            reserved: config.reserved_databases(),
             config,
         });
         let cancel = CancellationToken::new();
@@ -107,44 +101,36 @@ impl PgBackend {
         &self.shared.config
     }
 
-    /// The endpoint's shared sqlx pool, e.g. as a baseline for benchmarks.
-    /// Connections taken from it directly bypass scoping and resets.
-    pub fn pool(&self) -> &PgPool {
-        &self.shared.pool
-    }
-
     /// Affinity, reset and tenant pool counters.
     pub fn pg_stats(&self) -> PgStats {
         let s = &self.shared;
-        let a = &s.stash.counters;
+        let r = &s.returns;
         let t = &s.tenants.counters;
+        let handoffs = read(&s.slots.handoffs)
+            + s.tenants
+                .all_slots()
+                .iter()
+                .map(|slots| read(&slots.handoffs))
+                .sum::<u64>();
         PgStats {
-            affinity_hits: read(&a.hits),
-            affinity_misses: read(&a.misses),
-            affinity_stolen: read(&a.stolen),
-            stashed: read(&a.stashed),
-            stash_evictions: read(&a.evicted),
-            stashed_now: u32::try_from(s.stash.len()).unwrap_or(u32::MAX),
-            resets: read(&s.returns.resets),
-            closed_dirty: read(&s.returns.closed_dirty),
-            reset_failures: read(&s.returns.reset_failures),
-            closed_mid_query: read(&s.returns.closed_mid_query),
-            discarded: read(&s.returns.discarded),
+            affinity_hits: read(&r.hits),
+            affinity_misses: read(&r.misses),
+            handoffs,
+            resets: read(&r.resets),
+            closed_dirty: read(&r.closed_dirty),
+            reset_failures: read(&r.reset_failures),
+            closed_mid_query: read(&r.closed_mid_query),
+            discarded: read(&r.discarded),
             tenant_pools_opened: read(&t.opened),
             tenant_pools_evicted: read(&t.evicted),
             tenant_pools_idle_closed: read(&t.idle_closed),
         }
     }
 
-    /// Closes every pool and the stash, waiting for the shared pool's
-    /// connections to close. Checkouts after this fail with [`Error::Closed`].
+    /// Closes every pool: idle connections at once, checked-out ones as they
+    /// come back. Checkouts after this fail with [`Error::Closed`].
     pub async fn close(&self) {
-        self.shared.closed.store(true, Ordering::Release);
-        for conn in self.shared.stash.drain() {
-            conn.close();
-        }
-        self.shared.tenants.close_all();
-        self.shared.pool.close().await;
+        self.shared.close();
     }
 }
 
@@ -167,39 +153,55 @@ impl Backend for PgBackend {
         self.shared.scope(conn, scope).await
     }
 
-    async fn unscope(&self, conn: &mut PgConn, scope: &TenantScope) -> Result<(), Error> {
-        self.shared.unscope(conn, scope).await
+    async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
+        self.shared
+            .prober
+            .probe(&self.shared.config.endpoint, timeout)
+            .await
     }
 
-    /// Refuses a tier whose template can render a database or schema that
-    /// tenants share or PostgreSQL reserves (`postgres`, `template0`,
-    /// `template1`, the shared pool's database; `public`, `pg_catalog`,
-    /// `information_schema`, `pg_toast`), or whose row setting is invalid.
-    /// (The return-path branch, issue 11, carries the same check; this is the
-    /// isolation suite's copy until the two merge.)
+    fn stats(&self) -> PoolStats {
+        let s = &self.shared;
+        let tenants = s.tenants.usage();
+        let main = s.slots.occupancy();
+        PoolStats {
+            size: main.size + tenants.size,
+            idle: main.idle + tenants.idle,
+            max_size: s.slots.max() + tenants.max_size,
+            tenant_pools: tenants.pools,
+        }
+    }
+
+    /// A connection closed by its backend or left mid-query is broken; any
+    /// other is checked by `recycle` before anyone else gets it.
+    fn inspect(&self, conn: &mut PgConn) -> Returned {
+        if self.shared.closed.load(Ordering::Acquire) || conn.in_flight {
+            if conn.in_flight {
+                bump(&self.shared.returns.closed_mid_query);
+            }
+            return Returned::Broken;
+        }
+        Returned::Dirty
+    }
+
+    async fn recycle(&self, conn: &mut PgConn) -> Recycle {
+        self.shared.recycle(conn).await
+    }
+
+    /// Refuses a row tier whose setting name is not a plain dotted name, and a
+    /// database or schema tier whose template can render a database or schema
+    /// that others share (see [`PgError::ReservedDatabase`](crate::PgError::ReservedDatabase)).
     fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
         let config = |field: &str, message: String| Error::Config {
             path: format!("tiers.{name}.{field}"),
             message,
         };
-        let reserved: Vec<String> = match tier.isolation {
+        let reserved = match tier.isolation {
             Isolation::Row => {
                 return validate_setting_name(&tier.row_setting)
                     .map_err(|message| config("row_setting", message));
             }
-            Isolation::Database => {
-                let shared = self
-                    .shared
-                    .config
-                    .connect_options()
-                    .ok()
-                    .and_then(|o| o.get_database().map(str::to_owned));
-                ["postgres", "template0", "template1"]
-                    .map(str::to_owned)
-                    .into_iter()
-                    .chain(shared)
-                    .collect()
-            }
+            Isolation::Database => self.shared.reserved.clone(),
             Isolation::Schema => RESERVED_SCHEMAS.map(str::to_owned).into(),
         };
         match reserved.iter().find(|r| tier.name_template.can_render(r)) {
@@ -215,341 +217,20 @@ impl Backend for PgBackend {
         }
     }
 
-    fn discard(&self, conn: PgConn) {
-        bump(&self.shared.returns.discarded);
-        conn.close();
-    }
-
-    async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
-        self.shared
-            .prober
-            .probe(&self.shared.config.endpoint, timeout)
-            .await
-    }
-
-    fn stats(&self) -> PoolStats {
-        let s = &self.shared;
-        let tenants = s.tenants.usage();
-        let stashed = u32::try_from(s.stash.len()).unwrap_or(u32::MAX);
-        PoolStats {
-            size: s.pool.size() + tenants.size,
-            idle: u32::try_from(s.pool.num_idle()).unwrap_or(u32::MAX) + stashed + tenants.idle,
-            max_size: s.config.pool.max_size + tenants.max_size,
-            tenant_pools: tenants.pools,
-        }
-    }
-
-    /// Checks and resets the connection on a background task: a connection that
-    /// is inside a transaction block, or whose check or reset fails or takes
-    /// longer than `reset_timeout` (a checkout dropped mid-query), is closed. A
-    /// clean schema- or row-scoped one may go to the affinity stash instead,
-    /// still scoped. Without a runtime to run the check on, it is closed.
-    fn release(self: Arc<Self>, conn: PgConn, _scope: Option<Arc<TenantScope>>, healthy: bool) {
-        if !healthy {
-            self.discard(conn);
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let shared = Arc::clone(&self.shared);
-                rt.spawn(async move { shared.give_back(conn).await });
-            }
-            Err(_) => self.discard(conn),
-        }
-    }
-}
-
-impl Shared {
-    pub(crate) fn endpoint(&self) -> &EndpointId {
-        &self.config.endpoint
-    }
-
-    fn timeout(&self, scope: Option<&TenantScope>, started: Instant) -> Error {
-        Error::Timeout {
-            endpoint: self.endpoint().clone(),
-            tenant: scope.map(|s| s.tenant().clone()),
-            elapsed: started.elapsed(),
-        }
-    }
-
-    #[tracing::instrument(
-        level = "debug",
-        name = "pg.acquire",
-        skip_all,
-        fields(endpoint = %self.config.endpoint, tenant = scope.map(|s| s.tenant().as_str()))
-    )]
-    async fn acquire(
-        self: &Arc<Self>,
-        scope: Option<&TenantScope>,
-        deadline: Instant,
-    ) -> Result<PgConn, Error> {
-        let started = Instant::now();
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
-        if let Some(s) = scope.filter(|s| s.isolation() == Isolation::Row) {
-            // Refused before any connection is taken.
-            check_row_setting(s)?;
-        }
-        match scope {
-            Some(s) if s.isolation() == Isolation::Database => {
-                self.acquire_tenant_database(s, deadline, started).await
-            }
-            _ => self.acquire_shared(scope, deadline, started).await,
-        }
-    }
-
-    async fn acquire_tenant_database(
-        &self,
-        scope: &TenantScope,
-        deadline: Instant,
-        started: Instant,
-    ) -> Result<PgConn, Error> {
-        let database = scope.target();
-        let (pool, name, lease) = self.tenants.get(database).map_err(|e| {
-            Error::backend(
-                self.endpoint(),
-                Some(scope.tenant()),
-                BackendErrorKind::Rejected,
-                e,
-            )
-        })?;
-        match tokio::time::timeout_at(deadline, pool.acquire()).await {
-            Ok(Ok(conn)) => Ok(PgConn::for_tenant_database(conn, name, lease)),
-            Ok(Err(error)) => {
-                let error = timed_pg_error(self.endpoint(), Some(scope), error, started.elapsed());
-                if matches!(error, Error::TenantNotProvisioned { .. }) {
-                    drop(lease);
-                    self.tenants.forget_if_empty(database);
-                }
-                Err(error)
-            }
-            Err(_) => Err(self.timeout(Some(scope), started)),
-        }
-    }
-
-    async fn acquire_shared(
-        self: &Arc<Self>,
-        scope: Option<&TenantScope>,
-        deadline: Instant,
-        started: Instant,
-    ) -> Result<PgConn, Error> {
-        let keeps_min = self.config.pool.min_idle > 0;
-        // Look for the tenant's own stashed connection only once.
-        let mut lookup = scope;
-        loop {
-            let mut expired = Vec::new();
-            let take = self.stash.take(lookup.take(), &self.pool, &mut expired);
-            for conn in expired {
-                self.reset_in_background(conn);
-            }
-            match take {
-                Take::Hit(conn) => {
-                    tracing::trace!("affinity hit");
-                    return Ok(conn);
-                }
-                Take::Pool(conn) => {
-                    // `try_acquire` skips sqlx's test-before-acquire: without this
-                    // ping, connections that died with a restarted server would be
-                    // handed out one by one, each failing and ejecting the endpoint.
-                    let mut conn = PgConn::new(conn, keeps_min);
-                    let limit = deadline.min(Instant::now() + self.config.reset_timeout);
-                    match tokio::time::timeout_at(limit, sqlx::Connection::ping(&mut *conn)).await {
-                        Ok(Ok(())) => return Ok(conn),
-                        _ => conn.close(),
-                    }
-                }
-                Take::Steal(mut conn) => {
-                    let limit = deadline.min(Instant::now() + self.config.reset_timeout);
-                    if self.reset(&mut conn, limit).await {
-                        return Ok(conn);
-                    }
-                    conn.close();
-                }
-                Take::Wait(ticket) => {
-                    // Only a pool with room opens connections, which sqlx retries
-                    // while they are refused.
-                    let opens = self.pool.size() < self.config.pool.max_size;
-                    let got = tokio::select! {
-                        got = tokio::time::timeout_at(deadline, self.pool.acquire()) => got,
-                        refused = self.refusal.refused(), if opens => {
-                            return Err(Error::backend(
-                                self.endpoint(),
-                                scope.map(TenantScope::tenant),
-                                BackendErrorKind::Connect,
-                                refused,
-                            ));
-                        }
-                    };
-                    drop(ticket);
-                    return match got {
-                        Ok(Ok(conn)) => Ok(PgConn::new(conn, keeps_min)),
-                        Ok(Err(e)) => {
-                            Err(timed_pg_error(self.endpoint(), scope, e, started.elapsed()))
-                        }
-                        Err(_) => Err(self.timeout(scope, started)),
-                    };
-                }
+    fn release(&self, conn: PgConn, recycle: Recycle) {
+        match recycle {
+            Recycle::Keep => conn.return_to_pool(),
+            Recycle::Discard => {
+                bump(&self.shared.returns.discarded);
+                conn.close();
             }
         }
     }
-
-    #[tracing::instrument(
-        level = "debug",
-        name = "pg.scope",
-        skip_all,
-        fields(endpoint = %self.config.endpoint, tenant = %scope.tenant(), isolation = %scope.isolation())
-    )]
-    async fn scope(&self, conn: &mut PgConn, scope: &TenantScope) -> Result<(), Error> {
-        let wrong_database = |have: &str| Error::Scope {
-            endpoint: self.endpoint().clone(),
-            tenant: scope.tenant().clone(),
-            action: "apply",
-            source: Box::new(PgError::WrongDatabase {
-                have: have.to_owned(),
-                want: scope.target().to_owned(),
-            }),
-        };
-        if scope.isolation() == Isolation::Database {
-            return match conn.database.as_deref() {
-                Some(db) if db == scope.target() => Ok(()),
-                Some(db) => Err(wrong_database(&format!("database {db:?}"))),
-                None => Err(wrong_database("the shared pool")),
-            };
-        }
-        if let Some(db) = conn.database.as_deref() {
-            return Err(wrong_database(&format!("database {db:?}")));
-        }
-        if conn.scoped.as_ref() == Some(scope) {
-            // Affinity: the session already carries exactly this scope.
-            return Ok(());
-        }
-        if scope.isolation() == Isolation::Row {
-            check_row_setting(scope)?;
-        }
-        if conn.scoped.is_some() {
-            // Another tenant's scope: take it off before putting this one on.
-            let limit = Instant::now() + self.config.reset_timeout;
-            if !self.reset(conn, limit).await {
-                return Err(self.scope_error(
-                    scope,
-                    "reset",
-                    "the previous scope could not be reset",
-                ));
-            }
-        }
-        // Marked before any I/O, so a cancelled apply can never be pooled.
-        conn.scoped = Some(scope.clone());
-        let as_role = self.config.tenant_roles;
-        let result = match scope.isolation() {
-            Isolation::Schema => {
-                let text = if as_role {
-                    roles::APPLY_SCHEMA_AS_ROLE
-                } else {
-                    sql::APPLY_SCHEMA
-                };
-                let query =
-                    sqlx::query_scalar::<_, Option<String>>(text).bind(quote_ident(scope.target()));
-                let query = if as_role {
-                    query.bind(scope.target())
-                } else {
-                    query
-                };
-                query.fetch_one(&mut **conn).await.map(|set| set.is_some())
-            }
-            _ => {
-                let text = if as_role {
-                    roles::APPLY_ROW_AS_ROLE
-                } else {
-                    sql::APPLY_ROW
-                };
-                let query = sqlx::query(text)
-                    .bind(scope.row_setting())
-                    .bind(scope.tenant().as_str());
-                let query = if as_role {
-                    query.bind(scope.target())
-                } else {
-                    query
-                };
-                query.execute(&mut **conn).await.map(|_| true)
-            }
-        };
-        match result {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::TenantNotProvisioned {
-                endpoint: self.endpoint().clone(),
-                tenant: scope.tenant().clone(),
-                what: "schema",
-                name: scope.target().to_owned(),
-            }),
-            Err(error) => Err(self.sqlx_scope_error(scope, "apply", error)),
-        }
-    }
-
-    async fn unscope(&self, conn: &mut PgConn, scope: &TenantScope) -> Result<(), Error> {
-        if conn.scoped.is_none() {
-            return Ok(());
-        }
-        let sql = reset_sql(conn.scoped.as_ref());
-        match check(conn, sql).await {
-            Ok(true) => {
-                conn.scoped = None;
-                Ok(())
-            }
-            Ok(false) => Err(self.scope_error(
-                scope,
-                "reset",
-                "the connection is inside a transaction block",
-            )),
-            Err(error) => Err(self.sqlx_scope_error(scope, "reset", error)),
-        }
-    }
-
-    fn scope_error(&self, scope: &TenantScope, action: &'static str, why: &str) -> Error {
-        Error::Scope {
-            endpoint: self.endpoint().clone(),
-            tenant: scope.tenant().clone(),
-            action,
-            source: why.to_owned().into(),
-        }
-    }
-
-    /// A broken connection is an endpoint failure; anything else the server
-    /// said is a failed scope.
-    fn sqlx_scope_error(
-        &self,
-        scope: &TenantScope,
-        action: &'static str,
-        error: sqlx::Error,
-    ) -> Error {
-        match crate::error::classify(&error) {
-            BackendErrorKind::Connect | BackendErrorKind::Io => {
-                timed_pg_error(self.endpoint(), Some(scope), error, Duration::ZERO)
-            }
-            _ => Error::Scope {
-                endpoint: self.endpoint().clone(),
-                tenant: scope.tenant().clone(),
-                action,
-                source: Box::new(error),
-            },
-        }
-    }
-}
-
-fn check_row_setting(scope: &TenantScope) -> Result<(), Error> {
-    validate_setting_name(scope.row_setting()).map_err(|message| Error::Config {
-        path: "tenants.row_setting".into(),
-        message,
-    })
 }
 
 impl Drop for PgBackend {
     fn drop(&mut self) {
-        for conn in self.shared.stash.drain() {
-            conn.close();
-        }
-        self.shared.tenants.close_all();
-        close_in_background(self.shared.pool.clone());
+        self.shared.close();
     }
 }
 
@@ -573,6 +254,48 @@ mod tests {
         let err = PgBackend::new(config).unwrap_err();
         assert!(matches!(err, Error::Config { .. }), "{err}");
         assert!(err.to_string().contains("Tokio runtime"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tiers_that_could_reach_shared_names_are_refused() {
+        use switchyard_core::NameTemplate;
+        let backend = PgBackend::new(PgBackendConfig::new(
+            "pg",
+            "postgres://app:pw@127.0.0.1:1/shop",
+        ))
+        .unwrap();
+        let tier = |isolation, template: &str| {
+            TierPolicy::new(isolation).with_name_template(NameTemplate::new(template).unwrap())
+        };
+        for (isolation, template, refused) in [
+            (Isolation::Database, "tenant_{id}", None),
+            (Isolation::Database, "{id}", Some("postgres")),
+            (Isolation::Database, "sh{id}", Some("shop")),
+            (Isolation::Database, "template{id}", Some("template0")),
+            (Isolation::Schema, "tenant_{id}", None),
+            (Isolation::Schema, "{id}", Some("public")),
+            (Isolation::Schema, "pg_{id}", Some("pg_catalog")),
+        ] {
+            let got = backend.validate_tier("t", &tier(isolation, template));
+            match refused {
+                None => assert!(got.is_ok(), "{template}: {got:?}"),
+                Some(name) => {
+                    let err = got.unwrap_err();
+                    assert!(matches!(err, Error::Config { .. }), "{err}");
+                    assert!(err.to_string().contains(name), "{err}");
+                    assert!(
+                        err.to_string().starts_with("tiers.t.name_template"),
+                        "{err}"
+                    );
+                }
+            }
+        }
+        let row = TierPolicy::new(Isolation::Row).with_row_setting("tenant id");
+        let err = backend.validate_tier("r", &row).unwrap_err();
+        assert!(err.to_string().starts_with("tiers.r.row_setting"), "{err}");
+        assert!(backend
+            .validate_tier("r", &TierPolicy::new(Isolation::Row))
+            .is_ok());
     }
 
     #[tokio::test]

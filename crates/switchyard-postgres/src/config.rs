@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
 /// Default [`PgBackendConfig::max_tenant_pools`].
@@ -30,7 +30,7 @@ pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
 ///     "url": "postgres://app:secret@db:5432/app",
 ///     "pool": { "max_size": 8, "acquire_timeout": "2s" },
 ///     "tenant_pool_idle_timeout": "1m",
-///     "affinity": { "max_idle": 4 }
+///     "affinity": { "max_bypass": 2 }
 /// }"#).unwrap();
 /// assert_eq!(config.max_tenant_pools, 64);
 /// assert!(!format!("{config:?}").contains("secret"));
@@ -80,37 +80,34 @@ pub struct PgBackendConfig {
     pub tls: Option<TlsSettings>,
 }
 
-/// Tenant affinity: returned schema- or row-scoped connections wait, still
-/// scoped, in a small stash, so the same tenant's next checkout skips the scope
-/// round trip.
+/// Tenant affinity: a connection remembers the owner its session last served
+/// (a tenant, or none), and a checkout by the same owner gets it back without
+/// a reset or a new scope.
 ///
-/// On by default: a hit saves one round trip per checkout and costs nothing in
-/// safety, because a connection is stashed only after the same round trip that
-/// checks for an open transaction also confirms it carries exactly that tenant's
-/// scope, and it is handed out unreset only to that same scope. Stashed
-/// connections stay open and count against the pool: the stash is capped,
-/// entries age out, an empty pool takes from the stash (after a reset) before
-/// waiting, and nothing is stashed while a checkout waits for the pool.
+/// On by default: it saves the reset and scope round trip and costs nothing in
+/// safety, because every returned connection is checked (outside a transaction
+/// block, still carrying exactly its owner's scope) before anyone gets it, and
+/// a connection goes to a different owner only after the complete reset.
+/// Under load, a returned connection goes to the oldest waiting checkout of
+/// its own owner, passing over at most [`max_bypass`](Self::max_bypass) times
+/// any waiter ahead of it. Off, every checkout of a used connection resets it
+/// completely, even for the owner it last served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AffinitySettings {
-    /// Whether to stash scoped connections at all (default true).
+    /// Whether a connection may go back to its last owner unreset (default true).
     pub enabled: bool,
-    /// Most connections stashed at once (default 8, never more than the pool's
-    /// `max_size`).
-    pub max_idle: u32,
-    /// A stashed connection older than this is reset and returned to the pool
-    /// (default 30s).
-    #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
+    /// Most times a waiting checkout may be passed over for a later one of the
+    /// returned connection's own owner (default 4; 0 serves waiters strictly in
+    /// order).
+    pub max_bypass: u32,
 }
 
 impl Default for AffinitySettings {
     fn default() -> Self {
         Self {
             enabled: true,
-            max_idle: 8,
-            max_age: Duration::from_secs(30),
+            max_bypass: 4,
         }
     }
 }
@@ -205,9 +202,6 @@ impl PgBackendConfig {
         if self.reset_timeout.is_zero() {
             bad("reset_timeout", "must be greater than zero".into());
         }
-        if self.affinity.max_age.is_zero() {
-            bad("affinity.max_age", "must be greater than zero".into());
-        }
         problems.extend(tls_problem);
         problems
     }
@@ -241,47 +235,45 @@ impl PgBackendConfig {
         PgConnectOptions::from_str(self.url.expose()).map_err(|e| self.scrub(&e.to_string()))
     }
 
+    /// The databases a database-isolated tenant must never be given: the
+    /// URL's own (shared by every unscoped, schema and row checkout; the user
+    /// name when the URL names none), the maintenance database and the
+    /// templates.
+    pub(crate) fn reserved_databases(&self) -> Vec<String> {
+        let mut reserved: Vec<String> = ["postgres", "template0", "template1"]
+            .map(str::to_owned)
+            .into();
+        if let Ok(options) = self.connect_options() {
+            let shared = options
+                .get_database()
+                .unwrap_or_else(|| options.get_username());
+            reserved.push(shared.to_owned());
+        }
+        reserved
+    }
+
     /// `text` with anything secret from the URL replaced by `***`.
     pub(crate) fn scrub(&self, text: &str) -> String {
         self.url.scrub(text)
     }
 
-    /// Stashed connections allowed, after clamping to the pool size.
-    pub(crate) fn stash_cap(&self) -> usize {
+    /// The bypass bound in force (0 when affinity is off).
+    pub(crate) fn max_bypass(&self) -> u32 {
         if self.affinity.enabled && !self.tenant_roles {
-            self.affinity.max_idle.min(self.pool.max_size) as usize
+            self.affinity.max_bypass
         } else {
             0
         }
     }
 
-    /// sqlx pool options for the endpoint's shared pool.
-    pub(crate) fn main_pool_options(&self) -> PgPoolOptions {
-        pool_options(&self.pool, self.pool.max_size, self.pool.min_idle)
+    /// How long an idle tenant-database connection is kept.
+    pub(crate) fn tenant_idle_timeout(&self) -> Duration {
+        self.pool
+            .idle_timeout
+            .map_or(self.tenant_pool_idle_timeout, |t| {
+                t.min(self.tenant_pool_idle_timeout)
+            })
     }
-
-    /// sqlx pool options for one tenant database's pool.
-    pub(crate) fn tenant_pool_options(&self) -> PgPoolOptions {
-        let max = self.tenant_pool_max_size;
-        let mut settings = self.pool.clone();
-        settings.idle_timeout = Some(
-            settings
-                .idle_timeout
-                .map_or(self.tenant_pool_idle_timeout, |t| {
-                    t.min(self.tenant_pool_idle_timeout)
-                }),
-        );
-        pool_options(&settings, max, 0)
-    }
-}
-
-fn pool_options(settings: &PoolSettings, max: u32, min: u32) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .min_connections(min.min(max))
-        .acquire_timeout(settings.acquire_timeout)
-        .idle_timeout(settings.idle_timeout)
-        .max_lifetime(settings.max_lifetime)
 }
 
 /// A builder over [`PgBackendConfig`].
@@ -375,7 +367,6 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
         let json = serde_json::to_string(&c).unwrap();
         assert!(!json.contains("hunter2"), "{json}");
-        assert_eq!(c.stash_cap(), 8);
     }
 
     #[test]
@@ -406,11 +397,10 @@ mod tests {
     }
 
     #[test]
-    fn stash_cap_is_clamped_to_the_pool() {
+    fn no_affinity_means_no_bypass() {
         let mut c = PgBackendConfig::new("pg", "postgres://db/app");
-        c.pool.max_size = 3;
-        assert_eq!(c.stash_cap(), 3);
+        assert_eq!(c.max_bypass(), 4);
         c.affinity = AffinitySettings::disabled();
-        assert_eq!(c.stash_cap(), 0);
+        assert_eq!(c.max_bypass(), 0);
     }
 }

@@ -189,6 +189,13 @@ pub enum PgError {
         /// The database the scope asks for.
         want: String,
     },
+    /// A database-isolated tenant's database is one the endpoint shares with
+    /// others: the URL's own database, `postgres`, `template0` or `template1`.
+    #[error("database {database:?} is shared or reserved and never serves one tenant")]
+    ReservedDatabase {
+        /// The refused database name.
+        database: String,
+    },
     /// A row-level setting name is not a dotted plain name.
     #[error("invalid row setting: {0}")]
     InvalidSetting(String),

@@ -1,5 +1,7 @@
-//! The PostgreSQL backend of switchyard: a [`switchyard_core::Backend`] over
-//! sqlx's own pool for one endpoint, with tenant isolation applied at checkout.
+//! The PostgreSQL backend of switchyard: a [`switchyard_core::Backend`] that
+//! pools sqlx `PgConnection`s for one endpoint itself, with tenant isolation
+//! applied at checkout and a complete session reset whenever a connection
+//! changes owner.
 //!
 //! ```no_run
 //! # #[tokio::main]
@@ -53,16 +55,22 @@
 //!   [`tenant_pool_idle_timeout`](PgBackendConfig::tenant_pool_idle_timeout)
 //!   are closed by a sweeper task the backend owns. A database that does not
 //!   exist is [`Error::TenantNotProvisioned`](switchyard_core::Error::TenantNotProvisioned)
-//!   right away (sqlx does not retry `3D000`).
+//!   right away. A tier whose template can render the URL's own database,
+//!   `postgres`, `template0` or `template1` is refused when the cluster is
+//!   built ([`Backend::validate_tier`](switchyard_core::Backend::validate_tier)),
+//!   and such a target is refused at checkout with [`PgError::ReservedDatabase`].
 //! - [`Isolation::Schema`](switchyard_core::Isolation::Schema): `search_path` is
 //!   set to the tenant schema alone (a quoted identifier, so case and `-`
 //!   survive; `public` is not searched, so a table missing from the tenant
 //!   schema is an error rather than someone else's table) in the same round
 //!   trip that checks the schema exists; a missing one is
-//!   `TenantNotProvisioned`. Returned connections get `RESET search_path`.
+//!   `TenantNotProvisioned`. Templates that can render `public`,
+//!   `information_schema`, `pg_catalog` or `pg_toast` are refused.
 //! - [`Isolation::Row`](switchyard_core::Isolation::Row):
-//!   `SELECT set_config($1, $2, false)` with the setting name and tenant bound
-//!   as parameters; the setting is emptied on return. The rows themselves are
+//!   `set_config('<setting>', '<tenant>', false)` with both quoted as
+//!   literals (the setting name is checked to be a plain dotted name when the
+//!   cluster is built, the tenant id to be letters, digits, `_` and `-`). The
+//!   rows themselves are
 //!   filtered by PostgreSQL's row-level security:
 //!   [`enable_row_level_security`] creates the policy.
 //!
@@ -82,30 +90,46 @@
 //! | row | the server's RLS on the row setting | set the row setting itself; connect as a superuser or `BYPASSRLS` role |
 //! | row, `tenant_roles` | the server's RLS keyed on the role ([`enable_role_row_security`]): a `set_config` changes nothing | `SET ROLE` / `RESET ROLE` |
 //!
-//! Every returned connection gets `RESET ROLE` and `RESET search_path`
-//! whatever its level, and a tier whose template can render `postgres`,
+//! A connection handed to another owner gets the complete reset below
+//! (which also ends any role), and a tier whose template can render `postgres`,
 //! `template0`, `template1`, the shared pool's database, `public`,
 //! `pg_catalog`, `information_schema` or `pg_toast` is refused when the
 //! cluster is built ([`Backend::validate_tier`](switchyard_core::Backend::validate_tier)).
 //! `tests/conformance.rs` runs the test bed's isolation suite at each level.
 //!
-//! # Returning connections
+//! # Owners, resets and round trips
 //!
-//! Every healthy checkout comes back through one simple-protocol round trip on a
-//! background task that undoes the scope and checks, in the same message,
-//! `transaction_timestamp() = statement_timestamp()` (true only outside a
-//! transaction block: a simple query outside one runs in an implicit
-//! transaction stamped with the statement's own time). A connection is closed,
-//! never pooled, when it comes back inside a transaction block, when a query
-//! run through `&mut *checkout` was dropped before it finished (the
-//! [`PgConn`] executor tracks this), or when the check fails (killed backend,
-//! broken socket) or takes longer than
-//! [`reset_timeout`](PgBackendConfig::reset_timeout) (a query abandoned on the
-//! raw sqlx connection is drained by the check within that time, or the
-//! connection is closed). Resets name only what was scoped (`RESET
-//! search_path`, the row setting): `DISCARD ALL` would also drop the server side
-//! of sqlx's prepared-statement cache, after which sqlx fails with `prepared
-//! statement "sqlx_s_N" does not exist`.
+//! Every connection remembers the owner its session last served: a tenant's
+//! scope, or none for an unscoped checkout. Handed to the same owner, it needs
+//! neither reset nor scope; handed to another, it gets a complete reset and
+//! the new scope in one simple-protocol message: held cursors closed, session
+//! authorization and role back to the login role, every setting reset, listen
+//! channels dropped, advisory locks released, temporary relations and
+//! sequence state discarded, SQL-level prepared statements deallocated (sqlx's
+//! own protocol-level statements are kept: the plan cache re-plans them when
+//! `search_path` or the role changes, so no statement cache needs clearing).
+//! The same message refuses a session inside a transaction block.
+//!
+//! Every returned connection is checked on a task in one round trip (outside a
+//! transaction block, still carrying exactly its owner's scope); one that fails
+//! or times out ([`reset_timeout`](PgBackendConfig::reset_timeout)), comes back
+//! inside a transaction block, or had a query dropped mid-way through
+//! `&mut *checkout` (the [`PgConn`] executor tracks this) is closed, never
+//! pooled: closing rolls back what it left open. So a checkout costs, besides
+//! the caller's queries: 0 round trips of our own for the same owner, 1 for an
+//! owner change, plus the return check; sqlx's `PgPool` spends two pings (one
+//! on acquire, one on release) and resets nothing. The `lifecycle` module's
+//! docs list every path.
+//!
+//! # Tenant affinity
+//!
+//! Idle connections keep their owner, and a checkout takes the most recently
+//! returned one of its own owner first ([`AffinitySettings`]). Under load, a
+//! returned connection goes straight to the oldest waiting checkout of its own
+//! owner, passing over any waiter ahead of it at most
+//! [`max_bypass`](AffinitySettings::max_bypass) times, so no tenant waits
+//! unfairly long. [`PgBackend::pg_stats`] counts hits, misses, hand-offs and
+//! resets. With affinity off, every checkout of a used connection resets it.
 //!
 //! # Prepared statements and `search_path`
 //!
@@ -115,26 +139,10 @@
 //! `search_path` a statement was analysed under and re-analyses it when the
 //! path differs (since 9.3), so the same text run on the same physical
 //! connection under tenant B reads B's tables. This crate's tests check exactly
-//! that, so nothing is cleared on a tenant switch. One consequence: if tenant
-//! schemas differ in shape, re-analysis that changes a cached statement's result
-//! columns fails with `cached plan must not change result type` (an error, not a
-//! leak); keep tenant schemas identical or use unprepared queries there.
-//!
-//! # Tenant affinity
-//!
-//! A schema- or row-scoped connection that comes back clean can wait in a small
-//! stash still scoped, and the same tenant's next checkout takes it without the
-//! scope round trip. It is on by default ([`AffinitySettings`]) because it
-//! cannot leak: the return round trip that checks for an open transaction also
-//! confirms the session still carries exactly that scope, a stashed connection
-//! is handed out unreset only for that same scope, and any other use resets it
-//! first. [`PgBackend::pg_stats`] counts hits and misses.
-//!
-//! Affinity yields to fairness: while any checkout waits for the pool, nothing
-//! is stashed (returned connections go through the pool to the waiters in
-//! order), so a saturated pool sees almost no hits. It pays off with spare
-//! capacity and tenant locality; in this crate's tests, 4 tasks serving mostly
-//! their own tenant on a pool of 8 hit about 70% of the time.
+//! that. One consequence: if tenant schemas differ in shape, re-analysis that
+//! changes a cached statement's result columns fails with `cached plan must
+//! not change result type` (an error, not a leak); keep tenant schemas
+//! identical or use unprepared queries there.
 //!
 //! # Errors
 //!
@@ -142,23 +150,23 @@
 //! [`switchyard_core::Error`]; [`PgCheckoutExt::fail`] maps and reports in one
 //! call. Messages never contain the URL's password ([`SecretUrl`](switchyard_core::SecretUrl)).
 //!
-//! A refused connection on checkout is retried by sqlx until the acquire
-//! timeout, so a dead endpoint shows up on the checkout path as
-//! [`Error::Timeout`](switchyard_core::Error::Timeout); probes connect on their
-//! own and report it as a `Connect` error at once, and a probe that gets no
-//! answer in time as [`Error::ProbeTimeout`](switchyard_core::Error::ProbeTimeout).
+//! A connection the backend opens is tried once: a refused one fails the
+//! checkout at once with a `Connect` error, so the router retries elsewhere.
+//! Probes connect on their own dedicated connection and report the same; a
+//! probe that gets no answer in time is
+//! [`Error::ProbeTimeout`](switchyard_core::Error::ProbeTimeout).
 
-mod affinity;
 mod backend;
 mod config;
 mod connection;
 mod error;
 mod executor;
+mod lifecycle;
 mod probe;
-mod refusal;
 mod returns;
 mod rls;
 mod roles;
+mod slots;
 mod sql;
 mod stats;
 mod tenant_pools;

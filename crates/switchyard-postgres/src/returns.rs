@@ -1,47 +1,68 @@
-//! The return path: every healthy checkout comes back through one
-//! simple-protocol round trip that undoes the scope (or, for the affinity
-//! stash, confirms it) and checks that no transaction block is open. Anything
-//! that fails, times out or comes back dirty is closed, never pooled.
+//! The return path: every returned connection is checked in one
+//! simple-protocol round trip on a task (outside a transaction block, still
+//! carrying exactly its owner's scope) before anyone else gets it; one that
+//! fails, times out or comes back dirty is closed, never pooled. Also the
+//! sweeper, which closes idle connections and tenant pools and keeps
+//! `min_idle` connections open.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, Row};
+use switchyard_core::{EndpointId, Recycle, TenantScope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::affinity::Put;
 use crate::backend::Shared;
 use crate::connection::PgConn;
-use crate::sql::{reset_sql, verify_sql};
+use crate::lifecycle::check;
+use crate::slots::Slots;
 use crate::stats::bump;
 
 impl Shared {
-    /// Undoes the session scope before `limit`; true if the connection is now
-    /// clean. Callers close one that is not.
-    pub(crate) async fn reset(&self, conn: &mut PgConn, limit: Instant) -> bool {
-        let sql = reset_sql(conn.scoped.as_ref());
-        let outcome = tokio::time::timeout_at(limit, check(conn, sql)).await;
-        let clean = self.judge(conn, outcome);
-        if clean {
-            conn.scoped = None;
-        }
-        clean
+    pub(crate) fn endpoint(&self) -> &EndpointId {
+        &self.config.endpoint
     }
 
-    /// Counts and logs the outcome of a return-path check.
-    fn judge(
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The recycle step: the check, within `reset_timeout`; a connection past
+    /// its `max_lifetime` is closed instead.
+    pub(crate) async fn recycle(&self, conn: &mut PgConn) -> Recycle {
+        let too_old = self
+            .config
+            .pool
+            .max_lifetime
+            .is_some_and(|max| conn.pooled().created.elapsed() >= max);
+        if too_old || self.is_closed() {
+            return Recycle::Discard;
+        }
+        let pooled = conn.pooled_mut();
+        let owner = pooled.owner.clone();
+        let limit = Instant::now() + self.config.reset_timeout;
+        let outcome = tokio::time::timeout_at(limit, check(&mut pooled.raw, owner.as_ref())).await;
+        if self.judge(owner.as_ref(), outcome) {
+            pooled.verified = Instant::now();
+            Recycle::Keep
+        } else {
+            Recycle::Discard
+        }
+    }
+
+    /// Counts and logs the outcome of a check: true if the session is clean.
+    pub(crate) fn judge(
         &self,
-        conn: &PgConn,
+        owner: Option<&TenantScope>,
         outcome: Result<Result<bool, sqlx::Error>, tokio::time::error::Elapsed>,
     ) -> bool {
-        let tenant = conn.scoped.as_ref().map(|s| s.tenant().as_str());
+        let tenant = owner.map(|s| s.tenant().as_str());
         match outcome {
             Ok(Ok(true)) => true,
             Ok(Ok(false)) => {
                 bump(&self.returns.closed_dirty);
-                tracing::warn!(endpoint = %self.endpoint(), tenant, "connection returned inside a transaction block or with a changed scope; closed");
+                tracing::warn!(endpoint = %self.endpoint(), tenant, "connection inside a transaction block or with a changed scope; closed");
                 false
             }
             Ok(Err(error)) => {
@@ -57,87 +78,62 @@ impl Shared {
         }
     }
 
-    /// The return path of every healthy checkout.
-    pub(crate) async fn give_back(self: Arc<Self>, mut conn: PgConn) {
-        if self.closed.load(Ordering::Acquire) {
-            conn.close();
-            return;
-        }
-        if conn.in_flight {
-            // A query's future or stream was dropped before it finished: the
-            // server may still be running it. Closing beats draining.
-            bump(&self.returns.closed_mid_query);
-            tracing::debug!(endpoint = %self.endpoint(), "checkout dropped mid-query; connection closed");
-            conn.close();
-            return;
-        }
-        let stashable = conn.database.is_none() && self.stash.enabled();
-        if let Some(scope) = conn.scoped.clone().filter(|_| stashable) {
-            let limit = Instant::now() + self.config.reset_timeout;
-            let outcome =
-                tokio::time::timeout_at(limit, check(&mut conn, verify_sql(&scope))).await;
-            if !self.judge(&conn, outcome) {
-                conn.close();
-                return;
-            }
-            match self.stash.put(conn) {
-                Put::Stashed => return,
-                Put::Evicted(other) | Put::Refused(other) => conn = other,
-            }
-        }
-        self.reset_and_return(conn).await;
+    /// Closes every pool; checkouts after this fail with `Closed`.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.slots.close();
+        self.tenants.close_all();
     }
 
-    async fn reset_and_return(&self, mut conn: PgConn) {
-        let was_scoped = conn.scoped.is_some();
-        if self
-            .reset(&mut conn, Instant::now() + self.config.reset_timeout)
-            .await
-        {
-            if was_scoped {
-                bump(&self.returns.resets);
-            }
-            conn.return_to_pool();
-        } else {
-            conn.close();
+    /// One sweep: idle connections and tenant pools past their idle timeout
+    /// are closed, and the shared pool is topped up to `min_idle`.
+    fn sweep_once(self: &Arc<Self>, now: Instant) {
+        let closed = self.tenants.close_idle(now);
+        if closed > 0 {
+            tracing::debug!(endpoint = %self.config.endpoint, closed, "closed idle tenant pools");
         }
-    }
-
-    pub(crate) fn reset_in_background(self: &Arc<Self>, conn: PgConn) {
-        let shared = Arc::clone(self);
-        tokio::spawn(async move { shared.reset_and_return(conn).await });
+        if let Some(idle) = self.config.pool.idle_timeout {
+            close_idle(&self.slots, now, idle);
+        }
+        for slots in self.tenants.all_slots() {
+            close_idle(&slots, now, self.config.tenant_idle_timeout());
+        }
+        for reservation in self.slots.top_up(self.config.pool.min_idle) {
+            let shared = Arc::clone(self);
+            tokio::spawn(async move {
+                let connect =
+                    <sqlx::PgConnection as sqlx::Connection>::connect_with(&shared.slots.options);
+                let limit = Instant::now() + shared.config.pool.acquire_timeout;
+                if let Ok(Ok(raw)) = tokio::time::timeout_at(limit, connect).await {
+                    shared.slots.put(reservation.fill(raw));
+                }
+            });
+        }
     }
 }
 
-/// Runs a simple-protocol check and reads the first column of its last row.
-pub(crate) async fn check(conn: &mut PgConn, sql: String) -> Result<bool, sqlx::Error> {
-    let rows = sqlx::raw_sql(AssertSqlSafe(sql))
-        .fetch_all(&mut **conn)
-        .await?;
-    let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
-    Ok(row.try_get::<Option<bool>, _>(0)?.unwrap_or(false))
+fn close_idle(slots: &Slots, now: Instant, idle_timeout: Duration) {
+    if let Some(before) = now.checked_sub(idle_timeout) {
+        for conn in slots.take_idle_since(before) {
+            conn.close();
+        }
+    }
 }
 
-/// Closes idle tenant pools and ages out stashed connections until cancelled.
+/// Sweeps until cancelled.
 pub(crate) async fn sweep(shared: Arc<Shared>, cancel: CancellationToken) {
-    let every = (shared
+    let idle = shared
         .config
-        .tenant_pool_idle_timeout
-        .min(shared.config.affinity.max_age)
-        / 4)
-    .clamp(Duration::from_millis(10), Duration::from_secs(30));
+        .pool
+        .idle_timeout
+        .unwrap_or(Duration::from_secs(120));
+    let every = (shared.config.tenant_pool_idle_timeout.min(idle) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(30));
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(every) => {}
         }
-        let now = Instant::now();
-        let closed = shared.tenants.close_idle(now);
-        if closed > 0 {
-            tracing::debug!(endpoint = %shared.config.endpoint, closed, "closed idle tenant pools");
-        }
-        for conn in shared.stash.take_expired(now) {
-            shared.reset_in_background(conn);
-        }
+        shared.sweep_once(Instant::now());
     }
 }

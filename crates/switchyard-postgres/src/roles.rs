@@ -32,14 +32,6 @@ use switchyard_core::{Isolation, NameTemplate, TenantScope};
 use crate::error::PgError;
 use crate::sql::{quote_ident, quote_literal};
 
-/// Schema scope as the tenant's role: `$1` the quoted schema, `$2` the role.
-pub(crate) const APPLY_SCHEMA_AS_ROLE: &str = "SELECT CASE WHEN to_regnamespace($1) IS NULL \
-     THEN NULL ELSE set_config('search_path', $1, false) || set_config('role', $2, false) END";
-
-/// Row scope as the tenant's role: `$1` the setting, `$2` the tenant, `$3` the role.
-pub(crate) const APPLY_ROW_AS_ROLE: &str =
-    "SELECT set_config($1, $2, false), set_config('role', $3, false)";
-
 /// The name of the policy [`enable_role_row_security`] creates.
 pub const ROLE_POLICY_NAME: &str = "tenant_role_isolation";
 

@@ -91,17 +91,41 @@ pub fn validate_setting_name(name: &str) -> Result<(), String> {
 /// transaction rejects the query instead, which also counts as dirty.
 pub(crate) const OUTSIDE_TRANSACTION: &str = "transaction_timestamp() = statement_timestamp()";
 
-/// One simple-protocol round trip that undoes `scoped` (if any) and answers
-/// whether the connection is outside a transaction block.
-pub(crate) fn reset_sql(scoped: Option<&TenantScope>) -> String {
-    match scoped.map(|s| (s.isolation(), s)) {
-        // RESET ROLE: a tenant role (privilege-enforced mode) never outlives
-        // its checkout, and neither does a role the application switched to.
-        // And both levels reset what the other one scopes: the application
-        // may have set either itself.
-        Some((Isolation::Schema | Isolation::Row, scope)) => format!(
-            "RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}, set_config({}, '', false)",
-            quote_literal(scope.row_setting())
+/// Everything a session can carry from one owner to the next, undone: held
+/// cursors, session authorization and role (`SET SESSION AUTHORIZATION
+/// DEFAULT` also resets `SET ROLE`), every setting (`RESET ALL`, which skips
+/// the two above), listen channels, advisory locks, temporary relations and
+/// sequences' `currval`/`lastval`.
+///
+/// That is `DISCARD ALL` without its two last parts: `DEALLOCATE ALL` would
+/// drop the statements sqlx has prepared and cached for this connection (sqlx
+/// then fails with `prepared statement "sqlx_s_N" does not exist`), so only
+/// SQL-level `PREPARE`d statements are deallocated ([`SWITCH_HEAD`] lists
+/// them); and `DISCARD PLANS` is not needed because the plan cache re-plans
+/// when `search_path` or the role changes. `DISCARD ALL` itself cannot run in
+/// a multi-statement message (an implicit transaction block), and this can.
+pub(crate) const RESET_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
+     RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+/// The first statement of an owner change: whether the session is outside a
+/// transaction block, and the `DEALLOCATE` statements for whatever the last
+/// owner `PREPARE`d in SQL (NULL when nothing).
+pub(crate) const SWITCH_HEAD: &str = "SELECT transaction_timestamp() = statement_timestamp(), \
+     (SELECT string_agg('DEALLOCATE ' || quote_ident(name), '; ') \
+      FROM pg_prepared_statements WHERE from_sql)";
+
+/// One simple-protocol round trip that answers whether the connection is
+/// outside a transaction block and still carries exactly `owner`'s scope.
+pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
+    match owner.map(|s| (s.isolation(), s)) {
+        Some((Isolation::Schema, scope)) => format!(
+            "SELECT {OUTSIDE_TRANSACTION} AND current_setting('search_path') = {}",
+            quote_literal(&quote_ident(scope.target()))
+        ),
+        Some((Isolation::Row, scope)) => format!(
+            "SELECT {OUTSIDE_TRANSACTION} AND current_setting({}, true) = {}",
+            quote_literal(scope.row_setting()),
+            quote_literal(scope.tenant().as_str())
         ),
         Some((Isolation::Database, _)) | None => {
             format!("RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
@@ -109,30 +133,48 @@ pub(crate) fn reset_sql(scoped: Option<&TenantScope>) -> String {
     }
 }
 
-/// One simple-protocol round trip that answers whether the connection is outside
-/// a transaction block and still carries exactly `scope` (for the affinity stash).
-pub(crate) fn verify_sql(scope: &TenantScope) -> String {
+/// The statement that puts `scope` on a session, answering false when the
+/// tenant's schema does not exist. `None` for database isolation, where the
+/// connection's database is the scope.
+pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
+    // Privilege-enforced mode (see `crate::roles`): the same message also
+    // switches to the tenant's role, so the server checks what it reaches.
+    let role = if as_role {
+        format!(
+            " AND set_config('role', {}, false) IS NOT NULL",
+            quote_literal(scope.target())
+        )
+    } else {
+        String::new()
+    };
     match scope.isolation() {
-        Isolation::Schema => format!(
-            "SELECT {OUTSIDE_TRANSACTION} AND current_setting('search_path') = {}",
-            quote_literal(&quote_ident(scope.target()))
-        ),
-        Isolation::Row => format!(
-            "SELECT {OUTSIDE_TRANSACTION} AND current_setting({}, true) = {}",
+        Isolation::Schema => {
+            let path = quote_literal(&quote_ident(scope.target()));
+            Some(format!(
+                "SELECT CASE WHEN to_regnamespace({path}) IS NULL THEN false \
+                 ELSE set_config('search_path', {path}, false) IS NOT NULL{role} END"
+            ))
+        }
+        Isolation::Row => Some(format!(
+            "SELECT set_config({}, {}, false) IS NOT NULL{role}",
             quote_literal(scope.row_setting()),
             quote_literal(scope.tenant().as_str())
-        ),
-        Isolation::Database => format!("SELECT {OUTSIDE_TRANSACTION}"),
+        )),
+        Isolation::Database => None,
     }
 }
 
-/// Sets `search_path` to the schema in `$1` (a quoted identifier) only if that
-/// schema exists; answers NULL when it does not.
-pub(crate) const APPLY_SCHEMA: &str = "SELECT CASE WHEN to_regnamespace($1) IS NULL THEN NULL \
-     ELSE set_config('search_path', $1, false) END";
-
-/// Sets the row setting `$1` to the tenant `$2` for the session.
-pub(crate) const APPLY_ROW: &str = "SELECT set_config($1, $2, false)";
+/// One simple-protocol round trip that hands a used session to `next`: the
+/// transaction check and the list of SQL-level prepared statements, the
+/// complete reset, and the new scope.
+pub(crate) fn switch_sql(next: Option<&TenantScope>, as_role: bool) -> String {
+    let mut sql = format!("{SWITCH_HEAD}; {RESET_SESSION}");
+    if let Some(apply) = next.and_then(|scope| apply_sql(scope, as_role)) {
+        sql.push_str("; ");
+        sql.push_str(&apply);
+    }
+    sql
+}
 
 #[cfg(test)]
 mod tests {
@@ -182,25 +224,26 @@ mod tests {
     }
 
     #[test]
-    fn reset_and_verify_texts() {
+    fn switch_and_verify_texts() {
         let t = TenantId::new("Acme-1").unwrap();
         let schema = TenantScope::new(t.clone(), Isolation::Schema, "tenant_Acme-1", "app.t");
         let row = TenantScope::new(t.clone(), Isolation::Row, "tenant_Acme-1", "app.t");
+        let db = TenantScope::new(t, Isolation::Database, "tenant_Acme-1", "app.t");
+        assert!(switch_sql(Some(&schema), false).ends_with(
+            "DISCARD SEQUENCES; SELECT CASE WHEN to_regnamespace('\"tenant_Acme-1\"') IS NULL \
+             THEN false ELSE set_config('search_path', '\"tenant_Acme-1\"', false) IS NOT NULL END"
+        ));
+        assert!(switch_sql(Some(&row), false).ends_with(
+            "DISCARD SEQUENCES; SELECT set_config('app.t', 'Acme-1', false) IS NOT NULL"
+        ));
+        assert!(switch_sql(None, false).ends_with("DISCARD SEQUENCES"));
+        assert!(switch_sql(Some(&db), false).ends_with("DISCARD SEQUENCES"));
         assert_eq!(
-            reset_sql(Some(&schema)),
-            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp(), set_config('app.t', '', false)"
+            verify_sql(None),
+            "SELECT transaction_timestamp() = statement_timestamp()"
         );
-        assert_eq!(
-            reset_sql(Some(&row)),
-            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp(), set_config('app.t', '', false)"
-        );
-        assert_eq!(
-            reset_sql(None),
-            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp()"
-        );
-        assert!(
-            verify_sql(&schema).ends_with("current_setting('search_path') = '\"tenant_Acme-1\"'")
-        );
-        assert!(verify_sql(&row).ends_with("current_setting('app.t', true) = 'Acme-1'"));
+        assert!(verify_sql(Some(&schema))
+            .ends_with("current_setting('search_path') = '\"tenant_Acme-1\"'"));
+        assert!(verify_sql(Some(&row)).ends_with("current_setting('app.t', true) = 'Acme-1'"));
     }
 }

@@ -8,26 +8,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PgStats {
-    /// Schema or row checkouts served by a stashed connection already scoped to
-    /// their tenant (no scope round trip).
+    /// Checkouts served by a connection whose session last served the same
+    /// owner (same tenant, or unscoped to unscoped): no reset, no new scope.
     pub affinity_hits: u64,
-    /// Schema or row checkouts that found no such connection.
+    /// Checkouts that found no connection of their own owner: served by a
+    /// new connection, or by another owner's, completely reset and given the
+    /// new scope in one round trip.
     pub affinity_misses: u64,
-    /// Stashed connections reset and taken by another tenant because the pool
-    /// had no idle connection.
-    pub affinity_stolen: u64,
-    /// Connections put in the stash.
-    pub stashed: u64,
-    /// Stashed connections pushed out by newer ones (reset and pooled).
-    pub stash_evictions: u64,
-    /// Connections in the stash right now.
-    pub stashed_now: u32,
-    /// Scoped connections reset and returned to the pool.
+    /// Returned connections handed straight to a waiting checkout of their own
+    /// owner ahead of other waiters.
+    pub handoffs: u64,
+    /// Complete resets run (owner changes that succeeded).
     pub resets: u64,
     /// Connections closed because they came back inside a transaction block
-    /// (or, for the stash, no longer carrying their scope).
+    /// or no longer carrying their owner's scope.
     pub closed_dirty: u64,
-    /// Connections closed because their reset or check failed or timed out
+    /// Connections closed because their check or reset failed or timed out
     /// (broken connection, checkout dropped mid-query).
     pub reset_failures: u64,
     /// Connections closed because a query run through them was dropped before
@@ -44,16 +40,18 @@ pub struct PgStats {
 }
 
 impl PgStats {
-    /// Affinity hits over schema and row checkouts, or `None` before any.
+    /// Affinity hits over all checkouts, or `None` before any.
     pub fn affinity_hit_rate(&self) -> Option<f64> {
         let total = self.affinity_hits + self.affinity_misses;
         (total > 0).then(|| self.affinity_hits as f64 / total as f64)
     }
 }
 
-/// Return-path counters.
+/// Checkout and return-path counters.
 #[derive(Debug, Default)]
 pub(crate) struct ReturnCounters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
     pub(crate) resets: AtomicU64,
     pub(crate) closed_dirty: AtomicU64,
     pub(crate) reset_failures: AtomicU64,

@@ -1,16 +1,16 @@
-//! Database-per-tenant: one small sqlx pool per tenant database, opened on first
-//! use, capped in number, closed when idle.
+//! Database-per-tenant: one small pool of [`Slots`] per tenant database, opened
+//! on first use, capped in number, closed when idle.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio::time::Instant;
 
 use crate::error::PgError;
+use crate::slots::Slots;
 
 /// Use of one tenant pool: checkouts holding it open, and when it was last used.
 #[derive(Debug)]
@@ -39,6 +39,12 @@ impl Usage {
 #[derive(Debug)]
 pub(crate) struct TenantLease(Arc<Usage>);
 
+impl Clone for TenantLease {
+    fn clone(&self) -> Self {
+        lease(&self.0)
+    }
+}
+
 impl Drop for TenantLease {
     fn drop(&mut self) {
         self.0.touch();
@@ -46,9 +52,8 @@ impl Drop for TenantLease {
     }
 }
 
-#[derive(Debug)]
 struct TenantPool {
-    pool: PgPool,
+    slots: Arc<Slots>,
     usage: Arc<Usage>,
 }
 
@@ -69,7 +74,8 @@ pub(crate) struct TenantPoolCounters {
 /// The per-tenant pools of one endpoint.
 pub(crate) struct TenantPools {
     base: PgConnectOptions,
-    options: PgPoolOptions,
+    max_size: u32,
+    max_bypass: u32,
     max_pools: usize,
     idle_timeout: Duration,
     pools: Mutex<HashMap<Arc<str>, TenantPool>>,
@@ -88,13 +94,15 @@ pub(crate) struct TenantPoolsUsage {
 impl TenantPools {
     pub(crate) fn new(
         base: PgConnectOptions,
-        options: PgPoolOptions,
+        max_size: u32,
+        max_bypass: u32,
         max_pools: usize,
         idle_timeout: Duration,
     ) -> Self {
         Self {
             base,
-            options,
+            max_size,
+            max_bypass,
             max_pools,
             idle_timeout,
             pools: Mutex::new(HashMap::new()),
@@ -111,10 +119,17 @@ impl TenantPools {
     ///
     /// At the cap, the least recently used idle pool is closed to make room; if
     /// every pool is in use, this fails with [`PgError::TenantPoolsBusy`].
-    pub(crate) fn get(&self, database: &str) -> Result<(PgPool, Arc<str>, TenantLease), PgError> {
+    pub(crate) fn get(
+        &self,
+        database: &str,
+    ) -> Result<(Arc<Slots>, Arc<str>, TenantLease), PgError> {
         let mut pools = self.lock();
         if let Some((name, entry)) = pools.get_key_value(database) {
-            return Ok((entry.pool.clone(), Arc::clone(name), lease(&entry.usage)));
+            return Ok((
+                Arc::clone(&entry.slots),
+                Arc::clone(name),
+                lease(&entry.usage),
+            ));
         }
         if pools.len() >= self.max_pools {
             let victim = pools
@@ -131,14 +146,15 @@ impl TenantPools {
             if let Some(evicted) = pools.remove(&victim) {
                 tracing::debug!(database = %victim, "evicting least recently used tenant pool");
                 self.counters.evicted.fetch_add(1, Ordering::Relaxed);
-                close_in_background(evicted.pool);
+                evicted.slots.close();
             }
         }
         let name: Arc<str> = Arc::from(database);
-        let pool = self
-            .options
-            .clone()
-            .connect_lazy_with(self.base.clone().database(database));
+        let slots = Slots::new(
+            self.base.clone().database(database),
+            self.max_size,
+            self.max_bypass,
+        );
         let usage = Arc::new(Usage {
             leases: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
@@ -147,13 +163,13 @@ impl TenantPools {
         pools.insert(
             Arc::clone(&name),
             TenantPool {
-                pool: pool.clone(),
+                slots: Arc::clone(&slots),
                 usage,
             },
         );
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(database, "opened tenant pool");
-        Ok((pool, name, lease))
+        Ok((slots, name, lease))
     }
 
     /// Drops the pool for `database` if nothing uses it and it holds no
@@ -163,10 +179,10 @@ impl TenantPools {
         let mut pools = self.lock();
         let empty = pools
             .get(database)
-            .is_some_and(|p| p.is_idle() && p.pool.size() == 0);
+            .is_some_and(|p| p.is_idle() && p.slots.is_unused());
         if empty {
             if let Some(entry) = pools.remove(database) {
-                close_in_background(entry.pool);
+                entry.slots.close();
             }
         }
     }
@@ -186,7 +202,7 @@ impl TenantPools {
         for name in &stale {
             if let Some(entry) = pools.remove(name) {
                 tracing::debug!(database = %name, "closing idle tenant pool");
-                close_in_background(entry.pool);
+                entry.slots.close();
             }
         }
         self.counters
@@ -200,19 +216,25 @@ impl TenantPools {
         let pools = self.lock();
         let mut usage = TenantPoolsUsage::default();
         for p in pools.values() {
+            let occupancy = p.slots.occupancy();
             usage.pools += 1;
-            usage.size += p.pool.size();
-            usage.idle += u32::try_from(p.pool.num_idle()).unwrap_or(u32::MAX);
-            usage.max_size += p.pool.options().get_max_connections();
+            usage.size += occupancy.size;
+            usage.idle += occupancy.idle;
+            usage.max_size += p.slots.max();
         }
         usage
+    }
+
+    /// The slots of every open tenant pool (for the sweeper).
+    pub(crate) fn all_slots(&self) -> Vec<Arc<Slots>> {
+        self.lock().values().map(|p| Arc::clone(&p.slots)).collect()
     }
 
     /// Closes every pool (the backend is going away).
     pub(crate) fn close_all(&self) {
         let mut pools = self.lock();
         for (_, entry) in pools.drain() {
-            close_in_background(entry.pool);
+            entry.slots.close();
         }
     }
 }
@@ -221,14 +243,6 @@ fn lease(usage: &Arc<Usage>) -> TenantLease {
     usage.leases.fetch_add(1, Ordering::AcqRel);
     usage.touch();
     TenantLease(Arc::clone(usage))
-}
-
-/// Closes a pool without waiting: its idle connections are closed at once and
-/// checked-out ones when they come back.
-pub(crate) fn close_in_background(pool: PgPool) {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move { pool.close().await });
-    }
 }
 
 impl std::fmt::Debug for TenantPools {
@@ -252,7 +266,8 @@ mod tests {
             PgConnectOptions::new_without_pgpass()
                 .host("127.0.0.1")
                 .port(1),
-            PgPoolOptions::new().max_connections(1),
+            1,
+            4,
             max,
             Duration::from_secs(10),
         )

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::{exec, registry, Fixture, READ_ITEMS};
 use sqlx::Connection;
-use switchyard_core::{Checkout, CheckoutRequest, Error, Isolation, TenantId, TenantRegistry};
+use switchyard_core::{
+    Backend, Checkout, CheckoutRequest, Error, Isolation, TenantId, TenantRegistry,
+};
 use switchyard_postgres::{quote_ident, PgBackend, PgCheckoutExt};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,8 +182,7 @@ async fn no_tenant_ever_sees_another_tenants_rows() {
     config.tenant_pool_max_size = 2;
     config.max_tenant_pools = 4;
     config.reset_timeout = Duration::from_secs(2);
-    config.affinity.max_idle = 3;
-    config.affinity.max_age = Duration::from_millis(100);
+    config.affinity.max_bypass = 2;
     let backend = fx.backend(config);
     let ids: Arc<Vec<String>> = Arc::new(tenants.iter().map(|(id, _)| id.to_string()).collect());
 
@@ -217,7 +218,7 @@ async fn no_tenant_ever_sees_another_tenants_rows() {
                 }
                 if rng.bool() {
                     // Bursty arrivals, so the pool swings between saturated
-                    // (no stashing) and spare (stash, hits, steals, expiry).
+                    // (hand-offs to waiters) and spare (idle hits, resets).
                     tokio::time::sleep(Duration::from_micros(rng.u64(..3000))).await;
                 }
             }
@@ -228,6 +229,10 @@ async fn no_tenant_ever_sees_another_tenants_rows() {
     }
     let elapsed = started.elapsed();
     let checkouts = tally.checkouts.load(Ordering::Relaxed);
+    // The last returns are checked on tasks: let them finish.
+    switchyard_testkit::wait_until(TIMEOUT, || async { backend.stats().in_use() == 0 })
+        .await
+        .unwrap();
     let stats = backend.pg_stats();
     eprintln!(
         "leak test: {checkouts} checkouts ({} reads verified, {} unscoped, {} cancelled mid-query, \
@@ -403,7 +408,8 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
         .unwrap();
     let first = pid(&mut conn).await;
     drop(conn);
-    switchyard_testkit::wait_until(TIMEOUT, || async { backend.pg_stats().stashed_now == 1 })
+    // Back, checked, idle with its owner recorded.
+    switchyard_testkit::wait_until(TIMEOUT, || async { backend.stats().idle == 1 })
         .await
         .unwrap();
 
@@ -420,16 +426,16 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
         .unwrap();
     assert!(rows.iter().all(|(t, _)| t == "a") && !rows.is_empty());
     drop(conn);
-    switchyard_testkit::wait_until(TIMEOUT, || async { backend.pg_stats().stashed_now == 1 })
+    switchyard_testkit::wait_until(TIMEOUT, || async { backend.stats().idle == 1 })
         .await
         .unwrap();
 
-    // b finds the pool empty and takes a's stashed connection, reset first.
+    // b finds only a's connection (a pool of one) and gets it reset first.
     let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&b))
         .await
         .unwrap();
     assert_eq!(pid(&mut conn).await, first);
-    assert_eq!(backend.pg_stats().affinity_stolen, 1);
+    assert_eq!(backend.pg_stats().resets, 1);
     let (path, setting): (String, String) = sqlx::query_as(
         "SELECT current_setting('search_path'), current_setting('app.tenant_id', true)",
     )
@@ -450,9 +456,9 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
     );
     drop(conn);
 
-    // A stashed connection whose scope was changed behind the backend's back is
-    // not stashed again.
-    switchyard_testkit::wait_until(TIMEOUT, || async { backend.pg_stats().stashed_now == 1 })
+    // A connection whose scope was changed behind the backend's back is
+    // closed on return, not kept for its owner.
+    switchyard_testkit::wait_until(TIMEOUT, || async { backend.stats().idle == 1 })
         .await
         .unwrap();
     let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&b))
@@ -467,7 +473,7 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
     switchyard_testkit::wait_until(TIMEOUT, || async { backend.pg_stats().closed_dirty == 1 })
         .await
         .unwrap();
-    assert_eq!(backend.pg_stats().stashed_now, 0);
+    assert_eq!(backend.stats().size, 0);
 }
 
 async fn pid(conn: &mut Checkout<PgBackend>) -> i32 {
@@ -506,7 +512,6 @@ async fn affinity_hit_rate_under_a_local_workload() {
         for enabled in [true, false] {
             let mut config = fx.config(pool);
             config.affinity.enabled = enabled;
-            config.affinity.max_idle = 4;
             let backend = fx.backend(config);
             let started = Instant::now();
             let mut handles = Vec::new();
@@ -550,13 +555,12 @@ async fn affinity_hit_rate_under_a_local_workload() {
             let rate = stats.affinity_hit_rate().unwrap_or(0.0);
             eprintln!(
                 "affinity {} ({name}: {tasks} tasks, pool {pool}): hit rate {:.1}% \
-                 ({} hits, {} misses, {} stolen, {} evicted, {} resets) in {:.2}s",
+                 ({} hits, {} misses, {} handoffs, {} resets) in {:.2}s",
                 if enabled { "on" } else { "off" },
                 rate * 100.0,
                 stats.affinity_hits,
                 stats.affinity_misses,
-                stats.affinity_stolen,
-                stats.stash_evictions,
+                stats.handoffs,
                 stats.resets,
                 started.elapsed().as_secs_f64()
             );
@@ -567,6 +571,12 @@ async fn affinity_hit_rate_under_a_local_workload() {
     assert!(
         spare > 0.3,
         "hit rate with affinity on and spare capacity: {spare}"
+    );
+    // Under load, returned connections go to waiters of their own tenant.
+    let saturated = rates[&("saturated", true)];
+    assert!(
+        saturated > 0.3,
+        "hit rate with affinity on and a saturated pool: {saturated}"
     );
     assert_eq!(rates[&("spare capacity", false)], 0.0);
     assert_eq!(rates[&("saturated", false)], 0.0);

@@ -9,7 +9,8 @@ use std::time::Duration;
 use deadpool_redis::redis::{self, IntoConnectionInfo};
 use deadpool_redis::{Hook, HookError, Manager, Pool, Runtime, Timeouts};
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, SecretUrl, TenantScope, TierPolicy,
+    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, SecretUrl,
+    TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -439,30 +440,6 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
-    async fn unscope(&self, conn: &mut RedisConnection, scope: &TenantScope) -> Result<(), Error> {
-        if conn.session.dirty {
-            self.counters.resets.fetch_add(1, Ordering::Relaxed);
-            conn.reset(&self.defaults)
-                .await
-                .map_err(|e| self.scope_error(scope, "reset", e))?;
-        }
-        conn.release_confinement();
-        Ok(())
-    }
-
-    fn discard(&self, conn: RedisConnection) {
-        self.count_discard(conn);
-    }
-
-    /// Refuses a row (ACL user) tier whose template can name the user
-    /// `default` or the pool's own user: provisioning would rewrite it.
-    fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
-        if policy.isolation != Isolation::Row {
-            return Ok(());
-        }
-        policy.refuse_reserved(tier, self.reserved_users(), false)
-    }
-
     async fn probe(&self, timeout: Duration) -> Result<Probe, Error> {
         let started = Instant::now();
         let timed_out = || Error::ProbeTimeout {
@@ -496,49 +473,66 @@ impl Backend for RedisBackend {
         }
     }
 
-    fn release(
-        self: Arc<Self>,
-        mut conn: RedisConnection,
-        _scope: Option<Arc<TenantScope>>,
-        healthy: bool,
-    ) {
-        // The connection's own record decides, not the checkout's scope: it is
-        // what the server session actually carries.
-        if !healthy || !conn.reusable() {
-            self.count_discard(conn);
-            return;
-        }
-        if !conn.session.dirty {
+    /// The connection's own record decides, not the checkout's scope: it is
+    /// what the server session actually carries.
+    fn inspect(&self, conn: &mut RedisConnection) -> Returned {
+        if !conn.reusable() {
+            Returned::Broken
+        } else if conn.session.dirty {
+            Returned::Dirty
+        } else {
             conn.release_confinement();
-            return;
+            Returned::Clean
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.count_discard(conn);
-            return;
+    }
+
+    /// Restores the pool's default session (`RESET`, default user and
+    /// database) within the recycle timeout.
+    async fn recycle(&self, conn: &mut RedisConnection) -> Recycle {
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        let outcome = tokio::time::timeout(self.recycle_timeout, conn.reset(&self.defaults)).await;
+        let failure = match outcome {
+            Ok(Ok(())) => {
+                conn.release_confinement();
+                return Recycle::Keep;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no reply within {:?}", self.recycle_timeout),
         };
-        rt.spawn(async move {
-            self.counters.resets.fetch_add(1, Ordering::Relaxed);
-            let tenant = conn.tenant().cloned();
-            let outcome =
-                tokio::time::timeout(self.recycle_timeout, conn.reset(&self.defaults)).await;
-            let failure = match outcome {
-                Ok(Ok(())) => {
-                    // Back to the pool.
-                    drop(conn);
-                    return;
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no reply within {:?}", self.recycle_timeout),
-            };
-            self.counters.reset_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                endpoint = %self.endpoint,
-                tenant = tenant.as_ref().map(|t| t.as_str()),
-                error = %failure,
-                "redis session reset failed; connection discarded"
-            );
-            self.count_discard(conn);
-        });
+        self.counters.reset_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            endpoint = %self.endpoint,
+            tenant = conn.tenant().map(|t| t.as_str()),
+            error = %failure,
+            "redis session reset failed; connection discarded"
+        );
+        Recycle::Discard
+    }
+
+    fn release(&self, conn: RedisConnection, recycle: Recycle) {
+        match recycle {
+            // Back to deadpool's pool.
+            Recycle::Keep => drop(conn),
+            Recycle::Discard => self.count_discard(conn),
+        }
+    }
+
+    /// Refuses a row (ACL user) tier when the backend has no ACL password
+    /// source, or whose template can name the user `default` or the pool's
+    /// own user: provisioning would rewrite it.
+    fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
+        if tier.isolation != Isolation::Row {
+            return Ok(());
+        }
+        if self.passwords.is_none() {
+            return Err(Error::Config {
+                path: format!("redis.{}.acl_passwords", self.endpoint),
+                message: format!(
+                    "tier {name} uses row isolation, which needs an ACL password source"
+                ),
+            });
+        }
+        tier.refuse_reserved(name, self.reserved_users(), false)
     }
 }
 

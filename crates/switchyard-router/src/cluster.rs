@@ -151,6 +151,9 @@ impl<B: Backend> ClusterBuilder<B> {
         if let Err(e) = self.tenants.validate() {
             problems.push(e);
         }
+        for (backend, _) in &self.endpoints {
+            problems.extend(tier_problems(&**backend, &self.tenants));
+        }
         join_problems(&path, problems)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::Config {
             path: path.clone(),
@@ -261,24 +264,17 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Validates an endpoint's settings under its path.
-    pub(crate) fn check_endpoint(
-        &self,
-        id: &EndpointId,
-        config: &EndpointConfig,
-    ) -> Result<(), Error> {
-        join_problems(
-            &self.path(),
-            config.validate(&format!("{}.endpoints.{id}", self.path())),
-        )
+    pub(crate) fn check_endpoint(&self, backend: &B, config: &EndpointConfig) -> Result<(), Error> {
+        let id = backend.endpoint();
+        let mut problems = config.validate(&format!("{}.endpoints.{id}", self.path()));
+        problems.extend(tier_problems(backend, &self.tenants.load()));
+        join_problems(&self.path(), problems)
     }
 
     /// Every tier of the current registry that `backend` refuses
     /// ([`Backend::validate_tier`]), as one config error.
     pub(crate) fn check_tiers(&self, backend: &B, tenants: &TenantRegistry) -> Result<(), Error> {
-        join_problems(
-            &self.path(),
-            tenants.check_tiers(|tier, policy| backend.validate_tier(tier, policy)),
-        )
+        join_problems(&self.path(), tier_problems(backend, tenants))
     }
 
     /// The position of endpoint `id`, or a config error naming it.
@@ -298,8 +294,7 @@ impl<B: Backend> Shared<B> {
         config: EndpointConfig,
     ) -> Result<(), Error> {
         let id = backend.endpoint().clone();
-        self.check_endpoint(&id, &config)?;
-        self.check_tiers(&backend, &self.tenants.load())?;
+        self.check_endpoint(&backend, &config)?;
         let mut topo = self.lock();
         self.check_open()?;
         if topo.endpoints.iter().any(|e| e.id() == &id) {
@@ -627,4 +622,11 @@ impl<B: Backend> ClusterHooks for Shared<B> {
         tracing::info!(cluster = %self.name, endpoint = %ep.id, "ejection over: endpoint half-open, the next checkout is a trial");
         self.rebuild(&mut topo, "endpoint half-open");
     }
+}
+
+/// Every tier of `tenants` that `backend` refuses (see
+/// [`Backend::validate_tier`]), so a tier an engine cannot serve fails when the
+/// cluster is built or its tenants replaced, not at the first checkout.
+pub(crate) fn tier_problems<B: Backend>(backend: &B, tenants: &TenantRegistry) -> Vec<Error> {
+    tenants.check_tiers(|name, tier| backend.validate_tier(name, tier))
 }

@@ -19,12 +19,15 @@ impl<B: Backend> Cluster<B> {
     /// registry, so for a moment a tenant may hold up to twice its quota.
     pub fn set_tenants(&self, tenants: TenantRegistry) -> Result<(), Error> {
         tenants.validate()?;
-        let topo = self.shared.lock();
-        for ep in &topo.endpoints {
-            self.shared.check_tiers(&ep.backend, &tenants)?;
-        }
+        let problems: Vec<Error> = self
+            .shared
+            .lock()
+            .endpoints
+            .iter()
+            .flat_map(|ep| crate::cluster::tier_problems(&*ep.backend, &tenants))
+            .collect();
+        join_problems(&self.shared.path(), problems)?;
         self.shared.tenants.store(Arc::new(tenants));
-        drop(topo);
         Ok(())
     }
 
@@ -114,8 +117,7 @@ impl<B: Backend> Cluster<B> {
     pub fn replace_endpoint(&self, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
         let shared = &self.shared;
         let id = backend.endpoint().clone();
-        shared.check_endpoint(&id, &config)?;
-        shared.check_tiers(&backend, &shared.tenants.load())?;
+        shared.check_endpoint(&backend, &config)?;
         let mut topo = shared.lock();
         shared.check_open()?;
         let pos = shared.position(&topo, &id)?;

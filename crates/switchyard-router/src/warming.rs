@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use switchyard_core::{Backend, PoolStats};
+use switchyard_core::{Backend, PoolStats, Recycle};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -142,7 +142,8 @@ async fn warm<B: Backend>(ep: &Endpoint<B>, hold: u32, timeout: Duration) {
     let mut warmed = 0u32;
     for conn in conns.into_iter().flatten() {
         warmed += 1;
-        Arc::clone(&ep.backend).release(conn, None, true);
+        // Acquired for no owner and never used: clean by the contract.
+        ep.backend.release(conn, Recycle::Keep);
     }
     tracing::debug!(hold, warmed, "warmed pool");
 }

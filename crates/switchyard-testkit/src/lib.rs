@@ -11,6 +11,10 @@
 //! - [`FaultProxy`]: a TCP proxy in front of any of them that adds latency,
 //!   blackholes, resets or refuses connections.
 //! - [`conformance`]: the tenant isolation suite every engine crate runs.
+//!   blackholes, resets or refuses connections; in front of PostgreSQL it can
+//!   also count the client's messages ([`PgMessages`]: round trips on the wire).
+//! - [`PgBouncer`]: Debian's PgBouncer in session or transaction mode in front
+//!   of a [`PgNode`], the proxy peer the benches compare with.
 //!
 //! Every node can be killed (SIGKILL: connections are refused), paused (SIGSTOP:
 //! connections hang), resumed and restarted on the same port; replicas can be
@@ -55,6 +59,8 @@ mod error;
 mod http;
 mod node;
 mod patroni;
+mod pgbouncer;
+mod pgwire;
 mod port;
 mod postgres;
 mod process;
@@ -70,6 +76,8 @@ pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
 pub use crate::node::Node;
 pub use crate::patroni::{PatroniCluster, PatroniMember, PatroniNode};
+pub use crate::pgbouncer::{PgBouncer, PoolMode};
+pub use crate::pgwire::PgMessages;
 pub use crate::port::{free_port, loopback};
 pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};

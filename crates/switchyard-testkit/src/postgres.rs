@@ -106,7 +106,7 @@ impl Install {
 }
 
 /// PostgreSQL refuses to run as root; then the servers run as the `postgres` user.
-fn postgres_user() -> Result<Option<RunAs>> {
+pub(crate) fn postgres_user() -> Result<Option<RunAs>> {
     if !nix::unistd::Uid::effective().is_root() {
         return Ok(None);
     }

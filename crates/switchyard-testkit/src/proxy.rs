@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, TestkitError};
+use crate::pgwire::{FrontendParser, PgMessages, Tally};
 use crate::port::loopback;
 
 /// The faults in force. Copied out of the watch channel, never held across awaits.
@@ -41,6 +42,8 @@ struct Shared {
     upstream: SocketAddr,
     accepted: AtomicU64,
     active: AtomicU64,
+    /// Client messages, when the proxy speaks for a PostgreSQL server.
+    postgres: Option<Tally>,
 }
 
 /// A cheap, cloneable remote control for a [`FaultProxy`], usable from any thread.
@@ -118,6 +121,13 @@ impl FaultHandle {
     pub fn active(&self) -> u64 {
         self.shared.active.load(Ordering::Relaxed)
     }
+
+    /// The PostgreSQL client messages counted so far, over every connection;
+    /// `None` unless the proxy was started with
+    /// [`FaultProxy::start_counting_postgres`].
+    pub fn pg_messages(&self) -> Option<PgMessages> {
+        self.shared.postgres.as_ref().map(Tally::snapshot)
+    }
 }
 
 /// A running fault-injecting proxy in front of one upstream address. It derefs to
@@ -131,6 +141,17 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free loopback port and forwards every connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Result<Self> {
+        Self::start_with(upstream, None).await
+    }
+
+    /// [`FaultProxy::start`] in front of a PostgreSQL server (or PgBouncer),
+    /// also counting the client's protocol messages
+    /// ([`FaultHandle::pg_messages`]): round trips on the wire.
+    pub async fn start_counting_postgres(upstream: SocketAddr) -> Result<Self> {
+        Self::start_with(upstream, Some(Tally::default())).await
+    }
+
+    async fn start_with(upstream: SocketAddr, postgres: Option<Tally>) -> Result<Self> {
         let listener = listen(loopback(0))
             .map_err(TestkitError::io("binding the fault proxy to 127.0.0.1:0"))?;
         let addr = listener
@@ -143,6 +164,7 @@ impl FaultProxy {
             upstream,
             accepted: AtomicU64::new(0),
             active: AtomicU64::new(0),
+            postgres,
         });
         let cancel = CancellationToken::new();
         tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
@@ -293,9 +315,13 @@ async fn connection(mut client: TcpStream, shared: Arc<Shared>, cancel: Cancella
         let (client_read, client_write) = client.split();
         let (upstream_read, upstream_write) = upstream.split();
         let relay = async {
+            let tap = shared
+                .postgres
+                .as_ref()
+                .map(|tally| (FrontendParser::new(), tally));
             tokio::try_join!(
-                pump(client_read, upstream_write, faults.clone()),
-                pump(upstream_read, client_write, faults.clone()),
+                pump(client_read, upstream_write, faults.clone(), tap),
+                pump(upstream_read, client_write, faults.clone(), None),
             )
         };
         tokio::select! {
@@ -334,11 +360,13 @@ async fn connect_when_allowed(
     TcpStream::connect(upstream).await
 }
 
-/// Copies one direction, chunk by chunk, applying latency and stalls to each chunk.
+/// Copies one direction, chunk by chunk, applying latency and stalls to each
+/// chunk; `tap` parses what a PostgreSQL client sends.
 async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     mut faults: watch::Receiver<Faults>,
+    mut tap: Option<(FrontendParser, &Tally)>,
 ) -> io::Result<()> {
     let mut buf = vec![0_u8; 16 * 1024];
     loop {
@@ -347,6 +375,9 @@ async fn pump(
             // Pass the half-close on; the other direction may still have data.
             let _ = to.shutdown().await;
             return Ok(());
+        }
+        if let Some((parser, tally)) = tap.as_mut() {
+            parser.feed(&buf[..n], tally);
         }
         let latency = loop {
             let now = *faults.borrow_and_update();
