@@ -47,6 +47,10 @@ const LATENCY: Duration = Duration::from_millis(106);
 const READERS: usize = 8;
 const WRITERS: usize = 4;
 
+/// One finished operation: when it started and ended, and where it was
+/// served or why it failed.
+type Done = (Instant, Instant, Result<String, String>);
+
 type Op<B> = Arc<dyn Fn(Cluster<B>) -> BoxFuture<'static, Result<String, Error>> + Send + Sync>;
 
 /// Probes every 250 ms with a 250 ms timeout, falls after 2, attempts of 250 ms.
@@ -130,7 +134,7 @@ async fn under_fault<B: Backend>(
     fault: impl Future<Output = ()>,
     heal: impl Future<Output = ()>,
 ) -> Figures {
-    let log: Arc<Mutex<Vec<(Instant, Instant, Result<String, String>)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Done>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..tasks)
         .map(|_| {
