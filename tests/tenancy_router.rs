@@ -240,3 +240,46 @@ async fn tenant_checkouts_through_the_router_see_only_their_own_rows() {
         .sum();
     assert!(reads > 0, "no tenant read went to the standby");
 }
+
+/// A tier whose template can render a reserved namespace is refused by the
+/// router wherever tiers or backends change: when the cluster is built, when
+/// its tenants are replaced, and when an endpoint is added. Nothing connects.
+#[tokio::test]
+async fn reserved_templates_are_refused_when_the_cluster_changes() {
+    let backend = |name: &str| {
+        Arc::new(
+            PgBackend::new(PgBackendConfig::new(name, "postgres://app@127.0.0.1:1/app")).unwrap(),
+        )
+    };
+    let bare = || {
+        TenantRegistry::new().with_tier(
+            "bare",
+            TierPolicy::new(Isolation::Database)
+                .with_name_template(switchyard_core::NameTemplate::new("{id}").unwrap()),
+        )
+    };
+    let err = Cluster::builder("reserved")
+        .tenants(bare())
+        .endpoint(backend("pg-1"), EndpointConfig::new(Role::Primary))
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("tiers.bare.name_template"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("postgres"), "{err}");
+
+    let cluster = Cluster::builder("reserved")
+        .tenants(TenantRegistry::new().with_tier("ok", TierPolicy::new(Isolation::Database)))
+        .endpoint(backend("pg-1"), EndpointConfig::new(Role::Primary))
+        .build()
+        .unwrap();
+    let err = cluster.set_tenants(bare()).unwrap_err();
+    assert!(
+        err.to_string().contains("tiers.bare.name_template"),
+        "{err}"
+    );
+    cluster
+        .add_endpoint(backend("pg-2"), EndpointConfig::new(Role::Replica))
+        .unwrap();
+}
