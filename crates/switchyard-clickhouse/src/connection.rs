@@ -374,7 +374,6 @@ where
     pub async fn fetch_all(self) -> Result<Vec<T>, Error> {
         let conn = self.conn;
         let (table_and_filter, binds) = conn.table_and_filter(&self.table, &self.filter)?;
-        conn.check_row_table(&self.table).await?;
         let mut sql = format!("SELECT ?fields {table_and_filter}");
         for (i, (column, desc)) in self.order.iter().enumerate() {
             let column = quoted(column).map_err(|e| conn.rejected(e))?;
@@ -385,6 +384,9 @@ where
         if let Some(n) = self.limit {
             sql.push_str(&format!(" LIMIT {n}"));
         }
+        // Only once everything the caller passed is validated: a refused
+        // query does no I/O at all.
+        conn.check_row_table(&self.table).await?;
         let query = bind_all(conn.client.query(&sql), &binds);
         conn.run(query.fetch_all::<T>()).await
     }

@@ -247,13 +247,18 @@ impl RouterSet {
                         next.insert(name.clone(), Arc::new(entry));
                         report.changes.push(match running {
                             Some(previous) => {
-                                let change = format!(
-                                    "cluster {name} rebuilt: engine {} -> {}, source {} -> {}",
+                                let was = old.clusters.get(name).map_or("?", |c| c.source.kind());
+                                let mut change = format!(
+                                    "cluster {name} rebuilt: engine {} -> {}",
                                     previous.cluster.engine(),
                                     wanted.engine,
-                                    old.clusters.get(name).map_or("?", |c| c.source.kind()),
-                                    wanted.source.kind(),
                                 );
+                                if was != wanted.source.kind() {
+                                    change.push_str(&format!(
+                                        ", source {was} -> {}",
+                                        wanted.source.kind()
+                                    ));
+                                }
                                 closing.push(previous);
                                 change
                             }

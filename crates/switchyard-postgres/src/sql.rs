@@ -128,7 +128,7 @@ pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
             quote_literal(scope.tenant().as_str())
         ),
         Some((Isolation::Database, _)) | None => {
-            format!("RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
+            format!("SELECT {OUTSIDE_TRANSACTION}")
         }
     }
 }

@@ -517,20 +517,16 @@ impl Backend for RedisBackend {
         }
     }
 
-    /// Refuses a row (ACL user) tier when the backend has no ACL password
-    /// source, or whose template can name the user `default` or the pool's
-    /// own user: provisioning would rewrite it.
+    /// Refuses a row (ACL user) tier whose template can name the user
+    /// `default` or the pool's own user: provisioning would rewrite it.
+    ///
+    /// A missing ACL password source is not refused here: tiers are shared by
+    /// every cluster of a configuration, and a Redis cluster that no
+    /// row-isolated tenant uses needs none. A row-scoped checkout without one
+    /// fails with a configuration error naming the source.
     fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
         if tier.isolation != Isolation::Row {
             return Ok(());
-        }
-        if self.passwords.is_none() {
-            return Err(Error::Config {
-                path: format!("redis.{}.acl_passwords", self.endpoint),
-                message: format!(
-                    "tier {name} uses row isolation, which needs an ACL password source"
-                ),
-            });
         }
         tier.refuse_reserved(name, self.reserved_users(), false)
     }

@@ -112,8 +112,11 @@ async fn promoted_replica_accepts_writes() {
     let value: String = conn.get("after").await.unwrap();
     assert_eq!(value, "failover");
 
-    // Restarted, it rejoins as configured: a replica of the (restarted) master.
+    // Restarted after the promotion, it stays a master (a restart keeps what
+    // the operator last said) until it is re-pointed at the restarted master.
     redis.master().restart().await.unwrap();
     replica.restart().await.unwrap();
+    assert_eq!(replica.role().await.unwrap(), "master");
+    replica.replicaof(redis.master()).await.unwrap();
     assert_eq!(replica.role().await.unwrap(), "slave");
 }
