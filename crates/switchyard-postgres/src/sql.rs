@@ -127,8 +127,11 @@ pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
             quote_literal(scope.row_setting()),
             quote_literal(scope.tenant().as_str())
         ),
+        // Nothing of a scope to compare: undo the two session changes that
+        // would break the next checkout of the same owner (a role, a
+        // search_path set by hand), in the same round trip.
         Some((Isolation::Database, _)) | None => {
-            format!("SELECT {OUTSIDE_TRANSACTION}")
+            format!("RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
         }
     }
 }
@@ -240,7 +243,7 @@ mod tests {
         assert!(switch_sql(Some(&db), false).ends_with("DISCARD SEQUENCES"));
         assert_eq!(
             verify_sql(None),
-            "SELECT transaction_timestamp() = statement_timestamp()"
+            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp()"
         );
         assert!(verify_sql(Some(&schema))
             .ends_with("current_setting('search_path') = '\"tenant_Acme-1\"'"));
