@@ -5,7 +5,8 @@
 //! ones; ClickHouse is the real server).
 //!
 //! One Criterion group per engine (`engines_mongodb`, `engines_clickhouse`,
-//! `engines_elasticsearch`); in each, rows at 1 and 16 concurrent tasks, the
+//! `engines_elasticsearch`, plus `engines_clickhouse_tls`: plaintext next to
+//! TLS on one server); in each, rows at 1 and 16 concurrent tasks, the
 //! time being wall time per operation (the inverse of throughput):
 //!
 //! - `raw`: the driver's own client, built by the bench (own pool);
@@ -52,9 +53,9 @@ use switchyard::mongodb::mongodb::bson::{doc, Document};
 use switchyard::mongodb::{mongodb, MongoBackend, MongoBackendConfig};
 use switchyard::{
     Backend, Checkout, CheckoutRequest, Isolation, PoolSettings, TenantId, TenantRegistry,
-    TierPolicy,
+    TierPolicy, TlsSettings,
 };
-use switchyard_testkit::{ClickHouse, ElasticServer, MongoServer};
+use switchyard_testkit::{ClickHouse, ElasticServer, MongoServer, TestCa};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -293,6 +294,43 @@ fn bench_clickhouse(c: &mut Criterion, rt: &Runtime) {
     drop(server);
 }
 
+/// `engines_clickhouse_tls`: unscoped checkout + `SELECT 1` on one server
+/// started with TLS, over its plain HTTP port (`plaintext`) and its HTTPS
+/// port, verified against the test CA (`tls`): what TLS costs per checkout
+/// with hyper's kept-alive connections reused.
+fn bench_clickhouse_tls(c: &mut Criterion, rt: &Runtime) {
+    let ca = TestCa::generate().expect("test CA");
+    let server = rt
+        .block_on(ClickHouse::start_tls(&ca))
+        .expect("ClickHouse server with TLS");
+    let https = server.https_url().expect("https url");
+    let build = |name: &str, url: &str, tls: Option<TlsSettings>| {
+        let mut builder = ChBackend::builder(name, url).pool(pool());
+        if let Some(tls) = tls {
+            builder = builder.tls(tls);
+        }
+        Arc::new(builder.build().unwrap())
+    };
+    let plain = build("ch-plain", &server.http_url(), None);
+    let tls = build(
+        "ch-tls",
+        &https,
+        Some(TlsSettings::with_ca_file(ca.ca_file())),
+    );
+    rt.block_on(async {
+        tls.probe(TIMEOUT).await.unwrap();
+        println!("clickhouse_tls: real ClickHouse, plaintext next to {https}");
+    });
+    let mut group = c.benchmark_group("engines_clickhouse_tls");
+    for (name, backend) in [("plaintext", plain), ("tls", tls)] {
+        rows(&mut group, rt, name, move || {
+            ch_checkout_select_1(Arc::clone(&backend), unscoped())
+        });
+    }
+    group.finish();
+    drop(server);
+}
+
 // ---------------------------------------------------------- Elasticsearch
 
 async fn es_count(client: &Elasticsearch, index: &str) -> u64 {
@@ -463,6 +501,7 @@ fn main() {
     let mut c = criterion().configure_from_args();
     bench_mongodb(&mut c, &rt);
     bench_clickhouse(&mut c, &rt);
+    bench_clickhouse_tls(&mut c, &rt);
     bench_elasticsearch(&mut c, &rt);
     c.final_summary();
     print_ratios(since);

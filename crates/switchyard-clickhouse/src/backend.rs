@@ -83,7 +83,8 @@ impl ChBackend {
         })?;
         // Validation is off: 18.16 knows neither RowBinaryWithNamesAndTypes nor
         // the settings validation sends.
-        let mut base = clickhouse::Client::default()
+        let path = config.endpoint.as_str();
+        let mut base = crate::tls::client(&connect.url, config.tls.as_ref(), path)?
             .with_url(connect.base_url)
             .with_validation(false);
         if let Some(user) = connect.user {

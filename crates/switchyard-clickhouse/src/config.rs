@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::{percent_decode, EndpointId, Error, PoolSettings, SecretUrl};
+use switchyard_core::{
+    percent_decode, EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport,
+};
 
 use crate::filter::validate_identifier;
 
@@ -49,7 +51,7 @@ pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ChBackendConfig {
     /// The endpoint's name in errors, logs and metrics.
     pub endpoint: EndpointId,
-    /// `http://user:password@host:8123` (`https://` needs the `rustls-tls` feature).
+    /// `http://user:password@host:8123`, or `https://` for TLS (see [`tls`](Self::tls)).
     #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretUrl,
     /// `max_size` is the bound on requests in flight; `acquire_timeout` caps the
@@ -83,6 +85,11 @@ pub struct ChBackendConfig {
     /// Extra ClickHouse settings sent with every query (`max_threads`, ...).
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// TLS trust and client certificate for an `https://` URL (without it,
+    /// an `https://` URL verifies the server against Mozilla's roots); see
+    /// the table in the README's engine section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
 }
 
 fn default_row_database() -> String {
@@ -107,6 +114,8 @@ fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::
 #[derive(Clone)]
 pub(crate) struct Connect {
     pub(crate) base_url: String,
+    /// The URL without credentials.
+    pub(crate) url: url::Url,
     pub(crate) user: Option<String>,
     pub(crate) password: Option<String>,
 }
@@ -125,6 +134,7 @@ impl ChBackendConfig {
             provision_cache_ttl: DEFAULT_PROVISION_CACHE_TTL,
             query_timeout: DEFAULT_QUERY_TIMEOUT,
             settings: BTreeMap::new(),
+            tls: None,
         }
     }
 
@@ -144,8 +154,13 @@ impl ChBackendConfig {
                 message,
             })
         };
-        if let Err(message) = self.connect() {
-            bad("url", message);
+        match self.connect() {
+            Ok(connect) => {
+                if let Some(message) = crate::tls::problem(&connect.url, self.tls.as_ref()) {
+                    bad("tls", message);
+                }
+            }
+            Err(message) => bad("url", message),
         }
         if let Some(db) = &self.database {
             if let Err(e) = validate_identifier(db) {
@@ -177,20 +192,11 @@ impl ChBackendConfig {
         let mut url = url::Url::parse(self.url.expose())
             .map_err(|e| format!("{} is not a valid url: {e}", self.url))?;
         match url.scheme() {
-            "http" => {}
-            "https" if cfg!(feature = "rustls-tls") => {}
-            "https" => {
-                return Err(format!(
-                    "{} needs TLS: build switchyard-clickhouse with the `rustls-tls` feature",
-                    self.url
-                ))
-            }
-            other => {
-                return Err(format!(
-                    "{} has scheme {other:?}; use http:// (ClickHouse's HTTP interface)",
-                    self.url
-                ))
-            }
+            "http" | "https" => {}
+            other => return Err(format!(
+                "{} has scheme {other:?}; use http:// or https:// (ClickHouse's HTTP interface)",
+                self.url
+            )),
         }
         if url.host_str().is_none() {
             return Err(format!("{} has no host", self.url));
@@ -208,9 +214,18 @@ impl ChBackendConfig {
         }
         Ok(Connect {
             base_url,
+            url,
             user,
             password,
         })
+    }
+
+    /// How this endpoint's requests are protected, as configured (no I/O).
+    pub fn transport(&self) -> Transport {
+        match url::Url::parse(self.url.expose()) {
+            Ok(url) => crate::tls::transport(&url, self.tls.as_ref()),
+            Err(_) => Transport::Plaintext,
+        }
     }
 }
 
@@ -274,6 +289,12 @@ impl ChBackendBuilder {
     /// Sets [`ChBackendConfig::query_timeout`].
     pub fn query_timeout(mut self, timeout: Duration) -> Self {
         self.config.query_timeout = timeout;
+        self
+    }
+
+    /// Sets the TLS settings (see [`ChBackendConfig::tls`]).
+    pub fn tls(mut self, tls: TlsSettings) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 

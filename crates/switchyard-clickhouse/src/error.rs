@@ -104,9 +104,9 @@ fn is_connect_failure(error: &(dyn std::error::Error + 'static)) -> bool {
 /// `scope` is the checkout's tenant scope ([`Checkout::scope`]); with a
 /// database scope, `UNKNOWN_DATABASE` (81) becomes
 /// [`Error::TenantNotProvisioned`] naming the tenant database. A client-side
-/// timeout becomes [`Error::Backend`] of kind `Io`, and everything else
-/// [`Error::Backend`] with the kind from [`classify`] and the clickhouse error
-/// as its source.
+/// timeout becomes [`Error::Backend`] of kind `Io`, a refused TLS handshake
+/// [`Error::Tls`], and everything else [`Error::Backend`] with the kind from
+/// [`classify`] and the clickhouse error as its source.
 pub fn ch_error(
     endpoint: &EndpointId,
     scope: Option<&TenantScope>,
@@ -125,7 +125,7 @@ pub fn ch_error(
         }
     }
     let kind = classify(&error);
-    Error::backend(endpoint, tenant, kind, ChError::Driver(error))
+    Error::connect(endpoint, tenant, kind, ChError::Driver(error))
 }
 
 /// Crate-specific failures, carried as the source of an [`Error::Backend`].

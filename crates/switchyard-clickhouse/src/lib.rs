@@ -128,6 +128,7 @@ mod connection;
 mod error;
 mod filter;
 mod policy;
+mod tls;
 
 pub use backend::ChBackend;
 pub use config::{

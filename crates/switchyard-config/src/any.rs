@@ -174,6 +174,7 @@ impl AnyCluster {
             return;
         };
         let (engine, pool, cluster) = (c.engine, c.pool.clone(), self.name().to_owned());
+        let (tls, tls_digest) = (c.member_tls.clone(), c.member_tls_digest);
         let make = move |m: &Member| -> Result<AnyBackend, Error> {
             let url = member_url(&template, m).map_err(|message| Error::Config {
                 path: format!("clusters.{cluster}.member_url"),
@@ -185,8 +186,8 @@ impl AnyCluster {
                 role: m.role,
                 weight: 1,
                 secret_files: Vec::new(),
-                tls: None,
-                tls_digest: 0,
+                tls: tls.clone(),
+                tls_digest,
             };
             AnyBackend::build(engine, &cluster, &pool, &ep).map_err(|e| match e {
                 ConfigError::Build { source, .. } => source,
@@ -301,29 +302,41 @@ impl AnyBackend {
                 backend_of!(Redis, RedisBackend, config, pool, cluster)
             }
             #[cfg(feature = "mongodb")]
-            Engine::Mongodb => backend_of!(
-                Mongodb,
-                switchyard_mongodb::MongoBackend,
-                switchyard_mongodb::MongoBackendConfig::new(name, url),
-                pool,
-                cluster
-            ),
+            Engine::Mongodb => {
+                let mut config = switchyard_mongodb::MongoBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(
+                    Mongodb,
+                    switchyard_mongodb::MongoBackend,
+                    config,
+                    pool,
+                    cluster
+                )
+            }
             #[cfg(feature = "clickhouse")]
-            Engine::Clickhouse => backend_of!(
-                Clickhouse,
-                switchyard_clickhouse::ChBackend,
-                switchyard_clickhouse::ChBackendConfig::new(name, url),
-                pool,
-                cluster
-            ),
+            Engine::Clickhouse => {
+                let mut config = switchyard_clickhouse::ChBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(
+                    Clickhouse,
+                    switchyard_clickhouse::ChBackend,
+                    config,
+                    pool,
+                    cluster
+                )
+            }
             #[cfg(feature = "elasticsearch")]
-            Engine::Elasticsearch => backend_of!(
-                Elasticsearch,
-                switchyard_elasticsearch::EsBackend,
-                switchyard_elasticsearch::EsBackendConfig::new(name, url),
-                pool,
-                cluster
-            ),
+            Engine::Elasticsearch => {
+                let mut config = switchyard_elasticsearch::EsBackendConfig::new(name, url);
+                config.tls = ep.tls.clone();
+                backend_of!(
+                    Elasticsearch,
+                    switchyard_elasticsearch::EsBackend,
+                    config,
+                    pool,
+                    cluster
+                )
+            }
             #[allow(unreachable_patterns)]
             other => return Err(not_built_in(cluster, other)),
         })

@@ -291,10 +291,13 @@ impl RouterSet {
 }
 
 /// Whether a running cluster must be rebuilt to follow `next`'s source: the
-/// source changed, or (with a source) the pool or member URL its members'
-/// backends are made with did.
+/// source changed, or (with a source) the pool, member URL or TLS settings
+/// and files its members' backends are made with did.
 fn follows_anew(prev: &ClusterSettings, next: &ClusterSettings) -> bool {
-    prev.source != next.source || (next.source != SourceSettings::Static && prev.pool != next.pool)
+    let members_differ = prev.pool != next.pool
+        || prev.member_tls != next.member_tls
+        || prev.member_tls_digest != next.member_tls_digest;
+    prev.source != next.source || (next.source != SourceSettings::Static && members_differ)
 }
 
 /// What [`RouterSet::apply`] changed.

@@ -25,13 +25,21 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Every file a secret of some endpoint is read from.
+    /// Every file a secret of some endpoint (or of a source cluster's
+    /// members) is read from.
     pub fn secret_files(&self) -> impl Iterator<Item = &Path> {
-        self.clusters
+        let endpoints = self
+            .clusters
             .values()
             .flat_map(|c| &c.endpoints)
             .flat_map(|e| &e.secret_files)
-            .map(PathBuf::as_path)
+            .map(PathBuf::as_path);
+        let members = self
+            .clusters
+            .values()
+            .flat_map(|c| &c.member_tls)
+            .flat_map(TlsSettings::files);
+        endpoints.chain(members)
     }
 
     /// A fresh tenant registry for these tiers and tenants.
@@ -72,6 +80,13 @@ pub struct ClusterSettings {
     pub endpoints: Vec<EndpointSettings>,
     /// Where the endpoints come from: the list above, Patroni or Sentinel.
     pub source: SourceSettings,
+    /// With a topology source: the cluster's `tls` block (paths resolved,
+    /// files checked), which every member the source reports connects with.
+    /// A static cluster's block is in each of its endpoints instead.
+    pub member_tls: Option<TlsSettings>,
+    /// A hash of the `member_tls` files' contents when loaded, so a rotated
+    /// file rebuilds the members.
+    pub member_tls_digest: u64,
 }
 
 /// One endpoint of a cluster.

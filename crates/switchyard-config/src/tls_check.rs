@@ -9,9 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use switchyard_core::{TlsSettings, Transport};
+use rustls::pki_types::ServerName;
+use switchyard_core::{SecretUrl, TlsSettings, Transport};
 use switchyard_postgres::PgBackendConfig;
 use switchyard_redis::RedisBackendConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,37 +60,50 @@ pub async fn check_tls(settings: &Settings, timeout: Duration) -> Vec<EndpointTl
     out
 }
 
-/// How `ep`'s connections are protected, as configured.
+/// How `ep`'s connections are protected, as configured. The engines whose
+/// crates are optional features are read from the URL here, so `check`
+/// shows them without the feature.
 pub fn transport(engine: Engine, ep: &EndpointSettings) -> Transport {
-    match engine {
+    url_transport(engine, &ep.name, &ep.url, ep.tls.as_ref())
+}
+
+/// [`transport`] of an endpoint named `name` at `url` with `tls`.
+pub(crate) fn url_transport(
+    engine: Engine,
+    name: &str,
+    url: &SecretUrl,
+    tls: Option<&TlsSettings>,
+) -> Transport {
+    let insecure = tls.is_some_and(|t| t.insecure_skip_verify);
+    let on = match engine {
         Engine::Postgres => {
-            let mut config = PgBackendConfig::new(ep.name.clone(), ep.url.clone());
-            config.tls = ep.tls.clone();
-            config.transport()
+            let mut config = PgBackendConfig::new(name.to_owned(), url.clone());
+            config.tls = tls.cloned();
+            return config.transport();
         }
         Engine::Redis => {
-            let mut config = RedisBackendConfig::new(ep.name.clone(), ep.url.clone());
-            config.tls = ep.tls.clone();
-            config.transport()
+            let mut config = RedisBackendConfig::new(name.to_owned(), url.clone());
+            config.tls = tls.cloned();
+            return config.transport();
         }
         Engine::Mongodb => {
-            let query = ep.url.expose().split_once('?').map_or("", |(_, q)| q);
-            let on = query
-                .split('&')
-                .any(|kv| kv == "tls=true" || kv == "ssl=true");
-            let off = query
-                .split('&')
-                .any(|kv| kv == "tlsInsecure=true" || kv == "tlsAllowInvalidCertificates=true");
-            match (on || ep.url.scheme().as_deref() == Some("mongodb+srv"), off) {
-                (false, _) => Transport::Plaintext,
-                (true, true) => Transport::Unverified,
-                (true, false) => Transport::Verified,
+            let query = url.expose().split_once('?').map_or("", |(_, q)| q);
+            let pairs = || query.split('&').map(str::to_ascii_lowercase);
+            if pairs()
+                .any(|kv| kv == "tlsinsecure=true" || kv == "tlsallowinvalidcertificates=true")
+            {
+                return Transport::Unverified;
             }
+            let on = pairs().any(|kv| kv == "tls=true" || kv == "ssl=true");
+            let off = pairs().any(|kv| kv == "tls=false" || kv == "ssl=false");
+            on || (url.scheme().as_deref() == Some("mongodb+srv") && !off)
         }
-        Engine::Clickhouse | Engine::Elasticsearch => match ep.url.scheme().as_deref() {
-            Some("https") => Transport::Verified,
-            _ => Transport::Plaintext,
-        },
+        Engine::Clickhouse | Engine::Elasticsearch => url.scheme().as_deref() == Some("https"),
+    };
+    match (on, insecure) {
+        (false, _) => Transport::Plaintext,
+        (true, true) => Transport::Unverified,
+        (true, false) => Transport::Verified,
     }
 }
 
@@ -110,35 +122,14 @@ fn address(engine: Engine, ep: &EndpointSettings) -> Result<(String, u16), Strin
     Ok((host.trim_matches(['[', ']']).to_owned(), port))
 }
 
-/// A rustls client configuration from `tls`: its CA file (else Mozilla's
-/// roots, as the drivers use) and client certificate.
+/// A rustls client configuration from `tls`: the one the drivers build.
 fn client_config(tls: Option<&TlsSettings>, path: &str) -> Result<rustls::ClientConfig, String> {
     let material = tls
-        .map(|t| t.load(path))
-        .transpose()
+        .cloned()
+        .unwrap_or_default()
+        .load(path)
         .map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    match material.as_ref().and_then(|m| m.ca.as_ref()) {
-        Some(pem) => {
-            roots.add_parsable_certificates(CertificateDer::pem_slice_iter(pem).flatten());
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    match material.and_then(|m| m.identity) {
-        Some(id) => {
-            let chain: Vec<_> = CertificateDer::pem_slice_iter(&id.cert).flatten().collect();
-            let key = PrivateKeyDer::from_pem_slice(&id.key).map_err(|e| e.to_string())?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())
-        }
-        None => Ok(builder.with_no_client_auth()),
-    }
+    material.client_config()
 }
 
 /// PostgreSQL's `SSLRequest`: length 8, code 80877103.

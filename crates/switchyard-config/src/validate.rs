@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use figment::value::{Dict, Value};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use switchyard_core::{PoolSettings, Role, SecretUrl, TenantId, TierPolicy, TlsSettings};
+use switchyard_core::{
+    PoolSettings, Role, SecretUrl, TenantId, TierPolicy, TlsSettings, Transport,
+};
 use switchyard_postgres::PgBackendConfig;
 use switchyard_redis::RedisBackendConfig;
 use switchyard_router::{ClusterConfig, EndpointConfig};
@@ -275,13 +277,11 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
         .get("tls")
         .and_then(|v| de::<TlsSettings>(v, &format!("{path}.tls"), problems))
         .map(|t| (t, format!("{path}.tls")));
-    if tls.is_some() && !matches!(source, Some(SourceSettings::Static) | None) {
-        push(
-            problems,
-            &format!("{path}.tls"),
-            "a cluster with a topology source cannot take a tls block yet: its members connect as member_url says",
-        );
-    }
+    // With a source, the block is for the members it reports.
+    let (member_tls, member_tls_digest) = match &source {
+        Some(SourceSettings::Static) | None => (None, 0),
+        Some(_) => tls_files(tls.clone(), problems).unwrap_or((None, 0)),
+    };
     let endpoints = match (&source, d.get("endpoints")) {
         (Some(SourceSettings::Static), value) => {
             endpoints(&path, engine, writes, value, tls, problems)
@@ -301,7 +301,7 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
             engine,
             "member",
             url,
-            None,
+            member_tls.as_ref(),
             &format!("{path}.member_url"),
             problems,
         );
@@ -313,6 +313,8 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
         pool,
         endpoints,
         source: source?,
+        member_tls,
+        member_tls_digest,
     })
 }
 
@@ -541,24 +543,67 @@ fn check_url(
             }
         }
         Engine::Mongodb | Engine::Clickhouse | Engine::Elasticsearch => {
+            if let Some(errors) = engine_problems(engine, name, url, tls, ep_path) {
+                let pool = format!("{ep_path}.pool");
+                let errors = errors
+                    .into_iter()
+                    .filter(|e| !matches!(e, switchyard_core::Error::Config { path, .. } if path.starts_with(&pool)))
+                    .collect();
+                from_core(problems, errors);
+                return;
+            }
             if url.authority().is_empty() {
                 push(problems, &url_path, format!("{url} has no host"));
             }
-            if tls.is_some() {
+            if tls.is_some()
+                && crate::tls_check::url_transport(engine, name, url, None) == Transport::Plaintext
+            {
                 push(
                     problems,
                     &format!("{ep_path}.tls"),
                     format!(
-                        "tls files are not supported for {engine} yet; use an {} url, \
-                         which verifies against the driver's default roots",
+                        "tls settings are given but the url does not turn TLS on; {}",
                         if engine == Engine::Mongodb {
-                            "tls=true"
+                            "add tls=true"
                         } else {
-                            "https://"
+                            "use https://"
                         }
                     ),
                 );
             }
         }
+    }
+}
+
+/// What the engine crate finds wrong with the endpoint, when the crate is
+/// built in (each has rules of its own for the url next to a tls block).
+fn engine_problems(
+    engine: Engine,
+    name: &str,
+    url: &SecretUrl,
+    tls: Option<&TlsSettings>,
+    ep_path: &str,
+) -> Option<Vec<switchyard_core::Error>> {
+    let _ = (name, url, tls, ep_path);
+    match engine {
+        #[cfg(feature = "mongodb")]
+        Engine::Mongodb => {
+            let mut config = switchyard_mongodb::MongoBackendConfig::new(name, url.clone());
+            config.tls = tls.cloned();
+            Some(config.validate(ep_path))
+        }
+        #[cfg(feature = "clickhouse")]
+        Engine::Clickhouse => {
+            let mut config = switchyard_clickhouse::ChBackendConfig::new(name, url.clone());
+            config.tls = tls.cloned();
+            Some(config.validate(ep_path))
+        }
+        #[cfg(feature = "elasticsearch")]
+        Engine::Elasticsearch => {
+            let mut config = switchyard_elasticsearch::EsBackendConfig::new(name, url.clone());
+            config.tls = tls.cloned();
+            Some(config.validate(ep_path))
+        }
+        _ => None,
     }
 }

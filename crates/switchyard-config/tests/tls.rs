@@ -87,3 +87,70 @@ async fn a_rotated_ca_file_is_picked_up_without_a_restart() {
         .unwrap();
     assert!(ssl);
 }
+
+fn source_config(member_url: &str, ca_file: &Path, patroni: &str) -> String {
+    format!(
+        "clusters:\n  orders:\n    engine: postgres\n    source: patroni\n    patroni: {{ urls: [\"{patroni}\"], interval: 1s }}\n    member_url: \"{member_url}\"\n    tls:\n      ca_file: {}\n",
+        ca_file.display()
+    )
+}
+
+/// A `tls` block on a cluster that follows Patroni is for the members the
+/// source reports: checked against the member URL, its files watched, and a
+/// rotated file rebuilds the members (here with Patroni unreachable, so the
+/// cluster has none yet: the rebuild is what the reload reports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cluster_tls_block_is_for_its_members() {
+    let ca = TestCa::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let trust = dir.path().join("trust.pem");
+    std::fs::copy(ca.ca_file(), &trust).unwrap();
+    let patroni = format!(
+        "http://127.0.0.1:{}",
+        switchyard_testkit::free_port().unwrap()
+    );
+
+    // The member URL asks for unverified TLS next to the block: refused at
+    // the member URL's path.
+    let weak = source_config(
+        "postgres://app@member/orders?sslmode=require",
+        &trust,
+        &patroni,
+    );
+    std::fs::write(dir.path().join("base.yaml"), weak).unwrap();
+    let err = ConfigSource::new(dir.path(), "testing")
+        .env_prefix("SYTEST_TLS_SOURCE__")
+        .load()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("clusters.orders.member_url.tls: the url's sslmode=require"),
+        "{err}"
+    );
+
+    let good = source_config("postgres://app@member/orders", &trust, &patroni);
+    std::fs::write(dir.path().join("base.yaml"), good).unwrap();
+    let source = ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_TLS_SOURCE__");
+    let settings = source.load().unwrap();
+    let orders = &settings.clusters["orders"];
+    assert_eq!(
+        orders
+            .member_tls
+            .as_ref()
+            .and_then(|t| t.ca_file.as_deref()),
+        Some(trust.as_path())
+    );
+    assert!(settings.secret_files().any(|f| f == trust));
+
+    let live = LiveConfig::start(source).unwrap();
+    assert!(live.reload().unwrap().changes.is_empty());
+    std::fs::copy(ca.other_ca_file(), &trust).unwrap();
+    let report = live.reload().unwrap();
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.starts_with("cluster orders rebuilt")),
+        "{report:?}"
+    );
+}

@@ -54,6 +54,7 @@ pub mod provision;
 mod registry;
 mod tenant;
 mod tls;
+mod tls_client;
 
 pub use backend::{Backend, Intent, PoolStats, Probe, Recycle, Returned, Role};
 pub use checkout::{

@@ -61,7 +61,7 @@ impl Shared {
         tenant: Option<&TenantId>,
         error: elasticsearch::Error,
     ) -> Error {
-        Error::backend(
+        Error::connect(
             &self.endpoint,
             tenant,
             classify(&error),
@@ -145,15 +145,14 @@ impl EsBackend {
         };
         let connect = config.connect().map_err(config_error)?;
         let transport = |close: bool| {
-            let mut builder =
-                TransportBuilder::new(SingleNodeConnectionPool::new(connect.url.clone()))
-                    .timeout(config.request_timeout);
-            if let Some((user, password)) = &connect.basic {
-                builder = builder.auth(elasticsearch::auth::Credentials::Basic(
-                    user.clone(),
-                    password.clone(),
-                ));
-            }
+            let builder = TransportBuilder::new(SingleNodeConnectionPool::new(connect.url.clone()))
+                .timeout(config.request_timeout);
+            let mut builder = crate::tls::apply(
+                builder,
+                connect.basic.as_ref(),
+                config.tls.as_ref(),
+                config.endpoint.as_str(),
+            )?;
             if close {
                 builder = builder.header(CONNECTION, HeaderValue::from_static("close"));
             }

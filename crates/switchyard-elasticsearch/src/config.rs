@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::{percent_decode, EndpointId, Error, PoolSettings, SecretUrl};
+use switchyard_core::{
+    percent_decode, EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport,
+};
 
 use crate::naming::{validate_field, IndexNaming};
 
@@ -45,7 +47,7 @@ pub const DEFAULT_PROVISION_CACHE_TTL: Duration = Duration::from_secs(60);
 pub struct EsBackendConfig {
     /// The endpoint's name in errors, logs and metrics.
     pub endpoint: EndpointId,
-    /// `http://user:password@host:9200`.
+    /// `http://user:password@host:9200`, or `https://` for TLS (see [`tls`](Self::tls)).
     #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretUrl,
     /// `max_size` bounds requests in flight; `acquire_timeout` caps the wait.
@@ -65,6 +67,11 @@ pub struct EsBackendConfig {
     /// asking again (default 60s).
     #[serde(default = "default_provision_cache_ttl", with = "humantime_serde")]
     pub provision_cache_ttl: Duration,
+    /// TLS trust and client certificate for an `https://` URL (without it,
+    /// an `https://` URL verifies the node against Mozilla's roots); see the
+    /// table in the README's engine section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
 }
 
 fn default_tenant_field() -> String {
@@ -98,6 +105,7 @@ impl EsBackendConfig {
             index_naming: IndexNaming::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             provision_cache_ttl: DEFAULT_PROVISION_CACHE_TTL,
+            tls: None,
         }
     }
 
@@ -117,8 +125,13 @@ impl EsBackendConfig {
                 message,
             })
         };
-        if let Err(message) = self.connect() {
-            bad("url", message);
+        match self.connect() {
+            Ok(connect) => {
+                if let Some(message) = crate::tls::problem(&connect.url, self.tls.as_ref()) {
+                    bad("tls", message);
+                }
+            }
+            Err(message) => bad("url", message),
         }
         if let Err(e) = validate_field(&self.tenant_field) {
             bad("tenant_field", e.to_string());
@@ -152,6 +165,14 @@ impl EsBackendConfig {
         let _ = url.set_username("");
         let _ = url.set_password(None);
         Ok(Connect { url, basic })
+    }
+
+    /// How this node's requests are protected, as configured (no I/O).
+    pub fn transport(&self) -> Transport {
+        match url::Url::parse(self.url.expose()) {
+            Ok(url) => crate::tls::transport(&url, self.tls.as_ref()),
+            Err(_) => Transport::Plaintext,
+        }
     }
 }
 
@@ -203,6 +224,12 @@ impl EsBackendBuilder {
     /// Sets [`EsBackendConfig::provision_cache_ttl`].
     pub fn provision_cache_ttl(mut self, ttl: Duration) -> Self {
         self.config.provision_cache_ttl = ttl;
+        self
+    }
+
+    /// Sets the TLS settings (see [`EsBackendConfig::tls`]).
+    pub fn tls(mut self, tls: TlsSettings) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 

@@ -68,7 +68,7 @@ pub fn es_error(
     error: elasticsearch::Error,
 ) -> Error {
     let kind = classify(&error);
-    Error::backend(
+    Error::connect(
         endpoint,
         scope.map(TenantScope::tenant),
         kind,

@@ -115,6 +115,7 @@ mod config;
 mod connection;
 mod error;
 mod naming;
+mod tls;
 
 pub use admin::{create_tenant_alias, create_tenant_index};
 pub use backend::EsBackend;

@@ -18,6 +18,7 @@ use crate::config::{MongoBackendConfig, Resolved};
 use crate::conn::{Confinement, HandleSettings, MongoConn};
 use crate::probe::Prober;
 use crate::stats::{bump, Counters, MongoStats};
+use crate::tls::Handshake;
 
 /// The MongoDB backend for one endpoint, or one replica set
 /// ([`Topology`](crate::Topology)).
@@ -66,7 +67,7 @@ impl MongoBackend {
     pub fn new(config: MongoBackendConfig) -> Result<Self, Error> {
         Self::check(&config)?;
         let resolved = config.resolve_now()?;
-        Ok(Self::from_resolved(config, resolved))
+        Self::from_resolved(config, resolved)
     }
 
     /// Builds the backend, resolving a `mongodb+srv://` URL's DNS records
@@ -74,7 +75,7 @@ impl MongoBackend {
     pub async fn connect(config: MongoBackendConfig) -> Result<Self, Error> {
         Self::check(&config)?;
         let resolved = config.resolve().await?;
-        Ok(Self::from_resolved(config, resolved))
+        Self::from_resolved(config, resolved)
     }
 
     fn check(config: &MongoBackendConfig) -> Result<(), Error> {
@@ -84,13 +85,14 @@ impl MongoBackend {
         }
     }
 
-    fn from_resolved(config: MongoBackendConfig, resolved: Resolved) -> Self {
+    fn from_resolved(config: MongoBackendConfig, resolved: Resolved) -> Result<Self, Error> {
         let Resolved {
             mut main,
             probe,
             database,
             direct_host,
         } = resolved;
+        let handshake = Handshake::new(&main, direct_host.as_ref(), config.endpoint.as_str())?;
         let counters = Arc::new(Counters::default());
         main.cmap_event_handler = Some(counters.handler());
         let settings = Arc::new(HandleSettings {
@@ -100,15 +102,15 @@ impl MongoBackend {
             operation_timeout: config.operation_timeout,
         });
         tracing::debug!(endpoint = %config.endpoint, url = %config.url, "mongodb backend built");
-        Self {
+        Ok(Self {
             permits: Arc::new(Semaphore::new(config.pool.max_size as usize)),
-            prober: Prober::new(probe, direct_host),
+            prober: Prober::new(probe, direct_host, handshake.map(Arc::new)),
             options: main,
             client: OnceLock::new(),
             counters,
             settings,
             config,
-        }
+        })
     }
 
     /// The configuration the backend was built from.
@@ -174,7 +176,9 @@ impl Backend for MongoBackend {
     ///
     /// Nothing is sent to the server: the driver connects when the handle is
     /// first used. A scope whose target is not a usable name is refused here,
-    /// before any wait.
+    /// before any wait. With TLS in direct mode, until a handshake has shown
+    /// the server's certificate acceptable, one is made here first (see
+    /// [`crate::tls`]), so a refused certificate is [`Error::Tls`] at once.
     async fn acquire(
         &self,
         scope: Option<&TenantScope>,
@@ -200,6 +204,9 @@ impl Backend for MongoBackend {
                 })
             }
         };
+        self.prober
+            .check_certificate(&self.config.endpoint, deadline)
+            .await?;
         let client = self.client()?.clone();
         bump(&self.counters.acquired);
         Ok(MongoConn::new(client, Arc::clone(&self.settings), permit))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use mongodb::options::{ClientOptions, ConnectionString, ServerAddress, ServerMonitoringMode};
 use serde::{Deserialize, Serialize};
-use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl};
+use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
 use crate::names::validate_database;
 
@@ -115,6 +115,11 @@ pub struct MongoBackendConfig {
     /// this an operation on a hung server would wait forever.
     #[serde(default = "default_operation_timeout", with = "humantime_serde")]
     pub operation_timeout: Duration,
+    /// TLS trust and client certificate for a URL with `tls=true` (without
+    /// it, such a URL verifies the server against Mozilla's roots); see the
+    /// table in the README's engine section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
 }
 
 fn default_tenant_field() -> String {
@@ -158,7 +163,22 @@ impl MongoBackendConfig {
             server_selection_timeout: None,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            tls: None,
         }
+    }
+
+    /// How this endpoint's connections are protected, as configured (no I/O).
+    pub fn transport(&self) -> Transport {
+        match ConnectionString::parse(self.url.expose()) {
+            Ok(parsed) => {
+                crate::tls::transport(parsed.tls.as_ref(), self.is_srv(), self.tls.as_ref())
+            }
+            Err(_) => Transport::Plaintext,
+        }
+    }
+
+    fn is_srv(&self) -> bool {
+        self.url.scheme().as_deref() == Some("mongodb+srv")
     }
 
     /// Starts a builder for `url`.
@@ -197,6 +217,11 @@ impl MongoBackendConfig {
                 Ok(parsed) => {
                     if let Some(message) = self.topology_problem(&parsed) {
                         bad("url", message);
+                    }
+                    if let Some(message) =
+                        crate::tls::problem(parsed.tls.as_ref(), self.is_srv(), self.tls.as_ref())
+                    {
+                        bad("tls", message);
                     }
                 }
                 Err(e) => bad(
@@ -327,6 +352,7 @@ impl MongoBackendConfig {
         main.connect_timeout = Some(self.effective_connect_timeout());
         main.server_selection_timeout = Some(self.effective_server_selection_timeout());
         main.heartbeat_freq = Some(self.heartbeat_interval);
+        crate::tls::apply(&mut main, self.tls.as_ref());
         let direct_host = match self.topology {
             Topology::Direct => {
                 if main.hosts.len() != 1 {
@@ -389,6 +415,12 @@ pub struct MongoBackendBuilder {
 }
 
 impl MongoBackendBuilder {
+    /// Sets the TLS settings (see [`MongoBackendConfig::tls`]).
+    pub fn tls(mut self, tls: TlsSettings) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
     /// Sets the pool settings.
     pub fn pool(mut self, pool: PoolSettings) -> Self {
         self.config.pool = pool;

@@ -156,6 +156,7 @@ mod pipeline;
 mod probe;
 mod row;
 mod stats;
+mod tls;
 
 pub use backend::MongoBackend;
 pub use collection::ScopedCollection;

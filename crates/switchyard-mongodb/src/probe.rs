@@ -11,7 +11,7 @@
 //! timeout. A healthy endpoint costs no extra connection.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mongodb::action::Action;
@@ -22,6 +22,7 @@ use switchyard_core::{BackendErrorKind, EndpointId, Error, History, Probe, Role}
 use tokio::time::Instant;
 
 use crate::error::{classify, mongo_error, server_code, MongoError};
+use crate::tls::Handshake;
 
 /// CommandNotFound: a server too old for `hello`.
 const COMMAND_NOT_FOUND: i32 = 59;
@@ -34,6 +35,8 @@ pub(crate) struct Prober {
     direct_host: Option<ServerAddress>,
     /// Whether the last probe failed (or none ran yet).
     suspect: AtomicBool,
+    /// The certificate check, with TLS in direct mode.
+    handshake: Option<Arc<Handshake>>,
 }
 
 /// Why a probe query failed.
@@ -49,12 +52,34 @@ impl From<mongodb::error::Error> for Failure {
 }
 
 impl Prober {
-    pub(crate) fn new(options: ClientOptions, direct_host: Option<ServerAddress>) -> Self {
+    pub(crate) fn new(
+        options: ClientOptions,
+        direct_host: Option<ServerAddress>,
+        handshake: Option<Arc<Handshake>>,
+    ) -> Self {
         Self {
             options,
             client: OnceLock::new(),
             direct_host,
             suspect: AtomicBool::new(true),
+            handshake,
+        }
+    }
+
+    /// With TLS in direct mode and no handshake accepted since the last
+    /// refused one: one now, within `deadline`. Only a refused certificate
+    /// fails; a connection problem is left for the driver to report.
+    pub(crate) async fn check_certificate(
+        &self,
+        endpoint: &EndpointId,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let Some(handshake) = self.handshake.as_ref().filter(|h| !h.verified()) else {
+            return Ok(());
+        };
+        match tokio::time::timeout_at(deadline, handshake.check(endpoint)).await {
+            Ok(Err(refused)) => Err(refused),
+            Ok(Ok(_)) | Err(_) => Ok(()),
         }
     }
 
@@ -113,8 +138,15 @@ impl Prober {
     }
 
     /// Opens (and drops) a TCP connection to the endpoint's host, in direct
-    /// mode, so that a refused or unreachable endpoint fails at once.
+    /// mode, so that a refused or unreachable endpoint fails at once; with
+    /// TLS, shakes hands on it too, so that a refused certificate does.
     async fn reachable(&self, endpoint: &EndpointId) -> Result<(), Error> {
+        if let Some(handshake) = &self.handshake {
+            return handshake
+                .check(endpoint)
+                .await?
+                .map_err(|io| Error::backend(endpoint, None, BackendErrorKind::Connect, io));
+        }
         let result = match &self.direct_host {
             Some(ServerAddress::Tcp { host, port }) => {
                 tokio::net::TcpStream::connect((host.as_str(), port.unwrap_or(27017)))

@@ -4,6 +4,11 @@
 //! servers still accept). Against 18.16, the `clickhouse` crate needs
 //! `Client::with_validation(false)`. HTTP GET is read-only there: DDL and inserts go
 //! over POST, which is what [`ClickHouse::query`] does.
+//!
+//! [`ClickHouse::start_tls`] adds an `https_port` served with a [`TestCa`]'s
+//! server certificate (the `<openSSL>` server block; 18.16 links OpenSSL 3
+//! through Poco and negotiates TLS 1.3). The plain HTTP port stays open for
+//! the test bed's own readiness checks and queries.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,7 @@ use crate::http;
 use crate::port::{free_port, loopback, with_free_port};
 use crate::process::{find_binary, Launch, ServerProcess};
 use crate::scratch::node_dir;
+use crate::tls::{ServerFiles, TestCa, SERVER_NAME};
 
 const INSTALL: &str = "apt-get install -y clickhouse-server clickhouse-client";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +41,28 @@ fn locate() -> Result<PathBuf> {
     })
 }
 
-fn config(dir: &Path, http: u16, tcp: u16, interserver: u16) -> String {
+/// The `https_port` and the `<openSSL>` server block, for a TLS server.
+fn https_config(port: u16, files: &ServerFiles) -> String {
+    format!(
+        r#"
+    <https_port>{port}</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>{cert}</certificateFile>
+            <privateKeyFile>{key}</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>"#,
+        cert = files.cert.display(),
+        key = files.key.display(),
+    )
+}
+
+fn config(dir: &Path, http: u16, tcp: u16, interserver: u16, https: &str) -> String {
     let d = dir.display();
     format!(
         r#"<?xml version="1.0"?>
@@ -47,7 +74,7 @@ fn config(dir: &Path, http: u16, tcp: u16, interserver: u16) -> String {
         <console>false</console>
     </logger>
     <listen_host>127.0.0.1</listen_host>
-    <http_port>{http}</http_port>
+    <http_port>{http}</http_port>{https}
     <tcp_port>{tcp}</tcp_port>
     <interserver_http_port>{interserver}</interserver_http_port>
     <interserver_http_host>127.0.0.1</interserver_http_host>
@@ -109,6 +136,8 @@ pub struct ClickHouse {
     process: ServerProcess,
     http_port: u16,
     tcp_port: u16,
+    /// The HTTPS port, when started with TLS.
+    https_port: Option<u16>,
     // Last, so the folder is removed only after the server is gone.
     dir: TempDir,
 }
@@ -116,20 +145,38 @@ pub struct ClickHouse {
 impl ClickHouse {
     /// Starts the server and returns once `GET /ping` answers.
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts the server with an HTTPS port too, serving `ca`'s server
+    /// certificate (issued for [`SERVER_NAME`] only); see
+    /// [`https_url`](Self::https_url).
+    pub async fn start_tls(ca: &TestCa) -> Result<Self> {
+        Self::start_with(Some(ca)).await
+    }
+
+    async fn start_with(tls: Option<&TestCa>) -> Result<Self> {
         let started = Instant::now();
         let program = locate()?;
         let dir = node_dir("clickhouse", None)?;
         let folder = dir.path().to_path_buf();
-        let (process, http_port, tcp_port) = with_free_port(|http_port| {
+        let files = tls.map(|ca| ca.install(&folder, None)).transpose()?;
+        let (process, http_port, tcp_port, https_port) = with_free_port(|http_port| {
             let folder = folder.clone();
             let program = program.clone();
+            let files = files.clone();
             async move {
                 let tcp_port = free_port()?;
                 let interserver = free_port()?;
+                let https_port = files.as_ref().map(|_| free_port()).transpose()?;
+                let https = match (https_port, &files) {
+                    (Some(port), Some(files)) => https_config(port, files),
+                    _ => String::new(),
+                };
                 let config_path = folder.join("config.xml");
                 std::fs::write(
                     &config_path,
-                    config(&folder, http_port, tcp_port, interserver),
+                    config(&folder, http_port, tcp_port, interserver, &https),
                 )
                 .map_err(TestkitError::io("writing the clickhouse config"))?;
                 std::fs::write(folder.join("users.xml"), USERS)
@@ -147,17 +194,30 @@ impl ClickHouse {
                     .wait_ready(START_TIMEOUT, || pings(loopback(http_port)))
                     .await
                     .map_err(|err| with_error_log(err, &folder))?;
-                Ok((process, http_port, tcp_port))
+                Ok((process, http_port, tcp_port, https_port))
             }
         })
         .await?;
-        tracing::info!(elapsed = ?started.elapsed(), "clickhouse started");
+        tracing::info!(elapsed = ?started.elapsed(), tls = https_port.is_some(), "clickhouse started");
         Ok(Self {
             process,
             http_port,
             tcp_port,
+            https_port,
             dir,
         })
+    }
+
+    /// `https://localhost:PORT` (the name the test certificate is issued
+    /// for), when started with [`start_tls`](Self::start_tls).
+    pub fn https_url(&self) -> Option<String> {
+        self.https_port
+            .map(|port| format!("https://{SERVER_NAME}:{port}"))
+    }
+
+    /// The HTTPS port, when started with [`start_tls`](Self::start_tls).
+    pub fn https_port(&self) -> Option<u16> {
+        self.https_port
     }
 
     /// `http://127.0.0.1:PORT` (user `default`, no password).

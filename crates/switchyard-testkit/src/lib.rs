@@ -8,6 +8,9 @@
 //! - [`ClickHouse`]: one ClickHouse server.
 //! - [`MongoServer`], [`ElasticServer`]: the real engine when its URL is in the
 //!   environment, else a wire-compatible stand-in (see [`ServerKind`]).
+//! - [`TestCa`]: a throwaway CA and certificates; PostgreSQL, Redis and
+//!   ClickHouse start with TLS from it, and [`TlsFront`] puts a TLS listener
+//!   in front of a stand-in that speaks none.
 //! - [`FaultProxy`]: a TCP proxy in front of any of them that adds latency,
 //!   blackholes, resets or refuses connections.
 //! - [`conformance`]: the tenant isolation suite every engine crate runs.
@@ -70,6 +73,7 @@ mod scratch;
 mod sentinel;
 mod standin;
 mod tls;
+mod tls_front;
 mod wait;
 
 pub use crate::clickhouse::ClickHouse;
@@ -86,6 +90,7 @@ pub use crate::redis::{RedisCluster, RedisNode};
 pub use crate::sentinel::{SentinelCluster, SentinelNode, SENTINEL_MASTER};
 pub use crate::standin::{ElasticServer, MongoServer, ServerKind};
 pub use crate::tls::{TestCa, CLIENT_NAME, SERVER_NAME};
+pub use crate::tls_front::TlsFront;
 pub use crate::wait::{poll_until, wait_until, POLL_INTERVAL};
 
 /// Signals for [`signal_tree`], re-exported so callers need no `nix` dependency.

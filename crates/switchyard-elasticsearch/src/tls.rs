@@ -1,0 +1,116 @@
+//! TLS for Elasticsearch: an `https://` URL through the elasticsearch crate's
+//! rustls transport (reqwest), with the endpoint's [`TlsSettings`].
+//!
+//! | URL | without `tls` | with `tls` |
+//! |---|---|---|
+//! | `http://` | plaintext | refused: the two contradict |
+//! | `https://` | verified against Mozilla's roots | verified against `ca_file` *and* Mozilla's roots (reqwest adds a CA to its built-in roots; the crate exposes no way to drop them), client certificate if given; `insecure_skip_verify` turns verification off |
+//!
+//! The crate takes one credential: basic authentication or a client
+//! certificate. With both, the certificate is the credential it knows of and
+//! the basic credentials travel as a default `Authorization` header (marked
+//! sensitive), so a cluster that demands both still gets both.
+
+use base64::Engine as _;
+use elasticsearch::auth::{ClientCertificate, Credentials};
+use elasticsearch::cert::{Certificate, CertificateValidation};
+use elasticsearch::http::headers::{HeaderValue, AUTHORIZATION};
+use elasticsearch::http::transport::TransportBuilder;
+use switchyard_core::{Error, TlsSettings, Transport};
+
+/// Whether `url` dials TLS.
+fn is_https(url: &url::Url) -> bool {
+    url.scheme() == "https"
+}
+
+/// What is wrong with `tls` next to `url`, or `None`.
+pub(crate) fn problem(url: &url::Url, tls: Option<&TlsSettings>) -> Option<String> {
+    (tls.is_some() && !is_https(url))
+        .then(|| "tls settings are given but the url is http://; use https://".into())
+}
+
+/// How requests to `url` are protected with `tls`.
+pub(crate) fn transport(url: &url::Url, tls: Option<&TlsSettings>) -> Transport {
+    match (is_https(url), tls.is_some_and(|t| t.insecure_skip_verify)) {
+        (false, _) => Transport::Plaintext,
+        (true, true) => Transport::Unverified,
+        (true, false) => Transport::Verified,
+    }
+}
+
+/// `builder` with the credentials and `tls` applied (its files read now).
+pub(crate) fn apply(
+    mut builder: TransportBuilder,
+    basic: Option<&(String, String)>,
+    tls: Option<&TlsSettings>,
+    path: &str,
+) -> Result<TransportBuilder, Error> {
+    let path = format!("{path}.tls");
+    let material = tls.map(|t| t.load(&path)).transpose()?;
+    let problem = |field: &str, message: String| Error::Config {
+        path: format!("{path}.{field}"),
+        message,
+    };
+    let identity = material.as_ref().and_then(|m| m.identity.as_ref());
+    match (basic, identity) {
+        (Some((user, password)), None) => {
+            builder = builder.auth(Credentials::Basic(user.clone(), password.clone()));
+        }
+        (basic, Some(identity)) => {
+            // reqwest's rustls identity: the key and the chain in one PEM.
+            let mut pem = identity.key.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(&identity.cert);
+            builder = builder.auth(Credentials::Certificate(ClientCertificate::Pem(pem)));
+            if let Some((user, password)) = basic {
+                let token =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                let mut value = HeaderValue::from_str(&format!("Basic {token}")).map_err(|_| {
+                    problem(
+                        "cert_file",
+                        "the url's credentials cannot be sent as a header".into(),
+                    )
+                })?;
+                value.set_sensitive(true);
+                builder = builder.header(AUTHORIZATION, value);
+            }
+        }
+        (None, None) => {}
+    }
+    let Some(material) = material else {
+        return Ok(builder);
+    };
+    if material.insecure_skip_verify {
+        return Ok(builder.cert_validation(CertificateValidation::None));
+    }
+    if let Some(ca) = &material.ca {
+        let chain = Certificate::from_pem(ca).map_err(|e| problem("ca_file", e.to_string()))?;
+        builder = builder.cert_validation(CertificateValidation::Full(chain));
+    }
+    Ok(builder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_and_the_settings_agree() {
+        let http = url::Url::parse("http://127.0.0.1:9200").unwrap();
+        let https = url::Url::parse("https://localhost:9200").unwrap();
+        let tls = TlsSettings::default();
+        assert!(problem(&http, Some(&tls)).is_some());
+        assert_eq!(problem(&https, Some(&tls)), None);
+        assert_eq!(transport(&https, None), Transport::Verified);
+        let insecure = TlsSettings {
+            insecure_skip_verify: true,
+            ..TlsSettings::default()
+        };
+        assert_eq!(transport(&https, Some(&insecure)), Transport::Unverified);
+        assert_eq!(transport(&http, None), Transport::Plaintext);
+        let missing = TlsSettings::with_ca_file("/nonexistent/ca.pem");
+        let builder = TransportBuilder::default();
+        let err = apply(builder, None, Some(&missing), "es").err().unwrap();
+        assert!(err.to_string().starts_with("es.tls.ca_file: "), "{err}");
+    }
+}
