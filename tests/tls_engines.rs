@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 use switchyard_clickhouse::{ch_error, ChBackend, ChBackendConfig};
 use switchyard_config::{AnyCluster, ConfigSource, LiveConfig};
 use switchyard_core::{
@@ -313,11 +312,22 @@ async fn elasticsearch_over_tls() {
         .unwrap_err();
     assert_refused(&err, "es-0", TlsFailure::UnknownIssuer);
     let cluster = build("es-untrusted", &backends);
-    let conn = cluster.checkout(Intent::Read, None).await.unwrap();
-    let err = conn.search(json!({"query": {"match_all": {}}})).await;
-    let err = err.unwrap_err();
+    // A scoped checkout asks whether the tenant's index exists: refused,
+    // on the first attempt.
+    let err = cluster
+        .checkout(Intent::Read, Some(&acme()))
+        .await
+        .unwrap_err();
     let endpoint = err.endpoint().unwrap().to_string();
     assert_refused(&err, &endpoint, TlsFailure::UnknownIssuer);
+    let attempts: usize = backends.iter().map(|b| b.attempts()).sum();
+    assert_eq!(attempts, 1, "a refused certificate was retried");
+    // Unscoped, the first request is refused the same way.
+    let conn = cluster.checkout(Intent::Write, None).await.unwrap();
+    let raw = conn.client().unwrap().info().send().await.unwrap_err();
+    let err = switchyard_elasticsearch::es_error(conn.endpoint(), None, raw);
+    assert_refused(&err, "es-0", TlsFailure::UnknownIssuer);
+    drop(conn);
 
     // The right CA, the wrong name.
     let by_ip = format!("https://{}", front.addr());

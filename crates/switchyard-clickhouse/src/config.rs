@@ -193,10 +193,12 @@ impl ChBackendConfig {
             .map_err(|e| format!("{} is not a valid url: {e}", self.url))?;
         match url.scheme() {
             "http" | "https" => {}
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "{} has scheme {other:?}; use http:// or https:// (ClickHouse's HTTP interface)",
                 self.url
-            )),
+            ))
+            }
         }
         if url.host_str().is_none() {
             return Err(format!("{} has no host", self.url));
