@@ -39,11 +39,7 @@ pub(crate) fn problem(url: &url::Url, tls: Option<&TlsSettings>) -> Option<Strin
 
 /// How requests to `url` are protected with `tls`.
 pub(crate) fn transport(url: &url::Url, tls: Option<&TlsSettings>) -> Transport {
-    match (is_https(url), tls.is_some_and(|t| t.insecure_skip_verify)) {
-        (false, _) => Transport::Plaintext,
-        (true, true) => Transport::Unverified,
-        (true, false) => Transport::Verified,
-    }
+    Transport::of(is_https(url), tls)
 }
 
 /// The `clickhouse` client for `url`: the crate's default one for `http://`,

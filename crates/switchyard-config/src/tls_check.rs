@@ -74,7 +74,6 @@ pub(crate) fn url_transport(
     url: &SecretUrl,
     tls: Option<&TlsSettings>,
 ) -> Transport {
-    let insecure = tls.is_some_and(|t| t.insecure_skip_verify);
     let on = match engine {
         Engine::Postgres => {
             let mut config = PgBackendConfig::new(name.to_owned(), url.clone());
@@ -100,11 +99,7 @@ pub(crate) fn url_transport(
         }
         Engine::Clickhouse | Engine::Elasticsearch => url.scheme().as_deref() == Some("https"),
     };
-    match (on, insecure) {
-        (false, _) => Transport::Plaintext,
-        (true, true) => Transport::Unverified,
-        (true, false) => Transport::Verified,
-    }
+    Transport::of(on, tls)
 }
 
 /// Host, port and TLS server name of `ep`'s URL.

@@ -209,6 +209,18 @@ pub enum Transport {
     Verified,
 }
 
+impl Transport {
+    /// How connections are protected when the URL asks for TLS (`tls_on`)
+    /// with `settings`: verified unless they say `insecure_skip_verify`.
+    pub fn of(tls_on: bool, settings: Option<&TlsSettings>) -> Self {
+        match (tls_on, settings.is_some_and(|s| s.insecure_skip_verify)) {
+            (false, _) => Transport::Plaintext,
+            (true, true) => Transport::Unverified,
+            (true, false) => Transport::Verified,
+        }
+    }
+}
+
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

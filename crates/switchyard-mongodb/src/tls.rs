@@ -84,13 +84,9 @@ pub(crate) fn problem(
 pub(crate) fn transport(tls: Option<&Tls>, srv: bool, settings: Option<&TlsSettings>) -> Transport {
     let url_insecure =
         matches!(tls, Some(Tls::Enabled(o)) if o.allow_invalid_certificates == Some(true));
-    match (
-        is_on(tls, srv),
-        url_insecure || settings.is_some_and(|s| s.insecure_skip_verify),
-    ) {
-        (false, _) => Transport::Plaintext,
-        (true, true) => Transport::Unverified,
-        (true, false) => Transport::Verified,
+    match Transport::of(is_on(tls, srv), settings) {
+        Transport::Verified if url_insecure => Transport::Unverified,
+        transport => transport,
     }
 }
 

@@ -35,11 +35,7 @@ pub(crate) fn problem(
 
 /// How connections to `info` are protected with `tls`.
 pub(crate) fn transport(info: &ConnectionInfo, tls: Option<&TlsSettings>) -> Transport {
-    match (is_tls(info), tls.is_some_and(|t| t.insecure_skip_verify)) {
-        (false, _) => Transport::Plaintext,
-        (true, true) => Transport::Unverified,
-        (true, false) => Transport::Verified,
-    }
+    Transport::of(is_tls(info), tls)
 }
 
 /// A client for `info` with `tls` applied: the files are read now, so every
