@@ -76,6 +76,100 @@ struct Ack {
     endpoint: String,
 }
 
+/// What the tenants' load saw: writes per tenant and every leak.
+struct TenantLog {
+    /// Item ids acknowledged for each tenant of [`TENANTS`], in order.
+    acked: Mutex<Vec<Vec<i64>>>,
+    /// Leak checks answered (reads through one tenant's checkout).
+    checks: AtomicI64,
+    /// Operations that failed (outside a fault they should not, but the
+    /// faults make some fail; the untenanted load's counts say how many).
+    failed: AtomicI64,
+    /// What a tenant saw that was not its own.
+    leaks: Mutex<Vec<String>>,
+}
+
+impl Default for TenantLog {
+    fn default() -> Self {
+        Self {
+            acked: Mutex::new(vec![Vec::new(); TENANTS.len()]),
+            checks: AtomicI64::new(0),
+            failed: AtomicI64::new(0),
+            leaks: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// The most recent item ids of every tenant but `me`, a few each.
+fn foreign_ids(acked: &[Vec<i64>], me: usize) -> Vec<i64> {
+    acked
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != me)
+        .flat_map(|(_, ids)| ids.iter().rev().take(4).copied())
+        .collect()
+}
+
+/// One task per tenant of [`TENANTS`] until `stop`: writes an item of its
+/// own, then reads through its own checkout what it can see (PostgreSQL:
+/// the owners of every row of its `items`; Redis: the keys other tenants
+/// just wrote, by their names), which must be nothing but its own. A write
+/// that landed in another tenant's namespace shows there as a foreign owner;
+/// a read that reaches another namespace shows a foreign item.
+fn tenant_load<E: Engine>(
+    cluster: &Cluster<E>,
+    log: &Arc<Log>,
+    tenants: &Arc<TenantLog>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let next_id = Arc::new(AtomicI64::new(1_000_000));
+    tenant_ids()
+        .into_iter()
+        .enumerate()
+        .map(|(me, tenant)| {
+            let (cluster, log, tenants, stop, next_id) = (
+                cluster.clone(),
+                log.clone(),
+                tenants.clone(),
+                stop.clone(),
+                next_id.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Acquire) {
+                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let started = Instant::now();
+                    match E::tenant_write(&cluster, &tenant, id).await {
+                        Ok(_) => tenants.acked.lock().unwrap()[me].push(id),
+                        Err(_) => {
+                            tenants.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    log.took(started);
+                    let foreign = foreign_ids(&tenants.acked.lock().unwrap(), me);
+                    let started = Instant::now();
+                    match E::tenant_seen(&cluster, &tenant, foreign).await {
+                        Ok((endpoint, owners)) => {
+                            tenants.checks.fetch_add(1, Ordering::Relaxed);
+                            for owner in owners.iter().filter(|o| o.as_str() != tenant.as_str()) {
+                                tenants
+                                    .leaks
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("{tenant} saw an item of {owner} on {endpoint}"));
+                            }
+                        }
+                        Err(_) => {
+                            tenants.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    log.took(started);
+                    tokio::time::sleep(PACE * 2).await;
+                }
+            })
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Log {
     acked: Mutex<Vec<Ack>>,
@@ -166,11 +260,13 @@ async fn chaos<E: Engine>(seed: u64) {
     let bed = E::start(2).await;
     let nodes = E::nodes(&bed);
     let name = |i: usize| format!("{}-{i}", E::NAME);
-    let cluster = cluster::<E>(&bed);
+    let cluster = tenant_cluster::<E>(&bed).await;
     wait_status(&cluster, "the primary to take writes", writer_is(name(0))).await;
     let log = Arc::new(Log::default());
+    let tenants = Arc::new(TenantLog::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(&cluster, &log, &stop);
+    let mut tasks = load(&cluster, &log, &stop);
+    tasks.extend(tenant_load(&cluster, &log, &tenants, &stop));
     let started = Instant::now();
     let say = |what: String| {
         println!(
@@ -323,6 +419,24 @@ async fn chaos<E: Engine>(seed: u64) {
             &misses[..misses.len().min(10)]
         ));
     }
+    let leaks = tenants.leaks.lock().unwrap().clone();
+    let per_tenant: Vec<usize> = tenants.acked.lock().unwrap().iter().map(Vec::len).collect();
+    say(format!(
+        "tenants {:?}: items acknowledged {per_tenant:?}, {} leak checks answered, {} tenant operations failed, {} leaks",
+        TENANTS.map(|(t, i)| format!("{t}:{i}")),
+        tenants.checks.load(Ordering::Relaxed),
+        tenants.failed.load(Ordering::Relaxed),
+        leaks.len(),
+    ));
+    assert!(
+        leaks.is_empty(),
+        "tenant leaks: {:?}",
+        &leaks[..leaks.len().min(10)]
+    );
+    assert!(
+        per_tenant.iter().all(|n| *n >= 20) && tenants.checks.load(Ordering::Relaxed) >= 120,
+        "too little tenant load to mean anything"
+    );
     let slowest = *log.slowest.lock().unwrap();
     assert!(slowest <= OP_BOUND, "an operation took {slowest:?}");
     assert!(
