@@ -94,8 +94,16 @@ pub(crate) struct HealthState {
     /// probe (`None`: the engine does not say, or a primary).
     pub streaming: Option<bool>,
     /// When a probe last saw the replica streaming, and its lag then: what
-    /// bounds its staleness once it stops.
+    /// bounds its staleness once it stops. Only probes of it as a replica
+    /// count, and a role change forgets it.
     last_streamed: Option<(Instant, Option<Duration>)>,
+    /// Whether the replica was a primary since a probe last saw it streaming
+    /// (a demoted primary): the engine's own link-down time then says nothing
+    /// about its data, which are its own writes, not a copy of the new line.
+    demoted: bool,
+    /// Whether the engine says the replica holds no copy of its primary's
+    /// data ([`Probe::unsynced`]), from the last good probe.
+    pub unsynced: bool,
     /// The routing key as of the last probe, to tell whether the next one
     /// changes routing (lag bounds move with time, so recomputing the old
     /// state's key at the new time would miss it). `None` before the first
@@ -130,6 +138,8 @@ impl HealthState {
             history: None,
             streaming: None,
             last_streamed: None,
+            demoted: false,
+            unsynced: false,
             routed: None,
         }
     }
@@ -147,15 +157,27 @@ impl HealthState {
     /// `at` (the caller looks one probe interval ahead, so a replica drifting
     /// out of bounds is out before it gets there, not a probe after).
     ///
-    /// While it streams, its reported lag decides. Once it stops (an
+    /// A replica the engine says holds no copy of its primary's data
+    /// ([`Probe::unsynced`]: never synced since it started or became a
+    /// replica, or a full resync under way) serves no reads, with or without
+    /// `max_replica_lag`: an unset limit accepts stale data, not an empty
+    /// restarted node or a demoted primary's own writes.
+    ///
+    /// Otherwise, with no `max_replica_lag`, any lag is accepted. With one:
+    /// while the replica streams, its reported lag decides. Once it stops (an
     /// orphaned PostgreSQL standby, a Redis replica whose link is down) its
     /// lag is unknown; what is known is a bound: the lag it had when a probe
     /// last saw it streaming plus the time since (or the engine's own
     /// link-down time, if larger). It serves while that bound is within
     /// `max_replica_lag` and, when set, it has been detached no longer than
-    /// `detached_grace`; one never seen streaming does not serve. With no
-    /// `max_replica_lag`, any lag is accepted, this included.
+    /// `detached_grace`. One not seen streaming since this router met it
+    /// serves only on the engine's own link-down time, and a primary demoted
+    /// since it was last seen streaming (its data are its own writes) not at
+    /// all, until a probe sees it streaming.
     pub fn lag_ok(&self, cfg: &HealthConfig, at: Instant) -> bool {
+        if self.unsynced {
+            return false;
+        }
         let Some(max) = cfg.max_replica_lag else {
             return true;
         };
@@ -163,7 +185,7 @@ impl HealthState {
             return self.lag.is_none_or(|lag| lag <= max);
         }
         let Some((seen, lag_then)) = self.last_streamed else {
-            return self.lag.is_some_and(|lag| lag <= max);
+            return !self.demoted && self.lag.is_some_and(|lag| lag <= max);
         };
         let detached_for = at.saturating_duration_since(seen);
         if cfg.detached_grace.is_some_and(|grace| detached_for > grace) {
@@ -213,6 +235,7 @@ impl HealthState {
                     tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, from = %self.role, "endpoint promoted: probe reports primary, was {}", self.role)
                 }
                 (Role::Primary, to) => {
+                    self.demoted = true;
                     tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, %to, "endpoint demoted: probe reports {to}, was primary")
                 }
                 (from, to) => {
@@ -220,6 +243,7 @@ impl HealthState {
                 }
             }
             self.role = probe.role;
+            self.last_streamed = None;
         }
         let at = now + cfg.interval;
         let was_ok = self.lag_ok(cfg, at);
@@ -232,8 +256,19 @@ impl HealthState {
             }
             _ => {}
         }
-        if probe.streaming != Some(false) {
+        match (self.unsynced, probe.unsynced) {
+            (false, true) => {
+                tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, "replica holds no copy of its primary's data (never synced since it started or became a replica, or a full resync is under way): no reads until it has synced")
+            }
+            (true, false) => {
+                tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, "replica synced with its primary")
+            }
+            _ => {}
+        }
+        self.unsynced = probe.unsynced;
+        if probe.role == Role::Replica && probe.streaming != Some(false) && !probe.unsynced {
             self.last_streamed = Some((now, probe.lag));
+            self.demoted = false;
         }
         self.streaming = probe.streaming;
         self.history = probe.history;
@@ -455,5 +490,133 @@ mod tests {
         assert!(linkless.lag_ok(&cfg, t0));
         linkless.probe_passed(replica(false, Some(Duration::from_secs(9))), &cfg, &who, t0);
         assert!(!linkless.lag_ok(&cfg, t0));
+    }
+
+    fn probe(role: Role, streaming: Option<bool>, lag: Option<Duration>, unsynced: bool) -> Probe {
+        let mut p = Probe::new(role, Duration::ZERO);
+        p.streaming = streaming;
+        p.lag = lag;
+        p.unsynced = unsynced;
+        p
+    }
+
+    /// A Redis node restarted empty, or a demoted master, while its first
+    /// sync runs: link down, data no copy of the master's. No reads, with or
+    /// without a lag limit, until a probe sees it synced and streaming.
+    #[tokio::test(start_paused = true)]
+    async fn an_unsynced_replica_serves_no_reads_even_without_a_lag_limit() {
+        let (c, e) = who();
+        let who = Who {
+            cluster: &c,
+            endpoint: &e,
+        };
+        let s = Duration::from_secs;
+        let mut cfg = HealthConfig::default();
+        let mut h = HealthState::new(Role::Replica, Instant::now());
+        h.probe_passed(
+            probe(Role::Replica, Some(true), None, false),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert!(h.lag_ok(&cfg, Instant::now()));
+        tokio::time::advance(s(1)).await;
+        // Restarted: the link was never up since (Redis reports the lag as
+        // "never linked", and a full sync follows).
+        h.probe_passed(
+            probe(Role::Replica, Some(false), Some(s(1 << 32)), true),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert!(!h.lag_ok(&cfg, Instant::now()), "no limit, still no reads");
+        cfg.max_replica_lag = Some(s(5));
+        assert!(!h.lag_ok(&cfg, Instant::now()));
+        tokio::time::advance(s(2)).await;
+        // The resync: the link is down for 0 s, but the data set is being replaced.
+        h.probe_passed(
+            probe(Role::Replica, Some(false), Some(s(0)), true),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert!(!h.lag_ok(&cfg, Instant::now()));
+        cfg.max_replica_lag = None;
+        assert!(!h.lag_ok(&cfg, Instant::now()));
+        tokio::time::advance(s(1)).await;
+        h.probe_passed(
+            probe(Role::Replica, Some(true), None, false),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert!(h.lag_ok(&cfg, Instant::now()), "synced");
+        cfg.max_replica_lag = Some(s(5));
+        assert!(h.lag_ok(&cfg, Instant::now()));
+    }
+
+    /// A primary's probes are no evidence of a replica streaming: a demoted
+    /// primary whose link is down (the engine counting from the demotion)
+    /// holds its own writes, so it serves no freshness reads until a probe
+    /// sees it streaming from its new primary.
+    #[tokio::test(start_paused = true)]
+    async fn a_demoted_primary_serves_no_freshness_reads_before_it_streams() {
+        let (c, e) = who();
+        let who = Who {
+            cluster: &c,
+            endpoint: &e,
+        };
+        let s = Duration::from_secs;
+        let mut cfg = HealthConfig {
+            max_replica_lag: Some(s(5)),
+            ..HealthConfig::default()
+        };
+        let mut h = HealthState::new(Role::Primary, Instant::now());
+        h.probe_passed(
+            probe(Role::Primary, None, None, false),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        h.probe_passed(
+            probe(Role::Replica, Some(false), Some(s(0)), false),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert_eq!(h.role, Role::Replica);
+        assert!(
+            !h.lag_ok(&cfg, Instant::now()),
+            "last seen a primary 100 ms ago: not a replica streaming"
+        );
+        cfg.max_replica_lag = None;
+        assert!(
+            h.lag_ok(&cfg, Instant::now()),
+            "no limit: stale data accepted"
+        );
+        cfg.max_replica_lag = Some(s(5));
+        tokio::time::advance(s(1)).await;
+        h.probe_passed(
+            probe(Role::Replica, Some(true), None, false),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert!(
+            h.lag_ok(&cfg, Instant::now()),
+            "streaming from its new primary"
+        );
+        tokio::time::advance(s(1)).await;
+        // Cut off again: now the usual bound applies (seen streaming 1 s ago).
+        h.probe_passed(
+            probe(Role::Replica, Some(false), Some(s(0)), false),
+            &cfg,
+            &who,
+            Instant::now(),
+        );
+        assert!(h.lag_ok(&cfg, Instant::now()));
+        tokio::time::advance(s(5)).await;
+        assert!(!h.lag_ok(&cfg, Instant::now()), "6 s since it streamed");
     }
 }
