@@ -30,6 +30,7 @@
 //! `SWITCHYARD_CHAOS_ENGINES=redis` (or `pg`) runs one engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 mod fixture;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::kind;
 use fixture::*;
 use switchyard_postgres::PgBackend;
 use switchyard_redis::RedisBackend;
@@ -184,10 +186,18 @@ struct Log {
     misses: Mutex<Vec<(i64, String, Duration, Instant)>>,
     reads: AtomicI64,
     failed: AtomicI64,
+    /// Failed operations by intent and error kind.
+    errors: Mutex<std::collections::BTreeMap<String, usize>>,
     slowest: Mutex<Duration>,
 }
 
 impl Log {
+    fn failed(&self, what: &str, error: &switchyard_core::Error) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let kind = format!("{what} {}", kind(error));
+        *self.errors.lock().unwrap().entry(kind).or_default() += 1;
+    }
+
     fn took(&self, started: Instant) {
         let took = started.elapsed();
         let mut slowest = self.slowest.lock().unwrap();
@@ -216,9 +226,7 @@ fn load<E: Engine>(
                         at: Instant::now(),
                         endpoint,
                     }),
-                    Err(_) => {
-                        log.failed.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(e) => log.failed("write", &e),
                 }
                 log.took(started);
                 tokio::time::sleep(PACE).await;
@@ -248,9 +256,7 @@ fn load<E: Engine>(
                             started,
                         )),
                         Ok(_) => {}
-                        Err(_) => {
-                            log.failed.fetch_add(1, Ordering::Relaxed);
-                        }
+                        Err(e) => log.failed("read", &e),
                     }
                     log.reads.fetch_add(1, Ordering::Relaxed);
                     log.took(started);
@@ -405,6 +411,10 @@ async fn chaos<E: Engine>(seed: u64) {
         misses.len(),
         log.failed.load(Ordering::Relaxed),
         *log.slowest.lock().unwrap(),
+    ));
+    say(format!(
+        "failed operations by kind: {:?}",
+        log.errors.lock().unwrap()
     ));
     assert!(
         lost.is_empty(),

@@ -511,7 +511,10 @@ mod tests {
             endpoint: &e,
         };
         let s = Duration::from_secs;
-        let mut cfg = HealthConfig::default();
+        let mut cfg = HealthConfig {
+            max_replica_lag: None,
+            ..HealthConfig::default()
+        };
         let mut h = HealthState::new(Role::Replica, Instant::now());
         h.probe_passed(
             probe(Role::Replica, Some(true), None, false),
