@@ -186,8 +186,8 @@ struct Log {
     misses: Mutex<Vec<(i64, String, Duration, Instant)>>,
     reads: AtomicI64,
     failed: AtomicI64,
-    /// Failed operations by intent and error kind.
-    errors: Mutex<std::collections::BTreeMap<String, usize>>,
+    /// Failed operations by intent and error kind: how many, first, last.
+    errors: Mutex<std::collections::BTreeMap<String, (usize, Instant, Instant)>>,
     slowest: Mutex<Duration>,
 }
 
@@ -195,7 +195,11 @@ impl Log {
     fn failed(&self, what: &str, error: &switchyard_core::Error) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         let kind = format!("{what} {}", kind(error));
-        *self.errors.lock().unwrap().entry(kind).or_default() += 1;
+        let now = Instant::now();
+        let mut errors = self.errors.lock().unwrap();
+        let entry = errors.entry(kind).or_insert((0, now, now));
+        entry.0 += 1;
+        entry.2 = now;
     }
 
     fn took(&self, started: Instant) {
@@ -412,10 +416,17 @@ async fn chaos<E: Engine>(seed: u64) {
         log.failed.load(Ordering::Relaxed),
         *log.slowest.lock().unwrap(),
     ));
-    say(format!(
-        "failed operations by kind: {:?}",
-        log.errors.lock().unwrap()
-    ));
+    let errors: Vec<String> = log
+        .errors
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(kind, (n, first, last))| {
+            let at = |t: &Instant| t.duration_since(started).as_millis();
+            format!("{kind}: {n} (+{} to +{} ms)", at(first), at(last))
+        })
+        .collect();
+    say(format!("failed operations by kind: {errors:?}"));
     assert!(
         lost.is_empty(),
         "acknowledged writes lost outside the promotion window: {:?}",
