@@ -27,7 +27,8 @@
 //!
 //! `SWITCHYARD_CHAOS_SEEDS=1,2,3 cargo test -p switchyard --test chaos --
 //! --nocapture` runs more seeds; the default is one per engine.
-//! `SWITCHYARD_CHAOS_ENGINES=redis` (or `pg`) runs one engine.
+//! `SWITCHYARD_CHAOS_ENGINES=redis` (or `pg`) runs one engine;
+//! `SWITCHYARD_CHAOS_LOG=info` prints the router's log.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -446,6 +447,17 @@ async fn chaos<E: Engine>(seed: u64) {
         tenants.failed.load(Ordering::Relaxed),
         leaks.len(),
     ));
+    // The control: the namespace the row (and, on Redis, prefix) tenants
+    // read holds other tenants' items side by side, so a check that reached
+    // past its tenant's scope would have seen them.
+    let shared = E::shared_owners(&nodes[promoted]).await;
+    say(format!(
+        "items stored side by side in the shared namespace: owners {shared:?}"
+    ));
+    assert!(
+        shared.len() >= 2,
+        "the leak checks had nothing to find: {shared:?}"
+    );
     assert!(
         leaks.is_empty(),
         "tenant leaks: {:?}",
@@ -474,6 +486,13 @@ fn seeds() -> Vec<u64> {
 /// cores with the servers they break).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_over_postgres_then_redis() {
+    // `SWITCHYARD_CHAOS_LOG=info` (any filter) prints the router's log.
+    if let Ok(filter) = std::env::var("SWITCHYARD_CHAOS_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     // `SWITCHYARD_CHAOS_ENGINES=redis` (or `pg`) runs one engine only.
     let engines = std::env::var("SWITCHYARD_CHAOS_ENGINES").unwrap_or_default();
     let runs = |name: &str| engines.is_empty() || engines.split(',').any(|e| e.trim() == name);
