@@ -222,3 +222,28 @@ async fn a_half_open_replica_that_is_too_stale_gets_no_trial_read() {
     drop(c);
     assert_eq!(status_of(&cluster, "r1").health, Health::Up);
 }
+
+/// Slow is not dead for the primary writes follow, even while a fenced old
+/// primary is back: that one takes no writes, so it is no alternative, and
+/// the promoted primary's slow probes must not mark it down.
+#[tokio::test(start_paused = true)]
+async fn a_fenced_old_primary_does_not_make_the_writer_droppable_for_slowness() {
+    let (cluster, b) = cluster(1, config()).await;
+    b[0].set_replication(timeline(1), None);
+    b[1].set_replication(timeline(1), Some(true));
+    run_for(Duration::from_secs(1)).await;
+    b[0].set_down(true);
+    b[1].set_role(Role::Primary);
+    b[1].set_replication(timeline(2), None);
+    run_for(Duration::from_secs(3)).await;
+    b[0].set_down(false);
+    run_for(Duration::from_secs(3)).await;
+    assert!(status_of(&cluster, "p").fenced);
+    assert_eq!(writer(&cluster).as_deref(), Some("r1"));
+    // r1 answers probes, but slower than their timeout (500 ms).
+    b[1].set_probe_rtt(Duration::from_millis(800));
+    run_for(Duration::from_secs(5)).await;
+    let r1 = status_of(&cluster, "r1");
+    assert_eq!(r1.health, Health::Up, "{r1:?}");
+    assert_eq!(writer(&cluster).as_deref(), Some("r1"));
+}
