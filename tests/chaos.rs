@@ -23,7 +23,11 @@
 //! `max_replica_lag` (Redis included: a replica restarted empty, demoted or
 //! re-pointed serves no reads before it has synced and streams again); no
 //! operation running past its bound (no hung operation); nothing held once
-//! the load stops.
+//! the load stops. And a control for the leak checks: the namespace the row
+//! (and, on Redis, prefix) tenants share physically holds several tenants'
+//! items, so a check that reached past its scope would have found some.
+//! Failed operations are reported by kind with when they happened, not
+//! asserted (the faults make some fail).
 //!
 //! `SWITCHYARD_CHAOS_SEEDS=1,2,3 cargo test -p switchyard --test chaos --
 //! --nocapture` runs more seeds; the default is one per engine.

@@ -103,7 +103,7 @@ pub(crate) struct HealthState {
     demoted: bool,
     /// Whether the engine says the replica holds no copy of its primary's
     /// data ([`Probe::unsynced`]), from the last good probe.
-    pub unsynced: bool,
+    unsynced: bool,
     /// The routing key as of the last probe, to tell whether the next one
     /// changes routing (lag bounds move with time, so recomputing the old
     /// state's key at the new time would miss it). `None` before the first
