@@ -521,15 +521,8 @@ impl<B: Backend> Shared<B> {
                 topo.endpoints.len(),
             ));
         }
-        // The only endpoint writes can go to, or would go to once it answers
-        // again: probes may have marked it down already (a stall), and a
-        // failure reported late by a checkout taken before must not add an
-        // ejection that outlasts the probes' own recovery.
         let snap = self.snapshot.load();
-        let only_writer = snap.write.candidates.iter().all(|c| c.id() == &ep.id)
-            && ep.health().role.is_writable()
-            && !snap.fenced.contains(&ep.id);
-        if only_writer {
+        if snap.write.candidates.len() == 1 && snap.writer() == Some(&ep.id) {
             return Some("it is the only writable endpoint".into());
         }
         None

@@ -385,30 +385,3 @@ async fn a_promotion_seen_before_the_dead_primary_takes_over_by_history() {
         assert_eq!(served.unwrap(), "r1");
     }
 }
-
-/// The chaos run's stall of the promoted primary (issue 17): probes mark the
-/// stalled primary down, then a write that was already running on it fails.
-/// That late failure must not eject it: it is still the only primary writes
-/// can go to, and an ejection (seconds of backoff) would outlast the probes'
-/// own recovery and keep writes and reads off it after it answers again.
-#[tokio::test(start_paused = true)]
-async fn a_primary_marked_down_by_probes_is_not_ejected_by_a_late_failure() {
-    let mut c = config();
-    c.health.eject_base = Duration::from_secs(10);
-    c.health.eject_max = Duration::from_secs(10);
-    let (cluster, b) = cluster(1, c).await;
-    let mut conn = cluster.checkout(Intent::Write, None).await.unwrap();
-    assert_eq!(conn.endpoint().as_str(), "p");
-    b[0].set_down(true);
-    run_for(Duration::from_secs(3)).await;
-    assert_eq!(status_of(&cluster, "p").health, Health::Down);
-    conn.report_failure(&io_error(conn.endpoint()));
-    drop(conn);
-    settle().await;
-    b[0].set_down(false);
-    run_for(Duration::from_secs(2)).await;
-    let p = status_of(&cluster, "p");
-    assert_eq!((p.health, p.counters.ejections), (Health::Up, 0), "{p:?}");
-    let conn = cluster.checkout(Intent::Write, None).await.unwrap();
-    assert_eq!(conn.endpoint().as_str(), "p");
-}
