@@ -32,7 +32,7 @@ use switchyard::postgres::{pg_error, PgBackend, PgBackendConfig};
 use switchyard::redis::RedisBackend;
 use switchyard::router::{CheckoutOptions, EndpointConfig, HealthConfig, RetryConfig};
 use switchyard::{Backend, Cluster, ClusterConfig, Error, Intent, PoolSettings, Role};
-use switchyard_testkit::{PgCluster, PgNode, RedisCluster, RedisNode};
+use switchyard_testkit::{Node, PgCluster, RedisCluster};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -363,35 +363,6 @@ fn two_nodes<B: Engine>(engine: &'static str, primary: Arc<B>, replica: Arc<B>) 
         .build()
         .unwrap()
 }
-
-/// The testkit's PostgreSQL and Redis nodes, as the faults use them.
-trait Node {
-    async fn kill(&self) -> switchyard_testkit::Result<()>;
-    async fn pause(&self) -> switchyard_testkit::Result<()>;
-    async fn resume(&self) -> switchyard_testkit::Result<()>;
-    async fn promote(&self) -> switchyard_testkit::Result<()>;
-}
-
-macro_rules! node {
-    ($ty:ty) => {
-        impl Node for $ty {
-            async fn kill(&self) -> switchyard_testkit::Result<()> {
-                <$ty>::kill(self).await
-            }
-            async fn pause(&self) -> switchyard_testkit::Result<()> {
-                <$ty>::pause(self).await
-            }
-            async fn resume(&self) -> switchyard_testkit::Result<()> {
-                <$ty>::resume(self).await
-            }
-            async fn promote(&self) -> switchyard_testkit::Result<()> {
-                <$ty>::promote(self).await
-            }
-        }
-    };
-}
-node!(PgNode);
-node!(RedisNode);
 
 /// Injects `fault` into a primary and replica pair under load and measures.
 async fn inject<B: Engine>(

@@ -170,6 +170,8 @@ pub fn kind(e: &Error) -> String {
         Error::Backend { kind, .. } => kind.to_string(),
         Error::Scope { .. } => "scope".to_owned(),
         Error::Closed => "closed".to_owned(),
+        Error::OperationTimeout { deadline, .. } => format!("operation-timeout({deadline})"),
+        Error::SplitBrain { .. } => "split-brain".to_owned(),
         other => format!("other({other})"),
     };
     match e.endpoint() {

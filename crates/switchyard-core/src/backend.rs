@@ -89,6 +89,15 @@ pub struct Probe {
     /// replica that is not has unknown lag. `None` where the engine does not
     /// say, and on primaries.
     pub streaming: Option<bool>,
+    /// On a replica, whether the engine says its data set is not a copy of
+    /// its primary's at any point in time: it has not completed a sync since
+    /// it started or became a replica (an empty restarted node, a demoted
+    /// primary still holding its own writes), or a full resync is replacing
+    /// it (Redis: `master_link_down_since_seconds:-1`,
+    /// `master_sync_in_progress:1`). Its lag is not a delay but
+    /// a different data set, so it serves no reads, whatever
+    /// `max_replica_lag` says. `false` where the engine does not say.
+    pub unsynced: bool,
 }
 
 impl Probe {
@@ -102,6 +111,7 @@ impl Probe {
             rtt,
             history: None,
             streaming: None,
+            unsynced: false,
         }
     }
 }

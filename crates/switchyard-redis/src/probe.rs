@@ -19,6 +19,14 @@
 //!   `master_repl_offset`. A master restarted without its data starts a new,
 //!   unrelated line.
 //! - `streaming`, on a replica: whether its link to its master is up.
+//! - `unsynced`, on a replica: its link was never up since it started or
+//!   became a replica (`master_link_down_since_seconds:-1`: an empty restarted
+//!   node, or a demoted master still holding its own data), a full resync is
+//!   under way (`master_sync_in_progress:1`: the data set is about to be
+//!   replaced). With Redis's default `replica-serve-stale-data yes` such a
+//!   replica still answers reads, from a data set that is no copy of the
+//!   master's, so the router gives it none. (One loading a data set answers
+//!   `LOADING`, an endpoint failure, so reads move on without this.)
 //!
 //! A probe also notices a restart (`run_id` in `INFO server` changed) and
 //! restores the tenant ACL users the node lost before it answers.
@@ -121,6 +129,8 @@ pub(crate) fn interpret(role: &Value, replication: &str, server: &str) -> Probe 
                     .map_or(NEVER_LINKED, Duration::from_secs),
             );
         }
+        probe.unsynced = probe.lag == Some(NEVER_LINKED)
+            || field(replication, "master_sync_in_progress") == Some("1");
     }
     probe
 }
@@ -231,5 +241,22 @@ mod tests {
         let never =
             "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:-1\r\n";
         assert_eq!(interpret(&role, never, SERVER).lag, Some(NEVER_LINKED));
+    }
+
+    #[test]
+    fn a_replica_never_synced_or_resyncing_holds_no_copy_of_its_master() {
+        let role = Value::Array(vec![bulk("slave")]);
+        let down = "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:7\r\nmaster_sync_in_progress:0\r\n";
+        assert!(!interpret(&role, down, SERVER).unsynced, "a copy, 7s old");
+        let never =
+            "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:-1\r\n";
+        assert!(interpret(&role, never, SERVER).unsynced);
+        let resync = "role:slave\r\nmaster_link_status:down\r\nmaster_link_down_since_seconds:0\r\nmaster_sync_in_progress:1\r\n";
+        assert!(interpret(&role, resync, SERVER).unsynced);
+        let up = "role:slave\r\nmaster_link_status:up\r\nmaster_sync_in_progress:0\r\n";
+        assert!(!interpret(&role, up, SERVER).unsynced);
+        let master = Value::Array(vec![bulk("master")]);
+        let syncing_master = "role:master\r\nmaster_sync_in_progress:1\r\n";
+        assert!(!interpret(&master, syncing_master, SERVER).unsynced);
     }
 }

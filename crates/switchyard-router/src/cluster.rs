@@ -422,17 +422,24 @@ impl<B: Backend> Shared<B> {
         tracing::debug!(cluster = %self.name, reason, "routing snapshot rebuilt");
     }
 
-    /// Whether `ep` is up as a primary and no other endpoint is: writes have
-    /// nowhere else to go, so a probe it does not answer in time says "slow"
-    /// rather than "dead" (a refused or broken probe still says dead).
+    /// Whether `ep` is up as a primary and no other endpoint is (a primary
+    /// fenced by its history does not count): writes have nowhere else to
+    /// go, so a probe it does not answer in time says "slow" rather than
+    /// "dead" (a refused or broken probe still says dead).
     fn only_primary(topo: &Topology<B>, ep: &EndpointState) -> bool {
-        let primary =
-            |h: &crate::health::HealthState| h.up && h.role == switchyard_core::Role::Primary;
+        // A primary fenced by its history (behind or off the line writes
+        // follow) takes no writes while it stays so: it is no alternative. One
+        // without history is fenced only while another writes, so it is.
+        let primary = |e: &Endpoint<B>| {
+            let h = e.state.health();
+            let fenced = h.history.is_some() && topo.fenced.contains(e.id());
+            h.up && h.role == switchyard_core::Role::Primary && !fenced
+        };
         topo.endpoints.iter().all(|e| {
             if std::ptr::eq(Arc::as_ptr(&e.state), ep) {
-                primary(&e.state.health())
+                primary(e)
             } else {
-                !primary(&e.state.health())
+                !primary(e)
             }
         })
     }

@@ -120,7 +120,9 @@ pub struct HealthConfig {
     /// At least one endpoint may always be ejected.
     pub max_ejected_percent: u8,
     /// Replicas further behind than this serve no reads (default 10s; `null`
-    /// accepts any lag).
+    /// accepts any lag, but never a replica whose engine says it holds no
+    /// copy of its primary's data yet, such as a Redis replica in its first
+    /// sync: see `HealthState::lag_ok` in [`crate::health`]).
     #[serde(with = "humantime_serde")]
     pub max_replica_lag: Option<Duration>,
     /// Longest a replica that stopped receiving its primary's stream (an

@@ -72,6 +72,7 @@ pub(crate) struct Counters {
     waits: AtomicU64,
     timeouts: AtomicU64,
     ejections: AtomicU64,
+    operation_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -88,6 +89,11 @@ impl Counters {
         self.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An operation on a connection of the endpoint was cancelled at a deadline.
+    pub fn operation_timed_out(&self) {
+        self.operation_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The endpoint was ejected.
     pub fn ejected(&self) {
         self.ejections.fetch_add(1, Ordering::Relaxed);
@@ -100,6 +106,7 @@ impl Counters {
             waits: self.waits.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
+            operation_timeouts: self.operation_timeouts.load(Ordering::Relaxed),
         }
     }
 }

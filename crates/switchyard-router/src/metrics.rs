@@ -12,6 +12,7 @@
 //! | `switchyard_checkouts_total` | counter | endpoint, `result` = `ok`/`error` | checkouts handed out or failed, per attempt |
 //! | `switchyard_checkout_wait_seconds` | histogram | endpoint | wait for a connection, successful attempts |
 //! | `switchyard_checkout_timeouts_total` | counter | endpoint | attempts that hit their deadline |
+//! | `switchyard_operation_timeouts_total` | counter | endpoint, `deadline` = `attempt`/`budget` | operations run by `Cluster::run` cancelled at a deadline ([`Error::OperationTimeout`]): `attempt` (`retry.attempt_timeout`; the endpoint is charged, a read moves on) or `budget` (the whole deadline) |
 //! | `switchyard_checkout_held_seconds` | histogram | endpoint | how long connections were held |
 //! | `switchyard_checkout_errors_total` | counter | `kind` = `no_healthy_endpoint`/`no_primary` | checkouts that found no endpoint |
 //! | `switchyard_retries_total` | counter | `intent` | attempts retried on another endpoint |
@@ -38,7 +39,7 @@
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Label};
-use switchyard_core::{Error, Intent, PoolStats};
+use switchyard_core::{Deadline, Error, Intent, PoolStats};
 
 /// `switchyard_checkouts_total`
 pub const CHECKOUTS: &str = "switchyard_checkouts_total";
@@ -46,6 +47,8 @@ pub const CHECKOUTS: &str = "switchyard_checkouts_total";
 pub const CHECKOUT_WAIT: &str = "switchyard_checkout_wait_seconds";
 /// `switchyard_checkout_timeouts_total`
 pub const CHECKOUT_TIMEOUTS: &str = "switchyard_checkout_timeouts_total";
+/// `switchyard_operation_timeouts_total`
+pub const OPERATION_TIMEOUTS: &str = "switchyard_operation_timeouts_total";
 /// `switchyard_checkout_held_seconds`
 pub const CHECKOUT_HELD: &str = "switchyard_checkout_held_seconds";
 /// `switchyard_checkout_errors_total`
@@ -99,6 +102,8 @@ pub(crate) struct EndpointMetrics {
     pub failed: Counter,
     pub wait: Histogram,
     pub timeouts: Counter,
+    pub attempt_overruns: Counter,
+    pub budget_overruns: Counter,
     pub held: Histogram,
     pub ejections: Counter,
     pub ejections_capped: Counter,
@@ -136,6 +141,8 @@ impl EndpointMetrics {
             failed: metrics::counter!(CHECKOUTS, with("result", "error")),
             wait: metrics::histogram!(CHECKOUT_WAIT, l.clone()),
             timeouts: metrics::counter!(CHECKOUT_TIMEOUTS, l.clone()),
+            attempt_overruns: metrics::counter!(OPERATION_TIMEOUTS, with("deadline", "attempt")),
+            budget_overruns: metrics::counter!(OPERATION_TIMEOUTS, with("deadline", "budget")),
             held: metrics::histogram!(CHECKOUT_HELD, l.clone()),
             ejections: metrics::counter!(EJECTIONS, l.clone()),
             ejections_capped: metrics::counter!(EJECTIONS_CAPPED, l.clone()),
@@ -150,6 +157,14 @@ impl EndpointMetrics {
             pool_idle: metrics::gauge!(POOL_IDLE, l.clone()),
             pool_size: metrics::gauge!(POOL_SIZE, l.clone()),
             forecast: metrics::gauge!(WARMING_FORECAST, l),
+        }
+    }
+
+    /// An operation was cancelled at `deadline`.
+    pub fn operation_timed_out(&self, deadline: Deadline) {
+        match deadline {
+            Deadline::Attempt => self.attempt_overruns.increment(1),
+            _ => self.budget_overruns.increment(1),
         }
     }
 

@@ -83,7 +83,10 @@ impl<B: Backend> Cluster<B> {
             let error = match outcome {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => error.into_error(conn.endpoint(), conn.scope()),
-                Err(_) => overrun(&mut conn, attempt, budget.attempt_timeout()),
+                Err(_) => {
+                    self.overran(conn.endpoint(), attempt.deadline);
+                    overrun(&mut conn, attempt, budget.attempt_timeout())
+                }
             };
             conn.report_failure(&error);
             let id = conn.endpoint().clone();
@@ -97,6 +100,21 @@ impl<B: Backend> Cluster<B> {
             if intent == Intent::Read {
                 budget.avoid(id);
             }
+        }
+    }
+
+    /// Counts an operation cancelled at `deadline` on endpoint `id`.
+    fn overran(&self, id: &EndpointId, deadline: Deadline) {
+        if let Some(ep) = self
+            .shared
+            .snapshot
+            .load()
+            .endpoints
+            .iter()
+            .find(|e| e.id() == id)
+        {
+            ep.state.counters.operation_timed_out();
+            ep.state.metrics.operation_timed_out(deadline);
         }
     }
 

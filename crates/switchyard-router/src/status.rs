@@ -80,7 +80,7 @@ pub struct EndpointStatus {
     pub last_probe_error: Option<String>,
     /// The backend's pool occupancy.
     pub pool: PoolStats,
-    /// Checkouts, waits, timeouts and ejections since the endpoint joined.
+    /// Checkouts, waits, timeouts, ejections and operation timeouts since the endpoint joined.
     pub counters: CheckoutCounters,
 }
 
@@ -97,6 +97,11 @@ pub struct CheckoutCounters {
     pub timeouts: u64,
     /// Passive ejections (failed checkouts and failed half-open trials).
     pub ejections: u64,
+    /// Operations run by [`Cluster::run`] on its connections and cancelled
+    /// at a deadline ([`Error::OperationTimeout`](switchyard_core::Error::OperationTimeout),
+    /// either deadline; the metric `switchyard_operation_timeouts_total`
+    /// tells them apart).
+    pub operation_timeouts: u64,
 }
 
 impl<B: Backend> Cluster<B> {

@@ -114,12 +114,12 @@ impl<B: Backend> Snapshot<B> {
                     settled &= h.last_probe.is_some();
                     primaries.push((Arc::clone(ep), h.history.clone(), half_open));
                 }
-                _ if half_open => trials.push((Arc::clone(ep), role)),
+                // A replica too far behind (or unsynced) gets no reads, a
+                // half-open trial read included.
+                Role::Replica if !h.lag_ok(&config.health, at) => {}
+                _ if half_open => trials.push((Arc::clone(ep), role, h.history.clone())),
                 Role::Standalone => standalone.push(Arc::clone(ep)),
-                Role::Replica if h.lag_ok(&config.health, at) => {
-                    replicas.push((Arc::clone(ep), h.history.clone()))
-                }
-                Role::Replica => {}
+                Role::Replica => replicas.push((Arc::clone(ep), h.history.clone())),
             }
         }
         let election = {
@@ -148,7 +148,7 @@ impl<B: Backend> Snapshot<B> {
             }
             // A half-open writer gets writes only through its trial.
             if *half_open {
-                trials.push((Arc::clone(ep), Role::Primary));
+                trials.push((Arc::clone(ep), Role::Primary, None));
             } else {
                 writers.push(Arc::clone(ep));
                 primary = Some(Arc::clone(ep));
@@ -164,6 +164,13 @@ impl<B: Backend> Snapshot<B> {
             .into_iter()
             .filter(|(_, history)| !strict || follows(history.as_ref(), line_history))
             .map(|(ep, _)| ep)
+            .collect();
+        let trials = trials
+            .into_iter()
+            .filter(|(_, role, history)| {
+                *role != Role::Replica || !strict || follows(history.as_ref(), line_history)
+            })
+            .map(|(ep, role, _)| (ep, role))
             .collect();
         readers.extend(standalone);
         let readers = match config.read_preference {

@@ -94,8 +94,16 @@ pub(crate) struct HealthState {
     /// probe (`None`: the engine does not say, or a primary).
     pub streaming: Option<bool>,
     /// When a probe last saw the replica streaming, and its lag then: what
-    /// bounds its staleness once it stops.
+    /// bounds its staleness once it stops. Only probes of it as a replica
+    /// count, and a role change forgets it.
     last_streamed: Option<(Instant, Option<Duration>)>,
+    /// Whether the replica was a primary since a probe last saw it streaming
+    /// (a demoted primary): the engine's own link-down time then says nothing
+    /// about its data, which are its own writes, not a copy of the new line.
+    demoted: bool,
+    /// Whether the engine says the replica holds no copy of its primary's
+    /// data ([`Probe::unsynced`]), from the last good probe.
+    unsynced: bool,
     /// The routing key as of the last probe, to tell whether the next one
     /// changes routing (lag bounds move with time, so recomputing the old
     /// state's key at the new time would miss it). `None` before the first
@@ -130,6 +138,8 @@ impl HealthState {
             history: None,
             streaming: None,
             last_streamed: None,
+            demoted: false,
+            unsynced: false,
             routed: None,
         }
     }
@@ -147,15 +157,27 @@ impl HealthState {
     /// `at` (the caller looks one probe interval ahead, so a replica drifting
     /// out of bounds is out before it gets there, not a probe after).
     ///
-    /// While it streams, its reported lag decides. Once it stops (an
+    /// A replica the engine says holds no copy of its primary's data
+    /// ([`Probe::unsynced`]: never synced since it started or became a
+    /// replica, or a full resync under way) serves no reads, with or without
+    /// `max_replica_lag`: an unset limit accepts stale data, not an empty
+    /// restarted node or a demoted primary's own writes.
+    ///
+    /// Otherwise, with no `max_replica_lag`, any lag is accepted. With one:
+    /// while the replica streams, its reported lag decides. Once it stops (an
     /// orphaned PostgreSQL standby, a Redis replica whose link is down) its
     /// lag is unknown; what is known is a bound: the lag it had when a probe
     /// last saw it streaming plus the time since (or the engine's own
     /// link-down time, if larger). It serves while that bound is within
     /// `max_replica_lag` and, when set, it has been detached no longer than
-    /// `detached_grace`; one never seen streaming does not serve. With no
-    /// `max_replica_lag`, any lag is accepted, this included.
+    /// `detached_grace`. One not seen streaming since this router met it
+    /// serves only on the engine's own link-down time, and a primary demoted
+    /// since it was last seen streaming (its data are its own writes) not at
+    /// all, until a probe sees it streaming.
     pub fn lag_ok(&self, cfg: &HealthConfig, at: Instant) -> bool {
+        if self.unsynced {
+            return false;
+        }
         let Some(max) = cfg.max_replica_lag else {
             return true;
         };
@@ -163,7 +185,7 @@ impl HealthState {
             return self.lag.is_none_or(|lag| lag <= max);
         }
         let Some((seen, lag_then)) = self.last_streamed else {
-            return self.lag.is_some_and(|lag| lag <= max);
+            return !self.demoted && self.lag.is_some_and(|lag| lag <= max);
         };
         let detached_for = at.saturating_duration_since(seen);
         if cfg.detached_grace.is_some_and(|grace| detached_for > grace) {
@@ -213,6 +235,7 @@ impl HealthState {
                     tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, from = %self.role, "endpoint promoted: probe reports primary, was {}", self.role)
                 }
                 (Role::Primary, to) => {
+                    self.demoted = true;
                     tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, %to, "endpoint demoted: probe reports {to}, was primary")
                 }
                 (from, to) => {
@@ -220,6 +243,7 @@ impl HealthState {
                 }
             }
             self.role = probe.role;
+            self.last_streamed = None;
         }
         let at = now + cfg.interval;
         let was_ok = self.lag_ok(cfg, at);
@@ -232,8 +256,19 @@ impl HealthState {
             }
             _ => {}
         }
-        if probe.streaming != Some(false) {
+        match (self.unsynced, probe.unsynced) {
+            (false, true) => {
+                tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, "replica holds no copy of its primary's data (never synced since it started or became a replica, or a full resync is under way): no reads until it has synced")
+            }
+            (true, false) => {
+                tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, "replica synced with its primary")
+            }
+            _ => {}
+        }
+        self.unsynced = probe.unsynced;
+        if probe.role == Role::Replica && probe.streaming != Some(false) && !probe.unsynced {
             self.last_streamed = Some((now, probe.lag));
+            self.demoted = false;
         }
         self.streaming = probe.streaming;
         self.history = probe.history;
@@ -290,170 +325,4 @@ pub(crate) struct Who<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn who() -> (String, EndpointId) {
-        ("c".into(), EndpointId::new("e"))
-    }
-
-    fn refused() -> Error {
-        Error::backend(
-            &EndpointId::new("e"),
-            None,
-            switchyard_core::BackendErrorKind::Connect,
-            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
-        )
-    }
-
-    #[test]
-    fn fall_and_rise_count_consecutive_probes() {
-        let (c, e) = who();
-        let who = Who {
-            cluster: &c,
-            endpoint: &e,
-        };
-        let cfg = HealthConfig {
-            fall: 3,
-            rise: 2,
-            ..HealthConfig::default()
-        };
-        let now = Instant::now();
-        let mut h = HealthState::new(Role::Replica, now);
-        let ok = || Probe::new(Role::Replica, Duration::from_millis(1));
-        h.probe_failed(&refused(), &cfg, &who, now);
-        h.probe_failed(&refused(), &cfg, &who, now);
-        h.probe_passed(ok(), &cfg, &who, now);
-        h.probe_failed(&refused(), &cfg, &who, now);
-        h.probe_failed(&refused(), &cfg, &who, now);
-        assert_eq!(h.health(), Health::Up, "a pass in between resets the count");
-        h.probe_failed(&refused(), &cfg, &who, now);
-        assert_eq!(h.health(), Health::Down);
-        assert!(h
-            .last_error
-            .as_deref()
-            .unwrap()
-            .contains("connect error on e"));
-        h.probe_passed(ok(), &cfg, &who, now);
-        assert_eq!(h.health(), Health::Down);
-        h.probe_passed(ok(), &cfg, &who, now);
-        assert_eq!(h.health(), Health::Up);
-        assert_eq!(h.last_error, None);
-    }
-
-    #[test]
-    fn probes_teach_role_lag_and_history() {
-        let (c, e) = who();
-        let who = Who {
-            cluster: &c,
-            endpoint: &e,
-        };
-        let cfg = HealthConfig {
-            max_replica_lag: Some(Duration::from_secs(5)),
-            ..HealthConfig::default()
-        };
-        let now = Instant::now();
-        let mut h = HealthState::new(Role::Primary, now);
-        let before = h.routing_key(&cfg, now);
-        let mut p = Probe::new(Role::Replica, Duration::ZERO);
-        p.lag = Some(Duration::from_secs(9));
-        h.probe_passed(p, &cfg, &who, now);
-        assert_eq!(h.role, Role::Replica);
-        assert!(!h.lag_ok(&cfg, now));
-        assert_ne!(before, h.routing_key(&cfg, now));
-        let mut p = Probe::new(Role::Primary, Duration::ZERO);
-        p.history = Some(History::Timeline {
-            system: 1,
-            timeline: 2,
-            position: 10,
-        });
-        h.probe_passed(p.clone(), &cfg, &who, now);
-        assert!(h.lag_ok(&cfg, now));
-        let key = h.routing_key(&cfg, now);
-        p.history = Some(History::Timeline {
-            system: 1,
-            timeline: 2,
-            position: 99,
-        });
-        h.probe_passed(p.clone(), &cfg, &who, now);
-        assert_eq!(
-            key,
-            h.routing_key(&cfg, now),
-            "a position alone changes no routing"
-        );
-        p.history = Some(History::Timeline {
-            system: 1,
-            timeline: 3,
-            position: 0,
-        });
-        h.probe_passed(p, &cfg, &who, now);
-        assert_ne!(key, h.routing_key(&cfg, now), "a new timeline does");
-    }
-
-    fn replica(streaming: bool, lag: Option<Duration>) -> Probe {
-        let mut p = Probe::new(Role::Replica, Duration::ZERO);
-        p.streaming = Some(streaming);
-        p.lag = lag;
-        p
-    }
-
-    #[test]
-    fn a_replica_that_stops_streaming_serves_only_while_its_staleness_is_bounded() {
-        let (c, e) = who();
-        let who = Who {
-            cluster: &c,
-            endpoint: &e,
-        };
-        let s = Duration::from_secs;
-        let mut cfg = HealthConfig {
-            max_replica_lag: Some(s(5)),
-            ..HealthConfig::default()
-        };
-        let t0 = Instant::now();
-        let mut h = HealthState::new(Role::Replica, t0);
-        h.probe_passed(replica(true, Some(s(1))), &cfg, &who, t0);
-        assert!(h.lag_ok(&cfg, t0));
-        // Cut off at t0 + 1s: the lag it reports (PostgreSQL: none, since
-        // nothing received is unreplayed) says nothing about the primary.
-        h.probe_passed(replica(false, None), &cfg, &who, t0 + s(1));
-        assert!(h.lag_ok(&cfg, t0 + s(4)), "1s behind at t0, +4s: within 5s");
-        assert!(!h.lag_ok(&cfg, t0 + s(5)), "1s + 5s is over the limit");
-        cfg.detached_grace = Some(s(2));
-        assert!(h.lag_ok(&cfg, t0 + s(2)));
-        assert!(!h.lag_ok(&cfg, t0 + s(3)), "the grace is shorter");
-        cfg.max_replica_lag = None;
-        assert!(
-            h.lag_ok(&cfg, t0 + s(3600)),
-            "no limit: any lag is accepted"
-        );
-        cfg.max_replica_lag = Some(s(5));
-        h.probe_passed(replica(true, Some(Duration::ZERO)), &cfg, &who, t0 + s(60));
-        assert!(h.lag_ok(&cfg, t0 + s(60)), "streaming again");
-    }
-
-    #[test]
-    fn a_replica_never_seen_streaming_has_unknown_lag() {
-        let (c, e) = who();
-        let who = Who {
-            cluster: &c,
-            endpoint: &e,
-        };
-        let cfg = HealthConfig {
-            max_replica_lag: Some(Duration::from_secs(5)),
-            ..HealthConfig::default()
-        };
-        let t0 = Instant::now();
-        let mut orphan = HealthState::new(Role::Replica, t0);
-        orphan.probe_passed(replica(false, None), &cfg, &who, t0);
-        assert!(
-            !orphan.lag_ok(&cfg, t0),
-            "an orphaned standby from the start"
-        );
-        // A Redis replica says how long its link has been down.
-        let mut linkless = HealthState::new(Role::Replica, t0);
-        linkless.probe_passed(replica(false, Some(Duration::from_secs(2))), &cfg, &who, t0);
-        assert!(linkless.lag_ok(&cfg, t0));
-        linkless.probe_passed(replica(false, Some(Duration::from_secs(9))), &cfg, &who, t0);
-        assert!(!linkless.lag_ok(&cfg, t0));
-    }
-}
+mod tests;

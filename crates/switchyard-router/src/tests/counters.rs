@@ -34,6 +34,7 @@ async fn checkouts_that_waited_past_the_threshold_count_as_waits() {
             waits: 3,
             timeouts: 0,
             ejections: 0,
+            operation_timeouts: 0,
         }
     );
 }
@@ -53,6 +54,7 @@ async fn a_hung_endpoint_counts_a_timeout_and_an_ejection() {
             waits: 0,
             timeouts: 1,
             ejections: 1,
+            operation_timeouts: 0,
         }
     );
     // The fallback to the primary waited for nothing.
@@ -95,9 +97,10 @@ fn counters_serialize_as_an_object() {
         waits: 3,
         timeouts: 2,
         ejections: 1,
+        operation_timeouts: 5,
     };
     assert_eq!(
         serde_json::to_value(c).unwrap(),
-        serde_json::json!({"checkouts": 4, "waits": 3, "timeouts": 2, "ejections": 1})
+        serde_json::json!({"checkouts": 4, "waits": 3, "timeouts": 2, "ejections": 1, "operation_timeouts": 5})
     );
 }

@@ -34,6 +34,8 @@ async fn a_read_hung_on_the_only_replica_moves_to_the_primary_after_one_attempt(
         "one attempt_timeout, not the whole deadline"
     );
     assert_eq!(status_of(&cluster, "r1").health, Health::Ejected, "charged");
+    assert_eq!(status_of(&cluster, "r1").counters.operation_timeouts, 1);
+    assert_eq!(status_of(&cluster, "p").counters.operation_timeouts, 0);
     assert_eq!(b[1].counters().discarded, 1, "never pooled");
     assert_eq!(b[1].counters().live, 0);
     assert_eq!(b[0].counters().discarded, 0);
@@ -68,6 +70,7 @@ async fn an_operation_over_the_callers_deadline_is_cancelled_without_blaming_the
         served[1..].parse().unwrap()
     }];
     assert_eq!(node.counters().discarded, 1, "closed, not pooled");
+    assert_eq!(status_of(&cluster, &served).counters.operation_timeouts, 1);
     assert_eq!(
         status_of(&cluster, &served).health,
         Health::Up,

@@ -184,3 +184,66 @@ async fn a_standby_cut_off_without_a_failover_ages_out() {
     run_for(Duration::from_secs(1)).await;
     assert!(status_of(&cluster, "r1").serves_reads);
 }
+
+/// A half-open replica's trial read is a read like any other: one that is
+/// too far behind (here: cut off from its primary for longer than
+/// `max_replica_lag`) or on an older line gets none, and reads stay on the
+/// primary until a probe sees it fit again.
+#[tokio::test(start_paused = true)]
+async fn a_half_open_replica_that_is_too_stale_gets_no_trial_read() {
+    let mut c = config();
+    c.health.max_replica_lag = Some(Duration::from_secs(1));
+    c.health.eject_base = Duration::from_secs(3);
+    let (cluster, b) = cluster(1, c).await;
+    b[0].set_replication(timeline(2), None);
+    b[1].set_replication(timeline(2), Some(true));
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(tally(&cluster, Intent::Read, 1).await.len(), 1);
+    // Ejected by a hung checkout, then cut off from its primary.
+    b[1].set_acquire_delay(Duration::from_secs(60));
+    let c = cluster.checkout(Intent::Read, None).await.unwrap();
+    assert_eq!(c.endpoint().as_str(), "p");
+    drop(c);
+    assert_eq!(status_of(&cluster, "r1").health, Health::Ejected);
+    b[1].set_acquire_delay(Duration::ZERO);
+    b[1].set_replication(timeline(2), Some(false));
+    run_for(Duration::from_secs(3)).await;
+    assert_eq!(status_of(&cluster, "r1").health, Health::HalfOpen);
+    assert_eq!(
+        tally(&cluster, Intent::Read, 5).await,
+        [("p".to_owned(), 5)].into(),
+        "no trial read on a replica 3 s out of its stream"
+    );
+    // Streaming again, on the line writes follow: its trial comes.
+    b[1].set_replication(timeline(2), Some(true));
+    run_for(Duration::from_secs(1)).await;
+    let c = cluster.checkout(Intent::Read, None).await.unwrap();
+    assert_eq!(c.endpoint().as_str(), "r1");
+    drop(c);
+    assert_eq!(status_of(&cluster, "r1").health, Health::Up);
+}
+
+/// Slow is not dead for the primary writes follow, even while a fenced old
+/// primary is back: that one takes no writes, so it is no alternative, and
+/// the promoted primary's slow probes must not mark it down.
+#[tokio::test(start_paused = true)]
+async fn a_fenced_old_primary_does_not_make_the_writer_droppable_for_slowness() {
+    let (cluster, b) = cluster(1, config()).await;
+    b[0].set_replication(timeline(1), None);
+    b[1].set_replication(timeline(1), Some(true));
+    run_for(Duration::from_secs(1)).await;
+    b[0].set_down(true);
+    b[1].set_role(Role::Primary);
+    b[1].set_replication(timeline(2), None);
+    run_for(Duration::from_secs(3)).await;
+    b[0].set_down(false);
+    run_for(Duration::from_secs(3)).await;
+    assert!(status_of(&cluster, "p").fenced);
+    assert_eq!(writer(&cluster).as_deref(), Some("r1"));
+    // r1 answers probes, but slower than their timeout (500 ms).
+    b[1].set_probe_rtt(Duration::from_millis(800));
+    run_for(Duration::from_secs(5)).await;
+    let r1 = status_of(&cluster, "r1");
+    assert_eq!(r1.health, Health::Up, "{r1:?}");
+    assert_eq!(writer(&cluster).as_deref(), Some("r1"));
+}
