@@ -412,7 +412,10 @@ mod tests {
             _ => panic!("room for one"),
         };
         let _rx = queue(&slots, &["b", "a", "c", "a"]);
-        assert_eq!(hand_out(&slots, &["a", "a", "a", "a"]), ["b", "a", "c", "a"]);
+        assert_eq!(
+            hand_out(&slots, &["a", "a", "a", "a"]),
+            ["b", "a", "c", "a"]
+        );
         assert_eq!(slots.handoffs.load(Ordering::Relaxed), 0);
     }
 
