@@ -1,7 +1,7 @@
 //! [`PgBackend`]: the `switchyard_core::Backend` for one PostgreSQL endpoint.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
