@@ -1,17 +1,15 @@
-//! A real `SELECT 1` through switchyard next to the raw sqlx pool, against the
-//! testkit's PostgreSQL (one primary, started by the bench).
+//! A real `SELECT 1` per checkout through switchyard next to the raw sqlx
+//! pool, the peer approach (raw pool + a scoping statement on every
+//! checkout) and PgBouncer in both pool modes, against the testkit's
+//! PostgreSQL (one primary) and PgBouncer 1.18, all started by the bench.
 //!
-//! Rows of one group run at the same concurrency (1 or 64 tasks); the time is
-//! wall time per checkout + `SELECT 1` + release, the inverse of throughput.
-//! Every pool, raw or not, has 16 connections, so at 64 tasks all of them queue
-//! the same way.
-//!
-//! - `raw_sqlx`: `PgPool::acquire` + query on a separate pool of the same size;
-//! - `backend/unscoped`: core `Checkout::acquire` on a `PgBackend` (no router);
-//! - `cluster/unscoped`: `Cluster::checkout` over that backend as the only primary;
-//! - `cluster/{schema,row}/affinity_{on,off}`: tenant-scoped checkouts (eight
-//!   tenants, task `i` serving tenant `i % 8`), with the backend's tenant
-//!   affinity stash on or off.
+//! `postgres/{1,64}_tasks`: the rows of [`pg_rows`] side by side. The time is
+//! wall time per checkout + `SELECT 1` + release at that concurrency, the
+//! inverse of throughput. Every pool has 16 connections, so at 64 tasks all
+//! of them queue the same way. Before timing, the bench counts each row's
+//! round trips per checkout on the wire (the testkit's counting proxy in
+//! front of PostgreSQL or PgBouncer: one per simple `Query`, one per
+//! extended-protocol `Sync`, the return path included) and prints the table.
 //!
 //! `postgres_roles/{1,64}_tasks` sets the privilege-enforced mode
 //! (`tenant_roles`: the scope statement also switches to the tenant's role,
@@ -22,32 +20,21 @@
 //!   verified TLS (the test bed's CA): what TLS costs per checkout when
 //!   connections are reused (the handshake is paid once per connection).
 //!
-//! `cargo bench --bench postgres`
+//! `cargo bench --bench postgres -- postgres/ --warm-up-time 1 --measurement-time 3`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod pg_rows;
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use pg_rows::{cluster, Urls, Via, POOL_SIZE};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
-use switchyard::router::EndpointConfig;
-use switchyard::{Backend as _, Checkout, Cluster, PoolSettings, Role, TlsSettings};
-use switchyard_testkit::{PgCluster, TestCa};
-
-/// Connections in every pool compared here.
-const POOL_SIZE: u32 = 16;
-async fn select_one_raw(pool: &PgPool) {
-    let mut conn = pool.acquire().await.unwrap();
-    let one: i32 = sqlx::query_scalar("SELECT 1")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    black_box(one);
-}
+use switchyard::{Checkout, PoolSettings, TlsSettings};
+use switchyard_testkit::{FaultProxy, PgBouncer, PgCluster, PoolMode, TestCa};
 
 async fn select_one(mut conn: Checkout<PgBackend>) {
     let one: i32 = sqlx::query_scalar("SELECT 1")
@@ -75,13 +62,9 @@ fn roles_backend(
     Arc::new(PgBackend::new(config).expect("pg backend"))
 }
 
-fn cluster(backend: &Arc<PgBackend>) -> Cluster<PgBackend> {
-    Cluster::builder(format!("bench-{}", backend.endpoint()))
-        .engine("postgres")
-        .tenants(common::tenants())
-        .endpoint(Arc::clone(backend), EndpointConfig::new(Role::Primary))
-        .build()
-        .expect("cluster")
+/// Criterion's smoke mode (`-- --test`): count on fewer operations.
+fn smoke() -> bool {
+    std::env::args().any(|a| a == "--test")
 }
 
 fn postgres(c: &mut Criterion) {
@@ -89,73 +72,77 @@ fn postgres(c: &mut Criterion) {
     let pg = rt
         .block_on(PgCluster::start(0))
         .expect("postgres (testkit)");
+    let (session, transaction) = rt.block_on(async {
+        let start = |mode| PgBouncer::start(pg.primary().addr(), mode, POOL_SIZE, &["postgres"]);
+        let session = start(PoolMode::Session).await.expect("pgbouncer (session)");
+        let transaction = start(PoolMode::Transaction)
+            .await
+            .expect("pgbouncer (transaction)");
+        (session, transaction)
+    });
     let url = pg.primary().url().to_owned();
     println!("postgres bench against {url}");
+    rt.block_on(pg_rows::provision(&url));
 
-    let (raw, affine, plain, with_affinity, without_affinity) = rt.block_on(async {
-        let raw = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .connect(&url)
-            .await
-            .expect("raw pool");
-        for i in 0..common::TENANTS {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "CREATE SCHEMA IF NOT EXISTS tenant_s{i}"
-            )))
-            .execute(&raw)
-            .await
-            .expect("create schema");
-        }
-        let affine = backend(&url, "pg-affinity", AffinitySettings::default());
-        let plain = backend(&url, "pg-no-affinity", AffinitySettings::disabled());
-        let with_affinity = cluster(&affine);
-        let without_affinity = cluster(&plain);
-        (raw, affine, plain, with_affinity, without_affinity)
-    });
-    drop(plain);
-    let schema_ids = common::tenant_ids("s");
-    let row_ids = common::tenant_ids("r");
-
-    for tasks in [1, 64] {
-        let mut group = c.benchmark_group(format!("postgres/{tasks}_tasks"));
-        group.bench_function("raw_sqlx", |b| {
-            b.iter_custom(|iters| {
-                let pool = raw.clone();
-                common::concurrent(&rt, iters, tasks, move |_| {
-                    let pool = pool.clone();
-                    async move { select_one_raw(&pool).await }
-                })
-            });
-        });
-        common::backend_row(&mut group, &rt, tasks, &affine, select_one);
-        common::cluster_row(
-            &mut group,
-            &rt,
-            tasks,
-            "cluster/unscoped",
-            &with_affinity,
-            None,
-            select_one,
+    // Round trips per checkout, on the wire, through counting proxies.
+    let levels = [1, 64];
+    let table = rt.block_on(async {
+        let counting = |addr| FaultProxy::start_counting_postgres(addr);
+        let (to_pg, to_session, to_transaction) = (
+            counting(pg.primary().addr()).await.expect("proxy"),
+            counting(session.addr()).await.expect("proxy"),
+            counting(transaction.addr()).await.expect("proxy"),
         );
-        let scoped = [
-            ("cluster/schema/affinity_on", &with_affinity, &schema_ids),
-            (
-                "cluster/schema/affinity_off",
-                &without_affinity,
-                &schema_ids,
-            ),
-            ("cluster/row/affinity_on", &with_affinity, &row_ids),
-            ("cluster/row/affinity_off", &without_affinity, &row_ids),
-        ];
-        for (name, cluster, ids) in scoped {
-            common::cluster_row(&mut group, &rt, tasks, name, cluster, Some(ids), select_one);
+        let at = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let urls = Urls {
+            postgres: at(to_pg.port()),
+            bouncer_session: at(to_session.port()),
+            bouncer_transaction: at(to_transaction.port()),
+        };
+        (
+            pg_rows::build(&urls).await,
+            [to_pg, to_session, to_transaction],
+        )
+    });
+    let (rows, proxies) = table;
+    let per_task = if smoke() { 2 } else { 8 };
+    let counts = pg_rows::count(&rt, &rows, &levels, per_task, |via| {
+        let i = match via {
+            Via::Postgres => 0,
+            Via::BouncerSession => 1,
+            Via::BouncerTransaction => 2,
+        };
+        (*proxies[i]).clone()
+    });
+    rt.block_on(async {
+        rows.close().await;
+        drop(proxies);
+    });
+    println!(
+        "round trips per checkout + SELECT 1 + release, counted on the wire:\n{}",
+        pg_rows::table(&counts, &levels)
+    );
+
+    let urls = Urls {
+        postgres: url.clone(),
+        bouncer_session: session.url("postgres", "postgres"),
+        bouncer_transaction: transaction.url("postgres", "postgres"),
+    };
+    let rows = rt.block_on(pg_rows::build(&urls));
+    for tasks in levels {
+        let mut group = c.benchmark_group(format!("postgres/{tasks}_tasks"));
+        for row in &rows.rows {
+            group.bench_function(row.name.as_str(), |b| {
+                b.iter_custom(|iters| {
+                    let op = Arc::clone(&row.op);
+                    common::concurrent(&rt, iters, tasks, move |task| op(task))
+                });
+            });
         }
         group.finish();
     }
-    rt.block_on(async {
-        drop((with_affinity, without_affinity, affine));
-        raw.close().await;
-    });
+    rt.block_on(rows.close());
+    drop((session, transaction));
     drop(pg);
 }
 

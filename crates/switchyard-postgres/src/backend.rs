@@ -1,7 +1,7 @@
 //! [`PgBackend`]: the `switchyard_core::Backend` for one PostgreSQL endpoint.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,16 +172,11 @@ impl Backend for PgBackend {
         }
     }
 
-    /// A connection closed by its backend or left mid-query is broken; any
-    /// other is checked by `recycle` before anyone else gets it.
+    /// A connection closed by its backend, left mid-query or past its
+    /// lifetime is broken; one with sqlx work queued is checked by `recycle`;
+    /// any other goes straight back (see `crate::returns`).
     fn inspect(&self, conn: &mut PgConn) -> Returned {
-        if self.shared.closed.load(Ordering::Acquire) || conn.in_flight {
-            if conn.in_flight {
-                bump(&self.shared.returns.closed_mid_query);
-            }
-            return Returned::Broken;
-        }
-        Returned::Dirty
+        self.shared.inspect(conn)
     }
 
     async fn recycle(&self, conn: &mut PgConn) -> Recycle {

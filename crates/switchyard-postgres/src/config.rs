@@ -84,10 +84,11 @@ pub struct PgBackendConfig {
 /// (a tenant, or none), and a checkout by the same owner gets it back without
 /// a reset or a new scope.
 ///
-/// On by default: it saves the reset and scope round trip and costs nothing in
-/// safety, because every returned connection is checked (outside a transaction
-/// block, still carrying exactly its owner's scope) before anyone gets it, and
-/// a connection goes to a different owner only after the complete reset.
+/// On by default: the same owner's checkout sends a one-statement check
+/// instead of the complete reset and scope, and it costs nothing in safety,
+/// because every used connection is checked (outside a transaction block,
+/// still carrying exactly its owner's scope) before its owner gets it again,
+/// and goes to a different owner only after the complete reset.
 /// Under load, a returned connection goes to the oldest waiting checkout of
 /// its own owner, passing over at most [`max_bypass`](Self::max_bypass) times
 /// any waiter ahead of it. Off, every checkout of a used connection resets it

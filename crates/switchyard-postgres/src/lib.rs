@@ -110,16 +110,20 @@
 //! `search_path` or the role changes, so no statement cache needs clearing).
 //! The same message refuses a session inside a transaction block.
 //!
-//! Every returned connection is checked on a task in one round trip (outside a
-//! transaction block, still carrying exactly its owner's scope); one that fails
-//! or times out ([`reset_timeout`](PgBackendConfig::reset_timeout)), comes back
-//! inside a transaction block, or had a query dropped mid-way through
-//! `&mut *checkout` (the [`PgConn`] executor tracks this) is closed, never
-//! pooled: closing rolls back what it left open. So a checkout costs, besides
-//! the caller's queries: 0 round trips of our own for the same owner, 1 for an
-//! owner change, plus the return check; sqlx's `PgPool` spends two pings (one
-//! on acquire, one on release) and resets nothing. The `lifecycle` module's
-//! docs list every path.
+//! A returned connection goes back without a round trip, unless sqlx has work
+//! queued on it (a dropped `Transaction`'s `ROLLBACK`: then it is checked on
+//! return, on a task). Whoever takes it next checks it in the one message
+//! that checkout sends anyway: the same owner's check (outside a transaction
+//! block, still carrying exactly its owner's scope, alive) or the owner
+//! change above. One that fails or times out
+//! ([`reset_timeout`](PgBackendConfig::reset_timeout)) or is found inside a
+//! transaction block is closed, never served: closing rolls back what it left
+//! open (a transaction left open by raw SQL stays open on the idle connection
+//! until then). One that had a query dropped mid-way through `&mut *checkout`
+//! (the [`PgConn`] executor tracks this) is closed on return. So a checkout
+//! costs, besides the caller's queries, one round trip of our own; sqlx's
+//! `PgPool` spends two pings (one on acquire, one on release) and resets
+//! nothing. The `lifecycle` module's docs list every path.
 //!
 //! # Tenant affinity
 //!

@@ -2,28 +2,29 @@
 //! one owner, in at most one round trip of our own.
 //!
 //! A connection records the owner its session last served (a tenant scope, or
-//! none for unscoped checkouts). What a checkout costs, besides the caller's
-//! own queries:
+//! none for unscoped checkouts). Its return makes no round trip unless sqlx
+//! has work queued on it (see [`crate::returns`]); the check moves to the next
+//! checkout, where it rides on the one message that checkout needs anyway.
+//! What a checkout costs, besides the caller's own queries:
 //!
 //! | the connection | round trips | what is sent |
 //! |---|---|---|
-//! | idle, same owner, checked < 1 s ago | 0 | nothing: its return check vouched for it |
-//! | idle, same owner, idle longer | 1 | the check ([`verify_sql`]): outside a transaction block, same scope, alive |
+//! | returned to the same owner | 1 | the check ([`verify_sql`]): outside a transaction block, still exactly that scope (unscoped and database: role and `search_path` reset), alive |
+//! | ... vouched for by a return check < 1 s ago | 0 | nothing |
 //! | used by another owner | 1 | [`switch_sql`]: the transaction check, the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)) and the new scope, one simple-protocol message |
 //! | ... whose owner `PREPARE`d statements in SQL | +1 | their `DEALLOCATE`s |
 //! | new | 0 unscoped or database, 1 scoped | the scope ([`apply_sql`]) |
 //!
-//! and on return, one round trip on a task ([`recycle`](crate::PgBackend)):
-//! the check again, which also drains a query abandoned on the raw sqlx
-//! connection, flushes a rollback sqlx queued, and finds a transaction block
-//! left open (the connection is closed, rolling it back). sqlx's own `PgPool`
-//! spends two (a ping on acquire and one on release) and resets nothing.
+//! sqlx's own `PgPool` spends two of its own (a ping on acquire and one on
+//! release) and resets nothing; the peer approach adds the scope statement.
 //!
 //! The transaction check is `transaction_timestamp() = statement_timestamp()`
 //! in a simple-protocol message: true only when the message opened its own
 //! implicit transaction; a session in a failed transaction rejects it, which
-//! counts as dirty too. A connection that fails a check is closed and the
-//! checkout takes another one.
+//! counts as dirty too. A connection that fails a check is closed (rolling
+//! back whatever it had open) and the checkout takes another one. The check
+//! also drains what a query abandoned on the raw sqlx connection left, within
+//! `reset_timeout`, or the connection is closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,9 +42,9 @@ use crate::sql::{apply_sql, switch_sql, validate_setting_name, verify_sql};
 use crate::stats::bump;
 use crate::tenant_pools::TenantLease;
 
-/// A connection checked less than this long ago is handed to its own owner
-/// without another check: it was vouched for on return, and a server that died
-/// since shows up on the first query like on any other connection.
+/// A connection whose return check passed less than this long ago is handed
+/// to its own owner without another check; a server that died since shows up
+/// on the first query like on any other connection.
 const CHECKED_RECENTLY: Duration = Duration::from_secs(1);
 
 /// What getting a connection ready ended in.
@@ -227,7 +228,8 @@ impl Shared {
         let same = self.config.affinity.enabled
             && !self.config.tenant_roles
             && pooled.owner.as_ref() == scope;
-        if same && pooled.verified.elapsed() < CHECKED_RECENTLY {
+        let vouched = pooled.vouched.take();
+        if same && vouched.is_some_and(|at| at.elapsed() < CHECKED_RECENTLY) {
             bump(&self.returns.hits);
             return Ok(Ready::Yes);
         }
@@ -236,7 +238,6 @@ impl Shared {
             bump(&self.returns.hits);
             let checked = tokio::time::timeout_at(limit, check(&mut pooled.raw, scope)).await;
             return Ok(if self.judge(scope, checked) {
-                pooled.verified = Instant::now();
                 Ready::Yes
             } else {
                 Ready::Stale
@@ -301,7 +302,6 @@ impl Shared {
         rows: &[PgRow],
     ) -> Result<(), Error> {
         let pooled = conn.pooled_mut();
-        pooled.verified = Instant::now();
         let Some(scope) = scope.filter(|s| s.isolation() != Isolation::Database) else {
             pooled.owner = scope.cloned();
             return Ok(());

@@ -1,15 +1,28 @@
-//! The return path: every returned connection is checked in one
-//! simple-protocol round trip on a task (outside a transaction block, still
-//! carrying exactly its owner's scope) before anyone else gets it; one that
-//! fails, times out or comes back dirty is closed, never pooled. Also the
-//! sweeper, which closes idle connections and tenant pools and keeps
-//! `min_idle` connections open.
+//! The return path: a look without I/O decides whether a returned connection
+//! goes straight back, is checked first, or is closed; also the sweeper,
+//! which closes idle connections and tenant pools and keeps `min_idle`
+//! connections open.
+//!
+//! - Closed: the backend is closed, a query run through the checkout was
+//!   dropped mid-way, or the connection is past `max_lifetime`.
+//! - Checked first, in one simple-protocol round trip on a task (the same
+//!   check as a same-owner checkout makes, see [`crate::lifecycle`]), when
+//!   sqlx has work queued on it: a dropped sqlx `Transaction` queues its
+//!   `ROLLBACK` in the write buffer, and the check flushes it at once so its
+//!   locks go now, not at the next checkout.
+//! - Otherwise straight back, no round trip: whoever takes it next checks it
+//!   in the round trip that checkout makes anyway (the check for the same
+//!   owner, the owner change for another). A transaction block left open by
+//!   raw SQL (`BEGIN` without `COMMIT`) is found there and the connection
+//!   closed, rolling it back; until then it stays open on an idle connection
+//!   (at most `idle_timeout`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::{EndpointId, Recycle, TenantScope};
+use sqlx::Connection as _;
+use switchyard_core::{EndpointId, Recycle, Returned, TenantScope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -28,15 +41,34 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// The recycle step: the check, within `reset_timeout`; a connection past
-    /// its `max_lifetime` is closed instead.
-    pub(crate) async fn recycle(&self, conn: &mut PgConn) -> Recycle {
+    /// The look without I/O (see the module docs).
+    pub(crate) fn inspect(&self, conn: &PgConn) -> Returned {
+        if conn.in_flight {
+            bump(&self.returns.closed_mid_query);
+            return Returned::Broken;
+        }
         let too_old = self
             .config
             .pool
             .max_lifetime
             .is_some_and(|max| conn.pooled().created.elapsed() >= max);
         if too_old || self.is_closed() {
+            return Returned::Broken;
+        }
+        let raw = &conn.pooled().raw;
+        // `should_flush`: sqlx's own test for queued messages (the pool's
+        // release path uses it); public but hidden from its docs.
+        if raw.should_flush() || raw.is_in_transaction() {
+            Returned::Dirty
+        } else {
+            Returned::Clean
+        }
+    }
+
+    /// The recycle step of a connection with work queued: the check, within
+    /// `reset_timeout`.
+    pub(crate) async fn recycle(&self, conn: &mut PgConn) -> Recycle {
+        if self.is_closed() {
             return Recycle::Discard;
         }
         let pooled = conn.pooled_mut();
@@ -44,7 +76,7 @@ impl Shared {
         let limit = Instant::now() + self.config.reset_timeout;
         let outcome = tokio::time::timeout_at(limit, check(&mut pooled.raw, owner.as_ref())).await;
         if self.judge(owner.as_ref(), outcome) {
-            pooled.verified = Instant::now();
+            pooled.vouched = Some(Instant::now());
             Recycle::Keep
         } else {
             Recycle::Discard

@@ -42,8 +42,9 @@ pub(crate) struct Pooled {
     /// Never handed out yet: the session is as the server started it.
     pub(crate) fresh: bool,
     pub(crate) created: Instant,
-    /// When it was last vouched for (opened, or verified on return).
-    pub(crate) verified: Instant,
+    /// When a check last vouched for its session (the return check of a
+    /// return that needed one); `None` once handed out again.
+    pub(crate) vouched: Option<Instant>,
     slot: Slot,
 }
 
@@ -84,7 +85,7 @@ impl Reservation {
             owner: None,
             fresh: true,
             created: now,
-            verified: now,
+            vouched: None,
             slot: self.0,
         }
     }
@@ -92,7 +93,7 @@ impl Reservation {
 
 /// What a waiter is given.
 pub(crate) enum Grant {
-    /// A returned connection, vouched for by its return check.
+    /// A returned connection (checked when handed out, see `crate::lifecycle`).
     Conn(Pooled),
     /// A free place: open a connection.
     Open(Reservation),
@@ -212,7 +213,7 @@ impl Slots {
         Take::Wait(rx)
     }
 
-    /// Takes back a connection vouched for by its return check: to a waiter
+    /// Takes back a returned connection: to a waiter
     /// (its own owner's first, within the bypass bound), else idle.
     pub(crate) fn put(&self, mut conn: Pooled) {
         loop {
@@ -337,5 +338,140 @@ impl Slots {
         for idle in idle {
             idle.conn.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use switchyard_core::{Isolation, TenantId};
+
+    fn owner(id: &str) -> Option<TenantScope> {
+        let tenant = TenantId::new(id).unwrap();
+        Some(TenantScope::new(
+            tenant,
+            Isolation::Row,
+            format!("row_{id}"),
+            "app.tenant_id",
+        ))
+    }
+
+    fn slots(max: u32, max_bypass: u32) -> Arc<Slots> {
+        // Never connects: these tests hand out places, not connections.
+        Slots::new(PgConnectOptions::new(), max, max_bypass)
+    }
+
+    /// Queues waiters of `owners` (in order) as `take` would, keeping their
+    /// receivers open.
+    fn queue(slots: &Slots, owners: &[&str]) -> Vec<oneshot::Receiver<Grant>> {
+        owners
+            .iter()
+            .map(|o| match slots.take(owner(o).as_ref()) {
+                Take::Wait(rx) => rx,
+                _ => panic!("expected to wait"),
+            })
+            .collect()
+    }
+
+    /// Which queued owner each of `returns` (owners of returned connections)
+    /// goes to, choosing as `put` does.
+    fn hand_out(slots: &Slots, returns: &[&str]) -> Vec<String> {
+        returns
+            .iter()
+            .map(|r| {
+                let mut state = slots.lock();
+                let pick = slots.pick(&mut state, owner(r).as_ref()).unwrap();
+                let waiter = state.waiters.remove(pick).unwrap();
+                waiter.owner.unwrap().tenant().as_str().to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_returned_connection_goes_to_its_own_owner_at_most_max_bypass_times_ahead_of_the_head() {
+        let slots = slots(1, 2);
+        let _held = match slots.take(None) {
+            Take::Open(r) => r,
+            _ => panic!("room for one"),
+        };
+        let _rx = queue(&slots, &["b", "a", "a", "a", "c"]);
+        // `a`'s connections serve `a`'s waiters ahead of `b` twice; then `b`,
+        // passed over max_bypass times, is served though an `a` still waits.
+        assert_eq!(hand_out(&slots, &["a", "a", "a"]), ["a", "a", "b"]);
+        // The left `a` heads now, never passed over: `c` may go ahead of it.
+        assert_eq!(hand_out(&slots, &["c", "c"]), ["c", "a"]);
+        assert_eq!(slots.handoffs.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn without_bypass_waiters_are_served_strictly_in_order() {
+        let slots = slots(1, 0);
+        let _held = match slots.take(None) {
+            Take::Open(r) => r,
+            _ => panic!("room for one"),
+        };
+        let _rx = queue(&slots, &["b", "a", "c", "a"]);
+        assert_eq!(
+            hand_out(&slots, &["a", "a", "a", "a"]),
+            ["b", "a", "c", "a"]
+        );
+        assert_eq!(slots.handoffs.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_connection_with_no_waiter_of_its_owner_goes_to_the_head() {
+        let slots = slots(1, 4);
+        let _held = match slots.take(None) {
+            Take::Open(r) => r,
+            _ => panic!("room for one"),
+        };
+        let _rx = queue(&slots, &["b", "c"]);
+        assert_eq!(hand_out(&slots, &["a"]), ["b"]);
+        // Unscoped is an owner like any other.
+        let _more = queue(&slots, &["d"]);
+        let mut state = slots.lock();
+        assert_eq!(slots.pick(&mut state, None), Some(0));
+    }
+
+    /// A waiter that gave up (its checkout timed out, the clock paused and
+    /// advanced past its deadline) is skipped; the freed place goes to the
+    /// next one, and the pool's size stays exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_place_skips_waiters_that_timed_out() {
+        let slots = slots(1, 4);
+        let held = match slots.take(owner("a").as_ref()) {
+            Take::Open(r) => r,
+            _ => panic!("room for one"),
+        };
+        let mut rx = queue(&slots, &["b", "c"]);
+        let c = rx.pop().unwrap();
+        let b = rx.pop().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let timed_out = tokio::time::timeout_at(deadline, b).await;
+        assert!(timed_out.is_err(), "nothing was freed");
+        // `b`'s receiver is gone with its timeout; `c` still waits.
+        drop(held);
+        match tokio::time::timeout(Duration::from_secs(1), c).await {
+            Ok(Ok(Grant::Open(reservation))) => drop(reservation),
+            _ => panic!("the waiter still waiting gets the place"),
+        }
+        assert_eq!(slots.occupancy().size, 0);
+        assert!(slots.is_unused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_the_pool_wakes_every_waiter_with_an_error() {
+        let slots = slots(1, 4);
+        let _held = match slots.take(None) {
+            Take::Open(r) => r,
+            _ => panic!("room for one"),
+        };
+        let rx = queue(&slots, &["a", "b"]);
+        slots.close();
+        for waiter in rx {
+            assert!(waiter.await.is_err());
+        }
+        assert!(matches!(slots.take(None), Take::Closed));
     }
 }

@@ -1,9 +1,12 @@
 //! Quoting and the few SQL texts this crate sends.
 //!
-//! Tenant names reach SQL only as bound parameters or through [`quote_ident`] /
-//! [`quote_literal`]. [`TenantId`](switchyard_core::TenantId) already forbids
-//! quotes, but the quoting here does not rely on that: a [`TenantScope`] can be
-//! built by hand with any target.
+//! Tenant names reach SQL only as bound parameters, through [`quote_ident`] /
+//! [`quote_literal`] (provisioning statements), or, in the messages the
+//! checkout path sends, as hex digits ([`text_value`]): those are
+//! multi-statement simple-protocol messages, which cannot carry parameters.
+//! [`TenantId`](switchyard_core::TenantId) already forbids quotes, but the
+//! quoting here does not rely on that: a [`TenantScope`] can be built by hand
+//! with any target.
 
 use switchyard_core::{Isolation, TenantScope};
 
@@ -56,6 +59,28 @@ pub fn quote_literal(value: &str) -> String {
         }
     }
     out.push('\'');
+    out
+}
+
+/// A text value as SQL that the server's lexer reads only as hex digits:
+/// `convert_from(decode('<hex of the UTF-8 bytes>', 'hex'), 'UTF8')`.
+///
+/// Tenant ids and names go into the owner-change message this way, where a
+/// bound parameter is not possible (a multi-statement simple-protocol
+/// message). Like a bound parameter, the value is never lexed as SQL: the
+/// literal holds only `[0-9a-f]`, so no quote, backslash or byte ≥ 0x80 of
+/// the value reaches the lexer, and the message reads the same whatever the
+/// previous owner left in `standard_conforming_strings`, `backslash_quote` or
+/// `client_encoding` (the whole message is converted and lexed before its
+/// `RESET ALL` runs).
+pub(crate) fn text_value(value: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(value.len() * 2 + 40);
+    out.push_str("convert_from(decode('");
+    for byte in value.bytes() {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out.push_str("', 'hex'), 'UTF8')");
     out
 }
 
@@ -120,12 +145,12 @@ pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
     match owner.map(|s| (s.isolation(), s)) {
         Some((Isolation::Schema, scope)) => format!(
             "SELECT {OUTSIDE_TRANSACTION} AND current_setting('search_path') = {}",
-            quote_literal(&quote_ident(scope.target()))
+            text_value(&quote_ident(scope.target()))
         ),
         Some((Isolation::Row, scope)) => format!(
             "SELECT {OUTSIDE_TRANSACTION} AND current_setting({}, true) = {}",
             quote_literal(scope.row_setting()),
-            quote_literal(scope.tenant().as_str())
+            text_value(scope.tenant().as_str())
         ),
         // Nothing of a scope to compare: undo the two session changes that
         // would break the next checkout of the same owner (a role, a
@@ -145,14 +170,14 @@ pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
     let role = if as_role {
         format!(
             " AND set_config('role', {}, false) IS NOT NULL",
-            quote_literal(scope.target())
+            text_value(scope.target())
         )
     } else {
         String::new()
     };
     match scope.isolation() {
         Isolation::Schema => {
-            let path = quote_literal(&quote_ident(scope.target()));
+            let path = text_value(&quote_ident(scope.target()));
             Some(format!(
                 "SELECT CASE WHEN to_regnamespace({path}) IS NULL THEN false \
                  ELSE set_config('search_path', {path}, false) IS NOT NULL{role} END"
@@ -161,7 +186,7 @@ pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
         Isolation::Row => Some(format!(
             "SELECT set_config({}, {}, false) IS NOT NULL{role}",
             quote_literal(scope.row_setting()),
-            quote_literal(scope.tenant().as_str())
+            text_value(scope.tenant().as_str())
         )),
         Isolation::Database => None,
     }
@@ -232,13 +257,16 @@ mod tests {
         let schema = TenantScope::new(t.clone(), Isolation::Schema, "tenant_Acme-1", "app.t");
         let row = TenantScope::new(t.clone(), Isolation::Row, "tenant_Acme-1", "app.t");
         let db = TenantScope::new(t, Isolation::Database, "tenant_Acme-1", "app.t");
-        assert!(switch_sql(Some(&schema), false).ends_with(
-            "DISCARD SEQUENCES; SELECT CASE WHEN to_regnamespace('\"tenant_Acme-1\"') IS NULL \
-             THEN false ELSE set_config('search_path', '\"tenant_Acme-1\"', false) IS NOT NULL END"
-        ));
-        assert!(switch_sql(Some(&row), false).ends_with(
-            "DISCARD SEQUENCES; SELECT set_config('app.t', 'Acme-1', false) IS NOT NULL"
-        ));
+        // "tenant_Acme-1" quoted as an identifier, then hex.
+        let path = "convert_from(decode('2274656e616e745f41636d652d3122', 'hex'), 'UTF8')";
+        assert!(switch_sql(Some(&schema), false).ends_with(&format!(
+            "DISCARD SEQUENCES; SELECT CASE WHEN to_regnamespace({path}) IS NULL \
+             THEN false ELSE set_config('search_path', {path}, false) IS NOT NULL END"
+        )));
+        let id = "convert_from(decode('41636d652d31', 'hex'), 'UTF8')";
+        assert!(switch_sql(Some(&row), false).ends_with(&format!(
+            "DISCARD SEQUENCES; SELECT set_config('app.t', {id}, false) IS NOT NULL"
+        )));
         assert!(switch_sql(None, false).ends_with("DISCARD SEQUENCES"));
         assert!(switch_sql(Some(&db), false).ends_with("DISCARD SEQUENCES"));
         assert_eq!(
@@ -246,7 +274,13 @@ mod tests {
             "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp()"
         );
         assert!(verify_sql(Some(&schema))
-            .ends_with("current_setting('search_path') = '\"tenant_Acme-1\"'"));
-        assert!(verify_sql(Some(&row)).ends_with("current_setting('app.t', true) = 'Acme-1'"));
+            .ends_with(&format!("current_setting('search_path') = {path}")));
+        assert!(verify_sql(Some(&row)).ends_with(&format!("current_setting('app.t', true) = {id}")));
+        // Whatever the value holds, the SQL around it is ASCII hex digits.
+        let hostile = text_value("x'\\\u{8cea}\"; --");
+        assert_eq!(
+            hostile,
+            "convert_from(decode('78275ce8b3aa223b202d2d', 'hex'), 'UTF8')"
+        );
     }
 }
