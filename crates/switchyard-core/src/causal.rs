@@ -179,7 +179,12 @@ impl CausalToken {
                     Coverage::NotYet
                 }
             }
-            (History::Lineage { id, offset, .. }, History::Lineage { id: i, offset: o, .. }) => {
+            (
+                History::Lineage { id, offset, .. },
+                History::Lineage {
+                    id: i, offset: o, ..
+                },
+            ) => {
                 if id == i && o >= offset {
                     Coverage::Covered
                 } else {
@@ -323,8 +328,7 @@ mod tests {
             let text = token.to_string();
             assert!(text.len() < 80, "{text}");
             assert!(
-                text.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.'),
+                text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'),
                 "header and cookie safe: {text}"
             );
             assert_eq!(text.parse::<CausalToken>(), Ok(token));

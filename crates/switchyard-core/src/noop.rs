@@ -202,6 +202,47 @@ fn role_from_u8(v: u8) -> Role {
     }
 }
 
+/// Causal positions are the history set with
+/// [`set_replication`](NoopBackend::set_replication): a write reached it, a
+/// node has applied what it covers. A hung node ([`set_acquire_delay`](NoopBackend::set_acquire_delay))
+/// answers a confirmation after the same delay.
+impl crate::causal::CausalBackend for NoopBackend {
+    async fn written(
+        &self,
+        _conn: &mut NoopConnection,
+        _line: Option<&History>,
+    ) -> Result<History, Error> {
+        self.history().ok_or_else(|| Error::Causal {
+            cluster: self.endpoint.to_string(),
+            reason: crate::causal::CausalError::Unsupported,
+        })
+    }
+
+    async fn confirm(
+        &self,
+        _conn: &mut NoopConnection,
+        token: &crate::causal::CausalToken,
+        _line: Option<&History>,
+    ) -> Result<crate::causal::Coverage, Error> {
+        if let Some(d) = delay(&self.acquire_delay_ns) {
+            tokio::time::sleep(d).await;
+        }
+        Ok(self
+            .history()
+            .map_or(crate::causal::Coverage::NotYet, |h| token.covered_by(&h)))
+    }
+}
+
+impl NoopBackend {
+    fn history(&self) -> Option<History> {
+        self.replication
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+}
+
 impl Backend for NoopBackend {
     type Connection = NoopConnection;
 

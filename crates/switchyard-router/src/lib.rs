@@ -90,6 +90,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod causal;
 pub mod checkout;
 mod cluster;
 pub mod config;
@@ -112,11 +113,12 @@ mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use causal::CausalStats;
 pub use checkout::CheckoutOptions;
 pub use cluster::{Cluster, ClusterBuilder};
 pub use config::{
-    ClusterConfig, EndpointConfig, HealthConfig, LatencyConfig, ReadPreference, RetryConfig,
-    StrategyKind, WarmingConfig,
+    CausalConfig, CausalFallback, ClusterConfig, EndpointConfig, HealthConfig, LatencyConfig,
+    ReadPreference, RetryConfig, StrategyKind, WarmingConfig,
 };
 pub use futures_util::future::BoxFuture;
 pub use health::{EjectionStatus, Health};
