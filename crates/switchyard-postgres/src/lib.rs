@@ -157,6 +157,7 @@
 //! [`Error::ProbeTimeout`](switchyard_core::Error::ProbeTimeout).
 
 mod backend;
+mod causal;
 mod config;
 mod connection;
 mod error;
