@@ -12,12 +12,14 @@
 //!
 //! A promoted replica starts a new line id and keeps the old one as
 //! `master_replid2`, sharing it up to `second_repl_offset`. A token of the
-//! old line is covered on the new one when its offset is below that point;
-//! at or past it, the write was lost with the old master: the new master
-//! answers [`Coverage::Never`] (the router refuses the token as lost), and a
-//! replica answers `NotYet` (its own switch point may be earlier than the
-//! master's), so such a read never waits past the causal wait and never
-//! reads older data than the token names as if it held.
+//! old line is covered on the new one when its offset is below that point.
+//! At or past it, or on an unrelated line, a node never will cover it
+//! ([`Coverage::Never`]): the new master's answer makes the router refuse
+//! the token as lost (the write went with the old master), and a replica's
+//! (one that resynced from the new master, or switched lines earlier than
+//! the master did) moves the read on at once instead of waiting on it. So a
+//! token of the old master never waits past the causal wait and never
+//! reads older data than it names as if it held.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -117,7 +119,6 @@ fn coverage(token: &CausalToken, info: &str) -> Coverage {
     let History::Lineage { id, offset, .. } = token.mark() else {
         return Coverage::Never;
     };
-    let master = field(info, "role") == Some("master");
     let applied = number(info, "master_repl_offset").unwrap_or(0);
     let reached = if applied >= *offset {
         Coverage::Covered
@@ -127,17 +128,14 @@ fn coverage(token: &CausalToken, info: &str) -> Coverage {
     if field(info, "master_replid") == Some(id.as_str()) {
         return reached;
     }
-    let replaced_at = number(info, "second_repl_offset");
-    if field(info, "master_replid2") == Some(id.as_str())
-        && replaced_at.is_some_and(|at| *offset < at)
-    {
+    // The line replaced (`master_replid2`) is shared up to
+    // `second_repl_offset` (exclusive), and never grows again.
+    let shared = field(info, "master_replid2") == Some(id.as_str())
+        && number(info, "second_repl_offset").is_some_and(|at| *offset < at);
+    if shared {
         return reached;
     }
-    if master {
-        Coverage::Never
-    } else {
-        Coverage::NotYet
-    }
+    Coverage::Never
 }
 
 fn number(info: &str, name: &str) -> Option<u64> {
@@ -185,11 +183,15 @@ mod tests {
         let master = info("master", NEW, OLD, 101, 500);
         assert_eq!(coverage(&token(100), &master), Coverage::Covered);
         assert_eq!(coverage(&token(150), &master), Coverage::Never, "lost");
-        // A replica cannot tell: it is left to the wait and the master.
+        // A replica that switched lines at 101 cannot get 150 any more.
         let replica = info("slave", NEW, OLD, 101, 500);
-        assert_eq!(coverage(&token(150), &replica), Coverage::NotYet);
-        // An unrelated line (a master restarted empty).
+        assert_eq!(coverage(&token(150), &replica), Coverage::Never);
+        assert_eq!(coverage(&token(90), &replica), Coverage::Covered);
+        // An unrelated line (a master restarted empty, a replica that fully
+        // resynced from the new master): never, not worth a wait.
         let restarted = info("master", NEW, ZEROS, -1, 10);
         assert_eq!(coverage(&token(5), &restarted), Coverage::Never);
+        let resynced = info("slave", NEW, ZEROS, -1, 500);
+        assert_eq!(coverage(&token(5), &resynced), Coverage::Never);
     }
 }
