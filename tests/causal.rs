@@ -31,7 +31,7 @@ const TASKS: u64 = 16;
 /// Pairs per task with tokens: 16 x 640 = 10,240.
 const TOKEN_PAIRS: u64 = 640;
 /// Pairs per task without tokens (only a rate is wanted).
-const PLAIN_PAIRS: u64 = 125;
+const PLAIN_PAIRS: u64 = 200;
 
 /// One write-then-read pair's verdict.
 struct Read {

@@ -441,7 +441,8 @@ mod tests {
             r#"{"strategy":"weighted_round_robin","read_preference":"any",
                 "failover_timeout":"3s",
                 "health":{"interval":"500ms","timeout":"200ms","max_replica_lag":null},
-                "retry":{"max_attempts":2}}"#,
+                "retry":{"max_attempts":2},
+                "causal":{"wait":"50ms","fallback":"fail"}}"#,
         )
         .unwrap();
         assert_eq!(c.strategy, StrategyKind::WeightedRoundRobin);
@@ -451,6 +452,8 @@ mod tests {
         assert_eq!(c.health.max_replica_lag, None);
         assert_eq!(c.health.fall, 3);
         assert_eq!(c.retry.max_attempts, 2);
+        assert_eq!(c.causal.wait, Duration::from_millis(50));
+        assert_eq!(c.causal.fallback, CausalFallback::Fail);
         assert!(serde_json::from_str::<ClusterConfig>(r#"{"bogus":1}"#).is_err());
     }
 

@@ -197,3 +197,31 @@ async fn a_later_token_wins_a_merge_and_is_the_one_honoured() {
         .unwrap();
     assert_eq!(conn.endpoint().as_str(), "p");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_hangs_on_the_confirmation_is_left_within_the_wait_and_ejected() {
+    // Round robin: r1 is certain to be picked.
+    let mut c = config();
+    c.strategy = crate::StrategyKind::RoundRobin;
+    let (cluster, backends) = at(50, c).await;
+    let token = written(&cluster).await;
+    // r1 hands out connections but never answers; r2 has applied the write.
+    backends[1].set_confirm_delay(Duration::from_secs(3600));
+    backends[2].set_replication(wal(100), Some(true));
+    let wait = config().causal.wait;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let conn = cluster
+            .checkout_after(&token, None, CheckoutOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(conn.endpoint().as_str(), "r2");
+        assert!(started.elapsed() < wait * 2, "{:?}", started.elapsed());
+    }
+    // Cut off once, then charged and ejected: later reads never try it.
+    assert!(matches!(
+        status_of(&cluster, "r1").health,
+        crate::Health::Ejected
+    ));
+    assert_eq!(cluster.causal_stats().replica_reads, 20);
+}
