@@ -11,18 +11,24 @@
 //! - `GET /notes` lists the tenant's notes, `POST /notes` (`{"body": "..."}`)
 //!   inserts one. Handlers write plain `notes`: schema isolation confines the
 //!   connection's `search_path` to `tenant_<id>`.
+//! - Read-your-writes: `POST` answers with an `x-switchyard-token` header (the
+//!   write's causal token); a `GET` that sends it back is served by the standby
+//!   once it has replayed that write (else, after a bounded wait, by the
+//!   primary), so a client always sees its own notes. A malformed or foreign
+//!   token is a `400`.
 //!
 //! `main` starts the test bed (a local PostgreSQL primary and standby),
 //! provisions two tenants, serves on `127.0.0.1:0`, then acts as its own
 //! client over a raw HTTP/1.1 socket and checks that each tenant sees only its
-//! own notes. Run with `cargo run --example axum_service`.
+//! own notes, reading right after writing with the token and no other wait.
+//! Run with `cargo run --example axum_service`.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequestParts, Request};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -32,7 +38,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use switchyard::postgres::{PgBackend, PgBackendConfig};
 use switchyard::router::config::HealthConfig;
-use switchyard::router::EndpointConfig;
+use switchyard::router::{CheckoutOptions, EndpointConfig};
 use switchyard::{
     Checkout, Cluster, ClusterConfig, Error, Intent, Isolation, Role, TenantId, TenantRegistry,
     TierPolicy,
@@ -43,6 +49,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The header carrying the tenant.
 const TENANT_HEADER: &str = "x-tenant-id";
+/// The header carrying a causal token: out on writes, back in on reads.
+const TOKEN_HEADER: &str = "x-switchyard-token";
 /// The tenants provisioned by `main`.
 const TENANTS: [&str; 2] = ["acme", "globex"];
 
@@ -91,6 +99,11 @@ impl IntoResponse for ApiError {
                         StatusCode::FORBIDDEN
                     }
                     Error::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+                    Error::Causal { reason, .. } => match reason {
+                        switchyard::CausalError::NotApplied => StatusCode::SERVICE_UNAVAILABLE,
+                        switchyard::CausalError::Lost => StatusCode::CONFLICT,
+                        _ => StatusCode::BAD_REQUEST,
+                    },
                     Error::NoHealthyEndpoint { .. }
                     | Error::NoPrimary { .. }
                     | Error::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -143,7 +156,20 @@ impl FromRequestParts<AppCluster> for TenantConn {
             Method::GET | Method::HEAD => Intent::Read,
             _ => Intent::Write,
         };
-        let conn = cluster.checkout(intent, Some(tenant)).await?;
+        let token = parts
+            .headers
+            .get(TOKEN_HEADER)
+            .map(|v| cluster.parse_token(v.to_str().unwrap_or_default()))
+            .transpose()?;
+        let conn = match (intent, token) {
+            // A read after the client's own write: somewhere that has it.
+            (Intent::Read, Some(token)) => {
+                cluster
+                    .checkout_after(&token, Some(tenant), CheckoutOptions::new())
+                    .await?
+            }
+            _ => cluster.checkout(intent, Some(tenant)).await?,
+        };
         Ok(Self(conn))
     }
 }
@@ -163,9 +189,10 @@ async fn list_notes(TenantConn(mut conn): TenantConn) -> Result<Json<Value>, Api
 }
 
 async fn add_note(
+    State(cluster): State<AppCluster>,
     TenantConn(mut conn): TenantConn,
     Json(body): Json<Value>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, [(&'static str, String); 1], Json<Value>), ApiError> {
     let text = body
         .get("body")
         .and_then(Value::as_str)
@@ -174,8 +201,11 @@ async fn add_note(
         .bind(text)
         .fetch_one(&mut *conn)
         .await?;
+    // Committed (autocommit): the token names where the write reached.
+    let token = cluster.token(&mut conn).await?;
     Ok((
         StatusCode::CREATED,
+        [(TOKEN_HEADER, token.to_string())],
         Json(json!({ "id": id, "endpoint": conn.endpoint().as_str() })),
     ))
 }
@@ -254,22 +284,26 @@ async fn main() -> Result<(), Box<dyn StdError>> {
     let server = tokio::spawn(async move { axum::serve(listener, app(cluster)).await });
     println!("serving on http://{addr}");
 
-    // Each tenant writes its own notes...
+    // Each tenant writes its own notes, keeping the last write's token...
+    let mut tokens = Vec::new();
     for t in TENANTS {
+        let mut last = None;
         for n in 1..=2 {
             let body = json!({ "body": format!("{t} note {n}") }).to_string();
-            let (status, reply) = http(addr, "POST", Some(t), Some(&body)).await?;
-            println!("POST /notes  x-tenant-id: {t:<7} -> {status} {reply}");
+            let (status, reply, token) = http(addr, "POST", Some(t), Some(&body), None).await?;
+            println!(
+                "POST /notes  x-tenant-id: {t:<7} -> {status} {reply} {TOKEN_HEADER}: {token:?}"
+            );
             check(status == 201, "POST should be 201")?;
+            last = token;
         }
+        tokens.push(last.ok_or("POST should answer with a token")?);
     }
-    // ...replicated before reading, since reads may go to the standby...
-    pg.wait_replayed(&pg.standbys()[0], Duration::from_secs(5))
-        .await?;
-    // ...and reads back exactly those.
-    for t in TENANTS {
-        let (status, reply) = http(addr, "GET", Some(t), None).await?;
-        println!("GET  /notes  x-tenant-id: {t:<7} -> {status} {reply}");
+    // ...and at once reads back exactly those, sending the token back: the
+    // read sees the writes wherever it is served, with no wait in between.
+    for (t, token) in TENANTS.into_iter().zip(&tokens) {
+        let (status, reply, _) = http(addr, "GET", Some(t), None, Some(token)).await?;
+        println!("GET  /notes  x-tenant-id: {t:<7} {TOKEN_HEADER}: {token} -> {status} {reply}");
         check(status == 200, "GET should be 200")?;
         let reply: Value = serde_json::from_str(&reply)?;
         let want: Vec<Value> = (1..=2).map(|n| json!(format!("{t} note {n}"))).collect();
@@ -281,16 +315,19 @@ async fn main() -> Result<(), Box<dyn StdError>> {
 
     // Bad and missing tenants are turned away before any checkout.
     let bad = "acme'; DROP SCHEMA tenant_acme; --";
-    let (status, reply) = http(addr, "GET", Some(bad), None).await?;
+    let (status, reply, _) = http(addr, "GET", Some(bad), None, None).await?;
     println!("GET  /notes  x-tenant-id: {bad:?} -> {status} {reply}");
     check(status == 400, "an invalid tenant should be 400")?;
-    let (status, reply) = http(addr, "GET", None, None).await?;
+    let (status, reply, _) = http(addr, "GET", None, None, None).await?;
     println!("GET  /notes  (no x-tenant-id) -> {status} {reply}");
     check(status == 400, "a missing tenant should be 400")?;
+    let (status, reply, _) = http(addr, "GET", Some("acme"), None, Some("sy1.0.t.1.1.1")).await?;
+    println!("GET  /notes  {TOKEN_HEADER}: (another cluster's) -> {status} {reply}");
+    check(status == 400, "a foreign token should be 400")?;
 
     server.abort();
     println!(
-        "ok: 2 tenants isolated, invalid/missing tenant rejected ({} ms)",
+        "ok: 2 tenants isolated and reading their own writes, invalid/missing tenant rejected ({} ms)",
         started.elapsed().as_millis()
     );
     Ok(())
@@ -305,16 +342,20 @@ fn check(ok: bool, what: &str) -> Result<(), Box<dyn StdError>> {
 }
 
 /// A minimal HTTP/1.1 client: one request per connection (`Connection:
-/// close`), returning the status code and the body.
+/// close`), returning the status code, the body and the token header.
 async fn http(
     addr: SocketAddr,
     method: &str,
     tenant: Option<&str>,
     body: Option<&str>,
-) -> Result<(u16, String), Box<dyn StdError>> {
+    token: Option<&str>,
+) -> Result<(u16, String, Option<String>), Box<dyn StdError>> {
     let mut req = format!("{method} /notes HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = tenant {
         req.push_str(&format!("{TENANT_HEADER}: {t}\r\n"));
+    }
+    if let Some(token) = token {
+        req.push_str(&format!("{TOKEN_HEADER}: {token}\r\n"));
     }
     let body = body.unwrap_or("");
     if !body.is_empty() {
@@ -333,5 +374,10 @@ async fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or("malformed status line")?;
-    Ok((status, body.to_string()))
+    let token = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case(TOKEN_HEADER)
+            .then(|| value.trim().to_string())
+    });
+    Ok((status, body.to_string(), token))
 }

@@ -9,8 +9,9 @@
 
 pub use switchyard_core as core;
 pub use switchyard_core::{
-    Backend, Checkout, CheckoutRequest, Error, Intent, Isolation, PoolSettings, Role, SecretUrl,
-    TenantId, TenantRegistry, TenantScope, TierPolicy, TlsFailure, TlsSettings,
+    Backend, CausalError, CausalToken, Checkout, CheckoutRequest, Error, Intent, Isolation,
+    PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TenantScope, TierPolicy, TlsFailure,
+    TlsSettings,
 };
 pub use switchyard_router as router;
 pub use switchyard_router::{Cluster, ClusterConfig};

@@ -23,7 +23,7 @@
 //! [`RouterSet::build`] starts one router per cluster, and [`LiveConfig`]
 //! re-loads the files while traffic flows and applies every change live:
 //! router settings (timeouts, retries, health, read preference, warming,
-//! strategy), pool settings, endpoints added, removed or re-pointed, weights,
+//! causal reads, strategy), pool settings, endpoints added, removed or re-pointed, weights,
 //! clusters added or removed, and tenant tiers. An invalid configuration is
 //! rejected with every problem, and the running one stays.
 //!

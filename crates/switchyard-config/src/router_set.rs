@@ -385,6 +385,7 @@ fn router_changes(prev: &ClusterConfig, next: &ClusterConfig) -> Vec<&'static st
     check(prev.retry != next.retry, "retry");
     check(prev.latency != next.latency, "latency");
     check(prev.warming != next.warming, "warming");
+    check(prev.causal != next.causal, "causal");
     out
 }
 

@@ -194,6 +194,17 @@ pub enum Error {
         message: String,
     },
 
+    /// A causal token was refused, or could not be honoured or made (see
+    /// [`crate::CausalToken`]).
+    #[error("causal token in cluster {cluster}: {reason}")]
+    Causal {
+        /// Cluster name.
+        cluster: String,
+        /// Why.
+        #[source]
+        reason: crate::CausalError,
+    },
+
     /// The pool or router was shut down.
     #[error("switchyard was shut down")]
     Closed,

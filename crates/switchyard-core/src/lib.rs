@@ -15,6 +15,7 @@
 //!   [`TierPolicy`]: who a tenant is, how it is isolated and how much it may hold;
 //! - [`Intent`], [`Role`], [`Probe`] (with the endpoint's replication
 //!   [`History`]), [`PoolSettings`], [`SecretUrl`];
+//! - [`CausalToken`], [`CausalBackend`]: read-your-writes on replicas;
 //! - [`Error`]: one typed error with [`Error::is_retryable`].
 //!
 //! ```
@@ -44,6 +45,7 @@
 //! ```
 
 mod backend;
+mod causal;
 mod checkout;
 mod endpoint;
 mod error;
@@ -57,6 +59,7 @@ mod tls;
 mod tls_client;
 
 pub use backend::{Backend, Intent, PoolStats, Probe, Recycle, Returned, Role};
+pub use causal::{CausalBackend, CausalError, CausalToken, Coverage};
 pub use checkout::{
     Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, InFlightWatcher, Outcome,
 };

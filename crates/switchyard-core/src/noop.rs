@@ -73,6 +73,7 @@ pub struct NoopBackend {
     fail_recycle: AtomicBool,
     acquire_delay_ns: AtomicU64,
     scope_delay_ns: AtomicU64,
+    confirm_delay_ns: AtomicU64,
     probe_rtt_ns: AtomicU64,
     /// What probes report besides the role: history and streaming.
     replication: Mutex<(Option<History>, Option<bool>)>,
@@ -90,6 +91,7 @@ impl NoopBackend {
             fail_recycle: AtomicBool::new(false),
             acquire_delay_ns: AtomicU64::new(0),
             scope_delay_ns: AtomicU64::new(0),
+            confirm_delay_ns: AtomicU64::new(0),
             probe_rtt_ns: AtomicU64::new(0),
             replication: Mutex::new((None, None)),
             state: Arc::default(),
@@ -126,6 +128,12 @@ impl NoopBackend {
     /// Makes applying a scope take `delay`.
     pub fn set_scope_delay(&self, delay: Duration) {
         self.scope_delay_ns.store(nanos(delay), Ordering::Relaxed);
+    }
+
+    /// Makes every causal confirmation take `delay` (a node that hangs
+    /// after handing out a connection).
+    pub fn set_confirm_delay(&self, delay: Duration) {
+        self.confirm_delay_ns.store(nanos(delay), Ordering::Relaxed);
     }
 
     /// Makes probes take `rtt`.
@@ -199,6 +207,47 @@ fn role_from_u8(v: u8) -> Role {
         0 => Role::Primary,
         1 => Role::Replica,
         _ => Role::Standalone,
+    }
+}
+
+/// Causal positions are the history set with
+/// [`set_replication`](NoopBackend::set_replication): a write reached it, a
+/// node has applied what it covers. Confirmations take
+/// [`set_confirm_delay`](NoopBackend::set_confirm_delay).
+impl crate::causal::CausalBackend for NoopBackend {
+    async fn written(
+        &self,
+        _conn: &mut NoopConnection,
+        _line: Option<&History>,
+    ) -> Result<History, Error> {
+        self.history().ok_or_else(|| Error::Causal {
+            cluster: self.endpoint.to_string(),
+            reason: crate::causal::CausalError::Unsupported,
+        })
+    }
+
+    async fn confirm(
+        &self,
+        _conn: &mut NoopConnection,
+        token: &crate::causal::CausalToken,
+        _line: Option<&History>,
+    ) -> Result<crate::causal::Coverage, Error> {
+        if let Some(d) = delay(&self.confirm_delay_ns) {
+            tokio::time::sleep(d).await;
+        }
+        Ok(self
+            .history()
+            .map_or(crate::causal::Coverage::NotYet, |h| token.covered_by(&h)))
+    }
+}
+
+impl NoopBackend {
+    fn history(&self) -> Option<History> {
+        self.replication
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
     }
 }
 

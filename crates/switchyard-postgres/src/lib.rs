@@ -161,6 +161,7 @@
 //! [`Error::ProbeTimeout`](switchyard_core::Error::ProbeTimeout).
 
 mod backend;
+mod causal;
 mod config;
 mod connection;
 mod error;

@@ -88,6 +88,8 @@ pub struct RedisBackend {
     response_timeout: Duration,
     counters: Counters,
     users: Arc<TenantUsers>,
+    /// The connection causal tokens are read and confirmed on.
+    causal: crate::causal::Link,
 }
 
 impl RedisBackend {
@@ -162,6 +164,7 @@ impl RedisBackend {
                 message: e.to_string(),
             })?;
         Ok(Self {
+            causal: crate::causal::Link::new(client.clone(), config.response_timeout),
             endpoint: config.endpoint,
             url: config.url,
             pool,
@@ -177,6 +180,10 @@ impl RedisBackend {
             counters: Counters::default(),
             users: Arc::default(),
         })
+    }
+
+    pub(crate) fn causal_link(&self) -> &crate::causal::Link {
+        &self.causal
     }
 
     /// The endpoint's URL, redacted when shown.

@@ -71,6 +71,7 @@
 
 pub mod acl;
 mod backend;
+mod causal;
 mod commands;
 mod config;
 mod connection;

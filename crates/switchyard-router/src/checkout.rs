@@ -24,6 +24,7 @@ use crate::run::Attempt;
 pub struct CheckoutOptions {
     deadline: Option<Instant>,
     idempotent: bool,
+    causal_wait: Option<Duration>,
 }
 
 impl CheckoutOptions {
@@ -50,6 +51,18 @@ impl CheckoutOptions {
     pub fn idempotent(mut self, idempotent: bool) -> Self {
         self.idempotent = idempotent;
         self
+    }
+
+    /// For a read given a causal token: waits up to `wait` for a replica to
+    /// apply it, instead of the cluster's `causal.wait`.
+    pub fn causal_wait(mut self, wait: Duration) -> Self {
+        self.causal_wait = Some(wait);
+        self
+    }
+
+    /// The causal wait asked for, if any.
+    pub(crate) fn causal_wait_or(&self, default: Duration) -> Duration {
+        self.causal_wait.unwrap_or(default)
     }
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct Shared<B: Backend> {
     pub cancel: CancellationToken,
     pub runtime: tokio::runtime::Handle,
     pub metrics: ClusterMetrics,
+    /// Causal reads' series and counts.
+    pub causal: crate::causal::CausalMetrics,
     /// The topology source being followed, if any, and its task's token.
     source: Mutex<Option<(SourceCell, CancellationToken)>>,
 }
@@ -163,6 +165,7 @@ impl<B: Backend> ClusterBuilder<B> {
         let name: Arc<str> = self.name.into();
         let shared = Arc::new(Shared {
             metrics: ClusterMetrics::new(self.engine, &name),
+            causal: crate::causal::CausalMetrics::new(self.engine, &name),
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&self.config)),
             topology: Mutex::new(Topology {
                 endpoints: Vec::new(),

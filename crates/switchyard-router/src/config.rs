@@ -66,6 +66,8 @@ pub struct ClusterConfig {
     pub latency: LatencyConfig,
     /// Predictive warming of idle connections (off by default).
     pub warming: WarmingConfig,
+    /// Reads given a causal token (see [`crate::causal`]).
+    pub causal: CausalConfig,
 }
 
 impl Default for ClusterConfig {
@@ -79,8 +81,43 @@ impl Default for ClusterConfig {
             retry: RetryConfig::default(),
             latency: LatencyConfig::default(),
             warming: WarmingConfig::default(),
+            causal: CausalConfig::default(),
         }
     }
+}
+
+/// How reads honour a causal token when no replica has applied it yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CausalConfig {
+    /// Longest a read waits for a replica to apply its token (default
+    /// 100ms), within the checkout deadline; a checkout's own
+    /// [`CheckoutOptions::causal_wait`](crate::CheckoutOptions::causal_wait)
+    /// replaces it.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    /// What a read does when the wait is over (default `primary`).
+    pub fallback: CausalFallback,
+}
+
+impl Default for CausalConfig {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_millis(100),
+            fallback: CausalFallback::Primary,
+        }
+    }
+}
+
+/// Where a causal read goes when no replica applied its token in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CausalFallback {
+    /// To the primary, which holds every write.
+    #[default]
+    Primary,
+    /// Nowhere: the read fails with `CausalError::NotApplied`.
+    Fail,
 }
 
 /// Active probes (HAProxy's `inter`, `fall`, `rise`) and passive ejection
@@ -406,7 +443,8 @@ mod tests {
             r#"{"strategy":"weighted_round_robin","read_preference":"any",
                 "failover_timeout":"3s",
                 "health":{"interval":"500ms","timeout":"200ms","max_replica_lag":null},
-                "retry":{"max_attempts":2}}"#,
+                "retry":{"max_attempts":2},
+                "causal":{"wait":"50ms","fallback":"fail"}}"#,
         )
         .unwrap();
         assert_eq!(c.strategy, StrategyKind::WeightedRoundRobin);
@@ -416,6 +454,8 @@ mod tests {
         assert_eq!(c.health.max_replica_lag, None);
         assert_eq!(c.health.fall, 3);
         assert_eq!(c.retry.max_attempts, 2);
+        assert_eq!(c.causal.wait, Duration::from_millis(50));
+        assert_eq!(c.causal.fallback, CausalFallback::Fail);
         assert!(serde_json::from_str::<ClusterConfig>(r#"{"bogus":1}"#).is_err());
     }
 

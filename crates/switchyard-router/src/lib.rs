@@ -21,13 +21,17 @@
 //!   primary back after a failover is fenced, unordered primaries refuse
 //!   writes with [`Error::SplitBrain`], and [`Cluster::unfence`] is the
 //!   operator's override;
+//! - **read-your-writes** on replicas with a causal token
+//!   ([`Cluster::run_write`], [`Cluster::run_after`]): a read given one is
+//!   served by a replica that has applied the write, else after a bounded
+//!   wait by the primary (see [`causal`]);
 //! - scoped to a tenant through a live-swappable
 //!   [`TenantRegistry`](switchyard_core::TenantRegistry): every connection is
 //!   made by [`switchyard_core::Checkout::acquire`], which applies the scope and
 //!   quota.
 //!
 //! The whole configuration ([`Cluster::set_config`]: timeouts, retries,
-//! health, read preference, warming, latency, strategy), the endpoints (added,
+//! health, read preference, warming, latency, causal reads, strategy), the endpoints (added,
 //! removed, or replaced in one step), weights and the tenant registry can
 //! change while traffic flows; a cluster removed from service stops with
 //! [`Cluster::close`]. The cluster is also a [`tower::Service`] ([`ClusterService`]),
@@ -90,6 +94,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod causal;
 pub mod checkout;
 mod cluster;
 pub mod config;
@@ -112,11 +117,12 @@ mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use causal::CausalStats;
 pub use checkout::CheckoutOptions;
 pub use cluster::{Cluster, ClusterBuilder};
 pub use config::{
-    ClusterConfig, EndpointConfig, HealthConfig, LatencyConfig, ReadPreference, RetryConfig,
-    StrategyKind, WarmingConfig,
+    CausalConfig, CausalFallback, ClusterConfig, EndpointConfig, HealthConfig, LatencyConfig,
+    ReadPreference, RetryConfig, StrategyKind, WarmingConfig,
 };
 pub use futures_util::future::BoxFuture;
 pub use health::{EjectionStatus, Health};

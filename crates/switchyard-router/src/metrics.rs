@@ -35,6 +35,10 @@
 //! | `switchyard_source_up` | gauge | | 1 while the cluster's topology source answers, 0 while it is unreachable |
 //! | `switchyard_source_errors_total` | counter | | reports of an unreachable topology source |
 //! | `switchyard_source_changes_total` | counter | | topology source views that changed the endpoints or roles |
+//! | `switchyard_causal_reads_total` | counter | `served` = `replica`/`primary` | reads given a causal token, by where they were served |
+//! | `switchyard_causal_waits_total` | counter | | causal reads that waited for a node to apply their token |
+//! | `switchyard_causal_wait_seconds` | histogram | | how long those waits took |
+//! | `switchyard_causal_fallbacks_total` | counter | | causal reads that gave up on the replicas (to the primary, or failed) |
 
 use std::time::Duration;
 
@@ -94,6 +98,15 @@ pub const SOURCE_UP: &str = "switchyard_source_up";
 pub const SOURCE_ERRORS: &str = "switchyard_source_errors_total";
 /// `switchyard_source_changes_total`
 pub const SOURCE_CHANGES: &str = "switchyard_source_changes_total";
+
+/// `switchyard_causal_reads_total`
+pub const CAUSAL_READS: &str = "switchyard_causal_reads_total";
+/// `switchyard_causal_waits_total`
+pub const CAUSAL_WAITS: &str = "switchyard_causal_waits_total";
+/// `switchyard_causal_wait_seconds`
+pub const CAUSAL_WAIT: &str = "switchyard_causal_wait_seconds";
+/// `switchyard_causal_fallbacks_total`
+pub const CAUSAL_FALLBACKS: &str = "switchyard_causal_fallbacks_total";
 
 /// Handles for one endpoint's series, registered once.
 #[derive(Debug)]

@@ -1,6 +1,7 @@
 //! Cluster-level tests with `NoopBackend`: routing, failover, live topology,
 //! tower. Time is paused; tasks are given turns with `settle`, never sleeps.
 
+mod causal;
 mod counters;
 mod deadline;
 mod failover;
@@ -27,6 +28,27 @@ fn futures_are_send(cluster: &Cluster<NoopBackend>, tenant: &TenantId) {
     is_send(&cluster.checkout_with(Intent::Write, None, CheckoutOptions::new()));
     is_send(
         &cluster.run(Intent::Read, None, CheckoutOptions::new(), async |conn| {
+            Ok::<_, switchyard_core::Error>(conn.id)
+        }),
+    );
+    let token = switchyard_core::CausalToken::new(
+        "test",
+        switchyard_core::History::Timeline {
+            system: 1,
+            timeline: 1,
+            position: 1,
+        },
+    );
+    if let Some(token) = token {
+        is_send(&cluster.checkout_after(&token, Some(tenant), CheckoutOptions::new()));
+        is_send(
+            &cluster.run_after(&token, None, CheckoutOptions::new(), async |conn| {
+                Ok::<_, switchyard_core::Error>(conn.id)
+            }),
+        );
+    }
+    is_send(
+        &cluster.run_write(None, CheckoutOptions::new(), async |conn| {
             Ok::<_, switchyard_core::Error>(conn.id)
         }),
     );
