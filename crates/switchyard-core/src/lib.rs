@@ -15,6 +15,8 @@
 //!   [`TierPolicy`]: who a tenant is, how it is isolated and how much it may hold;
 //! - [`Intent`], [`Role`], [`Probe`] (with the endpoint's replication
 //!   [`History`]), [`PoolSettings`], [`SecretUrl`];
+//! - [`FairQueue`] and [`FairGate`]: checkouts waiting for a saturated pool
+//!   are served tenant by tenant in turn, weighted by tier;
 //! - [`Error`]: one typed error with [`Error::is_retryable`].
 //!
 //! ```
@@ -47,6 +49,8 @@ mod backend;
 mod checkout;
 mod endpoint;
 mod error;
+mod fair;
+mod gate;
 mod history;
 pub mod noop;
 mod operation;
@@ -61,6 +65,8 @@ pub use checkout::{
 };
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Deadline, Error};
+pub use fair::{FairQueue, QueueClass, QueueOrder, Share, WaitKey};
+pub use gate::{FairGate, GateError, GatePermit};
 pub use history::History;
 pub use operation::OperationError;
 pub use registry::{
