@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
-use switchyard_testkit::{FaultProxy, PgBouncer, PgCluster, PgMessages, PoolMode};
+use switchyard_testkit::{poll_until, FaultProxy, PgBouncer, PgCluster, PgMessages, PoolMode};
 
 async fn connect(url: &str) -> PgConnection {
     tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(url))
@@ -61,7 +61,15 @@ async fn the_proxy_counts_queries_and_syncs_of_a_postgres_client() {
         "{cached:?}"
     );
     conn.close().await.unwrap();
-    assert_eq!(proxy.pg_messages().unwrap().terminates, 1);
+    // `close` returns once the `Terminate` is written, maybe before the
+    // proxy has read it.
+    poll_until(
+        "the proxy to count the Terminate",
+        Duration::from_secs(5),
+        || async { (proxy.pg_messages().unwrap().terminates == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
     eprintln!("counted: {:?}", proxy.pg_messages().unwrap());
 
     // A proxy that was not asked to count does not.
