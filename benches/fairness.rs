@@ -181,7 +181,10 @@ fn fairness(c: &mut Criterion) {
     let config = PgBackendConfig::builder("pg".to_owned(), url.as_str())
         .pool(PoolSettings::default().with_max_size(POOL_SIZE))
         .config();
-    let backend = Arc::new(PgBackend::new(config).expect("pg backend"));
+    let backend = {
+        let _runtime = rt.enter();
+        Arc::new(PgBackend::new(config).expect("pg backend"))
+    };
     rt.block_on(async {
         let mut conn = Checkout::acquire(
             &backend,
