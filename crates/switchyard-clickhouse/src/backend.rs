@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, Role, TenantId,
-    TenantScope, TierPolicy,
+    Backend, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe, Recycle,
+    Returned, Role, TenantId, TenantScope, TierPolicy,
 };
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::ChBackendConfig;
@@ -49,7 +48,7 @@ pub(crate) struct Shared {
     pub(crate) provisioned: ProvisionCache,
     /// The unscoped checkouts' database, if configured.
     database: Option<String>,
-    permits: Arc<Semaphore>,
+    permits: Arc<FairGate>,
     max_size: u32,
     acquire_timeout: Duration,
 }
@@ -111,7 +110,7 @@ impl ChBackend {
                 query_timeout: config.query_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
                 database: config.database.clone(),
-                permits: Arc::new(Semaphore::new(max_size as usize)),
+                permits: FairGate::new(max_size),
                 max_size,
                 acquire_timeout: config.pool.acquire_timeout,
             }),
@@ -259,11 +258,10 @@ impl Backend for ChBackend {
     ) -> Result<ChConnection, Error> {
         let started = Instant::now();
         let deadline = deadline.min(started + self.shared.acquire_timeout);
-        let permits = Arc::clone(&self.shared.permits);
-        match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(ChConnection::new(Arc::clone(&self.shared), permit)),
-            Ok(Err(_closed)) => Err(Error::Closed),
-            Err(_elapsed) => Err(Error::Timeout {
+        match self.shared.permits.acquire(scope, deadline).await {
+            Ok(permit) => Ok(ChConnection::new(Arc::clone(&self.shared), permit)),
+            Err(GateError::Closed) => Err(Error::Closed),
+            Err(GateError::Timeout) => Err(Error::Timeout {
                 endpoint: self.shared.endpoint.clone(),
                 tenant: scope.map(|s| s.tenant().clone()),
                 elapsed: started.elapsed(),
@@ -342,7 +340,7 @@ impl Backend for ChBackend {
     }
 
     fn stats(&self) -> PoolStats {
-        let available = u32::try_from(self.shared.permits.available_permits()).unwrap_or(u32::MAX);
+        let available = u32::try_from(self.shared.permits.available()).unwrap_or(u32::MAX);
         let in_use = self.shared.max_size.saturating_sub(available);
         PoolStats {
             size: in_use,

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use clickhouse::{RowOwned, RowRead};
 use serde::Serialize;
-use switchyard_core::{BackendErrorKind, Error, Isolation, TenantId};
-use tokio::sync::OwnedSemaphorePermit;
+use switchyard_core::{BackendErrorKind, Error, GatePermit, Isolation, TenantId};
 
 use crate::backend::Shared;
 use crate::error::{ch_error, rejected, ChError};
@@ -44,11 +43,11 @@ pub struct ChConnection {
     shared: Arc<Shared>,
     client: clickhouse::Client,
     scoped: Option<Scoped>,
-    _permit: OwnedSemaphorePermit,
+    _permit: GatePermit,
 }
 
 impl ChConnection {
-    pub(crate) fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, permit: GatePermit) -> Self {
         let client = shared.base.clone();
         Self {
             shared,

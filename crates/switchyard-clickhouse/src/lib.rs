@@ -68,7 +68,8 @@
 //!
 //! ClickHouse is reached over HTTP, which has no session to pool: the
 //! `clickhouse` client keeps keep-alive sockets, and each request stands
-//! alone. A checkout is a [`ChConnection`]: a permit from a semaphore of
+//! alone. A checkout is a [`ChConnection`]: a permit from a
+//! [`FairGate`](switchyard_core::FairGate) (waiting tenants served in turn) of
 //! [`pool.max_size`](switchyard_core::PoolSettings::max_size) (so a busy
 //! endpoint makes checkouts wait, then time out at their deadline, as a full
 //! pool does) plus a client configured for the tenant. The scope lives only

@@ -514,3 +514,45 @@ fn env_var_list_problems_name_the_variable_and_file_items_their_file() {
     assert!(url.ends_with("base.yaml:8)"), "{url}");
     assert_eq!(text.len(), expect.len(), "{text:#?}");
 }
+
+#[test]
+fn queue_weights_and_orders_load_and_bad_ones_name_their_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.yaml", BASE);
+    write(
+        dir.path(),
+        "tiers.yaml",
+        r#"
+tiers:
+  free: { isolation: row }
+  gold: { isolation: schema, queue_weight: 4 }
+  internal: { isolation: schema, name_template: "int_{id}", queue: fifo }
+default_tier: free
+"#,
+    );
+    let s = ConfigSource::new(dir.path(), "development").load().unwrap();
+    let tiers = &s.tiers;
+    assert_eq!(tiers["gold"].queue_weight.get(), 4);
+    assert_eq!(tiers["free"].queue_weight.get(), 1);
+    assert_eq!(tiers["internal"].queue, switchyard_core::QueueOrder::Fifo);
+
+    write(
+        dir.path(),
+        "tiers.yaml",
+        "tiers:\n  free: { isolation: row, queue_weight: 0 }\n  gold: { isolation: row, queue: sideways }\n",
+    );
+    let err = ConfigSource::new(dir.path(), "development")
+        .load()
+        .unwrap_err();
+    let text: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("tiers.free") && t.contains("nonzero")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("tiers.gold") && t.contains("sideways")),
+        "{text:#?}"
+    );
+}

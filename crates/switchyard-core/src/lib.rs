@@ -16,6 +16,8 @@
 //! - [`Intent`], [`Role`], [`Probe`] (with the endpoint's replication
 //!   [`History`]), [`PoolSettings`], [`SecretUrl`];
 //! - [`CausalToken`], [`CausalBackend`]: read-your-writes on replicas;
+//! - [`FairQueue`] and [`FairGate`]: checkouts waiting for a saturated pool
+//!   are served tenant by tenant in turn, weighted by tier;
 //! - [`Error`]: one typed error with [`Error::is_retryable`].
 //!
 //! ```
@@ -49,6 +51,8 @@ mod causal;
 mod checkout;
 mod endpoint;
 mod error;
+mod fair;
+mod gate;
 mod history;
 pub mod noop;
 mod operation;
@@ -65,6 +69,8 @@ pub use checkout::{
 };
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Deadline, Error};
+pub use fair::{FairQueue, QueueClass, QueueOrder, Share, WaitKey};
+pub use gate::{FairGate, GateError, GatePermit};
 pub use history::History;
 pub use operation::OperationError;
 pub use registry::{

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Backend, PoolStats, Probe, Recycle, Returned, Role};
 use crate::endpoint::EndpointId;
+use crate::gate::{FairGate, GateError, GatePermit};
 use crate::history::History;
 use crate::tenant::{TenantId, TenantScope};
 use crate::{BackendErrorKind, Error};
@@ -27,6 +28,8 @@ pub struct NoopConnection {
     /// The tenant the connection's session last served (its owner).
     pub tenant: Option<TenantId>,
     state: Arc<State>,
+    /// The place it holds in a bounded backend's pool.
+    _permit: Option<GatePermit>,
 }
 
 impl Drop for NoopConnection {
@@ -78,6 +81,8 @@ pub struct NoopBackend {
     /// What probes report besides the role: history and streaming.
     replication: Mutex<(Option<History>, Option<bool>)>,
     state: Arc<State>,
+    /// Bounds the connections out at once, when set ([`NoopBackend::with_max_size`]).
+    gate: Option<Arc<FairGate>>,
 }
 
 impl NoopBackend {
@@ -95,7 +100,15 @@ impl NoopBackend {
             probe_rtt_ns: AtomicU64::new(0),
             replication: Mutex::new((None, None)),
             state: Arc::default(),
+            gate: None,
         }
+    }
+
+    /// Bounds the connections out at once to `max_size`: checkouts beyond it
+    /// wait, in turn by tenant, like those of an engine's full pool.
+    pub fn with_max_size(mut self, max_size: u32) -> Self {
+        self.gate = Some(FairGate::new(max_size));
+        self
     }
 
     /// A healthy endpoint reporting `role`.
@@ -260,7 +273,7 @@ impl Backend for NoopBackend {
 
     async fn acquire(
         &self,
-        _scope: Option<&TenantScope>,
+        scope: Option<&TenantScope>,
         deadline: Instant,
     ) -> Result<NoopConnection, Error> {
         if let Some(d) = delay(&self.acquire_delay_ns) {
@@ -278,6 +291,21 @@ impl Backend for NoopBackend {
         if self.down.load(Ordering::Relaxed) {
             return Err(self.refused());
         }
+        let permit = match &self.gate {
+            Some(gate) => {
+                let started = Instant::now();
+                let permit = gate.acquire(scope, deadline).await;
+                Some(permit.map_err(|e| match e {
+                    GateError::Closed => Error::Closed,
+                    GateError::Timeout => Error::Timeout {
+                        endpoint: self.endpoint.clone(),
+                        tenant: scope.map(|s| s.tenant().clone()),
+                        elapsed: started.elapsed(),
+                    },
+                })?)
+            }
+            None => None,
+        };
         let s = &self.state;
         s.acquired.fetch_add(1, Ordering::Relaxed);
         s.live.fetch_add(1, Ordering::Relaxed);
@@ -285,6 +313,7 @@ impl Backend for NoopBackend {
             id: s.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: None,
             state: Arc::clone(s),
+            _permit: permit,
         })
     }
 
@@ -350,10 +379,13 @@ impl Backend for NoopBackend {
 
     fn stats(&self) -> PoolStats {
         let live = u32::try_from(self.state.live.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        let max_size = self.gate.as_ref().map_or(u32::MAX, |gate| {
+            u32::try_from(gate.permits()).unwrap_or(u32::MAX)
+        });
         PoolStats {
             size: live,
             idle: 0,
-            max_size: u32::MAX,
+            max_size,
             tenant_pools: 0,
         }
     }
@@ -395,5 +427,21 @@ mod tests {
         b.release(c2, Recycle::Discard);
         let c = b.counters();
         assert_eq!((c.acquired, c.discarded, c.live), (2, 1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bounded_backend_queues_checkouts_in_turn() {
+        let b = Arc::new(NoopBackend::new("n").with_max_size(1));
+        assert_eq!(b.stats().max_size, 1);
+        let far = Instant::now() + Duration::from_secs(60);
+        let held = b.acquire(None, far).await.unwrap();
+        let started = Instant::now();
+        let soon = started + Duration::from_millis(20);
+        let err = b.acquire(None, soon).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
+        b.release(held, Recycle::Keep);
+        let again = b.acquire(None, soon).await.unwrap();
+        assert_eq!(again.id, 1);
     }
 }

@@ -1,6 +1,7 @@
 //! The tenant registry: which tier each tenant is on, and what that tier means.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::fair::{QueueOrder, Share};
 use crate::tenant::{Isolation, NameTemplate, TenantId, TenantScope};
 use crate::Error;
 
@@ -29,10 +31,22 @@ pub struct TierPolicy {
     /// Most concurrent checkouts one tenant of this tier may hold; `None` is unlimited.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Grants per turn each tenant of this tier gets when checkouts wait for
+    /// a saturated pool (default 1; see [`FairQueue`](crate::FairQueue)).
+    #[serde(default = "default_queue_weight")]
+    pub queue_weight: NonZeroU32,
+    /// Whether this tier's tenants wait in turn with each other (`fair`, the
+    /// default) or together in one first-come, first-served line (`fifo`).
+    #[serde(default)]
+    pub queue: QueueOrder,
 }
 
 fn default_row_setting() -> String {
     DEFAULT_ROW_SETTING.to_owned()
+}
+
+fn default_queue_weight() -> NonZeroU32 {
+    NonZeroU32::MIN
 }
 
 impl TierPolicy {
@@ -43,7 +57,28 @@ impl TierPolicy {
             name_template: NameTemplate::default(),
             row_setting: default_row_setting(),
             max_connections: None,
+            queue_weight: default_queue_weight(),
+            queue: QueueOrder::Fair,
         }
+    }
+
+    /// Sets the grants per turn of each tenant in a saturated pool's queue.
+    pub fn with_queue_weight(mut self, weight: NonZeroU32) -> Self {
+        self.queue_weight = weight;
+        self
+    }
+
+    /// Sets how the tier's tenants queue for a saturated pool.
+    pub fn with_queue(mut self, order: QueueOrder) -> Self {
+        self.queue = order;
+        self
+    }
+
+    /// The place in a saturated pool's queue of the tenants of this tier
+    /// (named `tier`).
+    pub fn share(&self, tier: &str) -> Share {
+        let fifo_tier = (self.queue == QueueOrder::Fifo).then(|| Arc::from(tier));
+        Share::new(self.queue_weight, fifo_tier)
     }
 
     /// Sets the name template.
@@ -286,11 +321,11 @@ impl TenantRegistry {
         if let Some(entry) = self.read_cache(tenant) {
             return Ok(entry);
         }
-        let (_, policy) = self.tier_of(tenant).ok_or_else(|| Error::UnknownTenant {
+        let (tier, policy) = self.tier_of(tenant).ok_or_else(|| Error::UnknownTenant {
             tenant: tenant.clone(),
         })?;
         let entry = Arc::new(TenantEntry {
-            scope: Arc::new(policy.scope(tenant)?),
+            scope: Arc::new(policy.scope(tenant)?.with_share(policy.share(tier))),
             quota: policy.max_connections.map(Quota::new),
         });
         let mut cache = self
@@ -419,6 +454,12 @@ mod tests {
         assert_eq!(p.name_template.to_string(), "tenant_{id}");
         assert_eq!(p.row_setting, "app.tenant_id");
         assert_eq!(p.max_connections, Some(4));
+        assert_eq!((p.queue_weight.get(), p.queue), (1, QueueOrder::Fair));
+        let p: TierPolicy =
+            serde_json::from_str(r#"{"isolation":"row","queue_weight":3,"queue":"fifo"}"#).unwrap();
+        assert_eq!((p.queue_weight.get(), p.queue), (3, QueueOrder::Fifo));
+        let zero = serde_json::from_str::<TierPolicy>(r#"{"isolation":"row","queue_weight":0}"#);
+        assert!(zero.unwrap_err().to_string().contains("nonzero"));
         assert!(serde_json::from_str::<TierPolicy>(r#"{"isolation":"row","bogus":1}"#).is_err());
     }
 

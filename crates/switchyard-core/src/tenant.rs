@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::fair::Share;
+
 /// The longest tenant id accepted, in bytes (PostgreSQL's identifier limit).
 pub const MAX_TENANT_ID_LEN: usize = 63;
 
@@ -332,6 +334,7 @@ pub struct TenantScope {
     isolation: Isolation,
     target: Arc<str>,
     row_setting: Arc<str>,
+    share: Share,
 }
 
 impl TenantScope {
@@ -347,7 +350,20 @@ impl TenantScope {
             isolation,
             target: target.into(),
             row_setting: row_setting.into(),
+            share: Share::default(),
         }
+    }
+
+    /// Sets the scope's place in a saturated pool's queue (its tier's
+    /// weight and order); the default is a class of its own, weight 1.
+    pub fn with_share(mut self, share: Share) -> Self {
+        self.share = share;
+        self
+    }
+
+    /// The scope's place in a saturated pool's queue.
+    pub fn share(&self) -> &Share {
+        &self.share
     }
 
     /// The tenant this scope belongs to.

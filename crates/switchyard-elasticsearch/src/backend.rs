@@ -12,10 +12,9 @@ use elasticsearch::indices::{IndicesExistsAliasParts, IndicesExistsParts};
 use elasticsearch::Elasticsearch;
 use serde_json::Value;
 use switchyard_core::{
-    Backend, BackendErrorKind, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned,
-    Role, TenantId, TenantScope, TierPolicy,
+    Backend, BackendErrorKind, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe,
+    Recycle, Returned, Role, TenantId, TenantScope, TierPolicy,
 };
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::EsBackendConfig;
@@ -35,7 +34,7 @@ pub(crate) struct Shared {
     pub(crate) naming: IndexNaming,
     pub(crate) request_timeout: Duration,
     pub(crate) provisioned: ProvisionCache,
-    permits: Arc<Semaphore>,
+    permits: Arc<FairGate>,
     max_size: u32,
     acquire_timeout: Duration,
 }
@@ -175,7 +174,7 @@ impl EsBackend {
                 naming: config.index_naming,
                 request_timeout: config.request_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
-                permits: Arc::new(Semaphore::new(max_size as usize)),
+                permits: FairGate::new(max_size),
                 max_size,
                 acquire_timeout: config.pool.acquire_timeout,
             }),
@@ -269,11 +268,10 @@ impl Backend for EsBackend {
     ) -> Result<EsConnection, Error> {
         let started = Instant::now();
         let deadline = deadline.min(started + self.shared.acquire_timeout);
-        let permits = Arc::clone(&self.shared.permits);
-        match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(EsConnection::new(Arc::clone(&self.shared), permit)),
-            Ok(Err(_closed)) => Err(Error::Closed),
-            Err(_elapsed) => Err(Error::Timeout {
+        match self.shared.permits.acquire(scope, deadline).await {
+            Ok(permit) => Ok(EsConnection::new(Arc::clone(&self.shared), permit)),
+            Err(GateError::Closed) => Err(Error::Closed),
+            Err(GateError::Timeout) => Err(Error::Timeout {
                 endpoint: self.shared.endpoint.clone(),
                 tenant: scope.map(|s| s.tenant().clone()),
                 elapsed: started.elapsed(),
@@ -375,7 +373,7 @@ impl Backend for EsBackend {
     }
 
     fn stats(&self) -> PoolStats {
-        let available = u32::try_from(self.shared.permits.available_permits()).unwrap_or(u32::MAX);
+        let available = u32::try_from(self.shared.permits.available()).unwrap_or(u32::MAX);
         PoolStats {
             size: self.shared.max_size.saturating_sub(available),
             idle: 0,

@@ -8,8 +8,7 @@ use elasticsearch::indices::IndicesRefreshParts;
 use elasticsearch::params::Refresh;
 use elasticsearch::{CountParts, DeleteParts, Elasticsearch, GetParts, IndexParts, SearchParts};
 use serde_json::{json, Value};
-use switchyard_core::{Error, Isolation, TenantId};
-use tokio::sync::OwnedSemaphorePermit;
+use switchyard_core::{Error, GatePermit, Isolation, TenantId};
 
 use crate::backend::Shared;
 use crate::body::{check_hits, guard, object, source_is_tenants, stored_id, tenant_query};
@@ -79,11 +78,11 @@ impl Target {
 pub struct EsConnection {
     shared: Arc<Shared>,
     target: Option<Target>,
-    _permit: OwnedSemaphorePermit,
+    _permit: GatePermit,
 }
 
 impl EsConnection {
-    pub(crate) fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, permit: GatePermit) -> Self {
         Self {
             shared,
             target: None,

@@ -48,7 +48,8 @@
 //! # Connections
 //!
 //! Elasticsearch is reached over HTTP, with no session to pool. A checkout
-//! is an [`EsConnection`]: a permit from a semaphore of
+//! is an [`EsConnection`]: a permit from a
+//! [`FairGate`](switchyard_core::FairGate) (waiting tenants served in turn) of
 //! [`pool.max_size`](switchyard_core::PoolSettings::max_size) (a busy node
 //! makes checkouts wait, then time out at their deadline, as a full pool
 //! does) plus a handle confined to the tenant. Returning one is dropping it.

@@ -8,10 +8,9 @@ use std::time::Duration;
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, TenantScope,
-    TierPolicy,
+    Backend, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe, Recycle,
+    Returned, TenantScope, TierPolicy,
 };
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::{MongoBackendConfig, Resolved};
@@ -33,7 +32,7 @@ pub struct MongoBackend {
     options: ClientOptions,
     client: OnceLock<Client>,
     prober: Prober,
-    permits: Arc<Semaphore>,
+    permits: Arc<FairGate>,
     counters: Arc<Counters>,
     settings: Arc<HandleSettings>,
 }
@@ -103,7 +102,7 @@ impl MongoBackend {
         });
         tracing::debug!(endpoint = %config.endpoint, url = %config.url, "mongodb backend built");
         Ok(Self {
-            permits: Arc::new(Semaphore::new(config.pool.max_size as usize)),
+            permits: FairGate::new(config.pool.max_size),
             prober: Prober::new(probe, direct_host, handshake.map(Arc::new)),
             options: main,
             client: OnceLock::new(),
@@ -142,7 +141,7 @@ impl MongoBackend {
 
     fn handles_out(&self) -> u32 {
         let max = self.config.pool.max_size as usize;
-        u32::try_from(max.saturating_sub(self.permits.available_permits())).unwrap_or(u32::MAX)
+        u32::try_from(max.saturating_sub(self.permits.available())).unwrap_or(u32::MAX)
     }
 
     /// Stops handing out checkouts and shuts both clients down, waiting for
@@ -188,15 +187,10 @@ impl Backend for MongoBackend {
             self.confinement(scope)?;
         }
         let started = Instant::now();
-        let permit = match tokio::time::timeout_at(
-            deadline,
-            Arc::clone(&self.permits).acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_closed)) => return Err(Error::Closed),
-            Err(_elapsed) => {
+        let permit = match self.permits.acquire(scope, deadline).await {
+            Ok(permit) => permit,
+            Err(GateError::Closed) => return Err(Error::Closed),
+            Err(GateError::Timeout) => {
                 return Err(Error::Timeout {
                     endpoint: self.config.endpoint.clone(),
                     tenant: scope.map(|s| s.tenant().clone()),

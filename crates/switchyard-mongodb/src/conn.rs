@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::{Client, Database};
-use switchyard_core::{EndpointId, Error, Isolation, TenantId, TenantScope};
-use tokio::sync::OwnedSemaphorePermit;
+use switchyard_core::{EndpointId, Error, GatePermit, Isolation, TenantId, TenantScope};
 
 use crate::collection::ScopedCollection;
 use crate::error::{rejected, MongoError};
@@ -111,15 +110,11 @@ pub struct MongoConn {
     client: Client,
     settings: Arc<HandleSettings>,
     pub(crate) confinement: Confinement,
-    _permit: OwnedSemaphorePermit,
+    _permit: GatePermit,
 }
 
 impl MongoConn {
-    pub(crate) fn new(
-        client: Client,
-        settings: Arc<HandleSettings>,
-        permit: OwnedSemaphorePermit,
-    ) -> Self {
+    pub(crate) fn new(client: Client, settings: Arc<HandleSettings>, permit: GatePermit) -> Self {
         Self {
             client,
             settings,

@@ -47,8 +47,9 @@
 //!
 //! The driver pools its connections internally and has no checkout object, so a
 //! checkout here is a [`MongoConn`] handle: a share of the backend's in-flight
-//! bound (a semaphore of `pool.max_size` permits, so waits, deadlines and
-//! tenant quotas behave as with any pool) plus the tenant it serves. Nothing is
+//! bound (a [`FairGate`](switchyard_core::FairGate) of `pool.max_size` permits,
+//! so waits, deadlines and tenant quotas behave as with any pool, and waiting
+//! tenants are served in turn) plus the tenant it serves. Nothing is
 //! sent at checkout; the driver connects on first use. Every operation goes
 //! through [`ScopedCollection`], which confines it to the tenant before
 //! anything is sent.

@@ -91,16 +91,17 @@ pub struct PgBackendConfig {
 /// and goes to a different owner only after the complete reset.
 /// Under load, a returned connection goes to the oldest waiting checkout of
 /// its own owner, passing over at most [`max_bypass`](Self::max_bypass) times
-/// any waiter ahead of it. Off, every checkout of a used connection resets it
+/// the waiter whose turn it is (waiting tenants take turns: core's
+/// [`FairQueue`](switchyard_core::FairQueue)). Off, every checkout of a used connection resets it
 /// completely, even for the owner it last served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AffinitySettings {
     /// Whether a connection may go back to its last owner unreset (default true).
     pub enabled: bool,
-    /// Most times a waiting checkout may be passed over for a later one of the
-    /// returned connection's own owner (default 4; 0 serves waiters strictly in
-    /// order).
+    /// Most times the waiting checkout whose turn it is may be passed over
+    /// for one of the returned connection's own owner (default 4; 0 serves
+    /// waiters strictly in turn).
     pub max_bypass: u32,
 }
 

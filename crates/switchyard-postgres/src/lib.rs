@@ -128,9 +128,11 @@
 //! # Tenant affinity
 //!
 //! Idle connections keep their owner, and a checkout takes the most recently
-//! returned one of its own owner first ([`AffinitySettings`]). Under load, a
+//! returned one of its own owner first ([`AffinitySettings`]). Under load,
+//! waiting checkouts are served tenant by tenant in turn (core's
+//! [`FairQueue`](switchyard_core::FairQueue), weighted by tier), and a
 //! returned connection goes straight to the oldest waiting checkout of its own
-//! owner, passing over any waiter ahead of it at most
+//! owner, passing over the waiter whose turn it is at most
 //! [`max_bypass`](AffinitySettings::max_bypass) times, so no tenant waits
 //! unfairly long. [`PgBackend::pg_stats`] counts hits, misses, hand-offs and
 //! resets. With affinity off, every checkout of a used connection resets it.

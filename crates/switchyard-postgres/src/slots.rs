@@ -15,21 +15,29 @@
 //!   its own owner; a new connection while the pool has room; the least
 //!   recently returned idle connection of another owner (to be reset); else it
 //!   queues.
+//! - Waiters queue in core's [`FairQueue`]: tenants take turns (weighted by
+//!   tier), untenanted checkouts are one more class. The *head* is the waiter
+//!   whose turn it is.
 //! - A returned connection goes to the oldest waiter of its own owner, unless
-//!   the head of the queue has already been passed over `max_bypass` times;
-//!   then (or with no waiter of its owner) to the head. So a tenant's burst is
-//!   served by its warm connections, and no waiter is passed over more than
+//!   the head has already been passed over `max_bypass` times; then (or with
+//!   no waiter of its owner) to the head. So a tenant's burst is served by its
+//!   warm connections, and no head waiter is passed over more than
 //!   `max_bypass` times.
 //! - A closed connection frees its slot at once; the head waiter is then told
 //!   to open a new one.
+//! - A waiter that gives up takes itself out of the queue ([`Wait`]'s drop);
+//!   a grant that reached it in the same instant goes to the next waiter.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgConnection;
-use switchyard_core::TenantScope;
+use switchyard_core::{FairQueue, QueueClass, TenantScope, WaitKey};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -106,7 +114,7 @@ pub(crate) enum Take {
     /// Room for a new connection.
     Open(Reservation),
     /// Nothing: wait for a returned connection or a free place.
-    Wait(oneshot::Receiver<Grant>),
+    Wait(Wait),
     /// The pool is closed.
     Closed,
 }
@@ -128,8 +136,8 @@ struct State {
     idle: VecDeque<Idle>,
     /// Connections open or being opened, idle or out.
     size: u32,
-    /// Oldest first.
-    waiters: VecDeque<Waiter>,
+    /// In turn by tenant class (see the module docs).
+    waiters: FairQueue<Waiter>,
     closed: bool,
 }
 
@@ -205,12 +213,18 @@ impl Slots {
             return Take::Idle(idle.conn);
         }
         let (tx, rx) = oneshot::channel();
-        state.waiters.push_back(Waiter {
+        let (class, weight) = QueueClass::of(owner);
+        let waiter = Waiter {
             owner: owner.cloned(),
             tx,
             bypassed: 0,
-        });
-        Take::Wait(rx)
+        };
+        let key = state.waiters.push(class, weight, waiter);
+        Take::Wait(Wait {
+            slots: self.this.clone(),
+            key: Some(key),
+            rx,
+        })
     }
 
     /// Takes back a returned connection: to a waiter
@@ -224,9 +238,8 @@ impl Slots {
                     conn.close();
                     return;
                 }
-                state.waiters.retain(|w| !w.tx.is_closed());
                 match self.pick(&mut state, conn.owner.as_ref()) {
-                    Some(pick) => state.waiters.remove(pick),
+                    Some(pick) => pick,
                     None => {
                         state.idle.push_back(Idle {
                             conn,
@@ -237,7 +250,6 @@ impl Slots {
                 }
             };
             // Sent outside the lock: a refused grant drops its slot, which locks.
-            let Some(waiter) = waiter else { continue };
             match waiter.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
                 // The waiter gave up in the meantime: next one.
@@ -247,21 +259,25 @@ impl Slots {
         }
     }
 
-    /// The waiter a connection of `owner` goes to, counting the bypass of
-    /// every waiter ahead of it.
-    fn pick(&self, state: &mut State, owner: Option<&TenantScope>) -> Option<usize> {
-        let head = state.waiters.front()?;
+    /// The waiter a connection of `owner` goes to, taken out of the queue:
+    /// the head, or the oldest waiter of `owner` while the head has been
+    /// passed over fewer than `max_bypass` times.
+    fn pick(&self, state: &mut State, owner: Option<&TenantScope>) -> Option<Waiter> {
+        let head = state.waiters.peek()?;
         if head.owner.as_ref() == owner || head.bypassed >= self.max_bypass {
-            return Some(0);
+            return state.waiters.pop().map(|(_, w)| w);
         }
-        let Some(mine) = state.waiters.iter().position(|w| w.owner.as_ref() == owner) else {
-            return Some(0);
-        };
-        for ahead in state.waiters.iter_mut().take(mine) {
-            ahead.bypassed += 1;
+        let (class, _) = QueueClass::of(owner);
+        match state.waiters.pop_in(&class, |w| w.owner.as_ref() == owner) {
+            Some((_, mine)) => {
+                if let Some(head) = state.waiters.peek_mut() {
+                    head.bypassed += 1;
+                }
+                self.handoffs.fetch_add(1, Ordering::Relaxed);
+                Some(mine)
+            }
+            None => state.waiters.pop().map(|(_, w)| w),
         }
-        self.handoffs.fetch_add(1, Ordering::Relaxed);
-        Some(mine)
     }
 
     /// A connection closed: its place goes to the head waiter, if any.
@@ -272,9 +288,8 @@ impl Slots {
             if state.closed {
                 return;
             }
-            state.waiters.retain(|w| !w.tx.is_closed());
-            match state.waiters.pop_front() {
-                Some(waiter) => (waiter, self.reserve(&mut state)),
+            match state.waiters.pop() {
+                Some((_, waiter)) => (waiter, self.reserve(&mut state)),
                 None => return,
             }
         };
@@ -329,10 +344,7 @@ impl Slots {
         let (idle, waiters) = {
             let mut state = self.lock();
             state.closed = true;
-            (
-                std::mem::take(&mut state.idle),
-                std::mem::take(&mut state.waiters),
-            )
+            (std::mem::take(&mut state.idle), state.waiters.drain())
         };
         drop(waiters);
         for idle in idle {
@@ -341,137 +353,47 @@ impl Slots {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-    use switchyard_core::{Isolation, TenantId};
+/// A checkout queued in a [`Slots`]: resolves to its grant, or to an error
+/// when the pool closes. Dropped before that, it takes itself out of the
+/// queue, and a grant that reached it in the same instant goes on: a
+/// connection to the next waiter, a free place back to the pool.
+pub(crate) struct Wait {
+    slots: Weak<Slots>,
+    /// `Some` while queued.
+    key: Option<WaitKey>,
+    rx: oneshot::Receiver<Grant>,
+}
 
-    fn owner(id: &str) -> Option<TenantScope> {
-        let tenant = TenantId::new(id).unwrap();
-        Some(TenantScope::new(
-            tenant,
-            Isolation::Row,
-            format!("row_{id}"),
-            "app.tenant_id",
-        ))
+impl Future for Wait {
+    type Output = Result<Grant, oneshot::error::RecvError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = std::task::ready!(Pin::new(&mut self.rx).poll(cx));
+        self.key = None;
+        Poll::Ready(out)
     }
+}
 
-    fn slots(max: u32, max_bypass: u32) -> Arc<Slots> {
-        // Never connects: these tests hand out places, not connections.
-        Slots::new(PgConnectOptions::new(), max, max_bypass)
-    }
-
-    /// Queues waiters of `owners` (in order) as `take` would, keeping their
-    /// receivers open.
-    fn queue(slots: &Slots, owners: &[&str]) -> Vec<oneshot::Receiver<Grant>> {
-        owners
-            .iter()
-            .map(|o| match slots.take(owner(o).as_ref()) {
-                Take::Wait(rx) => rx,
-                _ => panic!("expected to wait"),
-            })
-            .collect()
-    }
-
-    /// Which queued owner each of `returns` (owners of returned connections)
-    /// goes to, choosing as `put` does.
-    fn hand_out(slots: &Slots, returns: &[&str]) -> Vec<String> {
-        returns
-            .iter()
-            .map(|r| {
-                let mut state = slots.lock();
-                let pick = slots.pick(&mut state, owner(r).as_ref()).unwrap();
-                let waiter = state.waiters.remove(pick).unwrap();
-                waiter.owner.unwrap().tenant().as_str().to_owned()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_returned_connection_goes_to_its_own_owner_at_most_max_bypass_times_ahead_of_the_head() {
-        let slots = slots(1, 2);
-        let _held = match slots.take(None) {
-            Take::Open(r) => r,
-            _ => panic!("room for one"),
+impl Drop for Wait {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let Some(slots) = self.slots.upgrade() else {
+            return;
         };
-        let _rx = queue(&slots, &["b", "a", "a", "a", "c"]);
-        // `a`'s connections serve `a`'s waiters ahead of `b` twice; then `b`,
-        // passed over max_bypass times, is served though an `a` still waits.
-        assert_eq!(hand_out(&slots, &["a", "a", "a"]), ["a", "a", "b"]);
-        // The left `a` heads now, never passed over: `c` may go ahead of it.
-        assert_eq!(hand_out(&slots, &["c", "c"]), ["c", "a"]);
-        assert_eq!(slots.handoffs.load(Ordering::Relaxed), 3);
-    }
-
-    #[test]
-    fn without_bypass_waiters_are_served_strictly_in_order() {
-        let slots = slots(1, 0);
-        let _held = match slots.take(None) {
-            Take::Open(r) => r,
-            _ => panic!("room for one"),
+        let granted = {
+            let mut state = slots.lock();
+            if state.waiters.remove(&key).is_some() {
+                return;
+            }
+            // Already picked: its grant may have been sent in the meantime.
+            self.rx.close();
+            self.rx.try_recv().ok()
         };
-        let _rx = queue(&slots, &["b", "a", "c", "a"]);
-        assert_eq!(
-            hand_out(&slots, &["a", "a", "a", "a"]),
-            ["b", "a", "c", "a"]
-        );
-        assert_eq!(slots.handoffs.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn a_connection_with_no_waiter_of_its_owner_goes_to_the_head() {
-        let slots = slots(1, 4);
-        let _held = match slots.take(None) {
-            Take::Open(r) => r,
-            _ => panic!("room for one"),
-        };
-        let _rx = queue(&slots, &["b", "c"]);
-        assert_eq!(hand_out(&slots, &["a"]), ["b"]);
-        // Unscoped is an owner like any other.
-        let _more = queue(&slots, &["d"]);
-        let mut state = slots.lock();
-        assert_eq!(slots.pick(&mut state, None), Some(0));
-    }
-
-    /// A waiter that gave up (its checkout timed out, the clock paused and
-    /// advanced past its deadline) is skipped; the freed place goes to the
-    /// next one, and the pool's size stays exact.
-    #[tokio::test(start_paused = true)]
-    async fn a_freed_place_skips_waiters_that_timed_out() {
-        let slots = slots(1, 4);
-        let held = match slots.take(owner("a").as_ref()) {
-            Take::Open(r) => r,
-            _ => panic!("room for one"),
-        };
-        let mut rx = queue(&slots, &["b", "c"]);
-        let c = rx.pop().unwrap();
-        let b = rx.pop().unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let timed_out = tokio::time::timeout_at(deadline, b).await;
-        assert!(timed_out.is_err(), "nothing was freed");
-        // `b`'s receiver is gone with its timeout; `c` still waits.
-        drop(held);
-        match tokio::time::timeout(Duration::from_secs(1), c).await {
-            Ok(Ok(Grant::Open(reservation))) => drop(reservation),
-            _ => panic!("the waiter still waiting gets the place"),
+        match granted {
+            Some(Grant::Conn(conn)) => slots.put(conn),
+            // Dropping the reservation frees the place for the next waiter.
+            Some(Grant::Open(reservation)) => drop(reservation),
+            None => {}
         }
-        assert_eq!(slots.occupancy().size, 0);
-        assert!(slots.is_unused());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn closing_the_pool_wakes_every_waiter_with_an_error() {
-        let slots = slots(1, 4);
-        let _held = match slots.take(None) {
-            Take::Open(r) => r,
-            _ => panic!("room for one"),
-        };
-        let rx = queue(&slots, &["a", "b"]);
-        slots.close();
-        for waiter in rx {
-            assert!(waiter.await.is_err());
-        }
-        assert!(matches!(slots.take(None), Take::Closed));
     }
 }

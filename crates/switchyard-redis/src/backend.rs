@@ -9,8 +9,8 @@ use std::time::Duration;
 use deadpool_redis::redis::{self, IntoConnectionInfo};
 use deadpool_redis::{Hook, HookError, Manager, Pool, Runtime, Timeouts};
 use switchyard_core::{
-    Backend, EndpointId, Error, Isolation, PoolStats, Probe, Recycle, Returned, SecretUrl,
-    TenantScope, TierPolicy,
+    Backend, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe, Recycle,
+    Returned, SecretUrl, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -90,6 +90,9 @@ pub struct RedisBackend {
     users: Arc<TenantUsers>,
     /// The connection causal tokens are read and confirmed on.
     causal: crate::causal::Link,
+    /// Where checkouts wait, in turn by tenant: as many permits as deadpool
+    /// has connections, so deadpool's own FIFO queue stays empty.
+    gate: Arc<FairGate>,
 }
 
 impl RedisBackend {
@@ -179,6 +182,7 @@ impl RedisBackend {
             response_timeout: config.response_timeout,
             counters: Counters::default(),
             users: Arc::default(),
+            gate: FairGate::new(config.pool.max_size),
         })
     }
 
@@ -366,13 +370,25 @@ impl Backend for RedisBackend {
             self.check_provisioned(scope)?;
         }
         let started = Instant::now();
-        let remaining = deadline.saturating_duration_since(started);
+        let tenant = scope.map(TenantScope::tenant);
+        let permit = self
+            .gate
+            .acquire(scope, deadline)
+            .await
+            .map_err(|e| match e {
+                GateError::Closed => Error::Closed,
+                GateError::Timeout => Error::Timeout {
+                    endpoint: self.endpoint.clone(),
+                    tenant: tenant.cloned(),
+                    elapsed: started.elapsed(),
+                },
+            })?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let timeouts = Timeouts {
             wait: Some(remaining.min(self.acquire_timeout)),
             create: Some(remaining.min(self.connect_timeout)),
             recycle: Some(remaining.min(self.recycle_timeout)),
         };
-        let tenant = scope.map(TenantScope::tenant);
         let inner = self
             .pool
             .timeout_get(&timeouts)
@@ -380,7 +396,8 @@ impl Backend for RedisBackend {
             .map_err(|e| pool_error(&self.endpoint, tenant, e, started.elapsed()))?;
         Ok(
             RedisConnection::new(inner, self.endpoint.clone(), self.response_timeout)
-                .recording_users(Arc::clone(&self.users)),
+                .recording_users(Arc::clone(&self.users))
+                .holding(permit),
         )
     }
 

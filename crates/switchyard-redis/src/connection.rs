@@ -8,7 +8,7 @@ use std::time::Duration;
 use deadpool_redis::redis::{
     self, aio::ConnectionLike, Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value,
 };
-use switchyard_core::{EndpointId, Error, Isolation, TenantId};
+use switchyard_core::{EndpointId, Error, GatePermit, Isolation, TenantId};
 
 use crate::error::{breaks_connection, redis_error, shown, ConfinementError};
 use crate::keys::{prepare, strip_reply, Command, Confinement};
@@ -79,6 +79,9 @@ pub struct RedisConnection {
     /// The backend's record of provisioned tenant users, which provisioning
     /// through this connection updates.
     users: Option<Arc<TenantUsers>>,
+    /// The checkout's place in the backend's fair gate; declared last so it
+    /// is handed on only after the connection went back to deadpool.
+    permit: Option<GatePermit>,
 }
 
 impl RedisConnection {
@@ -97,7 +100,14 @@ impl RedisConnection {
             session: Session::default(),
             reauth: None,
             users: None,
+            permit: None,
         }
+    }
+
+    /// Holds `permit` until the connection is dropped.
+    pub(crate) fn holding(mut self, permit: GatePermit) -> Self {
+        self.permit = Some(permit);
+        self
     }
 
     /// Reports tenant users provisioned or removed through this connection to `users`.

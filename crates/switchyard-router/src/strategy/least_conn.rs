@@ -100,8 +100,17 @@ fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
 ///
 /// Node `1` is the root, node `i` has children `2i` and `2i + 1`, and leaves sit
 /// at `cap + index`. Every node stores the index of the least-loaded leaf below it.
+///
+/// The matches read a copy of each leaf's count kept next to the weights, not
+/// the endpoints' own counters: at 1,024 endpoints those are 1,024 separate
+/// allocations, and the 20 reads of an update's climb were 20 cache misses
+/// (the 1.97 us routed least_conn checkout in BENCHMARKS.md's scale section).
+/// Only the leaf that changed reads its counter.
 pub struct LoadTree {
-    leaves: Vec<(Arc<InFlight>, u32)>,
+    leaves: Vec<Arc<InFlight>>,
+    /// Each leaf's count as of its last update, and its weight.
+    loads: Vec<AtomicU32>,
+    weights: Vec<u32>,
     nodes: Vec<AtomicU32>,
     cap: usize,
     update: Mutex<()>,
@@ -120,8 +129,13 @@ impl LoadTree {
         let tree = Self {
             leaves: candidates
                 .iter()
-                .map(|c| (Arc::clone(c.in_flight()), c.weight()))
+                .map(|c| Arc::clone(c.in_flight()))
                 .collect(),
+            loads: candidates
+                .iter()
+                .map(|c| AtomicU32::new(c.in_flight().get()))
+                .collect(),
+            weights: candidates.iter().map(Load::weight).collect(),
             nodes,
             cap,
             update: Mutex::new(()),
@@ -141,6 +155,7 @@ impl LoadTree {
     /// Replays the matches from `leaf` up to the root after its load changed.
     pub fn update(&self, leaf: usize) {
         let _serial = self.update.lock().unwrap_or_else(PoisonError::into_inner);
+        self.copy_load(leaf);
         let mut node = (self.cap + leaf) / 2;
         while node >= 1 {
             self.replay(node);
@@ -151,6 +166,9 @@ impl LoadTree {
     /// Replays every match, e.g. after the tree was linked to live counters.
     pub fn refresh(&self) {
         let _serial = self.update.lock().unwrap_or_else(PoisonError::into_inner);
+        for leaf in 0..self.leaves.len() {
+            self.copy_load(leaf);
+        }
         for node in (1..self.cap).rev() {
             self.replay(node);
         }
@@ -177,10 +195,16 @@ impl LoadTree {
         }
     }
 
+    fn copy_load(&self, leaf: usize) {
+        if let (Some(count), Some(copy)) = (self.leaves.get(leaf), self.loads.get(leaf)) {
+            copy.store(count.get(), Ordering::Relaxed);
+        }
+    }
+
     fn load_of(&self, leaf: u32) -> Option<(u32, u32)> {
-        self.leaves
-            .get(leaf as usize)
-            .map(|(count, weight)| (count.get(), *weight))
+        let leaf = leaf as usize;
+        let load = self.loads.get(leaf)?.load(Ordering::Relaxed);
+        Some((load, *self.weights.get(leaf)?))
     }
 }
 

@@ -1,0 +1,212 @@
+//! Fair queuing under a noisy tenant: one tenant with 200 concurrent tasks
+//! and three quiet tenants with 2 each share one pool of 16, on the no-op
+//! backend (a `FairGate` of 16; the hold is one scheduler yield) and on the
+//! testkit's PostgreSQL (the hold is `SELECT 1`; schema isolation).
+//!
+//! Rows, per backend:
+//! - `alone`: the six quiet tasks by themselves;
+//! - `fifo`: everyone, every tier queued first come, first served (one
+//!   class: what the pools did before fair queuing);
+//! - `fair`: everyone, each tenant its own class (the default).
+//!
+//! The time Criterion reports is wall time per checkout over all tasks (the
+//! inverse of throughput). The quiet tenants' checkout waits (the guard's
+//! `waited`) are collected over the whole run of a row and printed as
+//! `quiet wait ...` lines with p50 and p99.
+//!
+//! `cargo bench --bench fairness -- --warm-up-time 1 --measurement-time 3`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use switchyard::core::noop::NoopBackend;
+use switchyard::core::QueueOrder;
+use switchyard::postgres::{PgBackend, PgBackendConfig};
+use switchyard::{
+    Backend, Checkout, CheckoutRequest, Isolation, PoolSettings, TenantId, TenantRegistry,
+    TierPolicy,
+};
+use switchyard_testkit::PgCluster;
+use tokio::runtime::Runtime;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+const POOL_SIZE: u32 = 16;
+const NOISY_TASKS: usize = 200;
+const QUIET_TENANTS: [&str; 3] = ["s1", "s2", "s3"];
+const QUIET_TASKS_EACH: usize = 2;
+
+fn registry(order: QueueOrder) -> Arc<TenantRegistry> {
+    let mut registry = TenantRegistry::new().with_tier(
+        "schema",
+        TierPolicy::new(Isolation::Schema).with_queue(order),
+    );
+    for id in ["s0", "s1", "s2", "s3"] {
+        registry = registry.with_tenant(TenantId::new(id).unwrap(), "schema");
+    }
+    Arc::new(registry)
+}
+
+/// Who runs: the quiet tasks, and the noisy ones unless `alone`.
+fn workload(alone: bool) -> Vec<(&'static str, bool)> {
+    let mut tasks = Vec::new();
+    if !alone {
+        tasks.extend(std::iter::repeat_n(("s0", false), NOISY_TASKS));
+    }
+    for id in QUIET_TENANTS {
+        tasks.extend(std::iter::repeat_n((id, true), QUIET_TASKS_EACH));
+    }
+    tasks
+}
+
+/// Runs `iters` checkouts in all over the workload's tasks, each holding its
+/// connection through `hold`; returns the wall time and adds every quiet
+/// checkout's wait (ns) to `waits`.
+fn run<B, H, Fut>(
+    rt: &Runtime,
+    iters: u64,
+    backend: &Arc<B>,
+    registry: &Arc<TenantRegistry>,
+    alone: bool,
+    waits: &Arc<Mutex<Vec<u64>>>,
+    hold: H,
+) -> Duration
+where
+    B: Backend,
+    H: Fn(Checkout<B>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    rt.block_on(async {
+        let budget = Arc::new(AtomicI64::new(i64::try_from(iters).unwrap()));
+        let tasks = workload(alone);
+        let start = Arc::new(tokio::sync::Barrier::new(tasks.len() + 1));
+        let mut set = JoinSet::new();
+        for (id, quiet) in tasks {
+            let entry = registry.resolve(&TenantId::new(id).unwrap()).unwrap();
+            let (backend, budget, start, waits) = (
+                Arc::clone(backend),
+                Arc::clone(&budget),
+                Arc::clone(&start),
+                Arc::clone(waits),
+            );
+            set.spawn(async move {
+                let mut mine = Vec::new();
+                start.wait().await;
+                while budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+                    let req =
+                        CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT).tenant(&entry);
+                    let conn = Checkout::acquire(&backend, req).await.unwrap();
+                    if quiet {
+                        mine.push(u64::try_from(conn.waited().as_nanos()).unwrap());
+                    }
+                    hold(conn).await;
+                }
+                waits.lock().unwrap().extend(mine);
+            });
+        }
+        start.wait().await;
+        let began = Instant::now();
+        while let Some(done) = set.join_next().await {
+            done.expect("bench task panicked");
+        }
+        began.elapsed()
+    })
+}
+
+fn report(name: &str, waits: &Mutex<Vec<u64>>) {
+    let mut waits = std::mem::take(&mut *waits.lock().unwrap());
+    waits.sort_unstable();
+    let at = |q: f64| {
+        let i = ((waits.len() as f64 - 1.0) * q).round() as usize;
+        Duration::from_nanos(waits.get(i).copied().unwrap_or(0))
+    };
+    println!(
+        "quiet wait {name}: p50 {:?} p99 {:?} ({} checkouts)",
+        at(0.50),
+        at(0.99),
+        waits.len()
+    );
+}
+
+fn rows<B, H, Fut>(c: &mut Criterion, rt: &Runtime, group: &str, backend: &Arc<B>, hold: H)
+where
+    B: Backend,
+    H: Fn(Checkout<B>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut g = c.benchmark_group(format!("fairness/{group}"));
+    for (row, order, alone) in [
+        ("alone", QueueOrder::Fair, true),
+        ("fifo", QueueOrder::Fifo, false),
+        ("fair", QueueOrder::Fair, false),
+    ] {
+        let registry = registry(order);
+        let waits = Arc::new(Mutex::new(Vec::new()));
+        g.bench_function(row, |b| {
+            b.iter_custom(|iters| run(rt, iters, backend, &registry, alone, &waits, hold));
+        });
+        report(&format!("{group}/{row}"), &waits);
+    }
+    g.finish();
+}
+
+async fn yield_once(conn: Checkout<NoopBackend>) {
+    tokio::task::yield_now().await;
+    drop(conn);
+}
+
+async fn select_one(mut conn: Checkout<PgBackend>) {
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    std::hint::black_box(one);
+}
+
+fn fairness(c: &mut Criterion) {
+    let rt = common::runtime();
+    let noop = Arc::new(NoopBackend::new("noop").with_max_size(POOL_SIZE));
+    rows(c, &rt, "noop", &noop, yield_once);
+
+    let pg = rt
+        .block_on(PgCluster::start(0))
+        .expect("postgres (testkit)");
+    let url = pg.primary().url().to_owned();
+    let config = PgBackendConfig::builder("pg".to_owned(), url.as_str())
+        .pool(PoolSettings::default().with_max_size(POOL_SIZE))
+        .config();
+    let backend = {
+        let _runtime = rt.enter();
+        Arc::new(PgBackend::new(config).expect("pg backend"))
+    };
+    rt.block_on(async {
+        let mut conn = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT),
+        )
+        .await
+        .unwrap();
+        for id in ["s0", "s1", "s2", "s3"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS tenant_{id}"
+            )))
+            .execute(&mut *conn)
+            .await
+            .expect("create schema");
+        }
+    });
+    rows(c, &rt, "postgres", &backend, select_one);
+}
+
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = fairness
+}
+criterion_main!(benches);

@@ -1,0 +1,209 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Fair queuing on a real PostgreSQL: a saturated pool serves waiting tenants
+//! in turn (tier weights, untenanted as a class, FIFO on request), within the
+//! affinity hand-off's bypass bound; every grant is scoped to its tenant; a
+//! waiter that gives up leaves nothing behind.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Fixture;
+use switchyard_core::{
+    Checkout, CheckoutRequest, Error, Isolation, QueueOrder, TenantId, TenantRegistry, TierPolicy,
+};
+use switchyard_postgres::PgBackend;
+use switchyard_testkit::wait_until;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const NOISY: usize = 8;
+
+fn registry(quiet_order: QueueOrder) -> Arc<TenantRegistry> {
+    let reg = TenantRegistry::new()
+        .with_tier("noisy", TierPolicy::new(Isolation::Schema))
+        .with_tier(
+            "quiet",
+            TierPolicy::new(Isolation::Schema).with_queue(quiet_order),
+        )
+        .with_tier(
+            "gold",
+            TierPolicy::new(Isolation::Schema).with_queue_weight(NonZeroU32::new(2).unwrap()),
+        )
+        .with_tenant(TenantId::new("noisy").unwrap(), "noisy")
+        .with_tenant(TenantId::new("q1").unwrap(), "quiet")
+        .with_tenant(TenantId::new("q2").unwrap(), "quiet")
+        .with_tenant(TenantId::new("gold").unwrap(), "gold");
+    reg.validate().unwrap();
+    Arc::new(reg)
+}
+
+async fn checkout(
+    backend: &Arc<PgBackend>,
+    reg: &TenantRegistry,
+    tenant: Option<&str>,
+) -> Result<Checkout<PgBackend>, Error> {
+    let mut req = CheckoutRequest::with_timeout(TIMEOUT);
+    if let Some(id) = tenant {
+        req = req.tenant(&reg.resolve(&TenantId::new(id).unwrap()).unwrap());
+    }
+    Checkout::acquire(backend, req).await
+}
+
+/// Fills a pool of 1 with a `noisy` checkout, queues `waiters` (tenant or
+/// untenanted) one after another behind it, lets it go, and returns the
+/// order they were served in (one connection: each grant follows the
+/// previous one's return). Each grant checks on the server that its session
+/// serves exactly its tenant.
+async fn served_order(
+    backend: &Arc<PgBackend>,
+    reg: &Arc<TenantRegistry>,
+    waiters: &[Option<&'static str>],
+) -> Vec<String> {
+    let held = checkout(backend, reg, Some("noisy")).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, tenant) in waiters.iter().enumerate() {
+        let (backend, reg, tx) = (Arc::clone(backend), Arc::clone(reg), tx.clone());
+        let tenant = *tenant;
+        tokio::spawn(async move {
+            let mut conn = checkout(&backend, &reg, tenant).await.unwrap();
+            let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            let want = tenant.map_or("\"$user\", public".to_owned(), |t| {
+                format!("\"tenant_{t}\"")
+            });
+            assert_eq!(path, want, "waiter {i} got another owner's session");
+            tx.send(format!("{}{i}", tenant.unwrap_or("-"))).unwrap();
+        });
+        // The current-thread runtime runs the task up to its wait: queued in
+        // exactly this order, with no I/O before (the pool is full).
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(tx);
+    drop(held);
+    let mut order = Vec::new();
+    while let Some(label) = rx.recv().await {
+        order.push(label);
+    }
+    assert_eq!(order.len(), waiters.len());
+    order
+}
+
+fn position(order: &[String], label: &str) -> usize {
+    order.iter().position(|l| l == label).unwrap()
+}
+
+async fn fixture() -> Fixture {
+    let fx = Fixture::start(0).await;
+    for id in ["noisy", "q1", "q2", "gold"] {
+        fx.create_schema_tenant(id).await;
+    }
+    fx
+}
+
+fn waiters() -> Vec<Option<&'static str>> {
+    let mut waiters = vec![Some("noisy"); NOISY];
+    waiters.extend([Some("q1"), Some("q2"), None]);
+    waiters
+}
+
+#[tokio::test]
+async fn waiting_tenants_are_served_in_turn_and_scoped() {
+    let fx = fixture().await;
+    // Strict turns (no affinity bypass): the exact deficit round robin order.
+    let mut config = fx.config(1);
+    config.affinity.max_bypass = 0;
+    let backend = fx.backend(config);
+    let order = served_order(&backend, &registry(QueueOrder::Fair), &waiters()).await;
+    eprintln!("fair, max_bypass 0: {order:?}");
+    assert_eq!(&order[..4], ["noisy0", "q18", "q29", "-10"]);
+
+    // With the default bound, a quiet waiter is passed over for noisy's warm
+    // connections at most max_bypass (4) times, never the whole noisy queue.
+    let backend = fx.backend(fx.config(1));
+    let order = served_order(&backend, &registry(QueueOrder::Fair), &waiters()).await;
+    eprintln!("fair, max_bypass 4: {order:?}");
+    assert!(position(&order, "q18") <= 1 + 4, "{order:?}");
+    assert!(
+        position(&order, "noisy7") > position(&order, "q29"),
+        "{order:?}"
+    );
+    let stats = backend.pg_stats();
+    assert!(stats.handoffs > 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_fifo_tier_and_a_weighted_tier_queue_as_configured() {
+    let fx = fixture().await;
+    let mut config = fx.config(1);
+    config.affinity.max_bypass = 0;
+    let backend = fx.backend(config);
+
+    // q1 and q2 share one FIFO line: q2 waits behind q1's second checkout.
+    let reg = registry(QueueOrder::Fifo);
+    let waiters = [
+        Some("noisy"),
+        Some("noisy"),
+        Some("q1"),
+        Some("q1"),
+        Some("q2"),
+    ];
+    let order = served_order(&backend, &reg, &waiters).await;
+    assert_eq!(order, ["noisy0", "q12", "noisy1", "q13", "q24"]);
+
+    // gold (weight 2) gets two grants per turn.
+    let waiters = [
+        Some("noisy"),
+        Some("noisy"),
+        Some("noisy"),
+        Some("gold"),
+        Some("gold"),
+        Some("gold"),
+    ];
+    let order = served_order(&backend, &reg, &waiters).await;
+    assert_eq!(
+        order,
+        ["noisy0", "gold3", "gold4", "noisy1", "gold5", "noisy2"]
+    );
+}
+
+#[tokio::test]
+async fn a_waiter_that_gives_up_leaves_nothing_behind() {
+    let fx = fixture().await;
+    let backend = fx.backend(fx.config(1));
+    let reg = registry(QueueOrder::Fair);
+    let held = checkout(&backend, &reg, Some("noisy")).await.unwrap();
+
+    // One waiter times out exactly at its deadline, one is cancelled.
+    let entry = reg.resolve(&TenantId::new("q1").unwrap()).unwrap();
+    let req = CheckoutRequest::with_timeout(Duration::from_millis(200)).tenant(&entry);
+    let err = Checkout::acquire(&backend, req).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        checkout(&backend, &reg, Some("q2")),
+    )
+    .await;
+    assert!(cancelled.is_err());
+
+    // The returned connection is idle again, not handed to a ghost.
+    drop(held);
+    wait_until(TIMEOUT, || async {
+        let stats = switchyard_core::Backend::stats(&*backend);
+        (stats.size, stats.idle) == (1, 1)
+    })
+    .await
+    .unwrap();
+    let mut conn = checkout(&backend, &reg, Some("noisy")).await.unwrap();
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(path, "\"tenant_noisy\"");
+    assert_eq!(backend.pg_stats().affinity_hits, 1);
+}
