@@ -74,8 +74,8 @@ pub struct PgBackendConfig {
     pub tenant_roles: bool,
     /// TLS trust and client certificate. With it, connections verify the
     /// server (`sslmode=verify-full`) unless it says `insecure_skip_verify`;
-    /// without it, the URL's `sslmode` decides (see [`crate::tls`]'s table in
-    /// the README's engine section).
+    /// without it, the URL's `sslmode` decides (see the TLS table in the
+    /// README's engine section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
 }

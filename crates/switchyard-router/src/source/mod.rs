@@ -17,7 +17,7 @@
 //! Probes keep running on every endpoint, at the cluster's interval, and an
 //! endpoint whose role the source changes is probed at once. The source says
 //! who *should* be primary; probes say who is reachable and what each node
-//! believes it is. The rules ([`effective_role`]):
+//! believes it is. The rules (`effective_role`):
 //!
 //! | source says | probe says | the endpoint serves |
 //! |---|---|---|
