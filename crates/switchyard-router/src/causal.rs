@@ -207,16 +207,26 @@ impl<B: CausalBackend> Cluster<B> {
         tenant: Option<&TenantId>,
         opts: CheckoutOptions,
     ) -> Result<Checkout<B>, Error> {
+        let mut budget = Budget::new(&self.shared.config.load(), Intent::Read, &opts);
+        self.checkout_after_budgeted(token, tenant, opts, &mut budget)
+            .await
+    }
+
+    /// `checkout_after` within `budget` (one `run_after` spends one budget
+    /// over its attempts).
+    async fn checkout_after_budgeted(
+        &self,
+        token: &CausalToken,
+        tenant: Option<&TenantId>,
+        opts: CheckoutOptions,
+        budget: &mut Budget,
+    ) -> Result<Checkout<B>, Error> {
         self.check_token(token)?;
         let config = self.shared.config.load_full();
         let until = Instant::now() + opts.causal_wait_or(config.causal.wait);
-        let mut budget = Budget::new(&config, Intent::Read, &opts);
         let mut avoided = false;
         loop {
-            let mut conn = match self
-                .checkout_budgeted(Intent::Read, tenant, &mut budget)
-                .await
-            {
+            let mut conn = match self.checkout_budgeted(Intent::Read, tenant, budget).await {
                 Ok(conn) => conn,
                 Err(_) if avoided => return self.fall_back(token, tenant, opts, &config).await,
                 Err(error) => return Err(error),
@@ -264,10 +274,11 @@ impl<B: CausalBackend> Cluster<B> {
         }
     }
 
-    /// [`checkout_after`](Self::checkout_after), then `op` on the connection
-    /// within `retry.attempt_timeout` (an overrun cancels `op` and closes the
-    /// connection). A failed `op` is not retried: call again, the token still
-    /// holds.
+    /// [`checkout_after`](Self::checkout_after), then `op` on the connection,
+    /// as [`run`](Self::run) does a read: within the attempt's deadline (an
+    /// overrun cancels `op` and closes the connection), and a failed or
+    /// overrun `op` is retried on another endpoint, with the same token,
+    /// within the retry budget.
     pub async fn run_after<T, E, F>(
         &self,
         token: &CausalToken,
@@ -279,24 +290,15 @@ impl<B: CausalBackend> Cluster<B> {
         F: AsyncFnMut(&mut Checkout<B>) -> Result<T, E>,
         E: OperationError<B::Connection>,
     {
-        let mut conn = self.checkout_after(token, tenant, opts).await?;
-        let started = Instant::now();
-        let timeout = self.shared.config.load().retry.attempt_timeout;
-        let error = match tokio::time::timeout(timeout, op(&mut conn)).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error)) => error.into_error(conn.endpoint(), conn.scope()),
-            Err(_) => {
-                conn.discard_on_drop();
-                Error::OperationTimeout {
-                    endpoint: conn.endpoint().clone(),
-                    tenant: conn.tenant().cloned(),
-                    deadline: Deadline::Attempt,
-                    elapsed: started.elapsed(),
-                }
+        let mut budget = Budget::new(&self.shared.config.load(), Intent::Read, &opts);
+        loop {
+            let conn = self
+                .checkout_after_budgeted(token, tenant, opts, &mut budget)
+                .await?;
+            if let Some(done) = self.attempt(Intent::Read, conn, &mut budget, &mut op).await {
+                return done;
             }
-        };
-        conn.report_failure(&error);
-        Err(error)
+        }
     }
 
     /// The primary, when the replicas did not apply `token` in time.

@@ -77,30 +77,51 @@ impl<B: Backend> Cluster<B> {
     {
         let mut budget = Budget::new(&self.shared.config.load(), intent, &opts);
         loop {
-            let mut conn = self.checkout_budgeted(intent, tenant, &mut budget).await?;
-            let attempt = budget.attempt();
-            let outcome = tokio::time::timeout_at(attempt.ends, op(&mut conn)).await;
-            let error = match outcome {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => error.into_error(conn.endpoint(), conn.scope()),
-                Err(_) => {
-                    self.overran(conn.endpoint(), attempt.deadline);
-                    overrun(&mut conn, attempt, budget.attempt_timeout())
-                }
-            };
-            conn.report_failure(&error);
-            let id = conn.endpoint().clone();
-            drop(conn);
-            self.learn(&id, &error);
-            if !budget.may_retry(&error) {
-                return Err(error);
-            }
-            self.shared.metrics.retry(intent);
-            tracing::debug!(cluster = %self.shared.name, endpoint = %id, %error, "operation failed; retrying on another endpoint");
-            if intent == Intent::Read {
-                budget.avoid(id);
+            let conn = self.checkout_budgeted(intent, tenant, &mut budget).await?;
+            if let Some(done) = self.attempt(intent, conn, &mut budget, &mut op).await {
+                return done;
             }
         }
+    }
+
+    /// `op` on `conn` within the attempt's deadline: its result, or `None`
+    /// when it failed (or overran) and `budget` allows another attempt,
+    /// which then avoids this endpoint for a read. Shared by `run` and a
+    /// causal read's `run_after`, which differ only in how they check out.
+    pub(crate) async fn attempt<T, E, F>(
+        &self,
+        intent: Intent,
+        mut conn: Checkout<B>,
+        budget: &mut Budget,
+        op: &mut F,
+    ) -> Option<Result<T, Error>>
+    where
+        F: AsyncFnMut(&mut Checkout<B>) -> Result<T, E>,
+        E: OperationError<B::Connection>,
+    {
+        let attempt = budget.attempt();
+        let outcome = tokio::time::timeout_at(attempt.ends, op(&mut conn)).await;
+        let error = match outcome {
+            Ok(Ok(value)) => return Some(Ok(value)),
+            Ok(Err(error)) => error.into_error(conn.endpoint(), conn.scope()),
+            Err(_) => {
+                self.overran(conn.endpoint(), attempt.deadline);
+                overrun(&mut conn, attempt, budget.attempt_timeout())
+            }
+        };
+        conn.report_failure(&error);
+        let id = conn.endpoint().clone();
+        drop(conn);
+        self.learn(&id, &error);
+        if !budget.may_retry(&error) {
+            return Some(Err(error));
+        }
+        self.shared.metrics.retry(intent);
+        tracing::debug!(cluster = %self.shared.name, endpoint = %id, %error, "operation failed; retrying on another endpoint");
+        if intent == Intent::Read {
+            budget.avoid(id);
+        }
+        None
     }
 
     /// Counts an operation cancelled at `deadline` on endpoint `id`.

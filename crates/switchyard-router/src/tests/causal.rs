@@ -225,3 +225,29 @@ async fn a_replica_that_hangs_on_the_confirmation_is_left_within_the_wait_and_ej
     ));
     assert_eq!(cluster.causal_stats().replica_reads, 20);
 }
+
+/// `run_after` is a read like `run`'s: an operation that hangs on one replica
+/// is cut at the attempt timeout and runs again, with the same token, on the
+/// other one.
+#[tokio::test(start_paused = true)]
+async fn a_token_read_that_hangs_on_one_replica_moves_to_the_other() {
+    let (cluster, _backends) = at(100, config()).await;
+    let token = written(&cluster).await;
+    let started = Instant::now();
+    let mut tried = Vec::new();
+    let served = cluster
+        .run_after(&token, None, CheckoutOptions::new(), async |conn| {
+            tried.push(conn.endpoint().clone());
+            if tried.len() == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Error>(conn.endpoint().clone())
+        })
+        .await
+        .unwrap();
+    assert_eq!(tried.len(), 2, "{tried:?}");
+    assert_ne!(tried[0], tried[1]);
+    assert_eq!(served, tried[1]);
+    assert_ne!(served.as_str(), "p");
+    assert_eq!(started.elapsed(), config().retry.attempt_timeout);
+}
