@@ -156,7 +156,10 @@ impl ChBackendConfig {
         };
         match self.connect() {
             Ok(connect) => {
-                if let Some(message) = crate::tls::problem(&connect.url, self.tls.as_ref()) {
+                if let Some(message) = switchyard_core::Transport::http_problem(
+                    connect.url.scheme(),
+                    self.tls.as_ref(),
+                ) {
                     bad("tls", message);
                 }
             }
@@ -225,7 +228,7 @@ impl ChBackendConfig {
     /// How this endpoint's requests are protected, as configured (no I/O).
     pub fn transport(&self) -> Transport {
         match url::Url::parse(self.url.expose()) {
-            Ok(url) => crate::tls::transport(&url, self.tls.as_ref()),
+            Ok(url) => switchyard_core::Transport::of_http(url.scheme(), self.tls.as_ref()),
             Err(_) => Transport::Plaintext,
         }
     }

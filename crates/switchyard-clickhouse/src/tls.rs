@@ -17,7 +17,7 @@ use std::time::Duration;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
-use switchyard_core::{Error, TlsMaterial, TlsSettings, Transport};
+use switchyard_core::{Error, TlsMaterial, TlsSettings};
 
 /// TCP keep-alive on the client's sockets, as the `clickhouse` crate's own
 /// client sets it.
@@ -29,17 +29,6 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Whether `url` (already parsed) dials TLS.
 fn is_https(url: &url::Url) -> bool {
     url.scheme() == "https"
-}
-
-/// What is wrong with `tls` next to `url`, or `None`.
-pub(crate) fn problem(url: &url::Url, tls: Option<&TlsSettings>) -> Option<String> {
-    (tls.is_some() && !is_https(url))
-        .then(|| "tls settings are given but the url is http://; use https://".into())
-}
-
-/// How requests to `url` are protected with `tls`.
-pub(crate) fn transport(url: &url::Url, tls: Option<&TlsSettings>) -> Transport {
-    Transport::of(is_https(url), tls)
 }
 
 /// The `clickhouse` client for `url`: the crate's default one for `http://`,
@@ -82,22 +71,32 @@ pub(crate) fn client(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_core::Transport;
 
     #[test]
     fn the_url_and_the_settings_agree() {
         let http = url::Url::parse("http://127.0.0.1:8123").unwrap();
         let https = url::Url::parse("https://localhost:8443").unwrap();
         let tls = TlsSettings::default();
-        assert!(problem(&http, Some(&tls)).is_some());
-        assert_eq!(problem(&https, Some(&tls)), None);
-        assert_eq!(problem(&http, None), None);
-        assert_eq!(transport(&http, None), Transport::Plaintext);
-        assert_eq!(transport(&https, None), Transport::Verified);
+        assert!(Transport::http_problem(http.scheme(), Some(&tls)).is_some());
+        assert_eq!(Transport::http_problem(https.scheme(), Some(&tls)), None);
+        assert_eq!(Transport::http_problem(http.scheme(), None), None);
+        assert_eq!(
+            Transport::of_http(http.scheme(), None),
+            Transport::Plaintext
+        );
+        assert_eq!(
+            Transport::of_http(https.scheme(), None),
+            Transport::Verified
+        );
         let insecure = TlsSettings {
             insecure_skip_verify: true,
             ..TlsSettings::default()
         };
-        assert_eq!(transport(&https, Some(&insecure)), Transport::Unverified);
+        assert_eq!(
+            Transport::of_http(https.scheme(), Some(&insecure)),
+            Transport::Unverified
+        );
         assert!(client(&https, None, "ch").is_ok());
         let missing = TlsSettings::with_ca_file("/nonexistent/ca.pem");
         let err = client(&https, Some(&missing), "ch").unwrap_err();

@@ -219,6 +219,19 @@ impl Transport {
             (true, false) => Transport::Verified,
         }
     }
+
+    /// How requests to an HTTP engine (ClickHouse, Elasticsearch) are
+    /// protected: TLS when the URL's `scheme` is `https`.
+    pub fn of_http(scheme: &str, settings: Option<&TlsSettings>) -> Self {
+        Self::of(scheme == "https", settings)
+    }
+
+    /// What is wrong with TLS `settings` next to an HTTP engine's URL
+    /// `scheme`, or `None`.
+    pub fn http_problem(scheme: &str, settings: Option<&TlsSettings>) -> Option<String> {
+        (settings.is_some() && scheme != "https")
+            .then(|| "tls settings are given but the url is http://; use https://".into())
+    }
 }
 
 impl fmt::Display for Transport {

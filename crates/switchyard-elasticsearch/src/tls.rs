@@ -16,23 +16,7 @@ use elasticsearch::auth::{ClientCertificate, Credentials};
 use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::headers::{HeaderValue, AUTHORIZATION};
 use elasticsearch::http::transport::TransportBuilder;
-use switchyard_core::{Error, TlsSettings, Transport};
-
-/// Whether `url` dials TLS.
-fn is_https(url: &url::Url) -> bool {
-    url.scheme() == "https"
-}
-
-/// What is wrong with `tls` next to `url`, or `None`.
-pub(crate) fn problem(url: &url::Url, tls: Option<&TlsSettings>) -> Option<String> {
-    (tls.is_some() && !is_https(url))
-        .then(|| "tls settings are given but the url is http://; use https://".into())
-}
-
-/// How requests to `url` are protected with `tls`.
-pub(crate) fn transport(url: &url::Url, tls: Option<&TlsSettings>) -> Transport {
-    Transport::of(is_https(url), tls)
-}
+use switchyard_core::{Error, TlsSettings};
 
 /// `builder` with the credentials and `tls` applied (its files read now).
 pub(crate) fn apply(
@@ -89,21 +73,31 @@ pub(crate) fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_core::Transport;
 
     #[test]
     fn the_url_and_the_settings_agree() {
         let http = url::Url::parse("http://127.0.0.1:9200").unwrap();
         let https = url::Url::parse("https://localhost:9200").unwrap();
         let tls = TlsSettings::default();
-        assert!(problem(&http, Some(&tls)).is_some());
-        assert_eq!(problem(&https, Some(&tls)), None);
-        assert_eq!(transport(&https, None), Transport::Verified);
+        assert!(Transport::http_problem(http.scheme(), Some(&tls)).is_some());
+        assert_eq!(Transport::http_problem(https.scheme(), Some(&tls)), None);
+        assert_eq!(
+            Transport::of_http(https.scheme(), None),
+            Transport::Verified
+        );
         let insecure = TlsSettings {
             insecure_skip_verify: true,
             ..TlsSettings::default()
         };
-        assert_eq!(transport(&https, Some(&insecure)), Transport::Unverified);
-        assert_eq!(transport(&http, None), Transport::Plaintext);
+        assert_eq!(
+            Transport::of_http(https.scheme(), Some(&insecure)),
+            Transport::Unverified
+        );
+        assert_eq!(
+            Transport::of_http(http.scheme(), None),
+            Transport::Plaintext
+        );
         let missing = TlsSettings::with_ca_file("/nonexistent/ca.pem");
         let builder = TransportBuilder::default();
         let err = apply(builder, None, Some(&missing), "es").err().unwrap();
