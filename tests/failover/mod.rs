@@ -74,6 +74,21 @@ pub trait Fixture {
     }
 }
 
+/// Stops the load and the monitor and reports `phases`: the operations, the
+/// status samples and when the load was stopped.
+async fn finish(
+    tl: &Timeline,
+    load: Load,
+    monitor: Monitor,
+    phases: &[(&str, Instant)],
+) -> (Vec<Op>, Vec<Sample>, Instant) {
+    let end = tl.mark("stop load");
+    let ops = load.stop().await;
+    let samples = monitor.stop().await;
+    phase_report(tl, &ops, phases, end);
+    (ops, samples, end)
+}
+
 /// A primary and two replicas, prepared.
 async fn start<F: Fixture>(tl: &Timeline) -> F::Bed {
     let bed = F::Bed::start(2).await.unwrap_or_else(|e| panic!("{e}"));
@@ -222,20 +237,13 @@ pub async fn replica_fault<F: Fixture>(fault: Fault) {
     .await;
     load.settle(first, reads, writes).await;
 
-    let end = tl.mark("stop load");
-    let ops = load.stop().await;
-    let samples = monitor.stop().await;
-    phase_report(
-        &tl,
-        &ops,
-        &[
-            ("warm-up", warm),
-            ("fault -> down", broken),
-            ("down", down),
-            ("recovery -> end", recover),
-        ],
-        end,
-    );
+    let phases = [
+        ("warm-up", warm),
+        ("fault -> down", broken),
+        ("down", down),
+        ("recovery -> end", recover),
+    ];
+    let (ops, samples, end) = finish(&tl, load, monitor, &phases).await;
     all_ok(&ops, Intent::Read, "reads failed");
     let slowest = ops
         .iter()
@@ -363,21 +371,14 @@ pub async fn promotion<F: Fixture>() {
     );
     load.settle(old_up, reads, 100).await;
 
-    let end = tl.mark("stop load");
-    let ops = load.stop().await;
-    let samples = monitor.stop().await;
-    phase_report(
-        &tl,
-        &ops,
-        &[
-            ("warm-up", warm),
-            ("kill -> promoted", kill),
-            ("promoted -> 1st write", promoted),
-            ("on new primary", first),
-            ("old primary back", restart),
-        ],
-        end,
-    );
+    let phases = [
+        ("warm-up", warm),
+        ("kill -> promoted", kill),
+        ("promoted -> 1st write", promoted),
+        ("on new primary", first),
+        ("old primary back", restart),
+    ];
+    let (ops, samples, end) = finish(&tl, load, monitor, &phases).await;
 
     // The gap: writes that ended after the kill and started before writes
     // were flowing on the promoted replica again.
