@@ -164,7 +164,7 @@ impl MongoConn {
     }
 
     /// The database and real collection name behind `name`.
-    fn namespace(&self, name: &str) -> Result<(&str, String), MongoError> {
+    pub(crate) fn namespace(&self, name: &str) -> Result<(&str, String), MongoError> {
         let (database, real) = match &self.confinement {
             Confinement::Unscoped => {
                 validate_collection(name)?;
@@ -203,6 +203,12 @@ impl MongoConn {
     /// The database `name`, for unscoped checkouts only.
     pub fn database(&self, name: &str) -> Result<Database, Error> {
         self.client().map(|c| c.database(name))
+    }
+
+    /// The driver's client whatever the scope, for this crate's own
+    /// commands (never handed to a caller).
+    pub(crate) fn raw_client(&self) -> &Client {
+        &self.client
     }
 
     pub(crate) fn settings(&self) -> &HandleSettings {
