@@ -63,7 +63,7 @@ use switchyard_core::{Backend, CausalBackend, CausalError, CausalToken, Coverage
 use crate::backend::MongoBackend;
 use crate::config::Topology;
 use crate::conn::{Confinement, MongoConn};
-use crate::error::{mongo_error, server_code};
+use crate::error::{mongo_error, server_code, MongoError};
 
 /// The collection a secondary's confirmation reads (in the handle's
 /// namespace); it need not exist.
@@ -168,22 +168,8 @@ impl MongoConn {
     /// Whether this handle's node has applied `time`: a `find` in the
     /// handle's own namespace, sent with `afterClusterTime`.
     async fn read_after(&self, time: u64) -> Result<Coverage, Error> {
-        let (database, collection) = self
-            .namespace(PROBE_COLLECTION)
+        let (database, command) = confirmation(&self.confinement, &self.settings().database, time)
             .map_err(|e| crate::error::rejected(self.endpoint(), self.tenant(), e))?;
-        let filter = match &self.confinement {
-            Confinement::Row(guard) => guard.condition(),
-            _ => Document::new(),
-        };
-        let command = doc! {
-            "find": collection,
-            "filter": filter,
-            "projection": { "_id": 1 },
-            "limit": 1,
-            "singleBatch": true,
-            "readConcern": { "level": "local", "afterClusterTime": timestamp(time) },
-            "maxTimeMS": i64::try_from(CONFIRM_WAIT.as_millis()).unwrap_or(5),
-        };
         let answer = self
             .raw_client()
             .database(database)
@@ -203,6 +189,32 @@ impl MongoConn {
             Err(e) => Err(mongo_error(self.endpoint(), self.tenant(), e)),
         }
     }
+}
+
+/// The database and command of a confirmation read at `time` under
+/// `confinement` (with `shared` the backend's shared database): a `find` of
+/// at most one `_id` on a collection of the scope's own namespace, with the
+/// tenant condition for a row-level scope.
+fn confirmation<'a>(
+    confinement: &'a Confinement,
+    shared: &'a str,
+    time: u64,
+) -> Result<(&'a str, Document), MongoError> {
+    let (database, collection) = confinement.namespace(shared, PROBE_COLLECTION)?;
+    let filter = match confinement {
+        Confinement::Row(guard) => guard.condition(),
+        _ => Document::new(),
+    };
+    let command = doc! {
+        "find": collection,
+        "filter": filter,
+        "projection": { "_id": 1 },
+        "limit": 1,
+        "singleBatch": true,
+        "readConcern": { "level": "local", "afterClusterTime": timestamp(time) },
+        "maxTimeMS": i64::try_from(CONFIRM_WAIT.as_millis()).unwrap_or(5),
+    };
+    Ok((database, command))
 }
 
 /// A BSON timestamp from its 64-bit form.
@@ -405,6 +417,56 @@ mod tests {
         );
         assert_eq!(elected(token("rs0", 2, 190, 0), None), Coverage::Covered);
         assert_eq!(elected(token("rs0", 2, 201, 0), None), Coverage::NotYet);
+    }
+
+    #[test]
+    fn a_confirmation_reads_only_inside_the_tenants_own_namespace() {
+        use std::sync::Arc;
+        use switchyard_core::TenantId;
+
+        use crate::row::RowGuard;
+
+        let tenant = TenantId::new("acme").unwrap();
+        let time = 1_764_470_000_u64 << 32 | 7;
+        let scopes = [
+            (Confinement::Unscoped, "app", "switchyard_causal", doc! {}),
+            (
+                Confinement::Database {
+                    tenant: tenant.clone(),
+                    database: Arc::from("tenant_acme"),
+                },
+                "tenant_acme",
+                "switchyard_causal",
+                doc! {},
+            ),
+            (
+                Confinement::Prefix {
+                    tenant: tenant.clone(),
+                    prefix: Arc::from("tenant_acme"),
+                },
+                "app",
+                "tenant_acme__switchyard_causal",
+                doc! {},
+            ),
+            (
+                Confinement::Row(RowGuard::new(Arc::from("tenant_id"), tenant.clone())),
+                "app",
+                "switchyard_causal",
+                doc! { "tenant_id": "acme" },
+            ),
+        ];
+        for (confinement, database, collection, filter) in scopes {
+            let (db, command) = confirmation(&confinement, "app", time).unwrap();
+            assert_eq!(db, database, "{confinement:?}");
+            assert_eq!(command.get_str("find").unwrap(), collection);
+            assert_eq!(command.get_document("filter").unwrap(), &filter);
+            let concern = command.get_document("readConcern").unwrap();
+            assert_eq!(
+                concern.get_timestamp("afterClusterTime").unwrap(),
+                timestamp(time)
+            );
+            assert_eq!(command.get_i64("maxTimeMS").unwrap(), 5);
+        }
     }
 
     #[test]

@@ -79,6 +79,32 @@ impl Confinement {
         }
     }
 
+    /// The database and real collection name behind `name`, with `shared`
+    /// the backend's shared database.
+    pub(crate) fn namespace<'a>(
+        &'a self,
+        shared: &'a str,
+        name: &str,
+    ) -> Result<(&'a str, String), MongoError> {
+        let (database, real) = match self {
+            Confinement::Unscoped => {
+                validate_collection(name)?;
+                (shared, name.to_owned())
+            }
+            Confinement::Database { database, .. } => {
+                validate_collection(name)?;
+                (&**database, name.to_owned())
+            }
+            Confinement::Prefix { prefix, .. } => (shared, prefixed(prefix, name)?),
+            Confinement::Row(_) => {
+                validate_shared_collection(name)?;
+                (shared, name.to_owned())
+            }
+        };
+        check_namespace(database, &real)?;
+        Ok((database, real))
+    }
+
     fn isolation(&self) -> Option<Isolation> {
         match self {
             Confinement::Unscoped => None,
@@ -164,26 +190,8 @@ impl MongoConn {
     }
 
     /// The database and real collection name behind `name`.
-    pub(crate) fn namespace(&self, name: &str) -> Result<(&str, String), MongoError> {
-        let (database, real) = match &self.confinement {
-            Confinement::Unscoped => {
-                validate_collection(name)?;
-                (&*self.settings.database, name.to_owned())
-            }
-            Confinement::Database { database, .. } => {
-                validate_collection(name)?;
-                (&**database, name.to_owned())
-            }
-            Confinement::Prefix { prefix, .. } => {
-                (&*self.settings.database, prefixed(prefix, name)?)
-            }
-            Confinement::Row(_) => {
-                validate_shared_collection(name)?;
-                (&*self.settings.database, name.to_owned())
-            }
-        };
-        check_namespace(database, &real)?;
-        Ok((database, real))
+    fn namespace(&self, name: &str) -> Result<(&str, String), MongoError> {
+        self.confinement.namespace(&self.settings.database, name)
     }
 
     /// The driver's client, for unscoped checkouts only (administration,

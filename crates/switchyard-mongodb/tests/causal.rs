@@ -366,6 +366,33 @@ async fn mongodb_reads_see_their_writes_on_secondaries_with_tokens() {
         "under 80% on secondaries"
     );
 
+    // A token opens nothing of another tenant's: t0's write, read by t1
+    // (another isolation level) and by t3 (t0's level) with t0's token.
+    let owner = TenantId::new("t0").unwrap();
+    let insert = async |conn: &mut Checkout<MongoBackend>| {
+        conn.collection("kv")?
+            .insert_one(doc! { "k": -2 }, None)
+            .await
+            .map(|_| ())
+    };
+    let ((), token) = cluster
+        .run_write(Some(&owner), CheckoutOptions::new(), insert)
+        .await
+        .unwrap();
+    for (reader, expected) in [("t0", 1), ("t1", 0), ("t3", 0)] {
+        let reader = TenantId::new(reader).unwrap();
+        let count = async |conn: &mut Checkout<MongoBackend>| {
+            conn.collection("kv")?
+                .count_documents(doc! { "k": -2 }, None)
+                .await
+        };
+        let seen = cluster
+            .run_after(&token, Some(&reader), CheckoutOptions::new(), count)
+            .await
+            .unwrap();
+        assert_eq!(seen, expected, "{reader} with t0's token");
+    }
+
     // Another set's token is refused when parsed (the primary's probe names
     // its set); one past the primary's clock, after the wait.
     let History::OpTime { set, term, time } = cluster
