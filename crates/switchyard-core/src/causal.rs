@@ -324,7 +324,7 @@ fn set_name(s: &str) -> Result<String, CausalError> {
         b'a'..=b'f' => Ok(b - b'a' + 10),
         _ => Err(CausalError::Malformed),
     };
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(CausalError::Malformed);
     }
     let bytes = s
