@@ -93,13 +93,7 @@ fn forged(cluster: &str, set: &str, term: u64, seconds: u64) -> CausalToken {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_a_replica_set_tokens_are_refused_typed_and_never_hang() {
     let server = server().await;
-    let raw = raw_client(server.url()).await;
-    let hello = raw
-        .database("admin")
-        .run_command(doc! { "hello": 1 })
-        .await
-        .unwrap();
-    if hello.contains_key("setName") {
+    if hello(server.url()).await.contains_key("setName") {
         loud("this test wants a server outside any replica set; SWITCHYARD_MONGODB_URL names a set member (the workload test below covers it)");
         return;
     }
@@ -165,12 +159,7 @@ async fn replica_set(server: &MongoServer) -> Option<Vec<(String, Role)>> {
         loud(SKIP);
         return None;
     }
-    let raw = raw_client(server.url()).await;
-    let hello = raw
-        .database("admin")
-        .run_command(doc! { "hello": 1 })
-        .await
-        .unwrap();
+    let hello = hello(server.url()).await;
     let (Ok(_), Ok(primary)) = (hello.get_str("setName"), hello.get_str("primary")) else {
         loud(&format!(
             "{SKIP} (SWITCHYARD_MONGODB_URL is outside any replica set)"
