@@ -79,7 +79,7 @@ fn causal(c: &mut Criterion) {
         (plain, positions, asked, nodes)
     };
     // Let the first probes report.
-    rt.block_on(tokio::time::sleep(Duration::from_millis(300)));
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
     for node in &nodes {
         node.set_replication(Some(at(1_000)), Some(true));
     }
