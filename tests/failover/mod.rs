@@ -27,6 +27,8 @@ const PROMOTION_WRITERS: usize = 6;
 
 /// The router a fixture's scenarios run over.
 pub type Routed<F> = Cluster<Counted<<F as Fixture>::Backend>>;
+/// A fixture's backend, counted.
+pub type CountedBackend<F> = Arc<Counted<<F as Fixture>::Backend>>;
 /// One server of a fixture's bed.
 pub type NodeOf<F> = <<F as Fixture>::Bed as ReplicaSet>::Node;
 
@@ -148,7 +150,7 @@ fn name<F: Fixture>(i: usize) -> String {
 fn cluster<F: Fixture>(
     bed: &F::Bed,
     failover_timeout: Duration,
-) -> (Routed<F>, Vec<Arc<Counted<F::Backend>>>) {
+) -> (Routed<F>, Vec<CountedBackend<F>>) {
     let backends: Vec<_> = bed
         .nodes()
         .iter()
