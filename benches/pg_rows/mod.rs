@@ -503,3 +503,42 @@ pub fn table(counts: &[Count], levels: &[usize]) -> String {
     }
     out
 }
+
+/// Throughput of `names` at `tasks` tasks measured in interleaved rounds:
+/// each round runs `per_round` operations of every row, one row after the
+/// other, so load that comes and goes on a shared machine falls on every
+/// row alike. Returns each row's median time per operation over the rounds.
+pub fn interleaved(
+    rt: &Runtime,
+    rows: &Rows,
+    names: &[&str],
+    tasks: usize,
+    rounds: usize,
+    per_round: usize,
+) -> Vec<(String, Duration)> {
+    let picked: Vec<&Row> = names
+        .iter()
+        .filter_map(|n| rows.rows.iter().find(|r| r.name == *n))
+        .collect();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); picked.len()];
+    rt.block_on(async {
+        for row in &picked {
+            run(&row.op, tasks, tasks * 2).await;
+        }
+        for _ in 0..rounds {
+            for (i, row) in picked.iter().enumerate() {
+                let began = std::time::Instant::now();
+                run(&row.op, tasks, per_round).await;
+                times[i].push(began.elapsed() / u32::try_from(per_round).unwrap());
+            }
+        }
+    });
+    picked
+        .iter()
+        .zip(times)
+        .map(|(row, mut t)| {
+            t.sort_unstable();
+            (row.name.clone(), t[t.len() / 2])
+        })
+        .collect()
+}
