@@ -200,10 +200,10 @@ fn fairness(c: &mut Criterion) {
     // The default bypass bound (4), and one pool-size bound: a waiter whose
     // turn it is may wait at most one turnover of the pool longer.
     for (group, max_bypass) in [("postgres", None), ("postgres/bypass_16", Some(POOL_SIZE))] {
-        let mut affinity = AffinitySettings::default();
-        if let Some(max) = max_bypass {
-            affinity.max_bypass = max;
-        }
+        let affinity = AffinitySettings {
+            max_bypass: max_bypass.unwrap_or(AffinitySettings::default().max_bypass),
+            ..AffinitySettings::default()
+        };
         let config = PgBackendConfig::builder(format!("pg-{}", affinity.max_bypass), url.as_str())
             .pool(PoolSettings::default().with_max_size(POOL_SIZE))
             .affinity(affinity)

@@ -193,8 +193,10 @@ pub async fn build(urls: &Urls) -> Rows {
     let without_affinity = cluster(&plain);
     let fifo = cluster_queued(&affine, QueueOrder::Fifo);
     let bypass_16 = {
-        let mut affinity = AffinitySettings::default();
-        affinity.max_bypass = POOL_SIZE;
+        let affinity = AffinitySettings {
+            max_bypass: POOL_SIZE,
+            ..AffinitySettings::default()
+        };
         backend(&urls.postgres, "pg-bypass-16", affinity)
     };
     let with_bypass_16 = cluster(&bypass_16);
