@@ -1,9 +1,12 @@
 //! The checkout guard: a scoped connection that gives everything back on drop.
 
 use std::fmt;
+use std::future::{poll_fn, Future};
 use std::ops::{Deref, DerefMut};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -34,7 +37,9 @@ pub enum Outcome {
 /// Methods run inline on the checkout path and in `Drop`: keep them to atomics.
 pub trait CheckoutObserver: Send + Sync + 'static {
     /// A connection was handed out at `at`, after `waited` (`at` saves the
-    /// observer a clock read on the checkout path).
+    /// observer a clock read on the checkout path). A checkout that never had
+    /// to wait (every step was ready at once) reports zero, and `at` is when
+    /// it started.
     fn on_acquired(&self, waited: Duration, at: Instant) {
         let _ = (waited, at);
     }
@@ -266,8 +271,10 @@ impl<B: Backend> Checkout<B> {
     )]
     pub async fn acquire(backend: &Arc<B>, req: CheckoutRequest) -> Result<Self, Error> {
         let started = req.started.unwrap_or_else(Instant::now);
-        let result = Self::acquire_inner(backend, &req, started).await;
-        let ended = Instant::now();
+        let (result, suspended) = suspends(Self::acquire_inner(backend, &req, started)).await;
+        // A checkout that never had to wait ends when it started: one clock
+        // read fewer on the path every immediate checkout takes.
+        let ended = if suspended { Instant::now() } else { started };
         let waited = ended.saturating_duration_since(started);
         tracing::Span::current().record("wait_us", waited.as_micros() as u64);
         match result {
@@ -324,9 +331,7 @@ impl<B: Backend> Checkout<B> {
             elapsed: started.elapsed(),
         };
         let acquire = backend.acquire(req.scope.as_deref(), req.deadline);
-        let conn = tokio::time::timeout_at(req.deadline, acquire)
-            .await
-            .map_err(|_| timeout())??;
+        let conn = until(req.deadline, acquire).await.ok_or_else(timeout)??;
         if let Some(scope) = &req.scope {
             // Until the scope is applied, a cancelled or failed checkout must not
             // let the half-scoped connection back into the pool.
@@ -337,9 +342,9 @@ impl<B: Backend> Checkout<B> {
             let Some(conn_ref) = pending.conn.as_mut() else {
                 return Err(Error::Closed);
             };
-            tokio::time::timeout_at(req.deadline, backend.scope(conn_ref, scope))
+            until(req.deadline, backend.scope(conn_ref, scope))
                 .await
-                .map_err(|_| timeout())??;
+                .ok_or_else(timeout)??;
             let conn = pending.conn.take().ok_or(Error::Closed)?;
             return Ok((conn, in_flight, permit));
         }
@@ -361,7 +366,8 @@ impl<B: Backend> Checkout<B> {
         self.scope.as_deref()
     }
 
-    /// How long the checkout waited for its connection.
+    /// How long the checkout waited for its connection: zero when every step
+    /// was ready at once.
     pub fn waited(&self) -> Duration {
         self.waited
     }
@@ -436,6 +442,42 @@ impl<B: Backend> fmt::Debug for Checkout<B> {
             .field("outcome", &self.outcome)
             .finish_non_exhaustive()
     }
+}
+
+/// `fut`'s output, or `None` once `deadline` passes first.
+///
+/// As `tokio::time::timeout_at`, except that the timer is only armed when
+/// `fut` has to wait: a future that is ready at its first poll (an idle
+/// connection handed out at once) costs no timer registration.
+async fn until<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut timer = pin!(None::<tokio::time::Sleep>);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        match timer.as_mut().as_pin_mut() {
+            Some(sleep) => sleep.poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// `fut`'s output, and whether it ever had to wait (returned `Pending`).
+async fn suspends<F: Future>(fut: F) -> (F::Output, bool) {
+    let mut fut = pin!(fut);
+    let mut suspended = false;
+    let out = poll_fn(|cx| {
+        let poll = fut.as_mut().poll(cx);
+        suspended |= poll.is_pending();
+        poll
+    })
+    .await;
+    (out, suspended)
 }
 
 /// A connection between acquire and scope: discarded unless taken out.
