@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::ops::{Deref, DerefMut};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -149,6 +149,7 @@ impl CheckoutRequest {
     /// Counts the wait from `started` instead of from the call to
     /// [`Checkout::acquire`]: for a caller that has just read the clock (a
     /// router starting an operation), which saves a read on the checkout path.
+    /// A checkout that does not have to wait is handed out at `started`.
     pub fn started_at(mut self, started: Instant) -> Self {
         self.started = Some(started);
         self
@@ -449,20 +450,17 @@ impl<B: Backend> fmt::Debug for Checkout<B> {
 /// As `tokio::time::timeout_at`, except that the timer is only armed when
 /// `fut` has to wait: a future that is ready at its first poll (an idle
 /// connection handed out at once) costs no timer registration.
+/// The timer is boxed: it is only built on the path that waits anyway, and
+/// keeps every checkout's future smaller.
 async fn until<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
     let mut fut = pin!(fut);
-    let mut timer = pin!(None::<tokio::time::Sleep>);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep_until(deadline)));
-        }
-        match timer.as_mut().as_pin_mut() {
-            Some(sleep) => sleep.poll(cx).map(|()| None),
-            None => Poll::Pending,
-        }
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        sleep.as_mut().poll(cx).map(|()| None)
     })
     .await
 }
@@ -664,6 +662,27 @@ mod tests {
         ));
         drop(conn);
         assert_eq!(backend.counters().discarded, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_checkout_that_waits_reports_a_wait() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let started = Instant::now() - Duration::from_millis(3);
+        let at_once = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).started_at(started),
+        )
+        .await
+        .unwrap();
+        assert_eq!(at_once.waited(), Duration::ZERO);
+        backend.set_acquire_delay(Duration::from_millis(7));
+        let slow = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).started_at(started),
+        )
+        .await
+        .unwrap();
+        assert_eq!(slow.waited(), Duration::from_millis(10));
     }
 
     #[tokio::test(start_paused = true)]

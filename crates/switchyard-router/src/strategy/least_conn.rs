@@ -20,7 +20,7 @@
 //! exactly uniform tie-breaking.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -252,17 +252,30 @@ impl fmt::Debug for LoadTree {
 #[derive(Default)]
 pub struct LoadLinks {
     trees: ArcSwap<Vec<(Arc<LoadTree>, usize)>>,
+    /// Whether `trees` is non-empty: the endpoints of a cluster that keeps no
+    /// tree (every strategy but least connections over more than
+    /// [`SCAN_LIMIT`] candidates) pay one relaxed load per change, not an
+    /// `ArcSwap` load.
+    linked: AtomicBool,
 }
 
 impl LoadLinks {
     /// Replaces the trees this endpoint is a leaf of, with its leaf index in each.
+    ///
+    /// A change that races this call may miss the new trees; the caller
+    /// refreshes them after relinking.
     pub fn set(&self, trees: Vec<(Arc<LoadTree>, usize)>) {
+        let linked = !trees.is_empty();
         self.trees.store(Arc::new(trees));
+        self.linked.store(linked, Ordering::Release);
     }
 }
 
 impl InFlightWatcher for LoadLinks {
     fn changed(&self) {
+        if !self.linked.load(Ordering::Acquire) {
+            return;
+        }
         let trees = self.trees.load();
         for (tree, leaf) in trees.iter() {
             tree.update(*leaf);
