@@ -92,9 +92,14 @@ impl InFlight {
 
     /// Counts one more until the returned token is dropped.
     pub fn enter(self: &Arc<Self>) -> InFlightToken {
+        Arc::clone(self).enter_owned()
+    }
+
+    /// [`enter`](Self::enter) with a handle the caller gives up.
+    fn enter_owned(self: Arc<Self>) -> InFlightToken {
         self.count.fetch_add(1, Ordering::Relaxed);
         self.notify();
-        InFlightToken(Arc::clone(self))
+        InFlightToken(self)
     }
 
     fn notify(&self) {
@@ -270,9 +275,12 @@ impl<B: Backend> Checkout<B> {
             wait_us = tracing::field::Empty,
         )
     )]
-    pub async fn acquire(backend: &Arc<B>, req: CheckoutRequest) -> Result<Self, Error> {
+    pub async fn acquire(backend: &Arc<B>, mut req: CheckoutRequest) -> Result<Self, Error> {
         let started = req.started.unwrap_or_else(Instant::now);
-        let (result, suspended) = suspends(Self::acquire_inner(backend, &req, started)).await;
+        // Moved into the checkout's token, not cloned.
+        let in_flight = req.in_flight.take();
+        let (result, suspended) =
+            suspends(Self::acquire_inner(backend, &req, in_flight, started)).await;
         // A checkout that never had to wait ends when it started: one clock
         // read fewer on the path every immediate checkout takes.
         let ended = if suspended { Instant::now() } else { started };
@@ -309,6 +317,7 @@ impl<B: Backend> Checkout<B> {
     async fn acquire_inner(
         backend: &Arc<B>,
         req: &CheckoutRequest,
+        in_flight: Option<Arc<InFlight>>,
         started: Instant,
     ) -> Result<
         (
@@ -325,7 +334,7 @@ impl<B: Backend> Checkout<B> {
             (Some(quota), Some(tenant)) => Some(quota.acquire(tenant, req.deadline).await?),
             _ => None,
         };
-        let in_flight = req.in_flight.as_ref().map(InFlight::enter);
+        let in_flight = in_flight.map(InFlight::enter_owned);
         let timeout = || Error::Timeout {
             endpoint: backend.endpoint().clone(),
             tenant: tenant.cloned(),
