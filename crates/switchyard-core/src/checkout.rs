@@ -279,8 +279,8 @@ impl<B: Backend> Checkout<B> {
         let started = req.started.unwrap_or_else(Instant::now);
         // Moved into the checkout's token, not cloned.
         let in_flight = req.in_flight.take();
-        let (result, suspended) =
-            suspends(Self::acquire_inner(backend, &req, in_flight, started)).await;
+        let mut suspended = false;
+        let result = Self::acquire_inner(backend, &req, in_flight, started, &mut suspended).await;
         // A checkout that never had to wait ends when it started: one clock
         // read fewer on the path every immediate checkout takes.
         let ended = if suspended { Instant::now() } else { started };
@@ -319,6 +319,7 @@ impl<B: Backend> Checkout<B> {
         req: &CheckoutRequest,
         in_flight: Option<Arc<InFlight>>,
         started: Instant,
+        suspended: &mut bool,
     ) -> Result<
         (
             B::Connection,
@@ -331,7 +332,11 @@ impl<B: Backend> Checkout<B> {
         // The quota comes first: a tenant at its cap waits on itself, holding no
         // pool capacity that other tenants could use.
         let permit = match (&req.quota, tenant) {
-            (Some(quota), Some(tenant)) => Some(quota.acquire(tenant, req.deadline).await?),
+            (Some(quota), Some(tenant)) => {
+                // Whether it waited is not tracked: count it as a wait.
+                *suspended = true;
+                Some(quota.acquire(tenant, req.deadline).await?)
+            }
             _ => None,
         };
         let in_flight = in_flight.map(InFlight::enter_owned);
@@ -341,7 +346,9 @@ impl<B: Backend> Checkout<B> {
             elapsed: started.elapsed(),
         };
         let acquire = backend.acquire(req.scope.as_deref(), req.deadline);
-        let conn = until(req.deadline, acquire).await.ok_or_else(timeout)??;
+        let conn = until(req.deadline, acquire, suspended)
+            .await
+            .ok_or_else(timeout)??;
         if let Some(scope) = &req.scope {
             // Until the scope is applied, a cancelled or failed checkout must not
             // let the half-scoped connection back into the pool.
@@ -352,7 +359,7 @@ impl<B: Backend> Checkout<B> {
             let Some(conn_ref) = pending.conn.as_mut() else {
                 return Err(Error::Closed);
             };
-            until(req.deadline, backend.scope(conn_ref, scope))
+            until(req.deadline, backend.scope(conn_ref, scope), suspended)
                 .await
                 .ok_or_else(timeout)??;
             let conn = pending.conn.take().ok_or(Error::Closed)?;
@@ -454,37 +461,26 @@ impl<B: Backend> fmt::Debug for Checkout<B> {
     }
 }
 
-/// `fut`'s output, or `None` once `deadline` passes first.
+/// `fut`'s output, or `None` once `deadline` passes first; sets `waited`
+/// when `fut` was not ready at once.
 ///
 /// As `tokio::time::timeout_at`, except that the timer is only armed when
 /// `fut` has to wait: a future that is ready at its first poll (an idle
-/// connection handed out at once) costs no timer registration.
-/// The timer is boxed: it is only built on the path that waits anyway, and
-/// keeps every checkout's future smaller.
-async fn until<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
+/// connection handed out at once) costs no timer registration. The timer is
+/// boxed: it is only built on the path that waits anyway, and keeps every
+/// checkout's future smaller.
+async fn until<F: Future>(deadline: Instant, fut: F, waited: &mut bool) -> Option<F::Output> {
     let mut fut = pin!(fut);
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
+        *waited = true;
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         sleep.as_mut().poll(cx).map(|()| None)
     })
     .await
-}
-
-/// `fut`'s output, and whether it ever had to wait (returned `Pending`).
-async fn suspends<F: Future>(fut: F) -> (F::Output, bool) {
-    let mut fut = pin!(fut);
-    let mut suspended = false;
-    let out = poll_fn(|cx| {
-        let poll = fut.as_mut().poll(cx);
-        suspended |= poll.is_pending();
-        poll
-    })
-    .await;
-    (out, suspended)
 }
 
 /// A connection between acquire and scope: discarded unless taken out.
