@@ -312,7 +312,7 @@ mod tests {
         fn describe(&self) -> String {
             "once".into()
         }
-        fn next(&mut self) -> BoxFuture<'_, Report> {
+        fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
             let first = std::mem::replace(&mut self.0, false);
             Box::pin(async move {
                 if !first {
