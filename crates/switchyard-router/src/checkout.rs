@@ -234,7 +234,7 @@ impl<B: Backend> Cluster<B> {
         loop {
             budget.attempts_left = budget.attempts_left.saturating_sub(1);
             budget.attempts += 1;
-            let (ep, trial) = match self.choose(intent, budget).await {
+            let ((ep, trial), at_once) = match self.choose(intent, budget).await {
                 Ok(chosen) => chosen,
                 Err(error) => {
                     self.shared.metrics.no_endpoint(&error);
@@ -244,8 +244,9 @@ impl<B: Backend> Cluster<B> {
                     });
                 }
             };
-            // The first attempt starts when the operation did: no clock read.
-            let attempt_started = if budget.attempts == 1 {
+            // The first attempt starts when the operation did, unless it had
+            // to wait for an endpoint: no clock read.
+            let attempt_started = if budget.attempts == 1 && at_once {
                 budget.started
             } else {
                 Instant::now()
@@ -305,12 +306,13 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// An endpoint for `intent`; writes wait for a primary up to `failover_timeout`.
-    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<Chosen<B>, Error> {
+    /// An endpoint for `intent`, and whether it was found at the first look;
+    /// writes wait for a primary up to `failover_timeout`.
+    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<(Chosen<B>, bool), Error> {
         // The common case looks once and takes no lock: registering with
         // `changed` locks its waiter list, which every checkout would contend on.
         if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
-            return Ok(chosen);
+            return Ok((chosen, true));
         }
         let shared = &self.shared;
         let mut waiting_since: Option<Instant> = None;
@@ -324,7 +326,7 @@ impl<B: Backend> Cluster<B> {
                 if let Some(since) = waiting_since {
                     shared.metrics.waited_for_primary(since.elapsed());
                 }
-                return Ok(chosen);
+                return Ok((chosen, false));
             }
             if shared.cancel.is_cancelled() {
                 return Err(Error::Closed);
