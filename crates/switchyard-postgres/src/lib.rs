@@ -114,8 +114,10 @@
 //! queued on it (a dropped `Transaction`'s `ROLLBACK`: then it is checked on
 //! return, on a task). Whoever takes it next checks it in the one message
 //! that checkout sends anyway: the same owner's check (outside a transaction
-//! block, still carrying exactly its owner's scope, alive) or the owner
-//! change above. One that fails or times out
+//! block, still carrying exactly its owner's scope, alive; between unscoped
+//! checkouts, which are no tenant's, a bare `SELECT` that only asks the first
+//! and the last, as sqlx's ping does, and resets nothing) or the owner change
+//! above. One that fails or times out
 //! ([`reset_timeout`](PgBackendConfig::reset_timeout)) or is found inside a
 //! transaction block is closed, never served: closing rolls back what it left
 //! open (a transaction left open by raw SQL stays open on the idle connection

@@ -134,26 +134,30 @@ pub(crate) const OUTSIDE_TRANSACTION: &str =
 pub(crate) const RESET_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
      RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
-/// One simple-protocol round trip that answers whether the connection is
-/// outside a transaction block and still carries exactly `owner`'s scope.
-pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
-    match owner.map(|s| (s.isolation(), s)) {
-        Some((Isolation::Schema, scope)) => format!(
+/// One simple-protocol round trip that answers whether a session serving
+/// `owner` is outside a transaction block and still carries exactly that
+/// scope. `None` for an unscoped session, which has no scope to keep (see
+/// [`crate::lifecycle::check`]).
+pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> Option<String> {
+    let owner = owner?;
+    Some(match owner.isolation() {
+        Isolation::Schema => format!(
             "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting('search_path') = {}",
-            text_value(&quote_ident(scope.target()))
+            text_value(&quote_ident(owner.target()))
         ),
-        Some((Isolation::Row, scope)) => format!(
+        Isolation::Row => format!(
             "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting({}, true) = {}",
-            quote_literal(scope.row_setting()),
-            text_value(scope.tenant().as_str())
+            quote_literal(owner.row_setting()),
+            text_value(owner.tenant().as_str())
         ),
-        // Nothing of a scope to compare: undo the two session changes that
-        // would break the next checkout of the same owner (a role, a
-        // search_path set by hand), in the same round trip.
-        Some((Isolation::Database, _)) | None => {
+        // The connection's database is the scope, and nothing on the session
+        // to compare: undo the two session changes that would break the
+        // tenant's next checkout (a role, a search_path set by hand), in the
+        // same round trip.
+        Isolation::Database => {
             format!("RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
         }
-    }
+    })
 }
 
 /// The expression that puts `scope` on a session: true once set, false when
@@ -301,15 +305,17 @@ mod tests {
             switch_sql(Some(&db), false),
             format!("{reset} true, {answer}")
         );
+        assert_eq!(verify_sql(None), None);
         assert_eq!(
-            verify_sql(None),
+            verify_sql(Some(&db)).unwrap(),
             "RESET ROLE; RESET search_path; \
              SELECT pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp()"
         );
-        assert!(verify_sql(Some(&schema)).ends_with(&format!(
+        assert!(verify_sql(Some(&schema)).unwrap().ends_with(&format!(
             "pg_catalog.current_setting('search_path') = {path}"
         )));
         assert!(verify_sql(Some(&row))
+            .unwrap()
             .ends_with(&format!("pg_catalog.current_setting('app.t', true) = {id}")));
         // Whatever the value holds, the SQL around it is ASCII hex digits.
         let hostile = text_value("x'\\\u{8cea}\"; --");

@@ -171,7 +171,28 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
         );
         drop(conn);
     }
-    assert_eq!(backend.pg_stats().closed_dirty, 2);
+    // A failed transaction block, unscoped: the same owner's check is a bare
+    // `SELECT`, which such a session rejects.
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+        .await
+        .unwrap();
+    let failed = pid(&mut conn).await;
+    exec(&mut conn, "BEGIN").await;
+    assert!(sqlx::raw_sql("SELECT 1/0")
+        .execute(&mut **conn)
+        .await
+        .is_err());
+    drop(conn);
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+        .await
+        .unwrap();
+    assert_ne!(
+        pid(&mut conn).await,
+        failed,
+        "a connection in a failed transaction came back"
+    );
+    drop(conn);
+    assert_eq!(backend.pg_stats().closed_dirty, 3);
     let mut admin = fx.admin(common::APP_DB).await;
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = 'uncommitted'")
