@@ -121,7 +121,8 @@
 //! ([`reset_timeout`](PgBackendConfig::reset_timeout)) or is found inside a
 //! transaction block is closed, never served: closing rolls back what it left
 //! open (a transaction left open by raw SQL stays open on the idle connection
-//! until then). One that had a query dropped mid-way through `&mut *checkout`
+//! until then, or until the sweeper checks a connection that has sat idle
+//! unchecked for a second, whichever comes first). One that had a query dropped mid-way through `&mut *checkout`
 //! (the [`PgConn`] executor tracks this) is closed on return. So a checkout
 //! costs, besides the caller's queries, one round trip of our own; sqlx's
 //! `PgPool` spends two pings (one on acquire, one on release) and resets
