@@ -53,6 +53,9 @@ pub(crate) struct Pooled {
     /// When a check last vouched for its session (the return check of a
     /// return that needed one); `None` once handed out again.
     pub(crate) vouched: Option<Instant>,
+    /// The session holds the prepared check this connection prepared
+    /// ([`PREPARE_CHECK`](crate::sql::PREPARE_CHECK)), as far as we know.
+    pub(crate) has_check: bool,
     slot: Slot,
 }
 
@@ -94,6 +97,7 @@ impl Reservation {
             fresh: true,
             created: now,
             vouched: None,
+            has_check: false,
             slot: self.0,
         }
     }
