@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | returned to the same owner | 1 | the check ([`check`]): outside a transaction block, still exactly that scope ([`verify_sql`]; database isolation also resets role and `search_path`; unscoped: a bare `SELECT` and the transaction status it reports, nothing reset), alive |
 //! | ... vouched for by a return check < 1 s ago | 0 | nothing |
-//! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), the next owner's check prepared afresh ([`PREPARE_CHECK`](crate::sql::PREPARE_CHECK)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
+//! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), the next owner's check prepared afresh ([`prepare_check`](crate::sql::prepare_check)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
 //! | ... whose owner `PREPARE`d statements in SQL | +1 | their `DEALLOCATE`s |
 //! | new | 0 unscoped or database, 1 scoped | the scope and the prepared check ([`apply_sql`]) |
 //!

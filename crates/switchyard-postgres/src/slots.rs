@@ -56,7 +56,7 @@ pub(crate) struct Pooled {
     /// return that needed one); `None` once handed out again.
     pub(crate) vouched: Option<Instant>,
     /// The session holds the prepared check this connection prepared
-    /// ([`PREPARE_CHECK`](crate::sql::PREPARE_CHECK)), as far as we know.
+    /// ([`prepare_check`](crate::sql::prepare_check)), as far as we know.
     pub(crate) has_check: bool,
     slot: Slot,
 }

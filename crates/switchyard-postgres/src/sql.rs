@@ -144,29 +144,42 @@ pub(crate) const OUTSIDE_TRANSACTION: &str =
 pub(crate) const RESET_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
      RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
-/// The name of the prepared check ([`PREPARE_CHECK`]).
+/// The name of the prepared check ([`prepare_check`]).
 pub(crate) const CHECK: &str = "switchyard_check";
 
-/// The same owner's check of a schema- or row-scoped session, prepared on the
-/// session in the message that gives it its scope: `$1` names the setting
-/// that carries the scope, `$2` the value it must still have. Run as
-/// `EXECUTE` ([`verify_sql`]), it costs the server a parse of the short
-/// `EXECUTE` and a cached plan, where the `SELECT` it stands for costs a
-/// parse, analysis and plan on every checkout (about half the server's work
-/// of a checkout, measured with pgbench).
+/// The `PREPARE` of the same owner's check of a schema- or row-scoped
+/// session (`None` for any other), sent in the message that gives the session
+/// that scope: outside a transaction block, and the setting that carries the
+/// scope still has the scope's value. Run as `EXECUTE` ([`verify_sql`]), it
+/// costs the server a parse of the short `EXECUTE` and a plan cached for the
+/// session, where the `SELECT` it stands for costs a parse, analysis and plan
+/// on every checkout. The values are written into it (as [`text_value`]s), not
+/// passed as parameters: a statement without parameters gets its one generic
+/// plan at once, where one with parameters is planned afresh for each of its
+/// first five runs (and it is prepared again at every owner change).
 ///
 /// It still runs in the simple-protocol message of the `EXECUTE`, so the
 /// transaction check ([`OUTSIDE_TRANSACTION`]) holds. A tenant can drop it
 /// (its next check fails: the connection is closed) or replace it (that
 /// fools only the same tenant's own next check; the owner change drops
 /// whatever has the name and prepares it again, see [`switch_sql`]).
-pub(crate) const PREPARE_CHECK: &str = "PREPARE switchyard_check(text, text) AS SELECT \
-     pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp() \
-     AND pg_catalog.current_setting($1, true) = $2";
-
-/// Whether a session serving `scope` is checked with the prepared check.
-pub(crate) fn uses_check(scope: Option<&TenantScope>) -> bool {
-    scope.is_some_and(|s| matches!(s.isolation(), Isolation::Schema | Isolation::Row))
+pub(crate) fn prepare_check(scope: Option<&TenantScope>) -> Option<String> {
+    let scope = scope?;
+    let (setting, value) = match scope.isolation() {
+        Isolation::Schema => (
+            "'search_path'".to_owned(),
+            text_value(&quote_ident(scope.target())),
+        ),
+        Isolation::Row => (
+            quote_literal(scope.row_setting()),
+            text_value(scope.tenant().as_str()),
+        ),
+        Isolation::Database => return None,
+    };
+    Some(format!(
+        "PREPARE {CHECK} AS SELECT {OUTSIDE_TRANSACTION} \
+         AND pg_catalog.current_setting({setting}, true) = {value}"
+    ))
 }
 
 /// One simple-protocol round trip that answers whether a session serving
@@ -174,17 +187,8 @@ pub(crate) fn uses_check(scope: Option<&TenantScope>) -> bool {
 /// scope. `None` for an unscoped session, which has no scope to keep (see
 /// [`crate::lifecycle::check`]).
 pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> Option<String> {
-    let owner = owner?;
-    Some(match owner.isolation() {
-        Isolation::Schema => format!(
-            "EXECUTE {CHECK}('search_path', {})",
-            text_value(&quote_ident(owner.target()))
-        ),
-        Isolation::Row => format!(
-            "EXECUTE {CHECK}({}, {})",
-            quote_literal(owner.row_setting()),
-            text_value(owner.tenant().as_str())
-        ),
+    Some(match owner?.isolation() {
+        Isolation::Schema | Isolation::Row => format!("EXECUTE {CHECK}"),
         // The connection's database is the scope, and nothing on the session
         // to compare: undo the two session changes that would break the
         // tenant's next checkout (a role, a search_path set by hand), in the
@@ -230,7 +234,9 @@ fn apply_expr(scope: &TenantScope, as_role: bool) -> Option<String> {
 /// its owner's next checkouts run), answering false when the tenant's schema
 /// does not exist. `None` for database isolation.
 pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
-    apply_expr(scope, as_role).map(|apply| format!("{PREPARE_CHECK}; SELECT {apply}"))
+    let apply = apply_expr(scope, as_role)?;
+    let prepare = prepare_check(Some(scope))?;
+    Some(format!("{prepare}; SELECT {apply}"))
 }
 
 /// One simple-protocol round trip that hands a used session to `next`: the
@@ -241,7 +247,7 @@ pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
 /// owner `PREPARE`d in SQL (NULL when nothing); it also releases every
 /// advisory lock.
 ///
-/// `had_check`: this connection's own [`PREPARE_CHECK`] was prepared on it
+/// `had_check`: this connection's own check ([`prepare_check`]) was prepared on it
 /// before. For a schema or row scope the message then drops whatever now has
 /// that name (the previous owner may have replaced it) and prepares it again;
 /// without one it only prepares it, which fails (and the connection is
@@ -266,12 +272,13 @@ pub(crate) fn switch_sql(
     let apply = next
         .and_then(|scope| apply_expr(scope, as_role))
         .unwrap_or_else(|| "true".to_owned());
-    let prepare = match (uses_check(next), had_check) {
-        (true, true) => format!("DEALLOCATE {CHECK}; {PREPARE_CHECK}; "),
-        (true, false) => format!("{PREPARE_CHECK}; "),
-        (false, _) => String::new(),
+    let check = prepare_check(next);
+    let has_check = check.is_some() || had_check;
+    let prepare = match (check, had_check) {
+        (Some(check), true) => format!("DEALLOCATE {CHECK}; {check}; "),
+        (Some(check), false) => format!("{check}; "),
+        (None, _) => String::new(),
     };
-    let has_check = uses_check(next) || had_check;
     let listed = if has_check {
         format!("p.from_sql AND p.name <> '{CHECK}'")
     } else {
@@ -352,9 +359,16 @@ mod tests {
         let (all, but_check) = ("p.from_sql", "p.from_sql AND p.name <> 'switchyard_check'");
         let reset = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
              DISCARD TEMP; DISCARD SEQUENCES;";
-        let prepare = "PREPARE switchyard_check(text, text) AS SELECT \
-             pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp() \
-             AND pg_catalog.current_setting($1, true) = $2;";
+        let tx = "pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp()";
+        let id = "'Acme-1'";
+        let prepare = format!(
+            "PREPARE switchyard_check AS SELECT {tx} \
+             AND pg_catalog.current_setting('search_path', true) = {path};"
+        );
+        let prepare_row = format!(
+            "PREPARE switchyard_check AS SELECT {tx} \
+             AND pg_catalog.current_setting('app.t', true) = {id};"
+        );
         let apply_schema = format!(
             "CASE WHEN pg_catalog.to_regnamespace({path}) IS NULL THEN false \
              ELSE pg_catalog.set_config('search_path', {path}, false) IS NOT NULL END"
@@ -381,11 +395,10 @@ mod tests {
                 true
             )
         );
-        let id = "'Acme-1'";
         assert_eq!(
             switch_sql(Some(&row), false, false).0,
             format!(
-                "{reset} {prepare} SELECT pg_catalog.set_config('app.t', {id}, false) IS NOT NULL, {}",
+                "{reset} {prepare_row} SELECT pg_catalog.set_config('app.t', {id}, false) IS NOT NULL, {}",
                 answer(but_check)
             )
         );
@@ -403,7 +416,7 @@ mod tests {
         }
         assert_eq!(
             apply_sql(&row, false).unwrap(),
-            format!("{prepare} SELECT pg_catalog.set_config('app.t', {id}, false) IS NOT NULL")
+            format!("{prepare_row} SELECT pg_catalog.set_config('app.t', {id}, false) IS NOT NULL")
         );
         assert_eq!(apply_sql(&db, false), None);
         assert_eq!(verify_sql(None), None);
@@ -414,12 +427,9 @@ mod tests {
         );
         assert_eq!(
             verify_sql(Some(&schema)).unwrap(),
-            format!("EXECUTE switchyard_check('search_path', {path})")
+            "EXECUTE switchyard_check"
         );
-        assert_eq!(
-            verify_sql(Some(&row)).unwrap(),
-            format!("EXECUTE switchyard_check('app.t', {id})")
-        );
+        assert_eq!(verify_sql(Some(&row)).unwrap(), "EXECUTE switchyard_check");
         // Anything but the plain bytes, and the SQL around it is ASCII hex digits.
         assert_eq!(
             text_value("tenant x"),
