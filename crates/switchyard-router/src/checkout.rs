@@ -14,9 +14,10 @@ use switchyard_core::{
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Shared};
 use crate::config::ReadPreference;
-use crate::endpoint::{Endpoint, EndpointState};
+use crate::endpoint::Endpoint;
+use crate::health::Event;
 use crate::run::Attempt;
 
 /// Options for one checkout or [`run`](Cluster::run).
@@ -158,19 +159,28 @@ impl Budget {
     }
 }
 
-/// Gives the half-open trial back if the checkout ended without a verdict
-/// (cancelled, or failed for a reason that says nothing about the endpoint).
-struct TrialGuard(Arc<EndpointState>);
+/// The half-open trial a checkout holds. Its verdict goes to the cluster; a
+/// checkout that ends without one (cancelled, or failed for a reason that
+/// says nothing about the endpoint) gives it back on drop.
+struct Trial<'a, B: Backend> {
+    cluster: &'a Shared<B>,
+    ep: Arc<Endpoint<B>>,
+}
 
-impl Drop for TrialGuard {
-    fn drop(&mut self) {
-        if self.0.half_open.load(std::sync::atomic::Ordering::Acquire) {
-            self.0.release_trial();
-        }
+impl<B: Backend> Trial<'_, B> {
+    /// The trial checkout got its connection: the endpoint is back.
+    fn passed(self) {
+        self.cluster.apply(&self.ep.state, Event::TrialPassed);
     }
 }
 
-type Chosen<B> = (Arc<Endpoint<B>>, Option<TrialGuard>);
+impl<B: Backend> Drop for Trial<'_, B> {
+    fn drop(&mut self) {
+        self.cluster.apply(&self.ep.state, Event::TrialAbandoned);
+    }
+}
+
+type Chosen<'a, B> = (Arc<Endpoint<B>>, Option<Trial<'a, B>>);
 
 impl<B: Backend> Cluster<B> {
     /// Checks out a connection for `intent`, scoped to `tenant` when given.
@@ -259,7 +269,22 @@ impl<B: Backend> Cluster<B> {
                 req = req.tenant(entry);
             }
             let result = Checkout::acquire(&ep.backend, req).await;
-            drop(trial);
+            match (&result, trial) {
+                // Before the writer check below: a trial write re-admits the
+                // writer it went to.
+                (Ok(_), Some(trial)) => trial.passed(),
+                (Err(error), trial) if error.is_endpoint_failure() => {
+                    // The failure decides the trial too: ejected again.
+                    let reason = error.to_string();
+                    let event = Event::CheckoutFailed {
+                        reason,
+                        refused: None,
+                    };
+                    self.shared.apply(&ep.state, event);
+                    drop(trial);
+                }
+                _ => {}
+            }
             let span = tracing::Span::current();
             span.record("endpoint", ep.id().as_str());
             span.record("attempts", budget.attempts);
@@ -306,7 +331,7 @@ impl<B: Backend> Cluster<B> {
     }
 
     /// An endpoint for `intent`; writes wait for a primary up to `failover_timeout`.
-    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<Chosen<B>, Error> {
+    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<Chosen<'_, B>, Error> {
         // The common case looks once and takes no lock: registering with
         // `changed` locks its waiter list, which every checkout would contend on.
         if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
@@ -356,12 +381,19 @@ impl<B: Backend> Cluster<B> {
     }
 
     /// One look at the snapshot: a half-open trial first, then the strategy.
-    fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<B>> {
+    fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<'_, B>> {
         let snap = self.shared.snapshot.load();
-        if let Some(ep) = snap.claim_trial(intent, avoid) {
-            return Some((Arc::clone(ep), Some(TrialGuard(Arc::clone(&ep.state)))));
+        let trial = snap
+            .trials(intent, avoid)
+            .find(|ep| self.shared.apply(&ep.state, Event::TrialClaimed));
+        if let Some(ep) = trial {
+            let trial = Trial {
+                cluster: &self.shared,
+                ep: Arc::clone(ep),
+            };
+            return Some((Arc::clone(ep), Some(trial)));
         }
-        if let Some(ep) = snap.pool(intent).pick(avoid) {
+        if let Some(ep) = snap.candidates(intent).pick(avoid) {
             return Some((Arc::clone(ep), None));
         }
         // A read retry that ran out of replicas may still use the primary.

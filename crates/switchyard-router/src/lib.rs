@@ -94,10 +94,12 @@
 //! # Ok(()) }
 //! ```
 
+mod apply;
 pub mod causal;
 pub mod checkout;
 mod cluster;
 pub mod config;
+mod counters;
 mod election;
 mod endpoint;
 mod fencing;
@@ -126,6 +128,7 @@ pub use config::{
 };
 pub use futures_util::future::BoxFuture;
 pub use health::{EjectionStatus, Health};
+pub use live::EndpointChange;
 pub use service::{ClusterService, Route};
 pub use source::{SourceState, SourceStatus, SourceUnreachable, TopologySource};
 pub use status::{CheckoutCounters, ClusterStatus, EndpointStatus, WAIT_THRESHOLD};

@@ -293,6 +293,8 @@ async fn an_old_primary_back_after_a_failover_gets_no_checkout() {
     // The held write fails late: p is no longer the writer, so it is ejected.
     held.report_failure(&io_error(held.endpoint()));
     drop(held);
+    // The drop leaves word for p's health task, which takes it to the cluster.
+    settle().await;
     assert_eq!(status_of(&cluster, "p").ejection.map(|e| e.level), Some(1));
     // p comes back as an independent primary (split brain): probed up, its
     // ejection over, half-open. It must get neither writes nor a trial.
