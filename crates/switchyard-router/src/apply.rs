@@ -13,12 +13,12 @@ use std::sync::Arc;
 use switchyard_core::{Backend, Error, Role};
 use tokio::time::Instant;
 
-use crate::cluster::{Shared, Topology};
+use crate::cluster::{ClusterState, Topology};
 use crate::endpoint::{Endpoint, EndpointState};
 use crate::health::ejection::ejection_cap;
 use crate::health::{Change, Event};
 
-impl<B: Backend> Shared<B> {
+impl<B: Backend> ClusterState<B> {
     /// Applies `event` to the health of `state`, if it is still one of the
     /// cluster's endpoints; true when anything changed.
     pub(crate) fn apply(&self, state: &EndpointState, event: Event) -> bool {

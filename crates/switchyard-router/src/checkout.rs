@@ -14,7 +14,7 @@ use switchyard_core::{
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cluster::{Cluster, Shared};
+use crate::cluster::{Cluster, ClusterState};
 use crate::config::ReadPreference;
 use crate::endpoint::Endpoint;
 use crate::health::Event;
@@ -163,7 +163,7 @@ impl Budget {
 /// checkout that ends without one (cancelled, or failed for a reason that
 /// says nothing about the endpoint) gives it back on drop.
 struct Trial<'a, B: Backend> {
-    cluster: &'a Shared<B>,
+    cluster: &'a ClusterState<B>,
     ep: Arc<Endpoint<B>>,
 }
 

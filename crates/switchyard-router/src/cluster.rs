@@ -13,8 +13,8 @@ use tracing::Instrument;
 use crate::config::{join_problems, ClusterConfig, EndpointConfig};
 use crate::election::Line;
 use crate::endpoint::{Endpoint, EndpointState};
-use crate::health::prober;
 use crate::metrics::ClusterMetrics;
+use crate::prober;
 use crate::source::follow::SourceCell;
 use crate::topology::Snapshot;
 use crate::warming;
@@ -26,7 +26,7 @@ use crate::warming;
 /// clone is dropped or [`close`](Self::close) is called. Checkouts still held
 /// then keep their endpoint alive and are returned normally.
 pub struct Cluster<B: Backend> {
-    pub(crate) shared: Arc<Shared<B>>,
+    pub(crate) shared: Arc<ClusterState<B>>,
     _owner: Arc<DropGuard>,
 }
 
@@ -48,7 +48,9 @@ impl<B: Backend> fmt::Debug for Cluster<B> {
     }
 }
 
-pub(crate) struct Shared<B: Backend> {
+/// What every clone of a [`Cluster`] shares: its configuration, tenants,
+/// routing snapshot and topology, and the handles of its tasks.
+pub(crate) struct ClusterState<B: Backend> {
     pub name: Arc<str>,
     pub engine: &'static str,
     /// The configuration in force; replaced whole by `set_config` and
@@ -161,7 +163,7 @@ impl<B: Backend> ClusterBuilder<B> {
         })?;
         let cancel = CancellationToken::new();
         let name: Arc<str> = self.name.into();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ClusterState {
             metrics: ClusterMetrics::new(self.engine, &name),
             causal: crate::causal::CausalMetrics::new(self.engine, &name),
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&self.config)),
@@ -239,7 +241,7 @@ impl<B: Backend> Cluster<B> {
     }
 }
 
-impl<B: Backend> Shared<B> {
+impl<B: Backend> ClusterState<B> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Topology<B>> {
         self.topology.lock().unwrap_or_else(PoisonError::into_inner)
     }

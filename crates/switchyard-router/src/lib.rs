@@ -106,6 +106,7 @@ mod fencing;
 pub mod health;
 mod live;
 pub mod metrics;
+mod prober;
 mod run;
 pub mod service;
 pub mod source;

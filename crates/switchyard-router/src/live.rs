@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use switchyard_core::{Backend, EndpointId, Error, TenantRegistry};
 
-use crate::cluster::{Cluster, Shared, Topology};
+use crate::cluster::{Cluster, ClusterState, Topology};
 use crate::config::{self, join_problems, ClusterConfig, EndpointConfig, StrategyKind};
 
 impl<B: Backend> Cluster<B> {
@@ -172,7 +172,7 @@ impl<B: Backend> Cluster<B> {
         }
         shared.cancel.cancel();
         for ep in topo.endpoints.drain(..) {
-            Shared::retire(&ep);
+            ClusterState::retire(&ep);
         }
         tracing::info!(cluster = %shared.name, "cluster closed");
         shared.rebuild(&mut topo, "cluster closed");
@@ -202,7 +202,7 @@ pub enum EndpointChange<B: Backend> {
     Remove(EndpointId),
 }
 
-impl<B: Backend> Shared<B> {
+impl<B: Backend> ClusterState<B> {
     /// Applies one change under the topology lock, without the rebuild.
     fn change(
         self: &Arc<Self>,
@@ -232,7 +232,7 @@ impl<B: Backend> Shared<B> {
                 let pos = self.position(topo, &id)?;
                 let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
                 let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-                Shared::retire(&old);
+                ClusterState::retire(&old);
                 tracing::info!(cluster = %name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint replaced");
             }
             EndpointChange::ReplaceBackend(backend) => {
@@ -259,7 +259,7 @@ impl<B: Backend> Shared<B> {
             EndpointChange::Remove(id) => {
                 let pos = self.position(topo, &id)?;
                 let ep = topo.endpoints.remove(pos);
-                Shared::retire(&ep);
+                ClusterState::retire(&ep);
                 tracing::info!(cluster = %name, endpoint = %id, "endpoint removed");
             }
         }

@@ -2,7 +2,7 @@
 //!
 //! Two detectors feed one state per endpoint:
 //!
-//! - **Active** (the `prober` task): a task per endpoint probes it every `interval`
+//! - **Active** (the cluster's `prober` task): a task per endpoint probes it every `interval`
 //!   with a `timeout`. As in HAProxy, `fall` consecutive failures mark it down
 //!   and `rise` consecutive successes mark it up again; a probe also reports the
 //!   endpoint's role (so promotions are followed) and its replication lag.
@@ -37,7 +37,6 @@
 //! and rebuilds the routing snapshot when routing moved.
 
 pub(crate) mod ejection;
-pub(crate) mod prober;
 
 use std::fmt;
 use std::time::Duration;

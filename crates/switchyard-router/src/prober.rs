@@ -3,7 +3,7 @@
 //!
 //! One task per endpoint owns every timer of that endpoint's health: the next
 //! probe and the end of the current ejection. What it learns it hands to the
-//! cluster as health events ([`Shared::apply`]). A probe starts every `interval`,
+//! cluster as health events ([`ClusterState::apply`]). A probe starts every `interval`,
 //! or as soon as the previous one answered or timed out if that took longer:
 //! probes of one endpoint never overlap, and `timeout` may exceed `interval`. It reads the cluster's health
 //! settings afresh on every round, and is woken when they change, so a new
@@ -19,7 +19,7 @@ use switchyard_core::{Backend, Error};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::Shared;
+use crate::cluster::ClusterState;
 use crate::config::HealthConfig;
 use crate::endpoint::Endpoint;
 use crate::health::Event;
@@ -27,7 +27,7 @@ use crate::health::Event;
 /// Probes `ep` until `cancel` fires: at once when `last_probe` is `None` (the
 /// configured role is only a guess), else one interval after it.
 pub(crate) async fn run<B: Backend>(
-    cluster: Arc<Shared<B>>,
+    cluster: Arc<ClusterState<B>>,
     ep: Arc<Endpoint<B>>,
     last_probe: Option<Instant>,
     cancel: CancellationToken,
