@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, Checkout, CheckoutRequest, Deadline, EndpointId, Error, Intent, TenantId,
+    Backend, Checkout, CheckoutRequest, Deadline, EndpointId, Error, Intent, TenantEntry, TenantId,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -182,6 +182,36 @@ impl<B: Backend> Drop for Trial<'_, B> {
 
 type Chosen<'a, B> = (Arc<Endpoint<B>>, Option<Trial<'a, B>>);
 
+/// What one attempt's result means: the checkout's result, or another
+/// attempt (with the error that ended this one, if any).
+enum Step<B: Backend> {
+    Done(Result<Checkout<B>, Error>),
+    Retry(Option<Error>),
+}
+
+/// The request of the next attempt on `ep`, which starts now (the first
+/// when the operation did: no clock read).
+fn request<B: Backend>(
+    ep: &Endpoint<B>,
+    budget: &mut Budget,
+    entry: Option<&TenantEntry>,
+) -> CheckoutRequest {
+    let started = if budget.attempts == 1 {
+        budget.started
+    } else {
+        Instant::now()
+    };
+    let deadline = budget.start_attempt(started);
+    let req = CheckoutRequest::new(deadline)
+        .started_at(started)
+        .in_flight(Arc::clone(&ep.state.in_flight))
+        .observer(Arc::clone(&ep.observer));
+    match entry {
+        Some(entry) => req.tenant(entry),
+        None => req,
+    }
+}
+
 impl<B: Backend> Cluster<B> {
     /// Checks out a connection for `intent`, scoped to `tenant` when given.
     ///
@@ -229,13 +259,15 @@ impl<B: Backend> Cluster<B> {
         self.attempts(intent, tenant, budget).instrument(span).await
     }
 
+    /// Attempts until one hands out a connection or the budget says stop, each
+    /// a table of steps: choose an endpoint, check out, take the trial's
+    /// verdict or the endpoint's failure to the cluster, judge the result.
     async fn attempts(
         &self,
         intent: Intent,
         tenant: Option<&TenantId>,
         budget: &mut Budget,
     ) -> Result<Checkout<B>, Error> {
-        let started = budget.started;
         let entry = match tenant {
             Some(t) => Some(self.shared.tenants.load().resolve(t)?),
             None => None,
@@ -254,78 +286,91 @@ impl<B: Backend> Cluster<B> {
                     });
                 }
             };
-            // The first attempt starts when the operation did: no clock read.
-            let attempt_started = if budget.attempts == 1 {
-                budget.started
-            } else {
-                Instant::now()
-            };
-            let deadline = budget.start_attempt(attempt_started);
-            let mut req = CheckoutRequest::new(deadline)
-                .started_at(attempt_started)
-                .in_flight(Arc::clone(&ep.state.in_flight))
-                .observer(Arc::clone(&ep.observer));
-            if let Some(entry) = &entry {
-                req = req.tenant(entry);
-            }
+            let req = request(&ep, budget, entry.as_deref());
             let result = Checkout::acquire(&ep.backend, req).await;
-            match (&result, trial) {
-                // Before the writer check below: a trial write re-admits the
-                // writer it went to.
-                (Ok(_), Some(trial)) => trial.passed(),
-                (Err(error), trial) if error.is_endpoint_failure() => {
-                    // The failure decides the trial too: ejected again.
-                    let reason = error.to_string();
-                    let event = Event::CheckoutFailed {
-                        reason,
-                        refused: None,
-                    };
-                    self.shared.apply(&ep.state, event);
-                    drop(trial);
-                }
-                _ => {}
-            }
+            self.settle(&ep, trial, &result);
             let span = tracing::Span::current();
             span.record("endpoint", ep.id().as_str());
             span.record("attempts", budget.attempts);
-            match result {
-                // A write connection is handed out only by the endpoint that is
-                // the writer now: a checkout that waited through a failover (the
-                // old primary killed, then back as an independent primary) must
-                // not write there. Nothing was sent yet, so retrying is safe.
-                Ok(conn)
-                    if intent == Intent::Write
-                        && self.shared.snapshot.load().writer() != Some(ep.id()) =>
-                {
-                    tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
-                    drop(conn);
-                    self.shared.metrics.retry(intent);
-                    // Bounded by the deadline, not the retry budget: this retries the
-                    // checkout, never an operation, so it is safe for any write.
-                    if Instant::now() >= budget.deadline {
-                        return Err(Error::NoPrimary {
-                            cluster: self.shared.name.to_string(),
-                            waited: started.elapsed(),
-                        });
-                    }
+            match self.verdict(intent, &ep, result, budget) {
+                Step::Done(done) => return done,
+                Step::Retry(error) => last_error = error.or(last_error),
+            }
+        }
+    }
+
+    /// Takes what the attempt's result says about the endpoint to the
+    /// cluster: the half-open trial passed (before the writer check of
+    /// [`verdict`](Self::verdict): a trial write re-admits the writer it went
+    /// to), or the endpoint failed, which decides a trial too.
+    fn settle(
+        &self,
+        ep: &Endpoint<B>,
+        trial: Option<Trial<'_, B>>,
+        result: &Result<Checkout<B>, Error>,
+    ) {
+        match (result, trial) {
+            (Ok(_), Some(trial)) => trial.passed(),
+            (Err(error), _) if error.is_endpoint_failure() => {
+                let reason = error.to_string();
+                let event = Event::CheckoutFailed {
+                    reason,
+                    refused: None,
+                };
+                self.shared.apply(&ep.state, event);
+            }
+            _ => {}
+        }
+    }
+
+    /// What the attempt's result means for the checkout.
+    fn verdict(
+        &self,
+        intent: Intent,
+        ep: &Endpoint<B>,
+        result: Result<Checkout<B>, Error>,
+        budget: &mut Budget,
+    ) -> Step<B> {
+        let started = budget.started;
+        match result {
+            // A write connection is handed out only by the endpoint that is
+            // the writer now: a checkout that waited through a failover (the
+            // old primary killed, then back as an independent primary) must
+            // not write there. Nothing was sent yet, so retrying is safe.
+            Ok(conn)
+                if intent == Intent::Write
+                    && self.shared.snapshot.load().writer() != Some(ep.id()) =>
+            {
+                tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
+                drop(conn);
+                self.shared.metrics.retry(intent);
+                // Bounded by the deadline, not the retry budget: this retries the
+                // checkout, never an operation, so it is safe for any write.
+                if Instant::now() >= budget.deadline {
+                    return Step::Done(Err(Error::NoPrimary {
+                        cluster: self.shared.name.to_string(),
+                        waited: started.elapsed(),
+                    }));
                 }
-                Ok(conn) => {
-                    if !span.is_disabled() {
-                        span.record("wait_us", started.elapsed().as_micros() as u64);
-                    }
-                    return Ok(conn);
+                Step::Retry(None)
+            }
+            Ok(conn) => {
+                let span = tracing::Span::current();
+                if !span.is_disabled() {
+                    span.record("wait_us", started.elapsed().as_micros() as u64);
                 }
-                Err(error) => {
-                    if !budget.may_retry(&error) {
-                        return Err(error);
-                    }
-                    self.shared.metrics.retry(intent);
-                    tracing::debug!(endpoint = %ep.id(), %error, "checkout failed; retrying on another endpoint");
-                    if intent == Intent::Read {
-                        budget.avoid.push(ep.id().clone());
-                    }
-                    last_error = Some(error);
+                Step::Done(Ok(conn))
+            }
+            Err(error) => {
+                if !budget.may_retry(&error) {
+                    return Step::Done(Err(error));
                 }
+                self.shared.metrics.retry(intent);
+                tracing::debug!(endpoint = %ep.id(), %error, "checkout failed; retrying on another endpoint");
+                if intent == Intent::Read {
+                    budget.avoid.push(ep.id().clone());
+                }
+                Step::Retry(Some(error))
             }
         }
     }
