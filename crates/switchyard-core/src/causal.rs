@@ -3,15 +3,18 @@
 //! A write hands back a [`CausalToken`] naming the position its engine's
 //! replication history reached when the write was done; a read given the
 //! token is served only by a node that has applied that position. The token
-//! is opaque to the caller, small (under 80 bytes) and travels as a header-
-//! and cookie-safe string ([`Display`](fmt::Display) / [`FromStr`]):
+//! is opaque to the caller, small (under 80 bytes; a MongoDB token adds its
+//! replica set's name, so under 200) and travels as a header- and
+//! cookie-safe string ([`Display`](fmt::Display) / [`FromStr`]):
 //!
 //! ```text
 //! sy1.<cluster tag>.t.<system>.<timeline>.<position>   (a numbered line: PostgreSQL)
 //! sy1.<cluster tag>.l.<line id>.<offset>               (a named line: Redis)
+//! sy1.<cluster tag>.o.<set>.<term>.<time>              (an operation time: MongoDB)
 //! ```
 //!
-//! Every number is lower-case hex. The cluster tag is a hash of the cluster's
+//! Every number is lower-case hex, and so is the replica set's name (its
+//! bytes), which may hold any character. The cluster tag is a hash of the cluster's
 //! name, so a token handed to the wrong cluster is refused
 //! ([`CausalError::ForeignCluster`]) instead of read against an unrelated
 //! history. Tokens are not signed: a forged one can name any position, and
@@ -35,6 +38,9 @@ const PREFIX: &str = "sy1";
 
 /// A line id (Redis `master_replid`) is at most this long.
 const MAX_LINE_ID: usize = 64;
+
+/// A replica set's name in a token is at most this many bytes.
+const MAX_SET_NAME: usize = 64;
 
 /// A position a write reached, in one cluster's replication history.
 ///
@@ -94,6 +100,7 @@ impl CausalToken {
     pub fn new(cluster: &str, mark: History) -> Option<Self> {
         let mark = match mark {
             History::Timeline { .. } => mark,
+            History::OpTime { ref set, .. } if valid_set_name(set) => mark,
             History::Lineage { id, offset, .. } if valid_line_id(&id) => History::Lineage {
                 id,
                 previous: None,
@@ -119,8 +126,9 @@ impl CausalToken {
 
     /// The later of two tokens (`self` earlier, `other` later): on one
     /// numbered line the greater (timeline, position); on one named line the
-    /// greater offset; otherwise (another line, another cluster) `other`,
-    /// the one received last.
+    /// greater offset; in one replica set the greater (term, time);
+    /// otherwise (another line, another cluster) `other`, the one received
+    /// last.
     #[must_use]
     pub fn merge(self, other: Self) -> Self {
         if self.cluster != other.cluster {
@@ -147,6 +155,18 @@ impl CausalToken {
                     id: b, offset: ob, ..
                 },
             ) if a == b && oa > ob => self,
+            (
+                History::OpTime {
+                    set: a,
+                    term: ta,
+                    time: pa,
+                },
+                History::OpTime {
+                    set: b,
+                    term: tb,
+                    time: pb,
+                },
+            ) if a == b && (ta, pa) > (tb, pb) => self,
             _ => other,
         }
     }
@@ -154,7 +174,11 @@ impl CausalToken {
     /// Whether a node at `applied` (as a probe reported it) has applied the
     /// token. Conservative: `Covered` only when certain. A named line's
     /// predecessor is `NotYet` here, since only the engine knows where it was
-    /// replaced (see [`CausalBackend::confirm`]).
+    /// replaced (see [`CausalBackend::confirm`]). An operation time is
+    /// covered by a later one of the same term; a later term is `NotYet`
+    /// (only the engine knows whether the token's write survived the
+    /// election), and a replica set's election (what a primary's probe
+    /// reports) says only which set it is.
     pub fn covered_by(&self, applied: &History) -> Coverage {
         match (&self.mark, applied) {
             (
@@ -191,6 +215,25 @@ impl CausalToken {
                     Coverage::NotYet
                 }
             }
+            (
+                History::OpTime { set, term, time },
+                History::OpTime {
+                    set: s,
+                    term: t,
+                    time: p,
+                },
+            ) => {
+                if set != s {
+                    Coverage::Never
+                } else if term == t && p >= time {
+                    Coverage::Covered
+                } else {
+                    Coverage::NotYet
+                }
+            }
+            (History::OpTime { set, .. }, History::Election { set: s, .. }) if set == s => {
+                Coverage::NotYet
+            }
             _ => Coverage::Never,
         }
     }
@@ -206,8 +249,15 @@ impl fmt::Display for CausalToken {
                 position,
             } => write!(f, "t.{system:x}.{timeline:x}.{position:x}"),
             History::Lineage { id, offset, .. } => write!(f, "l.{id}.{offset:x}"),
+            History::OpTime { set, term, time } => {
+                f.write_str("o.")?;
+                for b in set.bytes() {
+                    write!(f, "{b:02x}")?;
+                }
+                write!(f, ".{term:x}.{time:x}")
+            }
             // Never constructed (see `new`).
-            History::Election { .. } => Ok(()),
+            _ => Ok(()),
         }
     }
 }
@@ -239,6 +289,11 @@ impl FromStr for CausalToken {
                     offset: hex(next()?)?,
                 }
             }
+            "o" => History::OpTime {
+                set: set_name(next()?)?,
+                term: hex(next()?)?,
+                time: hex(next()?)?,
+            },
             _ => return Err(CausalError::Malformed),
         };
         if parts.next().is_some() {
@@ -261,6 +316,34 @@ fn hex<T: TryFrom<u64>>(s: &str) -> Result<T, CausalError> {
     T::try_from(n).map_err(|_| CausalError::Malformed)
 }
 
+/// A replica set's name from its hex form: lower-case pairs of digits that
+/// spell a valid name.
+fn set_name(s: &str) -> Result<String, CausalError> {
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Ok(b - b'0'),
+        b'a'..=b'f' => Ok(b - b'a' + 10),
+        _ => Err(CausalError::Malformed),
+    };
+    if !s.len().is_multiple_of(2) {
+        return Err(CausalError::Malformed);
+    }
+    let bytes = s
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| Ok(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect::<Result<Vec<u8>, CausalError>>()?;
+    let name = String::from_utf8(bytes).map_err(|_| CausalError::Malformed)?;
+    if !valid_set_name(&name) {
+        return Err(CausalError::Malformed);
+    }
+    Ok(name)
+}
+
+/// A replica set's name: non-empty, short, no control characters.
+fn valid_set_name(set: &str) -> bool {
+    !set.is_empty() && set.len() <= MAX_SET_NAME && !set.chars().any(char::is_control)
+}
+
 /// Redis line ids are 40 hex digits; anything header-safe and short passes.
 fn valid_line_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_LINE_ID && id.bytes().all(|b| b.is_ascii_alphanumeric())
@@ -275,9 +358,9 @@ fn cluster_tag(name: &str) -> u32 {
 
 /// What an engine adds to [`Backend`] to make and honour causal tokens.
 ///
-/// Implemented by engines whose probes report a [`History`] with a position
-/// ([`History::Timeline`], [`History::Lineage`]); the router's causal
-/// checkouts ask for it.
+/// Implemented by engines whose writes reach a position the router can name
+/// ([`History::Timeline`], [`History::Lineage`], [`History::OpTime`]); the
+/// router's causal checkouts ask for it.
 pub trait CausalBackend: Backend {
     /// The position a write just done on `conn` (committed, answered)
     /// reached on its node. `line` is the node's history as its last probe
@@ -320,6 +403,114 @@ mod tests {
     }
 
     const REPLID: &str = "8f1c0d5e3b2a4c6d7e8f9a0b1c2d3e4f5a6b7c8d";
+
+    fn optime(set: &str, term: u64, seconds: u64, increment: u64) -> History {
+        History::OpTime {
+            set: set.into(),
+            term,
+            time: seconds << 32 | increment,
+        }
+    }
+
+    #[test]
+    fn an_operation_time_token_round_trips_and_stays_header_safe() {
+        let longest = "r".repeat(MAX_SET_NAME);
+        for mark in [
+            optime("rs0", 3, 1_764_470_000, 7),
+            optime("prod set/eu-1 é", u64::MAX, u64::MAX >> 32, 0),
+            optime(&longest, 1, 0, 0),
+        ] {
+            let token = CausalToken::new("orders", mark.clone()).expect("a position");
+            let text = token.to_string();
+            assert!(text.len() < 200, "{text}");
+            assert!(
+                text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'),
+                "header and cookie safe: {text}"
+            );
+            assert_eq!(text.parse::<CausalToken>(), Ok(token.clone()));
+            assert_eq!(token.mark(), &mark);
+        }
+        for set in [String::new(), "r".repeat(MAX_SET_NAME + 1), "a\nb".into()] {
+            assert!(
+                CausalToken::new("orders", optime(&set, 1, 1, 1)).is_none(),
+                "{set:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn altered_operation_time_strings_are_malformed() {
+        let good = CausalToken::new("orders", optime("rs0", 2, 5, 1))
+            .expect("a position")
+            .to_string();
+        assert!(good.contains(".o.727330."), "{good}");
+        let cases = [
+            good.replace(".727330.", ".72733."),    // odd length
+            good.replace(".727330.", ".72733g."),   // not hex
+            good.replace(".727330.", ".7273300a."), // a control character
+            good.replace(".727330.", ".."),         // empty
+            good.replace(".727330.", ".c328."),     // not UTF-8
+            good.replace(".727330.", ".727330.2."), // a field too many
+            format!("sy1.0.o.{}.1.1", "72".repeat(MAX_SET_NAME + 1)),
+            good.to_uppercase(),
+        ];
+        for case in cases {
+            assert_eq!(
+                case.parse::<CausalToken>(),
+                Err(CausalError::Malformed),
+                "{case:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn operation_times_merge_and_cover_within_one_set_and_term() {
+        let t = |mark| CausalToken::new("orders", mark).expect("a position");
+        let early = t(optime("rs0", 2, 100, 1));
+        let late = t(optime("rs0", 2, 100, 2));
+        let next_term = t(optime("rs0", 3, 90, 1));
+        assert_eq!(late.clone().merge(early.clone()), late);
+        assert_eq!(early.clone().merge(late.clone()), late);
+        // A later term wins even at an earlier time: it descends from the
+        // election, which came after.
+        assert_eq!(next_term.clone().merge(late.clone()), next_term);
+        // Another set: the one received last.
+        let other = t(optime("rs1", 9, 999, 0));
+        assert_eq!(other.clone().merge(early.clone()), early);
+
+        let token = t(optime("rs0", 2, 100, 5));
+        assert_eq!(
+            token.covered_by(&optime("rs0", 2, 100, 5)),
+            Coverage::Covered
+        );
+        assert_eq!(
+            token.covered_by(&optime("rs0", 2, 101, 0)),
+            Coverage::Covered
+        );
+        assert_eq!(
+            token.covered_by(&optime("rs0", 2, 100, 4)),
+            Coverage::NotYet
+        );
+        // A later term: only the engine knows whether the write survived.
+        assert_eq!(
+            token.covered_by(&optime("rs0", 3, 500, 0)),
+            Coverage::NotYet
+        );
+        assert_eq!(token.covered_by(&optime("rs1", 2, 500, 0)), Coverage::Never);
+        let election = |set: &str| History::Election {
+            set: set.into(),
+            election_id: [0; 12],
+            set_version: 1,
+        };
+        assert_eq!(token.covered_by(&election("rs0")), Coverage::NotYet);
+        assert_eq!(token.covered_by(&election("rs1")), Coverage::Never);
+        assert_eq!(token.covered_by(&wal(2, 1 << 40)), Coverage::Never);
+        let wal_token = t(wal(2, 100));
+        assert_eq!(
+            wal_token.covered_by(&optime("rs0", 2, 500, 0)),
+            Coverage::Never
+        );
+    }
 
     #[test]
     fn a_token_round_trips_through_its_string_and_stays_small() {

@@ -13,7 +13,11 @@
 //!   names the line it replaced (Redis's `master_replid`, `master_replid2` and
 //!   `master_repl_offset`);
 //! - [`History::Election`]: a replica set's election id and configuration
-//!   version, ordered as the MongoDB driver specification orders them.
+//!   version, ordered as the MongoDB driver specification orders them;
+//! - [`History::OpTime`]: one operation in a replica set's log, by the
+//!   election term it was written in and its cluster time (MongoDB's oplog
+//!   `{ts, t}`). Probes do not report it; it is what a causal token names
+//!   where the engine's position is a time rather than a byte offset.
 //!
 //! How two histories compare is the router's business (one pure function);
 //! this module only carries the facts.
@@ -59,6 +63,18 @@ pub enum History {
         /// The set's configuration version (MongoDB: `setVersion`).
         set_version: i64,
     },
+    /// One operation in a replica set's log.
+    OpTime {
+        /// The replica set's name: different names share no history.
+        set: String,
+        /// The election term the operation was written in (MongoDB: the
+        /// oplog entry's `t`, also the low 8 bytes of the primary's
+        /// `electionId`).
+        term: u64,
+        /// Its cluster time (MongoDB: the oplog entry's `ts`, a BSON
+        /// timestamp as seconds << 32 | increment).
+        time: u64,
+    },
 }
 
 impl fmt::Display for History {
@@ -96,6 +112,12 @@ impl fmt::Display for History {
                 }
                 write!(f, " version {set_version}")
             }
+            History::OpTime { set, term, time } => write!(
+                f,
+                "set {set} term {term} at Timestamp({}, {})",
+                time >> 32,
+                time & 0xFFFF_FFFF
+            ),
         }
     }
 }

@@ -117,6 +117,11 @@ impl MongoBackend {
         &self.config
     }
 
+    /// The driver options of the checkouts' client.
+    pub(crate) fn client_options(&self) -> &ClientOptions {
+        &self.options
+    }
+
     /// The shared database of unscoped, collection-prefix and row-level
     /// checkouts.
     pub fn database_name(&self) -> &str {

@@ -79,6 +79,32 @@ impl Confinement {
         }
     }
 
+    /// The database and real collection name behind `name`, with `shared`
+    /// the backend's shared database.
+    pub(crate) fn namespace<'a>(
+        &'a self,
+        shared: &'a str,
+        name: &str,
+    ) -> Result<(&'a str, String), MongoError> {
+        let (database, real) = match self {
+            Confinement::Unscoped => {
+                validate_collection(name)?;
+                (shared, name.to_owned())
+            }
+            Confinement::Database { database, .. } => {
+                validate_collection(name)?;
+                (&**database, name.to_owned())
+            }
+            Confinement::Prefix { prefix, .. } => (shared, prefixed(prefix, name)?),
+            Confinement::Row(_) => {
+                validate_shared_collection(name)?;
+                (shared, name.to_owned())
+            }
+        };
+        check_namespace(database, &real)?;
+        Ok((database, real))
+    }
+
     fn isolation(&self) -> Option<Isolation> {
         match self {
             Confinement::Unscoped => None,
@@ -165,25 +191,7 @@ impl MongoConn {
 
     /// The database and real collection name behind `name`.
     fn namespace(&self, name: &str) -> Result<(&str, String), MongoError> {
-        let (database, real) = match &self.confinement {
-            Confinement::Unscoped => {
-                validate_collection(name)?;
-                (&*self.settings.database, name.to_owned())
-            }
-            Confinement::Database { database, .. } => {
-                validate_collection(name)?;
-                (&**database, name.to_owned())
-            }
-            Confinement::Prefix { prefix, .. } => {
-                (&*self.settings.database, prefixed(prefix, name)?)
-            }
-            Confinement::Row(_) => {
-                validate_shared_collection(name)?;
-                (&*self.settings.database, name.to_owned())
-            }
-        };
-        check_namespace(database, &real)?;
-        Ok((database, real))
+        self.confinement.namespace(&self.settings.database, name)
     }
 
     /// The driver's client, for unscoped checkouts only (administration,
@@ -203,6 +211,12 @@ impl MongoConn {
     /// The database `name`, for unscoped checkouts only.
     pub fn database(&self, name: &str) -> Result<Database, Error> {
         self.client().map(|c| c.database(name))
+    }
+
+    /// The driver's client whatever the scope, for this crate's own
+    /// commands (never handed to a caller).
+    pub(crate) fn raw_client(&self) -> &Client {
+        &self.client
     }
 
     pub(crate) fn settings(&self) -> &HandleSettings {

@@ -141,6 +141,20 @@
 //!   a hung one with [`Error::Timeout`](switchyard_core::Error::Timeout) at the
 //!   probe's timeout.
 //!
+//! # Causal reads
+//!
+//! [`MongoBackend`] is a
+//! [`CausalBackend`](switchyard_core::CausalBackend): through the router, a
+//! write yields a token naming its operation time in the replica set, and a
+//! read given the token is served by a secondary only once that secondary
+//! answers a read sent with `readConcern: {afterClusterTime}` at that time,
+//! in the handle's own tenant namespace (what the driver's causally
+//! consistent sessions do, with the position carried in the token). A server
+//! outside any replica set gives no token
+//! ([`CausalError::Unsupported`](switchyard_core::CausalError::Unsupported)).
+//! The rules, elections included, are in this crate's `causal` module
+//! source; the router's side in `switchyard_router::causal`.
+//!
 //! # Errors
 //!
 //! [`classify`] and [`mongo_error`] map driver errors onto
@@ -148,6 +162,7 @@
 //! the router in one call. Messages never contain the URL's password.
 
 mod backend;
+mod causal;
 mod collection;
 mod config;
 mod conn;

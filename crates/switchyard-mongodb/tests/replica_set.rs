@@ -29,12 +29,7 @@ async fn replica_set() -> Option<(MongoServer, Vec<String>)> {
         loud(SKIP);
         return None;
     }
-    let raw = raw_client(server.url()).await;
-    let hello = raw
-        .database("admin")
-        .run_command(doc! { "hello": 1 })
-        .await
-        .unwrap();
+    let hello = hello(server.url()).await;
     let Ok(set) = hello.get_str("setName") else {
         loud(&format!(
             "{SKIP} (SWITCHYARD_MONGODB_URL points at a server outside any replica set)"

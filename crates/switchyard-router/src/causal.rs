@@ -163,7 +163,8 @@ impl<B: CausalBackend> Cluster<B> {
 
     /// The token for the writes done so far on `conn` (committed: take it
     /// after the commit). One round trip on PostgreSQL (the WAL insert
-    /// position) and Redis (the master's replication offset).
+    /// position), Redis (the master's replication offset) and MongoDB (the
+    /// primary's last applied operation time).
     pub async fn token(&self, conn: &mut Checkout<B>) -> Result<CausalToken, Error> {
         let line = self.probed(conn.endpoint());
         let backend = Arc::clone(conn.backend());

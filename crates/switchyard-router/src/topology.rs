@@ -100,8 +100,15 @@ impl<B: Backend> Snapshot<B> {
                 continue;
             }
             // A topology source's designation, combined with the probe's role
-            // (see `crate::source`); `None` serves nothing.
-            let Some(role) = crate::source::effective_role(ep.state.designated(), h.role) else {
+            // (see `crate::source`); `None` serves nothing. A member the
+            // source added serves once a probe has seen what it is: the
+            // source's word alone would send reads to a node it lists as a
+            // replica that is really an empty, writable restarted master.
+            let designated = ep.state.designated();
+            if designated.is_some() && h.last_probe.is_none() {
+                continue;
+            }
+            let Some(role) = crate::source::effective_role(designated, h.role) else {
                 continue;
             };
             let half_open = match h.ejection.phase {

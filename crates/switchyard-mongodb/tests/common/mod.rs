@@ -125,6 +125,16 @@ pub async fn raw_client(url: &str) -> mongodb::Client {
     mongodb::Client::with_options(options).expect("client")
 }
 
+/// The server's `hello` reply, asked with a plain client.
+pub async fn hello(url: &str) -> Document {
+    raw_client(url)
+        .await
+        .database("admin")
+        .run_command(doc! { "hello": 1 })
+        .await
+        .expect("hello")
+}
+
 /// Where tenant `entry`'s collection `name` really lives.
 pub fn real_namespace(shared: &str, entry: &TenantEntry, name: &str) -> (String, String) {
     let scope = entry.scope();

@@ -25,6 +25,7 @@
 //! | primary | replica | reads only: writes wait (up to `failover_timeout`) until the probe confirms the promotion |
 //! | replica | replica | reads |
 //! | replica | primary | **nothing**: an old primary back before the control plane demoted it (a restarted Redis master is empty and writable for seconds), or a split brain |
+//! | (any) | not yet probed | nothing: a member the source adds or re-points serves once its first probe has said what it is |
 //! | (any) | down, ejected | nothing, as for any endpoint |
 //!
 //! So writes only ever go to the endpoint the source designates primary, and
@@ -299,6 +300,67 @@ mod tests {
         );
         let same = View::new(known.values().cloned().collect());
         assert!(diff(&known, &same).is_empty());
+    }
+
+    /// A source that names `db-1` primary and `db-2` replica once.
+    struct Once(bool);
+    impl TopologySource for Once {
+        fn describe(&self) -> String {
+            "once".into()
+        }
+        fn next(&mut self) -> BoxFuture<'_, Report> {
+            let first = std::mem::replace(&mut self.0, false);
+            Box::pin(async move {
+                if !first {
+                    std::future::pending::<()>().await;
+                }
+                Report::View(View::new(vec![
+                    m("db-1", 1, Role::Primary),
+                    m("db-2", 2, Role::Replica),
+                ]))
+            })
+        }
+    }
+
+    /// A member the source adds is what the source says until a probe has
+    /// seen it: here `db-2`, listed as a replica, is really a writable master
+    /// (a restarted old Redis master, empty) whose first probe is slow. No
+    /// read may reach it before that probe; after it, it serves nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_member_added_by_the_source_serves_nothing_before_its_first_probe() {
+        use std::sync::Arc;
+        use switchyard_core::noop::NoopBackend;
+        use switchyard_core::Intent;
+
+        let cluster = crate::Cluster::<NoopBackend>::builder("main")
+            .build()
+            .unwrap();
+        cluster
+            .follow(Once(true), |m: &Member| {
+                let backend = NoopBackend::with_role(m.name.as_str(), Role::Primary);
+                if m.name.as_str() == "db-2" {
+                    backend.set_probe_rtt(Duration::from_millis(500));
+                }
+                Ok(Arc::new(backend))
+            })
+            .ready(Duration::from_secs(1))
+            .await
+            .unwrap();
+        // db-1's probe has passed; db-2's is still under way.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for _ in 0..20 {
+            let read = cluster.checkout(Intent::Read, None).await.unwrap();
+            assert_eq!(read.endpoint().as_str(), "db-1");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let db2 = cluster.status();
+        let db2 = db2.endpoint("db-2").unwrap();
+        assert!(db2.probe_rtt.is_some(), "probed: {db2:?}");
+        assert!(!db2.serves_reads, "{db2:?}");
+        for _ in 0..20 {
+            let read = cluster.checkout(Intent::Read, None).await.unwrap();
+            assert_eq!(read.endpoint().as_str(), "db-1");
+        }
     }
 
     #[test]
