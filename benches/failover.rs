@@ -32,7 +32,7 @@ use switchyard::postgres::{pg_error, PgBackend, PgBackendConfig};
 use switchyard::redis::RedisBackend;
 use switchyard::router::{CheckoutOptions, EndpointConfig, HealthConfig, RetryConfig};
 use switchyard::{Backend, Cluster, ClusterConfig, Error, Intent, PoolSettings, Role};
-use switchyard_testkit::{Node, PgCluster, RedisCluster};
+use switchyard_testkit::{Fault, Node, PgCluster, RedisCluster};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -51,23 +51,6 @@ const REPLICA_WINDOW: Duration = Duration::from_millis(800);
 const PROMOTED_WINDOW: Duration = Duration::from_millis(400);
 const READERS: usize = 4;
 const WRITERS: usize = 2;
-
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    KilledReplica,
-    PausedReplica,
-    KilledPrimary,
-}
-
-impl Fault {
-    fn name(self) -> &'static str {
-        match self {
-            Fault::KilledReplica => "killed_replica",
-            Fault::PausedReplica => "paused_replica",
-            Fault::KilledPrimary => "killed_primary",
-        }
-    }
-}
 
 /// One operation as a load task saw it.
 #[derive(Debug, Clone, Copy)]
@@ -231,18 +214,15 @@ async fn wait_success(log: &Mutex<Vec<Op>>, write: bool, since: Instant) -> Inst
     }
 }
 
-/// Loads `cluster`, injects `fault` through the callbacks and measures.
-async fn measure<B, K, P>(cluster: Cluster<B>, fault: Fault, inject: K, promote: P) -> Sample
-where
-    B: Engine,
-    K: Future<Output = ()>,
-    P: Future<Output = ()>,
-{
-    let writers = if matches!(fault, Fault::KilledPrimary) {
-        WRITERS
-    } else {
-        0
-    };
+/// Loads `cluster` over `primary` and `replica`, injects `fault` and
+/// measures; a paused replica is resumed before the topology is dropped.
+async fn measure<B: Engine, N: Node>(
+    cluster: Cluster<B>,
+    fault: Fault,
+    primary: &N,
+    replica: &N,
+) -> Sample {
+    let writers = if fault.hits_primary() { WRITERS } else { 0 };
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Vec::new()));
     // Warm: every task has completed operations before the fault.
@@ -250,24 +230,21 @@ where
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The fault counts from when it is in effect: the signal has been sent
     // and, for a kill, the process is gone.
-    inject.await;
+    fault.inject(primary, replica).await.unwrap();
     let faulted = Instant::now();
-    let (measured, outage, window_end) = match fault {
-        Fault::KilledReplica | Fault::PausedReplica => {
-            let at = wait_success(&log, false, faulted).await;
-            let end = (faulted + REPLICA_WINDOW).max(at);
-            (at - faulted, None, end)
-        }
-        Fault::KilledPrimary => {
-            promote.await;
-            let promoted = Instant::now();
-            let at = wait_success(&log, true, faulted).await;
-            (
-                at.saturating_duration_since(promoted),
-                Some(at - faulted),
-                at.max(promoted) + PROMOTED_WINDOW,
-            )
-        }
+    let (measured, outage, window_end) = if fault.hits_primary() {
+        fault.recover(replica).await.unwrap();
+        let promoted = Instant::now();
+        let at = wait_success(&log, true, faulted).await;
+        (
+            at.saturating_duration_since(promoted),
+            Some(at - faulted),
+            at.max(promoted) + PROMOTED_WINDOW,
+        )
+    } else {
+        let at = wait_success(&log, false, faulted).await;
+        let end = (faulted + REPLICA_WINDOW).max(at);
+        (at - faulted, None, end)
     };
     tokio::time::sleep_until(window_end).await;
     stop.store(true, Ordering::Relaxed);
@@ -275,6 +252,9 @@ where
         done.expect("load task panicked");
     }
     drop(cluster);
+    if fault == Fault::PausedReplica {
+        fault.recover(replica).await.unwrap();
+    }
     let log = log.lock().unwrap();
     let window: Vec<&Op> = log
         .iter()
@@ -323,7 +303,7 @@ async fn pg_iteration(fault: Fault) -> Sample {
         backend("pg-primary", pg.primary().url()),
         backend("pg-standby", standby.url()),
     );
-    let sample = inject(cluster, fault, pg.primary(), standby).await;
+    let sample = measure(cluster, fault, pg.primary(), standby).await;
     drop(pg);
     sample
 }
@@ -347,7 +327,7 @@ async fn redis_iteration(fault: Fault) -> Sample {
         backend("redis-master", redis.master().url()),
         backend("redis-replica", replica.url()),
     );
-    let sample = inject(cluster, fault, redis.master(), replica).await;
+    let sample = measure(cluster, fault, redis.master(), replica).await;
     drop(redis);
     sample
 }
@@ -362,46 +342,6 @@ fn two_nodes<B: Engine>(engine: &'static str, primary: Arc<B>, replica: Arc<B>) 
         .endpoint(replica, EndpointConfig::new(Role::Replica))
         .build()
         .unwrap()
-}
-
-/// Injects `fault` into a primary and replica pair under load and measures.
-async fn inject<B: Engine>(
-    cluster: Cluster<B>,
-    fault: Fault,
-    primary: &impl Node,
-    replica: &impl Node,
-) -> Sample {
-    match fault {
-        Fault::KilledReplica => {
-            measure(
-                cluster,
-                fault,
-                async { replica.kill().await.unwrap() },
-                async {},
-            )
-            .await
-        }
-        Fault::PausedReplica => {
-            let s = measure(
-                cluster,
-                fault,
-                async { replica.pause().await.unwrap() },
-                async {},
-            )
-            .await;
-            replica.resume().await.unwrap();
-            s
-        }
-        Fault::KilledPrimary => {
-            measure(
-                cluster,
-                fault,
-                async { primary.kill().await.unwrap() },
-                async { replica.promote().await.unwrap() },
-            )
-            .await
-        }
-    }
 }
 
 fn report(engine: &str, fault: Fault, sample: &Sample) {
@@ -428,11 +368,7 @@ fn failover(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_millis(1));
     for engine in ["postgres", "redis"] {
-        for fault in [
-            Fault::KilledReplica,
-            Fault::PausedReplica,
-            Fault::KilledPrimary,
-        ] {
+        for fault in Fault::ALL {
             group.bench_function(format!("{engine}/{}", fault.name()), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;

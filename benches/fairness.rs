@@ -27,7 +27,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::core::noop::NoopBackend;
 use switchyard::core::QueueOrder;
-use switchyard::postgres::{PgBackend, PgBackendConfig};
+use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::{
     Backend, Checkout, CheckoutRequest, Isolation, PoolSettings, TenantId, TenantRegistry,
     TierPolicy,
@@ -134,8 +134,18 @@ fn report(name: &str, waits: &Mutex<Vec<u64>>) {
     );
 }
 
-fn rows<B, H, Fut>(c: &mut Criterion, rt: &Runtime, group: &str, backend: &Arc<B>, hold: H)
-where
+/// Resets and checkouts so far (PostgreSQL's `pg_stats`), for the share of
+/// checkouts that changed owner.
+type Changes<'a> = &'a dyn Fn() -> Option<(u64, u64)>;
+
+fn rows<B, H, Fut>(
+    c: &mut Criterion,
+    rt: &Runtime,
+    group: &str,
+    backend: &Arc<B>,
+    hold: H,
+    changes: Changes<'_>,
+) where
     B: Backend,
     H: Fn(Checkout<B>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -148,10 +158,19 @@ where
     ] {
         let registry = registry(order);
         let waits = Arc::new(Mutex::new(Vec::new()));
+        let before = changes();
         g.bench_function(row, |b| {
             b.iter_custom(|iters| run(rt, iters, backend, &registry, alone, &waits, hold));
         });
         report(&format!("{group}/{row}"), &waits);
+        if let Some(((r0, c0), (r1, c1))) = before.zip(changes()) {
+            let share = (r1 - r0) as f64 / (c1 - c0).max(1) as f64;
+            println!(
+                "owner changes {group}/{row}: {:.1}% of {} checkouts",
+                share * 100.0,
+                c1 - c0
+            );
+        }
     }
     g.finish();
 }
@@ -172,36 +191,50 @@ async fn select_one(mut conn: Checkout<PgBackend>) {
 fn fairness(c: &mut Criterion) {
     let rt = common::runtime();
     let noop = Arc::new(NoopBackend::new("noop").with_max_size(POOL_SIZE));
-    rows(c, &rt, "noop", &noop, yield_once);
+    rows(c, &rt, "noop", &noop, yield_once, &|| None);
 
     let pg = rt
         .block_on(PgCluster::start(0))
         .expect("postgres (testkit)");
     let url = pg.primary().url().to_owned();
-    let config = PgBackendConfig::builder("pg".to_owned(), url.as_str())
-        .pool(PoolSettings::default().with_max_size(POOL_SIZE))
-        .config();
-    let backend = {
-        let _runtime = rt.enter();
-        Arc::new(PgBackend::new(config).expect("pg backend"))
-    };
-    rt.block_on(async {
-        let mut conn = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT),
-        )
-        .await
-        .unwrap();
-        for id in ["s0", "s1", "s2", "s3"] {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "CREATE SCHEMA IF NOT EXISTS tenant_{id}"
-            )))
-            .execute(&mut *conn)
+    // The default bypass bound (4), and one pool-size bound: a waiter whose
+    // turn it is may wait at most one turnover of the pool longer.
+    for (group, max_bypass) in [("postgres", None), ("postgres/bypass_16", Some(POOL_SIZE))] {
+        let affinity = AffinitySettings {
+            max_bypass: max_bypass.unwrap_or(AffinitySettings::default().max_bypass),
+            ..AffinitySettings::default()
+        };
+        let config = PgBackendConfig::builder(format!("pg-{}", affinity.max_bypass), url.as_str())
+            .pool(PoolSettings::default().with_max_size(POOL_SIZE))
+            .affinity(affinity)
+            .config();
+        let backend = {
+            let _runtime = rt.enter();
+            Arc::new(PgBackend::new(config).expect("pg backend"))
+        };
+        rt.block_on(async {
+            let mut conn = Checkout::acquire(
+                &backend,
+                CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT),
+            )
             .await
-            .expect("create schema");
-        }
-    });
-    rows(c, &rt, "postgres", &backend, select_one);
+            .unwrap();
+            for id in ["s0", "s1", "s2", "s3"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE SCHEMA IF NOT EXISTS tenant_{id}"
+                )))
+                .execute(&mut *conn)
+                .await
+                .expect("create schema");
+            }
+        });
+        let changes = || {
+            let s = backend.pg_stats();
+            Some((s.resets, s.affinity_hits + s.affinity_misses))
+        };
+        rows(c, &rt, group, &backend, select_one, &changes);
+        rt.block_on(async move { drop(backend) });
+    }
 }
 
 criterion_group! {

@@ -129,6 +129,32 @@ fn postgres(c: &mut Criterion) {
         bouncer_transaction: transaction.url("postgres", "postgres"),
     };
     let rows = rt.block_on(pg_rows::build(&urls));
+    if !smoke() {
+        // The bar's rows at 64 tasks, in interleaved rounds (see
+        // `pg_rows::interleaved`): ratios that a load change between two
+        // Criterion rows cannot skew.
+        let names = [
+            "raw_sqlx",
+            "peer/set_config",
+            "peer/search_path",
+            "pgbouncer/session",
+            "pgbouncer/transaction",
+            "switchyard/unscoped",
+            "switchyard/schema/8_tenants/affinity_on",
+            "switchyard/schema/8_tenants/affinity_on/fifo",
+            "switchyard/schema/8_tenants/bypass_16",
+            "switchyard/row/8_tenants/affinity_on",
+            "switchyard/row/8_tenants/affinity_on/fifo",
+            "switchyard/row/8_tenants/bypass_16",
+        ];
+        let medians = pg_rows::interleaved(&rt, &rows, &names, 64, 9, 512);
+        let raw = medians[0].1.as_secs_f64();
+        println!("interleaved, 64 tasks, 9 rounds of 512 operations per row (median time per operation):");
+        println!("| row | time/op | throughput vs raw sqlx |\n|---|---|---|");
+        for (name, time) in &medians {
+            println!("| `{name}` | {time:?} | {:.2} |", raw / time.as_secs_f64());
+        }
+    }
     for tasks in levels {
         let mut group = c.benchmark_group(format!("postgres/{tasks}_tasks"));
         for row in &rows.rows {

@@ -30,7 +30,7 @@ use sqlx::postgres::PgPoolOptions;
 use switchyard::core::noop::NoopBackend;
 use switchyard::core::InFlight;
 use switchyard::postgres::{PgBackend, PgBackendConfig};
-use switchyard::router::strategy::{Load, Picker, Strategy};
+use switchyard::router::__bench::{Load, Picker, Strategy};
 use switchyard::router::{EndpointConfig, StrategyKind};
 use switchyard::{
     Backend as _, Checkout, CheckoutRequest, Cluster, ClusterConfig, Intent, Isolation, Role,

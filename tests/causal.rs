@@ -355,7 +355,14 @@ async fn postgres_reads_see_their_writes_on_replicas_with_tokens() {
         causal.replica_share() * 100.0
     );
     let stats = cluster.causal_stats();
-    assert_eq!(stats.replica_reads + stats.primary_reads, causal.pairs);
+    // Every pair's read was served once; a read served and then run again
+    // (its operation overran the attempt deadline) is counted each time.
+    let served = stats.replica_reads + stats.primary_reads;
+    assert!(
+        served >= causal.pairs && served <= causal.pairs + causal.pairs / 1000,
+        "{served} reads served for {} pairs",
+        causal.pairs
+    );
     causal.assert_failures_only_from_load();
     // A token from elsewhere is refused, never waited on.
     let foreign = CausalToken::new(

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use sqlx::Connection as _;
 use switchyard::postgres::{PgBackend, PgBackendConfig};
 use switchyard::redis::{provision_acl_users, remove_acl_users, RedisBackend, StaticPasswords};
@@ -28,9 +29,7 @@ use switchyard_core::{
     Backend, Checkout, CheckoutRequest, Error, Intent, Isolation, PoolSettings, Role, TenantId,
     TenantRegistry, TierPolicy,
 };
-use switchyard_router::{
-    BoxFuture, CheckoutOptions, Cluster, ClusterConfig, EndpointConfig, Health,
-};
+use switchyard_router::{CheckoutOptions, Cluster, ClusterConfig, EndpointConfig, Health};
 use switchyard_testkit::{poll_until, FaultProxy, PgCluster, RedisCluster, RedisNode};
 use tokio::time::Instant;
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
+use switchyard::core::QueueOrder;
 use switchyard::{
     Backend, Checkout, CheckoutRequest, Cluster, Intent, Isolation, TenantId, TenantRegistry,
     TierPolicy,
@@ -78,12 +79,21 @@ pub const TENANTS: usize = 8;
 /// Tenants `s0..s7` on a tier `schema` (schema or key-prefix isolation) and
 /// `r0..r7` on a tier `row` (row isolation, names `row_{id}`).
 pub fn tenants() -> TenantRegistry {
+    tenants_queued(QueueOrder::Fair)
+}
+
+/// [`tenants`] with both tiers queued in `order` (fair, the default, or FIFO).
+pub fn tenants_queued(order: QueueOrder) -> TenantRegistry {
     let mut registry = TenantRegistry::new()
-        .with_tier("schema", TierPolicy::new(Isolation::Schema))
+        .with_tier(
+            "schema",
+            TierPolicy::new(Isolation::Schema).with_queue(order),
+        )
         .with_tier(
             "row",
             TierPolicy::new(Isolation::Row)
-                .with_name_template("row_{id}".parse().expect("template")),
+                .with_name_template("row_{id}".parse().expect("template"))
+                .with_queue(order),
         );
     for i in 0..TENANTS {
         registry = registry

@@ -14,6 +14,11 @@
 //! | `switchyard/backend_unscoped` | core `Checkout::acquire` on the `PgBackend` alone (no router) |
 //! | `switchyard/unscoped` | `Cluster::checkout` (read, no tenant) |
 //! | `switchyard/{schema,row}/{1,8}_tenants/affinity_{on,off}` | `Cluster::checkout` for tenant `task % tenants` |
+//! | `switchyard/{schema,row}/8_tenants/affinity_on/fifo` | the same with both tiers queued `fifo` (one class per tier) instead of fair |
+//! | `switchyard/{schema,row}/8_tenants/bypass_16` | affinity on, fair, `max_bypass` 16 (the pool's size) instead of 4 |
+//!
+//! The count also reads each switchyard row's owner-change share from
+//! `PgBackend::pg_stats`: complete resets over checkouts.
 //!
 //! Every pool has [`POOL_SIZE`] connections, PgBouncer [`POOL_SIZE`] server
 //! connections.
@@ -27,6 +32,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
+use switchyard::core::QueueOrder;
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::router::EndpointConfig;
 use switchyard::{
@@ -64,6 +70,8 @@ pub struct Row {
     pub name: String,
     pub via: Via,
     pub op: Op,
+    /// The switchyard backend behind the row, for its owner-change count.
+    pub backend: Option<Arc<PgBackend>>,
 }
 
 /// The pools and clusters behind a set of rows; dropping them (inside the
@@ -125,9 +133,14 @@ fn backend(url: &str, name: &str, affinity: AffinitySettings) -> Arc<PgBackend> 
 
 /// A cluster with `backend` as its only primary and the bench tenants.
 pub fn cluster(backend: &Arc<PgBackend>) -> Cluster<PgBackend> {
+    cluster_queued(backend, QueueOrder::Fair)
+}
+
+/// [`cluster`] with the tenant tiers queued in `order`.
+pub fn cluster_queued(backend: &Arc<PgBackend>, order: QueueOrder) -> Cluster<PgBackend> {
     Cluster::builder(format!("bench-{}", backend.endpoint()))
         .engine("postgres")
-        .tenants(common::tenants())
+        .tenants(common::tenants_queued(order))
         .endpoint(Arc::clone(backend), EndpointConfig::new(Role::Primary))
         .build()
         .expect("cluster")
@@ -178,6 +191,15 @@ pub async fn build(urls: &Urls) -> Rows {
     );
     let with_affinity = cluster(&affine);
     let without_affinity = cluster(&plain);
+    let fifo = cluster_queued(&affine, QueueOrder::Fifo);
+    let bypass_16 = {
+        let affinity = AffinitySettings {
+            max_bypass: POOL_SIZE,
+            ..AffinitySettings::default()
+        };
+        backend(&urls.postgres, "pg-bypass-16", affinity)
+    };
+    let with_bypass_16 = cluster(&bypass_16);
 
     let row_ids = common::tenant_ids("r");
     let schema_ids = common::tenant_ids("s");
@@ -187,6 +209,7 @@ pub async fn build(urls: &Urls) -> Rows {
             name: name.to_owned(),
             via,
             op,
+            backend: None,
         });
     };
 
@@ -317,11 +340,41 @@ pub async fn build(urls: &Urls) -> Rows {
             }
         }
     }
+    for (level, ids) in [("schema", &schema_ids), ("row", &row_ids)] {
+        add(
+            &format!(
+                "switchyard/{level}/{}_tenants/affinity_on/fifo",
+                common::TENANTS
+            ),
+            Via::Postgres,
+            cluster_op(&fifo, Some(Arc::clone(ids))),
+        );
+        add(
+            &format!("switchyard/{level}/{}_tenants/bypass_16", common::TENANTS),
+            Via::Postgres,
+            cluster_op(&with_bypass_16, Some(Arc::clone(ids))),
+        );
+    }
+    for row in &mut rows {
+        if row.name.starts_with("switchyard/") {
+            let backend = if row.name.contains("affinity_off") {
+                &plain
+            } else if row.name.contains("bypass_16") {
+                &bypass_16
+            } else {
+                &affine
+            };
+            row.backend = Some(Arc::clone(backend));
+        }
+    }
     Rows {
         rows,
         closers: vec![raw, set_config, search_path, session, transaction],
         _keep: vec![
             Box::new(with_affinity),
+            Box::new(fifo),
+            Box::new(with_bypass_16),
+            Box::new(bypass_16),
             Box::new(without_affinity),
             Box::new(affine),
             Box::new(plain),
@@ -368,6 +421,8 @@ pub struct Count {
     pub per_op: f64,
     pub parses: u64,
     pub startups: u64,
+    /// Complete resets (owner changes) over checkouts, switchyard rows only.
+    pub owner_changes: Option<f64>,
 }
 
 /// Counts every row's round trips per operation at each of `levels`, with
@@ -385,11 +440,23 @@ pub fn count(
         for row in &rows.rows {
             let proxy = proxy(row.via);
             let n = tasks * per_task;
-            let counted = rt.block_on(async {
+            let stats = || row.backend.as_ref().map(|b| b.pg_stats());
+            let (counted, stats_before, stats_after) = rt.block_on(async {
                 run(&row.op, tasks, tasks * 2).await;
                 let before = settled(&proxy).await;
+                let stats_before = stats();
                 run(&row.op, tasks, n).await;
-                settled(&proxy).await.since(&before)
+                let stats_after = stats();
+                (
+                    settled(&proxy).await.since(&before),
+                    stats_before,
+                    stats_after,
+                )
+            });
+            let owner_changes = stats_before.zip(stats_after).map(|(a, b)| {
+                let checkouts =
+                    (b.affinity_hits + b.affinity_misses) - (a.affinity_hits + a.affinity_misses);
+                (b.resets - a.resets) as f64 / checkouts.max(1) as f64
             });
             out.push(Count {
                 name: row.name.clone(),
@@ -397,6 +464,7 @@ pub fn count(
                 per_op: counted.round_trips() as f64 / n as f64,
                 parses: counted.parses,
                 startups: counted.startups,
+                owner_changes,
             });
         }
     }
@@ -426,6 +494,9 @@ pub fn table(counts: &[Count], levels: &[usize]) -> String {
                     if c.startups > 0 || c.parses > 0 {
                         out.push_str(&format!(" ({} connects, {} parses)", c.startups, c.parses));
                     }
+                    if let Some(share) = c.owner_changes {
+                        out.push_str(&format!(", {:.0}% owner changes", share * 100.0));
+                    }
                     out.push_str(" |");
                 }
                 None => out.push_str(" |"),
@@ -433,4 +504,43 @@ pub fn table(counts: &[Count], levels: &[usize]) -> String {
         }
     }
     out
+}
+
+/// Throughput of `names` at `tasks` tasks measured in interleaved rounds:
+/// each round runs `per_round` operations of every row, one row after the
+/// other, so load that comes and goes on a shared machine falls on every
+/// row alike. Returns each row's median time per operation over the rounds.
+pub fn interleaved(
+    rt: &Runtime,
+    rows: &Rows,
+    names: &[&str],
+    tasks: usize,
+    rounds: usize,
+    per_round: usize,
+) -> Vec<(String, Duration)> {
+    let picked: Vec<&Row> = names
+        .iter()
+        .filter_map(|n| rows.rows.iter().find(|r| r.name == *n))
+        .collect();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); picked.len()];
+    rt.block_on(async {
+        for row in &picked {
+            run(&row.op, tasks, tasks * 2).await;
+        }
+        for _ in 0..rounds {
+            for (i, row) in picked.iter().enumerate() {
+                let began = std::time::Instant::now();
+                run(&row.op, tasks, per_round).await;
+                times[i].push(began.elapsed() / u32::try_from(per_round).unwrap());
+            }
+        }
+    });
+    picked
+        .iter()
+        .zip(times)
+        .map(|(row, mut t)| {
+            t.sort_unstable();
+            (row.name.clone(), t[t.len() / 2])
+        })
+        .collect()
 }

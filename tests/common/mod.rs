@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use switchyard_core::{
     Backend, EndpointId, Error, Intent, PoolStats, Probe, Recycle, Returned, TenantScope,
     TierPolicy,
 };
-use switchyard_router::{BoxFuture, Cluster, ClusterConfig, ClusterStatus, EndpointStatus, Health};
+use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointStatus, Health};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 

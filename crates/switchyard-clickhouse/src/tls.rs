@@ -71,32 +71,12 @@ pub(crate) fn client(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_core::Transport;
 
+    /// The https rule itself (`Transport::of_http`, `Transport::http_problem`)
+    /// is core's and tested there; here, that the client names a bad file.
     #[test]
-    fn the_url_and_the_settings_agree() {
-        let http = url::Url::parse("http://127.0.0.1:8123").unwrap();
+    fn a_bad_tls_file_is_named() {
         let https = url::Url::parse("https://localhost:8443").unwrap();
-        let tls = TlsSettings::default();
-        assert!(Transport::http_problem(http.scheme(), Some(&tls)).is_some());
-        assert_eq!(Transport::http_problem(https.scheme(), Some(&tls)), None);
-        assert_eq!(Transport::http_problem(http.scheme(), None), None);
-        assert_eq!(
-            Transport::of_http(http.scheme(), None),
-            Transport::Plaintext
-        );
-        assert_eq!(
-            Transport::of_http(https.scheme(), None),
-            Transport::Verified
-        );
-        let insecure = TlsSettings {
-            insecure_skip_verify: true,
-            ..TlsSettings::default()
-        };
-        assert_eq!(
-            Transport::of_http(https.scheme(), Some(&insecure)),
-            Transport::Unverified
-        );
         assert!(client(&https, None, "ch").is_ok());
         let missing = TlsSettings::with_ca_file("/nonexistent/ca.pem");
         let err = client(&https, Some(&missing), "ch").unwrap_err();

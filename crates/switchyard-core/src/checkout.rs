@@ -1,9 +1,12 @@
 //! The checkout guard: a scoped connection that gives everything back on drop.
 
 use std::fmt;
+use std::future::{poll_fn, Future};
 use std::ops::{Deref, DerefMut};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -34,7 +37,9 @@ pub enum Outcome {
 /// Methods run inline on the checkout path and in `Drop`: keep them to atomics.
 pub trait CheckoutObserver: Send + Sync + 'static {
     /// A connection was handed out at `at`, after `waited` (`at` saves the
-    /// observer a clock read on the checkout path).
+    /// observer a clock read on the checkout path). A checkout that never had
+    /// to wait (every step was ready at once) reports zero, and `at` is when
+    /// it started.
     fn on_acquired(&self, waited: Duration, at: Instant) {
         let _ = (waited, at);
     }
@@ -87,9 +92,14 @@ impl InFlight {
 
     /// Counts one more until the returned token is dropped.
     pub fn enter(self: &Arc<Self>) -> InFlightToken {
+        Arc::clone(self).enter_owned()
+    }
+
+    /// [`enter`](Self::enter) with a handle the caller gives up.
+    fn enter_owned(self: Arc<Self>) -> InFlightToken {
         self.count.fetch_add(1, Ordering::Relaxed);
         self.notify();
-        InFlightToken(Arc::clone(self))
+        InFlightToken(self)
     }
 
     fn notify(&self) {
@@ -144,6 +154,7 @@ impl CheckoutRequest {
     /// Counts the wait from `started` instead of from the call to
     /// [`Checkout::acquire`]: for a caller that has just read the clock (a
     /// router starting an operation), which saves a read on the checkout path.
+    /// A checkout that does not have to wait is handed out at `started`.
     pub fn started_at(mut self, started: Instant) -> Self {
         self.started = Some(started);
         self
@@ -264,10 +275,15 @@ impl<B: Backend> Checkout<B> {
             wait_us = tracing::field::Empty,
         )
     )]
-    pub async fn acquire(backend: &Arc<B>, req: CheckoutRequest) -> Result<Self, Error> {
+    pub async fn acquire(backend: &Arc<B>, mut req: CheckoutRequest) -> Result<Self, Error> {
         let started = req.started.unwrap_or_else(Instant::now);
-        let result = Self::acquire_inner(backend, &req, started).await;
-        let ended = Instant::now();
+        // Moved into the checkout's token, not cloned.
+        let in_flight = req.in_flight.take();
+        let mut suspended = false;
+        let result = Self::acquire_inner(backend, &req, in_flight, started, &mut suspended).await;
+        // A checkout that never had to wait ends when it started: one clock
+        // read fewer on the path every immediate checkout takes.
+        let ended = if suspended { Instant::now() } else { started };
         let waited = ended.saturating_duration_since(started);
         tracing::Span::current().record("wait_us", waited.as_micros() as u64);
         match result {
@@ -301,7 +317,9 @@ impl<B: Backend> Checkout<B> {
     async fn acquire_inner(
         backend: &Arc<B>,
         req: &CheckoutRequest,
+        in_flight: Option<Arc<InFlight>>,
         started: Instant,
+        suspended: &mut bool,
     ) -> Result<
         (
             B::Connection,
@@ -314,19 +332,23 @@ impl<B: Backend> Checkout<B> {
         // The quota comes first: a tenant at its cap waits on itself, holding no
         // pool capacity that other tenants could use.
         let permit = match (&req.quota, tenant) {
-            (Some(quota), Some(tenant)) => Some(quota.acquire(tenant, req.deadline).await?),
+            (Some(quota), Some(tenant)) => {
+                // Whether it waited is not tracked: count it as a wait.
+                *suspended = true;
+                Some(quota.acquire(tenant, req.deadline).await?)
+            }
             _ => None,
         };
-        let in_flight = req.in_flight.as_ref().map(InFlight::enter);
+        let in_flight = in_flight.map(InFlight::enter_owned);
         let timeout = || Error::Timeout {
             endpoint: backend.endpoint().clone(),
             tenant: tenant.cloned(),
             elapsed: started.elapsed(),
         };
         let acquire = backend.acquire(req.scope.as_deref(), req.deadline);
-        let conn = tokio::time::timeout_at(req.deadline, acquire)
+        let conn = until(req.deadline, acquire, suspended)
             .await
-            .map_err(|_| timeout())??;
+            .ok_or_else(timeout)??;
         if let Some(scope) = &req.scope {
             // Until the scope is applied, a cancelled or failed checkout must not
             // let the half-scoped connection back into the pool.
@@ -337,9 +359,9 @@ impl<B: Backend> Checkout<B> {
             let Some(conn_ref) = pending.conn.as_mut() else {
                 return Err(Error::Closed);
             };
-            tokio::time::timeout_at(req.deadline, backend.scope(conn_ref, scope))
+            until(req.deadline, backend.scope(conn_ref, scope), suspended)
                 .await
-                .map_err(|_| timeout())??;
+                .ok_or_else(timeout)??;
             let conn = pending.conn.take().ok_or(Error::Closed)?;
             return Ok((conn, in_flight, permit));
         }
@@ -361,7 +383,8 @@ impl<B: Backend> Checkout<B> {
         self.scope.as_deref()
     }
 
-    /// How long the checkout waited for its connection.
+    /// How long the checkout waited for its connection: zero when every step
+    /// was ready at once.
     pub fn waited(&self) -> Duration {
         self.waited
     }
@@ -436,6 +459,28 @@ impl<B: Backend> fmt::Debug for Checkout<B> {
             .field("outcome", &self.outcome)
             .finish_non_exhaustive()
     }
+}
+
+/// `fut`'s output, or `None` once `deadline` passes first; sets `waited`
+/// when `fut` was not ready at once.
+///
+/// As `tokio::time::timeout_at`, except that the timer is only armed when
+/// `fut` has to wait: a future that is ready at its first poll (an idle
+/// connection handed out at once) costs no timer registration. The timer is
+/// boxed: it is only built on the path that waits anyway, and keeps every
+/// checkout's future smaller.
+async fn until<F: Future>(deadline: Instant, fut: F, waited: &mut bool) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        *waited = true;
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        sleep.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// A connection between acquire and scope: discarded unless taken out.
@@ -622,6 +667,27 @@ mod tests {
         ));
         drop(conn);
         assert_eq!(backend.counters().discarded, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_checkout_that_waits_reports_a_wait() {
+        let backend = Arc::new(NoopBackend::new("n1"));
+        let started = Instant::now() - Duration::from_millis(3);
+        let at_once = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).started_at(started),
+        )
+        .await
+        .unwrap();
+        assert_eq!(at_once.waited(), Duration::ZERO);
+        backend.set_acquire_delay(Duration::from_millis(7));
+        let slow = Checkout::acquire(
+            &backend,
+            CheckoutRequest::with_timeout(Duration::from_secs(1)).started_at(started),
+        )
+        .await
+        .unwrap();
+        assert_eq!(slow.waited(), Duration::from_millis(10));
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,6 +54,7 @@ mod error;
 mod fair;
 mod gate;
 mod history;
+#[cfg(any(test, feature = "test-util"))]
 pub mod noop;
 mod operation;
 pub mod provision;

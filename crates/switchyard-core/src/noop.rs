@@ -57,7 +57,6 @@ pub struct NoopCounters {
 
 #[derive(Debug, Default)]
 struct State {
-    next_id: AtomicU64,
     acquired: AtomicU64,
     scoped: AtomicU64,
     recycled: AtomicU64,
@@ -307,10 +306,10 @@ impl Backend for NoopBackend {
             None => None,
         };
         let s = &self.state;
-        s.acquired.fetch_add(1, Ordering::Relaxed);
         s.live.fetch_add(1, Ordering::Relaxed);
         Ok(NoopConnection {
-            id: s.next_id.fetch_add(1, Ordering::Relaxed),
+            // The sequence number is the count of connections handed out.
+            id: s.acquired.fetch_add(1, Ordering::Relaxed),
             tenant: None,
             state: Arc::clone(s),
             _permit: permit,

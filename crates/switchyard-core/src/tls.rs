@@ -342,6 +342,27 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The https rule for HTTP engines (ClickHouse, Elasticsearch): a `tls`
+    /// block needs an `https://` URL, and the URL's scheme and the block say
+    /// together whether and how the transport is encrypted.
+    #[test]
+    fn the_url_and_the_settings_agree() {
+        let tls = TlsSettings::default();
+        assert!(Transport::http_problem("http", Some(&tls)).is_some());
+        assert_eq!(Transport::http_problem("https", Some(&tls)), None);
+        assert_eq!(Transport::http_problem("http", None), None);
+        assert_eq!(Transport::of_http("http", None), Transport::Plaintext);
+        assert_eq!(Transport::of_http("https", None), Transport::Verified);
+        let insecure = TlsSettings {
+            insecure_skip_verify: true,
+            ..TlsSettings::default()
+        };
+        assert_eq!(
+            Transport::of_http("https", Some(&insecure)),
+            Transport::Unverified
+        );
+    }
+
     /// An error whose source is an `Arc`, as the redis crate's errors are.
     #[derive(Debug)]
     struct Outer(std::sync::Arc<dyn std::error::Error + Send + Sync>);

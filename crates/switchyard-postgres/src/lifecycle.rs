@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | returned to the same owner | 1 | the check ([`verify_sql`]): outside a transaction block, still exactly that scope (unscoped and database: role and `search_path` reset), alive |
 //! | ... vouched for by a return check < 1 s ago | 0 | nothing |
-//! | used by another owner | 1 | [`switch_sql`]: the transaction check, the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)) and the new scope, one simple-protocol message |
+//! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
 //! | ... whose owner `PREPARE`d statements in SQL | +1 | their `DEALLOCATE`s |
 //! | new | 0 unscoped or database, 1 scoped | the scope ([`apply_sql`]) |
 //!
@@ -275,13 +275,15 @@ impl Shared {
                 return Ok(Ready::Stale);
             }
         };
-        let head = rows.first();
-        let outside = head.and_then(|r| r.try_get::<Option<bool>, _>(0).ok().flatten());
+        // The one row of `switch_sql`'s final `SELECT`: scope applied,
+        // outside a transaction block, `DEALLOCATE`s.
+        let answer = rows.last();
+        let outside = answer.and_then(|r| r.try_get::<Option<bool>, _>(1).ok().flatten());
         if outside != Some(true) {
             self.judge(scope, Ok(Ok(false)));
             return Ok(Ready::Stale);
         }
-        let prepared = head.and_then(|r| r.try_get::<Option<String>, _>(1).ok().flatten());
+        let prepared = answer.and_then(|r| r.try_get::<Option<String>, _>(2).ok().flatten());
         if let Some(deallocate) = prepared {
             let done = tokio::time::timeout_at(limit, run(&mut pooled.raw, deallocate)).await;
             if !matches!(done, Ok(Ok(_))) {

@@ -63,7 +63,7 @@ pub fn quote_literal(value: &str) -> String {
 }
 
 /// A text value as SQL that the server's lexer reads only as hex digits:
-/// `convert_from(decode('<hex of the UTF-8 bytes>', 'hex'), 'UTF8')`.
+/// `pg_catalog.convert_from(pg_catalog.decode('<hex of the UTF-8 bytes>', 'hex'), 'UTF8')`.
 ///
 /// Tenant ids and names go into the owner-change message this way, where a
 /// bound parameter is not possible (a multi-statement simple-protocol
@@ -76,7 +76,7 @@ pub fn quote_literal(value: &str) -> String {
 pub(crate) fn text_value(value: &str) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(value.len() * 2 + 40);
-    out.push_str("convert_from(decode('");
+    out.push_str("pg_catalog.convert_from(pg_catalog.decode('");
     for byte in value.bytes() {
         let _ = write!(out, "{byte:02x}");
     }
@@ -114,41 +114,36 @@ pub fn validate_setting_name(name: &str) -> Result<(), String> {
 /// timestamp, so the two are equal; inside a block opened by an earlier message
 /// (`BEGIN` left open by the caller) they differ. A session in a failed
 /// transaction rejects the query instead, which also counts as dirty.
-pub(crate) const OUTSIDE_TRANSACTION: &str = "transaction_timestamp() = statement_timestamp()";
+pub(crate) const OUTSIDE_TRANSACTION: &str =
+    "pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp()";
 
-/// Everything a session can carry from one owner to the next, undone: held
-/// cursors, session authorization and role (`SET SESSION AUTHORIZATION
-/// DEFAULT` also resets `SET ROLE`), every setting (`RESET ALL`, which skips
-/// the two above), listen channels, advisory locks, temporary relations and
-/// sequences' `currval`/`lastval`.
+/// The statements of the complete reset: held cursors, session authorization
+/// and role (`SET SESSION AUTHORIZATION DEFAULT` also resets `SET ROLE`),
+/// every setting (`RESET ALL`, which skips the two above), listen channels,
+/// temporary relations and sequences' `currval`/`lastval`. Advisory locks and
+/// SQL-level prepared statements are handled by [`switch_sql`]'s final
+/// `SELECT`.
 ///
 /// That is `DISCARD ALL` without its two last parts: `DEALLOCATE ALL` would
 /// drop the statements sqlx has prepared and cached for this connection (sqlx
 /// then fails with `prepared statement "sqlx_s_N" does not exist`), so only
-/// SQL-level `PREPARE`d statements are deallocated ([`SWITCH_HEAD`] lists
+/// SQL-level `PREPARE`d statements are deallocated (the final `SELECT` lists
 /// them); and `DISCARD PLANS` is not needed because the plan cache re-plans
 /// when `search_path` or the role changes. `DISCARD ALL` itself cannot run in
 /// a multi-statement message (an implicit transaction block), and this can.
 pub(crate) const RESET_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
-     RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
-
-/// The first statement of an owner change: whether the session is outside a
-/// transaction block, and the `DEALLOCATE` statements for whatever the last
-/// owner `PREPARE`d in SQL (NULL when nothing).
-pub(crate) const SWITCH_HEAD: &str = "SELECT transaction_timestamp() = statement_timestamp(), \
-     (SELECT string_agg('DEALLOCATE ' || quote_ident(name), '; ') \
-      FROM pg_prepared_statements WHERE from_sql)";
+     RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
 /// One simple-protocol round trip that answers whether the connection is
 /// outside a transaction block and still carries exactly `owner`'s scope.
 pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
     match owner.map(|s| (s.isolation(), s)) {
         Some((Isolation::Schema, scope)) => format!(
-            "SELECT {OUTSIDE_TRANSACTION} AND current_setting('search_path') = {}",
+            "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting('search_path') = {}",
             text_value(&quote_ident(scope.target()))
         ),
         Some((Isolation::Row, scope)) => format!(
-            "SELECT {OUTSIDE_TRANSACTION} AND current_setting({}, true) = {}",
+            "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting({}, true) = {}",
             quote_literal(scope.row_setting()),
             text_value(scope.tenant().as_str())
         ),
@@ -161,15 +156,15 @@ pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
     }
 }
 
-/// The statement that puts `scope` on a session, answering false when the
-/// tenant's schema does not exist. `None` for database isolation, where the
-/// connection's database is the scope.
-pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
+/// The expression that puts `scope` on a session: true once set, false when
+/// the tenant's schema does not exist. `None` for database isolation, where
+/// the connection's database is the scope.
+fn apply_expr(scope: &TenantScope, as_role: bool) -> Option<String> {
     // Privilege-enforced mode (see `crate::roles`): the same message also
     // switches to the tenant's role, so the server checks what it reaches.
     let role = if as_role {
         format!(
-            " AND set_config('role', {}, false) IS NOT NULL",
+            " AND pg_catalog.set_config('role', {}, false) IS NOT NULL",
             text_value(scope.target())
         )
     } else {
@@ -179,12 +174,12 @@ pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
         Isolation::Schema => {
             let path = text_value(&quote_ident(scope.target()));
             Some(format!(
-                "SELECT CASE WHEN to_regnamespace({path}) IS NULL THEN false \
-                 ELSE set_config('search_path', {path}, false) IS NOT NULL{role} END"
+                "CASE WHEN pg_catalog.to_regnamespace({path}) IS NULL THEN false \
+                 ELSE pg_catalog.set_config('search_path', {path}, false) IS NOT NULL{role} END"
             ))
         }
         Isolation::Row => Some(format!(
-            "SELECT set_config({}, {}, false) IS NOT NULL{role}",
+            "pg_catalog.set_config({}, {}, false) IS NOT NULL{role}",
             quote_literal(scope.row_setting()),
             text_value(scope.tenant().as_str())
         )),
@@ -192,16 +187,38 @@ pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
     }
 }
 
+/// The statement that puts `scope` on a new session, answering false when
+/// the tenant's schema does not exist. `None` for database isolation.
+pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
+    apply_expr(scope, as_role).map(|apply| format!("SELECT {apply}"))
+}
+
 /// One simple-protocol round trip that hands a used session to `next`: the
-/// transaction check and the list of SQL-level prepared statements, the
-/// complete reset, and the new scope.
+/// complete reset ([`RESET_SESSION`]), then one `SELECT` answering, in this
+/// order: the new scope applied (true when there is none to apply), whether
+/// the session was outside a transaction block, and the `DEALLOCATE`
+/// statements for what the previous owner `PREPARE`d in SQL (NULL when
+/// nothing); it also releases every advisory lock.
+///
+/// The `SELECT` is one aggregate over `pg_prepared_statement()`, not a
+/// subquery over the `pg_prepared_statements` view next to separate
+/// `SELECT`s: planned and run once, that is a third of the server's work of
+/// the three statements it replaces. It runs after `RESET ALL` and the
+/// authorization reset, so the previous owner's `search_path` or role has no
+/// say in it (names are qualified with `pg_catalog` all the same). The
+/// transaction check still answers for the session as the previous owner
+/// left it: inside a transaction block, every statement of the message runs
+/// in that block, whose start time is older than the message.
 pub(crate) fn switch_sql(next: Option<&TenantScope>, as_role: bool) -> String {
-    let mut sql = format!("{SWITCH_HEAD}; {RESET_SESSION}");
-    if let Some(apply) = next.and_then(|scope| apply_sql(scope, as_role)) {
-        sql.push_str("; ");
-        sql.push_str(&apply);
-    }
-    sql
+    let apply = next
+        .and_then(|scope| apply_expr(scope, as_role))
+        .unwrap_or_else(|| "true".to_owned());
+    format!(
+        "{RESET_SESSION}; SELECT {apply}, {OUTSIDE_TRANSACTION}, \
+         pg_catalog.string_agg('DEALLOCATE ' || pg_catalog.quote_ident(p.name), '; ') \
+         FILTER (WHERE p.from_sql), pg_catalog.pg_advisory_unlock_all() IS NULL \
+         FROM pg_catalog.pg_prepared_statement() p"
+    )
 }
 
 #[cfg(test)]
@@ -258,29 +275,47 @@ mod tests {
         let row = TenantScope::new(t.clone(), Isolation::Row, "tenant_Acme-1", "app.t");
         let db = TenantScope::new(t, Isolation::Database, "tenant_Acme-1", "app.t");
         // "tenant_Acme-1" quoted as an identifier, then hex.
-        let path = "convert_from(decode('2274656e616e745f41636d652d3122', 'hex'), 'UTF8')";
-        assert!(switch_sql(Some(&schema), false).ends_with(&format!(
-            "DISCARD SEQUENCES; SELECT CASE WHEN to_regnamespace({path}) IS NULL \
-             THEN false ELSE set_config('search_path', {path}, false) IS NOT NULL END"
-        )));
-        let id = "convert_from(decode('41636d652d31', 'hex'), 'UTF8')";
-        assert!(switch_sql(Some(&row), false).ends_with(&format!(
-            "DISCARD SEQUENCES; SELECT set_config('app.t', {id}, false) IS NOT NULL"
-        )));
-        assert!(switch_sql(None, false).ends_with("DISCARD SEQUENCES"));
-        assert!(switch_sql(Some(&db), false).ends_with("DISCARD SEQUENCES"));
+        let path = "pg_catalog.convert_from(pg_catalog.decode(\
+                    '2274656e616e745f41636d652d3122', 'hex'), 'UTF8')";
+        let answer = "pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp(), \
+             pg_catalog.string_agg('DEALLOCATE ' || pg_catalog.quote_ident(p.name), '; ') \
+             FILTER (WHERE p.from_sql), pg_catalog.pg_advisory_unlock_all() IS NULL \
+             FROM pg_catalog.pg_prepared_statement() p";
+        let reset = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+             DISCARD TEMP; DISCARD SEQUENCES; SELECT";
+        assert_eq!(
+            switch_sql(Some(&schema), false),
+            format!(
+                "{reset} CASE WHEN pg_catalog.to_regnamespace({path}) IS NULL THEN false \
+                 ELSE pg_catalog.set_config('search_path', {path}, false) IS NOT NULL END, \
+                 {answer}"
+            )
+        );
+        let id = "pg_catalog.convert_from(pg_catalog.decode('41636d652d31', 'hex'), 'UTF8')";
+        assert_eq!(
+            switch_sql(Some(&row), false),
+            format!("{reset} pg_catalog.set_config('app.t', {id}, false) IS NOT NULL, {answer}")
+        );
+        assert_eq!(switch_sql(None, false), format!("{reset} true, {answer}"));
+        assert_eq!(
+            switch_sql(Some(&db), false),
+            format!("{reset} true, {answer}")
+        );
         assert_eq!(
             verify_sql(None),
-            "RESET ROLE; RESET search_path; SELECT transaction_timestamp() = statement_timestamp()"
+            "RESET ROLE; RESET search_path; \
+             SELECT pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp()"
         );
-        assert!(verify_sql(Some(&schema))
-            .ends_with(&format!("current_setting('search_path') = {path}")));
-        assert!(verify_sql(Some(&row)).ends_with(&format!("current_setting('app.t', true) = {id}")));
+        assert!(verify_sql(Some(&schema)).ends_with(&format!(
+            "pg_catalog.current_setting('search_path') = {path}"
+        )));
+        assert!(verify_sql(Some(&row))
+            .ends_with(&format!("pg_catalog.current_setting('app.t', true) = {id}")));
         // Whatever the value holds, the SQL around it is ASCII hex digits.
         let hostile = text_value("x'\\\u{8cea}\"; --");
         assert_eq!(
             hostile,
-            "convert_from(decode('78275ce8b3aa223b202d2d', 'hex'), 'UTF8')"
+            "pg_catalog.convert_from(pg_catalog.decode('78275ce8b3aa223b202d2d', 'hex'), 'UTF8')"
         );
     }
 }

@@ -79,6 +79,11 @@ enum Attack {
     OpenTransaction,
     /// `BEGIN` plus a failing statement: an aborted transaction.
     FailedTransaction,
+    /// The open transaction, hidden: A's own `statement_timestamp()` (that
+    /// answers `transaction_timestamp()`) put ahead of `pg_catalog` on the
+    /// `search_path`, so a check that calls it unqualified under A's
+    /// settings sees no transaction block.
+    ShadowedCheck,
     /// A query over A's rows dropped mid-flight through the checkout.
     CancelledOnCheckout,
     /// The same, on the sqlx connection underneath (untracked).
@@ -86,7 +91,7 @@ enum Attack {
 }
 
 impl Attack {
-    const ALL: [Attack; 17] = [
+    const ALL: [Attack; 18] = [
         Attack::TempTable,
         Attack::HeldCursor,
         Attack::SetRole,
@@ -102,6 +107,7 @@ impl Attack {
         Attack::SequenceState,
         Attack::OpenTransaction,
         Attack::FailedTransaction,
+        Attack::ShadowedCheck,
         Attack::CancelledOnCheckout,
         Attack::CancelledOnDriver,
     ];
@@ -167,6 +173,21 @@ impl Attack {
             Attack::Listen => exec(conn, &format!("LISTEN chan_{n}")).await,
             Attack::SequenceState => exec(conn, &format!("SELECT nextval('{SEQUENCE}')")).await,
             Attack::OpenTransaction => {
+                exec(conn, "BEGIN").await;
+                insert(conn, A, &run.tag).await.unwrap();
+            }
+            Attack::ShadowedCheck => {
+                exec(
+                    conn,
+                    &format!(
+                        "CREATE SCHEMA shadow_{n}; \
+                         CREATE FUNCTION shadow_{n}.statement_timestamp() RETURNS timestamptz \
+                         LANGUAGE sql AS 'SELECT pg_catalog.transaction_timestamp()'; \
+                         SET search_path = shadow_{n}, pg_catalog, {}, public",
+                        schema_of(A)
+                    ),
+                )
+                .await;
                 exec(conn, "BEGIN").await;
                 insert(conn, A, &run.tag).await.unwrap();
             }
@@ -364,7 +385,7 @@ impl Attack {
                     }
                 }
             }
-            Attack::OpenTransaction => {
+            Attack::OpenTransaction | Attack::ShadowedCheck => {
                 // B's write commits on its own (autocommit), A's never does.
                 if let Err(e) = insert(conn, B, &run.tag).await {
                     leaks.push(format!("B's ordinary INSERT failed: {e}"));

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, Label};
+use metrics::{Counter, Histogram};
 use switchyard_core::{
     CausalBackend, CausalError, CausalToken, Checkout, Coverage, Deadline, EndpointId, Error,
     History, Intent, OperationError, TenantId,
@@ -80,16 +80,8 @@ const FALLBACKS: usize = 4;
 
 impl CausalMetrics {
     pub fn new(engine: &'static str, cluster: &str) -> Self {
-        let l = vec![
-            Label::from_static_parts("engine", engine),
-            Label::new("cluster", cluster.to_owned()),
-        ];
-        let with = |k: &'static str, v: &'static str| {
-            let mut l = l.clone();
-            l.push(Label::from_static_parts(k, v));
-            l
-        };
         use crate::metrics::{CAUSAL_FALLBACKS, CAUSAL_READS, CAUSAL_WAIT, CAUSAL_WAITS};
+        let (l, with) = crate::metrics::cluster_labels(engine, cluster);
         Self {
             replica: metrics::counter!(CAUSAL_READS, with("served", "replica")),
             primary: metrics::counter!(CAUSAL_READS, with("served", "primary")),

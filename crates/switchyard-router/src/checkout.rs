@@ -190,13 +190,15 @@ enum Step<B: Backend> {
 }
 
 /// The request of the next attempt on `ep`, which starts now (the first
-/// when the operation did: no clock read).
+/// when the operation did, unless it had to wait for an endpoint: no clock
+/// read).
 fn request<B: Backend>(
     ep: &Endpoint<B>,
     budget: &mut Budget,
+    at_once: bool,
     entry: Option<&TenantEntry>,
 ) -> CheckoutRequest {
-    let started = if budget.attempts == 1 {
+    let started = if budget.attempts == 1 && at_once {
         budget.started
     } else {
         Instant::now()
@@ -276,7 +278,7 @@ impl<B: Backend> Cluster<B> {
         loop {
             budget.attempts_left = budget.attempts_left.saturating_sub(1);
             budget.attempts += 1;
-            let (ep, trial) = match self.choose(intent, budget).await {
+            let ((ep, trial), at_once) = match self.choose(intent, budget).await {
                 Ok(chosen) => chosen,
                 Err(error) => {
                     self.shared.metrics.no_endpoint(&error);
@@ -286,7 +288,7 @@ impl<B: Backend> Cluster<B> {
                     });
                 }
             };
-            let req = request(&ep, budget, entry.as_deref());
+            let req = request(&ep, budget, at_once, entry.as_deref());
             let result = Checkout::acquire(&ep.backend, req).await;
             self.settle(&ep, trial, &result);
             let span = tracing::Span::current();
@@ -375,12 +377,17 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// An endpoint for `intent`; writes wait for a primary up to `failover_timeout`.
-    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<Chosen<'_, B>, Error> {
+    /// An endpoint for `intent`, and whether it was found at the first look;
+    /// writes wait for a primary up to `failover_timeout`.
+    async fn choose(
+        &self,
+        intent: Intent,
+        budget: &Budget,
+    ) -> Result<(Chosen<'_, B>, bool), Error> {
         // The common case looks once and takes no lock: registering with
         // `changed` locks its waiter list, which every checkout would contend on.
         if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
-            return Ok(chosen);
+            return Ok((chosen, true));
         }
         let shared = &self.shared;
         let mut waiting_since: Option<Instant> = None;
@@ -394,7 +401,7 @@ impl<B: Backend> Cluster<B> {
                 if let Some(since) = waiting_since {
                     shared.metrics.waited_for_primary(since.elapsed());
                 }
-                return Ok(chosen);
+                return Ok((chosen, false));
             }
             if shared.cancel.is_cancelled() {
                 return Err(Error::Closed);

@@ -16,6 +16,18 @@ pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_ATTEMPTS: u32 = 10;
 
 /// How a cluster spreads checkouts over its candidate endpoints.
+///
+/// A strategy is prepared once per candidate set, whenever the routing
+/// snapshot is rebuilt (health, role, weights, topology); a pick then reads
+/// the prepared state and the candidates' loads, takes no lock and allocates
+/// nothing.
+///
+/// | strategy | pick cost | prepared per snapshot |
+/// |---|---|---|
+/// | `round_robin` | O(1): one atomic increment | nothing |
+/// | `least_conn` | O(n) scan up to 32 candidates; O(1) above, from a tournament tree each checkout and release keeps current in O(log n) under a small lock | the tree |
+/// | `weighted_round_robin` | O(1): one atomic increment and an index | the interleaved cycle |
+/// | `latency` | O(1): two random candidates compared | nothing |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StrategyKind {

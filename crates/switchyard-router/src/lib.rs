@@ -10,7 +10,7 @@
 //! - **reads** to healthy replicas within `max_replica_lag`, falling back to the
 //!   primary per [`ReadPreference`], retried on another endpoint within a
 //!   bounded budget when they fail with a retryable error;
-//! - through a balancing [`strategy`] chosen per cluster: round robin, least
+//! - through a balancing [`StrategyKind`] chosen per cluster: round robin, least
 //!   connections, smooth weighted round robin, or peak-EWMA latency with power
 //!   of two choices. Picks read an immutable snapshot (no lock, no allocation);
 //! - around unhealthy endpoints: active probes with HAProxy-style `fall`/`rise`,
@@ -111,9 +111,17 @@ mod run;
 pub mod service;
 pub mod source;
 pub mod status;
-pub mod strategy;
+mod strategy;
 mod topology;
 pub mod warming;
+
+/// The strategies alone, for the `scale` bench's pick rows: not API, may
+/// change in any release.
+#[cfg(feature = "test-util")]
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::strategy::{Load, Picker, Strategy};
+}
 
 #[cfg(test)]
 mod testing;
@@ -127,7 +135,6 @@ pub use config::{
     CausalConfig, CausalFallback, ClusterConfig, EndpointConfig, HealthConfig, LatencyConfig,
     ReadPreference, RetryConfig, StrategyKind, WarmingConfig,
 };
-pub use futures_util::future::BoxFuture;
 pub use health::{EjectionStatus, Health};
 pub use live::EndpointChange;
 pub use service::{ClusterService, Route};

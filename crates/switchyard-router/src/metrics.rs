@@ -201,17 +201,30 @@ pub(crate) struct ClusterMetrics {
     pub split_brain: Gauge,
 }
 
+/// A cluster's labels (`engine`, `cluster`), and a function adding one more.
+pub(crate) fn cluster_labels(
+    engine: &'static str,
+    cluster: &str,
+) -> (
+    Vec<Label>,
+    impl Fn(&'static str, &'static str) -> Vec<Label>,
+) {
+    let l = vec![
+        Label::from_static_parts("engine", engine),
+        Label::new("cluster", cluster.to_owned()),
+    ];
+    let base = l.clone();
+    let with = move |k: &'static str, v: &'static str| {
+        let mut l = base.clone();
+        l.push(Label::from_static_parts(k, v));
+        l
+    };
+    (l, with)
+}
+
 impl ClusterMetrics {
     pub fn new(engine: &'static str, cluster: &str) -> Self {
-        let l = vec![
-            Label::from_static_parts("engine", engine),
-            Label::new("cluster", cluster.to_owned()),
-        ];
-        let with = |k: &'static str, v: &'static str| {
-            let mut l = l.clone();
-            l.push(Label::from_static_parts(k, v));
-            l
-        };
+        let (l, with) = cluster_labels(engine, cluster);
         Self {
             retries_read: metrics::counter!(RETRIES, with("intent", "read")),
             retries_write: metrics::counter!(RETRIES, with("intent", "write")),

@@ -25,7 +25,9 @@
 //! PostgreSQL standby re-pointed ([`PgNode::follow`]) or an old primary
 //! re-cloned ([`PgNode::reclone`]), a Redis replica re-pointed
 //! ([`RedisNode::replicaof`]); [`Node`] is the one trait fault scenarios are
-//! written against. Each server is its own process with its own port and folder, so tests
+//! written against, implemented too by a [`ProxiedNode`] (a server the test
+//! bed did not start, broken through a proxy), and [`Fault`] the faults they
+//! inject. Each server is its own process with its own port and folder, so tests
 //! run in parallel. Dropping a handle stops its servers and removes their folders;
 //! folders and servers left by an aborted run are cleaned up by the next run.
 //!
@@ -69,6 +71,7 @@ mod postgres;
 mod process;
 mod proxy;
 mod redis;
+mod scenario;
 mod scratch;
 mod sentinel;
 mod standin;
@@ -78,7 +81,7 @@ mod wait;
 
 pub use crate::clickhouse::ClickHouse;
 pub use crate::error::{Result, TestkitError};
-pub use crate::node::Node;
+pub use crate::node::{Node, Promotion, ProxiedNode, ReplicaSet};
 pub use crate::patroni::{PatroniCluster, PatroniMember, PatroniNode};
 pub use crate::pgbouncer::{PgBouncer, PoolMode};
 pub use crate::pgwire::PgMessages;
@@ -87,6 +90,7 @@ pub use crate::postgres::{wait_replayed_at, PgCluster, PgNode};
 pub use crate::process::{descendants, is_alive, signal_tree};
 pub use crate::proxy::{FaultHandle, FaultProxy};
 pub use crate::redis::{RedisCluster, RedisNode};
+pub use crate::scenario::Fault;
 pub use crate::sentinel::{SentinelCluster, SentinelNode, SENTINEL_MASTER};
 pub use crate::standin::{ElasticServer, MongoServer, ServerKind};
 pub use crate::tls::{TestCa, CLIENT_NAME, SERVER_NAME};

@@ -166,6 +166,17 @@ pub fn signal_tree(pid: i32, signal: Signal) -> Result<Vec<i32>> {
             send(pid, signal)?;
             Ok(tree)
         }
+        Signal::SIGSTOP => {
+            send(pid, signal)?;
+            let tree = descendants(pid);
+            for &child in &tree {
+                send(child, signal)?;
+            }
+            // A stop is delivered asynchronously, thread by thread: wait until it
+            // has taken, so that nothing the caller sends next is answered.
+            wait_stopped(std::iter::once(pid).chain(tree.iter().copied()))?;
+            Ok(tree)
+        }
         _ => {
             send(pid, signal)?;
             let tree = descendants(pid);
@@ -175,6 +186,33 @@ pub fn signal_tree(pid: i32, signal: Signal) -> Result<Vec<i32>> {
             Ok(tree)
         }
     }
+}
+
+/// Waits (up to 5 s) until every thread of every process in `pids` is stopped
+/// or gone.
+fn wait_stopped(pids: impl Iterator<Item = i32> + Clone) -> Result<()> {
+    let running = |pid: i32| {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| stat_state(&stat))
+                .is_some_and(|state| !matches!(state, 'T' | 't' | 'Z' | 'X'))
+        })
+    };
+    let started = Instant::now();
+    while let Some(pid) = pids.clone().find(|&pid| running(pid)) {
+        if started.elapsed() > Duration::from_secs(5) {
+            return Err(TestkitError::Timeout {
+                what: format!("process {pid} to stop after SIGSTOP"),
+                elapsed: started.elapsed(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// Looks for an executable called `name` in `dirs`, then on `PATH`.

@@ -11,6 +11,7 @@ use elasticsearch::{Elasticsearch, IndexParts, SearchParts};
 use mongodb::bson::{doc, Document};
 use serde_json::{json, Value};
 use switchyard_testkit::{ElasticServer, MongoServer, ServerKind, TestkitError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -100,8 +101,18 @@ async fn elasticsearch_index_and_search() {
     if let ServerKind::StandIn { name } = server.kind() {
         assert_eq!(name, "noida-db");
         server.pause().await.unwrap();
-        let hung = tokio::time::timeout(Duration::from_millis(300), client.ping().send()).await;
-        assert!(hung.is_err(), "a paused stand-in must not answer");
+        // A fresh connection, not the client's pool: a keep-alive connection the
+        // stand-in closed just before the pause fails at once, which says nothing
+        // about whether a paused server answers.
+        let mut stream = TcpStream::connect(server.addr().unwrap()).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let hung = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
+        assert!(hung.is_err(), "a paused stand-in must not answer: {hung:?}");
+        drop(stream);
         server.resume().await.unwrap();
         let ping = client.ping().send().await.unwrap();
         assert!(ping.status_code().is_success());

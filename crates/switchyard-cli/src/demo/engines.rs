@@ -5,17 +5,19 @@
 //! engine's nodes are the user's: the roles are probed, every node gets a
 //! [`FaultProxy`] the routers connect through, and the faults are injected in
 //! the proxies (a killed node refuses and resets its connections, a paused one
-//! stalls them). A standby is promoted for real, with `pg_promote()`.
+//! stalls them). A standby is promoted for real, with `pg_promote()`. Both
+//! kinds of node are the testkit's [`Node`]s, and the faults its [`Fault`]s.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
 use switchyard_core::{Backend, Role, SecretUrl};
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_redis::{RedisBackend, RedisBackendConfig};
-use switchyard_testkit::{wait_replayed_at, FaultProxy, PgCluster, RedisCluster};
+use switchyard_testkit::{
+    wait_replayed_at, Fault, Node, PgCluster, Promotion, ProxiedNode, RedisCluster,
+};
 
 use super::DynError;
 
@@ -49,7 +51,7 @@ impl Origin {
 struct ExternalNode {
     /// The URL from the environment, for direct admin work (never printed).
     url: SecretUrl,
-    proxy: FaultProxy,
+    node: ProxiedNode,
 }
 
 enum Nodes {
@@ -89,67 +91,28 @@ impl Engine {
         match &self.nodes {
             Nodes::Pg(c) => c.nodes().get(i).map(|n| n.addr()),
             Nodes::Redis(c) => c.nodes().get(i).map(|n| n.addr()),
-            Nodes::External(n) => n.get(i).map(|n| n.proxy.addr()),
+            Nodes::External(n) => n.get(i).map(|n| n.node.addr()),
         }
     }
 
-    /// Kills node `i`; an external node refuses and resets every connection.
-    pub async fn kill(&self, i: usize) -> Result<(), DynError> {
+    /// Injects `fault` with node `replica` as the replica it hits or
+    /// promotes (node 0 is the primary).
+    pub async fn inject(&self, fault: Fault, replica: usize) -> Result<(), DynError> {
         match &self.nodes {
-            Nodes::Pg(c) => c.nodes()[i].kill().await?,
-            Nodes::Redis(c) => c.nodes()[i].kill().await?,
-            Nodes::External(n) => {
-                n[i].proxy.refuse(true);
-                n[i].proxy.reset_all();
-            }
+            Nodes::Pg(c) => fault.inject(&c.nodes()[0], &c.nodes()[replica]).await?,
+            Nodes::Redis(c) => fault.inject(&c.nodes()[0], &c.nodes()[replica]).await?,
+            Nodes::External(n) => fault.inject(&n[0].node, &n[replica].node).await?,
         }
         Ok(())
     }
 
-    /// Brings a killed node back.
-    pub async fn restore(&self, i: usize) -> Result<(), DynError> {
+    /// Undoes [`inject`](Self::inject): restarts or resumes the replica, or
+    /// promotes it in the killed primary's place.
+    pub async fn recover(&self, fault: Fault, replica: usize) -> Result<(), DynError> {
         match &self.nodes {
-            Nodes::Pg(c) => c.nodes()[i].restart().await?,
-            Nodes::Redis(c) => c.nodes()[i].restart().await?,
-            Nodes::External(n) => n[i].proxy.heal(),
-        }
-        Ok(())
-    }
-
-    /// Hangs node `i` (SIGSTOP, or a proxy that stops forwarding).
-    pub async fn pause(&self, i: usize) -> Result<(), DynError> {
-        match &self.nodes {
-            Nodes::Pg(c) => c.nodes()[i].pause().await?,
-            Nodes::Redis(c) => c.nodes()[i].pause().await?,
-            Nodes::External(n) => n[i].proxy.stall_all(true),
-        }
-        Ok(())
-    }
-
-    /// Undoes [`pause`](Self::pause).
-    pub async fn resume(&self, i: usize) -> Result<(), DynError> {
-        match &self.nodes {
-            Nodes::Pg(c) => c.nodes()[i].resume().await?,
-            Nodes::Redis(c) => c.nodes()[i].resume().await?,
-            Nodes::External(n) => n[i].proxy.stall_all(false),
-        }
-        Ok(())
-    }
-
-    /// Promotes PostgreSQL standby `i` to primary.
-    pub async fn promote(&self, i: usize) -> Result<(), DynError> {
-        match &self.nodes {
-            Nodes::Pg(c) => c.nodes()[i].promote().await?,
-            Nodes::External(n) => {
-                let mut conn = PgConnection::connect(n[i].url.expose()).await?;
-                let done: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)")
-                    .fetch_one(&mut conn)
-                    .await?;
-                if !done {
-                    return Err(format!("{} did not finish promoting in 60s", self.name(i)).into());
-                }
-            }
-            Nodes::Redis(_) => return Err("the demo promotes PostgreSQL standbys only".into()),
+            Nodes::Pg(c) => fault.recover(&c.nodes()[replica]).await?,
+            Nodes::Redis(c) => fault.recover(&c.nodes()[replica]).await?,
+            Nodes::External(n) => fault.recover(&n[replica].node).await?,
         }
         Ok(())
     }
@@ -176,9 +139,13 @@ pub async fn postgres() -> Result<Engine, DynError> {
             nodes: Nodes::Pg(PgCluster::start(2).await?),
         }),
         Some(urls) => {
-            external(PG_URLS_VAR, urls, names, |name, url| {
-                PgBackend::new(PgBackendConfig::new(name, url))
-            })
+            external(
+                PG_URLS_VAR,
+                urls,
+                names,
+                Promotion::Postgres,
+                |name, url| PgBackend::new(PgBackendConfig::new(name, url)),
+            )
             .await
         }
     }
@@ -193,9 +160,13 @@ pub async fn redis() -> Result<Engine, DynError> {
             nodes: Nodes::Redis(RedisCluster::start(1).await?),
         }),
         Some(urls) => {
-            external(REDIS_URLS_VAR, urls, names, |name, url| {
-                RedisBackend::new(RedisBackendConfig::new(name, url))
-            })
+            external(
+                REDIS_URLS_VAR,
+                urls,
+                names,
+                Promotion::Redis,
+                |name, url| RedisBackend::new(RedisBackendConfig::new(name, url)),
+            )
             .await
         }
     }
@@ -226,6 +197,7 @@ async fn external<B: Backend>(
     var: &str,
     urls: Vec<SecretUrl>,
     names: impl Fn(usize) -> Vec<String>,
+    promotion: Promotion,
     backend: impl Fn(String, SecretUrl) -> Result<B, switchyard_core::Error>,
 ) -> Result<Engine, DynError> {
     let mut primaries = Vec::new();
@@ -257,8 +229,9 @@ async fn external<B: Backend>(
     }
     let mut nodes = Vec::new();
     for url in primaries.into_iter().chain(replicas) {
-        let proxy = FaultProxy::start(socket_addr(&url).await?).await?;
-        nodes.push(ExternalNode { url, proxy });
+        let upstream = socket_addr(&url).await?;
+        let node = ProxiedNode::start(upstream, url.expose().to_owned(), promotion).await?;
+        nodes.push(ExternalNode { url, node });
     }
     Ok(Engine {
         names: names(nodes.len() - 1),

@@ -13,21 +13,57 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use switchyard_core::Backend;
 use switchyard_router::{Cluster, ClusterStatus, Health};
+use switchyard_testkit::Fault;
 
+use engines::Engine;
 use workload::{Counters, Stats};
 
 type DynError = Box<dyn std::error::Error + Send + Sync>;
 
-const PHASES: [&str; 4] = [
-    "baseline",
-    "replica killed",
-    "replica paused",
-    "primary killed, standby promoted",
+/// One step of the demo: a fault of the testkit's scenarios (on PostgreSQL,
+/// and on Redis too where `redis` says so), held for `hold`. A replica fault
+/// is undone at the end of its phase; a killed primary stays down, its
+/// standby promoted.
+struct Phase {
+    name: &'static str,
+    fault: Option<Fault>,
+    redis: bool,
+    hold: Duration,
+}
+
+const PHASES: [Phase; 4] = [
+    Phase {
+        name: "baseline",
+        fault: None,
+        redis: false,
+        hold: Duration::from_secs(4),
+    },
+    Phase {
+        name: "replica killed",
+        fault: Some(Fault::KilledReplica),
+        redis: true,
+        hold: Duration::from_secs(5),
+    },
+    Phase {
+        name: "replica paused",
+        fault: Some(Fault::PausedReplica),
+        redis: false,
+        hold: Duration::from_secs(4),
+    },
+    Phase {
+        name: "primary killed, standby promoted",
+        fault: Some(Fault::KilledPrimary),
+        redis: false,
+        hold: Duration::from_secs(6),
+    },
 ];
+
+/// The replica every fault hits or promotes: the first one.
+const REPLICA: usize = 1;
 
 /// One fault and how fast the router handled it.
 #[derive(Debug, Serialize)]
-struct Fault {
+struct FaultReport {
     fault: String,
     phase: usize,
     at_ms: u64,
@@ -57,7 +93,7 @@ struct Summary {
     failed_reads: u64,
     failed_writes: u64,
     phases: Vec<PhaseSummary>,
-    faults: Vec<Fault>,
+    faults: Vec<FaultReport>,
     /// Where each engine's nodes came from.
     engines: serde_json::Value,
     /// What the user should know after the run.
@@ -135,120 +171,28 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
     }
     let progress = (!json).then(|| tokio::spawn(progress(stats.clone(), Instant::now())));
 
-    let mut faults = Vec::new();
-    let mut phase_start = Instant::now();
-    let mut durations = Vec::new();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-
-    // The last standby is killed, the first one paused and later promoted;
-    // with a single standby, the killed one is brought back in between.
-    let (killed, paused) = (pg_nodes.replicas(), 1);
-    let redis_killed = redis_nodes.replicas();
-
-    // Phase 1: a PostgreSQL standby and a Redis replica die.
-    next_phase(&stats, 1, &mut phase_start, &mut durations);
-    let t0 = Instant::now();
-    pg_nodes.kill(killed).await?;
-    redis_nodes.kill(redis_killed).await?;
-    faults.push(
-        watch_fault(
-            &stats,
-            1,
-            &format!("kill {}", pg_nodes.name(killed)),
-            t0,
-            started,
-            || down(&pg.status(), pg_nodes.name(killed)),
-            true,
-        )
-        .await,
-    );
-    faults.push(
-        watch_fault(
-            &stats,
-            1,
-            &format!("kill {}", redis_nodes.name(redis_killed)),
-            t0,
-            started,
-            || down(&cache.status(), redis_nodes.name(redis_killed)),
-            true,
-        )
-        .await,
-    );
-    sleep_until(t0 + Duration::from_secs(5)).await;
-    if killed == paused {
-        pg_nodes.restore(killed).await?;
-        poll(Duration::from_secs(10), || {
-            !down(&pg.status(), pg_nodes.name(killed))
-        })
-        .await;
-    }
-
-    // Phase 2: a standby hangs (SIGSTOP), then comes back.
-    next_phase(&stats, 2, &mut phase_start, &mut durations);
-    let t0 = Instant::now();
-    pg_nodes.pause(paused).await?;
-    faults.push(
-        watch_fault(
-            &stats,
-            2,
-            &format!("pause {}", pg_nodes.name(paused)),
-            t0,
-            started,
-            || down(&pg.status(), pg_nodes.name(paused)),
-            true,
-        )
-        .await,
-    );
-    sleep_until(t0 + Duration::from_secs(4)).await;
-    pg_nodes.resume(paused).await?;
-    poll(Duration::from_secs(10), || {
-        !down(&pg.status(), pg_nodes.name(paused))
-    })
-    .await;
-
-    // Phase 3: the primary dies and the standby is promoted.
-    next_phase(&stats, 3, &mut phase_start, &mut durations);
-    let t0 = Instant::now();
-    pg_nodes.kill(0).await?;
-    let what = format!(
-        "kill {}, promote {}",
-        pg_nodes.name(0),
-        pg_nodes.name(paused)
-    );
-    let (promoted, mut fault) = tokio::join!(
-        pg_nodes.promote(paused),
-        watch_fault(
-            &stats,
-            3,
-            &what,
-            t0,
-            started,
-            || down(&pg.status(), pg_nodes.name(0)),
-            false
-        )
-    );
-    promoted?;
-    // Recovered: writes go to the promoted standby and one has succeeded there.
-    let moved = || {
-        pg.status()
-            .writer
-            .as_ref()
-            .is_some_and(|w| w.as_str() == pg_nodes.name(paused))
+    let run = Run {
+        stats: &stats,
+        started,
+        pg: Target {
+            engine: pg_nodes,
+            status: &|| pg.status(),
+        },
+        redis: Target {
+            engine: redis_nodes,
+            status: &|| cache.status(),
+        },
     };
-    let mut recovered = poll(Duration::from_secs(20), moved).await;
-    if recovered {
-        let writes_before = stats.phases[3].writes_ok.load(Ordering::Relaxed);
-        recovered = poll(Duration::from_secs(10), || {
-            stats.phases[3].writes_ok.load(Ordering::Relaxed) > writes_before
-        })
-        .await;
+    let mut faults = Vec::new();
+    let mut durations = Vec::new();
+    for (i, phase) in PHASES.iter().enumerate() {
+        let phase_start = Instant::now();
+        stats.current.store(i, Ordering::Relaxed);
+        faults.extend(run.phase(i, phase).await?);
+        durations.push(ms(phase_start.elapsed()));
     }
-    fault.recover_ms = recovered.then(|| ms(t0.elapsed()));
-    faults.push(fault);
-    sleep_until(t0 + Duration::from_secs(6)).await;
 
     stats.stop.store(true, Ordering::Relaxed);
-    durations.push(ms(phase_start.elapsed()));
     for w in workers {
         let _ = w.await;
     }
@@ -259,7 +203,7 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
         .iter()
         .zip(&stats.phases)
         .zip(durations)
-        .map(|((name, c), duration_ms)| phase_summary(name, c, duration_ms))
+        .map(|((phase, c), duration_ms)| phase_summary(phase.name, c, duration_ms))
         .collect();
     Ok(Summary {
         duration_ms: ms(started.elapsed()),
@@ -274,7 +218,7 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
             "postgres": pg_nodes.origin().describe(engines::PG_URLS_VAR),
             "redis": redis_nodes.origin().describe(engines::REDIS_URLS_VAR),
         }),
-        notes: pg_nodes.aftermath(Some(paused)).into_iter().collect(),
+        notes: pg_nodes.aftermath(Some(REPLICA)).into_iter().collect(),
         tenants: serde_json::json!({
             "postgres": { "schema": &workload::PG_TENANTS[..2], "row": &workload::PG_TENANTS[2..] },
             "redis": { "key_prefix": workload::REDIS_TENANTS },
@@ -297,10 +241,118 @@ fn phase_summary(name: &'static str, c: &Counters, duration_ms: u64) -> PhaseSum
     }
 }
 
-fn next_phase(stats: &Stats, phase: usize, phase_start: &mut Instant, durations: &mut Vec<u64>) {
-    durations.push(ms(phase_start.elapsed()));
-    *phase_start = Instant::now();
-    stats.current.store(phase, Ordering::Relaxed);
+/// One engine the phases break, and its router's status.
+struct Target<'a> {
+    engine: &'a Engine,
+    status: &'a (dyn Fn() -> ClusterStatus + Sync),
+}
+
+impl Target<'_> {
+    /// Whether node `i` is out of rotation.
+    fn down(&self, i: usize) -> bool {
+        down(&(self.status)(), self.engine.name(i))
+    }
+}
+
+/// What the phases share.
+struct Run<'a> {
+    stats: &'a Stats,
+    started: Instant,
+    pg: Target<'a>,
+    redis: Target<'a>,
+}
+
+impl Run<'_> {
+    /// Runs `phase`: injects its fault on each engine it names, measures how
+    /// the router handles it, holds, and undoes a replica fault.
+    async fn phase(&self, index: usize, phase: &Phase) -> Result<Vec<FaultReport>, DynError> {
+        let t0 = Instant::now();
+        let Some(fault) = phase.fault else {
+            sleep_until(t0 + phase.hold).await;
+            return Ok(Vec::new());
+        };
+        let targets: Vec<&Target<'_>> = if phase.redis {
+            vec![&self.pg, &self.redis]
+        } else {
+            vec![&self.pg]
+        };
+        for target in &targets {
+            target.engine.inject(fault, REPLICA).await?;
+        }
+        let mut reports = Vec::new();
+        for target in &targets {
+            reports.push(self.watch(index, fault, target, t0).await?);
+        }
+        sleep_until(t0 + phase.hold).await;
+        if !fault.hits_primary() {
+            for target in &targets {
+                target.engine.recover(fault, REPLICA).await?;
+                poll(Duration::from_secs(10), || !target.down(REPLICA)).await;
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Measures detection (the router takes the victim out) and recovery:
+    /// reads succeed again after a replica fault; after the primary's, the
+    /// standby is promoted meanwhile, writes go to it and one succeeded.
+    async fn watch(
+        &self,
+        index: usize,
+        fault: Fault,
+        target: &Target<'_>,
+        t0: Instant,
+    ) -> Result<FaultReport, DynError> {
+        let engine = target.engine;
+        let victim = if fault.hits_primary() { 0 } else { REPLICA };
+        let what = match fault {
+            Fault::KilledReplica => format!("kill {}", engine.name(victim)),
+            Fault::PausedReplica => format!("pause {}", engine.name(victim)),
+            Fault::KilledPrimary => {
+                format!("kill {}, promote {}", engine.name(0), engine.name(REPLICA))
+            }
+        };
+        let detect = async {
+            poll(Duration::from_secs(10), || target.down(victim))
+                .await
+                .then(|| ms(t0.elapsed()))
+        };
+        let phase = &self.stats.phases[index];
+        let (detect_ms, recovered) = if fault.hits_primary() {
+            let (promoted, detected) = tokio::join!(engine.recover(fault, REPLICA), detect);
+            promoted?;
+            let moved = || {
+                (target.status)()
+                    .writer
+                    .is_some_and(|w| w.as_str() == engine.name(REPLICA))
+            };
+            let mut recovered = poll(Duration::from_secs(20), moved).await;
+            if recovered {
+                let before = phase.writes_ok.load(Ordering::Relaxed);
+                recovered = poll(Duration::from_secs(10), || {
+                    phase.writes_ok.load(Ordering::Relaxed) > before
+                })
+                .await;
+            }
+            (detected, recovered)
+        } else {
+            let detected = detect.await;
+            let before = phase.reads_ok.load(Ordering::Relaxed);
+            let recovered = detected.is_some()
+                && poll(Duration::from_secs(10), || {
+                    phase.reads_ok.load(Ordering::Relaxed) > before
+                })
+                .await;
+            (detected, recovered)
+        };
+        Ok(FaultReport {
+            fault: what,
+            phase: index,
+            at_ms: ms(t0.duration_since(self.started)),
+            detect_ms,
+            recover_ms: recovered.then(|| ms(t0.elapsed())),
+        })
+    }
 }
 
 /// Whether `endpoint` is out of rotation.
@@ -308,42 +360,6 @@ fn down(status: &ClusterStatus, endpoint: &str) -> bool {
     status
         .endpoint(endpoint)
         .is_none_or(|e| e.health != Health::Up || (!e.serves_reads && !e.serves_writes))
-}
-
-/// A check that turns true once reads succeed again in `phase` after it is created.
-fn read_progress(stats: &Stats, phase: usize) -> impl Fn() -> bool + '_ {
-    let before = stats.phases[phase].reads_ok.load(Ordering::Relaxed);
-    move || stats.phases[phase].reads_ok.load(Ordering::Relaxed) > before
-}
-
-/// Measures detection (the router takes the endpoint out) and recovery (work
-/// of the affected kind succeeds again after detection).
-async fn watch_fault(
-    stats: &Stats,
-    phase: usize,
-    what: &str,
-    t0: Instant,
-    started: Instant,
-    detected: impl Fn() -> bool,
-    measure_recovery: bool,
-) -> Fault {
-    let detect = poll(Duration::from_secs(10), &detected)
-        .await
-        .then(|| ms(t0.elapsed()));
-    let recovered = read_progress(stats, phase);
-    let recover = match detect {
-        Some(_) if measure_recovery => poll(Duration::from_secs(10), recovered)
-            .await
-            .then(|| ms(t0.elapsed())),
-        _ => None,
-    };
-    Fault {
-        fault: what.to_owned(),
-        phase,
-        at_ms: ms(t0.duration_since(started)),
-        detect_ms: detect,
-        recover_ms: recover,
-    }
 }
 
 /// Polls `check` every 10 ms until it holds or `timeout` passes.
@@ -394,7 +410,7 @@ async fn progress(stats: Arc<Stats>, started: Instant) {
         println!(
             "[{:>3}s] {:<34} checkouts {:>6}  reads {:>6} ok {:>4} failed  writes {:>5} ok {:>4} failed  leaks {}",
             started.elapsed().as_secs(),
-            PHASES[phase],
+            PHASES[phase].name,
             get(&c.checkouts),
             get(&c.reads_ok),
             get(&c.reads_failed),

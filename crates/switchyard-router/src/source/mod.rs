@@ -38,18 +38,20 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::future::Future;
+//! use std::pin::Pin;
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use switchyard_core::noop::NoopBackend;
 //! use switchyard_core::{EndpointId, Intent, Role};
 //! use switchyard_router::source::{Member, Report, TopologySource, View};
-//! use switchyard_router::{BoxFuture, Cluster};
+//! use switchyard_router::Cluster;
 //!
 //! /// A control plane that always names `db-1` primary and `db-2` replica.
 //! struct Fixed(bool);
 //! impl TopologySource for Fixed {
 //!     fn describe(&self) -> String { "fixed".into() }
-//!     fn next(&mut self) -> BoxFuture<'_, Report> {
+//!     fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
 //!         let first = std::mem::replace(&mut self.0, false);
 //!         Box::pin(async move {
 //!             if !first { std::future::pending::<()>().await; }
@@ -83,9 +85,10 @@ pub(crate) mod follow;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use futures_util::future::BoxFuture;
 use serde::Serialize;
 use switchyard_core::{EndpointId, Role};
 
@@ -158,8 +161,9 @@ pub trait TopologySource: Send + 'static {
     /// The source in logs, status and errors (kind and addresses, never a secret).
     fn describe(&self) -> String;
 
-    /// The next report.
-    fn next(&mut self) -> BoxFuture<'_, Report>;
+    /// The next report. (The boxed future is `futures_util`'s `BoxFuture`
+    /// spelled out, so implementations may name either.)
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>>;
 }
 
 impl TopologySource for Box<dyn TopologySource> {
@@ -167,7 +171,7 @@ impl TopologySource for Box<dyn TopologySource> {
         (**self).describe()
     }
 
-    fn next(&mut self) -> BoxFuture<'_, Report> {
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
         (**self).next()
     }
 }
@@ -308,7 +312,7 @@ mod tests {
         fn describe(&self) -> String {
             "once".into()
         }
-        fn next(&mut self) -> BoxFuture<'_, Report> {
+        fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
             let first = std::mem::replace(&mut self.0, false);
             Box::pin(async move {
                 if !first {

@@ -20,7 +20,7 @@
 //! exactly uniform tie-breaking.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -153,12 +153,23 @@ impl LoadTree {
     }
 
     /// Replays the matches from `leaf` up to the root after its load changed.
+    ///
+    /// The climb stops at the first match whose winner is neither changed nor
+    /// `leaf`: every match above it saw the same winner at the same load. So a
+    /// release (the load going down) usually replays one or two matches, and
+    /// only a checkout of the current winner climbs to the root.
     pub fn update(&self, leaf: usize) {
         let _serial = self.update.lock().unwrap_or_else(PoisonError::into_inner);
-        self.copy_load(leaf);
+        if !self.copy_load(leaf) {
+            return;
+        }
+        let leaf_index = u32::try_from(leaf).unwrap_or(NONE);
         let mut node = (self.cap + leaf) / 2;
         while node >= 1 {
-            self.replay(node);
+            let (before, after) = self.replay(node);
+            if before == after && after != leaf_index {
+                break;
+            }
             node /= 2;
         }
     }
@@ -174,10 +185,14 @@ impl LoadTree {
         }
     }
 
-    fn replay(&self, node: usize) {
-        let (Some(left), Some(right)) = (self.nodes.get(2 * node), self.nodes.get(2 * node + 1))
-        else {
-            return;
+    /// Replays the match at `node`: its winner before and after.
+    fn replay(&self, node: usize) -> (u32, u32) {
+        let (Some(left), Some(right), Some(slot)) = (
+            self.nodes.get(2 * node),
+            self.nodes.get(2 * node + 1),
+            self.nodes.get(node),
+        ) else {
+            return (NONE, NONE);
         };
         let (a, b) = (left.load(Ordering::Acquire), right.load(Ordering::Acquire));
         let winner = match (self.load_of(a), self.load_of(b)) {
@@ -190,14 +205,25 @@ impl LoadTree {
                 std::cmp::Ordering::Equal => b,
             },
         };
-        if let Some(n) = self.nodes.get(node) {
-            n.store(winner, Ordering::Release);
+        // Only updates write the nodes, one at a time (the mutex).
+        let before = slot.load(Ordering::Relaxed);
+        if before != winner {
+            slot.store(winner, Ordering::Release);
         }
+        (before, winner)
     }
 
-    fn copy_load(&self, leaf: usize) {
-        if let (Some(count), Some(copy)) = (self.leaves.get(leaf), self.loads.get(leaf)) {
-            copy.store(count.get(), Ordering::Relaxed);
+    /// Copies `leaf`'s counter into the tree; false when it did not change
+    /// (another update already saw this value).
+    fn copy_load(&self, leaf: usize) -> bool {
+        match (self.leaves.get(leaf), self.loads.get(leaf)) {
+            (Some(count), Some(copy)) => {
+                let now = count.get();
+                let changed = copy.load(Ordering::Relaxed) != now;
+                copy.store(now, Ordering::Relaxed);
+                changed
+            }
+            _ => false,
         }
     }
 
@@ -226,17 +252,30 @@ impl fmt::Debug for LoadTree {
 #[derive(Default)]
 pub struct LoadLinks {
     trees: ArcSwap<Vec<(Arc<LoadTree>, usize)>>,
+    /// Whether `trees` is non-empty: the endpoints of a cluster that keeps no
+    /// tree (every strategy but least connections over more than
+    /// [`SCAN_LIMIT`] candidates) pay one relaxed load per change, not an
+    /// `ArcSwap` load.
+    linked: AtomicBool,
 }
 
 impl LoadLinks {
     /// Replaces the trees this endpoint is a leaf of, with its leaf index in each.
+    ///
+    /// A change that races this call may miss the new trees; the caller
+    /// refreshes them after relinking.
     pub fn set(&self, trees: Vec<(Arc<LoadTree>, usize)>) {
+        let linked = !trees.is_empty();
         self.trees.store(Arc::new(trees));
+        self.linked.store(linked, Ordering::Release);
     }
 }
 
 impl InFlightWatcher for LoadLinks {
     fn changed(&self) {
+        if !self.linked.load(Ordering::Acquire) {
+            return;
+        }
         let trees = self.trees.load();
         for (tree, leaf) in trees.iter() {
             tree.update(*leaf);

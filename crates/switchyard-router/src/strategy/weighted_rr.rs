@@ -44,6 +44,7 @@ impl WeightedRoundRobin {
     }
 
     /// The precomputed cycle of candidate indices.
+    #[cfg(test)]
     pub fn cycle(&self) -> &[u32] {
         &self.cycle
     }
