@@ -3,10 +3,11 @@
 //! ([`HealthState::on`](crate::health::HealthState::on)), then logs and
 //! counts what changed and rebuilds the routing snapshot when routing moved.
 //!
-//! Events come from the endpoint's health task (probes, the ejection timer,
-//! failures reported as checkouts were dropped) and from the checkout path
-//! (a failed acquire, the half-open trial), never from a callback reaching
-//! up from an endpoint.
+//! Events come from the endpoint's health task (probes, the ejection timer)
+//! and from the checkout path (a failed acquire, the half-open trial, and
+//! the failures dropped checkouts left in the [`Inbox`](crate::endpoint::Inbox),
+//! taken before each pick), never from a callback reaching up from an
+//! endpoint.
 
 use std::sync::Arc;
 
@@ -53,13 +54,21 @@ impl<B: Backend> ClusterState<B> {
         true
     }
 
-    /// Applies the endpoint failures reported as `state`'s checkouts were
-    /// dropped since the last call.
-    pub(crate) fn apply_reported(&self, state: &EndpointState) {
-        if state.take_reported() > 0 {
+    /// Applies the endpoint failures reported as checkouts were dropped since
+    /// the last call, if the inbox says there are any.
+    pub(crate) fn apply_reported(&self) {
+        if !self.inbox.take() {
+            return;
+        }
+        let snap = self.snapshot.load_full();
+        for ep in snap
+            .endpoints
+            .iter()
+            .filter(|ep| ep.state.take_reported() > 0)
+        {
             let reason = "the caller reported an endpoint failure".to_owned();
             self.apply(
-                state,
+                &ep.state,
                 Event::CheckoutFailed {
                     reason,
                     refused: None,

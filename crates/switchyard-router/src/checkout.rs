@@ -432,8 +432,10 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// One look at the snapshot: a half-open trial first, then the strategy.
+    /// One look at the snapshot, once the failures dropped checkouts reported
+    /// are applied: a half-open trial first, then the strategy.
     fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<'_, B>> {
+        self.shared.apply_reported();
         let snap = self.shared.snapshot.load();
         let trial = snap
             .trials(intent, avoid)

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::config::{join_problems, ClusterConfig, EndpointConfig};
 use crate::election::Line;
-use crate::endpoint::{Endpoint, EndpointState};
+use crate::endpoint::{Endpoint, EndpointState, Inbox};
 use crate::metrics::ClusterMetrics;
 use crate::prober;
 use crate::source::follow::SourceCell;
@@ -71,6 +71,8 @@ pub(crate) struct ClusterState<B: Backend> {
     pub causal: crate::causal::CausalMetrics,
     /// The topology source being followed, if any, and its task's token.
     source: Mutex<Option<(SourceCell, CancellationToken)>>,
+    /// Failures the endpoints' dropped checkouts reported, not yet applied.
+    pub inbox: Arc<Inbox>,
 }
 
 pub(crate) struct Topology<B: Backend> {
@@ -184,6 +186,7 @@ impl<B: Backend> ClusterBuilder<B> {
             runtime,
             name,
             source: Mutex::new(None),
+            inbox: Arc::default(),
         });
         let cluster = Cluster {
             _owner: Arc::new(cancel.drop_guard()),
@@ -301,6 +304,7 @@ impl<B: Backend> ClusterState<B> {
             self.engine,
             config,
             &self.config.load(),
+            Arc::clone(&self.inbox),
         ))
     }
 

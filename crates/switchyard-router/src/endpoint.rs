@@ -33,9 +33,11 @@ pub(crate) struct EndpointState {
     pub wake: Notify,
     pub probe_now: AtomicBool,
     /// Endpoint failures reported as checkouts were dropped, not yet applied:
-    /// the drop only leaves word here (it never locks the cluster), and the
-    /// endpoint's health task takes it to the cluster.
+    /// the drop only leaves word here and in the cluster's [`Inbox`] (it never
+    /// locks the cluster).
     reported: AtomicU32,
+    /// Where a drop's report tells the cluster that some endpoint has word.
+    inbox: Arc<Inbox>,
     pub metrics: EndpointMetrics,
     /// Lifetime counters shown in [`EndpointStatus`](crate::EndpointStatus).
     pub counters: Counters,
@@ -51,6 +53,7 @@ impl EndpointState {
         engine: &'static str,
         endpoint: &EndpointConfig,
         config: &ClusterConfig,
+        inbox: Arc<Inbox>,
     ) -> Self {
         let links = Arc::new(LoadLinks::default());
         let metrics = EndpointMetrics::new(engine, cluster, id.as_str());
@@ -64,6 +67,7 @@ impl EndpointState {
             wake: Notify::new(),
             probe_now: AtomicBool::new(false),
             reported: AtomicU32::new(0),
+            inbox,
             metrics,
             counters: Counters::default(),
             designated: Mutex::new(None),
@@ -146,6 +150,7 @@ impl CheckoutObserver for EndpointState {
         self.metrics.held.record(held);
         if outcome == Outcome::EndpointFailure {
             self.reported.fetch_add(1, Ordering::AcqRel);
+            self.inbox.post();
             self.wake.notify_one();
         }
     }
@@ -158,6 +163,26 @@ impl fmt::Debug for EndpointState {
             .field("weight", &self.weight())
             .field("in_flight", &self.in_flight.get())
             .finish_non_exhaustive()
+    }
+}
+
+/// Says that a dropped checkout reported an endpoint failure the cluster has
+/// not applied yet. Endpoints post; the cluster takes, and applies what its
+/// endpoints reported before anything reads health (a pick, the status, the
+/// health task), so the pick right after a failed checkout's drop already
+/// avoids the endpoint the failure ejected. Below the cluster, shared by it
+/// and its endpoints: the drop reaches nothing above the endpoint.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox(AtomicBool);
+
+impl Inbox {
+    fn post(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether a report was posted since the last call (one load when not).
+    pub fn take(&self) -> bool {
+        self.0.load(Ordering::Acquire) && self.0.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -58,7 +58,7 @@ pub(crate) async fn run<B: Backend>(
             // changed, or a dropped checkout reported a failure: the next
             // round re-reads the first three.
             () = ep.state.wake.notified() => {
-                cluster.apply_reported(&ep.state);
+                cluster.apply_reported();
                 if ep.state.probe_now.swap(false, Ordering::AcqRel) {
                     last_probe = None;
                     probe_at = Instant::now();

@@ -139,23 +139,23 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// Takes what a failed operation on endpoint `id` taught to the cluster:
-    /// the endpoint failure its dropped connection reported, and, for a write
-    /// refused as read-only, that our idea of the primary is stale.
+    /// A write refused as read-only means our idea of the primary is stale.
     fn learn(&self, id: &EndpointId, error: &Error) {
-        let snap = self.shared.snapshot.load();
-        let Some(ep) = snap.endpoints.iter().find(|e| e.id() == id) else {
-            return;
-        };
-        // The failure the dropped connection reported counts before the retry
-        // picks again (the drop itself only leaves word).
-        self.shared.apply_reported(&ep.state);
         if let Error::Backend {
             kind: BackendErrorKind::ReadOnly,
             ..
         } = error
         {
-            ep.state.request_probe();
+            if let Some(ep) = self
+                .shared
+                .snapshot
+                .load()
+                .endpoints
+                .iter()
+                .find(|e| e.id() == id)
+            {
+                ep.state.request_probe();
+            }
         }
     }
 }

@@ -87,6 +87,7 @@ pub struct EndpointStatus {
 impl<B: Backend> Cluster<B> {
     /// A snapshot of every endpoint's state.
     pub fn status(&self) -> ClusterStatus {
+        self.shared.apply_reported();
         let snap = self.shared.snapshot.load();
         let now = Instant::now();
         let endpoints = snap
