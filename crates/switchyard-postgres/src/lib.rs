@@ -114,12 +114,15 @@
 //! queued on it (a dropped `Transaction`'s `ROLLBACK`: then it is checked on
 //! return, on a task). Whoever takes it next checks it in the one message
 //! that checkout sends anyway: the same owner's check (outside a transaction
-//! block, still carrying exactly its owner's scope, alive) or the owner
-//! change above. One that fails or times out
+//! block, still carrying exactly its owner's scope, alive; between unscoped
+//! checkouts, which are no tenant's, a bare `SELECT` that only asks the first
+//! and the last, as sqlx's ping does, and resets nothing) or the owner change
+//! above. One that fails or times out
 //! ([`reset_timeout`](PgBackendConfig::reset_timeout)) or is found inside a
 //! transaction block is closed, never served: closing rolls back what it left
 //! open (a transaction left open by raw SQL stays open on the idle connection
-//! until then). One that had a query dropped mid-way through `&mut *checkout`
+//! until then, or until the sweeper checks a connection that has sat idle
+//! unchecked for a second, whichever comes first). One that had a query dropped mid-way through `&mut *checkout`
 //! (the [`PgConn`] executor tracks this) is closed on return. So a checkout
 //! costs, besides the caller's queries, one round trip of our own; sqlx's
 //! `PgPool` spends two pings (one on acquire, one on release) and resets

@@ -9,7 +9,7 @@
 //!
 //! | the connection | round trips | what is sent |
 //! |---|---|---|
-//! | returned to the same owner | 1 | the check ([`verify_sql`]): outside a transaction block, still exactly that scope (unscoped and database: role and `search_path` reset), alive |
+//! | returned to the same owner | 1 | the check ([`check`]): outside a transaction block, still exactly that scope ([`verify_sql`]; database isolation also resets role and `search_path`; unscoped: a bare `SELECT` and the transaction status it reports, nothing reset), alive |
 //! | ... vouched for by a return check < 1 s ago | 0 | nothing |
 //! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
 //! | ... whose owner `PREPARE`d statements in SQL | +1 | their `DEALLOCATE`s |
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use switchyard_core::{BackendErrorKind, Error, Isolation, TenantScope};
 use tokio::time::Instant;
 
@@ -395,12 +395,47 @@ pub(crate) async fn run(raw: &mut PgConnection, sql: String) -> Result<Vec<PgRow
 }
 
 /// The check of a session serving `owner`: outside a transaction block and
-/// still carrying exactly that scope.
+/// still carrying exactly that scope. A session in a failed transaction
+/// block rejects the check: dirty, like one inside an open block.
 pub(crate) async fn check(
     raw: &mut PgConnection,
     owner: Option<&TenantScope>,
 ) -> Result<bool, sqlx::Error> {
-    let rows = run(raw, verify_sql(owner)).await?;
-    let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
-    Ok(row.try_get::<Option<bool>, _>(0)?.unwrap_or(false))
+    let clean = match verify_sql(owner) {
+        None => outside_transaction(raw).await,
+        Some(sql) => run(raw, sql).await.and_then(|rows| {
+            let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
+            Ok(row.try_get::<Option<bool>, _>(0)?.unwrap_or(false))
+        }),
+    };
+    match clean {
+        Err(error) if classify(&error) == BackendErrorKind::Rejected => Ok(false),
+        clean => clean,
+    }
+}
+
+/// The check of an unscoped session: whether it is outside a transaction
+/// block, asked for almost nothing on the server. `SELECT` with no target
+/// list needs no catalog lookup and changes no setting, and a session in a
+/// failed transaction still rejects it (an error, so dirty). The answer is
+/// the transaction status PostgreSQL reports after every message; sqlx keeps
+/// it to itself except through `begin_with`, whose contract is to fail with
+/// `BeginFailed` when the statement leaves the session outside a
+/// transaction: here that failure is the clean answer. A session the
+/// statement finds inside a block is dirty; dropping the `Transaction` sqlx
+/// hands back queues its `ROLLBACK`, and the connection is closed anyway.
+///
+/// Nothing else is undone: the next checkout is unscoped too, no tenant's,
+/// and what the service's own unscoped code set on the session (a role, a
+/// `search_path`) stays for it, as on sqlx's own pool. A tenant's checkout
+/// gets the complete reset first.
+async fn outside_transaction(raw: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    match raw.begin_with("SELECT").await {
+        Err(sqlx::Error::BeginFailed) => Ok(true),
+        Ok(open) => {
+            drop(open);
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
 }

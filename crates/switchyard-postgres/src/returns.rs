@@ -14,8 +14,13 @@
 //!   in the round trip that checkout makes anyway (the check for the same
 //!   owner, the owner change for another). A transaction block left open by
 //!   raw SQL (`BEGIN` without `COMMIT`) is found there and the connection
-//!   closed, rolling it back; until then it stays open on an idle connection
-//!   (at most `idle_timeout`).
+//!   closed, rolling it back.
+//! - A returned connection that nobody has checked and that stays idle for
+//!   [`IDLE_CHECK_AFTER`] is checked by the sweeper, so a transaction left
+//!   open holds its locks for about that long when no checkout comes, not
+//!   until `idle_timeout`. Under load connections do not sit idle that long,
+//!   and this costs nothing; an idle pool spends one round trip per returned
+//!   connection.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,8 +34,12 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Shared;
 use crate::connection::PgConn;
 use crate::lifecycle::check;
-use crate::slots::Slots;
+use crate::slots::{Pooled, Slots};
 use crate::stats::bump;
+
+/// How long a returned connection that nobody has checked may sit idle
+/// before the sweeper checks it (see the module docs).
+pub(crate) const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
 
 impl Shared {
     pub(crate) fn endpoint(&self) -> &EndpointId {
@@ -68,19 +77,24 @@ impl Shared {
     /// The recycle step of a connection with work queued: the check, within
     /// `reset_timeout`.
     pub(crate) async fn recycle(&self, conn: &mut PgConn) -> Recycle {
-        if self.is_closed() {
-            return Recycle::Discard;
-        }
-        let pooled = conn.pooled_mut();
-        let owner = pooled.owner.clone();
-        let limit = Instant::now() + self.config.reset_timeout;
-        let outcome = tokio::time::timeout_at(limit, check(&mut pooled.raw, owner.as_ref())).await;
-        if self.judge(owner.as_ref(), outcome) {
-            pooled.vouched = Some(Instant::now());
+        if !self.is_closed() && self.vouch(conn.pooled_mut()).await {
             Recycle::Keep
         } else {
             Recycle::Discard
         }
+    }
+
+    /// Checks a used session for its owner within `reset_timeout`, and
+    /// vouches for it if it is clean.
+    async fn vouch(&self, pooled: &mut Pooled) -> bool {
+        let owner = pooled.owner.clone();
+        let limit = Instant::now() + self.config.reset_timeout;
+        let outcome = tokio::time::timeout_at(limit, check(&mut pooled.raw, owner.as_ref())).await;
+        let clean = self.judge(owner.as_ref(), outcome);
+        if clean {
+            pooled.vouched = Some(Instant::now());
+        }
+        clean
     }
 
     /// Counts and logs the outcome of a check: true if the session is clean.
@@ -129,7 +143,9 @@ impl Shared {
         }
         for slots in self.tenants.all_slots() {
             close_idle(&slots, now, self.config.tenant_idle_timeout());
+            self.check_idle(slots, now);
         }
+        self.check_idle(Arc::clone(&self.slots), now);
         for reservation in self.slots.top_up(self.config.pool.min_idle) {
             let shared = Arc::clone(self);
             tokio::spawn(async move {
@@ -138,6 +154,28 @@ impl Shared {
                 let limit = Instant::now() + shared.config.pool.acquire_timeout;
                 if let Ok(Ok(raw)) = tokio::time::timeout_at(limit, connect).await {
                     shared.slots.put(reservation.fill(raw));
+                }
+            });
+        }
+    }
+}
+
+impl Shared {
+    /// Checks, each on a task, the idle connections of `slots` that nobody
+    /// has checked since their return and that have sat idle for
+    /// [`IDLE_CHECK_AFTER`]: back to the pool if clean, else closed.
+    fn check_idle(self: &Arc<Self>, slots: Arc<Slots>, now: Instant) {
+        let Some(before) = now.checked_sub(IDLE_CHECK_AFTER) else {
+            return;
+        };
+        for mut pooled in slots.take_unchecked_idle_since(before) {
+            let shared = Arc::clone(self);
+            let slots = Arc::clone(&slots);
+            tokio::spawn(async move {
+                if shared.vouch(&mut pooled).await && !shared.is_closed() {
+                    slots.put(pooled);
+                } else {
+                    pooled.close();
                 }
             });
         }
@@ -160,7 +198,7 @@ pub(crate) async fn sweep(shared: Arc<Shared>, cancel: CancellationToken) {
         .idle_timeout
         .unwrap_or(Duration::from_secs(120));
     let every = (shared.config.tenant_pool_idle_timeout.min(idle) / 4)
-        .clamp(Duration::from_millis(10), Duration::from_secs(30));
+        .clamp(Duration::from_millis(10), IDLE_CHECK_AFTER / 2);
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,

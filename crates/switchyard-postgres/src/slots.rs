@@ -310,6 +310,28 @@ impl Slots {
         out
     }
 
+    /// Takes out the idle connections returned before `before` whose session
+    /// has been used and not checked since.
+    pub(crate) fn take_unchecked_idle_since(&self, before: Instant) -> Vec<Pooled> {
+        let mut state = self.lock();
+        let unchecked =
+            |idle: &Idle| idle.since < before && !idle.conn.fresh && idle.conn.vouched.is_none();
+        if !state.idle.iter().any(unchecked) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.idle.len());
+        for idle in state.idle.drain(..) {
+            if unchecked(&idle) {
+                out.push(idle.conn);
+            } else {
+                kept.push_back(idle);
+            }
+        }
+        state.idle = kept;
+        out
+    }
+
     /// Reserves places to open up to `min` connections in all.
     pub(crate) fn top_up(&self, min: u32) -> Vec<Reservation> {
         let mut state = self.lock();

@@ -73,8 +73,18 @@ pub fn quote_literal(value: &str) -> String {
 /// previous owner left in `standard_conforming_strings`, `backslash_quote` or
 /// `client_encoding` (the whole message is converted and lexed before its
 /// `RESET ALL` runs).
+///
+/// A value made only of ASCII letters, digits, `_`, `-` and `"` (every valid
+/// tenant id, and a quoted identifier of one) is written as a plain `'...'`
+/// literal instead: those bytes read the same in every client encoding and
+/// under every setting above, and the server is spared resolving and calling
+/// two functions on every check.
 pub(crate) fn text_value(value: &str) -> String {
     use std::fmt::Write as _;
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'"');
+    if value.bytes().all(plain) {
+        return format!("'{value}'");
+    }
     let mut out = String::with_capacity(value.len() * 2 + 40);
     out.push_str("pg_catalog.convert_from(pg_catalog.decode('");
     for byte in value.bytes() {
@@ -134,26 +144,30 @@ pub(crate) const OUTSIDE_TRANSACTION: &str =
 pub(crate) const RESET_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
      RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
-/// One simple-protocol round trip that answers whether the connection is
-/// outside a transaction block and still carries exactly `owner`'s scope.
-pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> String {
-    match owner.map(|s| (s.isolation(), s)) {
-        Some((Isolation::Schema, scope)) => format!(
+/// One simple-protocol round trip that answers whether a session serving
+/// `owner` is outside a transaction block and still carries exactly that
+/// scope. `None` for an unscoped session, which has no scope to keep (see
+/// [`crate::lifecycle::check`]).
+pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> Option<String> {
+    let owner = owner?;
+    Some(match owner.isolation() {
+        Isolation::Schema => format!(
             "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting('search_path') = {}",
-            text_value(&quote_ident(scope.target()))
+            text_value(&quote_ident(owner.target()))
         ),
-        Some((Isolation::Row, scope)) => format!(
+        Isolation::Row => format!(
             "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting({}, true) = {}",
-            quote_literal(scope.row_setting()),
-            text_value(scope.tenant().as_str())
+            quote_literal(owner.row_setting()),
+            text_value(owner.tenant().as_str())
         ),
-        // Nothing of a scope to compare: undo the two session changes that
-        // would break the next checkout of the same owner (a role, a
-        // search_path set by hand), in the same round trip.
-        Some((Isolation::Database, _)) | None => {
+        // The connection's database is the scope, and nothing on the session
+        // to compare: undo the two session changes that would break the
+        // tenant's next checkout (a role, a search_path set by hand), in the
+        // same round trip.
+        Isolation::Database => {
             format!("RESET ROLE; RESET search_path; SELECT {OUTSIDE_TRANSACTION}")
         }
-    }
+    })
 }
 
 /// The expression that puts `scope` on a session: true once set, false when
@@ -274,9 +288,8 @@ mod tests {
         let schema = TenantScope::new(t.clone(), Isolation::Schema, "tenant_Acme-1", "app.t");
         let row = TenantScope::new(t.clone(), Isolation::Row, "tenant_Acme-1", "app.t");
         let db = TenantScope::new(t, Isolation::Database, "tenant_Acme-1", "app.t");
-        // "tenant_Acme-1" quoted as an identifier, then hex.
-        let path = "pg_catalog.convert_from(pg_catalog.decode(\
-                    '2274656e616e745f41636d652d3122', 'hex'), 'UTF8')";
+        // "tenant_Acme-1" quoted as an identifier, as a plain literal.
+        let path = "'\"tenant_Acme-1\"'";
         let answer = "pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp(), \
              pg_catalog.string_agg('DEALLOCATE ' || pg_catalog.quote_ident(p.name), '; ') \
              FILTER (WHERE p.from_sql), pg_catalog.pg_advisory_unlock_all() IS NULL \
@@ -291,7 +304,7 @@ mod tests {
                  {answer}"
             )
         );
-        let id = "pg_catalog.convert_from(pg_catalog.decode('41636d652d31', 'hex'), 'UTF8')";
+        let id = "'Acme-1'";
         assert_eq!(
             switch_sql(Some(&row), false),
             format!("{reset} pg_catalog.set_config('app.t', {id}, false) IS NOT NULL, {answer}")
@@ -301,17 +314,26 @@ mod tests {
             switch_sql(Some(&db), false),
             format!("{reset} true, {answer}")
         );
+        assert_eq!(verify_sql(None), None);
         assert_eq!(
-            verify_sql(None),
+            verify_sql(Some(&db)).unwrap(),
             "RESET ROLE; RESET search_path; \
              SELECT pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp()"
         );
-        assert!(verify_sql(Some(&schema)).ends_with(&format!(
+        assert!(verify_sql(Some(&schema)).unwrap().ends_with(&format!(
             "pg_catalog.current_setting('search_path') = {path}"
         )));
         assert!(verify_sql(Some(&row))
+            .unwrap()
             .ends_with(&format!("pg_catalog.current_setting('app.t', true) = {id}")));
-        // Whatever the value holds, the SQL around it is ASCII hex digits.
+        // Anything but the plain bytes, and the SQL around it is ASCII hex digits.
+        assert_eq!(
+            text_value("tenant x"),
+            "pg_catalog.convert_from(pg_catalog.decode('74656e616e742078', 'hex'), 'UTF8')"
+        );
+        assert!(text_value("a\\b").starts_with("pg_catalog.convert_from"));
+        assert!(text_value("z\u{fc}rich").starts_with("pg_catalog.convert_from"));
+        assert!(text_value("it's").starts_with("pg_catalog.convert_from"));
         let hostile = text_value("x'\\\u{8cea}\"; --");
         assert_eq!(
             hostile,

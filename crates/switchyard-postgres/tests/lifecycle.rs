@@ -171,7 +171,28 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
         );
         drop(conn);
     }
-    assert_eq!(backend.pg_stats().closed_dirty, 2);
+    // A failed transaction block, unscoped: the same owner's check is a bare
+    // `SELECT`, which such a session rejects.
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+        .await
+        .unwrap();
+    let failed = pid(&mut conn).await;
+    exec(&mut conn, "BEGIN").await;
+    assert!(sqlx::raw_sql("SELECT 1/0")
+        .execute(&mut **conn)
+        .await
+        .is_err());
+    drop(conn);
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+        .await
+        .unwrap();
+    assert_ne!(
+        pid(&mut conn).await,
+        failed,
+        "a connection in a failed transaction came back"
+    );
+    drop(conn);
+    assert_eq!(backend.pg_stats().closed_dirty, 3);
     let mut admin = fx.admin(common::APP_DB).await;
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = 'uncommitted'")
@@ -202,6 +223,46 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
         .await
         .unwrap();
     assert_eq!(n, 0);
+}
+
+/// A transaction left open by raw SQL holds its locks on the idle connection
+/// only until the sweeper checks it, not until `idle_timeout`, even when no
+/// checkout ever comes.
+#[tokio::test]
+async fn a_transaction_left_open_on_an_idle_pool_is_rolled_back_by_the_sweeper() {
+    let fx = Fixture::start(0).await;
+    let mut config = fx.config(2);
+    config.pool = config.pool.with_idle_timeout(None);
+    let backend = fx.backend(config);
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+        .await
+        .unwrap();
+    exec(&mut conn, "BEGIN").await;
+    exec(&mut conn, "SELECT pg_advisory_xact_lock(4242)").await;
+    drop(conn);
+
+    let mut admin = fx.admin(common::APP_DB).await;
+    let free = async {
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(4242)")
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+            if got {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), free)
+        .await
+        .expect("the abandoned transaction still holds its lock");
+    assert_eq!(backend.pg_stats().closed_dirty, 1);
+    // The pool is still whole: the next checkout opens a new connection.
+    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
+        .await
+        .unwrap();
+    exec(&mut conn, "SELECT 1").await;
 }
 
 #[tokio::test]
