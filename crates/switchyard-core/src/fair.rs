@@ -121,6 +121,9 @@ struct Class<W> {
     weight: u32,
     /// Grants left in the class's current turn (refilled when the turn ends).
     credit: u32,
+    /// Grants since the class started waiting, counted from the level of the
+    /// class whose turn it was then (see [`FairQueue::pop_ahead`]).
+    served: u64,
     /// Oldest first; sequence numbers ascend.
     waiters: VecDeque<(u64, W)>,
 }
@@ -185,9 +188,19 @@ impl<W> FairQueue<W> {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.len += 1;
+        // A class that starts waiting starts level with the one whose turn
+        // it is (scaled by weight): no credit for the time it did not wait.
+        let level = self
+            .ring
+            .front()
+            .and_then(|head| self.classes.get(head))
+            .map_or(0, |head| {
+                head.served * u64::from(weight.get()) / u64::from(head.weight)
+            });
         let entry = self.classes.entry(class.clone()).or_insert_with(|| Class {
             weight: weight.get(),
             credit: weight.get(),
+            served: level,
             waiters: VecDeque::new(),
         });
         if entry.waiters.is_empty() {
@@ -219,6 +232,7 @@ impl<W> FairQueue<W> {
         let class = self.classes.get_mut(&name)?;
         let (seq, waiter) = class.waiters.pop_front()?;
         self.len -= 1;
+        class.served += 1;
         if class.waiters.is_empty() {
             self.leave(&name);
         } else {
@@ -245,17 +259,32 @@ impl<W> FairQueue<W> {
     }
 
     /// Takes out the oldest waiter of `class` for which `wanted` holds, out
-    /// of turn (an affinity hand-off). Its class's credit is not charged: the
-    /// caller bounds how often the waiter whose turn it is can be passed over.
-    pub fn pop_in(
+    /// of turn (an affinity hand-off), if `class` is fewer than `max_lead`
+    /// grants ahead of the class whose turn it is (grants counted since each
+    /// started waiting, per unit of weight). The grant counts for `class`.
+    ///
+    /// So classes that are served about equally (each by its own warm
+    /// connections) keep being served out of turn, and a class runs ahead of
+    /// the one whose turn it is by at most `max_lead` grants; its turn's
+    /// credit is not charged.
+    pub fn pop_ahead(
         &mut self,
         class: &QueueClass,
+        max_lead: u32,
         mut wanted: impl FnMut(&W) -> bool,
     ) -> Option<(WaitKey, W)> {
+        let head = self.classes.get(self.ring.front()?)?;
+        let (head_served, head_weight) = (u128::from(head.served), u128::from(head.weight));
         let entry = self.classes.get_mut(class)?;
+        let ahead = u128::from(entry.served) * head_weight
+            >= (head_served + u128::from(max_lead)) * u128::from(entry.weight);
+        if ahead {
+            return None;
+        }
         let at = entry.waiters.iter().position(|(_, w)| wanted(w))?;
         let (seq, waiter) = entry.waiters.remove(at)?;
         self.len -= 1;
+        entry.served += 1;
         if entry.waiters.is_empty() {
             self.leave(class);
         }
@@ -387,10 +416,80 @@ mod tests {
         queue.push(QueueClass::Tier("shared".into()), weight(1), "y1");
         queue.push(QueueClass::Tier("shared".into()), weight(1), "y2");
         let tier = QueueClass::Tier("shared".into());
-        assert_eq!(queue.pop_in(&tier, |w| w.starts_with('y')).unwrap().1, "y1");
-        assert!(queue.pop_in(&tenant("zz"), |_| true).is_none());
+        assert_eq!(
+            queue.pop_ahead(&tier, 1, |w| w.starts_with('y')).unwrap().1,
+            "y1"
+        );
+        assert!(queue.pop_ahead(&tenant("zz"), 1, |_| true).is_none());
         assert_eq!(queue.peek(), Some(&"a1"));
         assert_eq!(order(&mut queue), ["a1", "x1", "y2"]);
+    }
+
+    #[test]
+    fn out_of_turn_grants_stop_at_the_lead_over_the_class_whose_turn_it_is() {
+        let mut queue = FairQueue::new();
+        for n in 0..10 {
+            queue.push(tenant("a"), weight(1), ("a", n));
+            queue.push(tenant("b"), weight(1), ("b", n));
+        }
+        // a's turn; b runs ahead by at most 3 grants, then waits for a.
+        let b = tenant("b");
+        for n in 0..3 {
+            assert_eq!(queue.pop_ahead(&b, 3, |_| true).unwrap().1, ("b", n));
+        }
+        assert!(queue.pop_ahead(&b, 3, |_| true).is_none());
+        assert_eq!(queue.pop().unwrap().1, ("a", 0));
+        // Now it is b's turn, and a, behind b, may go out of turn.
+        assert_eq!(queue.peek(), Some(&("b", 3)));
+        let a = tenant("a");
+        assert_eq!(queue.pop_ahead(&a, 3, |_| true).unwrap().1, ("a", 1));
+        // No lead at all: only while behind the head.
+        assert_eq!(queue.pop_ahead(&a, 0, |_| true).unwrap().1, ("a", 2));
+        assert!(queue.pop_ahead(&a, 0, |_| true).is_none());
+    }
+
+    #[test]
+    fn classes_served_about_equally_keep_going_out_of_turn() {
+        let mut queue = FairQueue::new();
+        for n in 0..10 {
+            queue.push(tenant("a"), weight(1), ("a", n));
+            queue.push(tenant("b"), weight(1), ("b", n));
+            queue.push(tenant("c"), weight(2), ("c", n));
+        }
+        let (a, b, c) = (tenant("a"), tenant("b"), tenant("c"));
+        for n in 0..4 {
+            assert_eq!(queue.pop_ahead(&b, 1, |_| true).unwrap().1, ("b", n));
+            assert_eq!(queue.pop_ahead(&a, 1, |_| true).unwrap().1, ("a", n));
+            // c weighs twice as much: two grants per one of a's.
+            assert_eq!(queue.pop_ahead(&c, 1, |_| true).unwrap().1, ("c", 2 * n));
+            assert_eq!(
+                queue.pop_ahead(&c, 1, |_| true).unwrap().1,
+                ("c", 2 * n + 1)
+            );
+        }
+        // Its lead is counted per unit of weight: two of its own grants.
+        assert_eq!(queue.pop_ahead(&c, 1, |_| true).unwrap().1, ("c", 8));
+        assert_eq!(queue.pop_ahead(&c, 1, |_| true).unwrap().1, ("c", 9));
+        assert!(queue.pop_ahead(&c, 1, |_| true).is_none());
+    }
+
+    #[test]
+    fn a_class_that_starts_waiting_starts_level_with_the_head() {
+        let mut queue = FairQueue::new();
+        for n in 0..10 {
+            queue.push(tenant("a"), weight(1), ("a", n));
+        }
+        let a = tenant("a");
+        for n in 0..5 {
+            assert_eq!(queue.pop_ahead(&a, 2, |_| true).unwrap().1, ("a", n));
+        }
+        // b arrives after a was served five times: a may lead b by two, not
+        // by seven.
+        queue.push(tenant("b"), weight(1), ("b", 0));
+        assert_eq!(queue.pop().unwrap().1, ("a", 5));
+        assert_eq!(queue.peek(), Some(&("b", 0)));
+        assert_eq!(queue.pop_ahead(&a, 2, |_| true).unwrap().1, ("a", 6));
+        assert!(queue.pop_ahead(&a, 2, |_| true).is_none());
     }
 
     #[test]

@@ -135,9 +135,10 @@
 //! waiting checkouts are served tenant by tenant in turn (core's
 //! [`FairQueue`](switchyard_core::FairQueue), weighted by tier), and a
 //! returned connection goes straight to the oldest waiting checkout of its own
-//! owner, passing over the waiter whose turn it is at most
-//! [`max_bypass`](AffinitySettings::max_bypass) times, so no tenant waits
-//! unfairly long. [`PgBackend::pg_stats`] counts hits, misses, hand-offs and
+//! owner while that tenant is fewer than
+//! [`max_bypass`](AffinitySettings::max_bypass) grants ahead of the tenant
+//! whose turn it is: tenants served about equally need no owner change, and
+//! no tenant waits unfairly long. [`PgBackend::pg_stats`] counts hits, misses, hand-offs and
 //! resets. With affinity off, every checkout of a used connection resets it.
 //!
 //! # Prepared statements and `search_path`

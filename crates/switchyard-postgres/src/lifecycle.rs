@@ -11,9 +11,9 @@
 //! |---|---|---|
 //! | returned to the same owner | 1 | the check ([`check`]): outside a transaction block, still exactly that scope ([`verify_sql`]; database isolation also resets role and `search_path`; unscoped: a bare `SELECT` and the transaction status it reports, nothing reset), alive |
 //! | ... vouched for by a return check < 1 s ago | 0 | nothing |
-//! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
+//! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), the next owner's check prepared afresh ([`PREPARE_CHECK`](crate::sql::PREPARE_CHECK)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
 //! | ... whose owner `PREPARE`d statements in SQL | +1 | their `DEALLOCATE`s |
-//! | new | 0 unscoped or database, 1 scoped | the scope ([`apply_sql`]) |
+//! | new | 0 unscoped or database, 1 scoped | the scope and the prepared check ([`apply_sql`]) |
 //!
 //! sqlx's own `PgPool` spends two of its own (a ping on acquire and one on
 //! release) and resets nothing; the peer approach adds the scope statement.
@@ -224,6 +224,7 @@ impl Shared {
                 .await
                 .map_err(|_| self.timeout(scope, Instant::now()))?
                 .map_err(|e| self.scope_error(scope, e))?;
+            pooled.has_check = true;
             return self.applied(conn, scope, &rows).map(|()| Ready::Yes);
         }
         // A tenant-role session is never reused unreset: SQL inside the checkout
@@ -261,11 +262,9 @@ impl Shared {
         // Marked before any I/O: a cancelled switch can never be taken for
         // the old owner's session.
         pooled.owner = None;
-        let sent = tokio::time::timeout_at(
-            limit,
-            run(&mut pooled.raw, switch_sql(scope, self.config.tenant_roles)),
-        )
-        .await;
+        let (sql, has_check) = switch_sql(scope, self.config.tenant_roles, pooled.has_check);
+        pooled.has_check = false;
+        let sent = tokio::time::timeout_at(limit, run(&mut pooled.raw, sql)).await;
         let rows = match sent {
             Ok(Ok(rows)) => rows,
             Ok(Err(error)) if classify(&error) == BackendErrorKind::Rejected => {
@@ -295,6 +294,7 @@ impl Shared {
             }
         }
         bump(&self.returns.resets);
+        pooled.has_check = has_check;
         self.applied(conn, scope, &rows)?;
         Ok(Ready::Yes)
     }

@@ -18,11 +18,13 @@
 //! - Waiters queue in core's [`FairQueue`]: tenants take turns (weighted by
 //!   tier), untenanted checkouts are one more class. The *head* is the waiter
 //!   whose turn it is.
-//! - A returned connection goes to the oldest waiter of its own owner, unless
-//!   the head has already been passed over `max_bypass` times; then (or with
-//!   no waiter of its owner) to the head. So a tenant's burst is served by its
-//!   warm connections, and no head waiter is passed over more than
-//!   `max_bypass` times.
+//! - A returned connection goes to the oldest waiter of its own owner while
+//!   that tenant is fewer than `max_bypass` grants ahead of the tenant whose
+//!   turn it is (grants counted since each started waiting, per unit of
+//!   weight: [`FairQueue::pop_ahead`]); then (or with no waiter of its owner)
+//!   to the head. So tenants served about equally, each by its own warm
+//!   connections, need no owner change, and no tenant runs more than
+//!   `max_bypass` grants ahead of the one whose turn it is.
 //! - A closed connection frees its slot at once; the head waiter is then told
 //!   to open a new one.
 //! - A waiter that gives up takes itself out of the queue ([`Wait`]'s drop);
@@ -53,6 +55,9 @@ pub(crate) struct Pooled {
     /// When a check last vouched for its session (the return check of a
     /// return that needed one); `None` once handed out again.
     pub(crate) vouched: Option<Instant>,
+    /// The session holds the prepared check this connection prepared
+    /// ([`PREPARE_CHECK`](crate::sql::PREPARE_CHECK)), as far as we know.
+    pub(crate) has_check: bool,
     slot: Slot,
 }
 
@@ -94,6 +99,7 @@ impl Reservation {
             fresh: true,
             created: now,
             vouched: None,
+            has_check: false,
             slot: self.0,
         }
     }
@@ -127,7 +133,6 @@ struct Idle {
 struct Waiter {
     owner: Option<TenantScope>,
     tx: oneshot::Sender<Grant>,
-    bypassed: u32,
 }
 
 #[derive(Default)]
@@ -217,7 +222,6 @@ impl Slots {
         let waiter = Waiter {
             owner: owner.cloned(),
             tx,
-            bypassed: 0,
         };
         let key = state.waiters.push(class, weight, waiter);
         Take::Wait(Wait {
@@ -260,19 +264,20 @@ impl Slots {
     }
 
     /// The waiter a connection of `owner` goes to, taken out of the queue:
-    /// the head, or the oldest waiter of `owner` while the head has been
-    /// passed over fewer than `max_bypass` times.
+    /// the oldest waiter of `owner` while its class is fewer than
+    /// `max_bypass` grants ahead of the class whose turn it is, else the
+    /// head.
     fn pick(&self, state: &mut State, owner: Option<&TenantScope>) -> Option<Waiter> {
         let head = state.waiters.peek()?;
-        if head.owner.as_ref() == owner || head.bypassed >= self.max_bypass {
+        if head.owner.as_ref() == owner || self.max_bypass == 0 {
             return state.waiters.pop().map(|(_, w)| w);
         }
         let (class, _) = QueueClass::of(owner);
-        match state.waiters.pop_in(&class, |w| w.owner.as_ref() == owner) {
+        let mine = state
+            .waiters
+            .pop_ahead(&class, self.max_bypass, |w| w.owner.as_ref() == owner);
+        match mine {
             Some((_, mine)) => {
-                if let Some(head) = state.waiters.peek_mut() {
-                    head.bypassed += 1;
-                }
                 self.handoffs.fetch_add(1, Ordering::Relaxed);
                 Some(mine)
             }

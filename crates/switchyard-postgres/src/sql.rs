@@ -144,6 +144,31 @@ pub(crate) const OUTSIDE_TRANSACTION: &str =
 pub(crate) const RESET_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
      RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
+/// The name of the prepared check ([`PREPARE_CHECK`]).
+pub(crate) const CHECK: &str = "switchyard_check";
+
+/// The same owner's check of a schema- or row-scoped session, prepared on the
+/// session in the message that gives it its scope: `$1` names the setting
+/// that carries the scope, `$2` the value it must still have. Run as
+/// `EXECUTE` ([`verify_sql`]), it costs the server a parse of the short
+/// `EXECUTE` and a cached plan, where the `SELECT` it stands for costs a
+/// parse, analysis and plan on every checkout (about half the server's work
+/// of a checkout, measured with pgbench).
+///
+/// It still runs in the simple-protocol message of the `EXECUTE`, so the
+/// transaction check ([`OUTSIDE_TRANSACTION`]) holds. A tenant can drop it
+/// (its next check fails: the connection is closed) or replace it (that
+/// fools only the same tenant's own next check; the owner change drops
+/// whatever has the name and prepares it again, see [`switch_sql`]).
+pub(crate) const PREPARE_CHECK: &str = "PREPARE switchyard_check(text, text) AS SELECT \
+     pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp() \
+     AND pg_catalog.current_setting($1, true) = $2";
+
+/// Whether a session serving `scope` is checked with the prepared check.
+pub(crate) fn uses_check(scope: Option<&TenantScope>) -> bool {
+    scope.is_some_and(|s| matches!(s.isolation(), Isolation::Schema | Isolation::Row))
+}
+
 /// One simple-protocol round trip that answers whether a session serving
 /// `owner` is outside a transaction block and still carries exactly that
 /// scope. `None` for an unscoped session, which has no scope to keep (see
@@ -152,11 +177,11 @@ pub(crate) fn verify_sql(owner: Option<&TenantScope>) -> Option<String> {
     let owner = owner?;
     Some(match owner.isolation() {
         Isolation::Schema => format!(
-            "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting('search_path') = {}",
+            "EXECUTE {CHECK}('search_path', {})",
             text_value(&quote_ident(owner.target()))
         ),
         Isolation::Row => format!(
-            "SELECT {OUTSIDE_TRANSACTION} AND pg_catalog.current_setting({}, true) = {}",
+            "EXECUTE {CHECK}({}, {})",
             quote_literal(owner.row_setting()),
             text_value(owner.tenant().as_str())
         ),
@@ -201,18 +226,28 @@ fn apply_expr(scope: &TenantScope, as_role: bool) -> Option<String> {
     }
 }
 
-/// The statement that puts `scope` on a new session, answering false when
-/// the tenant's schema does not exist. `None` for database isolation.
+/// The message that puts `scope` on a new session (and prepares the check
+/// its owner's next checkouts run), answering false when the tenant's schema
+/// does not exist. `None` for database isolation.
 pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
-    apply_expr(scope, as_role).map(|apply| format!("SELECT {apply}"))
+    apply_expr(scope, as_role).map(|apply| format!("{PREPARE_CHECK}; SELECT {apply}"))
 }
 
 /// One simple-protocol round trip that hands a used session to `next`: the
-/// complete reset ([`RESET_SESSION`]), then one `SELECT` answering, in this
-/// order: the new scope applied (true when there is none to apply), whether
-/// the session was outside a transaction block, and the `DEALLOCATE`
-/// statements for what the previous owner `PREPARE`d in SQL (NULL when
-/// nothing); it also releases every advisory lock.
+/// complete reset ([`RESET_SESSION`]), the check `next` will need prepared
+/// afresh, then one `SELECT` answering, in this order: the new scope applied
+/// (true when there is none to apply), whether the session was outside a
+/// transaction block, and the `DEALLOCATE` statements for what the previous
+/// owner `PREPARE`d in SQL (NULL when nothing); it also releases every
+/// advisory lock.
+///
+/// `had_check`: this connection's own [`PREPARE_CHECK`] was prepared on it
+/// before. For a schema or row scope the message then drops whatever now has
+/// that name (the previous owner may have replaced it) and prepares it again;
+/// without one it only prepares it, which fails (and the connection is
+/// closed) if the previous owner left a statement of that name. The name is
+/// kept out of the `DEALLOCATE` list whenever it is the connection's own.
+/// Returns the message and whether the connection has its check afterwards.
 ///
 /// The `SELECT` is one aggregate over `pg_prepared_statement()`, not a
 /// subquery over the `pg_prepared_statements` view next to separate
@@ -223,16 +258,32 @@ pub(crate) fn apply_sql(scope: &TenantScope, as_role: bool) -> Option<String> {
 /// transaction check still answers for the session as the previous owner
 /// left it: inside a transaction block, every statement of the message runs
 /// in that block, whose start time is older than the message.
-pub(crate) fn switch_sql(next: Option<&TenantScope>, as_role: bool) -> String {
+pub(crate) fn switch_sql(
+    next: Option<&TenantScope>,
+    as_role: bool,
+    had_check: bool,
+) -> (String, bool) {
     let apply = next
         .and_then(|scope| apply_expr(scope, as_role))
         .unwrap_or_else(|| "true".to_owned());
-    format!(
-        "{RESET_SESSION}; SELECT {apply}, {OUTSIDE_TRANSACTION}, \
+    let prepare = match (uses_check(next), had_check) {
+        (true, true) => format!("DEALLOCATE {CHECK}; {PREPARE_CHECK}; "),
+        (true, false) => format!("{PREPARE_CHECK}; "),
+        (false, _) => String::new(),
+    };
+    let has_check = uses_check(next) || had_check;
+    let listed = if has_check {
+        format!("p.from_sql AND p.name <> '{CHECK}'")
+    } else {
+        "p.from_sql".to_owned()
+    };
+    let sql = format!(
+        "{RESET_SESSION}; {prepare}SELECT {apply}, {OUTSIDE_TRANSACTION}, \
          pg_catalog.string_agg('DEALLOCATE ' || pg_catalog.quote_ident(p.name), '; ') \
-         FILTER (WHERE p.from_sql), pg_catalog.pg_advisory_unlock_all() IS NULL \
+         FILTER (WHERE {listed}), pg_catalog.pg_advisory_unlock_all() IS NULL \
          FROM pg_catalog.pg_prepared_statement() p"
-    )
+    );
+    (sql, has_check)
 }
 
 #[cfg(test)]
@@ -290,42 +341,85 @@ mod tests {
         let db = TenantScope::new(t, Isolation::Database, "tenant_Acme-1", "app.t");
         // "tenant_Acme-1" quoted as an identifier, as a plain literal.
         let path = "'\"tenant_Acme-1\"'";
-        let answer = "pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp(), \
-             pg_catalog.string_agg('DEALLOCATE ' || pg_catalog.quote_ident(p.name), '; ') \
-             FILTER (WHERE p.from_sql), pg_catalog.pg_advisory_unlock_all() IS NULL \
-             FROM pg_catalog.pg_prepared_statement() p";
-        let reset = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
-             DISCARD TEMP; DISCARD SEQUENCES; SELECT";
-        assert_eq!(
-            switch_sql(Some(&schema), false),
+        let answer = |listed: &str| {
             format!(
-                "{reset} CASE WHEN pg_catalog.to_regnamespace({path}) IS NULL THEN false \
-                 ELSE pg_catalog.set_config('search_path', {path}, false) IS NOT NULL END, \
-                 {answer}"
+                "pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp(), \
+                 pg_catalog.string_agg('DEALLOCATE ' || pg_catalog.quote_ident(p.name), '; ') \
+                 FILTER (WHERE {listed}), pg_catalog.pg_advisory_unlock_all() IS NULL \
+                 FROM pg_catalog.pg_prepared_statement() p"
+            )
+        };
+        let (all, but_check) = ("p.from_sql", "p.from_sql AND p.name <> 'switchyard_check'");
+        let reset = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+             DISCARD TEMP; DISCARD SEQUENCES;";
+        let prepare = "PREPARE switchyard_check(text, text) AS SELECT \
+             pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp() \
+             AND pg_catalog.current_setting($1, true) = $2;";
+        let apply_schema = format!(
+            "CASE WHEN pg_catalog.to_regnamespace({path}) IS NULL THEN false \
+             ELSE pg_catalog.set_config('search_path', {path}, false) IS NOT NULL END"
+        );
+        // A connection without its check: prepared; with one: dropped (it
+        // may have been replaced) and prepared again.
+        assert_eq!(
+            switch_sql(Some(&schema), false, false),
+            (
+                format!(
+                    "{reset} {prepare} SELECT {apply_schema}, {}",
+                    answer(but_check)
+                ),
+                true
+            )
+        );
+        assert_eq!(
+            switch_sql(Some(&schema), false, true),
+            (
+                format!(
+                    "{reset} DEALLOCATE switchyard_check; {prepare} SELECT {apply_schema}, {}",
+                    answer(but_check)
+                ),
+                true
             )
         );
         let id = "'Acme-1'";
         assert_eq!(
-            switch_sql(Some(&row), false),
-            format!("{reset} pg_catalog.set_config('app.t', {id}, false) IS NOT NULL, {answer}")
+            switch_sql(Some(&row), false, false).0,
+            format!(
+                "{reset} {prepare} SELECT pg_catalog.set_config('app.t', {id}, false) IS NOT NULL, {}",
+                answer(but_check)
+            )
         );
-        assert_eq!(switch_sql(None, false), format!("{reset} true, {answer}"));
+        // Unscoped or database next: nothing prepared; a check the connection
+        // has is kept, anything else of that name is deallocated.
+        for next in [None, Some(&db)] {
+            assert_eq!(
+                switch_sql(next, false, false),
+                (format!("{reset} SELECT true, {}", answer(all)), false)
+            );
+            assert_eq!(
+                switch_sql(next, false, true),
+                (format!("{reset} SELECT true, {}", answer(but_check)), true)
+            );
+        }
         assert_eq!(
-            switch_sql(Some(&db), false),
-            format!("{reset} true, {answer}")
+            apply_sql(&row, false).unwrap(),
+            format!("{prepare} SELECT pg_catalog.set_config('app.t', {id}, false) IS NOT NULL")
         );
+        assert_eq!(apply_sql(&db, false), None);
         assert_eq!(verify_sql(None), None);
         assert_eq!(
             verify_sql(Some(&db)).unwrap(),
             "RESET ROLE; RESET search_path; \
              SELECT pg_catalog.transaction_timestamp() = pg_catalog.statement_timestamp()"
         );
-        assert!(verify_sql(Some(&schema)).unwrap().ends_with(&format!(
-            "pg_catalog.current_setting('search_path') = {path}"
-        )));
-        assert!(verify_sql(Some(&row))
-            .unwrap()
-            .ends_with(&format!("pg_catalog.current_setting('app.t', true) = {id}")));
+        assert_eq!(
+            verify_sql(Some(&schema)).unwrap(),
+            format!("EXECUTE switchyard_check('search_path', {path})")
+        );
+        assert_eq!(
+            verify_sql(Some(&row)).unwrap(),
+            format!("EXECUTE switchyard_check('app.t', {id})")
+        );
         // Anything but the plain bytes, and the SQL around it is ASCII hex digits.
         assert_eq!(
             text_value("tenant x"),

@@ -84,6 +84,9 @@ enum Attack {
     /// `search_path`, so a check that calls it unqualified under A's
     /// settings sees no transaction block.
     ShadowedCheck,
+    /// The pool's prepared same-owner check replaced by one that always
+    /// answers true.
+    ForgedCheck,
     /// A query over A's rows dropped mid-flight through the checkout.
     CancelledOnCheckout,
     /// The same, on the sqlx connection underneath (untracked).
@@ -91,7 +94,7 @@ enum Attack {
 }
 
 impl Attack {
-    const ALL: [Attack; 18] = [
+    const ALL: [Attack; 19] = [
         Attack::TempTable,
         Attack::HeldCursor,
         Attack::SetRole,
@@ -108,6 +111,7 @@ impl Attack {
         Attack::OpenTransaction,
         Attack::FailedTransaction,
         Attack::ShadowedCheck,
+        Attack::ForgedCheck,
         Attack::CancelledOnCheckout,
         Attack::CancelledOnDriver,
     ];
@@ -190,6 +194,14 @@ impl Attack {
                 .await;
                 exec(conn, "BEGIN").await;
                 insert(conn, A, &run.tag).await.unwrap();
+            }
+            Attack::ForgedCheck => {
+                exec(
+                    conn,
+                    "DEALLOCATE switchyard_check; \
+                     PREPARE switchyard_check(text, text) AS SELECT true",
+                )
+                .await
             }
             Attack::FailedTransaction => {
                 exec(conn, "BEGIN").await;
@@ -383,6 +395,17 @@ impl Attack {
                     if let Ok(v) = value {
                         leaks.push(format!("`{probe}` answered A's value {v} in B's session"));
                     }
+                }
+            }
+            Attack::ForgedCheck => {
+                let forged: i64 = scalar(
+                    conn,
+                    "SELECT count(*) FROM pg_prepared_statements \
+                     WHERE name = 'switchyard_check' AND statement NOT LIKE '%current_setting%'",
+                )
+                .await;
+                if forged != 0 {
+                    leaks.push("B's session keeps A's forged check".into());
                 }
             }
             Attack::OpenTransaction | Attack::ShadowedCheck => {
