@@ -415,6 +415,60 @@ impl Swap {
     }
 }
 
+/// One change a new configuration asks of a running cluster's endpoints.
+enum EndpointStep<'a> {
+    /// A new or changed endpoint, swapped in as `Swap` says.
+    Swap(Swap, &'a EndpointSettings),
+    /// A kept endpoint's new weight.
+    Reweight(&'a EndpointSettings),
+    /// An endpoint the new configuration no longer names.
+    Remove(&'a str),
+}
+
+/// The endpoint changes from `prev` to `next`, in the order they apply:
+/// additions and replacements first, so a primary that moves to a new name
+/// joins before the old one leaves; then removals.
+fn endpoint_steps<'a>(
+    prev: &'a ClusterSettings,
+    next: &'a ClusterSettings,
+) -> Vec<EndpointStep<'a>> {
+    let new_pool = prev.pool != next.pool;
+    let old_eps: BTreeMap<&str, &EndpointSettings> = prev
+        .endpoints
+        .iter()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
+    let mut steps = Vec::new();
+    for ep in &next.endpoints {
+        let old = old_eps.get(ep.name.as_str());
+        let swap = match old {
+            None => Some(Swap::Add),
+            // The redacted form is the URL without its secrets: equal means
+            // the same server.
+            Some(o) if o.url.redacted() != ep.url.redacted() || o.role != ep.role => {
+                Some(Swap::Repoint)
+            }
+            Some(_) if new_pool => Some(Swap::NewPool),
+            Some(o) if o.url != ep.url || o.tls != ep.tls || o.tls_digest != ep.tls_digest => {
+                Some(Swap::NewCredentials)
+            }
+            Some(_) => None,
+        };
+        steps.extend(swap.map(|swap| EndpointStep::Swap(swap, ep)));
+        // A fresh endpoint (added or re-pointed) already has its new weight.
+        if old.is_some_and(|o| o.weight != ep.weight)
+            && !matches!(swap, Some(Swap::Add | Swap::Repoint))
+        {
+            steps.push(EndpointStep::Reweight(ep));
+        }
+    }
+    let gone = old_eps
+        .into_keys()
+        .filter(|n| !next.endpoints.iter().any(|e| e.name == *n));
+    steps.extend(gone.map(EndpointStep::Remove));
+    steps
+}
+
 fn apply_cluster(
     name: &str,
     entry: &Entry,
@@ -431,43 +485,36 @@ fn apply_cluster(
             Err(e) => report.failed.push(e.to_string()),
         }
     }
-    let new_pool = prev.pool != next.pool;
-    let old_eps: BTreeMap<&str, &EndpointSettings> = prev
-        .endpoints
-        .iter()
-        .map(|e| (e.name.as_str(), e))
-        .collect();
     let mut backends = entry
         .backends
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    let mut failed = |what: &str, e: &dyn std::error::Error| {
-        report
-            .failed
-            .push(format!("cluster {name}: {what}: {}", error_chain(e)))
-    };
     let mut changes = Vec::new();
-    // Additions and replacements first: a primary that moves to a new name
-    // joins before the old one leaves.
-    for ep in &next.endpoints {
-        let ep_name = ep.name.as_str();
-        let old = old_eps.get(ep_name);
-        let swap = match old {
-            None => Some(Swap::Add),
-            // The redacted form is the URL without its secrets: equal means
-            // the same server.
-            Some(o) if o.url.redacted() != ep.url.redacted() || o.role != ep.role => {
-                Some(Swap::Repoint)
-            }
-            Some(_) if new_pool => Some(Swap::NewPool),
-            Some(o) if o.url != ep.url || o.tls != ep.tls || o.tls_digest != ep.tls_digest => {
-                Some(Swap::NewCredentials)
-            }
-            Some(_) => None,
-        };
-        if let Some(swap) = swap {
+    for step in endpoint_steps(prev, next) {
+        match apply_step(name, entry, next, &mut backends, step) {
+            Ok(done) => changes.push(format!("cluster {name}: endpoint {done}")),
+            Err(failed) => report
+                .failed
+                .push(format!("cluster {name}: endpoint {failed}")),
+        }
+    }
+    report.changes.extend(changes);
+}
+
+/// Applies one endpoint step: what was done, or what failed, each starting
+/// with the endpoint's name.
+fn apply_step(
+    name: &str,
+    entry: &Entry,
+    next: &ClusterSettings,
+    backends: &mut BTreeMap<String, AnyBackend>,
+    step: EndpointStep<'_>,
+) -> Result<String, String> {
+    let cluster = &entry.cluster;
+    match step {
+        EndpointStep::Swap(swap, ep) => {
+            let ep_name = &ep.name;
             let swapped = AnyBackend::build(next.engine, name, &next.pool, ep).and_then(|b| {
-                let cluster = &entry.cluster;
                 match swap {
                     Swap::Add => cluster.add_endpoint(&b, endpoint_config(ep)),
                     Swap::Repoint => cluster.replace_endpoint(&b, endpoint_config(ep)),
@@ -479,39 +526,21 @@ fn apply_cluster(
                     source,
                 })
             });
-            match swapped {
-                Ok(b) => {
-                    backends.insert(ep.name.clone(), b);
-                    changes.push(format!(
-                        "cluster {name}: endpoint {ep_name} {}",
-                        swap.done()
-                    ));
-                }
-                Err(e) => failed(&format!("endpoint {ep_name}"), &e),
-            }
+            let b = swapped.map_err(|e| format!("{ep_name}: {}", error_chain(&e)))?;
+            backends.insert(ep_name.clone(), b);
+            Ok(format!("{ep_name} {}", swap.done()))
         }
-        // A fresh endpoint (added or re-pointed) already has its new weight.
-        let reweigh = old.is_some_and(|o| o.weight != ep.weight)
-            && !matches!(swap, Some(Swap::Add | Swap::Repoint));
-        if reweigh {
-            match entry
-                .cluster
-                .set_weight(&EndpointId::new(ep_name), ep.weight)
-            {
-                Ok(()) => changes.push(format!(
-                    "cluster {name}: endpoint {ep_name} weight {}",
-                    ep.weight
-                )),
-                Err(e) => failed(&format!("endpoint {ep_name}"), &e),
-            }
+        EndpointStep::Reweight(ep) => {
+            let ep_name = &ep.name;
+            cluster
+                .set_weight(&EndpointId::new(ep_name.as_str()), ep.weight)
+                .map_err(|e| format!("{ep_name}: {}", error_chain(&e)))?;
+            Ok(format!("{ep_name} weight {}", ep.weight))
+        }
+        EndpointStep::Remove(ep_name) => {
+            cluster.remove_endpoint(&EndpointId::new(ep_name));
+            backends.remove(ep_name);
+            Ok(format!("{ep_name} removed"))
         }
     }
-    for ep_name in old_eps.keys() {
-        if !next.endpoints.iter().any(|e| e.name == *ep_name) {
-            entry.cluster.remove_endpoint(&EndpointId::new(*ep_name));
-            backends.remove(*ep_name);
-            changes.push(format!("cluster {name}: endpoint {ep_name} removed"));
-        }
-    }
-    report.changes.extend(changes);
 }

@@ -318,6 +318,8 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
     })
 }
 
+/// The cluster's endpoints, each through the steps of [`endpoint`]; then
+/// the list as a whole: not empty, and a primary when the cluster takes writes.
 fn endpoints(
     path: &str,
     engine: Option<Engine>,
@@ -328,7 +330,8 @@ fn endpoints(
 ) -> Vec<EndpointSettings> {
     let list_path = format!("{path}.endpoints");
     let raw = match value {
-        None => {
+        Some(Value::Array(_, items)) if !items.is_empty() => items,
+        Some(Value::Array(..)) | None => {
             push(
                 problems,
                 &list_path,
@@ -336,19 +339,11 @@ fn endpoints(
             );
             return Vec::new();
         }
-        Some(Value::Array(_, items)) => items,
         Some(_) => {
             push(problems, &list_path, "expected a list of endpoints");
             return Vec::new();
         }
     };
-    if raw.is_empty() {
-        push(
-            problems,
-            &list_path,
-            "a cluster needs at least one endpoint",
-        );
-    }
     let mut out: Vec<EndpointSettings> = Vec::new();
     let mut has_primary = false;
     for (i, item) in raw.iter().enumerate() {
@@ -357,86 +352,13 @@ fn endpoints(
             continue;
         };
         has_primary |= ep.role == Role::Primary;
-        if !valid_name(&ep.name) {
-            push(
-                problems,
-                &format!("{ep_path}.name"),
-                format!(
-                    "{:?}: endpoint names allow ASCII letters, digits, '_' and '-'",
-                    ep.name
-                ),
-            );
+        let settled = endpoint(&ep_path, engine, ep, &cluster_tls, problems);
+        if let Some(ep) = settled {
+            unique(&ep, &out, &ep_path, problems);
+            out.push(ep);
         }
-        from_core(
-            problems,
-            EndpointConfig::new(ep.role)
-                .weight(ep.weight)
-                .validate(&ep_path),
-        );
-        let url_path = format!("{ep_path}.url");
-        let url = match resolve_references(&ep.url) {
-            Ok(resolved) => match &ep.password_file {
-                Some(file) => match with_password_file(&resolved, file) {
-                    Ok(u) => Some(u),
-                    Err(m) => {
-                        push(problems, &format!("{ep_path}.password_file"), m);
-                        None
-                    }
-                },
-                None => Some(SecretUrl::new(resolved)),
-            },
-            Err(missing) => {
-                for m in missing {
-                    push(problems, &url_path, m);
-                }
-                None
-            }
-        };
-        let Some(url) = url else { continue };
-        let tls = match ep.tls {
-            Some(t) => Some((t, format!("{ep_path}.tls"))),
-            None => cluster_tls.clone(),
-        };
-        let Some((tls, tls_digest)) = tls_files(tls, problems) else {
-            continue;
-        };
-        if let Some(engine) = engine {
-            check_url(engine, &ep.name, &url, tls.as_ref(), &ep_path, problems);
-        }
-        if let Some(j) = out.iter().position(|o| o.name == ep.name) {
-            push(
-                problems,
-                &format!("{ep_path}.name"),
-                format!(
-                    "duplicate endpoint name {:?} (also endpoints[{j}])",
-                    ep.name
-                ),
-            );
-        }
-        if let Some(j) = out.iter().position(|o| o.url == url) {
-            push(
-                problems,
-                &url_path,
-                format!(
-                    "duplicate endpoint url {} (also endpoints[{j}])",
-                    url.redacted()
-                ),
-            );
-        }
-        let mut secret_files = file_references(&ep.url);
-        secret_files.extend(ep.password_file);
-        secret_files.extend(tls.iter().flat_map(|t| t.files().map(PathBuf::from)));
-        out.push(EndpointSettings {
-            name: ep.name,
-            url,
-            role: ep.role,
-            weight: ep.weight,
-            secret_files,
-            tls,
-            tls_digest,
-        });
     }
-    if writes && !raw.is_empty() && !has_primary {
+    if writes && !has_primary {
         push(
             problems,
             &list_path,
@@ -444,6 +366,105 @@ fn endpoints(
         );
     }
     out
+}
+
+/// One endpoint's steps: its name and router settings, its URL with the
+/// references resolved, its TLS files (the cluster's when it names none),
+/// and what the engine says of the URL; `None` when a step left nothing to
+/// build on.
+fn endpoint(
+    ep_path: &str,
+    engine: Option<Engine>,
+    mut ep: RawEndpoint,
+    cluster_tls: &Option<(TlsSettings, String)>,
+    problems: &mut Vec<Problem>,
+) -> Option<EndpointSettings> {
+    if !valid_name(&ep.name) {
+        push(
+            problems,
+            &format!("{ep_path}.name"),
+            format!(
+                "{:?}: endpoint names allow ASCII letters, digits, '_' and '-'",
+                ep.name
+            ),
+        );
+    }
+    from_core(
+        problems,
+        EndpointConfig::new(ep.role)
+            .weight(ep.weight)
+            .validate(ep_path),
+    );
+    let url = endpoint_url(ep_path, &ep, problems)?;
+    let tls = match ep.tls.take() {
+        Some(t) => Some((t, format!("{ep_path}.tls"))),
+        None => cluster_tls.clone(),
+    };
+    let (tls, tls_digest) = tls_files(tls, problems)?;
+    if let Some(engine) = engine {
+        check_url(engine, &ep.name, &url, tls.as_ref(), ep_path, problems);
+    }
+    let mut secret_files = file_references(&ep.url);
+    secret_files.extend(ep.password_file);
+    secret_files.extend(tls.iter().flat_map(|t| t.files().map(PathBuf::from)));
+    Some(EndpointSettings {
+        name: ep.name,
+        url,
+        role: ep.role,
+        weight: ep.weight,
+        secret_files,
+        tls,
+        tls_digest,
+    })
+}
+
+/// The endpoint's URL with `${VAR}` and `${file:…}` references resolved and
+/// its `password_file` read in; `None` after pushing the problems.
+fn endpoint_url(ep_path: &str, ep: &RawEndpoint, problems: &mut Vec<Problem>) -> Option<SecretUrl> {
+    let resolved = match resolve_references(&ep.url) {
+        Ok(resolved) => resolved,
+        Err(missing) => {
+            for m in missing {
+                push(problems, &format!("{ep_path}.url"), m);
+            }
+            return None;
+        }
+    };
+    let Some(file) = &ep.password_file else {
+        return Some(SecretUrl::new(resolved));
+    };
+    with_password_file(&resolved, file)
+        .map_err(|m| push(problems, &format!("{ep_path}.password_file"), m))
+        .ok()
+}
+
+/// Pushes a problem for each endpoint before `ep` with the same name or URL.
+fn unique(
+    ep: &EndpointSettings,
+    before: &[EndpointSettings],
+    ep_path: &str,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(j) = before.iter().position(|o| o.name == ep.name) {
+        push(
+            problems,
+            &format!("{ep_path}.name"),
+            format!(
+                "duplicate endpoint name {:?} (also endpoints[{j}])",
+                ep.name
+            ),
+        );
+    }
+    if let Some(j) = before.iter().position(|o| o.url == ep.url) {
+        push(
+            problems,
+            &format!("{ep_path}.url"),
+            format!(
+                "duplicate endpoint url {} (also endpoints[{j}])",
+                ep.url.redacted()
+            ),
+        );
+    }
 }
 
 /// `tls` (written at the path it carries) with `${VAR}` and `${file:…}`

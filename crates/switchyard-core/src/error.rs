@@ -185,6 +185,23 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A checkout was refused before any I/O: what it asks cannot be done on
+    /// this endpoint as it is set up (the tenant's scope names a target the
+    /// engine cannot take, such as an unsafe name or a reserved user; a source
+    /// the scope needs is missing; the pool cannot run). Found at checkout,
+    /// not when the configuration was read; the same request fails the same
+    /// way again, so it is neither retried nor counted against the endpoint's
+    /// health.
+    #[error("checkout refused on {endpoint}{}: {reason}", ForTenant(tenant))]
+    CheckoutRefused {
+        /// Endpoint that refused.
+        endpoint: EndpointId,
+        /// Tenant the checkout was for.
+        tenant: Option<TenantId>,
+        /// Why, and what to fix.
+        reason: String,
+    },
+
     /// Configuration is invalid.
     #[error("{path}: {message}")]
     Config {
@@ -340,6 +357,7 @@ impl Error {
             | Error::TenantNotProvisioned { endpoint, .. }
             | Error::Scope { endpoint, .. }
             | Error::Tls { endpoint, .. }
+            | Error::CheckoutRefused { endpoint, .. }
             | Error::Backend { endpoint, .. } => Some(endpoint),
             _ => None,
         }

@@ -87,9 +87,12 @@ impl Shared {
             Some(s) => {
                 if s.isolation() == Isolation::Row {
                     // Refused before any I/O.
-                    validate_setting_name(s.row_setting()).map_err(|message| Error::Config {
-                        path: "tenants.row_setting".into(),
-                        message,
+                    validate_setting_name(s.row_setting()).map_err(|message| {
+                        Error::CheckoutRefused {
+                            endpoint: self.config.endpoint.clone(),
+                            tenant: Some(s.tenant().clone()),
+                            reason: format!("row_setting: {message}"),
+                        }
                     })?;
                 }
                 let slots = Arc::clone(&self.slots);

@@ -561,7 +561,7 @@ async fn hostile_tenant_input_never_reaches_the_server() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Config { .. }), "{err:?}");
+    assert!(matches!(err, Error::CheckoutRefused { .. }), "{err:?}");
     assert_eq!(proxy.accepted(), accepted, "a bad row setting caused I/O");
     let db = TenantScope::new(
         t,

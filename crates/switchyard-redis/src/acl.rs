@@ -217,12 +217,10 @@ pub async fn provision_acl_users<'a>(
         }
         let tenant = scope.tenant();
         if !is_safe_target(scope.target()) {
-            return Err(Error::Config {
-                path: "tenants".into(),
-                message: format!(
-                    "scope target {:?} of tenant {tenant} cannot name an ACL user",
-                    scope.target()
-                ),
+            return Err(Error::CheckoutRefused {
+                endpoint,
+                tenant: Some(tenant.clone()),
+                reason: format!("scope target {:?} cannot name an ACL user", scope.target()),
             });
         }
         let password = passwords

@@ -221,15 +221,20 @@ impl RedisBackend {
         }
     }
 
+    fn refused(&self, scope: &TenantScope, reason: String) -> Error {
+        Error::CheckoutRefused {
+            endpoint: self.endpoint.clone(),
+            tenant: Some(scope.tenant().clone()),
+            reason,
+        }
+    }
+
     fn password_of(&self, scope: &TenantScope) -> Result<crate::AclPassword, Error> {
         let Some(passwords) = &self.passwords else {
-            return Err(Error::Config {
-                path: format!("redis.{}.acl_passwords", self.endpoint),
-                message: format!(
-                    "tenant {} uses row isolation, which needs an ACL password source",
-                    scope.tenant()
-                ),
-            });
+            return Err(self.refused(
+                scope,
+                "row isolation needs an ACL password source (acl_passwords)".into(),
+            ));
         };
         passwords
             .password(scope.tenant())
@@ -247,24 +252,22 @@ impl RedisBackend {
         if scope.isolation() == Isolation::Row
             && self.reserved_users().any(|user| user == acl_user(scope))
         {
-            return Err(Error::Config {
-                path: "tenants".into(),
-                message: format!(
-                    "tenant {} would authenticate as the reserved ACL user {:?}",
-                    scope.tenant(),
+            return Err(self.refused(
+                scope,
+                format!(
+                    "the tenant would authenticate as the reserved ACL user {:?}",
                     acl_user(scope)
                 ),
-            });
+            ));
         }
         if !is_safe_target(scope.target()) {
-            return Err(Error::Config {
-                path: "tenants".into(),
-                message: format!(
-                    "scope target {:?} of tenant {} is not a safe redis name ([A-Za-z0-9_-]+)",
-                    scope.target(),
-                    scope.tenant()
+            return Err(self.refused(
+                scope,
+                format!(
+                    "scope target {:?} is not a safe redis name ([A-Za-z0-9_-]+)",
+                    scope.target()
                 ),
-            });
+            ));
         }
         match scope.isolation() {
             Isolation::Database => self
@@ -547,7 +550,7 @@ impl Backend for RedisBackend {
     /// A missing ACL password source is not refused here: tiers are shared by
     /// every cluster of a configuration, and a Redis cluster that no
     /// row-isolated tenant uses needs none. A row-scoped checkout without one
-    /// fails with a configuration error naming the source.
+    /// fails with [`Error::CheckoutRefused`] naming the source.
     fn validate_tier(&self, name: &str, tier: &TierPolicy) -> Result<(), Error> {
         if tier.isolation != Isolation::Row {
             return Ok(());
@@ -626,12 +629,12 @@ mod tests {
             .acquire(Some(&scope(Isolation::Row, "tenant_acme")), deadline)
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Config { .. }), "{err}");
+        assert!(matches!(err, Error::CheckoutRefused { .. }), "{err}");
         let err = backend
             .acquire(Some(&scope(Isolation::Schema, "tenant_*")), deadline)
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Config { .. }), "{err}");
+        assert!(matches!(err, Error::CheckoutRefused { .. }), "{err}");
         assert_eq!(backend.stats().size, 0);
         assert_eq!(
             backend.database_of(&scope(Isolation::Database, "tenant_known")),

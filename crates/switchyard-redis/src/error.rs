@@ -144,9 +144,10 @@ pub(crate) fn pool_error(
         },
         PoolError::Backend(e) => redis_error(endpoint, tenant, e),
         PoolError::Closed => Error::Closed,
-        PoolError::NoRuntimeSpecified => Error::Config {
-            path: format!("redis.{endpoint}"),
-            message: "the pool has no async runtime".into(),
+        PoolError::NoRuntimeSpecified => Error::CheckoutRefused {
+            endpoint: endpoint.clone(),
+            tenant: tenant.cloned(),
+            reason: "the pool has no async runtime".into(),
         },
         PoolError::PostCreateHook(e) => Error::backend(
             endpoint,

@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, Checkout, CheckoutRequest, Deadline, EndpointId, Error, Intent, TenantId,
+    Backend, Checkout, CheckoutRequest, Deadline, EndpointId, Error, Intent, TenantEntry, TenantId,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterState};
 use crate::config::ReadPreference;
-use crate::endpoint::{Endpoint, EndpointState};
+use crate::endpoint::Endpoint;
+use crate::health::Event;
 use crate::run::Attempt;
 
 /// Options for one checkout or [`run`](Cluster::run).
@@ -158,19 +159,60 @@ impl Budget {
     }
 }
 
-/// Gives the half-open trial back if the checkout ended without a verdict
-/// (cancelled, or failed for a reason that says nothing about the endpoint).
-struct TrialGuard(Arc<EndpointState>);
+/// The half-open trial a checkout holds. Its verdict goes to the cluster; a
+/// checkout that ends without one (cancelled, or failed for a reason that
+/// says nothing about the endpoint) gives it back on drop.
+struct Trial<'a, B: Backend> {
+    cluster: &'a ClusterState<B>,
+    ep: Arc<Endpoint<B>>,
+}
 
-impl Drop for TrialGuard {
-    fn drop(&mut self) {
-        if self.0.half_open.load(std::sync::atomic::Ordering::Acquire) {
-            self.0.release_trial();
-        }
+impl<B: Backend> Trial<'_, B> {
+    /// The trial checkout got its connection: the endpoint is back.
+    fn passed(self) {
+        self.cluster.apply(&self.ep.state, Event::TrialPassed);
     }
 }
 
-type Chosen<B> = (Arc<Endpoint<B>>, Option<TrialGuard>);
+impl<B: Backend> Drop for Trial<'_, B> {
+    fn drop(&mut self) {
+        self.cluster.apply(&self.ep.state, Event::TrialAbandoned);
+    }
+}
+
+type Chosen<'a, B> = (Arc<Endpoint<B>>, Option<Trial<'a, B>>);
+
+/// What one attempt's result means: the checkout's result, or another
+/// attempt (with the error that ended this one, if any).
+enum Step<B: Backend> {
+    Done(Result<Checkout<B>, Error>),
+    Retry(Option<Error>),
+}
+
+/// The request of the next attempt on `ep`, which starts now (the first
+/// when the operation did, unless it had to wait for an endpoint: no clock
+/// read).
+fn request<B: Backend>(
+    ep: &Endpoint<B>,
+    budget: &mut Budget,
+    at_once: bool,
+    entry: Option<&TenantEntry>,
+) -> CheckoutRequest {
+    let started = if budget.attempts == 1 && at_once {
+        budget.started
+    } else {
+        Instant::now()
+    };
+    let deadline = budget.start_attempt(started);
+    let req = CheckoutRequest::new(deadline)
+        .started_at(started)
+        .in_flight(Arc::clone(&ep.state.in_flight))
+        .observer(Arc::clone(&ep.observer));
+    match entry {
+        Some(entry) => req.tenant(entry),
+        None => req,
+    }
+}
 
 impl<B: Backend> Cluster<B> {
     /// Checks out a connection for `intent`, scoped to `tenant` when given.
@@ -219,13 +261,15 @@ impl<B: Backend> Cluster<B> {
         self.attempts(intent, tenant, budget).instrument(span).await
     }
 
+    /// Attempts until one hands out a connection or the budget says stop, each
+    /// a table of steps: choose an endpoint, check out, take the trial's
+    /// verdict or the endpoint's failure to the cluster, judge the result.
     async fn attempts(
         &self,
         intent: Intent,
         tenant: Option<&TenantId>,
         budget: &mut Budget,
     ) -> Result<Checkout<B>, Error> {
-        let started = budget.started;
         let entry = match tenant {
             Some(t) => Some(self.shared.tenants.load().resolve(t)?),
             None => None,
@@ -244,71 +288,102 @@ impl<B: Backend> Cluster<B> {
                     });
                 }
             };
-            // The first attempt starts when the operation did, unless it had
-            // to wait for an endpoint: no clock read.
-            let attempt_started = if budget.attempts == 1 && at_once {
-                budget.started
-            } else {
-                Instant::now()
-            };
-            let deadline = budget.start_attempt(attempt_started);
-            let mut req = CheckoutRequest::new(deadline)
-                .started_at(attempt_started)
-                .in_flight(Arc::clone(&ep.state.in_flight))
-                .observer(Arc::clone(&ep.observer));
-            if let Some(entry) = &entry {
-                req = req.tenant(entry);
-            }
+            let req = request(&ep, budget, at_once, entry.as_deref());
             let result = Checkout::acquire(&ep.backend, req).await;
-            drop(trial);
+            self.settle(&ep, trial, &result);
             let span = tracing::Span::current();
             span.record("endpoint", ep.id().as_str());
             span.record("attempts", budget.attempts);
-            match result {
-                // A write connection is handed out only by the endpoint that is
-                // the writer now: a checkout that waited through a failover (the
-                // old primary killed, then back as an independent primary) must
-                // not write there. Nothing was sent yet, so retrying is safe.
-                Ok(conn)
-                    if intent == Intent::Write
-                        && self.shared.snapshot.load().writer() != Some(ep.id()) =>
-                {
-                    tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
-                    drop(conn);
-                    self.shared.metrics.retry(intent);
-                    // Bounded by the deadline, not the retry budget: this retries the
-                    // checkout, never an operation, so it is safe for any write.
-                    if Instant::now() >= budget.deadline {
-                        return Err(Error::NoPrimary {
-                            cluster: self.shared.name.to_string(),
-                            waited: started.elapsed(),
-                        });
-                    }
+            match self.verdict(intent, &ep, result, budget) {
+                Step::Done(done) => return done,
+                Step::Retry(error) => last_error = error.or(last_error),
+            }
+        }
+    }
+
+    /// Takes what the attempt's result says about the endpoint to the
+    /// cluster: the half-open trial passed (before the writer check of
+    /// [`verdict`](Self::verdict): a trial write re-admits the writer it went
+    /// to), or the endpoint failed, which decides a trial too.
+    fn settle(
+        &self,
+        ep: &Endpoint<B>,
+        trial: Option<Trial<'_, B>>,
+        result: &Result<Checkout<B>, Error>,
+    ) {
+        match (result, trial) {
+            (Ok(_), Some(trial)) => trial.passed(),
+            (Err(error), _) if error.is_endpoint_failure() => {
+                let reason = error.to_string();
+                let event = Event::CheckoutFailed {
+                    reason,
+                    refused: None,
+                };
+                self.shared.apply(&ep.state, event);
+            }
+            _ => {}
+        }
+    }
+
+    /// What the attempt's result means for the checkout.
+    fn verdict(
+        &self,
+        intent: Intent,
+        ep: &Endpoint<B>,
+        result: Result<Checkout<B>, Error>,
+        budget: &mut Budget,
+    ) -> Step<B> {
+        let started = budget.started;
+        match result {
+            // A write connection is handed out only by the endpoint that is
+            // the writer now: a checkout that waited through a failover (the
+            // old primary killed, then back as an independent primary) must
+            // not write there. Nothing was sent yet, so retrying is safe.
+            Ok(conn)
+                if intent == Intent::Write
+                    && self.shared.snapshot.load().writer() != Some(ep.id()) =>
+            {
+                tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
+                drop(conn);
+                self.shared.metrics.retry(intent);
+                // Bounded by the deadline, not the retry budget: this retries the
+                // checkout, never an operation, so it is safe for any write.
+                if Instant::now() >= budget.deadline {
+                    return Step::Done(Err(Error::NoPrimary {
+                        cluster: self.shared.name.to_string(),
+                        waited: started.elapsed(),
+                    }));
                 }
-                Ok(conn) => {
-                    if !span.is_disabled() {
-                        span.record("wait_us", started.elapsed().as_micros() as u64);
-                    }
-                    return Ok(conn);
+                Step::Retry(None)
+            }
+            Ok(conn) => {
+                let span = tracing::Span::current();
+                if !span.is_disabled() {
+                    span.record("wait_us", started.elapsed().as_micros() as u64);
                 }
-                Err(error) => {
-                    if !budget.may_retry(&error) {
-                        return Err(error);
-                    }
-                    self.shared.metrics.retry(intent);
-                    tracing::debug!(endpoint = %ep.id(), %error, "checkout failed; retrying on another endpoint");
-                    if intent == Intent::Read {
-                        budget.avoid.push(ep.id().clone());
-                    }
-                    last_error = Some(error);
+                Step::Done(Ok(conn))
+            }
+            Err(error) => {
+                if !budget.may_retry(&error) {
+                    return Step::Done(Err(error));
                 }
+                self.shared.metrics.retry(intent);
+                tracing::debug!(endpoint = %ep.id(), %error, "checkout failed; retrying on another endpoint");
+                if intent == Intent::Read {
+                    budget.avoid.push(ep.id().clone());
+                }
+                Step::Retry(Some(error))
             }
         }
     }
 
     /// An endpoint for `intent`, and whether it was found at the first look;
     /// writes wait for a primary up to `failover_timeout`.
-    async fn choose(&self, intent: Intent, budget: &Budget) -> Result<(Chosen<B>, bool), Error> {
+    async fn choose(
+        &self,
+        intent: Intent,
+        budget: &Budget,
+    ) -> Result<(Chosen<'_, B>, bool), Error> {
         // The common case looks once and takes no lock: registering with
         // `changed` locks its waiter list, which every checkout would contend on.
         if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
@@ -357,13 +432,22 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// One look at the snapshot: a half-open trial first, then the strategy.
-    fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<B>> {
+    /// One look at the snapshot, once the failures dropped checkouts reported
+    /// are applied: a half-open trial first, then the strategy.
+    fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<'_, B>> {
+        self.shared.apply_reported();
         let snap = self.shared.snapshot.load();
-        if let Some(ep) = snap.claim_trial(intent, avoid) {
-            return Some((Arc::clone(ep), Some(TrialGuard(Arc::clone(&ep.state)))));
+        let trial = snap
+            .trials(intent, avoid)
+            .find(|ep| self.shared.apply(&ep.state, Event::TrialClaimed));
+        if let Some(ep) = trial {
+            let trial = Trial {
+                cluster: &self.shared,
+                ep: Arc::clone(ep),
+            };
+            return Some((Arc::clone(ep), Some(trial)));
         }
-        if let Some(ep) = snap.pool(intent).pick(avoid) {
+        if let Some(ep) = snap.candidates(intent).pick(avoid) {
             return Some((Arc::clone(ep), None));
         }
         // A read retry that ran out of replicas may still use the primary.

@@ -1,11 +1,10 @@
 //! The cluster: endpoints of one engine, their shared state, and live topology.
 
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
-use switchyard_core::{Backend, EndpointId, Error, Probe, TenantRegistry};
+use switchyard_core::{Backend, EndpointId, Error, TenantRegistry};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -13,10 +12,9 @@ use tracing::Instrument;
 
 use crate::config::{join_problems, ClusterConfig, EndpointConfig};
 use crate::election::Line;
-use crate::endpoint::{ClusterHooks, Endpoint, EndpointState};
-use crate::health::ejection::{ejection_cap, Phase};
-use crate::health::{prober, Who};
+use crate::endpoint::{Endpoint, EndpointState, Inbox};
 use crate::metrics::ClusterMetrics;
+use crate::prober;
 use crate::source::follow::SourceCell;
 use crate::topology::Snapshot;
 use crate::warming;
@@ -28,7 +26,7 @@ use crate::warming;
 /// clone is dropped or [`close`](Self::close) is called. Checkouts still held
 /// then keep their endpoint alive and are returned normally.
 pub struct Cluster<B: Backend> {
-    pub(crate) shared: Arc<Shared<B>>,
+    pub(crate) shared: Arc<ClusterState<B>>,
     _owner: Arc<DropGuard>,
 }
 
@@ -50,7 +48,9 @@ impl<B: Backend> fmt::Debug for Cluster<B> {
     }
 }
 
-pub(crate) struct Shared<B: Backend> {
+/// What every clone of a [`Cluster`] shares: its configuration, tenants,
+/// routing snapshot and topology, and the handles of its tasks.
+pub(crate) struct ClusterState<B: Backend> {
     pub name: Arc<str>,
     pub engine: &'static str,
     /// The configuration in force; replaced whole by `set_config` and
@@ -71,6 +71,8 @@ pub(crate) struct Shared<B: Backend> {
     pub causal: crate::causal::CausalMetrics,
     /// The topology source being followed, if any, and its task's token.
     source: Mutex<Option<(SourceCell, CancellationToken)>>,
+    /// Failures the endpoints' dropped checkouts reported, not yet applied.
+    pub inbox: Arc<Inbox>,
 }
 
 pub(crate) struct Topology<B: Backend> {
@@ -83,7 +85,7 @@ pub(crate) struct Topology<B: Backend> {
     pub line: Option<Line>,
     /// Fenced primaries and split-brain primaries of the last rebuild, to log
     /// changes.
-    fenced: Vec<EndpointId>,
+    pub fenced: Vec<EndpointId>,
     split_brain: Vec<EndpointId>,
 }
 
@@ -163,7 +165,7 @@ impl<B: Backend> ClusterBuilder<B> {
         })?;
         let cancel = CancellationToken::new();
         let name: Arc<str> = self.name.into();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ClusterState {
             metrics: ClusterMetrics::new(self.engine, &name),
             causal: crate::causal::CausalMetrics::new(self.engine, &name),
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&self.config)),
@@ -184,14 +186,20 @@ impl<B: Backend> ClusterBuilder<B> {
             runtime,
             name,
             source: Mutex::new(None),
+            inbox: Arc::default(),
         });
         let cluster = Cluster {
             _owner: Arc::new(cancel.drop_guard()),
             shared,
         };
-        for (backend, ep) in self.endpoints {
-            cluster.shared.add(backend, ep)?;
-        }
+        let changes = self
+            .endpoints
+            .into_iter()
+            .map(|(backend, ep)| crate::live::EndpointChange::Insert(backend, ep));
+        cluster
+            .change_endpoints(changes)
+            .into_iter()
+            .collect::<Result<(), Error>>()?;
         Ok(cluster)
     }
 }
@@ -236,7 +244,7 @@ impl<B: Backend> Cluster<B> {
     }
 }
 
-impl<B: Backend> Shared<B> {
+impl<B: Backend> ClusterState<B> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Topology<B>> {
         self.topology.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -244,13 +252,6 @@ impl<B: Backend> Shared<B> {
     /// The topology source's record; taken after the topology lock, never before.
     pub(crate) fn source_cell(&self) -> MutexGuard<'_, Option<(SourceCell, CancellationToken)>> {
         self.source.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn who<'a>(&'a self, ep: &'a EndpointState) -> Who<'a> {
-        Who {
-            cluster: &self.name,
-            endpoint: &ep.id,
-        }
     }
 
     /// `clusters.<name>`, the root of this cluster's configuration paths.
@@ -291,50 +292,26 @@ impl<B: Backend> Shared<B> {
             })
     }
 
-    pub(crate) fn add(
-        self: &Arc<Self>,
-        backend: Arc<B>,
-        config: EndpointConfig,
-    ) -> Result<(), Error> {
-        let id = backend.endpoint().clone();
-        self.check_endpoint(&backend, &config)?;
-        let mut topo = self.lock();
-        self.check_open()?;
-        if topo.endpoints.iter().any(|e| e.id() == &id) {
-            return Err(Error::Config {
-                path: format!("{}.endpoints", self.path()),
-                message: format!("duplicate endpoint {id}"),
-            });
-        }
-        let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
-        topo.endpoints.push(ep);
-        tracing::info!(cluster = %self.name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint added");
-        self.rebuild(&mut topo, "endpoint added");
-        Ok(())
-    }
-
     /// A new endpoint's state: assumed up in its configured role.
     pub(crate) fn fresh_state(
-        self: &Arc<Self>,
+        &self,
         id: &EndpointId,
         config: &EndpointConfig,
     ) -> Arc<EndpointState> {
-        let weak: std::sync::Weak<Self> = Arc::downgrade(self);
-        let hooks: std::sync::Weak<dyn ClusterHooks> = weak;
         Arc::new(EndpointState::new(
             id.clone(),
             &self.name,
             self.engine,
             config,
             &self.config.load(),
-            hooks,
+            Arc::clone(&self.inbox),
         ))
     }
 
     /// `backend` with `state`, and its tasks started: the prober (probing at
     /// once, or an interval after `last_probe`) and the warmer when warming is on.
     pub(crate) fn start_endpoint(
-        &self,
+        self: &Arc<Self>,
         backend: Arc<B>,
         state: Arc<EndpointState>,
         last_probe: Option<Instant>,
@@ -344,8 +321,8 @@ impl<B: Backend> Shared<B> {
             tracing::info_span!("switchyard.prober", cluster = %self.name, endpoint = %ep.id());
         self.runtime.spawn(
             prober::run(
+                Arc::clone(self),
                 Arc::clone(&ep),
-                Arc::clone(&self.config),
                 last_probe,
                 ep.cancel.clone(),
             )
@@ -379,10 +356,10 @@ impl<B: Backend> Shared<B> {
         }
     }
 
-    /// Stops an endpoint that left the cluster: its tasks end, and its state
-    /// ignores what in-flight checkouts report from now on.
+    /// Stops an endpoint that left the cluster: its tasks end (what its
+    /// in-flight checkouts report is ignored, as it is no longer one of the
+    /// cluster's endpoints).
     pub(crate) fn retire(ep: &Endpoint<B>) {
-        ep.state.removed.store(true, Ordering::Release);
         ep.cancel.cancel();
         ep.state.links.set(Vec::new());
     }
@@ -423,28 +400,6 @@ impl<B: Backend> Shared<B> {
         self.changed.notify_waiters();
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
         tracing::debug!(cluster = %self.name, reason, "routing snapshot rebuilt");
-    }
-
-    /// Whether `ep` is up as a primary and no other endpoint is (a primary
-    /// fenced by its history does not count): writes have nowhere else to
-    /// go, so a probe it does not answer in time says "slow" rather than
-    /// "dead" (a refused or broken probe still says dead).
-    fn only_primary(topo: &Topology<B>, ep: &EndpointState) -> bool {
-        // A primary fenced by its history (behind or off the line writes
-        // follow) takes no writes while it stays so: it is no alternative. One
-        // without history is fenced only while another writes, so it is.
-        let primary = |e: &Endpoint<B>| {
-            let h = e.state.health();
-            let fenced = h.history.is_some() && topo.fenced.contains(e.id());
-            h.up && h.role == switchyard_core::Role::Primary && !fenced
-        };
-        topo.endpoints.iter().all(|e| {
-            if std::ptr::eq(Arc::as_ptr(&e.state), ep) {
-                primary(e)
-            } else {
-                !primary(e)
-            }
-        })
     }
 
     /// Logs and counts primaries fenced or released and split brains begun or
@@ -502,135 +457,6 @@ impl<B: Backend> Shared<B> {
         }
         topo.fenced.clone_from(&snap.fenced);
         topo.split_brain.clone_from(&snap.split_brain);
-    }
-
-    /// Whether ejecting `ep` would break the cap or leave writes nowhere to go.
-    fn ejection_refused(
-        &self,
-        topo: &Topology<B>,
-        ep: &EndpointState,
-        max_ejected_percent: u8,
-    ) -> Option<String> {
-        let out = topo
-            .endpoints
-            .iter()
-            .filter(|e| !std::ptr::eq(Arc::as_ptr(&e.state), ep))
-            .filter(|e| e.state.health().ejection.is_out())
-            .count();
-        let cap = ejection_cap(topo.endpoints.len(), max_ejected_percent);
-        if out >= cap {
-            return Some(format!(
-                "{out} of {} endpoints already ejected (max_ejected_percent {max_ejected_percent})",
-                topo.endpoints.len(),
-            ));
-        }
-        let snap = self.snapshot.load();
-        if snap.write.candidates.len() == 1 && snap.writer() == Some(&ep.id) {
-            return Some("it is the only writable endpoint".into());
-        }
-        None
-    }
-}
-
-impl<B: Backend> ClusterHooks for Shared<B> {
-    fn endpoint_failed(&self, ep: &EndpointState, reason: &str) {
-        let mut topo = self.lock();
-        let config = self.config.load();
-        let phase = ep.health().ejection.phase;
-        match phase {
-            Phase::Ejected { .. } => return,
-            Phase::Admitted => {
-                if let Some(why) =
-                    self.ejection_refused(&topo, ep, config.health.max_ejected_percent)
-                {
-                    ep.metrics.ejections_capped.increment(1);
-                    tracing::warn!(cluster = %self.name, endpoint = %ep.id, reason, "not ejecting endpoint: {why}");
-                    return;
-                }
-            }
-            Phase::HalfOpen => {}
-        }
-        let now = Instant::now();
-        let backoff = ep.health().ejection.eject(&config.health, now);
-        ep.half_open.store(false, Ordering::Release);
-        ep.release_trial();
-        ep.metrics.ejections.increment(1);
-        ep.counters.ejected();
-        if phase == Phase::HalfOpen {
-            tracing::warn!(cluster = %self.name, endpoint = %ep.id, ?backoff, reason, "half-open trial failed: endpoint ejected again for {backoff:?}");
-        } else {
-            tracing::warn!(cluster = %self.name, endpoint = %ep.id, ?backoff, reason, "endpoint ejected for {backoff:?} after a failed checkout");
-        }
-        ep.wake.notify_one();
-        self.rebuild(&mut topo, "endpoint ejected");
-    }
-
-    fn trial_passed(&self, ep: &EndpointState) {
-        let mut topo = self.lock();
-        if ep.removed.load(Ordering::Acquire) || !ep.health().ejection.readmit(Instant::now()) {
-            return;
-        }
-        ep.half_open.store(false, Ordering::Release);
-        ep.release_trial();
-        tracing::info!(cluster = %self.name, endpoint = %ep.id, "endpoint re-admitted after a successful trial checkout");
-        self.rebuild(&mut topo, "endpoint re-admitted");
-    }
-
-    fn probed(&self, ep: &EndpointState, result: Result<Probe, Error>) {
-        let mut topo = self.lock();
-        if ep.removed.load(Ordering::Acquire) {
-            return;
-        }
-        let config = self.config.load();
-        let cfg = &config.health;
-        let now = Instant::now();
-        let slow_only_primary = match &result {
-            Err(Error::ProbeTimeout { elapsed, .. }) if Self::only_primary(&topo, ep) => {
-                Some(*elapsed)
-            }
-            _ => None,
-        };
-        let at = now + cfg.interval;
-        let changed = {
-            let mut h = ep.health();
-            match result {
-                Ok(probe) => {
-                    ep.metrics.probe_rtt.record(probe.rtt);
-                    if let Some(lag) = probe.lag {
-                        ep.metrics.lag.set(lag.as_secs_f64());
-                    }
-                    ep.ewma.observe(probe.rtt);
-                    h.probe_passed(probe, cfg, &self.who(ep), now);
-                }
-                Err(error) => {
-                    ep.metrics.probe_failures.increment(1);
-                    match slow_only_primary {
-                        Some(elapsed) => {
-                            // Slow, as far as anyone can tell: the latency
-                            // estimate learns it, routing does not drop it.
-                            ep.ewma.observe(elapsed);
-                            h.probe_slow(&error, &self.who(ep), now);
-                        }
-                        None => h.probe_failed(&error, cfg, &self.who(ep), now),
-                    }
-                }
-            }
-            h.reroute(cfg, at)
-        };
-        if changed {
-            self.rebuild(&mut topo, "probe changed routing");
-        }
-    }
-
-    fn ejection_expired(&self, ep: &EndpointState) {
-        let mut topo = self.lock();
-        if ep.removed.load(Ordering::Acquire) || !ep.health().ejection.expire(Instant::now()) {
-            return;
-        }
-        ep.release_trial();
-        ep.half_open.store(true, Ordering::Release);
-        tracing::info!(cluster = %self.name, endpoint = %ep.id, "ejection over: endpoint half-open, the next checkout is a trial");
-        self.rebuild(&mut topo, "endpoint half-open");
     }
 }
 

@@ -2,36 +2,22 @@
 //! health, and the observer that learns from its checkouts.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, BackendErrorKind, CheckoutObserver, EndpointId, Error, InFlight, Outcome, Probe, Role,
+    Backend, BackendErrorKind, CheckoutObserver, EndpointId, Error, InFlight, Outcome, Role,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClusterConfig, EndpointConfig};
+use crate::counters::Counters;
 use crate::health::HealthState;
 use crate::metrics::EndpointMetrics;
-use crate::status::CheckoutCounters;
 use crate::strategy::{Load, LoadLinks, PeakEwma};
-
-/// What an endpoint's health events need from its cluster. Implemented by the
-/// cluster and held weakly, so endpoints (kept alive by checkouts and tasks)
-/// never keep a dropped cluster alive.
-pub(crate) trait ClusterHooks: Send + Sync + 'static {
-    /// Real traffic says the endpoint is unhealthy.
-    fn endpoint_failed(&self, ep: &EndpointState, reason: &str);
-    /// A checkout succeeded while the endpoint was half-open.
-    fn trial_passed(&self, ep: &EndpointState);
-    /// A probe finished.
-    fn probed(&self, ep: &EndpointState, result: Result<Probe, Error>);
-    /// The endpoint's ejection backoff ended.
-    fn ejection_expired(&self, ep: &EndpointState);
-}
 
 /// The backend-independent part of an endpoint.
 pub(crate) struct EndpointState {
@@ -40,75 +26,24 @@ pub(crate) struct EndpointState {
     pub in_flight: Arc<InFlight>,
     pub links: Arc<LoadLinks>,
     pub ewma: PeakEwma,
+    /// Changed only by the cluster ([`crate::cluster`]'s `apply`).
     health: Mutex<HealthState>,
-    /// Mirrors `health.ejection.phase == HalfOpen`, so the success path of a
-    /// checkout stays on atomics.
-    pub half_open: AtomicBool,
-    /// The half-open trial has been handed to a checkout.
-    trial_taken: AtomicBool,
-    /// Wakes the prober: the ejection timer changed or a probe is wanted now.
+    /// Wakes the health task: the ejection timer changed, a probe is wanted
+    /// now, or a caller reported a failure.
     pub wake: Notify,
     pub probe_now: AtomicBool,
-    /// Set when the endpoint leaves the cluster; its events are ignored after.
-    pub removed: AtomicBool,
-    pub hooks: Weak<dyn ClusterHooks>,
+    /// Endpoint failures reported as checkouts were dropped, not yet applied:
+    /// the drop only leaves word here and in the cluster's [`Inbox`] (it never
+    /// locks the cluster).
+    reported: AtomicU32,
+    /// Where a drop's report tells the cluster that some endpoint has word.
+    inbox: Arc<Inbox>,
     pub metrics: EndpointMetrics,
     /// Lifetime counters shown in [`EndpointStatus`](crate::EndpointStatus).
     pub counters: Counters,
     /// The role a topology source gives the endpoint (`None`: no source);
     /// written by the cluster under its topology lock.
     designated: Mutex<Option<Role>>,
-}
-
-/// A checkout whose acquire took longer than this counts as a wait.
-pub const WAIT_THRESHOLD: Duration = Duration::from_millis(1);
-
-/// Cumulative counters of one endpoint since it joined the cluster: plain
-/// relaxed atomics, updated inline on the checkout path without locks or
-/// allocation.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    checkouts: AtomicU64,
-    waits: AtomicU64,
-    timeouts: AtomicU64,
-    ejections: AtomicU64,
-    operation_timeouts: AtomicU64,
-}
-
-impl Counters {
-    /// A connection was handed out after `waited`.
-    fn acquired(&self, waited: Duration) {
-        self.checkouts.fetch_add(1, Ordering::Relaxed);
-        if waited > WAIT_THRESHOLD {
-            self.waits.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// An acquire gave up at its deadline.
-    fn timed_out(&self) {
-        self.timeouts.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// An operation on a connection of the endpoint was cancelled at a deadline.
-    pub fn operation_timed_out(&self) {
-        self.operation_timeouts.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The endpoint was ejected.
-    pub fn ejected(&self) {
-        self.ejections.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The current values.
-    pub fn snapshot(&self) -> CheckoutCounters {
-        CheckoutCounters {
-            checkouts: self.checkouts.load(Ordering::Relaxed),
-            waits: self.waits.load(Ordering::Relaxed),
-            timeouts: self.timeouts.load(Ordering::Relaxed),
-            ejections: self.ejections.load(Ordering::Relaxed),
-            operation_timeouts: self.operation_timeouts.load(Ordering::Relaxed),
-        }
-    }
 }
 
 impl EndpointState {
@@ -118,7 +53,7 @@ impl EndpointState {
         engine: &'static str,
         endpoint: &EndpointConfig,
         config: &ClusterConfig,
-        hooks: Weak<dyn ClusterHooks>,
+        inbox: Arc<Inbox>,
     ) -> Self {
         let links = Arc::new(LoadLinks::default());
         let metrics = EndpointMetrics::new(engine, cluster, id.as_str());
@@ -129,12 +64,10 @@ impl EndpointState {
             weight: AtomicU32::new(endpoint.weight.max(1)),
             ewma: PeakEwma::new(config.latency.decay, config.latency.default_rtt),
             health: Mutex::new(HealthState::new(endpoint.role, Instant::now())),
-            half_open: AtomicBool::new(false),
-            trial_taken: AtomicBool::new(false),
             wake: Notify::new(),
             probe_now: AtomicBool::new(false),
-            removed: AtomicBool::new(false),
-            hooks,
+            reported: AtomicU32::new(0),
+            inbox,
             metrics,
             counters: Counters::default(),
             designated: Mutex::new(None),
@@ -171,32 +104,15 @@ impl EndpointState {
             .unwrap_or_else(PoisonError::into_inner) = role;
     }
 
-    /// Claims the half-open trial; true for exactly one caller per half-open spell.
-    pub fn claim_trial(&self) -> bool {
-        self.half_open.load(Ordering::Acquire)
-            && self
-                .trial_taken
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-
-    /// Makes the trial available again (a new half-open spell, or a trial that
-    /// ended without a verdict).
-    pub fn release_trial(&self) {
-        self.trial_taken.store(false, Ordering::Release);
-    }
-
     /// Asks the prober for a probe now (e.g. a write met a read-only endpoint).
     pub fn request_probe(&self) {
         self.probe_now.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
-    fn hooks(&self) -> Option<Arc<dyn ClusterHooks>> {
-        if self.removed.load(Ordering::Acquire) {
-            return None;
-        }
-        self.hooks.upgrade()
+    /// Takes the endpoint failures reported since the last call.
+    pub fn take_reported(&self) -> u32 {
+        self.reported.swap(0, Ordering::AcqRel)
     }
 }
 
@@ -206,11 +122,6 @@ impl CheckoutObserver for EndpointState {
         self.metrics.acquired.increment(1);
         self.metrics.wait.record(waited);
         self.counters.acquired(waited);
-        if self.half_open.load(Ordering::Acquire) {
-            if let Some(hooks) = self.hooks() {
-                hooks.trial_passed(self);
-            }
-        }
     }
 
     fn on_acquire_failed(&self, error: &Error, waited: Duration) {
@@ -220,11 +131,10 @@ impl CheckoutObserver for EndpointState {
             self.counters.timed_out();
         }
         if error.is_endpoint_failure() {
-            // A failed wait is a latency sample too: a hung node looks slow at once.
+            // A failed wait is a latency sample too: a hung node looks slow at
+            // once. (The router's checkout loop takes the failure itself to
+            // the cluster.)
             self.ewma.observe(waited);
-            if let Some(hooks) = self.hooks() {
-                hooks.endpoint_failed(self, &error.to_string());
-            }
         } else if matches!(
             error,
             Error::Backend {
@@ -239,9 +149,9 @@ impl CheckoutObserver for EndpointState {
     fn on_released(&self, held: Duration, outcome: Outcome) {
         self.metrics.held.record(held);
         if outcome == Outcome::EndpointFailure {
-            if let Some(hooks) = self.hooks() {
-                hooks.endpoint_failed(self, "the caller reported an endpoint failure");
-            }
+            self.reported.fetch_add(1, Ordering::AcqRel);
+            self.inbox.post();
+            self.wake.notify_one();
         }
     }
 }
@@ -253,6 +163,26 @@ impl fmt::Debug for EndpointState {
             .field("weight", &self.weight())
             .field("in_flight", &self.in_flight.get())
             .finish_non_exhaustive()
+    }
+}
+
+/// Says that a dropped checkout reported an endpoint failure the cluster has
+/// not applied yet. Endpoints post; the cluster takes, and applies what its
+/// endpoints reported before anything reads health (a pick, the status, the
+/// health task), so the pick right after a failed checkout's drop already
+/// avoids the endpoint the failure ejected. Below the cluster, shared by it
+/// and its endpoints: the drop reaches nothing above the endpoint.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox(AtomicBool);
+
+impl Inbox {
+    fn post(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether a report was posted since the last call (one load when not).
+    pub fn take(&self) -> bool {
+        self.0.load(Ordering::Acquire) && self.0.swap(false, Ordering::AcqRel)
     }
 }
 

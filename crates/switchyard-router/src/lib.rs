@@ -94,16 +94,19 @@
 //! # Ok(()) }
 //! ```
 
+mod apply;
 pub mod causal;
 pub mod checkout;
 mod cluster;
 pub mod config;
+mod counters;
 mod election;
 mod endpoint;
 mod fencing;
 pub mod health;
 mod live;
 pub mod metrics;
+mod prober;
 mod run;
 pub mod service;
 pub mod source;
@@ -133,6 +136,7 @@ pub use config::{
     ReadPreference, RetryConfig, StrategyKind, WarmingConfig,
 };
 pub use health::{EjectionStatus, Health};
+pub use live::EndpointChange;
 pub use service::{ClusterService, Route};
 pub use source::{SourceState, SourceStatus, SourceUnreachable, TopologySource};
 pub use status::{CheckoutCounters, ClusterStatus, EndpointStatus, WAIT_THRESHOLD};

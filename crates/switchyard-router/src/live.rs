@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use switchyard_core::{Backend, EndpointId, Error, TenantRegistry};
 
-use crate::cluster::{Cluster, Shared};
+use crate::cluster::{Cluster, ClusterState, Topology};
 use crate::config::{self, join_problems, ClusterConfig, EndpointConfig, StrategyKind};
 
 impl<B: Backend> Cluster<B> {
@@ -80,24 +80,41 @@ impl<B: Backend> Cluster<B> {
         shared.rebuild(&mut topo, "strategy changed");
     }
 
+    /// Applies `changes` to the endpoints in order, in one step: one lock, one
+    /// routing rebuild, so a checkout sees the cluster either before or after
+    /// all of them (as tower's balancer consumes `discover::Change`s). Returns
+    /// each change's result; a change that fails leaves the others applied.
+    pub fn change_endpoints(
+        &self,
+        changes: impl IntoIterator<Item = EndpointChange<B>>,
+    ) -> Vec<Result<(), Error>> {
+        let shared = &self.shared;
+        let mut topo = shared.lock();
+        let results: Vec<_> = changes
+            .into_iter()
+            .map(|change| shared.change(&mut topo, change))
+            .collect();
+        if results.iter().any(Result::is_ok) {
+            shared.rebuild(&mut topo, "endpoints changed");
+        }
+        results
+    }
+
+    fn change_one(&self, change: EndpointChange<B>) -> Result<(), Error> {
+        self.change_endpoints([change])
+            .pop()
+            .unwrap_or(Err(Error::Closed))
+    }
+
     /// Adds an endpoint while traffic flows; its prober starts at once.
     pub fn add_endpoint(&self, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
-        self.shared.add(backend, config)
+        self.change_one(EndpointChange::Insert(backend, config))
     }
 
     /// Removes an endpoint: no new checkouts go to it and its tasks stop;
     /// checkouts in flight finish normally. Returns whether it was there.
     pub fn remove_endpoint(&self, id: &EndpointId) -> bool {
-        let shared = &self.shared;
-        let mut topo = shared.lock();
-        let Ok(pos) = shared.position(&topo, id) else {
-            return false;
-        };
-        let ep = topo.endpoints.remove(pos);
-        Shared::retire(&ep);
-        tracing::info!(cluster = %shared.name, endpoint = %id, "endpoint removed");
-        shared.rebuild(&mut topo, "endpoint removed");
-        true
+        self.change_one(EndpointChange::Remove(id.clone())).is_ok()
     }
 
     /// Replaces the endpoint with `backend`'s id by a new one, in one routing
@@ -115,18 +132,7 @@ impl<B: Backend> Cluster<B> {
     /// Fails with [`Error::Config`] when there is no such endpoint or `config`
     /// is invalid.
     pub fn replace_endpoint(&self, backend: Arc<B>, config: EndpointConfig) -> Result<(), Error> {
-        let shared = &self.shared;
-        let id = backend.endpoint().clone();
-        shared.check_endpoint(&backend, &config)?;
-        let mut topo = shared.lock();
-        shared.check_open()?;
-        let pos = shared.position(&topo, &id)?;
-        let ep = shared.start_endpoint(backend, shared.fresh_state(&id, &config), None);
-        let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-        Shared::retire(&old);
-        tracing::info!(cluster = %shared.name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint replaced");
-        shared.rebuild(&mut topo, "endpoint replaced");
-        Ok(())
+        self.change_one(EndpointChange::Replace(backend, config))
     }
 
     /// Puts `backend` in front of the endpoint with the same id, keeping
@@ -142,38 +148,12 @@ impl<B: Backend> Cluster<B> {
     ///
     /// Fails with [`Error::Config`] when there is no such endpoint.
     pub fn replace_backend(&self, backend: Arc<B>) -> Result<(), Error> {
-        let shared = &self.shared;
-        let id = backend.endpoint().clone();
-        shared.check_tiers(&backend, &shared.tenants.load())?;
-        let mut topo = shared.lock();
-        shared.check_open()?;
-        let pos = shared.position(&topo, &id)?;
-        let state = Arc::clone(&topo.endpoints[pos].state);
-        let last_probe = state.health().last_probe;
-        let ep = shared.start_endpoint(backend, state, last_probe);
-        let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-        // The state lives on in the new endpoint: only the old tasks stop.
-        old.cancel.cancel();
-        tracing::info!(cluster = %shared.name, endpoint = %id, "endpoint backend replaced");
-        shared.rebuild(&mut topo, "endpoint backend replaced");
-        Ok(())
+        self.change_one(EndpointChange::ReplaceBackend(backend))
     }
 
     /// Changes an endpoint's weight (1 to [`MAX_WEIGHT`](config::MAX_WEIGHT)).
     pub fn set_weight(&self, id: &EndpointId, weight: u32) -> Result<(), Error> {
-        let shared = &self.shared;
-        let mut problems = Vec::new();
-        config::check_weight(
-            weight,
-            &format!("{}.endpoints.{id}.weight", shared.path()),
-            &mut problems,
-        );
-        join_problems(&shared.path(), problems)?;
-        let mut topo = shared.lock();
-        let pos = shared.position(&topo, id)?;
-        topo.endpoints[pos].state.set_weight(weight);
-        shared.rebuild(&mut topo, "weight changed");
-        Ok(())
+        self.change_one(EndpointChange::Reweight(id.clone(), weight))
     }
 
     /// Stops the cluster for every clone: its probers and warmers end, its
@@ -192,7 +172,7 @@ impl<B: Backend> Cluster<B> {
         }
         shared.cancel.cancel();
         for ep in topo.endpoints.drain(..) {
-            Shared::retire(&ep);
+            ClusterState::retire(&ep);
         }
         tracing::info!(cluster = %shared.name, "cluster closed");
         shared.rebuild(&mut topo, "cluster closed");
@@ -201,5 +181,88 @@ impl<B: Backend> Cluster<B> {
     /// Whether [`close`](Self::close) ran.
     pub fn is_closed(&self) -> bool {
         self.shared.cancel.is_cancelled()
+    }
+}
+
+/// One change to a cluster's endpoints, for [`Cluster::change_endpoints`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EndpointChange<B: Backend> {
+    /// A new endpoint ([`Cluster::add_endpoint`]).
+    Insert(Arc<B>, EndpointConfig),
+    /// The endpoint with the backend's id, started afresh
+    /// ([`Cluster::replace_endpoint`]).
+    Replace(Arc<B>, EndpointConfig),
+    /// A new backend in front of the same server, keeping what the router
+    /// knows ([`Cluster::replace_backend`]).
+    ReplaceBackend(Arc<B>),
+    /// A new weight ([`Cluster::set_weight`]).
+    Reweight(EndpointId, u32),
+    /// The endpoint leaves ([`Cluster::remove_endpoint`]).
+    Remove(EndpointId),
+}
+
+impl<B: Backend> ClusterState<B> {
+    /// Applies one change under the topology lock, without the rebuild.
+    fn change(
+        self: &Arc<Self>,
+        topo: &mut Topology<B>,
+        change: EndpointChange<B>,
+    ) -> Result<(), Error> {
+        let name = &self.name;
+        match change {
+            EndpointChange::Insert(backend, config) => {
+                let id = backend.endpoint().clone();
+                self.check_endpoint(&backend, &config)?;
+                self.check_open()?;
+                if topo.endpoints.iter().any(|e| e.id() == &id) {
+                    return Err(Error::Config {
+                        path: format!("{}.endpoints", self.path()),
+                        message: format!("duplicate endpoint {id}"),
+                    });
+                }
+                let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
+                topo.endpoints.push(ep);
+                tracing::info!(cluster = %name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint added");
+            }
+            EndpointChange::Replace(backend, config) => {
+                let id = backend.endpoint().clone();
+                self.check_endpoint(&backend, &config)?;
+                self.check_open()?;
+                let pos = self.position(topo, &id)?;
+                let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
+                let old = std::mem::replace(&mut topo.endpoints[pos], ep);
+                ClusterState::retire(&old);
+                tracing::info!(cluster = %name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint replaced");
+            }
+            EndpointChange::ReplaceBackend(backend) => {
+                let id = backend.endpoint().clone();
+                self.check_tiers(&backend, &self.tenants.load())?;
+                self.check_open()?;
+                let pos = self.position(topo, &id)?;
+                let state = Arc::clone(&topo.endpoints[pos].state);
+                let last_probe = state.health().last_probe;
+                let ep = self.start_endpoint(backend, state, last_probe);
+                let old = std::mem::replace(&mut topo.endpoints[pos], ep);
+                // The state lives on in the new endpoint: only the old tasks stop.
+                old.cancel.cancel();
+                tracing::info!(cluster = %name, endpoint = %id, "endpoint backend replaced");
+            }
+            EndpointChange::Reweight(id, weight) => {
+                let mut problems = Vec::new();
+                let path = format!("{}.endpoints.{id}.weight", self.path());
+                config::check_weight(weight, &path, &mut problems);
+                join_problems(&self.path(), problems)?;
+                let pos = self.position(topo, &id)?;
+                topo.endpoints[pos].state.set_weight(weight);
+            }
+            EndpointChange::Remove(id) => {
+                let pos = self.position(topo, &id)?;
+                let ep = topo.endpoints.remove(pos);
+                ClusterState::retire(&ep);
+                tracing::info!(cluster = %name, endpoint = %id, "endpoint removed");
+            }
+        }
+        Ok(())
     }
 }

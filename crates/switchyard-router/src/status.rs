@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use crate::cluster::Cluster;
 use crate::config::{ReadPreference, StrategyKind};
-pub use crate::endpoint::WAIT_THRESHOLD;
+pub use crate::counters::{CheckoutCounters, WAIT_THRESHOLD};
 use crate::health::{EjectionStatus, Health};
 use crate::source::SourceStatus;
 
@@ -84,29 +84,10 @@ pub struct EndpointStatus {
     pub counters: CheckoutCounters,
 }
 
-/// Cumulative counts for one endpoint since it joined the cluster (a removed
-/// and re-added endpoint starts again from zero).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct CheckoutCounters {
-    /// Connections handed out.
-    pub checkouts: u64,
-    /// Checkouts that waited longer than [`WAIT_THRESHOLD`] for their
-    /// connection (a queue behind a full pool, a slow connect).
-    pub waits: u64,
-    /// Acquires that gave up at their deadline.
-    pub timeouts: u64,
-    /// Passive ejections (failed checkouts and failed half-open trials).
-    pub ejections: u64,
-    /// Operations run by [`Cluster::run`] on its connections and cancelled
-    /// at a deadline ([`Error::OperationTimeout`](switchyard_core::Error::OperationTimeout),
-    /// either deadline; the metric `switchyard_operation_timeouts_total`
-    /// tells them apart).
-    pub operation_timeouts: u64,
-}
-
 impl<B: Backend> Cluster<B> {
     /// A snapshot of every endpoint's state.
     pub fn status(&self) -> ClusterStatus {
+        self.shared.apply_reported();
         let snap = self.shared.snapshot.load();
         let now = Instant::now();
         let endpoints = snap
@@ -114,8 +95,8 @@ impl<B: Backend> Cluster<B> {
             .iter()
             .map(|ep| {
                 let h = ep.state.health().clone();
-                let serves = |pool: &crate::topology::Pool<B>| {
-                    pool.candidates.iter().any(|c| c.id() == ep.id())
+                let serves = |set: &crate::topology::Candidates<B>| {
+                    set.candidates.iter().any(|c| c.id() == ep.id())
                 };
                 EndpointStatus {
                     id: ep.id().clone(),

@@ -21,12 +21,12 @@ use crate::health::ejection::Phase;
 use crate::strategy::{Picker, Strategy};
 
 /// A candidate set and its prepared strategy.
-pub(crate) struct Pool<B: Backend> {
+pub(crate) struct Candidates<B: Backend> {
     pub candidates: Vec<Arc<Endpoint<B>>>,
     pub picker: Picker,
 }
 
-impl<B: Backend> Pool<B> {
+impl<B: Backend> Candidates<B> {
     fn new(kind: StrategyKind, candidates: Vec<Arc<Endpoint<B>>>) -> Self {
         let picker = Picker::new(kind, &candidates);
         Self { candidates, picker }
@@ -55,9 +55,9 @@ pub(crate) struct Snapshot<B: Backend> {
     /// Every endpoint of the cluster, serving or not.
     pub endpoints: Vec<Arc<Endpoint<B>>>,
     /// Where writes go: the primary (or every standalone node).
-    pub write: Pool<B>,
+    pub write: Candidates<B>,
     /// Where reads go, after the read preference and its fallback.
-    pub read: Pool<B>,
+    pub read: Candidates<B>,
     /// Half-open endpoints waiting for their trial checkout.
     pub trials: Vec<(Arc<Endpoint<B>>, Role)>,
     /// Primaries behind (or off) the line writes follow: no writes, no reads.
@@ -114,7 +114,7 @@ impl<B: Backend> Snapshot<B> {
             let half_open = match h.ejection.phase {
                 Phase::Admitted => false,
                 Phase::Ejected { .. } => continue,
-                Phase::HalfOpen => true,
+                Phase::HalfOpen { .. } => true,
             };
             match role {
                 Role::Primary => {
@@ -190,8 +190,8 @@ impl<B: Backend> Snapshot<B> {
             }
         };
         let snapshot = Self {
-            write: Pool::new(kind, writers),
-            read: Pool::new(kind, readers),
+            write: Candidates::new(kind, writers),
+            read: Candidates::new(kind, readers),
             endpoints,
             trials,
             fenced,
@@ -208,9 +208,9 @@ impl<B: Backend> Snapshot<B> {
     /// relinking is missed.
     fn link_load_trees(&self) {
         let mut links: HashMap<&EndpointId, Vec<_>> = HashMap::new();
-        for pool in [&self.write, &self.read] {
-            if let Some(tree) = pool.picker.load_tree() {
-                for (leaf, ep) in pool.candidates.iter().enumerate() {
+        for set in [&self.write, &self.read] {
+            if let Some(tree) = set.picker.load_tree() {
+                for (leaf, ep) in set.candidates.iter().enumerate() {
                     links
                         .entry(ep.id())
                         .or_default()
@@ -223,15 +223,15 @@ impl<B: Backend> Snapshot<B> {
                 .links
                 .set(links.remove(ep.id()).unwrap_or_default());
         }
-        for pool in [&self.write, &self.read] {
-            if let Some(tree) = pool.picker.load_tree() {
+        for set in [&self.write, &self.read] {
+            if let Some(tree) = set.picker.load_tree() {
                 tree.refresh();
             }
         }
     }
 
-    /// The pool an intent draws from.
-    pub fn pool(&self, intent: Intent) -> &Pool<B> {
+    /// The candidates an intent draws from.
+    pub fn candidates(&self, intent: Intent) -> &Candidates<B> {
         match intent {
             Intent::Write => &self.write,
             Intent::Read => &self.read,
@@ -250,11 +250,15 @@ impl<B: Backend> Snapshot<B> {
         self.write.candidates.first().map(|e| e.id())
     }
 
-    /// A half-open endpoint whose trial this checkout may take.
-    pub fn claim_trial(&self, intent: Intent, avoid: &[EndpointId]) -> Option<&Arc<Endpoint<B>>> {
+    /// The half-open endpoints whose trial a checkout for `intent` may ask for.
+    pub fn trials<'a>(
+        &'a self,
+        intent: Intent,
+        avoid: &'a [EndpointId],
+    ) -> impl Iterator<Item = &'a Arc<Endpoint<B>>> {
         self.trials
             .iter()
-            .filter(|(ep, role)| {
+            .filter(move |(ep, role)| {
                 let fits = match intent {
                     Intent::Write => role.is_writable(),
                     Intent::Read => {
@@ -265,6 +269,5 @@ impl<B: Backend> Snapshot<B> {
                 fits && !avoid.contains(ep.id())
             })
             .map(|(ep, _)| ep)
-            .find(|ep| ep.state.claim_trial())
     }
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use switchyard_core::Backend;
+use switchyard_postgres::PgBackend;
+use switchyard_redis::RedisBackend;
 use switchyard_router::{Cluster, ClusterStatus, Health};
 use switchyard_testkit::Fault;
 
@@ -154,21 +156,7 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
     wait_ready(&pg, &cache).await?;
 
     let stats = Arc::new(Stats::new(PHASES.len()));
-    let mut workers = Vec::new();
-    for i in 0..6 {
-        workers.push(tokio::spawn(workload::pg_worker(
-            pg.clone(),
-            stats.clone(),
-            i * 7,
-        )));
-    }
-    for i in 0..2 {
-        workers.push(tokio::spawn(workload::redis_worker(
-            cache.clone(),
-            stats.clone(),
-            i * 5,
-        )));
-    }
+    let workers = start_load(&pg, &cache, &stats);
     let progress = (!json).then(|| tokio::spawn(progress(stats.clone(), Instant::now())));
 
     let run = Run {
@@ -199,14 +187,33 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
     if let Some(p) = progress {
         p.abort();
     }
+    Ok(summary(&run, durations, faults))
+}
+
+/// The workload: six PostgreSQL and two Redis workers, until `stats` says stop.
+fn start_load(
+    pg: &Cluster<PgBackend>,
+    cache: &Cluster<RedisBackend>,
+    stats: &Arc<Stats>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let pg_workers =
+        (0..6).map(|i| tokio::spawn(workload::pg_worker(pg.clone(), stats.clone(), i * 7)));
+    let redis_workers =
+        (0..2).map(|i| tokio::spawn(workload::redis_worker(cache.clone(), stats.clone(), i * 5)));
+    pg_workers.chain(redis_workers).collect()
+}
+
+/// What the run did, phase by phase and in all.
+fn summary(run: &Run<'_>, durations: Vec<u64>, faults: Vec<FaultReport>) -> Summary {
+    let (stats, pg_nodes, redis_nodes) = (run.stats, run.pg.engine, run.redis.engine);
     let phases = PHASES
         .iter()
         .zip(&stats.phases)
         .zip(durations)
         .map(|((phase, c), duration_ms)| phase_summary(phase.name, c, duration_ms))
         .collect();
-    Ok(Summary {
-        duration_ms: ms(started.elapsed()),
+    Summary {
+        duration_ms: ms(run.started.elapsed()),
         checkouts: stats.total(|c| &c.checkouts),
         verified_reads: stats.total(|c| &c.verified),
         leaks: stats.total(|c| &c.leaks),
@@ -223,7 +230,7 @@ async fn demo(json: bool) -> Result<Summary, DynError> {
             "postgres": { "schema": &workload::PG_TENANTS[..2], "row": &workload::PG_TENANTS[2..] },
             "redis": { "key_prefix": workload::REDIS_TENANTS },
         }),
-    })
+    }
 }
 
 fn phase_summary(name: &'static str, c: &Counters, duration_ms: u64) -> PhaseSummary {

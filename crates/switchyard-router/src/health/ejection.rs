@@ -20,7 +20,10 @@ pub(crate) enum Phase {
         until: Instant,
     },
     /// One trial checkout may go through; its result decides.
-    HalfOpen,
+    HalfOpen {
+        /// Whether a checkout holds the trial now.
+        taken: bool,
+    },
 }
 
 /// One endpoint's ejection state.
@@ -100,7 +103,7 @@ impl Ejection {
     pub fn expire(&mut self, now: Instant) -> bool {
         match self.phase {
             Phase::Ejected { until } if until <= now => {
-                self.phase = Phase::HalfOpen;
+                self.phase = Phase::HalfOpen { taken: false };
                 true
             }
             _ => false,
@@ -109,12 +112,24 @@ impl Ejection {
 
     /// The trial succeeded: back in service, keeping the level so a relapse backs off longer.
     pub fn readmit(&mut self, now: Instant) -> bool {
-        if self.phase == Phase::HalfOpen {
+        if let Phase::HalfOpen { .. } = self.phase {
             self.phase = Phase::Admitted;
             self.admitted_at = now;
             return true;
         }
         false
+    }
+
+    /// Hands the half-open trial out (`take`) or takes it back; true when
+    /// that changed anything: one trial per half-open spell at a time.
+    pub fn take_trial(&mut self, take: bool) -> bool {
+        match &mut self.phase {
+            Phase::HalfOpen { taken } if *taken != take => {
+                *taken = take;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// When the current ejection ends, if ejected.
@@ -133,7 +148,7 @@ impl Ejection {
         let remaining = match self.phase {
             Phase::Admitted => return None,
             Phase::Ejected { until } => until.saturating_duration_since(now),
-            Phase::HalfOpen => Duration::ZERO,
+            Phase::HalfOpen { .. } => Duration::ZERO,
         };
         Some(EjectionStatus {
             level: self.level,
@@ -182,7 +197,7 @@ mod tests {
             assert!(!e.expire(Instant::now()), "not before the backoff");
             advance(Duration::from_millis(1)).await;
             assert!(e.expire(Instant::now()));
-            assert_eq!(e.phase, Phase::HalfOpen);
+            assert_eq!(e.phase, Phase::HalfOpen { taken: false });
             // The trial fails: eject again from half-open.
         }
         assert_eq!(seen, [1, 2, 4, 8, 10, 10]);

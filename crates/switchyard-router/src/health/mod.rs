@@ -2,7 +2,7 @@
 //!
 //! Two detectors feed one state per endpoint:
 //!
-//! - **Active** (the `prober` task): a task per endpoint probes it every `interval`
+//! - **Active** (the cluster's `prober` task): a task per endpoint probes it every `interval`
 //!   with a `timeout`. As in HAProxy, `fall` consecutive failures mark it down
 //!   and `rise` consecutive successes mark it up again; a probe also reports the
 //!   endpoint's role (so promotions are followed) and its replication lag.
@@ -29,17 +29,20 @@
 //! writes have nowhere else to go, and ejection would only turn a slow primary
 //! into no primary. Active probes still mark it down when it stops answering.
 //!
-//! All of it logs state changes at `info` (recovery) or `warn` (loss) with the
-//! reason.
+//! One [`HealthState`] per endpoint holds all of it, and changes only
+//! through a pure transition, [`HealthState::on`]: an event (a probe's
+//! result, a checkout's outcome, the ejection timer) in, the changes out. Its
+//! owner, the cluster, applies each transition in one place: it logs every
+//! change at `info` (recovery) or `warn` (loss) with the reason, counts it,
+//! and rebuilds the routing snapshot when routing moved.
 
 pub(crate) mod ejection;
-pub(crate) mod prober;
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
-use switchyard_core::{EndpointId, Error, History, Probe, Role};
+use switchyard_core::{Error, History, Probe, Role};
 use tokio::time::Instant;
 
 pub use ejection::EjectionStatus;
@@ -72,8 +75,10 @@ impl fmt::Display for Health {
     }
 }
 
-/// Everything known about one endpoint's health; guarded by a mutex that the
-/// pick path never takes (picks read the snapshot built from it).
+/// Everything known about one endpoint's health: probe fall/rise, role, lag
+/// and history, passive ejection and the half-open trial. Changed only by
+/// [`on`](Self::on), and only by its owner, the cluster, under the endpoint's
+/// mutex (which the pick path never takes: picks read the snapshot built from it).
 #[derive(Debug, Clone)]
 pub(crate) struct HealthState {
     pub role: Role,
@@ -115,10 +120,101 @@ pub(crate) struct HealthState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RoutingKey {
     role: Role,
-    up: bool,
-    phase: Option<bool>,
+    health: Health,
     lag_ok: bool,
     line: Option<History>,
+}
+
+/// Something that happened to an endpoint: what [`HealthState::on`] takes.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A probe answered.
+    ProbePassed(Probe),
+    /// A probe failed.
+    ProbeFailed(Error),
+    /// A probe got no answer in time from an endpoint that must not be
+    /// dropped for slowness alone (the only primary): recorded and shown,
+    /// but it neither counts towards `fall` nor passes.
+    ProbeSlow(Error),
+    /// Real traffic failed on the endpoint (a refused or timed-out checkout,
+    /// or a failure its caller reported). `refused` is why the cluster will
+    /// not eject it now (the cap, or the last writer), if so.
+    CheckoutFailed {
+        reason: String,
+        refused: Option<String>,
+    },
+    /// The ejection timer fired.
+    BackoffOver,
+    /// A checkout asks for the half-open trial.
+    TrialClaimed,
+    /// The trial checkout got its connection.
+    TrialPassed,
+    /// The trial checkout ended without a verdict (cancelled, or failed for
+    /// a reason that says nothing about the endpoint).
+    TrialAbandoned,
+}
+
+/// One thing an event changed, for the owner to log and count.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Change {
+    /// `rise` consecutive probes passed.
+    Up { passes: u32 },
+    /// `fall` consecutive probes failed.
+    Down { fails: u32, error: String },
+    /// A probe failed, below `fall`.
+    ProbeFailed { fails: u32, error: String },
+    /// The only primary's probe timed out (`again`: not the first in a row).
+    SlowOnlyPrimary { again: bool, error: String },
+    /// The probe reports another role.
+    Promoted { from: Role },
+    /// A primary's probe reports another role.
+    Demoted { to: Role },
+    /// Neither side of the change is a primary.
+    RoleChanged { from: Role, to: Role },
+    /// The replica stopped receiving its primary's stream.
+    StreamingStopped,
+    /// The replica receives its primary's stream again.
+    StreamingAgain,
+    /// The replica holds no copy of its primary's data.
+    Unsynced,
+    /// The replica synced with its primary.
+    Synced,
+    /// The replica's lag went over `max_replica_lag`.
+    LagOver { lag: Option<Duration> },
+    /// The replica's lag is back within `max_replica_lag`.
+    CaughtUp { lag: Option<Duration> },
+    /// Ejected for `backoff` (`trial_failed`: from half-open).
+    Ejected {
+        backoff: Duration,
+        trial_failed: bool,
+        reason: String,
+    },
+    /// Not ejected: the cluster refused (`why`).
+    EjectionRefused { why: String, reason: String },
+    /// The backoff ended: one trial checkout decides.
+    HalfOpen,
+    /// The trial checkout was handed out.
+    TrialTaken,
+    /// The trial is available again.
+    TrialReturned,
+    /// The trial passed: back in service.
+    Readmitted,
+}
+
+/// What one event did: the changes, and whether routing must be rebuilt.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Transition {
+    pub changes: Vec<Change>,
+    pub reroute: bool,
+}
+
+impl Transition {
+    fn one(change: Change, reroute: bool) -> Option<Self> {
+        Some(Self {
+            changes: vec![change],
+            reroute,
+        })
+    }
 }
 
 impl HealthState {
@@ -149,7 +245,56 @@ impl HealthState {
             (false, _) => Health::Down,
             (true, Phase::Admitted) => Health::Up,
             (true, Phase::Ejected { .. }) => Health::Ejected,
-            (true, Phase::HalfOpen) => Health::HalfOpen,
+            (true, Phase::HalfOpen { .. }) => Health::HalfOpen,
+        }
+    }
+
+    /// Applies `event` at `now`: the one way health changes. A pure function
+    /// of the state, the event, the settings and the time (as tower's
+    /// `RttEstimate::update`), save the ejection jitter; `None` when nothing
+    /// changed that anyone needs to hear of.
+    pub fn on(&mut self, event: Event, cfg: &HealthConfig, now: Instant) -> Option<Transition> {
+        match event {
+            Event::ProbePassed(probe) => self.probe_passed(probe, cfg, now),
+            Event::ProbeFailed(error) => self.probe_failed(&error, cfg, now),
+            Event::ProbeSlow(error) => self.probe_slow(&error, cfg, now),
+            Event::CheckoutFailed { reason, refused } => {
+                let trial_failed = match (self.ejection.phase, refused) {
+                    (Phase::Ejected { .. }, _) => return None,
+                    (Phase::Admitted, Some(why)) => {
+                        return Transition::one(Change::EjectionRefused { why, reason }, false)
+                    }
+                    (Phase::Admitted, None) => false,
+                    (Phase::HalfOpen { .. }, _) => true,
+                };
+                let backoff = self.ejection.eject(cfg, now);
+                let change = Change::Ejected {
+                    backoff,
+                    trial_failed,
+                    reason,
+                };
+                Transition::one(change, true)
+            }
+            Event::BackoffOver => self
+                .ejection
+                .expire(now)
+                .then_some(Change::HalfOpen)
+                .and_then(|c| Transition::one(c, true)),
+            Event::TrialPassed => self
+                .ejection
+                .readmit(now)
+                .then_some(Change::Readmitted)
+                .and_then(|c| Transition::one(c, true)),
+            Event::TrialClaimed => self
+                .ejection
+                .take_trial(true)
+                .then_some(Change::TrialTaken)
+                .and_then(|c| Transition::one(c, false)),
+            Event::TrialAbandoned => self
+                .ejection
+                .take_trial(false)
+                .then_some(Change::TrialReturned)
+                .and_then(|c| Transition::one(c, false)),
         }
     }
 
@@ -195,31 +340,37 @@ impl HealthState {
         bound.max(self.lag.unwrap_or_default()) <= max
     }
 
-    /// Records the routing key at `at` (after a probe); true when it differs
-    /// from the last one recorded.
-    pub fn reroute(&mut self, cfg: &HealthConfig, at: Instant) -> bool {
-        let key = self.routing_key(cfg, at);
-        let changed = self.routed.as_ref() != Some(&key);
+    /// Records the routing key one probe interval after `now` (after a
+    /// probe), and ends a probe's transition: true when the key differs from
+    /// the last one recorded.
+    fn probed(
+        &mut self,
+        changes: Vec<Change>,
+        cfg: &HealthConfig,
+        now: Instant,
+    ) -> Option<Transition> {
+        let key = self.routing_key(cfg, now + cfg.interval);
+        let reroute = self.routed.as_ref() != Some(&key);
         self.routed = Some(key);
-        changed
+        (reroute || !changes.is_empty()).then_some(Transition { changes, reroute })
     }
 
     pub fn routing_key(&self, cfg: &HealthConfig, at: Instant) -> RoutingKey {
         RoutingKey {
             role: self.role,
-            up: self.up,
-            phase: match self.ejection.phase {
-                Phase::Admitted => None,
-                Phase::Ejected { .. } => Some(false),
-                Phase::HalfOpen => Some(true),
-            },
+            health: self.health(),
             lag_ok: self.lag_ok(cfg, at),
             line: self.history.as_ref().map(crate::election::line_of),
         }
     }
 
-    /// Applies a good probe; logs what changed.
-    pub fn probe_passed(&mut self, probe: Probe, cfg: &HealthConfig, who: &Who<'_>, now: Instant) {
+    fn probe_passed(
+        &mut self,
+        probe: Probe,
+        cfg: &HealthConfig,
+        now: Instant,
+    ) -> Option<Transition> {
+        let mut changes = Vec::new();
         self.fails = 0;
         self.passes = self.passes.saturating_add(1);
         self.last_probe = Some(now);
@@ -227,42 +378,32 @@ impl HealthState {
         self.probe_rtt = Some(probe.rtt);
         if !self.up && self.passes >= cfg.rise {
             self.up = true;
-            tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, passes = self.passes, "endpoint up: {} consecutive probes passed", self.passes);
+            changes.push(Change::Up {
+                passes: self.passes,
+            });
         }
         if probe.role != self.role {
-            match (self.role, probe.role) {
-                (_, Role::Primary) => {
-                    tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, from = %self.role, "endpoint promoted: probe reports primary, was {}", self.role)
-                }
+            changes.push(match (self.role, probe.role) {
+                (from, Role::Primary) => Change::Promoted { from },
                 (Role::Primary, to) => {
                     self.demoted = true;
-                    tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, %to, "endpoint demoted: probe reports {to}, was primary")
+                    Change::Demoted { to }
                 }
-                (from, to) => {
-                    tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, %from, %to, "endpoint role changed from {from} to {to}")
-                }
-            }
+                (from, to) => Change::RoleChanged { from, to },
+            });
             self.role = probe.role;
             self.last_streamed = None;
         }
         let at = now + cfg.interval;
         let was_ok = self.lag_ok(cfg, at);
         match (self.streaming == Some(false), probe.streaming) {
-            (false, Some(false)) => {
-                tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, "replica not streaming from its primary: its lag is unknown from now on")
-            }
-            (true, Some(true)) => {
-                tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, "replica streaming from its primary again")
-            }
+            (false, Some(false)) => changes.push(Change::StreamingStopped),
+            (true, Some(true)) => changes.push(Change::StreamingAgain),
             _ => {}
         }
         match (self.unsynced, probe.unsynced) {
-            (false, true) => {
-                tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, "replica holds no copy of its primary's data (never synced since it started or became a replica, or a full resync is under way): no reads until it has synced")
-            }
-            (true, false) => {
-                tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, "replica synced with its primary")
-            }
+            (false, true) => changes.push(Change::Unsynced),
+            (true, false) => changes.push(Change::Synced),
             _ => {}
         }
         self.unsynced = probe.unsynced;
@@ -276,52 +417,48 @@ impl HealthState {
         self.lag_bytes = probe.lag_bytes;
         self.version = probe.version;
         match (was_ok, self.lag_ok(cfg, at)) {
-            (true, false) => {
-                tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, lag = ?self.lag, max = ?cfg.max_replica_lag, "replica lag over the limit: no reads until it catches up")
-            }
-            (false, true) => {
-                tracing::info!(cluster = who.cluster, endpoint = %who.endpoint, lag = ?self.lag, "replica caught up: serving reads again")
-            }
+            (true, false) => changes.push(Change::LagOver { lag: self.lag }),
+            (false, true) => changes.push(Change::CaughtUp { lag: self.lag }),
             _ => {}
         }
+        self.probed(changes, cfg, now)
     }
 
-    /// Applies a failed probe; logs when it marks the endpoint down.
-    pub fn probe_failed(&mut self, error: &Error, cfg: &HealthConfig, who: &Who<'_>, now: Instant) {
+    fn probe_failed(
+        &mut self,
+        error: &Error,
+        cfg: &HealthConfig,
+        now: Instant,
+    ) -> Option<Transition> {
         self.passes = 0;
         self.fails = self.fails.saturating_add(1);
         self.last_probe = Some(now);
         // Error messages name endpoints, never URLs, so they are safe to show.
-        self.last_error = Some(error.to_string());
-        if self.up && self.fails >= cfg.fall {
+        let error = error.to_string();
+        self.last_error = Some(error.clone());
+        let (fails, change) = (self.fails, self.up && self.fails >= cfg.fall);
+        let change = if change {
             self.up = false;
-            tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, fails = self.fails, %error, "endpoint down: {} consecutive probes failed", self.fails);
+            Change::Down { fails, error }
         } else {
-            tracing::debug!(cluster = who.cluster, endpoint = %who.endpoint, fails = self.fails, %error, "probe failed");
-        }
+            Change::ProbeFailed { fails, error }
+        };
+        self.probed(vec![change], cfg, now)
     }
-}
 
-impl HealthState {
-    /// Applies a probe that got no answer in time on an endpoint that must not
-    /// be dropped for slowness alone (the only primary): recorded and shown,
-    /// but it neither counts towards `fall` nor passes.
-    pub fn probe_slow(&mut self, error: &Error, who: &Who<'_>, now: Instant) {
-        if self.last_error.is_none() {
-            tracing::warn!(cluster = who.cluster, endpoint = %who.endpoint, %error, "the only primary answers probes slowly or not at all; kept up, writes have nowhere else to go");
-        } else {
-            tracing::debug!(cluster = who.cluster, endpoint = %who.endpoint, %error, "the only primary's probe timed out again");
-        }
+    fn probe_slow(
+        &mut self,
+        error: &Error,
+        cfg: &HealthConfig,
+        now: Instant,
+    ) -> Option<Transition> {
+        let again = self.last_error.is_some();
+        let error = error.to_string();
         self.passes = 0;
         self.last_probe = Some(now);
-        self.last_error = Some(error.to_string());
+        self.last_error = Some(error.clone());
+        self.probed(vec![Change::SlowOnlyPrimary { again, error }], cfg, now)
     }
-}
-
-/// Names for log lines.
-pub(crate) struct Who<'a> {
-    pub cluster: &'a str,
-    pub endpoint: &'a EndpointId,
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{diff, Change, Member, Report, SourceState, SourceStatus, TopologySource, View};
-use crate::cluster::{Cluster, Shared, Topology};
+use crate::cluster::{Cluster, ClusterState, Topology};
 use crate::config::EndpointConfig;
 use crate::metrics::SourceMetrics;
 
@@ -165,7 +165,7 @@ impl<B: Backend> Cluster<B> {
 }
 
 struct Follower<B: Backend, F> {
-    shared: Weak<Shared<B>>,
+    shared: Weak<ClusterState<B>>,
     backends: F,
     /// The members applied so far, by name.
     known: BTreeMap<EndpointId, Member>,
@@ -229,7 +229,7 @@ where
 
     /// Applies the differences between the known members and `view` in one
     /// step, and records the view in the cluster's source status.
-    fn apply(&mut self, shared: &Arc<Shared<B>>, view: &View) {
+    fn apply(&mut self, shared: &Arc<ClusterState<B>>, view: &View) {
         let changes = diff(&self.known, view);
         let mut topo = shared.lock();
         if shared.check_open().is_err() {
@@ -269,7 +269,7 @@ where
 
     fn apply_one(
         &mut self,
-        shared: &Arc<Shared<B>>,
+        shared: &Arc<ClusterState<B>>,
         topo: &mut Topology<B>,
         change: Change,
     ) -> Result<(), Error> {
@@ -294,7 +294,7 @@ where
                 match position(topo, &member.name) {
                     Some(pos) => {
                         let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-                        Shared::retire(&old);
+                        ClusterState::retire(&old);
                         tracing::info!(cluster = %shared.name, endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: endpoint re-pointed");
                     }
                     None => {
@@ -307,7 +307,7 @@ where
             Change::Remove(id) => {
                 if let Some(pos) = position(topo, &id) {
                     let ep = topo.endpoints.remove(pos);
-                    Shared::retire(&ep);
+                    ClusterState::retire(&ep);
                 }
                 self.known.remove(&id);
                 tracing::info!(cluster = %shared.name, endpoint = %id, "topology source: endpoint removed");
@@ -329,7 +329,7 @@ where
 }
 
 /// Records that the source is unreachable; the topology stays as it is.
-fn lost<B: Backend>(shared: &Shared<B>, reason: &str) {
+fn lost<B: Backend>(shared: &ClusterState<B>, reason: &str) {
     let mut cell = shared.source_cell();
     let Some((cell, _)) = cell.as_mut() else {
         return;

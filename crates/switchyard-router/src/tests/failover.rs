@@ -32,6 +32,23 @@ async fn a_refused_read_is_retried_elsewhere_and_ejects_at_once() {
     assert_eq!((ej.level, ej.backoff), (1, Duration::from_secs(1)));
 }
 
+/// A failure reported on a connection counts when its checkout is dropped:
+/// the very next pick, with no task run in between, no longer chooses the
+/// endpoint (a caller's next checkout, a retry of `run` or `run_after`).
+#[tokio::test(start_paused = true)]
+async fn a_failure_reported_on_a_dropped_checkout_ejects_before_the_next_pick() {
+    let (cluster, _b) = cluster(2, config()).await;
+    let mut failed = cluster.checkout(Intent::Read, None).await.unwrap();
+    let id = failed.endpoint().clone();
+    failed.report_failure(&io_error(&id));
+    drop(failed);
+    for _ in 0..20 {
+        let c = cluster.checkout(Intent::Read, None).await.unwrap();
+        assert_ne!(c.endpoint(), &id, "picked the endpoint its drop ejected");
+    }
+    assert_eq!(status_of(&cluster, id.as_str()).health, Health::Ejected);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hung_replica_costs_one_attempt_timeout_then_reads_move_on() {
     let (cluster, b) = cluster(1, config()).await;

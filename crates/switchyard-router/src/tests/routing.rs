@@ -69,8 +69,8 @@ async fn replicas_over_the_lag_limit_serve_no_reads() {
     let ep = cluster.shared.snapshot.load().endpoints[1].clone();
     let mut probe = switchyard_core::Probe::new(Role::Replica, Duration::ZERO);
     probe.lag = Some(Duration::from_secs(60));
-    use crate::endpoint::ClusterHooks;
-    cluster.shared.probed(&ep.state, Ok(probe));
+    let event = crate::health::Event::ProbePassed(probe);
+    cluster.shared.apply(&ep.state, event);
     assert_eq!(
         tally(&cluster, Intent::Read, 50)
             .await

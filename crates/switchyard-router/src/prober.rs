@@ -1,7 +1,9 @@
-//! The per-endpoint health task: probes on an interval and ends ejections.
+//! The per-endpoint health task: probes on an interval, ends ejections, and
+//! takes failures reported by dropped checkouts to the cluster.
 //!
 //! One task per endpoint owns every timer of that endpoint's health: the next
-//! probe and the end of the current ejection. A probe starts every `interval`,
+//! probe and the end of the current ejection. What it learns it hands to the
+//! cluster as health events ([`ClusterState::apply`]). A probe starts every `interval`,
 //! or as soon as the previous one answered or timed out if that took longer:
 //! probes of one endpoint never overlap, and `timeout` may exceed `interval`. It reads the cluster's health
 //! settings afresh on every round, and is woken when they change, so a new
@@ -13,26 +15,27 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use switchyard_core::{Backend, Error};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClusterConfig, HealthConfig};
+use crate::cluster::ClusterState;
+use crate::config::HealthConfig;
 use crate::endpoint::Endpoint;
+use crate::health::Event;
 
 /// Probes `ep` until `cancel` fires: at once when `last_probe` is `None` (the
 /// configured role is only a guess), else one interval after it.
 pub(crate) async fn run<B: Backend>(
+    cluster: Arc<ClusterState<B>>,
     ep: Arc<Endpoint<B>>,
-    config: Arc<ArcSwap<ClusterConfig>>,
     last_probe: Option<Instant>,
     cancel: CancellationToken,
 ) {
     let mut last_probe = last_probe;
     let mut probe_at = Instant::now();
     loop {
-        let cfg = config.load_full();
+        let cfg = cluster.config.load_full();
         let next_probe = last_probe.map_or(probe_at, |t| t + cfg.health.interval);
         let expiry = ep.state.health().ejection.until();
         tokio::select! {
@@ -44,17 +47,18 @@ pub(crate) async fn run<B: Backend>(
                 // timeout, not the interval, tells slow from dead) is followed
                 // by the next as soon as it answers or times out.
                 let started = Instant::now();
-                probe_once(&ep, &cfg.health).await;
+                let event = probe_once(&ep, &cfg.health).await;
+                cluster.apply(&ep.state, event);
                 last_probe = Some(started);
             }
             () = sleep_until(expiry.unwrap_or(next_probe)), if expiry.is_some() => {
-                if let Some(hooks) = ep.state.hooks.upgrade() {
-                    hooks.ejection_expired(&ep.state);
-                }
+                cluster.apply(&ep.state, Event::BackoffOver);
             }
-            // A probe is wanted now, the ejection timer moved, or the settings
-            // changed: the next round re-reads all three.
+            // A probe is wanted now, the ejection timer moved, the settings
+            // changed, or a dropped checkout reported a failure: the next
+            // round re-reads the first three.
             () = ep.state.wake.notified() => {
+                cluster.apply_reported();
                 if ep.state.probe_now.swap(false, Ordering::AcqRel) {
                     last_probe = None;
                     probe_at = Instant::now();
@@ -65,7 +69,7 @@ pub(crate) async fn run<B: Backend>(
     tracing::debug!("prober stopped");
 }
 
-async fn probe_once<B: Backend>(ep: &Endpoint<B>, cfg: &HealthConfig) {
+async fn probe_once<B: Backend>(ep: &Endpoint<B>, cfg: &HealthConfig) -> Event {
     let started = Instant::now();
     let result = match tokio::time::timeout(cfg.timeout, ep.backend.probe(cfg.timeout)).await {
         Ok(result) => result,
@@ -77,8 +81,9 @@ async fn probe_once<B: Backend>(ep: &Endpoint<B>, cfg: &HealthConfig) {
     ep.state
         .metrics
         .pool(ep.backend.stats(), ep.state.in_flight.get());
-    if let Some(hooks) = ep.state.hooks.upgrade() {
-        hooks.probed(&ep.state, result);
+    match result {
+        Ok(probe) => Event::ProbePassed(probe),
+        Err(error) => Event::ProbeFailed(error),
     }
 }
 
