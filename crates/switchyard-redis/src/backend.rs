@@ -153,6 +153,32 @@ impl RedisBackend {
                 Ok(())
             }
         });
+        // A node restarted between two probes can come up as a replica with
+        // no copy of its master's data, and answers reads from it (Redis's
+        // default `replica-serve-stale-data yes`) before any probe has seen
+        // it: a new connection asks first, and such a node is refused as an
+        // endpoint failure, so the checkout goes elsewhere. A node that does
+        // not answer `INFO` (no permission) is let through: probes decide.
+        let synced = Hook::async_fn(|conn, _| {
+            Box::pin(async move {
+                let info: redis::RedisResult<String> = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(conn)
+                    .await;
+                match info {
+                    Ok(info)
+                        if crate::probe::field(&info, "role") == Some("slave")
+                            && crate::probe::unsynced(&info) =>
+                    {
+                        Err(HookError::message(
+                            "a replica with no copy of its master's data (never synced since it \
+                             started, or a full resync under way)",
+                        ))
+                    }
+                    _ => Ok(()),
+                }
+            })
+        });
         let max_size = usize::try_from(config.pool.max_size).unwrap_or(usize::MAX);
         let pool = Pool::builder(manager)
             .max_size(max_size)
@@ -161,6 +187,7 @@ impl RedisBackend {
             .create_timeout(Some(config.connect_timeout))
             .recycle_timeout(Some(config.recycle_timeout))
             .pre_recycle(retire)
+            .post_create(synced)
             .build()
             .map_err(|e| Error::Config {
                 path: format!("redis.{}.pool", config.endpoint),

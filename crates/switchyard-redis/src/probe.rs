@@ -129,10 +129,20 @@ pub(crate) fn interpret(role: &Value, replication: &str, server: &str) -> Probe 
                     .map_or(NEVER_LINKED, Duration::from_secs),
             );
         }
-        probe.unsynced = probe.lag == Some(NEVER_LINKED)
-            || field(replication, "master_sync_in_progress") == Some("1");
+        probe.unsynced = unsynced(replication);
     }
     probe
+}
+
+/// Whether a replica's `INFO replication` says it holds no copy of its
+/// master's data: its link was never up since it started or became a
+/// replica, or a full resync is under way (see the module docs).
+pub(crate) fn unsynced(replication: &str) -> bool {
+    let never_linked = field(replication, "master_link_status") != Some("up")
+        && field(replication, "master_link_down_since_seconds")
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_none();
+    never_linked || field(replication, "master_sync_in_progress") == Some("1")
 }
 
 /// The replication id lineage in `INFO replication`.

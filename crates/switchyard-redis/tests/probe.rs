@@ -119,3 +119,58 @@ async fn a_replica_cut_off_from_its_master_reports_staleness() {
     println!("replica without master: lag {lag:?}");
     assert!(lag < Duration::from_secs(10));
 }
+
+/// A replica restarted behind the router's back answers reads before it has
+/// synced (Redis's default `replica-serve-stale-data yes`), from an empty data
+/// set. A new pool connection to such a node is refused as an endpoint
+/// failure, so the checkout goes elsewhere; once it has synced it serves.
+#[tokio::test]
+async fn a_new_connection_to_an_unsynced_replica_is_refused() {
+    let cluster = Arc::new(cluster(1).await);
+    let mut on_master = common::direct(cluster.master()).await;
+    common::run::<()>(&mut on_master, &["SET", "before-restart", "1"]).await;
+    // The master stopped: the restarted replica comes up but cannot sync.
+    cluster.master().pause().await.unwrap();
+    let restarting = {
+        let cluster = Arc::clone(&cluster);
+        tokio::spawn(async move { cluster.replicas()[0].restart().await })
+    };
+    let replica_url = cluster.replicas()[0].url();
+    poll_until(
+        "the restarted replica to accept connections",
+        Duration::from_secs(20),
+        || async {
+            let client = switchyard_redis::redis::Client::open(replica_url.as_str()).ok()?;
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .ok()
+                .map(drop)
+        },
+    )
+    .await
+    .unwrap();
+    let replica = Arc::new(
+        RedisBackend::builder("replica", replica_url.clone())
+            .build()
+            .unwrap(),
+    );
+    let refused = switchyard_core::Checkout::acquire(
+        &replica,
+        switchyard_core::CheckoutRequest::with_timeout(Duration::from_secs(5)),
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    println!("checkout of the unsynced replica: {refused}");
+    assert!(refused.is_endpoint_failure(), "{refused:?}");
+
+    cluster.master().resume().await.unwrap();
+    restarting.await.unwrap().unwrap();
+    let mut conn = unscoped(&replica).await;
+    let value: Option<String> = conn
+        .query(&Command::new("GET").arg("before-restart"))
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("1"));
+}
