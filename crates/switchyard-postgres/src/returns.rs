@@ -158,9 +158,7 @@ impl Shared {
             });
         }
     }
-}
 
-impl Shared {
     /// Checks, each on a task, the idle connections of `slots` that nobody
     /// has checked since their return and that have sat idle for
     /// [`IDLE_CHECK_AFTER`]: back to the pool if clean, else closed.
