@@ -32,7 +32,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::core::noop::NoopBackend;
 use switchyard::core::History;
 use switchyard::router::{CheckoutOptions, EndpointConfig};
-use switchyard::{CausalToken, Cluster, ClusterConfig, Intent, Role};
+use switchyard::{CausalToken, Cluster, ClusterConfig, Role};
 
 const TASKS: [usize; 2] = [1, 64];
 
@@ -92,18 +92,17 @@ fn causal(c: &mut Criterion) {
             ("no_token_positions", positions.clone()),
         ];
         for (name, cluster) in rows {
-            group.bench_function(name, |b| {
-                b.iter_custom(|iters| {
-                    let cluster = cluster.clone();
-                    common::concurrent(&rt, iters, tasks, move |_| {
-                        let cluster = cluster.clone();
-                        async move {
-                            let conn = cluster.checkout(Intent::Read, None).await.unwrap();
-                            black_box(conn.id);
-                        }
-                    })
-                });
-            });
+            common::cluster_row(
+                &mut group,
+                &rt,
+                tasks,
+                name,
+                &cluster,
+                None,
+                |conn| async move {
+                    black_box(conn.id);
+                },
+            );
         }
         let rows: [(&str, Cluster<NoopBackend>, CausalToken); 2] = [
             ("token_probed", positions.clone(), token("positions")),

@@ -17,10 +17,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::core::noop::NoopBackend;
 use switchyard::router::{EndpointConfig, StrategyKind};
-use switchyard::{Checkout, CheckoutRequest, Cluster, ClusterConfig, Intent, Role};
+use switchyard::{Checkout, CheckoutRequest, Cluster, ClusterConfig, Role};
 
 const STRATEGIES: [(StrategyKind, &str); 4] = [
     (StrategyKind::RoundRobin, "round_robin"),
@@ -123,18 +123,18 @@ fn checkout(c: &mut Criterion) {
     for tasks in common::TASKS {
         let mut group = c.benchmark_group(format!("checkout/{tasks}_tasks"));
         for (name, cluster) in &clusters {
-            group.bench_function(BenchmarkId::new("switchyard", name), |b| {
-                b.iter_custom(|iters| {
-                    let cluster = cluster.clone();
-                    common::concurrent(&rt, iters, tasks, move |_| {
-                        let cluster = cluster.clone();
-                        async move {
-                            let conn = cluster.checkout(Intent::Read, None).await.unwrap();
-                            black_box(conn.id);
-                        }
-                    })
-                });
-            });
+            let id = format!("switchyard/{name}");
+            common::cluster_row(
+                &mut group,
+                &rt,
+                tasks,
+                &id,
+                cluster,
+                None,
+                |conn| async move {
+                    black_box(conn.id);
+                },
+            );
         }
         group.bench_function("core_acquire", |b| {
             b.iter_custom(|iters| {
