@@ -2,104 +2,24 @@
 //! place their changes are applied to the cluster.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use switchyard_core::{Backend, EndpointId, Error, Role};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{diff, Change, Member, Report, SourceState, SourceStatus, TopologySource, View};
-use crate::cluster::{Cluster, ClusterState, Topology};
+use crate::cluster::Cluster;
 use crate::config::EndpointConfig;
 use crate::metrics::SourceMetrics;
+use crate::source::{diff, Change, Following, Member, Report, SourceCell, TopologySource, View};
+use crate::state::{ClusterState, Topology};
 
 /// While the designated primary has not yet probed as primary (a promotion
 /// under way), it is probed this often, so writes resume within a probe's
 /// round trip of the promotion instead of a whole probe interval.
 const CONFIRM_EVERY: Duration = Duration::from_millis(25);
-
-/// A cluster's source and what it last said; owned by the cluster, updated
-/// by the follower task only.
-#[derive(Debug)]
-pub(crate) struct SourceCell {
-    status: SourceStatus,
-    unreachable_since: Option<Instant>,
-    metrics: SourceMetrics,
-}
-
-impl SourceCell {
-    /// The status as of now.
-    pub(crate) fn status(&self) -> SourceStatus {
-        let mut status = self.status.clone();
-        status.unreachable_for = self.unreachable_since.map(|t| t.elapsed());
-        status
-    }
-}
-
-/// The source of a cluster that [`Cluster::follow`] started: wait for its
-/// first view with [`ready`](Self::ready).
-#[derive(Debug)]
-pub struct Following {
-    cluster: Arc<str>,
-    source: String,
-    first: watch::Receiver<Option<Result<(), String>>>,
-}
-
-/// A topology source gave no view: unreachable at start, or no answer in time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceUnreachable {
-    /// The cluster.
-    pub cluster: String,
-    /// [`TopologySource::describe`] of the source.
-    pub source: String,
-    /// What went wrong (never a secret).
-    pub reason: String,
-}
-
-impl fmt::Display for SourceUnreachable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cluster {}: topology source {} is unreachable: {}",
-            self.cluster, self.source, self.reason
-        )
-    }
-}
-
-impl std::error::Error for SourceUnreachable {}
-
-impl Following {
-    /// Waits for the source's first report: `Ok` once its first view is
-    /// applied, an error naming the source when it reports itself
-    /// unreachable or says nothing within `timeout`. Either way the cluster
-    /// keeps following it (close the cluster to stop).
-    pub async fn ready(mut self, timeout: Duration) -> Result<(), SourceUnreachable> {
-        let error = |reason: String| SourceUnreachable {
-            cluster: self.cluster.to_string(),
-            source: self.source.clone(),
-            reason,
-        };
-        let outcome = tokio::time::timeout(timeout, self.first.wait_for(Option::is_some)).await;
-        match outcome {
-            Ok(Ok(first)) => match first.clone() {
-                Some(Ok(())) => Ok(()),
-                Some(Err(reason)) => Err(error(reason)),
-                None => Err(error("no report".into())),
-            },
-            Ok(Err(_)) => Err(error("the cluster closed before the first report".into())),
-            Err(_) => Err(error(format!("no answer within {timeout:?}"))),
-        }
-    }
-
-    /// The source, as described in logs and status.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-}
 
 impl<B: Backend> Cluster<B> {
     /// Follows `source` from now on: its members become the cluster's
@@ -128,20 +48,10 @@ impl<B: Backend> Cluster<B> {
                 old.cancel();
             }
             *cell = Some((
-                SourceCell {
-                    status: SourceStatus {
-                        source: described.clone(),
-                        state: SourceState::Starting,
-                        primary: None,
-                        roles: BTreeMap::new(),
-                        changes: 0,
-                        last_view: None,
-                        last_error: None,
-                        unreachable_for: None,
-                    },
-                    unreachable_since: None,
-                    metrics: SourceMetrics::new(shared.engine, &shared.name),
-                },
+                SourceCell::new(
+                    described.clone(),
+                    SourceMetrics::new(shared.engine, &shared.name),
+                ),
                 token.clone(),
             ));
         }
@@ -200,7 +110,9 @@ where
                     self.tell_first(Ok(()));
                 }
                 Report::Unreachable(reason) => {
-                    lost(&shared, &reason);
+                    if let Some((cell, _)) = shared.source_cell().as_mut() {
+                        cell.lost(&shared.name, &reason);
+                    }
                     self.tell_first(Err(reason));
                 }
             }
@@ -244,26 +156,8 @@ where
         if applied > 0 {
             shared.rebuild(&mut topo, "topology source changed");
         }
-        let mut cell = shared.source_cell();
-        if let Some((cell, _)) = cell.as_mut() {
-            if cell.status.state == SourceState::Unreachable {
-                tracing::info!(cluster = %shared.name, source = %cell.status.source, "topology source reachable again");
-            }
-            cell.unreachable_since = None;
-            cell.status.state = SourceState::Following;
-            cell.status.last_error = None;
-            cell.status.last_view = Some(SystemTime::now());
-            cell.status.primary = view.primary().map(|m| m.name.clone());
-            cell.status.roles = view
-                .members
-                .iter()
-                .map(|m| (m.name.clone(), m.role))
-                .collect();
-            cell.metrics.up.set(1.0);
-            if applied > 0 {
-                cell.status.changes += 1;
-                cell.metrics.changes.increment(1);
-            }
+        if let Some((cell, _)) = shared.source_cell().as_mut() {
+            cell.viewed(&shared.name, view, applied > 0);
         }
     }
 
@@ -326,22 +220,4 @@ where
         }
         Ok(())
     }
-}
-
-/// Records that the source is unreachable; the topology stays as it is.
-fn lost<B: Backend>(shared: &ClusterState<B>, reason: &str) {
-    let mut cell = shared.source_cell();
-    let Some((cell, _)) = cell.as_mut() else {
-        return;
-    };
-    cell.metrics.errors.increment(1);
-    cell.metrics.up.set(0.0);
-    if cell.status.state != SourceState::Unreachable {
-        tracing::warn!(cluster = %shared.name, source = %cell.status.source, reason, "topology source unreachable: keeping the last known topology");
-        cell.unreachable_since = Some(Instant::now());
-    } else {
-        tracing::debug!(cluster = %shared.name, reason, "topology source still unreachable");
-    }
-    cell.status.state = SourceState::Unreachable;
-    cell.status.last_error = Some(reason.to_owned());
 }

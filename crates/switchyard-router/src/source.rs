@@ -81,18 +81,19 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod follow;
-
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use switchyard_core::{EndpointId, Role};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-pub use follow::{Following, SourceUnreachable};
+use crate::metrics::SourceMetrics;
 
 /// One member of the cluster as the control plane reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -266,6 +267,140 @@ pub(crate) fn effective_role(designated: Option<Role>, probed: Role) -> Option<R
         (Some(Role::Replica), Role::Primary) => None,
         (Some(Role::Primary), Role::Primary) => Some(Role::Primary),
         (Some(_), probed) => Some(probed),
+    }
+}
+
+/// The source of a cluster that [`Cluster::follow`](crate::Cluster::follow) started: wait for its
+/// first view with [`ready`](Self::ready).
+#[derive(Debug)]
+pub struct Following {
+    pub(crate) cluster: Arc<str>,
+    pub(crate) source: String,
+    pub(crate) first: watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// A topology source gave no view: unreachable at start, or no answer in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceUnreachable {
+    /// The cluster.
+    pub cluster: String,
+    /// [`TopologySource::describe`] of the source.
+    pub source: String,
+    /// What went wrong (never a secret).
+    pub reason: String,
+}
+
+impl fmt::Display for SourceUnreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cluster {}: topology source {} is unreachable: {}",
+            self.cluster, self.source, self.reason
+        )
+    }
+}
+
+impl std::error::Error for SourceUnreachable {}
+
+impl Following {
+    /// Waits for the source's first report: `Ok` once its first view is
+    /// applied, an error naming the source when it reports itself
+    /// unreachable or says nothing within `timeout`. Either way the cluster
+    /// keeps following it (close the cluster to stop).
+    pub async fn ready(mut self, timeout: Duration) -> Result<(), SourceUnreachable> {
+        let error = |reason: String| SourceUnreachable {
+            cluster: self.cluster.to_string(),
+            source: self.source.clone(),
+            reason,
+        };
+        let outcome = tokio::time::timeout(timeout, self.first.wait_for(Option::is_some)).await;
+        match outcome {
+            Ok(Ok(first)) => match first.clone() {
+                Some(Ok(())) => Ok(()),
+                Some(Err(reason)) => Err(error(reason)),
+                None => Err(error("no report".into())),
+            },
+            Ok(Err(_)) => Err(error("the cluster closed before the first report".into())),
+            Err(_) => Err(error(format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    /// The source, as described in logs and status.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// A cluster's source and what it last said; held in the cluster's state,
+/// updated by the follower task only.
+#[derive(Debug)]
+pub(crate) struct SourceCell {
+    status: SourceStatus,
+    unreachable_since: Option<Instant>,
+    metrics: SourceMetrics,
+}
+
+impl SourceCell {
+    /// A source just started, nothing heard from it yet.
+    pub(crate) fn new(source: String, metrics: SourceMetrics) -> Self {
+        Self {
+            status: SourceStatus {
+                source,
+                state: SourceState::Starting,
+                primary: None,
+                roles: BTreeMap::new(),
+                changes: 0,
+                last_view: None,
+                last_error: None,
+                unreachable_for: None,
+            },
+            unreachable_since: None,
+            metrics,
+        }
+    }
+
+    /// Records `view`, just applied; `changed` when it changed the endpoints
+    /// or their roles.
+    pub(crate) fn viewed(&mut self, cluster: &str, view: &View, changed: bool) {
+        if self.status.state == SourceState::Unreachable {
+            tracing::info!(%cluster, source = %self.status.source, "topology source reachable again");
+        }
+        self.unreachable_since = None;
+        self.status.state = SourceState::Following;
+        self.status.last_error = None;
+        self.status.last_view = Some(SystemTime::now());
+        self.status.primary = view.primary().map(|m| m.name.clone());
+        self.status.roles = view
+            .members
+            .iter()
+            .map(|m| (m.name.clone(), m.role))
+            .collect();
+        self.metrics.up.set(1.0);
+        if changed {
+            self.status.changes += 1;
+            self.metrics.changes.increment(1);
+        }
+    }
+
+    /// Records that the source is unreachable; the topology stays as it is.
+    pub(crate) fn lost(&mut self, cluster: &str, reason: &str) {
+        self.metrics.errors.increment(1);
+        self.metrics.up.set(0.0);
+        if self.status.state != SourceState::Unreachable {
+            tracing::warn!(%cluster, source = %self.status.source, reason, "topology source unreachable: keeping the last known topology");
+            self.unreachable_since = Some(Instant::now());
+        } else {
+            tracing::debug!(%cluster, reason, "topology source still unreachable");
+        }
+        self.status.state = SourceState::Unreachable;
+        self.status.last_error = Some(reason.to_owned());
+    }
+
+    /// The status as of now.
+    pub(crate) fn status(&self) -> SourceStatus {
+        let mut status = self.status.clone();
+        status.unreachable_for = self.unreachable_since.map(|t| t.elapsed());
+        status
     }
 }
 
