@@ -397,13 +397,6 @@ async fn a_write_checkout_that_outlives_its_primary_moves_to_the_new_one() {
 #[tokio::test(start_paused = true)]
 async fn a_promotion_seen_before_the_dead_primary_takes_over_by_history() {
     let (cluster, b) = cluster(1, config()).await;
-    let timeline = |timeline| {
-        Some(switchyard_core::History::Timeline {
-            system: 1,
-            timeline,
-            position: 0,
-        })
-    };
     b[0].set_replication(timeline(1), None);
     b[1].set_replication(timeline(1), Some(true));
     run_for(Duration::from_secs(1)).await;
