@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
+use crate::slots::HandOff;
+
 /// Default [`PgBackendConfig::max_tenant_pools`].
 pub const DEFAULT_MAX_TENANT_POOLS: usize = 64;
 /// Default [`PgBackendConfig::tenant_pool_max_size`].
@@ -17,6 +19,8 @@ pub const DEFAULT_TENANT_POOL_MAX_SIZE: u32 = 4;
 pub const DEFAULT_TENANT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default [`PgBackendConfig::reset_timeout`].
 pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default [`AffinitySettings::linger`].
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
 
 /// Everything a [`PgBackend`](crate::PgBackend) needs for one endpoint.
 ///
@@ -90,9 +94,9 @@ pub struct PgBackendConfig {
 /// still carrying exactly its owner's scope) before its owner gets it again,
 /// and goes to a different owner only after the complete reset.
 /// Under load, a returned connection goes to the oldest waiting checkout of
-/// its own owner while that tenant is fewer than
-/// [`max_bypass`](Self::max_bypass) grants ahead of the tenant whose turn it
-/// is (waiting tenants take turns: core's
+/// its own owner, ahead of the waiting checkout whose turn it is, unless that
+/// one has already been passed over [`max_bypass`](Self::max_bypass) times
+/// (waiting tenants take turns: core's
 /// [`FairQueue::pop_ahead`](switchyard_core::FairQueue::pop_ahead)). Off,
 /// every checkout of a used connection resets it completely, even for the
 /// owner it last served.
@@ -101,11 +105,18 @@ pub struct PgBackendConfig {
 pub struct AffinitySettings {
     /// Whether a connection may go back to its last owner unreset (default true).
     pub enabled: bool,
-    /// Most grants a tenant served by its own returned connections may run
-    /// ahead of the waiting tenant whose turn it is (counted per unit of
-    /// tier weight since each started waiting; default 4; 0 serves waiters
+    /// Most times the waiting checkout whose turn it is may be passed over
+    /// for a returned connection's own owner (default 4; 0 serves waiters
     /// strictly in turn).
     pub max_bypass: u32,
+    /// Longest a returned connection is kept idle for its owner's next
+    /// checkout while other tenants wait (default 1ms; 0 never keeps one).
+    /// Only an owner with nobody waiting, holding less than an equal share
+    /// of the pool among the tenants that want connections, gets this: a
+    /// tenant that checks out again at once keeps its warm connection, where
+    /// handing it on would cost two owner changes (a complete reset each).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 impl Default for AffinitySettings {
@@ -113,6 +124,7 @@ impl Default for AffinitySettings {
         Self {
             enabled: true,
             max_bypass: 4,
+            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -263,11 +275,16 @@ impl PgBackendConfig {
     }
 
     /// The bypass bound in force (0 when affinity is off).
-    pub(crate) fn max_bypass(&self) -> u32 {
+    /// How returned connections are handed on: strict turns and no
+    /// lingering without affinity.
+    pub(crate) fn handoff(&self) -> HandOff {
         if self.affinity.enabled && !self.tenant_roles {
-            self.affinity.max_bypass
+            HandOff {
+                max_bypass: self.affinity.max_bypass,
+                linger: self.affinity.linger,
+            }
         } else {
-            0
+            HandOff::default()
         }
     }
 
@@ -402,10 +419,12 @@ mod tests {
     }
 
     #[test]
-    fn no_affinity_means_no_bypass() {
+    fn no_affinity_means_no_bypass_and_no_linger() {
         let mut c = PgBackendConfig::new("pg", "postgres://db/app");
-        assert_eq!(c.max_bypass(), 4);
+        assert_eq!(c.handoff().max_bypass, 4);
+        assert_eq!(c.handoff().linger, DEFAULT_LINGER);
         c.affinity = AffinitySettings::disabled();
-        assert_eq!(c.max_bypass(), 0);
+        assert_eq!(c.handoff().max_bypass, 0);
+        assert!(c.handoff().linger.is_zero());
     }
 }
