@@ -121,8 +121,11 @@ struct Class<W> {
     weight: u32,
     /// Grants left in the class's current turn (refilled when the turn ends).
     credit: u32,
-    /// Times the class's oldest waiter was passed over by an out-of-turn
-    /// grant while it was the head (see [`FairQueue::pop_ahead`]).
+    /// Grants since the class started waiting, counted from the level of the
+    /// class whose turn it was then (see [`FairQueue::pop_ahead`]).
+    served: u64,
+    /// Times the class's oldest waiter, while the head, was passed over for a
+    /// younger waiter of the same class (see [`FairQueue::pop_ahead`]).
     passed: u32,
     /// Oldest first; sequence numbers ascend.
     waiters: VecDeque<(u64, W)>,
@@ -193,9 +196,19 @@ impl<W> FairQueue<W> {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.len += 1;
+        // A class that starts waiting starts level with the one whose turn
+        // it is (scaled by weight): no credit for the time it did not wait.
+        let level = self
+            .ring
+            .front()
+            .and_then(|head| self.classes.get(head))
+            .map_or(0, |head| {
+                head.served * u64::from(weight.get()) / u64::from(head.weight)
+            });
         let entry = self.classes.entry(class.clone()).or_insert_with(|| Class {
             weight: weight.get(),
             credit: weight.get(),
+            served: level,
             passed: 0,
             waiters: VecDeque::new(),
         });
@@ -231,6 +244,7 @@ impl<W> FairQueue<W> {
         let class = self.classes.get_mut(&name)?;
         let (seq, waiter) = class.waiters.pop_front()?;
         self.len -= 1;
+        class.served += 1;
         class.passed = 0;
         if class.waiters.is_empty() {
             self.leave(&name);
@@ -252,41 +266,54 @@ impl<W> FairQueue<W> {
     }
 
     /// Takes out the oldest waiter of `class` for which `wanted` holds, out
-    /// of turn (an affinity hand-off), unless the waiter whose turn it is has
-    /// already been passed over `max_passes` times. `class`'s turn is not
-    /// charged; the head's count of passes is, and it restarts with each new
-    /// oldest waiter of its class.
+    /// of turn (an affinity hand-off), within `max_lead`, and counts the
+    /// grant for `class` (its turn's credit is not charged):
     ///
-    /// So tenants each served by their own warm connections keep being
-    /// served out of turn, and no waiter waits more than `max_passes` grants
-    /// longer than in strict turns: within a class too (a FIFO tier's
-    /// tenants share one), where the match may stand behind another tenant's
-    /// older waiter.
+    /// - from another class than the head's, while `class` is fewer than
+    ///   `max_lead` grants ahead of the head's class (grants counted since
+    ///   each started waiting, per unit of weight): so classes served about
+    ///   equally, each by its own warm connections, keep being served out of
+    ///   turn, and none runs more than `max_lead` grants ahead;
+    /// - from the head's own class (a FIFO tier's tenants share one), where
+    ///   the match stands behind the head, while the head has been passed
+    ///   over fewer than `max_lead` times.
     pub fn pop_ahead(
         &mut self,
         class: &QueueClass,
-        max_passes: u32,
+        max_lead: u32,
         mut wanted: impl FnMut(&W) -> bool,
     ) -> Option<(WaitKey, W)> {
-        let head = self.ring.front()?.clone();
+        let head_name = self.ring.front()?.clone();
         let at = self
             .classes
             .get(class)?
             .waiters
             .iter()
             .position(|(_, w)| wanted(w))?;
-        if at == 0 && *class == head {
-            // The match is the head itself: an ordinary grant in turn.
-            return self.pop();
+        if *class == head_name {
+            if at == 0 {
+                // The match is the head itself: an ordinary grant in turn.
+                return self.pop();
+            }
+            let head = self.classes.get_mut(&head_name)?;
+            if head.passed >= max_lead {
+                return None;
+            }
+            head.passed += 1;
+        } else {
+            let head = self.classes.get(&head_name)?;
+            let (head_served, head_weight) = (u128::from(head.served), u128::from(head.weight));
+            let entry = self.classes.get(class)?;
+            let ahead = u128::from(entry.served) * head_weight
+                >= (head_served + u128::from(max_lead)) * u128::from(entry.weight);
+            if ahead {
+                return None;
+            }
         }
-        let passed = &mut self.classes.get_mut(&head)?.passed;
-        if *passed >= max_passes {
-            return None;
-        }
-        *passed += 1;
         let entry = self.classes.get_mut(class)?;
         let (seq, waiter) = entry.waiters.remove(at)?;
         self.len -= 1;
+        entry.served += 1;
         if at == 0 {
             entry.passed = 0;
         }
@@ -431,52 +458,74 @@ mod tests {
     }
 
     #[test]
-    fn out_of_turn_grants_pass_the_head_at_most_max_passes_times() {
+    fn out_of_turn_grants_stop_at_the_lead_over_the_class_whose_turn_it_is() {
         let mut queue = FairQueue::new();
         for n in 0..10 {
             queue.push(tenant("a"), weight(1), ("a", n));
             queue.push(tenant("b"), weight(1), ("b", n));
         }
-        // a's turn; b passes a's oldest waiter at most 3 times.
+        // a's turn; b runs ahead by at most 3 grants, then waits for a.
         let b = tenant("b");
         for n in 0..3 {
             assert_eq!(queue.pop_ahead(&b, 3, |_| true).unwrap().1, ("b", n));
         }
         assert!(queue.pop_ahead(&b, 3, |_| true).is_none());
         assert_eq!(queue.pop().unwrap().1, ("a", 0));
-        // b's turn now: its oldest waiter was never passed.
+        // Now it is b's turn, and a, behind b, may go out of turn.
         assert_eq!(queue.peek(), Some(&("b", 3)));
         let a = tenant("a");
-        assert_eq!(queue.pop_ahead(&a, 1, |_| true).unwrap().1, ("a", 1));
-        assert!(queue.pop_ahead(&a, 1, |_| true).is_none());
-        assert_eq!(queue.pop().unwrap().1, ("b", 3));
-        // a's turn again, and a new oldest waiter of b: counted afresh.
-        assert_eq!(queue.pop_ahead(&b, 1, |_| true).unwrap().1, ("b", 4));
-        // No passes at all: only the head itself, in turn.
-        assert!(queue.pop_ahead(&b, 0, |_| true).is_none());
+        assert_eq!(queue.pop_ahead(&a, 3, |_| true).unwrap().1, ("a", 1));
+        // No lead at all: only while behind the head.
         assert_eq!(queue.pop_ahead(&a, 0, |_| true).unwrap().1, ("a", 2));
-        assert_eq!(queue.peek(), Some(&("b", 5)));
+        assert!(queue.pop_ahead(&a, 0, |_| true).is_none());
     }
 
     #[test]
-    fn tenants_each_served_by_their_own_connections_keep_going_out_of_turn() {
+    fn classes_served_about_equally_keep_going_out_of_turn() {
         let mut queue = FairQueue::new();
         for n in 0..10 {
             queue.push(tenant("a"), weight(1), ("a", n));
             queue.push(tenant("b"), weight(1), ("b", n));
+            queue.push(tenant("c"), weight(2), ("c", n));
         }
-        let (a, b) = (tenant("a"), tenant("b"));
-        // Returns alternate between a's connection and b's: each goes to its
-        // own tenant, whoever's turn it is, and no head is passed twice.
-        for n in 0..10 {
+        let (a, b, c) = (tenant("a"), tenant("b"), tenant("c"));
+        for n in 0..4 {
             assert_eq!(queue.pop_ahead(&b, 1, |_| true).unwrap().1, ("b", n));
             assert_eq!(queue.pop_ahead(&a, 1, |_| true).unwrap().1, ("a", n));
+            // c weighs twice as much: two grants per one of a's.
+            assert_eq!(queue.pop_ahead(&c, 1, |_| true).unwrap().1, ("c", 2 * n));
+            assert_eq!(
+                queue.pop_ahead(&c, 1, |_| true).unwrap().1,
+                ("c", 2 * n + 1)
+            );
         }
-        assert!(queue.is_empty());
+        // Its lead is counted per unit of weight: two of its own grants.
+        assert_eq!(queue.pop_ahead(&c, 1, |_| true).unwrap().1, ("c", 8));
+        assert_eq!(queue.pop_ahead(&c, 1, |_| true).unwrap().1, ("c", 9));
+        assert!(queue.pop_ahead(&c, 1, |_| true).is_none());
     }
 
     #[test]
-    fn within_a_fifo_class_the_oldest_waiter_is_passed_at_most_max_passes_times() {
+    fn a_class_that_starts_waiting_starts_level_with_the_head() {
+        let mut queue = FairQueue::new();
+        for n in 0..10 {
+            queue.push(tenant("a"), weight(1), ("a", n));
+        }
+        let a = tenant("a");
+        for n in 0..5 {
+            assert_eq!(queue.pop_ahead(&a, 2, |_| true).unwrap().1, ("a", n));
+        }
+        // b arrives after a was served five times: a may lead b by two, not
+        // by seven.
+        queue.push(tenant("b"), weight(1), ("b", 0));
+        assert_eq!(queue.pop().unwrap().1, ("a", 5));
+        assert_eq!(queue.peek(), Some(&("b", 0)));
+        assert_eq!(queue.pop_ahead(&a, 2, |_| true).unwrap().1, ("a", 6));
+        assert!(queue.pop_ahead(&a, 2, |_| true).is_none());
+    }
+
+    #[test]
+    fn within_a_fifo_class_the_oldest_waiter_is_passed_over_at_most_max_lead_times() {
         // One FIFO tier: q's waiter is first in line, then noisy's. noisy's
         // returned connections go to noisy's waiters out of turn, but q's
         // waiter, the head, is passed at most twice.

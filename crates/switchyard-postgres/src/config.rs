@@ -94,10 +94,12 @@ pub struct PgBackendConfig {
 /// still carrying exactly its owner's scope) before its owner gets it again,
 /// and goes to a different owner only after the complete reset.
 /// Under load, a returned connection goes to the oldest waiting checkout of
-/// its own owner, ahead of the waiting checkout whose turn it is, unless that
-/// one has already been passed over [`max_bypass`](Self::max_bypass) times
-/// (waiting tenants take turns: core's
-/// [`FairQueue::pop_ahead`](switchyard_core::FairQueue::pop_ahead)). Off,
+/// its own owner while that tenant is fewer than
+/// [`max_bypass`](Self::max_bypass) grants ahead of the tenant whose turn it
+/// is (waiting tenants take turns: core's
+/// [`FairQueue::pop_ahead`](switchyard_core::FairQueue::pop_ahead); within a
+/// FIFO tier, the checkout first in line is passed over at most `max_bypass`
+/// times). Off,
 /// every checkout of a used connection resets it completely, even for the
 /// owner it last served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,9 +107,11 @@ pub struct PgBackendConfig {
 pub struct AffinitySettings {
     /// Whether a connection may go back to its last owner unreset (default true).
     pub enabled: bool,
-    /// Most times the waiting checkout whose turn it is may be passed over
-    /// for a returned connection's own owner (default 4; 0 serves waiters
-    /// strictly in turn).
+    /// Most grants a tenant served by its own returned connections may run
+    /// ahead of the waiting tenant whose turn it is (counted per unit of
+    /// tier weight since each started waiting), and most times a FIFO tier's
+    /// first checkout in line may be passed over (default 4; 0 serves
+    /// waiters strictly in turn).
     pub max_bypass: u32,
     /// Longest a returned connection is kept idle for its owner's next
     /// checkout while other tenants wait (default 1ms; 0 never keeps one).

@@ -135,10 +135,10 @@
 //! waiting checkouts are served tenant by tenant in turn (core's
 //! [`FairQueue`](switchyard_core::FairQueue), weighted by tier), and a
 //! returned connection goes straight to the oldest waiting checkout of its own
-//! owner, passing over the checkout whose turn it is at most
-//! [`max_bypass`](AffinitySettings::max_bypass) times: tenants each served by
-//! their own connections need no owner change, and no checkout waits more
-//! than `max_bypass` grants longer than in strict turns. A returned connection
+//! owner while that tenant is fewer than
+//! [`max_bypass`](AffinitySettings::max_bypass) grants ahead of the tenant
+//! whose turn it is: tenants served about equally need no owner change, and
+//! no tenant waits unfairly long. A returned connection
 //! whose owner has nobody waiting and holds less than an equal share of the
 //! pool is kept for that owner's next checkout for at most
 //! [`linger`](AffinitySettings::linger) (1ms) before it goes on: a quiet

@@ -18,12 +18,15 @@
 //! - Waiters queue in core's [`FairQueue`]: tenants take turns (weighted by
 //!   tier), untenanted checkouts are one more class. The *head* is the waiter
 //!   whose turn it is.
-//! - A returned connection goes to the oldest waiter of its own owner unless
-//!   the head has already been passed over `max_bypass` times
-//!   ([`FairQueue::pop_ahead`]); then (or with no waiter of its owner) to the
-//!   head. So tenants each served by their own warm connections need no owner
-//!   change, and no waiter waits more than `max_bypass` grants longer than in
-//!   strict turns (within a FIFO tier too).
+//! - A returned connection goes to the oldest waiter of its own owner while
+//!   that tenant is fewer than `max_bypass` grants ahead of the tenant whose
+//!   turn it is (grants counted since each started waiting, per unit of
+//!   weight; within a FIFO tier's one class, while the head has been passed
+//!   over fewer than `max_bypass` times: [`FairQueue::pop_ahead`]); then (or
+//!   with no waiter of its owner) to the head. So tenants served about
+//!   equally, each by its own warm connections, need no owner change, and no
+//!   tenant runs more than `max_bypass` grants ahead of the one whose turn it
+//!   is.
 //! - While others wait, a connection whose owner has nobody waiting and holds
 //!   less than an equal share of the pool (among the classes that want
 //!   connections) is kept idle for that owner for at most the linger, then
@@ -407,8 +410,8 @@ impl Slots {
     }
 
     /// The waiter a connection of `owner` goes to, taken out of the queue:
-    /// the oldest waiter of `owner` unless the head has been passed over
-    /// `max_bypass` times, else the head.
+    /// the oldest waiter of `owner` within the `max_bypass` bound
+    /// ([`FairQueue::pop_ahead`]), else the head.
     fn pick(&self, state: &mut State, owner: Option<&TenantScope>) -> Option<Waiter> {
         let head = state.waiters.peek()?;
         if head.owner.as_ref() == owner || self.max_bypass == 0 {

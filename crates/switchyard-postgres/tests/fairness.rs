@@ -191,7 +191,11 @@ async fn a_fifo_tier_tenant_is_not_starved_by_another_tenants_warm_connection() 
 #[tokio::test]
 async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
     let fx = fixture().await;
-    let backend = fx.backend(fx.config(2));
+    // A linger long enough that the steps below always fall inside it.
+    const LINGER: Duration = Duration::from_secs(3);
+    let mut config = fx.config(2);
+    config.affinity.linger = LINGER;
+    let backend = fx.backend(config);
     let reg = registry(QueueOrder::Fair);
     let noisy = checkout(&backend, &reg, Some("noisy")).await.unwrap();
     let q1 = checkout(&backend, &reg, Some("q1")).await.unwrap();
@@ -228,6 +232,7 @@ async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
 
     // q1 does not come back: after the linger, noisy's waiter gets it.
     drop(again);
+    let released = std::time::Instant::now();
     let mut got = tokio::time::timeout(TIMEOUT, waiting)
         .await
         .unwrap()
@@ -237,6 +242,7 @@ async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
         .await
         .unwrap();
     assert_eq!(path, "\"tenant_noisy\"");
+    assert!(released.elapsed() >= LINGER - Duration::from_millis(50));
     drop(noisy);
 }
 
