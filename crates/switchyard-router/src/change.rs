@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use switchyard_core::{Backend, EndpointId, Error};
+use switchyard_core::{Backend, EndpointId, Error, Role};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -32,6 +32,12 @@ pub enum EndpointChange<B: Backend> {
     ReplaceBackend(Arc<B>),
     /// A new weight ([`Cluster::set_weight`](crate::Cluster::set_weight)).
     Reweight(EndpointId, u32),
+    /// The role a topology source gives the endpoint, as
+    /// [`Cluster::follow`](crate::Cluster::follow) applies it: writes go only to
+    /// the designated primary, once it probes as primary (see
+    /// [`source`](crate::source)). An endpoint whose designation changes is
+    /// probed at once.
+    Designate(EndpointId, Role),
     /// The endpoint leaves ([`Cluster::remove_endpoint`](crate::Cluster::remove_endpoint)).
     Remove(EndpointId),
 }
@@ -43,13 +49,23 @@ impl<B: Backend> ClusterState<B> {
         self: &Arc<Self>,
         changes: impl IntoIterator<Item = EndpointChange<B>>,
     ) -> Vec<Result<(), Error>> {
-        let mut topo = self.lock();
+        self.apply_changes(&mut self.lock(), changes, "endpoints changed")
+    }
+
+    /// [`change_endpoints`](Self::change_endpoints) under the lock `topo`
+    /// holds, for a caller that decided the changes under it.
+    pub(crate) fn apply_changes(
+        self: &Arc<Self>,
+        topo: &mut Topology<B>,
+        changes: impl IntoIterator<Item = EndpointChange<B>>,
+        reason: &str,
+    ) -> Vec<Result<(), Error>> {
         let results: Vec<_> = changes
             .into_iter()
-            .map(|change| self.change(&mut topo, change))
+            .map(|change| self.change(topo, change))
             .collect();
         if results.iter().any(Result::is_ok) {
-            self.rebuild(&mut topo, "endpoints changed");
+            self.rebuild(topo, reason);
         }
         results
     }
@@ -106,6 +122,15 @@ impl<B: Backend> ClusterState<B> {
                 join_problems(&self.path(), problems)?;
                 let pos = self.position(topo, &id)?;
                 topo.endpoints[pos].state.set_weight(weight);
+            }
+            EndpointChange::Designate(id, role) => {
+                let state = &topo.endpoints[self.position(topo, &id)?].state;
+                let before = state.designated();
+                state.designate(Some(role));
+                if before.is_some_and(|before| before != role) {
+                    state.request_probe();
+                    tracing::warn!(cluster = %name, endpoint = %id, %role, "topology source: endpoint is now {role}");
+                }
             }
             EndpointChange::Remove(id) => {
                 let pos = self.position(topo, &id)?;

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::change::EndpointChange;
 use crate::cluster::Cluster;
 use crate::config::EndpointConfig;
 use crate::metrics::SourceMetrics;
@@ -27,7 +28,10 @@ impl<B: Backend> Cluster<B> {
     /// designate the primary, combined with the probes as the
     /// [module docs](crate::source) describe. A member named as an endpoint
     /// the cluster already has replaces it; endpoints given otherwise (built
-    /// with, or added live) stay as they are.
+    /// with, or added live) stay as they are. A member meets the checks
+    /// [`add_endpoint`](Self::add_endpoint) runs: one refused (e.g. a tier its
+    /// engine refuses) stays out, logged and listed in the source status's
+    /// `refused`, and is tried again with the next view.
     ///
     /// Returns at once; [`Following::ready`] waits for the first view. The
     /// source is asked for reports by one task, which stops when the cluster
@@ -139,39 +143,63 @@ where
         Some(id)
     }
 
-    /// Applies the differences between the known members and `view` in one
-    /// step, and records the view in the cluster's source status.
+    /// Applies the differences between the known members and `view` as one
+    /// list of endpoint changes (one lock, one rebuild), and records the view
+    /// and the members the cluster refused in its source status.
     fn apply(&mut self, shared: &Arc<ClusterState<B>>, view: &View) {
-        let changes = diff(&self.known, view);
         let mut topo = shared.lock();
         if shared.check_open().is_err() {
             return;
         }
-        let applied = changes.len();
-        for change in changes {
-            if let Err(error) = self.apply_one(shared, &mut topo, change) {
-                tracing::error!(cluster = %shared.name, %error, "topology source change refused");
+        let (mut planned, mut changes, mut refused) = (Vec::new(), Vec::new(), BTreeMap::new());
+        for change in diff(&self.known, view) {
+            match self.endpoint_changes(shared, &topo, &change) {
+                Ok(steps) => {
+                    planned.push((change, steps.len()));
+                    changes.extend(steps);
+                }
+                Err(error) => {
+                    refused.insert(name(&change).clone(), error);
+                }
             }
         }
-        if applied > 0 {
-            shared.rebuild(&mut topo, "topology source changed");
+        let mut results = shared
+            .apply_changes(&mut topo, changes, "topology source changed")
+            .into_iter();
+        let mut changed = false;
+        for (change, steps) in planned {
+            match results.by_ref().take(steps).collect::<Result<(), Error>>() {
+                Ok(()) => {
+                    changed = true;
+                    self.learn(change);
+                }
+                Err(error) => {
+                    refused.insert(name(&change).clone(), error);
+                }
+            }
         }
+        for (endpoint, error) in &refused {
+            tracing::error!(cluster = %shared.name, %endpoint, %error, "topology source change refused");
+        }
+        let refused = refused.into_iter().map(|(id, e)| (id, e.to_string()));
         if let Some((cell, _)) = shared.source_cell().as_mut() {
-            cell.viewed(&shared.name, view, applied > 0);
+            cell.viewed(&shared.name, view, changed, refused.collect());
         }
     }
 
-    fn apply_one(
-        &mut self,
-        shared: &Arc<ClusterState<B>>,
-        topo: &mut Topology<B>,
-        change: Change,
-    ) -> Result<(), Error> {
-        let position =
-            |topo: &Topology<B>, id: &EndpointId| topo.endpoints.iter().position(|e| e.id() == id);
-        match change {
+    /// The endpoint changes that make `change`, decided under the topology
+    /// lock: a member's endpoint is inserted, or replaces the cluster's
+    /// endpoint of that name; one the cluster does not have is left alone.
+    fn endpoint_changes(
+        &self,
+        shared: &ClusterState<B>,
+        topo: &Topology<B>,
+        change: &Change,
+    ) -> Result<Vec<EndpointChange<B>>, Error> {
+        let has = |id: &EndpointId| shared.position(topo, id).is_ok();
+        Ok(match change {
             Change::Insert(member) | Change::Repoint(member) => {
-                let backend = (self.backends)(&member)?;
+                let backend = (self.backends)(member)?;
                 if backend.endpoint() != &member.name {
                     return Err(Error::Config {
                         path: format!("{}.source", shared.path()),
@@ -182,42 +210,46 @@ where
                         ),
                     });
                 }
-                let state = shared.fresh_state(&member.name, &EndpointConfig::new(member.role));
-                state.designate(Some(member.role));
-                let ep = shared.start_endpoint(backend, state, None);
-                match position(topo, &member.name) {
-                    Some(pos) => {
-                        let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-                        ClusterState::retire(&old);
-                        tracing::info!(cluster = %shared.name, endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: endpoint re-pointed");
-                    }
-                    None => {
-                        topo.endpoints.push(ep);
-                        tracing::info!(cluster = %shared.name, endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: endpoint added");
-                    }
-                }
+                let config = EndpointConfig::new(member.role);
+                let endpoint = if has(&member.name) {
+                    EndpointChange::Replace(backend, config)
+                } else {
+                    EndpointChange::Insert(backend, config)
+                };
+                vec![
+                    endpoint,
+                    EndpointChange::Designate(member.name.clone(), member.role),
+                ]
+            }
+            Change::Remove(id) if has(id) => vec![EndpointChange::Remove(id.clone())],
+            Change::Role(id, role) if has(id) => vec![EndpointChange::Designate(id.clone(), *role)],
+            Change::Remove(_) | Change::Role(..) => Vec::new(),
+        })
+    }
+
+    /// Records `change`, applied, in the known members.
+    fn learn(&mut self, change: Change) {
+        match change {
+            Change::Insert(member) | Change::Repoint(member) => {
+                tracing::info!(endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: member applied");
                 self.known.insert(member.name.clone(), member);
             }
             Change::Remove(id) => {
-                if let Some(pos) = position(topo, &id) {
-                    let ep = topo.endpoints.remove(pos);
-                    ClusterState::retire(&ep);
-                }
                 self.known.remove(&id);
-                tracing::info!(cluster = %shared.name, endpoint = %id, "topology source: endpoint removed");
             }
             Change::Role(id, role) => {
-                if let Some(pos) = position(topo, &id) {
-                    let state = &topo.endpoints[pos].state;
-                    state.designate(Some(role));
-                    state.request_probe();
-                }
                 if let Some(known) = self.known.get_mut(&id) {
                     known.role = role;
                 }
-                tracing::warn!(cluster = %shared.name, endpoint = %id, %role, "topology source: endpoint is now {role}");
             }
         }
-        Ok(())
+    }
+}
+
+/// The member a change is about.
+fn name(change: &Change) -> &EndpointId {
+    match change {
+        Change::Insert(member) | Change::Repoint(member) => &member.name,
+        Change::Remove(id) | Change::Role(id, _) => id,
     }
 }

@@ -217,6 +217,10 @@ pub struct SourceStatus {
     pub last_view: Option<SystemTime>,
     /// Why the source is unreachable (when it is).
     pub last_error: Option<String>,
+    /// The members of the last view the cluster refused, each with why (a
+    /// tier its engine refuses, no backend for it): they are not among the
+    /// endpoints, and are tried again with the next view.
+    pub refused: BTreeMap<EndpointId, String>,
     /// How long it has been unreachable (when it is).
     #[serde(with = "humantime_serde")]
     pub unreachable_for: Option<Duration>,
@@ -352,6 +356,7 @@ impl SourceCell {
                 changes: 0,
                 last_view: None,
                 last_error: None,
+                refused: BTreeMap::new(),
                 unreachable_for: None,
             },
             unreachable_since: None,
@@ -360,8 +365,14 @@ impl SourceCell {
     }
 
     /// Records `view`, just applied; `changed` when it changed the endpoints
-    /// or their roles.
-    pub(crate) fn viewed(&mut self, cluster: &str, view: &View, changed: bool) {
+    /// or their roles, `refused` the members the cluster did not take in.
+    pub(crate) fn viewed(
+        &mut self,
+        cluster: &str,
+        view: &View,
+        changed: bool,
+        refused: BTreeMap<EndpointId, String>,
+    ) {
         if self.status.state == SourceState::Unreachable {
             tracing::info!(%cluster, source = %self.status.source, "topology source reachable again");
         }
@@ -369,6 +380,7 @@ impl SourceCell {
         self.status.state = SourceState::Following;
         self.status.last_error = None;
         self.status.last_view = Some(SystemTime::now());
+        self.status.refused = refused;
         self.status.primary = view.primary().map(|m| m.name.clone());
         self.status.roles = view
             .members
