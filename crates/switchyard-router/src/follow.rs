@@ -151,39 +151,37 @@ where
         if shared.check_open().is_err() {
             return;
         }
-        let (mut planned, mut changes, mut refused) = (Vec::new(), Vec::new(), BTreeMap::new());
+        let (mut ids, mut changes, mut refused) = (Vec::new(), Vec::new(), BTreeMap::new());
         for change in diff(&self.known, view) {
+            let id = name(&change).clone();
             match self.endpoint_changes(shared, &topo, &change) {
                 Ok(steps) => {
-                    planned.push((change, steps.len()));
+                    ids.extend(steps.iter().map(|_| id.clone()));
                     changes.extend(steps);
                 }
-                Err(error) => {
-                    refused.insert(name(&change).clone(), error);
-                }
+                Err(error) => drop(refused.insert(id, error)),
             }
         }
-        let mut results = shared
-            .apply_changes(&mut topo, changes, "topology source changed")
-            .into_iter();
-        let mut changed = false;
-        for (change, steps) in planned {
-            match results.by_ref().take(steps).collect::<Result<(), Error>>() {
-                Ok(()) => {
-                    changed = true;
-                    self.learn(change);
-                }
-                Err(error) => {
-                    refused.insert(name(&change).clone(), error);
-                }
-            }
+        let results = shared.apply_changes(&mut topo, changes, "topology source changed");
+        for (id, error) in ids
+            .into_iter()
+            .zip(results)
+            .filter_map(|(id, r)| Some((id, r.err()?)))
+        {
+            refused.entry(id).or_insert(error);
         }
+        // A member refused is not known, so the next view tries it again.
+        let before = std::mem::take(&mut self.known);
+        self.known = (view.members.iter())
+            .filter(|m| !refused.contains_key(&m.name))
+            .map(|m| (m.name.clone(), m.clone()))
+            .collect();
         for (endpoint, error) in &refused {
             tracing::error!(cluster = %shared.name, %endpoint, %error, "topology source change refused");
         }
         let refused = refused.into_iter().map(|(id, e)| (id, e.to_string()));
         if let Some((cell, _)) = shared.source_cell().as_mut() {
-            cell.viewed(&shared.name, view, changed, refused.collect());
+            cell.viewed(&shared.name, view, self.known != before, refused.collect());
         }
     }
 
@@ -210,6 +208,7 @@ where
                         ),
                     });
                 }
+                tracing::info!(endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: member");
                 let config = EndpointConfig::new(member.role);
                 let endpoint = if has(&member.name) {
                     EndpointChange::Replace(backend, config)
@@ -225,24 +224,6 @@ where
             Change::Role(id, role) if has(id) => vec![EndpointChange::Designate(id.clone(), *role)],
             Change::Remove(_) | Change::Role(..) => Vec::new(),
         })
-    }
-
-    /// Records `change`, applied, in the known members.
-    fn learn(&mut self, change: Change) {
-        match change {
-            Change::Insert(member) | Change::Repoint(member) => {
-                tracing::info!(endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: member applied");
-                self.known.insert(member.name.clone(), member);
-            }
-            Change::Remove(id) => {
-                self.known.remove(&id);
-            }
-            Change::Role(id, role) => {
-                if let Some(known) = self.known.get_mut(&id) {
-                    known.role = role;
-                }
-            }
-        }
     }
 }
 
