@@ -14,7 +14,7 @@ use crate::change::EndpointChange;
 use crate::cluster::Cluster;
 use crate::config::EndpointConfig;
 use crate::metrics::SourceMetrics;
-use crate::source::{diff, Change, Following, Member, Report, SourceCell, TopologySource, View};
+use crate::source::{Following, Member, Report, SourceCell, TopologySource, View};
 use crate::state::{ClusterState, Topology};
 
 /// While the designated primary has not yet probed as primary (a promotion
@@ -151,24 +151,14 @@ where
         if shared.check_open().is_err() {
             return;
         }
-        let (mut ids, mut changes, mut refused) = (Vec::new(), Vec::new(), BTreeMap::new());
-        for change in diff(&self.known, view) {
-            let id = name(&change).clone();
-            match self.endpoint_changes(shared, &topo, &change) {
-                Ok(steps) => {
-                    ids.extend(steps.iter().map(|_| id.clone()));
-                    changes.extend(steps);
-                }
-                Err(error) => drop(refused.insert(id, error)),
-            }
-        }
+        let mut refused = BTreeMap::new();
+        let changes = self.changes(shared, &topo, view, &mut refused);
+        let (ids, changes): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
         let results = shared.apply_changes(&mut topo, changes, "topology source changed");
-        for (id, error) in ids
-            .into_iter()
-            .zip(results)
-            .filter_map(|(id, r)| Some((id, r.err()?)))
-        {
-            refused.entry(id).or_insert(error);
+        for (id, result) in ids.into_iter().zip(results) {
+            if let Err(error) = result {
+                refused.entry(id).or_insert_with(|| error.to_string());
+            }
         }
         // A member refused is not known, so the next view tries it again.
         let before = std::mem::take(&mut self.known);
@@ -179,58 +169,74 @@ where
         for (endpoint, error) in &refused {
             tracing::error!(cluster = %shared.name, %endpoint, %error, "topology source change refused");
         }
-        let refused = refused.into_iter().map(|(id, e)| (id, e.to_string()));
         if let Some((cell, _)) = shared.source_cell().as_mut() {
-            cell.viewed(&shared.name, view, self.known != before, refused.collect());
+            cell.viewed(&shared.name, view, self.known != before, refused);
         }
     }
 
-    /// The endpoint changes that make `change`, decided under the topology
-    /// lock: a member's endpoint is inserted, or replaces the cluster's
-    /// endpoint of that name; one the cluster does not have is left alone.
-    fn endpoint_changes(
+    /// The endpoint changes that turn the known members into `view`, each
+    /// with its member's name, decided under the topology lock; members
+    /// refused on the way (no backend) go to `refused`. A new or moved member's
+    /// endpoint is inserted, or replaces the cluster's endpoint of that name;
+    /// a member the cluster does not have (removed live) is left alone.
+    /// Removals come last, so a primary that moves to a new member joins
+    /// before the old one leaves.
+    fn changes(
         &self,
         shared: &ClusterState<B>,
         topo: &Topology<B>,
-        change: &Change,
-    ) -> Result<Vec<EndpointChange<B>>, Error> {
+        view: &View,
+        refused: &mut BTreeMap<EndpointId, String>,
+    ) -> Vec<(EndpointId, EndpointChange<B>)> {
         let has = |id: &EndpointId| shared.position(topo, id).is_ok();
-        Ok(match change {
-            Change::Insert(member) | Change::Repoint(member) => {
-                let backend = (self.backends)(member)?;
-                if backend.endpoint() != &member.name {
-                    return Err(Error::Config {
-                        path: format!("{}.source", shared.path()),
-                        message: format!(
-                            "the backend made for member {} is called {}",
-                            member.name,
-                            backend.endpoint()
-                        ),
-                    });
+        let mut changes = Vec::new();
+        for m in &view.members {
+            let designate = (
+                m.name.clone(),
+                EndpointChange::Designate(m.name.clone(), m.role),
+            );
+            match self.known.get(&m.name) {
+                Some(k) if (&k.host, k.port) == (&m.host, m.port) => {
+                    if k.role != m.role && has(&m.name) {
+                        changes.push(designate);
+                    }
                 }
-                tracing::info!(endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: member");
-                let config = EndpointConfig::new(member.role);
-                let endpoint = if has(&member.name) {
-                    EndpointChange::Replace(backend, config)
-                } else {
-                    EndpointChange::Insert(backend, config)
-                };
-                vec![
-                    endpoint,
-                    EndpointChange::Designate(member.name.clone(), member.role),
-                ]
+                _ => match self.backend(shared, m) {
+                    Ok(backend) => {
+                        let config = EndpointConfig::new(m.role);
+                        let endpoint = if has(&m.name) {
+                            EndpointChange::Replace(backend, config)
+                        } else {
+                            EndpointChange::Insert(backend, config)
+                        };
+                        changes.extend([(m.name.clone(), endpoint), designate]);
+                    }
+                    Err(error) => drop(refused.insert(m.name.clone(), error.to_string())),
+                },
             }
-            Change::Remove(id) if has(id) => vec![EndpointChange::Remove(id.clone())],
-            Change::Role(id, role) if has(id) => vec![EndpointChange::Designate(id.clone(), *role)],
-            Change::Remove(_) | Change::Role(..) => Vec::new(),
-        })
+        }
+        for id in self.known.keys() {
+            if !view.members.iter().any(|m| &m.name == id) && has(id) {
+                changes.push((id.clone(), EndpointChange::Remove(id.clone())));
+            }
+        }
+        changes
     }
-}
 
-/// The member a change is about.
-fn name(change: &Change) -> &EndpointId {
-    match change {
-        Change::Insert(member) | Change::Repoint(member) => &member.name,
-        Change::Remove(id) | Change::Role(id, _) => id,
+    /// The backend of `member`, which must carry the member's name.
+    fn backend(&self, shared: &ClusterState<B>, member: &Member) -> Result<Arc<B>, Error> {
+        let backend = (self.backends)(member)?;
+        if backend.endpoint() != &member.name {
+            return Err(Error::Config {
+                path: format!("{}.source", shared.path()),
+                message: format!(
+                    "the backend made for member {} is called {}",
+                    member.name,
+                    backend.endpoint()
+                ),
+            });
+        }
+        tracing::info!(cluster = %shared.name, endpoint = %member.name, host = %member.host, port = member.port, role = %member.role, "topology source: new or moved member");
+        Ok(backend)
     }
 }
