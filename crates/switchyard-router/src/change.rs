@@ -49,7 +49,7 @@ impl<B: Backend> ClusterState<B> {
         self: &Arc<Self>,
         changes: impl IntoIterator<Item = EndpointChange<B>>,
     ) -> Vec<Result<(), Error>> {
-        self.apply_changes(&mut self.lock(), changes, "endpoints changed")
+        self.apply_changes(&mut self.lock(), changes)
     }
 
     /// [`change_endpoints`](Self::change_endpoints) under the lock `topo`
@@ -58,14 +58,13 @@ impl<B: Backend> ClusterState<B> {
         self: &Arc<Self>,
         topo: &mut Topology<B>,
         changes: impl IntoIterator<Item = EndpointChange<B>>,
-        reason: &str,
     ) -> Vec<Result<(), Error>> {
         let results: Vec<_> = changes
             .into_iter()
             .map(|change| self.change(topo, change))
             .collect();
         if results.iter().any(Result::is_ok) {
-            self.rebuild(topo, reason);
+            self.rebuild(topo, "endpoints changed");
         }
         results
     }

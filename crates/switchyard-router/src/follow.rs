@@ -154,7 +154,7 @@ where
         let mut refused = BTreeMap::new();
         let changes = self.changes(shared, &topo, view, &mut refused);
         let (ids, changes): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
-        let results = shared.apply_changes(&mut topo, changes, "topology source changed");
+        let results = shared.apply_changes(&mut topo, changes);
         for (id, result) in ids.into_iter().zip(results) {
             if let Err(error) = result {
                 refused.entry(id).or_insert_with(|| error.to_string());
