@@ -181,8 +181,8 @@ impl Backend for MongoBackend {
     /// Nothing is sent to the server: the driver connects when the handle is
     /// first used. A scope whose target is not a usable name is refused here,
     /// before any wait. With TLS in direct mode, until a handshake has shown
-    /// the server's certificate acceptable, one is made here first (see
-    /// [`crate::tls`]), so a refused certificate is [`Error::Tls`] at once.
+    /// the server's certificate acceptable, one is made here first (see the
+    /// `tls` module), so a refused certificate is [`Error::Tls`] at once.
     async fn acquire(
         &self,
         scope: Option<&TenantScope>,

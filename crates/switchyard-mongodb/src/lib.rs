@@ -118,7 +118,7 @@
 //! # Returning handles
 //!
 //! Unscoping is a local change: no connection carries tenant state (see
-//! [`Backend::unscope`](switchyard_core::Backend::unscope) on
+//! [`Backend::inspect`](switchyard_core::Backend::inspect) on
 //! [`MongoBackend`]), so a handle goes back without a round trip or a
 //! background task. A cancelled operation (its future dropped, or stopped by
 //! the operation timeout) cannot hand its reply to the next user either: the

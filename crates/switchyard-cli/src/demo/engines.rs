@@ -3,7 +3,7 @@
 //!
 //! With `SWITCHYARD_POSTGRES_URLS` or `SWITCHYARD_REDIS_URLS` set, that
 //! engine's nodes are the user's: the roles are probed, every node gets a
-//! [`FaultProxy`] the routers connect through, and the faults are injected in
+//! [`FaultProxy`](switchyard_testkit::FaultProxy) the routers connect through, and the faults are injected in
 //! the proxies (a killed node refuses and resets its connections, a paused one
 //! stalls them). A standby is promoted for real, with `pg_promote()`. Both
 //! kinds of node are the testkit's [`Node`]s, and the faults its [`Fault`]s.

@@ -29,8 +29,8 @@
 //! writes have nowhere else to go, and ejection would only turn a slow primary
 //! into no primary. Active probes still mark it down when it stops answering.
 //!
-//! One [`HealthState`] per endpoint holds all of it, and changes only
-//! through a pure transition, [`HealthState::on`]: an event (a probe's
+//! One `HealthState` per endpoint holds all of it, and changes only
+//! through a pure transition, `HealthState::on`: an event (a probe's
 //! result, a checkout's outcome, the ejection timer) in, the changes out. Its
 //! owner, the cluster, applies each transition in one place: it logs every
 //! change at `info` (recovery) or `warn` (loss) with the reason, counts it,
