@@ -4,7 +4,8 @@
 //! back at once through one `Cluster`, a background writer keeping
 //! replication busy. Without tokens some reads miss their own write (the
 //! stale rate is reported); with tokens none may, and most are still served
-//! by the replicas.
+//! by the replicas. Each scenario is written once over [`Kv`], what it
+//! needs of an engine (a key's write and read back).
 //!
 //! Run with `cargo test -p switchyard --test causal -- --nocapture
 //! --test-threads=1` to see the figures (stale rate, replica share, added
@@ -17,10 +18,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::future::Future;
+
 use common::fast_config;
 use futures_util::future::BoxFuture;
 use sqlx::{Connection, PgConnection};
-use switchyard_core::{CausalToken, Error, Intent, PoolSettings, Role};
+use switchyard_core::{
+    CausalBackend, CausalToken, Checkout, Error, Intent, OperationError, PoolSettings, Role,
+};
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_redis::{Command, RedisBackend, RedisBackendConfig};
 use switchyard_router::{CheckoutOptions, Cluster, EndpointConfig};
@@ -170,6 +175,165 @@ fn print(engine: &str, plain: &Report, causal: &Report) {
     );
 }
 
+/// What the scenarios need of one engine: the write of a key and its read
+/// back, as operations on a routed connection.
+trait Kv: CausalBackend + Sized {
+    /// The engine, in logs and metric labels.
+    const ENGINE: &'static str;
+    /// Endpoint `<PREFIX>-i` is node `i`.
+    const PREFIX: &'static str;
+    /// What one operation of the background writer is, for the report.
+    const NOISE: &'static str;
+    /// The error its driver fails with.
+    type Failure: OperationError<Self::Connection> + Send;
+    /// A backend for `url` with room for every task.
+    fn backend(id: String, url: &str, pool: PoolSettings) -> Self;
+    /// Writes key `key`.
+    fn put(
+        conn: &mut Checkout<Self>,
+        key: u64,
+    ) -> impl Future<Output = Result<(), Self::Failure>> + Send;
+    /// Whether key `key` is there.
+    fn get(
+        conn: &mut Checkout<Self>,
+        key: u64,
+    ) -> impl Future<Output = Result<bool, Self::Failure>> + Send;
+}
+
+/// Node 0 the primary, the others replicas.
+fn cluster<B: Kv>(urls: impl IntoIterator<Item = impl AsRef<str>>) -> Cluster<B> {
+    let mut builder = Cluster::builder("causal")
+        .engine(B::ENGINE)
+        .config(fast_config(Duration::from_secs(3)));
+    let pool = PoolSettings::default()
+        .with_max_size(24)
+        .with_acquire_timeout(Duration::from_secs(1));
+    for (i, url) in urls.into_iter().enumerate() {
+        let role = if i == 0 { Role::Primary } else { Role::Replica };
+        let backend = B::backend(format!("{}-{i}", B::PREFIX), url.as_ref(), pool.clone());
+        builder = builder.endpoint(Arc::new(backend), EndpointConfig::new(role));
+    }
+    builder.build().unwrap()
+}
+
+fn writer<B: Kv>(cluster: &Cluster<B>) -> WriteFn {
+    let cluster = cluster.clone();
+    Arc::new(move |key, tokens| {
+        let cluster = cluster.clone();
+        Box::pin(async move {
+            let op = async move |conn: &mut Checkout<B>| B::put(conn, key).await;
+            if tokens {
+                let ((), token) = cluster.run_write(None, CheckoutOptions::new(), op).await?;
+                Ok(Some(token.to_string()))
+            } else {
+                cluster
+                    .run(Intent::Write, None, CheckoutOptions::new(), op)
+                    .await?;
+                Ok(None)
+            }
+        })
+    })
+}
+
+fn reader<B: Kv>(cluster: &Cluster<B>) -> ReadFn {
+    let cluster = cluster.clone();
+    Arc::new(move |key, token| {
+        let cluster = cluster.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let op = async move |conn: &mut Checkout<B>| {
+                let found = B::get(conn, key).await?;
+                Ok::<_, B::Failure>((found, conn.endpoint().to_string()))
+            };
+            let (fresh, endpoint) = match token {
+                // The token came back from a client as text.
+                Some(text) => {
+                    let token = cluster.parse_token(&text)?;
+                    cluster
+                        .run_after(&token, None, CheckoutOptions::new(), op)
+                        .await?
+                }
+                None => {
+                    cluster
+                        .run(Intent::Read, None, CheckoutOptions::new(), op)
+                        .await?
+                }
+            };
+            let writer = cluster.status().writer.map(|w| w.to_string());
+            Ok(Read {
+                fresh,
+                replica: writer.as_deref() != Some(endpoint.as_str()),
+                took: started.elapsed(),
+            })
+        })
+    })
+}
+
+/// A background writer keeping replication busy, until stopped.
+struct Noise {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Noise {
+    /// Runs `write` (given the stop flag) on a task; it returns how many
+    /// operations it ran.
+    fn start<F: Future<Output = u64> + Send + 'static>(
+        write: impl FnOnce(Arc<AtomicBool>) -> F,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(write(stop.clone()));
+        Self { stop, task }
+    }
+
+    /// Stops the writer; how many operations it ran.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+async fn settled<B: switchyard_core::Backend>(cluster: &Cluster<B>) {
+    switchyard_testkit::poll_until(
+        "the cluster to see a writer and two readers",
+        Duration::from_secs(20),
+        || async {
+            let st = cluster.status();
+            let readers = st.endpoints.iter().filter(|e| e.serves_reads).count();
+            (st.writer.is_some() && readers == 2).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// 16 tasks write a new key and read it back at once, first without tokens
+/// (some reads miss their own write: the stale rate is reported), then with
+/// them: none may, and most are still served by the replicas. The report
+/// of the reads with tokens, for the engine's own checks.
+async fn reads_see_their_writes<B: Kv>(cluster: &Cluster<B>, noise: Noise) -> Report {
+    let plain = workload(0, PLAIN_PAIRS, false, writer(cluster), reader(cluster)).await;
+    let causal = workload(1 << 40, TOKEN_PAIRS, true, writer(cluster), reader(cluster)).await;
+    let noise = noise.stop().await;
+    print(B::ENGINE, &plain, &causal);
+    println!(
+        "{}: background writer ran {noise} {}; {:?}",
+        B::ENGINE,
+        B::NOISE,
+        cluster.causal_stats()
+    );
+
+    assert!(causal.pairs >= 10_000, "{} pairs", causal.pairs);
+    assert_eq!(causal.stale, Vec::<u64>::new(), "stale reads with tokens");
+    assert!(
+        causal.replica_share() >= 0.8,
+        "{:.1}% served by replicas",
+        causal.replica_share() * 100.0
+    );
+    causal.assert_failures_only_from_load();
+    causal
+}
+
 // ---------------------------------------------------------------------------
 // PostgreSQL
 
@@ -198,28 +362,43 @@ async fn pg_start() -> PgCluster {
     pg
 }
 
-fn pg_cluster(pg: &PgCluster) -> Cluster<PgBackend> {
-    let mut builder = Cluster::builder("causal")
-        .engine("postgres")
-        .config(fast_config(Duration::from_secs(3)));
-    for (i, node) in pg.nodes().iter().enumerate() {
-        let mut config = PgBackendConfig::new(format!("pg-{i}"), node.url());
-        config.pool = PoolSettings::default()
-            .with_max_size(24)
-            .with_acquire_timeout(Duration::from_secs(1));
-        let role = if i == 0 { Role::Primary } else { Role::Replica };
-        builder = builder.endpoint(
-            Arc::new(PgBackend::new(config).unwrap()),
-            EndpointConfig::new(role),
-        );
+impl Kv for PgBackend {
+    const ENGINE: &'static str = "postgres";
+    const PREFIX: &'static str = "pg";
+    const NOISE: &'static str = "statements";
+    type Failure = sqlx::Error;
+
+    fn backend(id: String, url: &str, pool: PoolSettings) -> Self {
+        let mut config = PgBackendConfig::new(id, url);
+        config.pool = pool;
+        PgBackend::new(config).unwrap()
     }
-    builder.build().unwrap()
+
+    async fn put(conn: &mut Checkout<Self>, key: u64) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO kv (k, v) VALUES ($1, $1)")
+            .bind(key as i64)
+            .execute(&mut **conn)
+            .await
+            .map(|_| ())
+    }
+
+    async fn get(conn: &mut Checkout<Self>, key: u64) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT v FROM kv WHERE k = $1")
+            .bind(key as i64)
+            .fetch_optional(&mut **conn)
+            .await?;
+        Ok(found.is_some())
+    }
+}
+
+fn pg_cluster(pg: &PgCluster) -> Cluster<PgBackend> {
+    cluster(pg.nodes().iter().map(|n| n.url()))
 }
 
 /// Keeps WAL flowing: 20 rows of 200 bytes per statement, on `url` until
 /// `stop` (reconnecting to whichever of `urls` accepts writes).
-fn pg_noise(urls: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
+fn pg_noise(urls: Vec<String>) -> Noise {
+    Noise::start(move |stop| async move {
         let mut n = 0;
         while !stop.load(Ordering::Relaxed) {
             for url in &urls {
@@ -246,114 +425,13 @@ fn pg_noise(urls: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle
     })
 }
 
-fn pg_write(cluster: &Cluster<PgBackend>) -> WriteFn {
-    let cluster = cluster.clone();
-    Arc::new(move |key, tokens| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let op = async move |conn: &mut switchyard_core::Checkout<PgBackend>| {
-                sqlx::query("INSERT INTO kv (k, v) VALUES ($1, $1)")
-                    .bind(key as i64)
-                    .execute(&mut **conn)
-                    .await
-                    .map(|_| ())
-            };
-            if tokens {
-                let ((), token) = cluster.run_write(None, CheckoutOptions::new(), op).await?;
-                Ok(Some(token.to_string()))
-            } else {
-                cluster
-                    .run(Intent::Write, None, CheckoutOptions::new(), op)
-                    .await?;
-                Ok(None)
-            }
-        })
-    })
-}
-
-fn pg_read(cluster: &Cluster<PgBackend>) -> ReadFn {
-    let cluster = cluster.clone();
-    Arc::new(move |key, token| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            let op = async move |conn: &mut switchyard_core::Checkout<PgBackend>| {
-                let found: Option<i64> = sqlx::query_scalar("SELECT v FROM kv WHERE k = $1")
-                    .bind(key as i64)
-                    .fetch_optional(&mut **conn)
-                    .await?;
-                Ok::<_, sqlx::Error>((found.is_some(), conn.endpoint().to_string()))
-            };
-            let (fresh, endpoint) = match token {
-                // The token came back from a client as text.
-                Some(text) => {
-                    let token = cluster.parse_token(&text)?;
-                    cluster
-                        .run_after(&token, None, CheckoutOptions::new(), op)
-                        .await?
-                }
-                None => {
-                    cluster
-                        .run(Intent::Read, None, CheckoutOptions::new(), op)
-                        .await?
-                }
-            };
-            let writer = cluster.status().writer.map(|w| w.to_string());
-            Ok(Read {
-                fresh,
-                replica: writer.as_deref() != Some(endpoint.as_str()),
-                took: started.elapsed(),
-            })
-        })
-    })
-}
-
-async fn settled<B: switchyard_core::Backend>(cluster: &Cluster<B>) {
-    switchyard_testkit::poll_until(
-        "the cluster to see a writer and two readers",
-        Duration::from_secs(20),
-        || async {
-            let st = cluster.status();
-            let readers = st.endpoints.iter().filter(|e| e.serves_reads).count();
-            (st.writer.is_some() && readers == 2).then_some(())
-        },
-    )
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_reads_see_their_writes_on_replicas_with_tokens() {
     let pg = pg_start().await;
     let cluster = pg_cluster(&pg);
     settled(&cluster).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let noise = pg_noise(vec![pg.primary().url().to_owned()], stop.clone());
-
-    let plain = workload(0, PLAIN_PAIRS, false, pg_write(&cluster), pg_read(&cluster)).await;
-    let causal = workload(
-        1 << 40,
-        TOKEN_PAIRS,
-        true,
-        pg_write(&cluster),
-        pg_read(&cluster),
-    )
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let noise = noise.await.unwrap();
-    print("postgres", &plain, &causal);
-    println!(
-        "postgres: background writer ran {noise} statements; {:?}",
-        cluster.causal_stats()
-    );
-
-    assert!(causal.pairs >= 10_000, "{} pairs", causal.pairs);
-    assert_eq!(causal.stale, Vec::<u64>::new(), "stale reads with tokens");
-    assert!(
-        causal.replica_share() >= 0.8,
-        "{:.1}% served by replicas",
-        causal.replica_share() * 100.0
-    );
+    let noise = pg_noise(vec![pg.primary().url().to_owned()]);
+    let causal = reads_see_their_writes(&cluster, noise).await;
     let stats = cluster.causal_stats();
     // Every pair's read was served once; a read served and then run again
     // (its operation overran the attempt deadline) is counted each time.
@@ -363,7 +441,6 @@ async fn postgres_reads_see_their_writes_on_replicas_with_tokens() {
         "{served} reads served for {} pairs",
         causal.pairs
     );
-    causal.assert_failures_only_from_load();
     // A token from elsewhere is refused, never waited on.
     let foreign = CausalToken::new(
         "another",
@@ -385,9 +462,8 @@ async fn postgres_token_reads_move_off_a_paused_standby() {
     let pg = pg_start().await;
     let cluster = pg_cluster(&pg);
     settled(&cluster).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let noise = pg_noise(vec![pg.primary().url().to_owned()], stop.clone());
-    let (write, read) = (pg_write(&cluster), pg_read(&cluster));
+    let noise = pg_noise(vec![pg.primary().url().to_owned()]);
+    let (write, read) = (writer(&cluster), reader(&cluster));
     let load = tokio::spawn(workload(2 << 40, 80, true, write, read));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let paused = Instant::now();
@@ -395,8 +471,7 @@ async fn postgres_token_reads_move_off_a_paused_standby() {
     let report = load.await.unwrap();
     let held = paused.elapsed();
     pg.standbys()[0].resume().await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    noise.await.unwrap();
+    noise.stop().await;
     println!(
         "postgres, pg-1 paused for the rest of the run ({held:?}): {} pairs, {} stale, {} failed reads, read p50 {:?} p99 {:?} max {:?}; {:?}",
         report.pairs,
@@ -424,9 +499,8 @@ async fn postgres_tokens_hold_across_a_primary_kill_and_promotion() {
     let cluster = pg_cluster(&pg);
     settled(&cluster).await;
     let urls: Vec<String> = pg.nodes().iter().map(|n| n.url().to_owned()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let noise = pg_noise(urls, stop.clone());
-    let (write, read) = (pg_write(&cluster), pg_read(&cluster));
+    let noise = pg_noise(urls);
+    let (write, read) = (writer(&cluster), reader(&cluster));
     let load = tokio::spawn(workload(3 << 40, 150, true, write, read));
     tokio::time::sleep(Duration::from_millis(400)).await;
     pg.primary().kill().await.unwrap();
@@ -441,8 +515,7 @@ async fn postgres_tokens_hold_across_a_primary_kill_and_promotion() {
         other.reclone(heir).await.unwrap();
     }
     let report = load.await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    noise.await.unwrap();
+    noise.stop().await;
     // A read that missed its write is a causal failure only if the write
     // survived the failover: an acknowledged commit not yet streamed when
     // the primary died is gone from every node (asynchronous replication).
@@ -478,26 +551,37 @@ async fn postgres_tokens_hold_across_a_primary_kill_and_promotion() {
 // ---------------------------------------------------------------------------
 // Redis
 
-fn redis_cluster(redis: &RedisCluster) -> Cluster<RedisBackend> {
-    let mut builder = Cluster::builder("causal")
-        .engine("redis")
-        .config(fast_config(Duration::from_secs(3)));
-    for (i, node) in redis.nodes().iter().enumerate() {
-        let mut config = RedisBackendConfig::new(format!("redis-{i}"), node.url());
-        config.pool = PoolSettings::default()
-            .with_max_size(24)
-            .with_acquire_timeout(Duration::from_secs(1));
-        let role = if i == 0 { Role::Primary } else { Role::Replica };
-        builder = builder.endpoint(
-            Arc::new(RedisBackend::new(config).unwrap()),
-            EndpointConfig::new(role),
-        );
+impl Kv for RedisBackend {
+    const ENGINE: &'static str = "redis";
+    const PREFIX: &'static str = "redis";
+    const NOISE: &'static str = "SETs of 4 KiB";
+    type Failure = Error;
+
+    fn backend(id: String, url: &str, pool: PoolSettings) -> Self {
+        let mut config = RedisBackendConfig::new(id, url);
+        config.pool = pool;
+        RedisBackend::new(config).unwrap()
     }
-    builder.build().unwrap()
+
+    async fn put(conn: &mut Checkout<Self>, key: u64) -> Result<(), Error> {
+        conn.query::<()>(&Command::new("SET").arg(format!("kv:{key}")).arg(key))
+            .await
+    }
+
+    async fn get(conn: &mut Checkout<Self>, key: u64) -> Result<bool, Error> {
+        let found: Option<u64> = conn
+            .query(&Command::new("GET").arg(format!("kv:{key}")))
+            .await?;
+        Ok(found == Some(key))
+    }
 }
 
-fn redis_noise(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
+fn redis_cluster(redis: &RedisCluster) -> Cluster<RedisBackend> {
+    cluster(redis.nodes().iter().map(|n| n.url()))
+}
+
+fn redis_noise(url: String) -> Noise {
+    Noise::start(move |stop| async move {
         let client = deadpool_redis::redis::Client::open(url).unwrap();
         let mut n = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -519,63 +603,6 @@ fn redis_noise(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u6
     })
 }
 
-fn redis_write(cluster: &Cluster<RedisBackend>) -> WriteFn {
-    let cluster = cluster.clone();
-    Arc::new(move |key, tokens| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let op = async move |conn: &mut switchyard_core::Checkout<RedisBackend>| {
-                conn.query::<()>(&Command::new("SET").arg(format!("kv:{key}")).arg(key))
-                    .await
-            };
-            if tokens {
-                let ((), token) = cluster.run_write(None, CheckoutOptions::new(), op).await?;
-                Ok(Some(token.to_string()))
-            } else {
-                cluster
-                    .run(Intent::Write, None, CheckoutOptions::new(), op)
-                    .await?;
-                Ok(None)
-            }
-        })
-    })
-}
-
-fn redis_read(cluster: &Cluster<RedisBackend>) -> ReadFn {
-    let cluster = cluster.clone();
-    Arc::new(move |key, token| {
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            let op = async move |conn: &mut switchyard_core::Checkout<RedisBackend>| {
-                let found: Option<u64> = conn
-                    .query(&Command::new("GET").arg(format!("kv:{key}")))
-                    .await?;
-                Ok::<_, Error>((found == Some(key), conn.endpoint().to_string()))
-            };
-            let (fresh, endpoint) = match token {
-                Some(text) => {
-                    let token = cluster.parse_token(&text)?;
-                    cluster
-                        .run_after(&token, None, CheckoutOptions::new(), op)
-                        .await?
-                }
-                None => {
-                    cluster
-                        .run(Intent::Read, None, CheckoutOptions::new(), op)
-                        .await?
-                }
-            };
-            let writer = cluster.status().writer.map(|w| w.to_string());
-            Ok(Read {
-                fresh,
-                replica: writer.as_deref() != Some(endpoint.as_str()),
-                took: started.elapsed(),
-            })
-        })
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_reads_see_their_writes_on_replicas_with_tokens() {
     let redis = RedisCluster::start(2)
@@ -583,41 +610,8 @@ async fn redis_reads_see_their_writes_on_replicas_with_tokens() {
         .unwrap_or_else(|e| panic!("{e}"));
     let cluster = redis_cluster(&redis);
     settled(&cluster).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let noise = redis_noise(redis.master().url(), stop.clone());
-
-    let plain = workload(
-        0,
-        PLAIN_PAIRS,
-        false,
-        redis_write(&cluster),
-        redis_read(&cluster),
-    )
-    .await;
-    let causal = workload(
-        1 << 40,
-        TOKEN_PAIRS,
-        true,
-        redis_write(&cluster),
-        redis_read(&cluster),
-    )
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let noise = noise.await.unwrap();
-    print("redis", &plain, &causal);
-    println!(
-        "redis: background writer ran {noise} SETs of 4 KiB; {:?}",
-        cluster.causal_stats()
-    );
-
-    assert!(causal.pairs >= 10_000, "{} pairs", causal.pairs);
-    assert_eq!(causal.stale, Vec::<u64>::new(), "stale reads with tokens");
-    assert!(
-        causal.replica_share() >= 0.8,
-        "{:.1}% served by replicas",
-        causal.replica_share() * 100.0
-    );
-    causal.assert_failures_only_from_load();
+    let noise = redis_noise(redis.master().url());
+    reads_see_their_writes(&cluster, noise).await;
 }
 
 /// `INFO replication`'s `master_repl_offset` on `node`.
@@ -642,7 +636,7 @@ async fn redis_tokens_of_the_old_master_neither_hang_nor_read_older_data_after_a
         .unwrap_or_else(|e| panic!("{e}"));
     let cluster = redis_cluster(&redis);
     settled(&cluster).await;
-    let (write, read) = (redis_write(&cluster), redis_read(&cluster));
+    let (write, read) = (writer(&cluster), reader(&cluster));
     // Writes the replica to be promoted has applied...
     let mut kept = Vec::new();
     for key in 0..50 {

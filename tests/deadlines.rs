@@ -30,7 +30,7 @@ use switchyard_core::{
     TenantRegistry, TierPolicy,
 };
 use switchyard_router::{CheckoutOptions, Cluster, ClusterConfig, EndpointConfig, Health};
-use switchyard_testkit::{poll_until, FaultProxy, PgCluster, RedisCluster, RedisNode};
+use switchyard_testkit::{poll_until, FaultProxy, Node, PgCluster, RedisCluster, RedisNode};
 use tokio::time::Instant;
 
 /// Each attempt of a read; the figures before the fix are dominated by the
@@ -240,6 +240,62 @@ fn assert_writes_flowed(label: &str, f: &Figures) {
     );
 }
 
+/// The three faults in turn, each under a new router over `backends` (the
+/// primary first): the replica SIGSTOPped, then blackholed (reads move to
+/// `primary` within the bound), then latency on the primary under 100 ms
+/// probes (writes keep flowing, and the primary stays up).
+async fn hung_replica_and_slow_primary<B: Backend>(
+    engine: &'static str,
+    primary: &str,
+    replica: &impl Node,
+    proxies: &[FaultProxy; 2],
+    backends: impl Fn() -> [Arc<B>; 2],
+    read: Op<B>,
+    write: Op<B>,
+) {
+    let routed = cluster("paused", engine, config(), backends());
+    let paused = under_fault(
+        &format!("{engine}: the only replica SIGSTOPped"),
+        &routed,
+        read.clone(),
+        READERS,
+        async { replica.pause().await.unwrap() },
+        async { replica.resume().await.unwrap() },
+    )
+    .await;
+    assert_reads_moved(&format!("{engine} pause"), &paused, primary);
+    drop(routed);
+
+    let routed = cluster("blackholed", engine, config(), backends());
+    let blackholed = under_fault(
+        &format!("{engine}: the only replica blackholed"),
+        &routed,
+        read,
+        READERS,
+        async { proxies[1].stall_all(true) },
+        async { proxies[1].stall_all(false) },
+    )
+    .await;
+    assert_reads_moved(&format!("{engine} blackhole"), &blackholed, primary);
+    drop(routed);
+
+    let routed = cluster("slow", engine, fast_probes(), backends());
+    let slow = under_fault(
+        &format!("{engine}: +106ms on the primary, 100ms probes"),
+        &routed,
+        write,
+        WRITERS,
+        async { proxies[0].set_latency(LATENCY / 2) },
+        async { proxies[0].set_latency(Duration::ZERO) },
+    )
+    .await;
+    assert_writes_flowed(&format!("{engine} latency"), &slow);
+    assert_eq!(
+        routed.status().endpoint(primary).unwrap().health,
+        Health::Up
+    );
+}
+
 fn pg_backend(id: &str, url: String) -> Arc<PgBackend> {
     let mut config = PgBackendConfig::new(id, url);
     config.pool = PoolSettings::default()
@@ -301,45 +357,16 @@ async fn postgres_hung_replica_and_slow_primary() {
         ]
     };
 
-    let routed = cluster("paused", "postgres", config(), backends());
-    let paused = under_fault(
-        "postgres: the only standby SIGSTOPped",
-        &routed,
+    hung_replica_and_slow_primary(
+        "postgres",
+        "pg-0",
+        standby,
+        &proxies,
+        backends,
         pg_read(),
-        READERS,
-        async { standby.pause().await.unwrap() },
-        async { standby.resume().await.unwrap() },
-    )
-    .await;
-    assert_reads_moved("postgres pause", &paused, "pg-0");
-    drop(routed);
-
-    let routed = cluster("blackholed", "postgres", config(), backends());
-    let blackholed = under_fault(
-        "postgres: the only standby blackholed",
-        &routed,
-        pg_read(),
-        READERS,
-        async { proxies[1].stall_all(true) },
-        async { proxies[1].stall_all(false) },
-    )
-    .await;
-    assert_reads_moved("postgres blackhole", &blackholed, "pg-0");
-    drop(routed);
-
-    let routed = cluster("slow", "postgres", fast_probes(), backends());
-    let slow = under_fault(
-        "postgres: +106ms on the primary, 100ms probes",
-        &routed,
         pg_write(),
-        WRITERS,
-        async { proxies[0].set_latency(LATENCY / 2) },
-        async { proxies[0].set_latency(Duration::ZERO) },
     )
     .await;
-    assert_writes_flowed("postgres latency", &slow);
-    let status = routed.status();
-    assert_eq!(status.endpoint("pg-0").unwrap().health, Health::Up);
 }
 
 fn redis_backend(id: &str, url: String, passwords: Option<StaticPasswords>) -> Arc<RedisBackend> {
@@ -446,47 +473,16 @@ async fn redis_hung_replica_and_slow_primary() {
     .await
     .unwrap();
 
-    let routed = cluster("paused", "redis", config(), backends());
-    let paused = under_fault(
-        "redis: the only replica SIGSTOPped",
-        &routed,
+    hung_replica_and_slow_primary(
+        "redis",
+        "redis-0",
+        replica,
+        &proxies,
+        backends,
         redis_read(None),
-        READERS,
-        async { replica.pause().await.unwrap() },
-        async { replica.resume().await.unwrap() },
-    )
-    .await;
-    assert_reads_moved("redis pause", &paused, "redis-0");
-    drop(routed);
-
-    let routed = cluster("blackholed", "redis", config(), backends());
-    let blackholed = under_fault(
-        "redis: the only replica blackholed",
-        &routed,
-        redis_read(None),
-        READERS,
-        async { proxies[1].stall_all(true) },
-        async { proxies[1].stall_all(false) },
-    )
-    .await;
-    assert_reads_moved("redis blackhole", &blackholed, "redis-0");
-    drop(routed);
-
-    let routed = cluster("slow", "redis", fast_probes(), backends());
-    let slow = under_fault(
-        "redis: +106ms on the master, 100ms probes",
-        &routed,
         redis_write(),
-        WRITERS,
-        async { proxies[0].set_latency(LATENCY / 2) },
-        async { proxies[0].set_latency(Duration::ZERO) },
     )
     .await;
-    assert_writes_flowed("redis latency", &slow);
-    assert_eq!(
-        routed.status().endpoint("redis-0").unwrap().health,
-        Health::Up
-    );
 }
 
 /// A restarted replica has lost its tenant ACL users; tenant reads keep

@@ -22,8 +22,19 @@ use fixture::*;
 use switchyard_core::Role;
 use switchyard_postgres::PgBackend;
 use switchyard_redis::RedisBackend;
+use switchyard_router::Cluster;
 use switchyard_testkit::Node;
 use tokio::time::Instant;
+
+/// Kills the primary and promotes node 1 (`promoted`); returns once writes
+/// follow the promotion and record 2 is acknowledged there.
+async fn fail_over<E: Engine>(cluster: &Cluster<E>, nodes: &[E::Node], promoted: &str) {
+    nodes[0].kill().await.unwrap();
+    nodes[1].promote().await.unwrap();
+    let follows = writer_is(promoted.to_owned());
+    wait_status(cluster, "writes to follow the promotion", follows).await;
+    assert_eq!(E::write(cluster, 2).await.unwrap(), promoted);
+}
 
 /// Issue 17, defect 1: kill the primary, promote the replica, write; restart
 /// the old primary (an independent primary: PostgreSQL on its old timeline,
@@ -44,15 +55,7 @@ async fn old_primary_never_takes_writes_back<E: Engine>() {
     assert_eq!(E::write(&cluster, 1).await.unwrap(), old);
     replicated::<E>(&nodes[1], 1).await;
 
-    nodes[0].kill().await.unwrap();
-    nodes[1].promote().await.unwrap();
-    wait_status(
-        &cluster,
-        "writes to follow the promotion",
-        writer_is(promoted.clone()),
-    )
-    .await;
-    assert_eq!(E::write(&cluster, 2).await.unwrap(), promoted);
+    fail_over(&cluster, nodes, &promoted).await;
 
     nodes[0].restart().await.unwrap();
     let old_id = old.clone();
@@ -134,15 +137,7 @@ async fn orphaned_replica_serves_no_stale_reads<E: Engine>() {
     replicated::<E>(&nodes[1], 1).await;
     replicated::<E>(&nodes[2], 1).await;
 
-    nodes[0].kill().await.unwrap();
-    nodes[1].promote().await.unwrap();
-    wait_status(
-        &cluster,
-        "writes to follow the promotion",
-        writer_is(promoted.clone()),
-    )
-    .await;
-    assert_eq!(E::write(&cluster, 2).await.unwrap(), promoted);
+    fail_over(&cluster, nodes, &promoted).await;
     let acked = Instant::now();
     nodes[0].restart().await.unwrap();
 

@@ -10,11 +10,14 @@
 //! is built, with a configuration error naming the database, before any tenant
 //! gets a connection.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use switchyard::postgres::{PgBackend, PgBackendConfig};
+use switchyard::router::source::{Member, Report, TopologySource, View};
 use switchyard::router::EndpointConfig;
 use switchyard::{Cluster, Error, Intent, Isolation, Role, TenantId, TenantRegistry, TierPolicy};
 use switchyard_testkit::PgCluster;
@@ -150,4 +153,65 @@ async fn database_tiers_that_render_reserved_databases_are_refused_at_build() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Names one member once, then nothing new.
+struct Once(Option<Member>);
+
+impl TopologySource for Once {
+    fn describe(&self) -> String {
+        "once".into()
+    }
+
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
+        let member = self.0.take();
+        Box::pin(async move {
+            match member {
+                Some(member) => Report::View(View::new(vec![member])),
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+/// An endpoint a topology source adds meets the checks an endpoint given to
+/// the builder meets: a cluster built with no endpoints (so nothing refused
+/// the tier yet) does not take in a member whose engine refuses the tier, and
+/// says so in its source status, instead of handing tenant `postgres` the
+/// maintenance database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_a_topology_source_adds_meets_the_tier_checks() {
+    let pg = PgCluster::start(0).await.unwrap_or_else(|e| panic!("{e}"));
+    let port = pg.primary().port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let tenants = TenantRegistry::new()
+        .with_tier("dedicated", tier("{id}"))
+        .with_tenant(TenantId::new("postgres").unwrap(), "dedicated");
+    let cluster: Cluster<PgBackend> = Cluster::builder("followed")
+        .engine("postgres")
+        .tenants(tenants)
+        .build()
+        .unwrap();
+    let member = Member::new("pg-0", "127.0.0.1", port, Role::Primary);
+    cluster
+        .follow(Once(Some(member)), move |m: &Member| {
+            let config = PgBackendConfig::new(m.name.as_str(), url.as_str());
+            Ok(Arc::new(PgBackend::new(config)?))
+        })
+        .ready(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let status = cluster.status();
+    assert!(
+        status.endpoints.is_empty(),
+        "the member was taken in; {}",
+        served(&cluster, "postgres").await
+    );
+    let refused = status.source.unwrap().refused;
+    let why = refused.iter().find(|(id, _)| id.as_str() == "pg-0");
+    let why = why.map(|(_, why)| why.as_str()).unwrap_or_default();
+    assert!(
+        why.contains("{id}"),
+        "not refused naming the tier: {refused:?}"
+    );
 }

@@ -78,6 +78,34 @@ fn assert_refused(err: &Error, endpoint: &str, failure: TlsFailure) {
     assert!(!err.is_retryable() && !err.is_endpoint_failure());
 }
 
+/// A cluster of `backends`, two endpoints on one server whose certificate
+/// they cannot verify: a read checkout for `tenant` is refused as from an
+/// unknown issuer on its first attempt, never retried on the other.
+async fn refused_at_once<B: Backend>(
+    name: &str,
+    backends: &[Arc<Counted<B>>],
+    tenant: Option<&TenantId>,
+) -> Cluster<Counted<B>> {
+    let cluster = build(name, backends);
+    let err = cluster.checkout(Intent::Read, tenant).await.unwrap_err();
+    let endpoint = err.endpoint().unwrap().to_string();
+    assert_refused(&err, &endpoint, TlsFailure::UnknownIssuer);
+    let attempts: usize = backends.iter().map(|b| b.attempts()).sum();
+    assert_eq!(attempts, 1, "a refused certificate was retried");
+    cluster
+}
+
+/// Every session `front` accepted (a probe's and a checkout's at least)
+/// presented the client certificate.
+fn assert_client_cert_on_every_session(front: &TlsFront) {
+    assert!(front.handshakes() >= 2, "{}", front.handshakes());
+    assert_eq!(
+        front.with_client_cert(),
+        front.handshakes(),
+        "a session without the client certificate"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // ClickHouse
 
@@ -158,15 +186,7 @@ async fn clickhouse_refuses_untrusted_or_misnamed_servers_at_once() {
         ch_backend("ch-0", &url, untrusted.clone()),
         ch_backend("ch-1", &url, untrusted),
     ];
-    let cluster = build("ch-untrusted", &backends);
-    let err = cluster
-        .checkout(Intent::Read, Some(&acme()))
-        .await
-        .unwrap_err();
-    let endpoint = err.endpoint().unwrap().to_string();
-    assert_refused(&err, &endpoint, TlsFailure::UnknownIssuer);
-    let attempts: usize = backends.iter().map(|b| b.attempts()).sum();
-    assert_eq!(attempts, 1, "a refused certificate was retried");
+    let cluster = refused_at_once("ch-untrusted", &backends, Some(&acme())).await;
 
     // Unscoped, the first query fails the same way; so does the probe.
     let conn = cluster.checkout(Intent::Write, None).await.unwrap();
@@ -293,12 +313,7 @@ async fn elasticsearch_over_tls() {
     let info = conn.client().unwrap().info().send().await.unwrap();
     assert_eq!(info.status_code().as_u16(), 200);
     drop(conn);
-    assert!(front.handshakes() >= 2, "{}", front.handshakes());
-    assert_eq!(
-        front.with_client_cert(),
-        front.handshakes(),
-        "a session without the client certificate"
-    );
+    assert_client_cert_on_every_session(&front);
 
     // Unknown CA: the probe and the first request are refused, typed, once.
     let untrusted = TlsSettings::with_ca_file(ca.other_ca_file());
@@ -311,17 +326,9 @@ async fn elasticsearch_over_tls() {
         .await
         .unwrap_err();
     assert_refused(&err, "es-0", TlsFailure::UnknownIssuer);
-    let cluster = build("es-untrusted", &backends);
     // A scoped checkout asks whether the tenant's index exists: refused,
     // on the first attempt.
-    let err = cluster
-        .checkout(Intent::Read, Some(&acme()))
-        .await
-        .unwrap_err();
-    let endpoint = err.endpoint().unwrap().to_string();
-    assert_refused(&err, &endpoint, TlsFailure::UnknownIssuer);
-    let attempts: usize = backends.iter().map(|b| b.attempts()).sum();
-    assert_eq!(attempts, 1, "a refused certificate was retried");
+    let cluster = refused_at_once("es-untrusted", &backends, Some(&acme())).await;
     // Unscoped, the first request is refused the same way.
     let conn = cluster.checkout(Intent::Write, None).await.unwrap();
     let raw = conn.client().unwrap().info().send().await.unwrap_err();
@@ -383,12 +390,7 @@ async fn mongodb_over_tls() {
     let found = items.find_one(doc! { "v": 7 }, None).await.unwrap();
     assert_eq!(found.unwrap().get_i32("v").unwrap(), 7);
     drop(conn);
-    assert!(front.handshakes() >= 2, "{}", front.handshakes());
-    assert_eq!(
-        front.with_client_cert(),
-        front.handshakes(),
-        "a session without the client certificate"
-    );
+    assert_client_cert_on_every_session(&front);
 
     // Unknown CA: refused at checkout, typed, on the first attempt (the
     // driver alone would say only "no server selected" after its timeout).
@@ -397,12 +399,7 @@ async fn mongodb_over_tls() {
         mongo_backend("mongo-0", &url, untrusted.clone()),
         mongo_backend("mongo-1", &url, untrusted),
     ];
-    let cluster = build("mongo-untrusted", &backends);
-    let err = cluster.checkout(Intent::Read, None).await.unwrap_err();
-    let endpoint = err.endpoint().unwrap().to_string();
-    assert_refused(&err, &endpoint, TlsFailure::UnknownIssuer);
-    let attempts: usize = backends.iter().map(|b| b.attempts()).sum();
-    assert_eq!(attempts, 1, "a refused certificate was retried");
+    refused_at_once("mongo-untrusted", &backends, None).await;
     let err = backends[0]
         .probe(Duration::from_secs(10))
         .await

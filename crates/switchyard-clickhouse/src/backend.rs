@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe, Recycle,
-    Returned, Role, TenantId, TenantScope, TierPolicy,
+    Backend, EndpointId, Error, FairGate, Isolation, PoolStats, Probe, Recycle, Returned, Role,
+    TenantId, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -256,17 +256,13 @@ impl Backend for ChBackend {
         scope: Option<&TenantScope>,
         deadline: Instant,
     ) -> Result<ChConnection, Error> {
-        let started = Instant::now();
-        let deadline = deadline.min(started + self.shared.acquire_timeout);
-        match self.shared.permits.acquire(scope, deadline).await {
-            Ok(permit) => Ok(ChConnection::new(Arc::clone(&self.shared), permit)),
-            Err(GateError::Closed) => Err(Error::Closed),
-            Err(GateError::Timeout) => Err(Error::Timeout {
-                endpoint: self.shared.endpoint.clone(),
-                tenant: scope.map(|s| s.tenant().clone()),
-                elapsed: started.elapsed(),
-            }),
-        }
+        let shared = &self.shared;
+        let deadline = deadline.min(Instant::now() + shared.acquire_timeout);
+        let permit = shared
+            .permits
+            .acquire_for(&shared.endpoint, scope, deadline)
+            .await?;
+        Ok(ChConnection::new(Arc::clone(shared), permit))
     }
 
     async fn scope(&self, conn: &mut ChConnection, scope: &TenantScope) -> Result<(), Error> {

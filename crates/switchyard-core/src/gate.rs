@@ -31,6 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::endpoint::EndpointId;
+use crate::error::Error;
 use crate::fair::{FairQueue, QueueClass, WaitKey};
 use crate::tenant::TenantScope;
 
@@ -123,6 +125,27 @@ impl FairGate {
             }
             Err(_elapsed) => Err(GateError::Timeout),
         }
+    }
+
+    /// [`acquire`](Self::acquire) for a checkout on `endpoint`, as every
+    /// engine's `Backend::acquire` reports it: the deadline passing is
+    /// [`Error::Timeout`] naming the endpoint, the tenant and the time waited,
+    /// a closed gate [`Error::Closed`].
+    pub async fn acquire_for(
+        self: &Arc<Self>,
+        endpoint: &EndpointId,
+        scope: Option<&TenantScope>,
+        deadline: Instant,
+    ) -> Result<GatePermit, Error> {
+        let started = Instant::now();
+        self.acquire(scope, deadline).await.map_err(|e| match e {
+            GateError::Closed => Error::Closed,
+            GateError::Timeout => Error::Timeout {
+                endpoint: endpoint.clone(),
+                tenant: scope.map(|s| s.tenant().clone()),
+                elapsed: started.elapsed(),
+            },
+        })
     }
 
     /// Permits free now.
@@ -313,6 +336,36 @@ mod tests {
         .await;
         // ops2 waits behind ops1 (one class), other takes the second turn.
         assert_eq!(order, ["ops10", "other3", "ops11", "ops22"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_for_names_the_endpoint_tenant_and_wait() {
+        let gate = FairGate::new(1);
+        let registry = registry();
+        let quiet = scope(&registry, "quiet");
+        let endpoint = EndpointId::new("ep-1");
+        let held = gate.acquire_for(&endpoint, None, far()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_millis(250);
+        let err = gate
+            .acquire_for(&endpoint, Some(&quiet), deadline)
+            .await
+            .unwrap_err();
+        match err {
+            Error::Timeout {
+                endpoint: ep,
+                tenant,
+                elapsed,
+            } => {
+                assert_eq!(ep, endpoint);
+                assert_eq!(tenant.as_ref(), Some(quiet.tenant()));
+                assert_eq!(elapsed, Duration::from_millis(250));
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+        gate.close();
+        let err = gate.acquire_for(&endpoint, None, far()).await.unwrap_err();
+        assert!(matches!(err, Error::Closed), "{err:?}");
     }
 
     #[tokio::test(start_paused = true)]

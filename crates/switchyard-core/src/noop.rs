@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Backend, PoolStats, Probe, Recycle, Returned, Role};
 use crate::endpoint::EndpointId;
-use crate::gate::{FairGate, GateError, GatePermit};
+use crate::gate::{FairGate, GatePermit};
 use crate::history::History;
 use crate::tenant::{TenantId, TenantScope};
 use crate::{BackendErrorKind, Error};
@@ -291,18 +291,7 @@ impl Backend for NoopBackend {
             return Err(self.refused());
         }
         let permit = match &self.gate {
-            Some(gate) => {
-                let started = Instant::now();
-                let permit = gate.acquire(scope, deadline).await;
-                Some(permit.map_err(|e| match e {
-                    GateError::Closed => Error::Closed,
-                    GateError::Timeout => Error::Timeout {
-                        endpoint: self.endpoint.clone(),
-                        tenant: scope.map(|s| s.tenant().clone()),
-                        elapsed: started.elapsed(),
-                    },
-                })?)
-            }
+            Some(gate) => Some(gate.acquire_for(&self.endpoint, scope, deadline).await?),
             None => None,
         };
         let s = &self.state;

@@ -12,8 +12,8 @@ use elasticsearch::indices::{IndicesExistsAliasParts, IndicesExistsParts};
 use elasticsearch::Elasticsearch;
 use serde_json::Value;
 use switchyard_core::{
-    Backend, BackendErrorKind, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe,
-    Recycle, Returned, Role, TenantId, TenantScope, TierPolicy,
+    Backend, BackendErrorKind, EndpointId, Error, FairGate, Isolation, PoolStats, Probe, Recycle,
+    Returned, Role, TenantId, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -266,17 +266,13 @@ impl Backend for EsBackend {
         scope: Option<&TenantScope>,
         deadline: Instant,
     ) -> Result<EsConnection, Error> {
-        let started = Instant::now();
-        let deadline = deadline.min(started + self.shared.acquire_timeout);
-        match self.shared.permits.acquire(scope, deadline).await {
-            Ok(permit) => Ok(EsConnection::new(Arc::clone(&self.shared), permit)),
-            Err(GateError::Closed) => Err(Error::Closed),
-            Err(GateError::Timeout) => Err(Error::Timeout {
-                endpoint: self.shared.endpoint.clone(),
-                tenant: scope.map(|s| s.tenant().clone()),
-                elapsed: started.elapsed(),
-            }),
-        }
+        let shared = &self.shared;
+        let deadline = deadline.min(Instant::now() + shared.acquire_timeout);
+        let permit = shared
+            .permits
+            .acquire_for(&shared.endpoint, scope, deadline)
+            .await?;
+        Ok(EsConnection::new(Arc::clone(shared), permit))
     }
 
     async fn scope(&self, conn: &mut EsConnection, scope: &TenantScope) -> Result<(), Error> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 use switchyard_core::{
-    Backend, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe, Recycle,
-    Returned, TenantScope, TierPolicy,
+    Backend, EndpointId, Error, FairGate, Isolation, PoolStats, Probe, Recycle, Returned,
+    TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -191,18 +191,10 @@ impl Backend for MongoBackend {
         if let Some(scope) = scope {
             self.confinement(scope)?;
         }
-        let started = Instant::now();
-        let permit = match self.permits.acquire(scope, deadline).await {
-            Ok(permit) => permit,
-            Err(GateError::Closed) => return Err(Error::Closed),
-            Err(GateError::Timeout) => {
-                return Err(Error::Timeout {
-                    endpoint: self.config.endpoint.clone(),
-                    tenant: scope.map(|s| s.tenant().clone()),
-                    elapsed: started.elapsed(),
-                })
-            }
-        };
+        let permit = self
+            .permits
+            .acquire_for(&self.config.endpoint, scope, deadline)
+            .await?;
         self.prober
             .check_certificate(&self.config.endpoint, deadline)
             .await?;

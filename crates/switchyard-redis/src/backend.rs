@@ -9,8 +9,8 @@ use std::time::Duration;
 use deadpool_redis::redis::{self, IntoConnectionInfo};
 use deadpool_redis::{Hook, HookError, Manager, Pool, Runtime, Timeouts};
 use switchyard_core::{
-    Backend, EndpointId, Error, FairGate, GateError, Isolation, PoolStats, Probe, Recycle,
-    Returned, SecretUrl, TenantScope, TierPolicy,
+    Backend, EndpointId, Error, FairGate, Isolation, PoolStats, Probe, Recycle, Returned,
+    SecretUrl, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -403,16 +403,8 @@ impl Backend for RedisBackend {
         let tenant = scope.map(TenantScope::tenant);
         let permit = self
             .gate
-            .acquire(scope, deadline)
-            .await
-            .map_err(|e| match e {
-                GateError::Closed => Error::Closed,
-                GateError::Timeout => Error::Timeout {
-                    endpoint: self.endpoint.clone(),
-                    tenant: tenant.cloned(),
-                    elapsed: started.elapsed(),
-                },
-            })?;
+            .acquire_for(&self.endpoint, scope, deadline)
+            .await?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let timeouts = Timeouts {
             wait: Some(remaining.min(self.acquire_timeout)),

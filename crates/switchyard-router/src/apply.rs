@@ -14,10 +14,10 @@ use std::sync::Arc;
 use switchyard_core::{Backend, Error, Role};
 use tokio::time::Instant;
 
-use crate::cluster::{ClusterState, Topology};
 use crate::endpoint::{Endpoint, EndpointState};
 use crate::health::ejection::ejection_cap;
 use crate::health::{Change, Event};
+use crate::state::{ClusterState, Topology};
 
 impl<B: Backend> ClusterState<B> {
     /// Applies `event` to the health of `state`, if it is still one of the

@@ -24,11 +24,9 @@
 //! The no-token checkout path is untouched: all of this runs only for
 //! checkouts given a token.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Histogram};
 use switchyard_core::{
     CausalBackend, CausalError, CausalToken, Checkout, Coverage, Deadline, EndpointId, Error,
     History, Intent, OperationError, TenantId,
@@ -38,103 +36,12 @@ use tokio::time::Instant;
 use crate::checkout::{Budget, CheckoutOptions};
 use crate::cluster::Cluster;
 use crate::config::{CausalFallback, ClusterConfig};
+pub use crate::metrics::CausalStats;
 
 /// The first pause between confirmations of one node.
 const FIRST_POLL: Duration = Duration::from_micros(500);
 /// The longest pause between confirmations.
 const MAX_POLL: Duration = Duration::from_millis(10);
-
-/// What causal reads of one cluster did since it was built.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CausalStats {
-    /// Token reads served by a replica.
-    pub replica_reads: u64,
-    /// Token reads served by the primary (fallbacks included).
-    pub primary_reads: u64,
-    /// Token reads that waited for a node to apply their token.
-    pub waits: u64,
-    /// Their waits, summed.
-    pub wait_time: Duration,
-    /// Token reads that gave up on the replicas and went to the primary (or
-    /// failed, with `causal.fallback = fail`).
-    pub fallbacks: u64,
-}
-
-/// The cluster's causal-read series and counts; touched only by token reads.
-#[derive(Debug)]
-pub(crate) struct CausalMetrics {
-    replica: Counter,
-    primary: Counter,
-    waits: Counter,
-    wait: Histogram,
-    fallbacks: Counter,
-    counts: [AtomicU64; 5],
-}
-
-const REPLICA: usize = 0;
-const PRIMARY: usize = 1;
-const WAITS: usize = 2;
-const WAIT_NANOS: usize = 3;
-const FALLBACKS: usize = 4;
-
-impl CausalMetrics {
-    pub fn new(engine: &'static str, cluster: &str) -> Self {
-        use crate::metrics::{CAUSAL_FALLBACKS, CAUSAL_READS, CAUSAL_WAIT, CAUSAL_WAITS};
-        let (l, with) = crate::metrics::cluster_labels(engine, cluster);
-        Self {
-            replica: metrics::counter!(CAUSAL_READS, with("served", "replica")),
-            primary: metrics::counter!(CAUSAL_READS, with("served", "primary")),
-            waits: metrics::counter!(CAUSAL_WAITS, l.clone()),
-            wait: metrics::histogram!(CAUSAL_WAIT, l.clone()),
-            fallbacks: metrics::counter!(CAUSAL_FALLBACKS, l),
-            counts: Default::default(),
-        }
-    }
-
-    fn bump(&self, which: usize, by: u64) {
-        self.counts[which].fetch_add(by, Ordering::Relaxed);
-    }
-
-    fn served(&self, on_writer: bool, waited: Option<Duration>) {
-        if on_writer {
-            self.primary.increment(1);
-            self.bump(PRIMARY, 1);
-        } else {
-            self.replica.increment(1);
-            self.bump(REPLICA, 1);
-        }
-        if let Some(waited) = waited {
-            self.waited(waited);
-        }
-    }
-
-    fn waited(&self, waited: Duration) {
-        self.waits.increment(1);
-        self.wait.record(waited);
-        self.bump(WAITS, 1);
-        self.bump(
-            WAIT_NANOS,
-            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
-        );
-    }
-
-    fn fell_back(&self) {
-        self.fallbacks.increment(1);
-        self.bump(FALLBACKS, 1);
-    }
-
-    pub fn stats(&self) -> CausalStats {
-        let n = |i: usize| self.counts[i].load(Ordering::Relaxed);
-        CausalStats {
-            replica_reads: n(REPLICA),
-            primary_reads: n(PRIMARY),
-            waits: n(WAITS),
-            wait_time: Duration::from_nanos(n(WAIT_NANOS)),
-            fallbacks: n(FALLBACKS),
-        }
-    }
-}
 
 /// What asking one node came to.
 struct Applied {

@@ -14,11 +14,11 @@ use switchyard_core::{
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cluster::{Cluster, ClusterState};
+use crate::cluster::Cluster;
 use crate::config::ReadPreference;
 use crate::endpoint::Endpoint;
 use crate::health::Event;
-use crate::run::Attempt;
+use crate::state::ClusterState;
 
 /// Options for one checkout or [`run`](Cluster::run).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +67,15 @@ impl CheckoutOptions {
     }
 }
 
+/// When the current attempt started and when it must end.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempt {
+    pub started: Instant,
+    pub ends: Instant,
+    /// Which deadline `ends` is.
+    pub deadline: Deadline,
+}
+
 /// What one checkout (or one `run`) may still spend on retries.
 pub(crate) struct Budget {
     /// When the operation started: the one clock read a checkout that gets
@@ -89,7 +98,7 @@ pub(crate) struct Budget {
 
 impl Budget {
     pub(crate) fn new(
-        config: &crate::ClusterConfig,
+        config: &crate::config::ClusterConfig,
         intent: Intent,
         opts: &CheckoutOptions,
     ) -> Self {

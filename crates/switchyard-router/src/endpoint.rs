@@ -26,7 +26,7 @@ pub(crate) struct EndpointState {
     pub in_flight: Arc<InFlight>,
     pub links: Arc<LoadLinks>,
     pub ewma: PeakEwma,
-    /// Changed only by the cluster ([`crate::cluster`]'s `apply`).
+    /// Changed only by the cluster ([`crate::apply`]).
     health: Mutex<HealthState>,
     /// Wakes the health task: the ejection timer changed, a probe is wanted
     /// now, or a caller reported a failure.

@@ -96,6 +96,7 @@
 
 mod apply;
 pub mod causal;
+mod change;
 pub mod checkout;
 mod cluster;
 pub mod config;
@@ -103,6 +104,7 @@ mod counters;
 mod election;
 mod endpoint;
 mod fencing;
+mod follow;
 pub mod health;
 mod live;
 pub mod metrics;
@@ -110,6 +112,7 @@ mod prober;
 mod run;
 pub mod service;
 pub mod source;
+mod state;
 pub mod status;
 mod strategy;
 mod topology;
@@ -129,6 +132,7 @@ mod testing;
 mod tests;
 
 pub use causal::CausalStats;
+pub use change::EndpointChange;
 pub use checkout::CheckoutOptions;
 pub use cluster::{Cluster, ClusterBuilder};
 pub use config::{
@@ -136,7 +140,6 @@ pub use config::{
     ReadPreference, RetryConfig, StrategyKind, WarmingConfig,
 };
 pub use health::{EjectionStatus, Health};
-pub use live::EndpointChange;
 pub use service::{ClusterService, Route};
 pub use source::{SourceState, SourceStatus, SourceUnreachable, TopologySource};
 pub use status::{CheckoutCounters, ClusterStatus, EndpointStatus, WAIT_THRESHOLD};

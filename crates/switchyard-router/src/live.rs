@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use switchyard_core::{Backend, EndpointId, Error, TenantRegistry};
 
-use crate::cluster::{Cluster, ClusterState, Topology};
-use crate::config::{self, join_problems, ClusterConfig, EndpointConfig, StrategyKind};
+use crate::change::EndpointChange;
+use crate::cluster::Cluster;
+use crate::config::{join_problems, ClusterConfig, EndpointConfig, StrategyKind};
+use crate::state::{tier_problems, ClusterState};
 
 impl<B: Backend> Cluster<B> {
     /// Replaces the tenant registry while checkouts run.
@@ -24,7 +26,7 @@ impl<B: Backend> Cluster<B> {
             .lock()
             .endpoints
             .iter()
-            .flat_map(|ep| crate::cluster::tier_problems(&*ep.backend, &tenants))
+            .flat_map(|ep| tier_problems(&*ep.backend, &tenants))
             .collect();
         join_problems(&self.shared.path(), problems)?;
         self.shared.tenants.store(Arc::new(tenants));
@@ -88,16 +90,7 @@ impl<B: Backend> Cluster<B> {
         &self,
         changes: impl IntoIterator<Item = EndpointChange<B>>,
     ) -> Vec<Result<(), Error>> {
-        let shared = &self.shared;
-        let mut topo = shared.lock();
-        let results: Vec<_> = changes
-            .into_iter()
-            .map(|change| shared.change(&mut topo, change))
-            .collect();
-        if results.iter().any(Result::is_ok) {
-            shared.rebuild(&mut topo, "endpoints changed");
-        }
-        results
+        self.shared.change_endpoints(changes)
     }
 
     fn change_one(&self, change: EndpointChange<B>) -> Result<(), Error> {
@@ -151,7 +144,7 @@ impl<B: Backend> Cluster<B> {
         self.change_one(EndpointChange::ReplaceBackend(backend))
     }
 
-    /// Changes an endpoint's weight (1 to [`MAX_WEIGHT`](config::MAX_WEIGHT)).
+    /// Changes an endpoint's weight (1 to [`MAX_WEIGHT`](crate::config::MAX_WEIGHT)).
     pub fn set_weight(&self, id: &EndpointId, weight: u32) -> Result<(), Error> {
         self.change_one(EndpointChange::Reweight(id.clone(), weight))
     }
@@ -181,88 +174,5 @@ impl<B: Backend> Cluster<B> {
     /// Whether [`close`](Self::close) ran.
     pub fn is_closed(&self) -> bool {
         self.shared.cancel.is_cancelled()
-    }
-}
-
-/// One change to a cluster's endpoints, for [`Cluster::change_endpoints`].
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum EndpointChange<B: Backend> {
-    /// A new endpoint ([`Cluster::add_endpoint`]).
-    Insert(Arc<B>, EndpointConfig),
-    /// The endpoint with the backend's id, started afresh
-    /// ([`Cluster::replace_endpoint`]).
-    Replace(Arc<B>, EndpointConfig),
-    /// A new backend in front of the same server, keeping what the router
-    /// knows ([`Cluster::replace_backend`]).
-    ReplaceBackend(Arc<B>),
-    /// A new weight ([`Cluster::set_weight`]).
-    Reweight(EndpointId, u32),
-    /// The endpoint leaves ([`Cluster::remove_endpoint`]).
-    Remove(EndpointId),
-}
-
-impl<B: Backend> ClusterState<B> {
-    /// Applies one change under the topology lock, without the rebuild.
-    fn change(
-        self: &Arc<Self>,
-        topo: &mut Topology<B>,
-        change: EndpointChange<B>,
-    ) -> Result<(), Error> {
-        let name = &self.name;
-        match change {
-            EndpointChange::Insert(backend, config) => {
-                let id = backend.endpoint().clone();
-                self.check_endpoint(&backend, &config)?;
-                self.check_open()?;
-                if topo.endpoints.iter().any(|e| e.id() == &id) {
-                    return Err(Error::Config {
-                        path: format!("{}.endpoints", self.path()),
-                        message: format!("duplicate endpoint {id}"),
-                    });
-                }
-                let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
-                topo.endpoints.push(ep);
-                tracing::info!(cluster = %name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint added");
-            }
-            EndpointChange::Replace(backend, config) => {
-                let id = backend.endpoint().clone();
-                self.check_endpoint(&backend, &config)?;
-                self.check_open()?;
-                let pos = self.position(topo, &id)?;
-                let ep = self.start_endpoint(backend, self.fresh_state(&id, &config), None);
-                let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-                ClusterState::retire(&old);
-                tracing::info!(cluster = %name, endpoint = %id, role = %config.role, weight = config.weight, "endpoint replaced");
-            }
-            EndpointChange::ReplaceBackend(backend) => {
-                let id = backend.endpoint().clone();
-                self.check_tiers(&backend, &self.tenants.load())?;
-                self.check_open()?;
-                let pos = self.position(topo, &id)?;
-                let state = Arc::clone(&topo.endpoints[pos].state);
-                let last_probe = state.health().last_probe;
-                let ep = self.start_endpoint(backend, state, last_probe);
-                let old = std::mem::replace(&mut topo.endpoints[pos], ep);
-                // The state lives on in the new endpoint: only the old tasks stop.
-                old.cancel.cancel();
-                tracing::info!(cluster = %name, endpoint = %id, "endpoint backend replaced");
-            }
-            EndpointChange::Reweight(id, weight) => {
-                let mut problems = Vec::new();
-                let path = format!("{}.endpoints.{id}.weight", self.path());
-                config::check_weight(weight, &path, &mut problems);
-                join_problems(&self.path(), problems)?;
-                let pos = self.position(topo, &id)?;
-                topo.endpoints[pos].state.set_weight(weight);
-            }
-            EndpointChange::Remove(id) => {
-                let pos = self.position(topo, &id)?;
-                let ep = topo.endpoints.remove(pos);
-                ClusterState::retire(&ep);
-                tracing::info!(cluster = %name, endpoint = %id, "endpoint removed");
-            }
-        }
-        Ok(())
     }
 }

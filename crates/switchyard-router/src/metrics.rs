@@ -40,6 +40,7 @@
 //! | `switchyard_causal_wait_seconds` | histogram | | how long those waits took |
 //! | `switchyard_causal_fallbacks_total` | counter | | causal reads that gave up on the replicas (to the primary, or failed) |
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Label};
@@ -274,6 +275,98 @@ impl SourceMetrics {
             up: metrics::gauge!(SOURCE_UP, l.clone()),
             errors: metrics::counter!(SOURCE_ERRORS, l.clone()),
             changes: metrics::counter!(SOURCE_CHANGES, l),
+        }
+    }
+}
+
+/// What causal reads of one cluster did since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CausalStats {
+    /// Token reads served by a replica.
+    pub replica_reads: u64,
+    /// Token reads served by the primary (fallbacks included).
+    pub primary_reads: u64,
+    /// Token reads that waited for a node to apply their token.
+    pub waits: u64,
+    /// Their waits, summed.
+    pub wait_time: Duration,
+    /// Token reads that gave up on the replicas and went to the primary (or
+    /// failed, with `causal.fallback = fail`).
+    pub fallbacks: u64,
+}
+
+/// The cluster's causal-read series and counts; touched only by token reads
+/// ([`crate::causal`]).
+#[derive(Debug)]
+pub(crate) struct CausalMetrics {
+    replica: Counter,
+    primary: Counter,
+    waits: Counter,
+    wait: Histogram,
+    fallbacks: Counter,
+    counts: [AtomicU64; 5],
+}
+
+const REPLICA: usize = 0;
+const PRIMARY: usize = 1;
+const WAITS: usize = 2;
+const WAIT_NANOS: usize = 3;
+const FALLBACKS: usize = 4;
+
+impl CausalMetrics {
+    pub(crate) fn new(engine: &'static str, cluster: &str) -> Self {
+        let (l, with) = cluster_labels(engine, cluster);
+        Self {
+            replica: metrics::counter!(CAUSAL_READS, with("served", "replica")),
+            primary: metrics::counter!(CAUSAL_READS, with("served", "primary")),
+            waits: metrics::counter!(CAUSAL_WAITS, l.clone()),
+            wait: metrics::histogram!(CAUSAL_WAIT, l.clone()),
+            fallbacks: metrics::counter!(CAUSAL_FALLBACKS, l),
+            counts: Default::default(),
+        }
+    }
+
+    fn bump(&self, which: usize, by: u64) {
+        self.counts[which].fetch_add(by, Ordering::Relaxed);
+    }
+
+    pub(crate) fn served(&self, on_writer: bool, waited: Option<Duration>) {
+        if on_writer {
+            self.primary.increment(1);
+            self.bump(PRIMARY, 1);
+        } else {
+            self.replica.increment(1);
+            self.bump(REPLICA, 1);
+        }
+        if let Some(waited) = waited {
+            self.waited(waited);
+        }
+    }
+
+    pub(crate) fn waited(&self, waited: Duration) {
+        self.waits.increment(1);
+        self.wait.record(waited);
+        self.bump(WAITS, 1);
+        self.bump(
+            WAIT_NANOS,
+            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+
+    pub(crate) fn fell_back(&self) {
+        self.fallbacks.increment(1);
+        self.bump(FALLBACKS, 1);
+    }
+
+    pub(crate) fn stats(&self) -> CausalStats {
+        let n = |i: usize| self.counts[i].load(Ordering::Relaxed);
+        CausalStats {
+            replica_reads: n(REPLICA),
+            primary_reads: n(PRIMARY),
+            waits: n(WAITS),
+            wait_time: Duration::from_nanos(n(WAIT_NANOS)),
+            fallbacks: n(FALLBACKS),
         }
     }
 }

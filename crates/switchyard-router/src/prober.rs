@@ -19,10 +19,10 @@ use switchyard_core::{Backend, Error};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::ClusterState;
 use crate::config::HealthConfig;
 use crate::endpoint::Endpoint;
 use crate::health::Event;
+use crate::state::ClusterState;
 
 /// Probes `ep` until `cancel` fires: at once when `last_probe` is `None` (the
 /// configured role is only a guess), else one interval after it.

@@ -12,9 +12,8 @@ use switchyard_core::{
     Backend, BackendErrorKind, Checkout, Deadline, EndpointId, Error, Intent, OperationError,
     TenantId,
 };
-use tokio::time::Instant;
 
-use crate::checkout::{Budget, CheckoutOptions};
+use crate::checkout::{Attempt, Budget, CheckoutOptions};
 use crate::cluster::Cluster;
 
 impl<B: Backend> Cluster<B> {
@@ -158,15 +157,6 @@ impl<B: Backend> Cluster<B> {
             }
         }
     }
-}
-
-/// When the current attempt started and when it must end.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Attempt {
-    pub started: Instant,
-    pub ends: Instant,
-    /// Which deadline `ends` is.
-    pub deadline: Deadline,
 }
 
 /// The error for an operation cancelled at its attempt's end, reported on

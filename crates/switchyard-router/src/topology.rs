@@ -250,7 +250,8 @@ impl<B: Backend> Snapshot<B> {
         self.write.candidates.first().map(|e| e.id())
     }
 
-    /// The half-open endpoints whose trial a checkout for `intent` may ask for.
+    /// The half-open endpoints whose trial a checkout for `intent` may ask
+    /// for, their trial not out.
     pub fn trials<'a>(
         &'a self,
         intent: Intent,
@@ -266,7 +267,9 @@ impl<B: Backend> Snapshot<B> {
                             || self.read_preference != ReadPreference::ReplicasOnly
                     }
                 };
-                fits && !avoid.contains(ep.id())
+                // Read on the endpoint's own lock: while its trial is out,
+                // claiming it (under the topology lock) would only fail.
+                fits && !avoid.contains(ep.id()) && ep.state.health().ejection.trial_free()
             })
             .map(|(ep, _)| ep)
     }

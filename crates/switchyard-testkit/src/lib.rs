@@ -12,10 +12,9 @@
 //!   ClickHouse start with TLS from it, and [`TlsFront`] puts a TLS listener
 //!   in front of a stand-in that speaks none.
 //! - [`FaultProxy`]: a TCP proxy in front of any of them that adds latency,
-//!   blackholes, resets or refuses connections.
-//! - [`conformance`]: the tenant isolation suite every engine crate runs.
 //!   blackholes, resets or refuses connections; in front of PostgreSQL it can
 //!   also count the client's messages ([`PgMessages`]: round trips on the wire).
+//! - [`conformance`]: the tenant isolation suite every engine crate runs.
 //! - [`PgBouncer`]: Debian's PgBouncer in session or transaction mode in front
 //!   of a [`PgNode`], the proxy peer the benches compare with.
 //!

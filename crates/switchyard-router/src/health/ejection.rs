@@ -132,6 +132,11 @@ impl Ejection {
         }
     }
 
+    /// Whether the half-open trial is there for the taking.
+    pub fn trial_free(&self) -> bool {
+        self.phase == Phase::HalfOpen { taken: false }
+    }
+
     /// When the current ejection ends, if ejected.
     pub fn until(&self) -> Option<Instant> {
         match self.phase {

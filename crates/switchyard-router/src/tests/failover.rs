@@ -204,6 +204,33 @@ async fn ejected_endpoints_come_back_through_a_half_open_trial_with_doubling_bac
     );
 }
 
+/// While a half-open endpoint's trial is out, the checkouts that consider
+/// it pass it over on the endpoint's own lock: none takes the topology lock
+/// to be told the trial is gone (issue 15).
+#[tokio::test(start_paused = true)]
+async fn a_trial_that_is_out_is_passed_over_before_the_topology_lock() {
+    let (cluster, b) = cluster(2, config()).await;
+    b[1].set_down(true);
+    read_until_ejected(&cluster, "r1").await;
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(status_of(&cluster, "r1").health, Health::HalfOpen);
+    let snap = cluster.shared.snapshot.load_full();
+    let r1 = snap.endpoints.iter().find(|e| e.id().as_str() == "r1");
+    let r1 = Arc::clone(r1.unwrap());
+    assert_eq!(snap.trials(Intent::Read, &[]).count(), 1);
+    assert!(cluster
+        .shared
+        .apply(&r1.state, crate::health::Event::TrialClaimed));
+    assert_eq!(
+        snap.trials(Intent::Read, &[]).count(),
+        0,
+        "a trial that is out is still offered"
+    );
+    let c = cluster.checkout(Intent::Read, None).await.unwrap();
+    assert_eq!(c.endpoint().as_str(), "r2");
+    assert_eq!(status_of(&cluster, "r1").health, Health::HalfOpen);
+}
+
 #[tokio::test(start_paused = true)]
 async fn ejection_is_capped_by_max_ejected_percent() {
     let mut c = config();
@@ -370,13 +397,6 @@ async fn a_write_checkout_that_outlives_its_primary_moves_to_the_new_one() {
 #[tokio::test(start_paused = true)]
 async fn a_promotion_seen_before_the_dead_primary_takes_over_by_history() {
     let (cluster, b) = cluster(1, config()).await;
-    let timeline = |timeline| {
-        Some(switchyard_core::History::Timeline {
-            system: 1,
-            timeline,
-            position: 0,
-        })
-    };
     b[0].set_replication(timeline(1), None);
     b[1].set_replication(timeline(1), Some(true));
     run_for(Duration::from_secs(1)).await;

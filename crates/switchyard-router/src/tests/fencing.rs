@@ -1,6 +1,7 @@
 //! Fencing by history, split brain and stale replicas, over `NoopBackend`s
 //! that report the histories real engines would.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{EndpointId, Error, History, Intent, Role};
@@ -8,16 +9,24 @@ use switchyard_core::{EndpointId, Error, History, Intent, Role};
 use super::*;
 use crate::Health;
 
-fn timeline(timeline: u32) -> Option<History> {
-    Some(History::Timeline {
-        system: 1,
-        timeline,
-        position: 0,
-    })
-}
-
 fn writer(cluster: &Cluster<NoopBackend>) -> Option<String> {
     cluster.status().writer.map(|w| w.to_string())
+}
+
+/// A failover, then the old primary back: p dies, r1 is promoted to
+/// timeline 2 (and takes the writes), and p comes back as a primary on
+/// timeline 1.
+async fn old_primary_back(cluster: &Cluster<NoopBackend>, b: &[Arc<NoopBackend>]) {
+    b[0].set_replication(timeline(1), None);
+    b[1].set_replication(timeline(1), Some(true));
+    run_for(Duration::from_secs(1)).await;
+    b[0].set_down(true);
+    b[1].set_role(Role::Primary);
+    b[1].set_replication(timeline(2), None);
+    run_for(Duration::from_secs(3)).await;
+    assert_eq!(writer(cluster).as_deref(), Some("r1"));
+    b[0].set_down(false);
+    run_for(Duration::from_secs(3)).await;
 }
 
 /// Issue 17's first reproduction, in miniature: the old primary is back as
@@ -26,18 +35,7 @@ fn writer(cluster: &Cluster<NoopBackend>) -> Option<String> {
 #[tokio::test(start_paused = true)]
 async fn an_old_primary_never_takes_writes_back_when_the_promoted_one_stalls() {
     let (cluster, b) = cluster(1, config()).await;
-    b[0].set_replication(timeline(1), None);
-    b[1].set_replication(timeline(1), Some(true));
-    run_for(Duration::from_secs(1)).await;
-    // Failover: p dies, r1 is promoted to timeline 2.
-    b[0].set_down(true);
-    b[1].set_role(Role::Primary);
-    b[1].set_replication(timeline(2), None);
-    run_for(Duration::from_secs(3)).await;
-    assert_eq!(writer(&cluster).as_deref(), Some("r1"));
-    // p is back, as a primary on timeline 1.
-    b[0].set_down(false);
-    run_for(Duration::from_secs(3)).await;
+    old_primary_back(&cluster, &b).await;
     let p = status_of(&cluster, "p");
     assert_eq!((p.health, p.role), (Health::Up, Role::Primary));
     assert!(p.fenced && !p.serves_writes && !p.serves_reads, "{p:?}");
@@ -229,15 +227,7 @@ async fn a_half_open_replica_that_is_too_stale_gets_no_trial_read() {
 #[tokio::test(start_paused = true)]
 async fn a_fenced_old_primary_does_not_make_the_writer_droppable_for_slowness() {
     let (cluster, b) = cluster(1, config()).await;
-    b[0].set_replication(timeline(1), None);
-    b[1].set_replication(timeline(1), Some(true));
-    run_for(Duration::from_secs(1)).await;
-    b[0].set_down(true);
-    b[1].set_role(Role::Primary);
-    b[1].set_replication(timeline(2), None);
-    run_for(Duration::from_secs(3)).await;
-    b[0].set_down(false);
-    run_for(Duration::from_secs(3)).await;
+    old_primary_back(&cluster, &b).await;
     assert!(status_of(&cluster, "p").fenced);
     assert_eq!(writer(&cluster).as_deref(), Some("r1"));
     // r1 answers probes, but slower than their timeout (500 ms).

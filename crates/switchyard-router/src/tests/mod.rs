@@ -95,6 +95,15 @@ pub async fn cluster(
     (cluster, backends)
 }
 
+/// A PostgreSQL-like history on `timeline` of system 1.
+pub fn timeline(timeline: u32) -> Option<switchyard_core::History> {
+    Some(switchyard_core::History::Timeline {
+        system: 1,
+        timeline,
+        position: 0,
+    })
+}
+
 /// Where `n` sequential read (or write) checkouts went, by endpoint name.
 pub async fn tally(
     cluster: &Cluster<NoopBackend>,

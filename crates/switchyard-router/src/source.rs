@@ -8,9 +8,10 @@
 //! of forming its own view, so that an instance cut off from the old primary
 //! never keeps writing to it. A [`TopologySource`] reports the control plane's
 //! view, the whole membership at a time ([`View`]); the cluster diffs it
-//! against the last one into a list of [`Change`]s (insert, re-point, remove,
-//! role) and applies them in one place, under one lock, ending in one routing
-//! rebuild, as tower's balancer consumes `discover::Change` in one loop.
+//! against the last one into a list of [`EndpointChange`](crate::EndpointChange)s
+//! (insert, replace, remove, designate) and applies them as
+//! [`Cluster::change_endpoints`](crate::Cluster::change_endpoints) does: with
+//! the same checks, under one lock, ending in one routing rebuild.
 //!
 //! # Combining the source's view with the probes
 //!
@@ -81,18 +82,19 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod follow;
-
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use switchyard_core::{EndpointId, Role};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-pub use follow::{Following, SourceUnreachable};
+use crate::metrics::SourceMetrics;
 
 /// One member of the cluster as the control plane reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -216,46 +218,13 @@ pub struct SourceStatus {
     pub last_view: Option<SystemTime>,
     /// Why the source is unreachable (when it is).
     pub last_error: Option<String>,
+    /// The members of the last view the cluster refused, each with why (a
+    /// tier its engine refuses, no backend for it): they are not among the
+    /// endpoints, and are tried again with the next view.
+    pub refused: BTreeMap<EndpointId, String>,
     /// How long it has been unreachable (when it is).
     #[serde(with = "humantime_serde")]
     pub unreachable_for: Option<Duration>,
-}
-
-/// One difference between two views, applied by the cluster in one step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// A new member: an endpoint is added.
-    Insert(Member),
-    /// A known member at a new address: its endpoint is replaced.
-    Repoint(Member),
-    /// A member left: its endpoint is removed.
-    Remove(EndpointId),
-    /// A known member at the same address got a new role.
-    Role(EndpointId, Role),
-}
-
-/// The changes that turn `known` (the members applied so far, by name) into `view`.
-///
-/// Inserts and re-points come first and removals last, so a primary that moves
-/// to a new member joins before the old one leaves.
-pub fn diff(known: &BTreeMap<EndpointId, Member>, view: &View) -> Vec<Change> {
-    let mut changes = Vec::new();
-    for m in &view.members {
-        match known.get(&m.name) {
-            None => changes.push(Change::Insert(m.clone())),
-            Some(k) if k.host != m.host || k.port != m.port => {
-                changes.push(Change::Repoint(m.clone()))
-            }
-            Some(k) if k.role != m.role => changes.push(Change::Role(m.name.clone(), m.role)),
-            Some(_) => {}
-        }
-    }
-    for name in known.keys() {
-        if !view.members.iter().any(|m| &m.name == name) {
-            changes.push(Change::Remove(name.clone()));
-        }
-    }
-    changes
 }
 
 /// The role an endpoint routes as, from the source's designation and the
@@ -269,6 +238,148 @@ pub(crate) fn effective_role(designated: Option<Role>, probed: Role) -> Option<R
     }
 }
 
+/// The source of a cluster that [`Cluster::follow`](crate::Cluster::follow) started: wait for its
+/// first view with [`ready`](Self::ready).
+#[derive(Debug)]
+pub struct Following {
+    pub(crate) cluster: Arc<str>,
+    pub(crate) source: String,
+    pub(crate) first: watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// A topology source gave no view: unreachable at start, or no answer in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceUnreachable {
+    /// The cluster.
+    pub cluster: String,
+    /// [`TopologySource::describe`] of the source.
+    pub source: String,
+    /// What went wrong (never a secret).
+    pub reason: String,
+}
+
+impl fmt::Display for SourceUnreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cluster {}: topology source {} is unreachable: {}",
+            self.cluster, self.source, self.reason
+        )
+    }
+}
+
+impl std::error::Error for SourceUnreachable {}
+
+impl Following {
+    /// Waits for the source's first report: `Ok` once its first view is
+    /// applied, an error naming the source when it reports itself
+    /// unreachable or says nothing within `timeout`. Either way the cluster
+    /// keeps following it (close the cluster to stop).
+    pub async fn ready(mut self, timeout: Duration) -> Result<(), SourceUnreachable> {
+        let error = |reason: String| SourceUnreachable {
+            cluster: self.cluster.to_string(),
+            source: self.source.clone(),
+            reason,
+        };
+        let outcome = tokio::time::timeout(timeout, self.first.wait_for(Option::is_some)).await;
+        match outcome {
+            Ok(Ok(first)) => match first.clone() {
+                Some(Ok(())) => Ok(()),
+                Some(Err(reason)) => Err(error(reason)),
+                None => Err(error("no report".into())),
+            },
+            Ok(Err(_)) => Err(error("the cluster closed before the first report".into())),
+            Err(_) => Err(error(format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    /// The source, as described in logs and status.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// A cluster's source and what it last said; held in the cluster's state,
+/// updated by the follower task only.
+#[derive(Debug)]
+pub(crate) struct SourceCell {
+    status: SourceStatus,
+    unreachable_since: Option<Instant>,
+    metrics: SourceMetrics,
+}
+
+impl SourceCell {
+    /// A source just started, nothing heard from it yet.
+    pub(crate) fn new(source: String, metrics: SourceMetrics) -> Self {
+        Self {
+            status: SourceStatus {
+                source,
+                state: SourceState::Starting,
+                primary: None,
+                roles: BTreeMap::new(),
+                changes: 0,
+                last_view: None,
+                last_error: None,
+                refused: BTreeMap::new(),
+                unreachable_for: None,
+            },
+            unreachable_since: None,
+            metrics,
+        }
+    }
+
+    /// Records `view`, just applied; `changed` when it changed the endpoints
+    /// or their roles, `refused` the members the cluster did not take in.
+    pub(crate) fn viewed(
+        &mut self,
+        cluster: &str,
+        view: &View,
+        changed: bool,
+        refused: BTreeMap<EndpointId, String>,
+    ) {
+        if self.status.state == SourceState::Unreachable {
+            tracing::info!(%cluster, source = %self.status.source, "topology source reachable again");
+        }
+        self.unreachable_since = None;
+        self.status.state = SourceState::Following;
+        self.status.last_error = None;
+        self.status.last_view = Some(SystemTime::now());
+        self.status.refused = refused;
+        self.status.primary = view.primary().map(|m| m.name.clone());
+        self.status.roles = view
+            .members
+            .iter()
+            .map(|m| (m.name.clone(), m.role))
+            .collect();
+        self.metrics.up.set(1.0);
+        if changed {
+            self.status.changes += 1;
+            self.metrics.changes.increment(1);
+        }
+    }
+
+    /// Records that the source is unreachable; the topology stays as it is.
+    pub(crate) fn lost(&mut self, cluster: &str, reason: &str) {
+        self.metrics.errors.increment(1);
+        self.metrics.up.set(0.0);
+        if self.status.state != SourceState::Unreachable {
+            tracing::warn!(%cluster, source = %self.status.source, reason, "topology source unreachable: keeping the last known topology");
+            self.unreachable_since = Some(Instant::now());
+        } else {
+            tracing::debug!(%cluster, reason, "topology source still unreachable");
+        }
+        self.status.state = SourceState::Unreachable;
+        self.status.last_error = Some(reason.to_owned());
+    }
+
+    /// The status as of now.
+    pub(crate) fn status(&self) -> SourceStatus {
+        let mut status = self.status.clone();
+        status.unreachable_for = self.unreachable_since.map(|t| t.elapsed());
+        status
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,33 +388,86 @@ mod tests {
         Member::new(name, "127.0.0.1", port, role)
     }
 
-    #[test]
-    fn diff_lists_inserts_and_repoints_before_removals() {
-        let known: BTreeMap<_, _> = [m("a", 1, Role::Primary), m("b", 2, Role::Replica)]
-            .into_iter()
-            .map(|m| (m.name.clone(), m))
-            .collect();
-        let view = View::new(vec![
+    /// Reports the views sent to it.
+    struct Script(tokio::sync::mpsc::UnboundedReceiver<View>);
+    impl TopologySource for Script {
+        fn describe(&self) -> String {
+            "script".into()
+        }
+        fn next(&mut self) -> Pin<Box<dyn Future<Output = Report> + Send + '_>> {
+            Box::pin(async move {
+                match self.0.recv().await {
+                    Some(view) => Report::View(view),
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    /// Each view is applied as its differences from the last: a new member
+    /// added, a moved one re-pointed (a new backend), a new role designated,
+    /// a member gone removed; the same view again changes nothing. A member
+    /// the cluster cannot take (no backend) stays out and is listed.
+    #[tokio::test(start_paused = true)]
+    async fn a_followed_view_applies_its_differences() {
+        use std::sync::{Arc, Mutex};
+        use switchyard_core::noop::NoopBackend;
+
+        let cluster = crate::Cluster::<NoopBackend>::builder("main")
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let made = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&made);
+        let following = cluster.follow(Script(rx), move |m: &Member| {
+            log.lock().unwrap().push(format!("{}:{}", m.name, m.port));
+            if m.port == 0 {
+                return Err(switchyard_core::Error::Closed);
+            }
+            Ok(Arc::new(NoopBackend::with_role(m.name.as_str(), m.role)))
+        });
+        let step = |members: Vec<Member>| {
+            tx.send(View::new(members)).unwrap();
+            async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let status = cluster.status();
+                let roles: Vec<_> = (status.endpoints.iter())
+                    .map(|e| format!("{}={:?}", e.id, e.source_role.unwrap()))
+                    .collect();
+                let made = std::mem::take(&mut *made.lock().unwrap());
+                (
+                    roles.join(" "),
+                    made.join(" "),
+                    status.source.unwrap().changes,
+                )
+            }
+        };
+        let first = step(vec![m("a", 1, Role::Primary), m("b", 2, Role::Replica)]).await;
+        following.ready(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(first, ("a=Primary b=Replica".into(), "a:1 b:2".into(), 1));
+        let next = vec![
+            m("a", 1, Role::Replica),
             m("b", 2, Role::Primary),
             m("c", 3, Role::Replica),
-            m("d", 9, Role::Replica),
-        ]);
+        ];
+        let moved = step(next.clone()).await;
         assert_eq!(
-            diff(&known, &view),
-            vec![
-                Change::Role(EndpointId::new("b"), Role::Primary),
-                Change::Insert(m("c", 3, Role::Replica)),
-                Change::Insert(m("d", 9, Role::Replica)),
-                Change::Remove(EndpointId::new("a")),
-            ]
+            moved,
+            ("a=Replica b=Primary c=Replica".into(), "c:3".into(), 2)
         );
-        let moved = View::new(vec![m("a", 7, Role::Primary), m("b", 2, Role::Replica)]);
+        assert_eq!(step(next).await, (moved.0, String::new(), 2));
+        let last = vec![
+            m("b", 2, Role::Primary),
+            m("c", 4, Role::Replica),
+            m("x", 0, Role::Replica),
+        ];
+        let last = step(last).await;
+        assert_eq!(last, ("b=Primary c=Replica".into(), "c:4 x:0".into(), 3));
+        let refused = cluster.status().source.unwrap().refused;
         assert_eq!(
-            diff(&known, &moved),
-            vec![Change::Repoint(m("a", 7, Role::Primary))]
+            refused.keys().map(EndpointId::as_str).collect::<Vec<_>>(),
+            ["x"]
         );
-        let same = View::new(known.values().cloned().collect());
-        assert!(diff(&known, &same).is_empty());
     }
 
     /// A source that names `db-1` primary and `db-2` replica once.
