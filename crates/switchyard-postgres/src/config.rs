@@ -34,9 +34,10 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
 ///     "url": "postgres://app:secret@db:5432/app",
 ///     "pool": { "max_size": 8, "acquire_timeout": "2s" },
 ///     "tenant_pool_idle_timeout": "1m",
-///     "affinity": { "max_bypass": 2 }
+///     "affinity": { "max_bypass": 2, "linger": "500us" }
 /// }"#).unwrap();
 /// assert_eq!(config.max_tenant_pools, 64);
+/// assert_eq!(config.affinity.linger, std::time::Duration::from_micros(500));
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

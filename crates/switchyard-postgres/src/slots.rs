@@ -169,7 +169,7 @@ struct State {
 }
 
 impl State {
-    /// Counts `conn` as held by a checkout of `class`.
+    /// Counts the connection in `slot` as held by a checkout of `class`.
     fn hand(&mut self, slot: &mut Slot, class: QueueClass) {
         *self.held.entry(class.clone()).or_insert(0) += 1;
         slot.holder = Some(class);
