@@ -361,7 +361,6 @@ impl<B: Backend> ClusterState<B> {
     /// cluster's endpoints).
     pub(crate) fn retire(ep: &Endpoint<B>) {
         ep.cancel.cancel();
-        ep.state.links.set(Vec::new());
     }
 
     /// Publishes a new snapshot. Called with the topology lock held, after every
