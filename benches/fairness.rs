@@ -197,17 +197,24 @@ fn fairness(c: &mut Criterion) {
         .block_on(PgCluster::start(0))
         .expect("postgres (testkit)");
     let url = pg.primary().url().to_owned();
-    // The default bypass bound (4), and one pool-size bound: a waiter whose
-    // turn it is may wait at most one turnover of the pool longer.
-    for (group, max_bypass) in [("postgres", None), ("postgres/bypass_16", Some(POOL_SIZE))] {
-        let affinity = AffinitySettings {
-            max_bypass: max_bypass.unwrap_or(AffinitySettings::default().max_bypass),
-            ..AffinitySettings::default()
-        };
-        let config = PgBackendConfig::builder(format!("pg-{}", affinity.max_bypass), url.as_str())
-            .pool(PoolSettings::default().with_max_size(POOL_SIZE))
-            .affinity(affinity)
-            .config();
+    // The default hand-off (bypass bound 4, linger 1ms), and the same without
+    // the linger: every return goes on to whoever waits.
+    let lingers = [
+        ("postgres", AffinitySettings::default()),
+        (
+            "postgres/no_linger",
+            AffinitySettings {
+                linger: Duration::ZERO,
+                ..AffinitySettings::default()
+            },
+        ),
+    ];
+    for (group, affinity) in lingers {
+        let config =
+            PgBackendConfig::builder(format!("pg-{}", group.replace('/', "-")), url.as_str())
+                .pool(PoolSettings::default().with_max_size(POOL_SIZE))
+                .affinity(affinity)
+                .config();
         let backend = {
             let _runtime = rt.enter();
             Arc::new(PgBackend::new(config).expect("pg backend"))

@@ -124,6 +124,9 @@ struct Class<W> {
     /// Grants since the class started waiting, counted from the level of the
     /// class whose turn it was then (see [`FairQueue::pop_ahead`]).
     served: u64,
+    /// Times the class's oldest waiter, while the head, was passed over for a
+    /// younger waiter of the same class (see [`FairQueue::pop_ahead`]).
+    passed: u32,
     /// Oldest first; sequence numbers ascend.
     waiters: VecDeque<(u64, W)>,
 }
@@ -182,6 +185,11 @@ impl<W> FairQueue<W> {
         self.ring.len()
     }
 
+    /// Whether `class` has waiters.
+    pub fn is_waiting(&self, class: &QueueClass) -> bool {
+        self.classes.contains_key(class)
+    }
+
     /// Queues `waiter` at the back of `class` (which gets `weight` grants per
     /// turn; the weight of a class already waiting is kept).
     pub fn push(&mut self, class: QueueClass, weight: NonZeroU32, waiter: W) -> WaitKey {
@@ -201,6 +209,7 @@ impl<W> FairQueue<W> {
             weight: weight.get(),
             credit: weight.get(),
             served: level,
+            passed: 0,
             waiters: VecDeque::new(),
         });
         if entry.waiters.is_empty() {
@@ -220,6 +229,9 @@ impl<W> FairQueue<W> {
             .ok()?;
         let (_, waiter) = class.waiters.remove(at)?;
         self.len -= 1;
+        if at == 0 {
+            class.passed = 0;
+        }
         if class.waiters.is_empty() {
             self.leave(&key.class);
         }
@@ -233,6 +245,7 @@ impl<W> FairQueue<W> {
         let (seq, waiter) = class.waiters.pop_front()?;
         self.len -= 1;
         class.served += 1;
+        class.passed = 0;
         if class.waiters.is_empty() {
             self.leave(&name);
         } else {
@@ -252,39 +265,58 @@ impl<W> FairQueue<W> {
         class.waiters.front().map(|(_, w)| w)
     }
 
-    /// The waiter whose turn it is, mutably (to count it passed over).
-    pub fn peek_mut(&mut self) -> Option<&mut W> {
-        let class = self.classes.get_mut(self.ring.front()?)?;
-        class.waiters.front_mut().map(|(_, w)| w)
-    }
-
     /// Takes out the oldest waiter of `class` for which `wanted` holds, out
-    /// of turn (an affinity hand-off), if `class` is fewer than `max_lead`
-    /// grants ahead of the class whose turn it is (grants counted since each
-    /// started waiting, per unit of weight). The grant counts for `class`.
+    /// of turn (an affinity hand-off), within `max_lead`, and counts the
+    /// grant for `class` (its turn's credit is not charged):
     ///
-    /// So classes that are served about equally (each by its own warm
-    /// connections) keep being served out of turn, and a class runs ahead of
-    /// the one whose turn it is by at most `max_lead` grants; its turn's
-    /// credit is not charged.
+    /// - from another class than the head's, while `class` is fewer than
+    ///   `max_lead` grants ahead of the head's class (grants counted since
+    ///   each started waiting, per unit of weight): so classes served about
+    ///   equally, each by its own warm connections, keep being served out of
+    ///   turn, and none runs more than `max_lead` grants ahead;
+    /// - from the head's own class (a FIFO tier's tenants share one), where
+    ///   the match stands behind the head, while the head has been passed
+    ///   over fewer than `max_lead` times.
     pub fn pop_ahead(
         &mut self,
         class: &QueueClass,
         max_lead: u32,
         mut wanted: impl FnMut(&W) -> bool,
     ) -> Option<(WaitKey, W)> {
-        let head = self.classes.get(self.ring.front()?)?;
-        let (head_served, head_weight) = (u128::from(head.served), u128::from(head.weight));
-        let entry = self.classes.get_mut(class)?;
-        let ahead = u128::from(entry.served) * head_weight
-            >= (head_served + u128::from(max_lead)) * u128::from(entry.weight);
-        if ahead {
-            return None;
+        let head_name = self.ring.front()?.clone();
+        let at = self
+            .classes
+            .get(class)?
+            .waiters
+            .iter()
+            .position(|(_, w)| wanted(w))?;
+        if *class == head_name {
+            if at == 0 {
+                // The match is the head itself: an ordinary grant in turn.
+                return self.pop();
+            }
+            let head = self.classes.get_mut(&head_name)?;
+            if head.passed >= max_lead {
+                return None;
+            }
+            head.passed += 1;
+        } else {
+            let head = self.classes.get(&head_name)?;
+            let (head_served, head_weight) = (u128::from(head.served), u128::from(head.weight));
+            let entry = self.classes.get(class)?;
+            let ahead = u128::from(entry.served) * head_weight
+                >= (head_served + u128::from(max_lead)) * u128::from(entry.weight);
+            if ahead {
+                return None;
+            }
         }
-        let at = entry.waiters.iter().position(|(_, w)| wanted(w))?;
+        let entry = self.classes.get_mut(class)?;
         let (seq, waiter) = entry.waiters.remove(at)?;
         self.len -= 1;
         entry.served += 1;
+        if at == 0 {
+            entry.passed = 0;
+        }
         if entry.waiters.is_empty() {
             self.leave(class);
         }
@@ -490,6 +522,26 @@ mod tests {
         assert_eq!(queue.peek(), Some(&("b", 0)));
         assert_eq!(queue.pop_ahead(&a, 2, |_| true).unwrap().1, ("a", 6));
         assert!(queue.pop_ahead(&a, 2, |_| true).is_none());
+    }
+
+    #[test]
+    fn within_a_fifo_class_the_oldest_waiter_is_passed_over_at_most_max_lead_times() {
+        // One FIFO tier: q's waiter is first in line, then noisy's. noisy's
+        // returned connections go to noisy's waiters out of turn, but q's
+        // waiter, the head, is passed at most twice.
+        let tier = QueueClass::Tier("shared".into());
+        let mut queue = FairQueue::new();
+        queue.push(tier.clone(), weight(1), ("q", 0));
+        for n in 0..5 {
+            queue.push(tier.clone(), weight(1), ("noisy", n));
+        }
+        let noisy = |w: &(&str, u32)| w.0 == "noisy";
+        assert_eq!(queue.pop_ahead(&tier, 2, noisy).unwrap().1, ("noisy", 0));
+        assert_eq!(queue.pop_ahead(&tier, 2, noisy).unwrap().1, ("noisy", 1));
+        assert!(queue.pop_ahead(&tier, 2, noisy).is_none());
+        assert_eq!(queue.pop().unwrap().1, ("q", 0));
+        // noisy's oldest is the head now: a plain grant in turn.
+        assert_eq!(queue.pop_ahead(&tier, 0, noisy).unwrap().1, ("noisy", 2));
     }
 
     #[test]

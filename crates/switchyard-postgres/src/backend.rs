@@ -69,11 +69,11 @@ impl PgBackend {
             message: "a PostgreSQL backend must be built inside a Tokio runtime".into(),
         })?;
         let options = config.connect_options()?;
-        let slots = Slots::new(options.clone(), config.pool.max_size, config.max_bypass());
+        let slots = Slots::new(options.clone(), config.pool.max_size, config.handoff());
         let tenants = TenantPools::new(
             options.clone(),
             config.tenant_pool_max_size,
-            config.max_bypass(),
+            config.handoff(),
             config.max_tenant_pools,
             config.tenant_pool_idle_timeout,
         );

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
+use crate::slots::HandOff;
+
 /// Default [`PgBackendConfig::max_tenant_pools`].
 pub const DEFAULT_MAX_TENANT_POOLS: usize = 64;
 /// Default [`PgBackendConfig::tenant_pool_max_size`].
@@ -17,6 +19,8 @@ pub const DEFAULT_TENANT_POOL_MAX_SIZE: u32 = 4;
 pub const DEFAULT_TENANT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default [`PgBackendConfig::reset_timeout`].
 pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default [`AffinitySettings::linger`].
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
 
 /// Everything a [`PgBackend`](crate::PgBackend) needs for one endpoint.
 ///
@@ -30,9 +34,10 @@ pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
 ///     "url": "postgres://app:secret@db:5432/app",
 ///     "pool": { "max_size": 8, "acquire_timeout": "2s" },
 ///     "tenant_pool_idle_timeout": "1m",
-///     "affinity": { "max_bypass": 2 }
+///     "affinity": { "max_bypass": 2, "linger": "500us" }
 /// }"#).unwrap();
 /// assert_eq!(config.max_tenant_pools, 64);
+/// assert_eq!(config.affinity.linger, std::time::Duration::from_micros(500));
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,7 +98,9 @@ pub struct PgBackendConfig {
 /// its own owner while that tenant is fewer than
 /// [`max_bypass`](Self::max_bypass) grants ahead of the tenant whose turn it
 /// is (waiting tenants take turns: core's
-/// [`FairQueue::pop_ahead`](switchyard_core::FairQueue::pop_ahead)). Off,
+/// [`FairQueue::pop_ahead`](switchyard_core::FairQueue::pop_ahead); within a
+/// FIFO tier, the checkout first in line is passed over at most `max_bypass`
+/// times). Off,
 /// every checkout of a used connection resets it completely, even for the
 /// owner it last served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,9 +110,18 @@ pub struct AffinitySettings {
     pub enabled: bool,
     /// Most grants a tenant served by its own returned connections may run
     /// ahead of the waiting tenant whose turn it is (counted per unit of
-    /// tier weight since each started waiting; default 4; 0 serves waiters
-    /// strictly in turn).
+    /// tier weight since each started waiting), and most times a FIFO tier's
+    /// first checkout in line may be passed over (default 4; 0 serves
+    /// waiters strictly in turn).
     pub max_bypass: u32,
+    /// Longest a returned connection is kept idle for its owner's next
+    /// checkout while other tenants wait (default 1ms; 0 never keeps one).
+    /// Only an owner with nobody waiting, holding less than an equal share
+    /// of the pool among the tenants that want connections, gets this: a
+    /// tenant that checks out again at once keeps its warm connection, where
+    /// handing it on would cost two owner changes (a complete reset each).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 impl Default for AffinitySettings {
@@ -113,6 +129,7 @@ impl Default for AffinitySettings {
         Self {
             enabled: true,
             max_bypass: 4,
+            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -263,11 +280,16 @@ impl PgBackendConfig {
     }
 
     /// The bypass bound in force (0 when affinity is off).
-    pub(crate) fn max_bypass(&self) -> u32 {
+    /// How returned connections are handed on: strict turns and no
+    /// lingering without affinity.
+    pub(crate) fn handoff(&self) -> HandOff {
         if self.affinity.enabled && !self.tenant_roles {
-            self.affinity.max_bypass
+            HandOff {
+                max_bypass: self.affinity.max_bypass,
+                linger: self.affinity.linger,
+            }
         } else {
-            0
+            HandOff::default()
         }
     }
 
@@ -402,10 +424,12 @@ mod tests {
     }
 
     #[test]
-    fn no_affinity_means_no_bypass() {
+    fn no_affinity_means_no_bypass_and_no_linger() {
         let mut c = PgBackendConfig::new("pg", "postgres://db/app");
-        assert_eq!(c.max_bypass(), 4);
+        assert_eq!(c.handoff().max_bypass, 4);
+        assert_eq!(c.handoff().linger, DEFAULT_LINGER);
         c.affinity = AffinitySettings::disabled();
-        assert_eq!(c.max_bypass(), 0);
+        assert_eq!(c.handoff().max_bypass, 0);
+        assert!(c.handoff().linger.is_zero());
     }
 }

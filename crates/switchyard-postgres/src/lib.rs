@@ -138,7 +138,11 @@
 //! owner while that tenant is fewer than
 //! [`max_bypass`](AffinitySettings::max_bypass) grants ahead of the tenant
 //! whose turn it is: tenants served about equally need no owner change, and
-//! no tenant waits unfairly long. [`PgBackend::pg_stats`] counts hits, misses, hand-offs and
+//! no tenant waits unfairly long. A returned connection
+//! whose owner has nobody waiting and holds less than an equal share of the
+//! pool is kept for that owner's next checkout for at most
+//! [`linger`](AffinitySettings::linger) (1ms) before it goes on: a quiet
+//! tenant among noisy ones keeps its warm sessions. [`PgBackend::pg_stats`] counts hits, misses, hand-offs and
 //! resets. With affinity off, every checkout of a used connection resets it.
 //!
 //! # Prepared statements and `search_path`

@@ -13,29 +13,40 @@
 //!
 //! - A checkout takes, in order: the most recently returned idle connection of
 //!   its own owner; a new connection while the pool has room; the least
-//!   recently returned idle connection of another owner (to be reset); else it
-//!   queues.
+//!   recently returned idle connection of another owner not kept for its owner
+//!   (to be reset); else it queues.
 //! - Waiters queue in core's [`FairQueue`]: tenants take turns (weighted by
 //!   tier), untenanted checkouts are one more class. The *head* is the waiter
 //!   whose turn it is.
 //! - A returned connection goes to the oldest waiter of its own owner while
 //!   that tenant is fewer than `max_bypass` grants ahead of the tenant whose
 //!   turn it is (grants counted since each started waiting, per unit of
-//!   weight: [`FairQueue::pop_ahead`]); then (or with no waiter of its owner)
-//!   to the head. So tenants served about equally, each by its own warm
-//!   connections, need no owner change, and no tenant runs more than
-//!   `max_bypass` grants ahead of the one whose turn it is.
+//!   weight; within a FIFO tier's one class, while the head has been passed
+//!   over fewer than `max_bypass` times: [`FairQueue::pop_ahead`]); then (or
+//!   with no waiter of its owner) to the head. So tenants served about
+//!   equally, each by its own warm connections, need no owner change, and no
+//!   tenant runs more than `max_bypass` grants ahead of the one whose turn it
+//!   is.
+//! - While others wait, a connection whose owner has nobody waiting and holds
+//!   less than an equal share of the pool (among the classes that want
+//!   connections) is kept idle for that owner for at most the linger, then
+//!   goes on to the head: a tenant that checks out again at once keeps its
+//!   warm session instead of costing two owner changes, and a tenant below
+//!   its share keeps the connections it uses. Connections out are counted by
+//!   the class of the checkout holding them ([`Slot`]'s holder).
 //! - A closed connection frees its slot at once; the head waiter is then told
 //!   to open a new one.
 //! - A waiter that gives up takes itself out of the queue ([`Wait`]'s drop);
 //!   a grant that reached it in the same instant goes to the next waiter.
 
-use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgConnection;
@@ -76,12 +87,17 @@ impl Pooled {
 }
 
 /// One occupied place in a [`Slots`]; frees it when dropped.
-struct Slot(Weak<Slots>);
+struct Slot {
+    slots: Weak<Slots>,
+    /// The queue class of the checkout holding the connection, while one
+    /// does (counted in [`State::held`]).
+    holder: Option<QueueClass>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(slots) = self.0.upgrade() {
-            slots.vacate();
+        if let Some(slots) = self.slots.upgrade() {
+            slots.vacate(self.holder.take());
         }
     }
 }
@@ -128,6 +144,9 @@ pub(crate) enum Take {
 struct Idle {
     conn: Pooled,
     since: Instant,
+    /// Kept for its owner's next checkout while others wait (see
+    /// [`Slots::put`]): no other owner takes it until the linger ends.
+    kept: bool,
 }
 
 struct Waiter {
@@ -143,7 +162,56 @@ struct State {
     size: u32,
     /// In turn by tenant class (see the module docs).
     waiters: FairQueue<Waiter>,
+    /// Connections out (or being opened), by the queue class of the checkout
+    /// holding them; classes holding none are absent.
+    held: HashMap<QueueClass, u32>,
     closed: bool,
+}
+
+impl State {
+    /// Counts the connection in `slot` as held by a checkout of `class`.
+    fn hand(&mut self, slot: &mut Slot, class: QueueClass) {
+        *self.held.entry(class.clone()).or_insert(0) += 1;
+        slot.holder = Some(class);
+    }
+
+    /// Counts the connection in `slot` as no longer held by its checkout.
+    fn unhand(&mut self, slot: &mut Slot) {
+        self.release(slot.holder.take());
+    }
+
+    fn release(&mut self, holder: Option<QueueClass>) {
+        let Some(class) = holder else { return };
+        if let Entry::Occupied(mut held) = self.held.entry(class) {
+            *held.get_mut() -= 1;
+            if *held.get() == 0 {
+                held.remove();
+            }
+        }
+    }
+
+    /// Whether a connection `class` just returned may be kept idle for its
+    /// next checkout while others wait: nobody of `class` waits (its own
+    /// waiter would get it anyway), and `class` holds fewer than an equal
+    /// share of the pool among the classes that want connections.
+    fn may_keep_for(&self, class: &QueueClass, max: u32) -> bool {
+        if self.waiters.is_empty() || self.waiters.is_waiting(class) {
+            return false;
+        }
+        let wanting = u32::try_from(self.waiters.classes()).unwrap_or(u32::MAX) + 1;
+        let held = self.held.get(class).copied().unwrap_or(0);
+        held < max / wanting
+    }
+}
+
+/// How returned connections are handed on (from the affinity settings).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HandOff {
+    /// Most times the head waiter may be passed over for a returned
+    /// connection's own owner (0: strict turns).
+    pub(crate) max_bypass: u32,
+    /// Longest a returned connection is kept for its owner (0: never).
+    pub(crate) linger: Duration,
 }
 
 /// Occupancy of one [`Slots`].
@@ -159,6 +227,8 @@ pub(crate) struct Slots {
     pub(crate) options: PgConnectOptions,
     max: u32,
     max_bypass: u32,
+    /// How long a returned connection may be kept for its owner (0: never).
+    linger: Duration,
     state: Mutex<State>,
     this: Weak<Slots>,
     /// Connections handed to a waiter of their own owner ahead of others.
@@ -178,11 +248,12 @@ impl std::fmt::Debug for Slots {
 }
 
 impl Slots {
-    pub(crate) fn new(options: PgConnectOptions, max: u32, max_bypass: u32) -> Arc<Self> {
+    pub(crate) fn new(options: PgConnectOptions, max: u32, handoff: HandOff) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             options,
             max,
-            max_bypass,
+            max_bypass: handoff.max_bypass,
+            linger: handoff.linger,
             state: Mutex::new(State::default()),
             this: this.clone(),
             handoffs: AtomicU64::new(0),
@@ -193,9 +264,17 @@ impl Slots {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn reserve(&self, state: &mut State) -> Reservation {
+    /// Reserves a place, held by a checkout of `holder` if there is one.
+    fn reserve(&self, state: &mut State, holder: Option<QueueClass>) -> Reservation {
         state.size += 1;
-        Reservation(Slot(self.this.clone()))
+        let mut slot = Slot {
+            slots: self.this.clone(),
+            holder: None,
+        };
+        if let Some(class) = holder {
+            state.hand(&mut slot, class);
+        }
+        Reservation(slot)
     }
 
     /// Finds a connection for `owner` (see the module docs for the order).
@@ -204,21 +283,24 @@ impl Slots {
         if state.closed {
             return Take::Closed;
         }
+        let (class, weight) = QueueClass::of(owner);
         let mine = state
             .idle
             .iter()
             .rposition(|i| i.conn.owner.as_ref() == owner);
-        if let Some(idle) = mine.and_then(|i| state.idle.remove(i)) {
+        if let Some(mut idle) = mine.and_then(|i| state.idle.remove(i)) {
+            state.hand(&mut idle.conn.slot, class);
             return Take::Idle(idle.conn);
         }
         if state.size < self.max {
-            return Take::Open(self.reserve(&mut state));
+            return Take::Open(self.reserve(&mut state, Some(class)));
         }
-        if let Some(idle) = state.idle.pop_front() {
+        let other = state.idle.iter().position(|i| !i.kept);
+        if let Some(mut idle) = other.and_then(|i| state.idle.remove(i)) {
+            state.hand(&mut idle.conn.slot, class);
             return Take::Idle(idle.conn);
         }
         let (tx, rx) = oneshot::channel();
-        let (class, weight) = QueueClass::of(owner);
         let waiter = Waiter {
             owner: owner.cloned(),
             tx,
@@ -231,23 +313,47 @@ impl Slots {
         })
     }
 
-    /// Takes back a returned connection: to a waiter
-    /// (its own owner's first, within the bypass bound), else idle.
-    pub(crate) fn put(&self, mut conn: Pooled) {
+    /// Takes back a returned connection: to a waiter (its own owner's first,
+    /// within the bypass bound), else idle. While others wait, a connection
+    /// whose owner has nobody waiting and holds less than an equal share of
+    /// the pool is kept idle for that owner's next checkout, for at most the
+    /// linger: a tenant that checks out again at once (a loop, a burst) keeps
+    /// its warm connection instead of costing two owner changes.
+    pub(crate) fn put(&self, conn: Pooled) {
+        self.give_back(conn, true);
+    }
+
+    fn give_back(&self, mut conn: Pooled, may_keep: bool) {
         loop {
             let waiter = {
                 let mut state = self.lock();
+                state.unhand(&mut conn.slot);
                 if state.closed {
                     drop(state);
                     conn.close();
                     return;
                 }
-                match self.pick(&mut state, conn.owner.as_ref()) {
-                    Some(pick) => pick,
+                let (class, _) = QueueClass::of(conn.owner.as_ref());
+                let keep = may_keep
+                    && !self.linger.is_zero()
+                    && state.may_keep_for(&class, self.max)
+                    && self.linger_end_later();
+                let pick = if keep {
+                    None
+                } else {
+                    self.pick(&mut state, conn.owner.as_ref())
+                };
+                match pick {
+                    Some(waiter) => {
+                        let (class, _) = QueueClass::of(waiter.owner.as_ref());
+                        state.hand(&mut conn.slot, class);
+                        waiter
+                    }
                     None => {
                         state.idle.push_back(Idle {
                             conn,
                             since: Instant::now(),
+                            kept: keep,
                         });
                         return;
                     }
@@ -263,10 +369,49 @@ impl Slots {
         }
     }
 
+    /// Schedules the end of a linger starting now; false without a runtime.
+    fn linger_end_later(&self) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let (slots, linger) = (self.this.clone(), self.linger);
+        rt.spawn(async move {
+            tokio::time::sleep(linger).await;
+            if let Some(slots) = slots.upgrade() {
+                slots.end_lingers();
+            }
+        });
+        true
+    }
+
+    /// Gives the connections kept for their owner longer than the linger to
+    /// whoever waits (or leaves them plainly idle).
+    fn end_lingers(&self) {
+        let ended: Vec<Pooled> = {
+            let mut state = self.lock();
+            let Some(before) = Instant::now().checked_sub(self.linger) else {
+                return;
+            };
+            let mut ended = Vec::new();
+            let mut kept = VecDeque::with_capacity(state.idle.len());
+            for idle in state.idle.drain(..) {
+                if idle.kept && idle.since <= before {
+                    ended.push(idle.conn);
+                } else {
+                    kept.push_back(idle);
+                }
+            }
+            state.idle = kept;
+            ended
+        };
+        for conn in ended {
+            self.give_back(conn, false);
+        }
+    }
+
     /// The waiter a connection of `owner` goes to, taken out of the queue:
-    /// the oldest waiter of `owner` while its class is fewer than
-    /// `max_bypass` grants ahead of the class whose turn it is, else the
-    /// head.
+    /// the oldest waiter of `owner` within the `max_bypass` bound
+    /// ([`FairQueue::pop_ahead`]), else the head.
     fn pick(&self, state: &mut State, owner: Option<&TenantScope>) -> Option<Waiter> {
         let head = state.waiters.peek()?;
         if head.owner.as_ref() == owner || self.max_bypass == 0 {
@@ -285,16 +430,22 @@ impl Slots {
         }
     }
 
-    /// A connection closed: its place goes to the head waiter, if any.
-    fn vacate(&self) {
+    /// A connection closed (held by a checkout of `holder`, if any): its
+    /// place goes to the head waiter, if any.
+    fn vacate(&self, holder: Option<QueueClass>) {
         let (waiter, reservation) = {
             let mut state = self.lock();
+            state.release(holder);
             state.size = state.size.saturating_sub(1);
             if state.closed {
                 return;
             }
             match state.waiters.pop() {
-                Some((_, waiter)) => (waiter, self.reserve(&mut state)),
+                Some((_, waiter)) => {
+                    let (class, _) = QueueClass::of(waiter.owner.as_ref());
+                    let reservation = self.reserve(&mut state, Some(class));
+                    (waiter, reservation)
+                }
                 None => return,
             }
         };
@@ -344,7 +495,7 @@ impl Slots {
         if state.closed {
             return Vec::new();
         }
-        (0..want).map(|_| self.reserve(&mut state)).collect()
+        (0..want).map(|_| self.reserve(&mut state, None)).collect()
     }
 
     pub(crate) fn occupancy(&self) -> Occupancy {

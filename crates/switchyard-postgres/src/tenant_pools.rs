@@ -10,7 +10,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::time::Instant;
 
 use crate::error::PgError;
-use crate::slots::Slots;
+use crate::slots::{HandOff, Slots};
 
 /// Use of one tenant pool: checkouts holding it open, and when it was last used.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ pub(crate) struct TenantPoolCounters {
 pub(crate) struct TenantPools {
     base: PgConnectOptions,
     max_size: u32,
-    max_bypass: u32,
+    handoff: HandOff,
     max_pools: usize,
     idle_timeout: Duration,
     pools: Mutex<HashMap<Arc<str>, TenantPool>>,
@@ -95,14 +95,14 @@ impl TenantPools {
     pub(crate) fn new(
         base: PgConnectOptions,
         max_size: u32,
-        max_bypass: u32,
+        handoff: HandOff,
         max_pools: usize,
         idle_timeout: Duration,
     ) -> Self {
         Self {
             base,
             max_size,
-            max_bypass,
+            handoff,
             max_pools,
             idle_timeout,
             pools: Mutex::new(HashMap::new()),
@@ -153,7 +153,7 @@ impl TenantPools {
         let slots = Slots::new(
             self.base.clone().database(database),
             self.max_size,
-            self.max_bypass,
+            self.handoff,
         );
         let usage = Arc::new(Usage {
             leases: AtomicUsize::new(0),
@@ -267,7 +267,7 @@ mod tests {
                 .host("127.0.0.1")
                 .port(1),
             1,
-            4,
+            HandOff::default(),
             max,
             Duration::from_secs(10),
         )

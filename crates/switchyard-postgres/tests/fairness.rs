@@ -1,8 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Fair queuing on a real PostgreSQL: a saturated pool serves waiting tenants
 //! in turn (tier weights, untenanted as a class, FIFO on request), within the
-//! affinity hand-off's bypass bound; every grant is scoped to its tenant; a
-//! waiter that gives up leaves nothing behind.
+//! affinity hand-off's bypass bound; a connection kept for its owner only for
+//! the linger; every grant is scoped to its tenant; a waiter that gives up
+//! leaves nothing behind.
 
 mod common;
 
@@ -170,6 +171,79 @@ async fn a_fifo_tier_and_a_weighted_tier_queue_as_configured() {
         order,
         ["noisy0", "gold3", "gold4", "noisy1", "gold5", "noisy2"]
     );
+}
+
+#[tokio::test]
+async fn a_fifo_tier_tenant_is_not_starved_by_another_tenants_warm_connection() {
+    let fx = fixture().await;
+    // Default affinity (max_bypass 4). q1 and q2 share a FIFO line, q2's
+    // waiter first after q1's first: every connection q1 returns has a q1
+    // waiter behind q2's, but q2 is passed over at most 4 times.
+    let backend = fx.backend(fx.config(1));
+    let mut waiters = vec![Some("q1"), Some("q2")];
+    waiters.extend(std::iter::repeat_n(Some("q1"), NOISY));
+    let order = served_order(&backend, &registry(QueueOrder::Fifo), &waiters).await;
+    eprintln!("fifo tier, max_bypass 4: {order:?}");
+    assert!(position(&order, "q21") <= 1 + 4, "{order:?}");
+    assert!(backend.pg_stats().handoffs > 0);
+}
+
+#[tokio::test]
+async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
+    let fx = fixture().await;
+    // A linger long enough that the steps below always fall inside it.
+    const LINGER: Duration = Duration::from_secs(3);
+    let mut config = fx.config(2);
+    config.affinity.linger = LINGER;
+    let backend = fx.backend(config);
+    let reg = registry(QueueOrder::Fair);
+    let noisy = checkout(&backend, &reg, Some("noisy")).await.unwrap();
+    let q1 = checkout(&backend, &reg, Some("q1")).await.unwrap();
+    // noisy's second checkout waits: the pool of 2 is out.
+    let waiting = {
+        let (backend, reg) = (Arc::clone(&backend), Arc::clone(&reg));
+        tokio::spawn(async move { checkout(&backend, &reg, Some("noisy")).await.unwrap() })
+    };
+    // The current-thread runtime runs it up to its wait (no I/O before).
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+
+    // q1 holds nothing else and nobody of q1 waits: its connection is kept
+    // for it (one of two classes wanting the pool of 2), not handed to
+    // noisy's waiter, and q1's next checkout gets it back unreset.
+    let before = backend.pg_stats();
+    drop(q1);
+    wait_until(TIMEOUT, || async {
+        switchyard_core::Backend::stats(&*backend).idle == 1
+    })
+    .await
+    .unwrap();
+    let mut again = checkout(&backend, &reg, Some("q1")).await.unwrap();
+    assert!(!waiting.is_finished(), "the kept connection went to noisy");
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&mut *again)
+        .await
+        .unwrap();
+    assert_eq!(path, "\"tenant_q1\"");
+    let after = backend.pg_stats();
+    assert_eq!(after.affinity_hits, before.affinity_hits + 1, "{after:?}");
+    assert_eq!(after.resets, before.resets, "{after:?}");
+
+    // q1 does not come back: after the linger, noisy's waiter gets it.
+    drop(again);
+    let released = std::time::Instant::now();
+    let mut got = tokio::time::timeout(TIMEOUT, waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&mut *got)
+        .await
+        .unwrap();
+    assert_eq!(path, "\"tenant_noisy\"");
+    assert!(released.elapsed() >= LINGER - Duration::from_millis(50));
+    drop(noisy);
 }
 
 #[tokio::test]
