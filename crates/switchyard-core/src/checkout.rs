@@ -58,31 +58,12 @@ pub trait CheckoutObserver: Send + Sync + 'static {
 #[derive(Default)]
 pub struct InFlight {
     count: AtomicU32,
-    watcher: Option<Arc<dyn InFlightWatcher>>,
-}
-
-/// Told after every change of a watched [`InFlight`] count.
-///
-/// The router keeps an index of the least-loaded endpoint current with it, so
-/// picking stays O(log n) without scanning every counter. Runs inline on the
-/// checkout path and in `Drop`: keep it short and never block.
-pub trait InFlightWatcher: Send + Sync + 'static {
-    /// The count just changed; read the counter for its new value.
-    fn changed(&self);
 }
 
 impl InFlight {
     /// A counter at zero.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A counter at zero that tells `watcher` about every change.
-    pub fn watched(watcher: Arc<dyn InFlightWatcher>) -> Self {
-        Self {
-            count: AtomicU32::new(0),
-            watcher: Some(watcher),
-        }
     }
 
     /// The current count.
@@ -98,14 +79,7 @@ impl InFlight {
     /// [`enter`](Self::enter) with a handle the caller gives up.
     fn enter_owned(self: Arc<Self>) -> InFlightToken {
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.notify();
         InFlightToken(self)
-    }
-
-    fn notify(&self) {
-        if let Some(watcher) = &self.watcher {
-            watcher.changed();
-        }
     }
 }
 
@@ -122,7 +96,6 @@ pub struct InFlightToken(Arc<InFlight>);
 impl Drop for InFlightToken {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::Relaxed);
-        self.0.notify();
     }
 }
 
@@ -579,23 +552,14 @@ mod tests {
     }
 
     #[test]
-    fn a_watched_counter_reports_every_change() {
-        #[derive(Default)]
-        struct Seen(Mutex<Vec<u32>>, std::sync::OnceLock<Arc<InFlight>>);
-        impl InFlightWatcher for Seen {
-            fn changed(&self) {
-                let now = self.1.get().map_or(u32::MAX, |c| c.get());
-                self.0.lock().unwrap().push(now);
-            }
-        }
-        let seen = Arc::new(Seen::default());
-        let counter = Arc::new(InFlight::watched(seen.clone()));
-        seen.1.set(Arc::clone(&counter)).unwrap();
+    fn a_counter_counts_its_tokens() {
+        let counter = Arc::new(InFlight::new());
         let a = counter.enter();
         let b = counter.enter();
+        assert_eq!(counter.get(), 2);
         drop(a);
+        assert_eq!(counter.get(), 1);
         drop(b);
-        assert_eq!(*seen.0.lock().unwrap(), [1, 2, 1, 0]);
         assert_eq!(format!("{:?}", counter), "InFlight(0)");
     }
 

@@ -194,6 +194,5 @@ impl<B: Backend> ClusterState<B> {
     /// cluster's endpoints).
     pub(crate) fn retire(ep: &Endpoint<B>) {
         ep.cancel.cancel();
-        ep.state.links.set(Vec::new());
     }
 }

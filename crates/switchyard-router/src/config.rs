@@ -25,7 +25,7 @@ pub const MAX_ATTEMPTS: u32 = 10;
 /// | strategy | pick cost | prepared per snapshot |
 /// |---|---|---|
 /// | `round_robin` | O(1): one atomic increment | nothing |
-/// | `least_conn` | O(n) scan up to 32 candidates; O(1) above, from a tournament tree each checkout and release keeps current in O(log n) under a small lock | the tree |
+/// | `least_conn` | O(n) exact scan up to 32 candidates; O(1) above: the lighter of two random candidates (power of two choices) | nothing |
 /// | `weighted_round_robin` | O(1): one atomic increment and an index | the interleaved cycle |
 /// | `latency` | O(1): two random candidates compared | nothing |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -33,7 +33,9 @@ pub const MAX_ATTEMPTS: u32 = 10;
 pub enum StrategyKind {
     /// Each candidate in turn, ignoring weights. O(1) per pick.
     RoundRobin,
-    /// The candidate with the fewest checkouts in flight per unit of weight.
+    /// The candidate with the fewest checkouts in flight per unit of weight:
+    /// exact up to 32 candidates, above that the lighter of two drawn at
+    /// random.
     #[default]
     LeastConn,
     /// Smooth weighted round robin: exact proportions, no bursts.

@@ -17,14 +17,13 @@ use crate::config::{ClusterConfig, EndpointConfig};
 use crate::counters::Counters;
 use crate::health::HealthState;
 use crate::metrics::EndpointMetrics;
-use crate::strategy::{Load, LoadLinks, PeakEwma};
+use crate::strategy::{Load, PeakEwma};
 
 /// The backend-independent part of an endpoint.
 pub(crate) struct EndpointState {
     pub id: EndpointId,
     weight: AtomicU32,
     pub in_flight: Arc<InFlight>,
-    pub links: Arc<LoadLinks>,
     pub ewma: PeakEwma,
     /// Changed only by the cluster ([`crate::apply`]).
     health: Mutex<HealthState>,
@@ -55,12 +54,10 @@ impl EndpointState {
         config: &ClusterConfig,
         inbox: Arc<Inbox>,
     ) -> Self {
-        let links = Arc::new(LoadLinks::default());
         let metrics = EndpointMetrics::new(engine, cluster, id.as_str());
         metrics.up.set(1.0);
         Self {
-            in_flight: Arc::new(InFlight::watched(links.clone())),
-            links,
+            in_flight: Arc::new(InFlight::new()),
             weight: AtomicU32::new(endpoint.weight.max(1)),
             ewma: PeakEwma::new(config.latency.decay, config.latency.default_rtt),
             health: Mutex::new(HealthState::new(endpoint.role, Instant::now())),

@@ -8,7 +8,6 @@
 //! last rebuild always reflects the last change. A pick loads the snapshot
 //! once and never locks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use switchyard_core::{Backend, EndpointId, History, Intent, Role};
@@ -189,7 +188,7 @@ impl<B: Backend> Snapshot<B> {
                 readers
             }
         };
-        let snapshot = Self {
+        Self {
             write: Candidates::new(kind, writers),
             read: Candidates::new(kind, readers),
             endpoints,
@@ -198,35 +197,6 @@ impl<B: Backend> Snapshot<B> {
             split_brain,
             strategy: kind,
             read_preference: config.read_preference,
-        };
-        snapshot.link_load_trees();
-        snapshot
-    }
-
-    /// Points every endpoint's load watcher at the least-connections trees it
-    /// is a leaf of, then refreshes those trees so no change made during the
-    /// relinking is missed.
-    fn link_load_trees(&self) {
-        let mut links: HashMap<&EndpointId, Vec<_>> = HashMap::new();
-        for set in [&self.write, &self.read] {
-            if let Some(tree) = set.picker.load_tree() {
-                for (leaf, ep) in set.candidates.iter().enumerate() {
-                    links
-                        .entry(ep.id())
-                        .or_default()
-                        .push((Arc::clone(tree), leaf));
-                }
-            }
-        }
-        for ep in &self.endpoints {
-            ep.state
-                .links
-                .set(links.remove(ep.id()).unwrap_or_default());
-        }
-        for set in [&self.write, &self.read] {
-            if let Some(tree) = set.picker.load_tree() {
-                tree.refresh();
-            }
         }
     }
 

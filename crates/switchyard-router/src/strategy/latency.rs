@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Load, Strategy};
+use super::{two_distinct, Load, Strategy};
 
 /// Power of two choices over peak-EWMA cost.
 #[derive(Debug, Default)]
@@ -48,11 +48,7 @@ impl Strategy for Latency {
             0 => None,
             1 => Some(0),
             n => {
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
+                let (a, b) = two_distinct(n);
                 let now = Instant::now();
                 let (ca, cb) = match (candidates.get(a), candidates.get(b)) {
                     (Some(x), Some(y)) => (cost(x, now), cost(y, now)),

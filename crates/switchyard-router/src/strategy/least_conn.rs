@@ -1,70 +1,78 @@
 //! Least connections: the candidate with the fewest checkouts in flight per unit
 //! of weight, ties broken at random.
 //!
-//! Exact by construction: a pick never returns a candidate whose
-//! `in_flight / weight` is higher than another candidate's at the moment the
-//! loads were read.
-//!
-//! # Cost
+//! # Cost and exactness
 //!
 //! Up to [`SCAN_LIMIT`] candidates a pick scans their counters: O(n) over at
-//! most 32 contiguous atomics, which is cheaper than maintaining any index, and
-//! lets ties be broken uniformly at random (reservoir sampling, no allocation).
+//! most 32 atomics, exact (a pick never returns a candidate whose
+//! `in_flight / weight` is higher than another candidate's at the moment the
+//! loads were read), ties broken uniformly at random (reservoir sampling, no
+//! allocation).
 //!
-//! Above that, a [`LoadTree`] (a tournament tree) holds the winner of every
-//! subtree; a pick reads the root, O(1). Each change of an endpoint's in-flight
-//! count reaches the tree through its [`LoadLinks`] (a core
-//! [`InFlightWatcher`]) and replays the matches on the path to the root: O(log n)
-//! per change, serialised by a small mutex that is never taken by a pick. Ties
-//! are decided by a coin at each match, so large clusters get random but not
-//! exactly uniform tie-breaking.
+//! Above that, a pick uses the power of two choices (Mitzenmacher; Envoy's
+//! `LEAST_REQUEST` balancer with its default `choice_count: 2`, tower's `p2c`):
+//! it draws two distinct candidates at random and takes the one with the lower
+//! `in_flight / weight`, a coin deciding ties. O(1): two random draws and two
+//! counters read. Nothing is kept current on the checkout path: a checkout and
+//! its release each move one atomic counter, whatever the cluster's size.
+//! The pick is no longer exact: it never returns the busier of the two it drew
+//! (so never the one busiest candidate, unless it is tied), and the gap between
+//! the busiest and the least busy candidate stays O(log log n) under load,
+//! instead of the O(log n / log log n) of a random pick.
 
-use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::cmp::Ordering;
 
-use arc_swap::ArcSwap;
-use switchyard_core::{InFlight, InFlightWatcher};
+use super::{two_distinct, Load, Strategy};
 
-use super::{Load, Strategy};
-
-/// Largest candidate set that is scanned rather than indexed.
+/// Largest candidate set that is scanned rather than sampled.
 pub const SCAN_LIMIT: usize = 32;
 
-const NONE: u32 = u32::MAX;
-
-/// Least connections over one candidate set.
-#[derive(Debug)]
-pub struct LeastConn {
-    tree: Option<Arc<LoadTree>>,
-}
+/// Least connections over one candidate set; it keeps no state of its own.
+#[derive(Debug, Default)]
+pub struct LeastConn;
 
 impl LeastConn {
-    /// Prepares least connections for `candidates`; builds the index above
-    /// [`SCAN_LIMIT`]. The caller links the index to the candidates' counters.
-    pub fn new<L: Load>(candidates: &[L]) -> Self {
-        let tree = (candidates.len() > SCAN_LIMIT).then(|| Arc::new(LoadTree::new(candidates)));
-        Self { tree }
-    }
-
-    /// The index, when the set is large enough to have one.
-    pub fn tree(&self) -> Option<&Arc<LoadTree>> {
-        self.tree.as_ref()
+    /// The strategy.
+    pub fn new() -> Self {
+        Self
     }
 }
 
 impl Strategy for LeastConn {
     fn pick<L: Load>(&self, candidates: &[L]) -> Option<usize> {
-        match &self.tree {
-            Some(tree) => tree.winner(),
-            None => scan(candidates),
+        if candidates.len() <= SCAN_LIMIT {
+            scan(candidates)
+        } else {
+            let (a, b) = two_distinct(candidates.len());
+            let (Some(la), Some(lb)) = (load_of(candidates, a), load_of(candidates, b)) else {
+                return Some(a);
+            };
+            Some(if a_wins(la, lb, fastrand::bool()) {
+                a
+            } else {
+                b
+            })
         }
     }
 }
 
 /// Whether load `a` over weight `aw` is below, equal to or above `b` over `bw`.
-fn compare(a: u32, aw: u32, b: u32, bw: u32) -> std::cmp::Ordering {
+fn compare(a: u32, aw: u32, b: u32, bw: u32) -> Ordering {
     (u64::from(a) * u64::from(bw.max(1))).cmp(&(u64::from(b) * u64::from(aw.max(1))))
+}
+
+fn load_of<L: Load>(candidates: &[L], i: usize) -> Option<(u32, u32)> {
+    candidates.get(i).map(|c| (c.in_flight().get(), c.weight()))
+}
+
+/// Whether `a` (load, weight) wins against `b`: less load per unit of
+/// weight, or as much and `a_on_tie`.
+fn a_wins(a: (u32, u32), b: (u32, u32), a_on_tie: bool) -> bool {
+    match compare(a.0, a.1, b.0, b.1) {
+        Ordering::Less => true,
+        Ordering::Greater => false,
+        Ordering::Equal => a_on_tie,
+    }
 }
 
 fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
@@ -78,312 +86,189 @@ fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
                 ties = 1;
             }
             Some((_, bl, bw)) => match compare(load, weight, bl, bw) {
-                std::cmp::Ordering::Less => {
+                Ordering::Less => {
                     best = Some((i, load, weight));
                     ties = 1;
                 }
-                std::cmp::Ordering::Equal => {
+                Ordering::Equal => {
                     ties += 1;
                     // Reservoir sampling: each of the k tied candidates wins with 1/k.
                     if fastrand::usize(..ties) == 0 {
                         best = Some((i, load, weight));
                     }
                 }
-                std::cmp::Ordering::Greater => {}
+                Ordering::Greater => {}
             },
         }
     }
     best.map(|(i, _, _)| i)
 }
 
-/// A tournament tree over the candidates' in-flight counters.
-///
-/// Node `1` is the root, node `i` has children `2i` and `2i + 1`, and leaves sit
-/// at `cap + index`. Every node stores the index of the least-loaded leaf below it.
-///
-/// The matches read a copy of each leaf's count kept next to the weights, not
-/// the endpoints' own counters: at 1,024 endpoints those are 1,024 separate
-/// allocations, and the 20 reads of an update's climb were 20 cache misses
-/// (the 1.97 us routed least_conn checkout in BENCHMARKS.md's scale section).
-/// Only the leaf that changed reads its counter.
-pub struct LoadTree {
-    leaves: Vec<Arc<InFlight>>,
-    /// Each leaf's count as of its last update, and its weight.
-    loads: Vec<AtomicU32>,
-    weights: Vec<u32>,
-    nodes: Vec<AtomicU32>,
-    cap: usize,
-    update: Mutex<()>,
-}
-
-impl LoadTree {
-    /// Builds the tree over `candidates`' current loads.
-    pub fn new<L: Load>(candidates: &[L]) -> Self {
-        let cap = candidates.len().next_power_of_two().max(1);
-        let nodes = (0..2 * cap)
-            .map(|i| {
-                let leaf = i.checked_sub(cap).filter(|l| *l < candidates.len());
-                AtomicU32::new(leaf.and_then(|l| u32::try_from(l).ok()).unwrap_or(NONE))
-            })
-            .collect();
-        let tree = Self {
-            leaves: candidates
-                .iter()
-                .map(|c| Arc::clone(c.in_flight()))
-                .collect(),
-            loads: candidates
-                .iter()
-                .map(|c| AtomicU32::new(c.in_flight().get()))
-                .collect(),
-            weights: candidates.iter().map(Load::weight).collect(),
-            nodes,
-            cap,
-            update: Mutex::new(()),
-        };
-        tree.refresh();
-        tree
-    }
-
-    /// The least-loaded leaf.
-    pub fn winner(&self) -> Option<usize> {
-        match self.nodes.get(1).map(|n| n.load(Ordering::Acquire)) {
-            Some(NONE) | None => None,
-            Some(w) => Some(w as usize),
-        }
-    }
-
-    /// Replays the matches from `leaf` up to the root after its load changed.
-    ///
-    /// The climb stops at the first match whose winner is neither changed nor
-    /// `leaf`: every match above it saw the same winner at the same load. So a
-    /// release (the load going down) usually replays one or two matches, and
-    /// only a checkout of the current winner climbs to the root.
-    pub fn update(&self, leaf: usize) {
-        let _serial = self.update.lock().unwrap_or_else(PoisonError::into_inner);
-        if !self.copy_load(leaf) {
-            return;
-        }
-        let leaf_index = u32::try_from(leaf).unwrap_or(NONE);
-        let mut node = (self.cap + leaf) / 2;
-        while node >= 1 {
-            let (before, after) = self.replay(node);
-            if before == after && after != leaf_index {
-                break;
-            }
-            node /= 2;
-        }
-    }
-
-    /// Replays every match, e.g. after the tree was linked to live counters.
-    pub fn refresh(&self) {
-        let _serial = self.update.lock().unwrap_or_else(PoisonError::into_inner);
-        for leaf in 0..self.leaves.len() {
-            self.copy_load(leaf);
-        }
-        for node in (1..self.cap).rev() {
-            self.replay(node);
-        }
-    }
-
-    /// Replays the match at `node`: its winner before and after.
-    fn replay(&self, node: usize) -> (u32, u32) {
-        let (Some(left), Some(right), Some(slot)) = (
-            self.nodes.get(2 * node),
-            self.nodes.get(2 * node + 1),
-            self.nodes.get(node),
-        ) else {
-            return (NONE, NONE);
-        };
-        let (a, b) = (left.load(Ordering::Acquire), right.load(Ordering::Acquire));
-        let winner = match (self.load_of(a), self.load_of(b)) {
-            (None, _) => b,
-            (_, None) => a,
-            (Some((la, wa)), Some((lb, wb))) => match compare(la, wa, lb, wb) {
-                std::cmp::Ordering::Less => a,
-                std::cmp::Ordering::Greater => b,
-                std::cmp::Ordering::Equal if fastrand::bool() => a,
-                std::cmp::Ordering::Equal => b,
-            },
-        };
-        // Only updates write the nodes, one at a time (the mutex).
-        let before = slot.load(Ordering::Relaxed);
-        if before != winner {
-            slot.store(winner, Ordering::Release);
-        }
-        (before, winner)
-    }
-
-    /// Copies `leaf`'s counter into the tree; false when it did not change
-    /// (another update already saw this value).
-    fn copy_load(&self, leaf: usize) -> bool {
-        match (self.leaves.get(leaf), self.loads.get(leaf)) {
-            (Some(count), Some(copy)) => {
-                let now = count.get();
-                let changed = copy.load(Ordering::Relaxed) != now;
-                copy.store(now, Ordering::Relaxed);
-                changed
-            }
-            _ => false,
-        }
-    }
-
-    fn load_of(&self, leaf: u32) -> Option<(u32, u32)> {
-        let leaf = leaf as usize;
-        let load = self.loads.get(leaf)?.load(Ordering::Relaxed);
-        Some((load, *self.weights.get(leaf)?))
-    }
-}
-
-impl fmt::Debug for LoadTree {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadTree")
-            .field("leaves", &self.leaves.len())
-            .field("winner", &self.winner())
-            .finish()
-    }
-}
-
-/// The trees an endpoint's load is a leaf of: the [`InFlightWatcher`] that keeps
-/// them current.
-///
-/// The cluster relinks every endpoint when it builds a snapshot and then
-/// [`refresh`](LoadTree::refresh)es the new trees, so a change that raced the
-/// relinking is still seen.
-#[derive(Default)]
-pub struct LoadLinks {
-    trees: ArcSwap<Vec<(Arc<LoadTree>, usize)>>,
-    /// Whether `trees` is non-empty: the endpoints of a cluster that keeps no
-    /// tree (every strategy but least connections over more than
-    /// [`SCAN_LIMIT`] candidates) pay one relaxed load per change, not an
-    /// `ArcSwap` load.
-    linked: AtomicBool,
-}
-
-impl LoadLinks {
-    /// Replaces the trees this endpoint is a leaf of, with its leaf index in each.
-    ///
-    /// A change that races this call may miss the new trees; the caller
-    /// refreshes them after relinking.
-    pub fn set(&self, trees: Vec<(Arc<LoadTree>, usize)>) {
-        let linked = !trees.is_empty();
-        self.trees.store(Arc::new(trees));
-        self.linked.store(linked, Ordering::Release);
-    }
-}
-
-impl InFlightWatcher for LoadLinks {
-    fn changed(&self) {
-        if !self.linked.load(Ordering::Acquire) {
-            return;
-        }
-        let trees = self.trees.load();
-        for (tree, leaf) in trees.iter() {
-            tree.update(*leaf);
-        }
-    }
-}
-
-impl fmt::Debug for LoadLinks {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadLinks")
-            .field("trees", &self.trees.load().len())
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::strategy::testing::{loads, FakeLoad};
+    use switchyard_core::InFlightToken;
 
-    fn link(cands: &[FakeLoad], lc: &LeastConn) {
-        if let Some(tree) = lc.tree() {
-            for (i, c) in cands.iter().enumerate() {
-                c.links.set(vec![(Arc::clone(tree), i)]);
-            }
-            tree.refresh();
-        }
+    /// Whether `(load, weight)` `a` is busier than `b`.
+    fn busier(a: (u32, u32), b: (u32, u32)) -> bool {
+        compare(a.0, a.1, b.0, b.1) == Ordering::Greater
     }
 
-    /// Picks `picks` times, holding every checkout, and checks each pick against
-    /// the loads it saw.
-    fn never_busier(weights: &[u32], picks: usize) -> Vec<u32> {
-        fastrand::seed(7);
+    fn state(c: &FakeLoad) -> (u32, u32) {
+        (c.in_flight.get(), c.weight)
+    }
+
+    /// Picks `picks` times from the thread's RNG seeded with `seed`, holding
+    /// every checkout and releasing one in five at random so loads go down as
+    /// well as up; `check` sees the candidates and each pick before it is held.
+    fn hold_picks(
+        weights: &[u32],
+        picks: usize,
+        seed: u64,
+        mut check: impl FnMut(&[FakeLoad], usize),
+    ) -> (Vec<FakeLoad>, Vec<InFlightToken>) {
+        fastrand::seed(seed);
         let cands = loads(weights);
-        let lc = LeastConn::new(&cands);
-        link(&cands, &lc);
+        let lc = LeastConn::new();
         let mut held = Vec::new();
         for _ in 0..picks {
             let i = lc.pick(&cands).unwrap();
-            let mine = (cands[i].in_flight.get(), cands[i].weight);
-            for c in &cands {
-                let other = (c.in_flight.get(), c.weight);
-                assert_ne!(
-                    compare(other.0, other.1, mine.0, mine.1),
-                    std::cmp::Ordering::Less,
-                    "picked {i} at {mine:?} while a candidate was at {other:?}"
-                );
-            }
+            check(&cands, i);
             held.push(cands[i].in_flight.enter());
-            // Release one in five at random, so loads go down as well as up.
-            if fastrand::u8(..5) == 0 && !held.is_empty() {
+            if fastrand::u8(..5) == 0 {
                 held.swap_remove(fastrand::usize(..held.len()));
             }
         }
-        cands.iter().map(|c| c.in_flight.get()).collect()
+        (cands, held)
     }
 
     #[test]
     fn small_sets_never_pick_a_busier_endpoint() {
-        let finals = never_busier(&[1, 2, 5], 4000);
+        let (cands, _held) = hold_picks(&[1, 2, 5], 4000, 7, |cands, i| {
+            for c in cands {
+                assert!(
+                    !busier(state(&cands[i]), state(c)),
+                    "picked {i} at {:?} while a candidate was at {:?}",
+                    state(&cands[i]),
+                    state(c)
+                );
+            }
+        });
         // Weighted by 1:2:5, the held loads stay within one unit of proportion.
-        let total: u32 = finals.iter().sum();
-        for (load, w) in finals.iter().zip([1u32, 2, 5]) {
-            let fair = f64::from(total) * f64::from(w) / 8.0;
-            assert!(
-                (f64::from(*load) - fair).abs() <= f64::from(w),
-                "{finals:?}"
+        let total: u32 = cands.iter().map(|c| c.in_flight.get()).sum();
+        for c in &cands {
+            let fair = f64::from(total) * f64::from(c.weight) / 8.0;
+            let load = f64::from(c.in_flight.get());
+            assert!((load - fair).abs() <= f64::from(c.weight), "{cands:?}");
+        }
+    }
+
+    #[test]
+    fn of_the_two_drawn_the_lesser_load_per_weight_wins() {
+        // (load, weight) of a and of b, the tie coin, whether a wins.
+        let cases = [
+            ((0, 1), (1, 1), true, true),
+            ((1, 1), (0, 1), true, false),
+            ((3, 1), (3, 1), true, true),
+            ((3, 1), (3, 1), false, false),
+            // Per unit of weight: 4 on weight 4 is lighter than 2 on weight 1.
+            ((4, 4), (2, 1), false, true),
+            ((2, 1), (4, 4), true, false),
+            ((2, 2), (1, 1), false, false),
+            ((2, 2), (1, 1), true, true),
+            ((0, 1), (0, 100), false, false),
+            ((1, 100), (0, 1), true, false),
+            ((u32::MAX, 1), (u32::MAX - 1, 1), true, false),
+            ((u32::MAX, 100), (u32::MAX - 1, 1), false, true),
+            // A weight of 0 counts as 1.
+            ((1, 0), (1, 1), false, false),
+        ];
+        for (a, b, a_on_tie, want) in cases {
+            assert_eq!(
+                a_wins(a, b, a_on_tie),
+                want,
+                "{a:?} vs {b:?}, a on tie {a_on_tie}"
             );
         }
     }
 
     #[test]
-    fn large_sets_use_the_tree_and_never_pick_a_busier_endpoint() {
+    fn two_draws_are_distinct_and_uniform_over_pairs() {
+        fastrand::seed(3);
+        let mut pairs = [[0u32; 3]; 3];
+        for _ in 0..60_000 {
+            let (a, b) = two_distinct(3);
+            assert_ne!(a, b);
+            pairs[a][b] += 1;
+        }
+        for (a, row) in pairs.iter().enumerate() {
+            for (b, &n) in row.iter().enumerate() {
+                if a != b {
+                    assert!((9_400..=10_600).contains(&n), "{pairs:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_sets_never_pick_the_busiest_and_stay_balanced() {
         let weights: Vec<u32> = (0..100).map(|i| 1 + i % 3).collect();
-        let cands = loads(&weights);
-        assert!(LeastConn::new(&cands).tree().is_some());
-        never_busier(&weights, 5000);
+        let (cands, _held) = hold_picks(&weights, 20_000, 7, |cands, i| {
+            // The one busiest candidate (per unit of weight) is never picked:
+            // whichever candidate it was drawn with is lighter.
+            let picked = state(&cands[i]);
+            assert!(
+                cands
+                    .iter()
+                    .enumerate()
+                    .any(|(j, c)| j != i && !busier(picked, state(c))),
+                "picked the busiest, {i} at {picked:?}"
+            );
+        });
+        // About 16,000 checkouts held on 200 units of weight: 80 per unit.
+        // Per unit of weight the loads stay within 10% of each other (with
+        // this seed: 77 to 83), and each weight class carries its share
+        // within 5% (with this seed: 2.5%), although the draw ignores weights.
+        let per_weight: Vec<f64> = cands
+            .iter()
+            .map(|c| f64::from(c.in_flight.get()) / f64::from(c.weight))
+            .collect();
+        let max = per_weight.iter().copied().fold(f64::MIN, f64::max);
+        let min = per_weight.iter().copied().fold(f64::MAX, f64::min);
+        assert!(max - min <= 8.0, "{min}..{max}");
+        let total: u32 = cands.iter().map(|c| c.in_flight.get()).sum();
+        for w in 1..=3u32 {
+            let class: u32 = cands
+                .iter()
+                .filter(|c| c.weight == w)
+                .map(|c| c.in_flight.get())
+                .sum();
+            let units: u32 = weights.iter().filter(|&&x| x == w).sum();
+            let fair = f64::from(total) * f64::from(units) / 200.0;
+            assert!(
+                (f64::from(class) - fair).abs() <= fair * 0.05,
+                "weight {w}: {class} held, {fair} fair"
+            );
+        }
     }
 
     #[test]
     fn ties_are_broken_at_random() {
-        fastrand::seed(11);
-        let cands = loads(&[1, 1, 1, 1]);
-        let lc = LeastConn::new(&cands);
-        let mut counts = [0u32; 4];
-        for _ in 0..40_000 {
-            counts[lc.pick(&cands).unwrap()] += 1;
+        for n in [4, 40] {
+            fastrand::seed(11);
+            let cands = loads(&vec![1; n]);
+            let lc = LeastConn::new();
+            let mut counts = vec![0u32; n];
+            let per = 10_000u32;
+            for _ in 0..per * n as u32 {
+                counts[lc.pick(&cands).unwrap()] += 1;
+            }
+            for c in &counts {
+                assert!((per * 95 / 100..=per * 105 / 100).contains(c), "{counts:?}");
+            }
         }
-        for c in counts {
-            assert!((9_500..=10_500).contains(&c), "{counts:?}");
-        }
-    }
-
-    #[test]
-    fn the_tree_follows_releases() {
-        let cands = loads(&[1; 40]);
-        let lc = LeastConn::new(&cands);
-        link(&cands, &lc);
-        let held: Vec<_> = cands.iter().map(|c| c.in_flight.enter()).collect();
-        let mut held: Vec<_> = held.into_iter().map(Some).collect();
-        held[17] = None;
-        assert_eq!(lc.pick(&cands), Some(17));
-        held[3] = None;
-        let _again = cands[17].in_flight.enter();
-        assert_eq!(lc.pick(&cands), Some(3));
-        assert_eq!(
-            LeastConn::new(&Vec::<FakeLoad>::new()).pick(&Vec::<FakeLoad>::new()),
-            None
-        );
+        let none: Vec<FakeLoad> = Vec::new();
+        assert_eq!(LeastConn::new().pick(&none), None);
     }
 }

@@ -9,8 +9,8 @@
 //! | strategy | pick cost | prepared per snapshot |
 //! |---|---|---|
 //! | [`RoundRobin`] | O(1): one atomic increment | nothing |
-//! | [`LeastConn`] | O(n) scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above (a tournament tree kept current in O(log n) per load change) | the tree |
-//! | [`WeightedRoundRobin`] | O(1): one atomic increment and an index | the interleaved cycle, O(W log n) for a cycle of W picks |
+//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | nothing |
+//! | [`WeightedRoundRobin`] | O(1): one atomic increment and an index | the interleaved cycle, O(W·k) for a cycle of W picks over k distinct weights |
 //! | [`Latency`] | O(1): two random candidates compared | nothing |
 //!
 //! No pick takes a lock or allocates.
@@ -27,7 +27,7 @@ use switchyard_core::InFlight;
 use tokio::time::Instant;
 
 pub use latency::{Latency, PeakEwma};
-pub use least_conn::{LeastConn, LoadLinks};
+pub use least_conn::LeastConn;
 pub use round_robin::RoundRobin;
 pub use weighted_rr::WeightedRoundRobin;
 
@@ -85,20 +85,12 @@ impl Picker {
     pub fn new<L: Load>(kind: StrategyKind, candidates: &[L]) -> Self {
         match kind {
             StrategyKind::RoundRobin => Picker::RoundRobin(RoundRobin::new()),
-            StrategyKind::LeastConn => Picker::LeastConn(LeastConn::new(candidates)),
+            StrategyKind::LeastConn => Picker::LeastConn(LeastConn::new()),
             StrategyKind::WeightedRoundRobin => {
                 let weights: Vec<u32> = candidates.iter().map(Load::weight).collect();
                 Picker::WeightedRoundRobin(WeightedRoundRobin::new(&weights))
             }
             StrategyKind::Latency => Picker::Latency(Latency::new()),
-        }
-    }
-
-    /// The least-connections index, when this picker keeps one.
-    pub(crate) fn load_tree(&self) -> Option<&Arc<least_conn::LoadTree>> {
-        match self {
-            Picker::LeastConn(lc) => lc.tree(),
-            _ => None,
         }
     }
 }
@@ -114,6 +106,17 @@ impl Strategy for Picker {
     }
 }
 
+/// Two distinct indices below `n` (at least 2), uniformly at random: the draw
+/// of the power of two choices.
+pub(crate) fn two_distinct(n: usize) -> (usize, usize) {
+    let a = fastrand::usize(..n);
+    let mut b = fastrand::usize(..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     //! A candidate with settable load, for the strategies' own tests.
@@ -124,17 +127,14 @@ pub(crate) mod testing {
     pub struct FakeLoad {
         pub weight: u32,
         pub in_flight: Arc<InFlight>,
-        pub links: Arc<LoadLinks>,
         pub ewma: PeakEwma,
     }
 
     impl FakeLoad {
         pub fn new(weight: u32) -> Self {
-            let links = Arc::new(LoadLinks::default());
             Self {
                 weight,
-                in_flight: Arc::new(InFlight::watched(links.clone())),
-                links,
+                in_flight: Arc::new(InFlight::new()),
                 ewma: PeakEwma::new(
                     std::time::Duration::from_secs(10),
                     std::time::Duration::from_millis(1),

@@ -13,18 +13,20 @@
 //! # Cost
 //!
 //! A pick is one relaxed atomic increment and an index into the cycle: O(1),
-//! lock-free, no allocation. Building the cycle is O(W·n), done off the pick
-//! path. Weights are divided by their greatest common divisor first; should
+//! lock-free, no allocation. Building the cycle is O(W·k + n log n) for `k`
+//! distinct weights (see [`smooth`]), done off the pick path. Weights are divided by their greatest common divisor first; should
 //! `W·n` still exceed [`MAX_BUILD`], the weights are scaled down to fit, which
 //! keeps proportions within `n / W` (weights are at most
 //! [`MAX_WEIGHT`](crate::config::MAX_WEIGHT), so this takes more than 100
 //! endpoints of unequal weight).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Load, Strategy};
 
-/// Most steps (cycle length times candidates) spent building one cycle.
+/// Most steps (cycle length times candidates) a cycle may take; the build
+/// itself takes fewer (cycle length times distinct weights).
 pub const MAX_BUILD: u64 = 1 << 24;
 
 /// Smooth weighted round robin over one candidate set.
@@ -85,22 +87,57 @@ fn cycle(weights: &[u32]) -> Vec<u32> {
         w.iter_mut()
             .for_each(|x| *x = (*x * max_total / total).max(1));
     }
-    let total: i64 = w.iter().map(|&x| x as i64).sum();
     let weights: Vec<i64> = w.iter().map(|&x| x as i64).collect();
-    let mut current = vec![0i64; weights.len()];
+    smooth(&weights)
+}
+
+/// nginx's smooth weighted round robin over `weights`, one whole cycle.
+///
+/// After `t` steps a candidate's `current` is `t·w − W·p`, with `p` its picks
+/// so far. Among candidates of equal weight the highest `current` is the one
+/// picked least, the first in index order on ties, so they are picked in
+/// turn: only each weight's next candidate in turn can win a step, and a step
+/// compares one candidate per distinct weight. O(W·k) for `k` distinct
+/// weights, instead of nginx's O(W·n) (a 1,024-endpoint cluster of weights 1
+/// to 4 builds its 2,560-pick cycle in about 10,000 comparisons, not 2.6
+/// million, and a new cluster builds it once per endpoint's first probe).
+fn smooth(weights: &[i64]) -> Vec<u32> {
+    let total: i64 = weights.iter().sum();
+    let mut by_weight: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for (i, &w) in weights.iter().enumerate() {
+        by_weight
+            .entry(w)
+            .or_default()
+            .push(u32::try_from(i).unwrap_or(u32::MAX));
+    }
+    // Per distinct weight: the weight, its candidates in index order, and how
+    // many picks they had together.
+    let mut classes: Vec<(i64, Vec<u32>, i64)> = by_weight
+        .into_iter()
+        .map(|(w, members)| (w, members, 0))
+        .collect();
     let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for _ in 0..total {
-        let (mut best, mut highest) = (0usize, i64::MIN);
-        for (i, (c, w)) in current.iter_mut().zip(&weights).enumerate() {
-            *c += w;
-            if *c > highest {
-                (best, highest) = (i, *c);
+    for t in 1..=total {
+        // The winner so far: its `current`, index and class.
+        let mut best: Option<(i64, u32, usize)> = None;
+        for (class, (w, members, picks)) in classes.iter().enumerate() {
+            let len = members.len().max(1) as i64;
+            let Some(&next) = members.get((*picks % len) as usize) else {
+                continue;
+            };
+            let current = t * w - total * (*picks / len);
+            let wins = best.is_none_or(|(bc, bi, _)| current > bc || (current == bc && next < bi));
+            if wins {
+                best = Some((current, next, class));
             }
         }
-        if let Some(c) = current.get_mut(best) {
-            *c -= total;
+        let Some((_, next, class)) = best else {
+            break;
+        };
+        if let Some((_, _, picks)) = classes.get_mut(class) {
+            *picks += 1;
         }
-        out.push(u32::try_from(best).unwrap_or(0));
+        out.push(next);
     }
     out
 }
@@ -134,6 +171,52 @@ mod tests {
             let fives = window.iter().filter(|&&i| i == 2).count();
             assert_eq!(fives, 5, "{window:?}");
         }
+    }
+
+    /// nginx's own loop: every candidate's `current` grows by its weight, the
+    /// highest (the first on ties) is picked and loses the total.
+    fn nginx(weights: &[i64]) -> Vec<u32> {
+        let total: i64 = weights.iter().sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut out = Vec::new();
+        for _ in 0..total {
+            let (mut best, mut highest) = (0usize, i64::MIN);
+            for (i, (c, w)) in current.iter_mut().zip(weights).enumerate() {
+                *c += w;
+                if *c > highest {
+                    (best, highest) = (i, *c);
+                }
+            }
+            current[best] -= total;
+            out.push(best as u32);
+        }
+        out
+    }
+
+    #[test]
+    fn the_cycle_is_nginx_s_sequence() {
+        let fixed: [&[i64]; 7] = [
+            &[1],
+            &[5, 1, 1],
+            &[1, 1, 10],
+            &[3, 3, 3],
+            &[2, 7, 2, 7, 1],
+            &[4, 3, 2, 1, 1, 2, 3, 4],
+            &[1, 1000, 1, 999],
+        ];
+        for weights in fixed {
+            assert_eq!(smooth(weights), nginx(weights), "{weights:?}");
+        }
+        fastrand::seed(9);
+        for _ in 0..300 {
+            let n = fastrand::usize(1..40);
+            let top = fastrand::i64(1..=12);
+            let weights: Vec<i64> = (0..n).map(|_| fastrand::i64(1..=top)).collect();
+            assert_eq!(smooth(&weights), nginx(&weights), "{weights:?}");
+        }
+        // The scale bench's cluster: 1,024 endpoints of weights 1 to 4.
+        let weights: Vec<i64> = (0..1024).map(|i| 1 + i % 4).collect();
+        assert_eq!(smooth(&weights), nginx(&weights));
     }
 
     #[test]

@@ -197,8 +197,8 @@ async fn status_reports_every_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_least_conn_index_is_exact_after_concurrent_traffic() {
-    // 40 replicas: above the scan limit, so reads use the tournament tree.
+async fn least_conn_over_many_replicas_spreads_held_checkouts_after_concurrent_traffic() {
+    // 40 replicas: above the scan limit, so reads use the power of two choices.
     let (cluster, _) = cluster(40, config()).await;
     let tasks: Vec<_> = (0..4)
         .map(|_| {
@@ -216,13 +216,27 @@ async fn the_least_conn_index_is_exact_after_concurrent_traffic() {
     for t in tasks {
         t.await.unwrap();
     }
-    // Quiescent again: 40 held checkouts land one per replica.
+    let replicas = |st: &crate::ClusterStatus| -> Vec<u32> {
+        st.endpoints
+            .iter()
+            .filter(|e| e.role == Role::Replica)
+            .map(|e| e.in_flight)
+            .collect()
+    };
+    assert!(
+        replicas(&cluster.status()).iter().all(|&n| n == 0),
+        "every release was counted"
+    );
+    // Quiescent again: 200 held checkouts (five per replica) picked on this
+    // thread's seeded RNG. Each pick takes the lighter of two random
+    // replicas, so none ends up far from five (a uniformly random pick
+    // typically leaves the busiest with about twice that).
+    fastrand::seed(5);
     let mut held = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..200 {
         held.push(cluster.checkout(Intent::Read, None).await.unwrap());
     }
-    let st = cluster.status();
-    for r in st.endpoints.iter().filter(|e| e.role == Role::Replica) {
-        assert_eq!(r.in_flight, 1, "{}", r.id);
-    }
+    let loads = replicas(&cluster.status());
+    assert_eq!(loads.len(), 40);
+    assert!(loads.iter().all(|&n| (3..=7).contains(&n)), "{loads:?}");
 }
