@@ -165,6 +165,9 @@ struct State {
     /// Connections out (or being opened), by the queue class of the checkout
     /// holding them; classes holding none are absent.
     held: HashMap<QueueClass, u32>,
+    /// A timer is set to end the lingers of kept connections (one at a
+    /// time, for the earliest).
+    linger_armed: bool,
     closed: bool,
 }
 
@@ -334,10 +337,11 @@ impl Slots {
                     return;
                 }
                 let (class, _) = QueueClass::of(conn.owner.as_ref());
+                let now = Instant::now();
                 let keep = may_keep
                     && !self.linger.is_zero()
                     && state.may_keep_for(&class, self.max)
-                    && self.linger_end_later();
+                    && self.arm_linger(&mut state, now + self.linger);
                 let pick = if keep {
                     None
                 } else {
@@ -352,7 +356,7 @@ impl Slots {
                     None => {
                         state.idle.push_back(Idle {
                             conn,
-                            since: Instant::now(),
+                            since: now,
                             kept: keep,
                         });
                         return;
@@ -369,14 +373,20 @@ impl Slots {
         }
     }
 
-    /// Schedules the end of a linger starting now; false without a runtime.
-    fn linger_end_later(&self) -> bool {
+    /// Makes sure a timer ends the lingers due at `at` (one timer at a time:
+    /// one already set fires no later, kept connections being returned in
+    /// order); false without a runtime.
+    fn arm_linger(&self, state: &mut State, at: Instant) -> bool {
+        if state.linger_armed {
+            return true;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        let (slots, linger) = (self.this.clone(), self.linger);
+        state.linger_armed = true;
+        let slots = self.this.clone();
         rt.spawn(async move {
-            tokio::time::sleep(linger).await;
+            tokio::time::sleep_until(at).await;
             if let Some(slots) = slots.upgrade() {
                 slots.end_lingers();
             }
@@ -384,24 +394,29 @@ impl Slots {
         true
     }
 
-    /// Gives the connections kept for their owner longer than the linger to
-    /// whoever waits (or leaves them plainly idle).
+    /// Gives the connections kept for their owner for the whole linger to
+    /// whoever waits (or leaves them plainly idle), and sets the timer for the
+    /// next.
     fn end_lingers(&self) {
         let ended: Vec<Pooled> = {
             let mut state = self.lock();
-            let Some(before) = Instant::now().checked_sub(self.linger) else {
-                return;
-            };
+            state.linger_armed = false;
+            let now = Instant::now();
             let mut ended = Vec::new();
             let mut kept = VecDeque::with_capacity(state.idle.len());
             for idle in state.idle.drain(..) {
-                if idle.kept && idle.since <= before {
+                if idle.kept && idle.since + self.linger <= now {
                     ended.push(idle.conn);
                 } else {
                     kept.push_back(idle);
                 }
             }
             state.idle = kept;
+            let next = state.idle.iter().find(|i| i.kept).map(|i| i.since);
+            if let Some(since) = next {
+                // Set from a timer task: there is a runtime.
+                self.arm_linger(&mut state, since + self.linger);
+            }
             ended
         };
         for conn in ended {
