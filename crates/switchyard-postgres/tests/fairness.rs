@@ -69,10 +69,7 @@ async fn served_order(
         let tenant = *tenant;
         tokio::spawn(async move {
             let mut conn = checkout(&backend, &reg, tenant).await.unwrap();
-            let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
+            let path = search_path(&mut conn).await;
             let want = tenant.map_or("\"$user\", public".to_owned(), |t| {
                 format!("\"tenant_{t}\"")
             });
@@ -93,6 +90,14 @@ async fn served_order(
     }
     assert_eq!(order.len(), waiters.len());
     order
+}
+
+/// The session's `search_path`, as the server has it.
+async fn search_path(conn: &mut Checkout<PgBackend>) -> String {
+    sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap()
 }
 
 fn position(order: &[String], label: &str) -> usize {
@@ -221,10 +226,7 @@ async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
     .unwrap();
     let mut again = checkout(&backend, &reg, Some("q1")).await.unwrap();
     assert!(!waiting.is_finished(), "the kept connection went to noisy");
-    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
-        .fetch_one(&mut *again)
-        .await
-        .unwrap();
+    let path = search_path(&mut again).await;
     assert_eq!(path, "\"tenant_q1\"");
     let after = backend.pg_stats();
     assert_eq!(after.affinity_hits, before.affinity_hits + 1, "{after:?}");
@@ -237,10 +239,7 @@ async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
         .await
         .unwrap()
         .unwrap();
-    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
-        .fetch_one(&mut *got)
-        .await
-        .unwrap();
+    let path = search_path(&mut got).await;
     assert_eq!(path, "\"tenant_noisy\"");
     assert!(released.elapsed() >= LINGER - Duration::from_millis(50));
     drop(noisy);
@@ -274,10 +273,7 @@ async fn a_waiter_that_gives_up_leaves_nothing_behind() {
     .await
     .unwrap();
     let mut conn = checkout(&backend, &reg, Some("noisy")).await.unwrap();
-    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let path = search_path(&mut conn).await;
     assert_eq!(path, "\"tenant_noisy\"");
     assert_eq!(backend.pg_stats().affinity_hits, 1);
 }
