@@ -283,25 +283,25 @@ impl<W> FairQueue<W> {
         max_lead: u32,
         mut wanted: impl FnMut(&W) -> bool,
     ) -> Option<(WaitKey, W)> {
-        let head_name = self.ring.front()?.clone();
+        let in_turn = self.ring.front()? == class;
         let at = self
             .classes
             .get(class)?
             .waiters
             .iter()
             .position(|(_, w)| wanted(w))?;
-        if *class == head_name {
+        if in_turn {
             if at == 0 {
                 // The match is the head itself: an ordinary grant in turn.
                 return self.pop();
             }
-            let head = self.classes.get_mut(&head_name)?;
+            let head = self.classes.get_mut(class)?;
             if head.passed >= max_lead {
                 return None;
             }
             head.passed += 1;
         } else {
-            let head = self.classes.get(&head_name)?;
+            let head = self.classes.get(self.ring.front()?)?;
             let (head_served, head_weight) = (u128::from(head.served), u128::from(head.weight));
             let entry = self.classes.get(class)?;
             let ahead = u128::from(entry.served) * head_weight

@@ -193,16 +193,20 @@ impl State {
         }
     }
 
-    /// Whether a connection `class` just returned may be kept idle for its
-    /// next checkout while others wait: nobody of `class` waits (its own
-    /// waiter would get it anyway), and `class` holds fewer than an equal
+    /// Whether a connection `owner` just returned may be kept idle for its
+    /// next checkout while others wait: nobody of its class waits (its own
+    /// waiter would get it anyway), and the class holds fewer than an equal
     /// share of the pool among the classes that want connections.
-    fn may_keep_for(&self, class: &QueueClass, max: u32) -> bool {
-        if self.waiters.is_empty() || self.waiters.is_waiting(class) {
+    fn may_keep_for(&self, owner: Option<&TenantScope>, max: u32) -> bool {
+        if self.waiters.is_empty() {
+            return false;
+        }
+        let (class, _) = QueueClass::of(owner);
+        if self.waiters.is_waiting(&class) {
             return false;
         }
         let wanting = u32::try_from(self.waiters.classes()).unwrap_or(u32::MAX) + 1;
-        let held = self.held.get(class).copied().unwrap_or(0);
+        let held = self.held.get(&class).copied().unwrap_or(0);
         held < max / wanting
     }
 }
@@ -336,16 +340,21 @@ impl Slots {
                     conn.close();
                     return;
                 }
-                let (class, _) = QueueClass::of(conn.owner.as_ref());
-                let now = Instant::now();
-                let keep = may_keep
+                // When kept: since when. The clock is read only for a
+                // connection that stays idle, never for a hand-off.
+                let mut kept = None;
+                if may_keep
                     && !self.linger.is_zero()
-                    && state.may_keep_for(&class, self.max)
-                    && self.arm_linger(&mut state, now + self.linger);
-                let pick = if keep {
-                    None
-                } else {
-                    self.pick(&mut state, conn.owner.as_ref())
+                    && state.may_keep_for(conn.owner.as_ref(), self.max)
+                {
+                    let now = Instant::now();
+                    if self.arm_linger(&mut state, now + self.linger) {
+                        kept = Some(now);
+                    }
+                }
+                let pick = match kept {
+                    Some(_) => None,
+                    None => self.pick(&mut state, conn.owner.as_ref()),
                 };
                 match pick {
                     Some(waiter) => {
@@ -356,8 +365,8 @@ impl Slots {
                     None => {
                         state.idle.push_back(Idle {
                             conn,
-                            since: now,
-                            kept: keep,
+                            since: kept.unwrap_or_else(Instant::now),
+                            kept: kept.is_some(),
                         });
                         return;
                     }
