@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, EndpointId, Error, FairGate, Isolation, PoolStats, Probe, Recycle, Returned, Role,
-    TenantId, TenantScope, TierPolicy,
+    Backend, EndpointId, Error, FairGate, HttpUrl, Isolation, PoolStats, Probe, Recycle, Returned,
+    Role, TenantId, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -49,7 +49,6 @@ pub(crate) struct Shared {
     /// The unscoped checkouts' database, if configured.
     database: Option<String>,
     permits: Arc<FairGate>,
-    max_size: u32,
     acquire_timeout: Duration,
 }
 
@@ -76,7 +75,7 @@ impl ChBackend {
         if let Some(problem) = config.validate(config.endpoint.as_str()).into_iter().next() {
             return Err(problem);
         }
-        let connect = config.connect().map_err(|message| Error::Config {
+        let connect = HttpUrl::parse(&config.url).map_err(|message| Error::Config {
             path: format!("{}.url", config.endpoint),
             message,
         })?;
@@ -84,7 +83,7 @@ impl ChBackend {
         // the settings validation sends.
         let path = config.endpoint.as_str();
         let mut base = crate::tls::client(&connect.url, config.tls.as_ref(), path)?
-            .with_url(connect.base_url)
+            .with_url(connect.base())
             .with_validation(false);
         if let Some(user) = connect.user {
             base = base.with_user(user);
@@ -98,7 +97,6 @@ impl ChBackend {
         for (name, value) in &config.settings {
             base = base.with_setting(name.clone(), value.clone());
         }
-        let max_size = config.pool.max_size;
         Ok(Self {
             shared: Arc::new(Shared {
                 endpoint: config.endpoint.clone(),
@@ -110,8 +108,7 @@ impl ChBackend {
                 query_timeout: config.query_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
                 database: config.database.clone(),
-                permits: FairGate::new(max_size),
-                max_size,
+                permits: FairGate::new(config.pool.max_size),
                 acquire_timeout: config.pool.acquire_timeout,
             }),
         })
@@ -336,14 +333,7 @@ impl Backend for ChBackend {
     }
 
     fn stats(&self) -> PoolStats {
-        let available = u32::try_from(self.shared.permits.available()).unwrap_or(u32::MAX);
-        let in_use = self.shared.max_size.saturating_sub(available);
-        PoolStats {
-            size: in_use,
-            idle: 0,
-            max_size: self.shared.max_size,
-            tenant_pools: 0,
-        }
+        self.shared.permits.stats()
     }
 
     /// Always clean: the scope lives only in the handle, so there is nothing

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use switchyard_core::{
-    percent_decode, EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport,
+    EndpointId, Error, HttpUrl, PoolSettings, SecretUrl, TlsSettings, Transport,
 };
 
 use crate::filter::validate_identifier;
@@ -52,7 +52,6 @@ pub struct ChBackendConfig {
     /// The endpoint's name in errors, logs and metrics.
     pub endpoint: EndpointId,
     /// `http://user:password@host:8123`, or `https://` for TLS (see [`tls`](Self::tls)).
-    #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretUrl,
     /// `max_size` is the bound on requests in flight; `acquire_timeout` caps the
     /// wait for a free slot.
@@ -105,21 +104,6 @@ fn default_query_timeout() -> Duration {
     DEFAULT_QUERY_TIMEOUT
 }
 
-fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(url.redacted())
-}
-
-/// The URL split into what the client needs: the address without
-/// credentials, and the credentials.
-#[derive(Clone)]
-pub(crate) struct Connect {
-    pub(crate) base_url: String,
-    /// The URL without credentials.
-    pub(crate) url: url::Url,
-    pub(crate) user: Option<String>,
-    pub(crate) password: Option<String>,
-}
-
 impl ChBackendConfig {
     /// A configuration with every default, for `url`.
     pub fn new(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> Self {
@@ -154,16 +138,8 @@ impl ChBackendConfig {
                 message,
             })
         };
-        match self.connect() {
-            Ok(connect) => {
-                if let Some(message) = switchyard_core::Transport::http_problem(
-                    connect.url.scheme(),
-                    self.tls.as_ref(),
-                ) {
-                    bad("tls", message);
-                }
-            }
-            Err(message) => bad("url", message),
+        if let Some((field, message)) = HttpUrl::problem(&self.url, self.tls.as_ref()) {
+            bad(field, message);
         }
         if let Some(db) = &self.database {
             if let Err(e) = validate_identifier(db) {
@@ -190,47 +166,9 @@ impl ChBackendConfig {
         problems
     }
 
-    /// Splits the URL into address and credentials; errors never show the password.
-    pub(crate) fn connect(&self) -> Result<Connect, String> {
-        let mut url = url::Url::parse(self.url.expose())
-            .map_err(|e| format!("{} is not a valid url: {e}", self.url))?;
-        match url.scheme() {
-            "http" | "https" => {}
-            other => {
-                return Err(format!(
-                "{} has scheme {other:?}; use http:// or https:// (ClickHouse's HTTP interface)",
-                self.url
-            ))
-            }
-        }
-        if url.host_str().is_none() {
-            return Err(format!("{} has no host", self.url));
-        }
-        let user = Some(url.username())
-            .filter(|u| !u.is_empty())
-            .map(percent_decode);
-        let password = url.password().map(percent_decode);
-        // Cannot fail for a URL with a host.
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        let mut base_url = url.to_string();
-        if base_url.ends_with('/') && url.path() == "/" && url.query().is_none() {
-            base_url.pop();
-        }
-        Ok(Connect {
-            base_url,
-            url,
-            user,
-            password,
-        })
-    }
-
     /// How this endpoint's requests are protected, as configured (no I/O).
     pub fn transport(&self) -> Transport {
-        match url::Url::parse(self.url.expose()) {
-            Ok(url) => switchyard_core::Transport::of_http(url.scheme(), self.tls.as_ref()),
-            Err(_) => Transport::Plaintext,
-        }
+        HttpUrl::transport(&self.url, self.tls.as_ref())
     }
 }
 
@@ -325,24 +263,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_leave_the_url() {
+    fn credentials_stay_out_of_serialized_config() {
         let c = ChBackendConfig::new("ch", "http://app:p%40ss@127.0.0.1:8123");
-        let connect = c.connect().unwrap();
-        assert_eq!(connect.base_url, "http://127.0.0.1:8123");
-        assert_eq!(connect.user.as_deref(), Some("app"));
-        assert_eq!(connect.password.as_deref(), Some("p@ss"));
         assert!(c.validate("ch").is_empty());
         let json = serde_json::to_string(&c).unwrap();
         assert!(!json.contains("p%40ss"), "{json}");
-    }
-
-    #[test]
-    fn plain_urls_have_no_credentials() {
-        let c = ChBackendConfig::new("ch", "http://127.0.0.1:8123/");
-        let connect = c.connect().unwrap();
-        assert_eq!(connect.base_url, "http://127.0.0.1:8123");
-        assert_eq!(connect.user, None);
-        assert_eq!(connect.password, None);
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! Mapping clickhouse errors onto [`switchyard_core::Error`].
 
-use std::io::ErrorKind;
 use std::time::Duration;
 
 use switchyard_core::{
@@ -55,14 +54,7 @@ pub fn server_code(error: &clickhouse::error::Error) -> Option<u32> {
 pub fn classify(error: &clickhouse::error::Error) -> BackendErrorKind {
     use clickhouse::error::Error as E;
     match error {
-        E::Network(source) => {
-            let source: &(dyn std::error::Error + 'static) = source.as_ref();
-            if is_connect_failure(source) {
-                BackendErrorKind::Connect
-            } else {
-                BackendErrorKind::Io
-            }
-        }
+        E::Network(source) => BackendErrorKind::of_network(source.as_ref()),
         E::TimedOut => BackendErrorKind::Io,
         E::BadResponse(message) => match server_code(error) {
             Some(READONLY) => BackendErrorKind::ReadOnly,
@@ -74,29 +66,6 @@ pub fn classify(error: &clickhouse::error::Error) -> BackendErrorKind {
         },
         _ => BackendErrorKind::Rejected,
     }
-}
-
-/// Whether a network error happened while connecting: an I/O error of a
-/// connect kind somewhere in the chain, or hyper's connect marker.
-fn is_connect_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                ErrorKind::ConnectionRefused
-                    | ErrorKind::NotFound
-                    | ErrorKind::AddrNotAvailable
-                    | ErrorKind::HostUnreachable
-                    | ErrorKind::NetworkUnreachable
-            ) {
-                return true;
-            }
-        }
-        current = e.source();
-    }
-    // hyper-util's legacy client error prints its kind first: `Error(Connect, ...)`.
-    format!("{error:?}").starts_with("Error(Connect")
 }
 
 /// Turns a clickhouse error from a checkout on `endpoint` into a switchyard [`Error`].
@@ -255,6 +224,7 @@ impl ChCheckoutExt for Checkout<crate::ChBackend> {
 mod tests {
     use super::*;
     use clickhouse::error::Error as E;
+    use std::io::ErrorKind;
 
     fn ep() -> EndpointId {
         EndpointId::new("ch-1")

@@ -232,6 +232,14 @@ impl From<String> for SecretUrl {
     }
 }
 
+/// Serialized redacted, as `Display` shows it: a configuration written back
+/// out never carries the password.
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted)
+    }
+}
+
 impl<'de> Deserialize<'de> for SecretUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(Self::new)

@@ -266,6 +266,42 @@ pub enum BackendErrorKind {
     Rejected,
 }
 
+impl BackendErrorKind {
+    /// The kind of an I/O failure: refused, unreachable or no such address
+    /// is [`Connect`](Self::Connect), anything else [`Io`](Self::Io).
+    pub fn of_io(kind: std::io::ErrorKind) -> Self {
+        use std::io::ErrorKind as K;
+        match kind {
+            K::ConnectionRefused
+            | K::NotFound
+            | K::AddrNotAvailable
+            | K::HostUnreachable
+            | K::NetworkUnreachable => Self::Connect,
+            _ => Self::Io,
+        }
+    }
+
+    /// The kind of an HTTP client's network failure: [`Connect`](Self::Connect)
+    /// when a link of `error`'s chain is an I/O error [`of_io`](Self::of_io)
+    /// calls so, or hyper-util's connect error; [`Io`](Self::Io) otherwise.
+    pub fn of_network(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut current = Some(error);
+        while let Some(e) = current {
+            let io = e.downcast_ref::<std::io::Error>();
+            // hyper-util's legacy client error prints its kind first.
+            let debug = format!("{e:?}");
+            if io.is_some_and(|io| Self::of_io(io.kind()) == Self::Connect)
+                || debug.starts_with("Error(Connect")
+                || debug.starts_with("hyper_util::client::legacy::Error(Connect")
+            {
+                return Self::Connect;
+            }
+            current = e.source();
+        }
+        Self::Io
+    }
+}
+
 impl fmt::Display for BackendErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

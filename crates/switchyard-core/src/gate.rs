@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::backend::PoolStats;
 use crate::endpoint::EndpointId;
 use crate::error::Error;
 use crate::fair::{FairQueue, QueueClass, WaitKey};
@@ -156,6 +157,20 @@ impl FairGate {
     /// The number of permits.
     pub fn permits(&self) -> usize {
         self.permits
+    }
+
+    /// The gate as an engine's pool statistics, when its checkouts are the
+    /// gate's permits and it pools nothing itself (the HTTP engines): in use
+    /// is the permits taken, nothing idle.
+    pub fn stats(&self) -> PoolStats {
+        let max_size = u32::try_from(self.permits).unwrap_or(u32::MAX);
+        let available = u32::try_from(self.available()).unwrap_or(u32::MAX);
+        PoolStats {
+            size: max_size.saturating_sub(available),
+            idle: 0,
+            max_size,
+            tenant_pools: 0,
+        }
     }
 
     /// Checkouts waiting.

@@ -54,6 +54,7 @@ mod error;
 mod fair;
 mod gate;
 mod history;
+mod http;
 #[cfg(any(test, feature = "test-util"))]
 pub mod noop;
 mod operation;
@@ -71,6 +72,7 @@ pub use error::{BackendErrorKind, BoxError, Deadline, Error};
 pub use fair::{FairQueue, QueueClass, QueueOrder, Share, WaitKey};
 pub use gate::{FairGate, GateError, GatePermit};
 pub use history::History;
+pub use http::HttpUrl;
 pub use operation::OperationError;
 pub use registry::{
     deadline_after, Quota, TenantEntry, TenantRegistry, TierPolicy, DEFAULT_ROW_SETTING,

@@ -12,8 +12,8 @@ use elasticsearch::indices::{IndicesExistsAliasParts, IndicesExistsParts};
 use elasticsearch::Elasticsearch;
 use serde_json::Value;
 use switchyard_core::{
-    Backend, BackendErrorKind, EndpointId, Error, FairGate, Isolation, PoolStats, Probe, Recycle,
-    Returned, Role, TenantId, TenantScope, TierPolicy,
+    Backend, BackendErrorKind, EndpointId, Error, FairGate, HttpUrl, Isolation, PoolStats, Probe,
+    Recycle, Returned, Role, TenantId, TenantScope, TierPolicy,
 };
 use tokio::time::Instant;
 
@@ -35,7 +35,6 @@ pub(crate) struct Shared {
     pub(crate) request_timeout: Duration,
     pub(crate) provisioned: ProvisionCache,
     permits: Arc<FairGate>,
-    max_size: u32,
     acquire_timeout: Duration,
 }
 
@@ -142,13 +141,13 @@ impl EsBackend {
             path: format!("{}.url", config.endpoint),
             message,
         };
-        let connect = config.connect().map_err(config_error)?;
+        let connect = HttpUrl::parse(&config.url).map_err(config_error)?;
         let transport = |close: bool| {
             let builder = TransportBuilder::new(SingleNodeConnectionPool::new(connect.url.clone()))
                 .timeout(config.request_timeout);
             let mut builder = crate::tls::apply(
                 builder,
-                connect.basic.as_ref(),
+                &connect,
                 config.tls.as_ref(),
                 config.endpoint.as_str(),
             )?;
@@ -164,7 +163,6 @@ impl EsBackend {
         // crash would fail as a broken connection rather than a refused one,
         // and a probe is meant to find out whether a new connection works.
         let probe_client = Elasticsearch::new(transport(true)?);
-        let max_size = config.pool.max_size;
         Ok(Self {
             shared: Arc::new(Shared {
                 endpoint: config.endpoint.clone(),
@@ -174,8 +172,7 @@ impl EsBackend {
                 naming: config.index_naming,
                 request_timeout: config.request_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
-                permits: FairGate::new(max_size),
-                max_size,
+                permits: FairGate::new(config.pool.max_size),
                 acquire_timeout: config.pool.acquire_timeout,
             }),
         })
@@ -369,13 +366,7 @@ impl Backend for EsBackend {
     }
 
     fn stats(&self) -> PoolStats {
-        let available = u32::try_from(self.shared.permits.available()).unwrap_or(u32::MAX);
-        PoolStats {
-            size: self.shared.max_size.saturating_sub(available),
-            idle: 0,
-            max_size: self.shared.max_size,
-            tenant_pools: 0,
-        }
+        self.shared.permits.stats()
     }
 
     /// Always clean: the scope lives only in the handle, so there is nothing

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use switchyard_core::{
-    percent_decode, EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport,
+    EndpointId, Error, HttpUrl, PoolSettings, SecretUrl, TlsSettings, Transport,
 };
 
 use crate::naming::{validate_field, IndexNaming};
@@ -48,7 +48,6 @@ pub struct EsBackendConfig {
     /// The endpoint's name in errors, logs and metrics.
     pub endpoint: EndpointId,
     /// `http://user:password@host:9200`, or `https://` for TLS (see [`tls`](Self::tls)).
-    #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretUrl,
     /// `max_size` bounds requests in flight; `acquire_timeout` caps the wait.
     #[serde(default)]
@@ -84,16 +83,6 @@ fn default_provision_cache_ttl() -> Duration {
     DEFAULT_PROVISION_CACHE_TTL
 }
 
-fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(url.redacted())
-}
-
-/// The URL without credentials, and the credentials.
-pub(crate) struct Connect {
-    pub(crate) url: url::Url,
-    pub(crate) basic: Option<(String, String)>,
-}
-
 impl EsBackendConfig {
     /// A configuration with every default, for `url`.
     pub fn new(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> Self {
@@ -125,16 +114,8 @@ impl EsBackendConfig {
                 message,
             })
         };
-        match self.connect() {
-            Ok(connect) => {
-                if let Some(message) = switchyard_core::Transport::http_problem(
-                    connect.url.scheme(),
-                    self.tls.as_ref(),
-                ) {
-                    bad("tls", message);
-                }
-            }
-            Err(message) => bad("url", message),
+        if let Some((field, message)) = HttpUrl::problem(&self.url, self.tls.as_ref()) {
+            bad(field, message);
         }
         if let Err(e) = validate_field(&self.tenant_field) {
             bad("tenant_field", e.to_string());
@@ -148,34 +129,9 @@ impl EsBackendConfig {
         problems
     }
 
-    /// Splits the URL into address and credentials; errors never show the password.
-    pub(crate) fn connect(&self) -> Result<Connect, String> {
-        let mut url = url::Url::parse(self.url.expose())
-            .map_err(|e| format!("{} is not a valid url: {e}", self.url))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("{} must start with http:// or https://", self.url));
-        }
-        if url.host_str().is_none() {
-            return Err(format!("{} has no host", self.url));
-        }
-        let basic = (!url.username().is_empty()).then(|| {
-            (
-                percent_decode(url.username()),
-                url.password().map(percent_decode).unwrap_or_default(),
-            )
-        });
-        // Cannot fail for a URL with a host.
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        Ok(Connect { url, basic })
-    }
-
     /// How this node's requests are protected, as configured (no I/O).
     pub fn transport(&self) -> Transport {
-        match url::Url::parse(self.url.expose()) {
-            Ok(url) => switchyard_core::Transport::of_http(url.scheme(), self.tls.as_ref()),
-            Err(_) => Transport::Plaintext,
-        }
+        HttpUrl::transport(&self.url, self.tls.as_ref())
     }
 }
 
@@ -252,14 +208,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_leave_the_url() {
+    fn credentials_stay_out_of_serialized_config() {
         let c = EsBackendConfig::new("es", "http://elastic:p%40ss@127.0.0.1:9200");
-        let connect = c.connect().unwrap();
-        assert_eq!(connect.url.as_str(), "http://127.0.0.1:9200/");
-        assert_eq!(
-            connect.basic,
-            Some(("elastic".to_owned(), "p@ss".to_owned()))
-        );
         assert!(c.validate("es").is_empty());
         let json = serde_json::to_string(&c).unwrap();
         assert!(!json.contains("p%40ss"), "{json}");

@@ -1,6 +1,5 @@
 //! Mapping Elasticsearch failures onto [`switchyard_core::Error`].
 
-use std::io::ErrorKind;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -16,11 +15,7 @@ pub fn classify(error: &elasticsearch::Error) -> BackendErrorKind {
     if error.is_json() {
         return BackendErrorKind::Rejected;
     }
-    if is_connect_failure(error) {
-        BackendErrorKind::Connect
-    } else {
-        BackendErrorKind::Io
-    }
+    BackendErrorKind::of_network(error)
 }
 
 /// What kind of failure an HTTP status from Elasticsearch is.
@@ -34,30 +29,6 @@ pub fn classify_status(status: u16) -> BackendErrorKind {
         429 | 500..=599 => BackendErrorKind::Io,
         _ => BackendErrorKind::Rejected,
     }
-}
-
-fn is_connect_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                ErrorKind::ConnectionRefused
-                    | ErrorKind::NotFound
-                    | ErrorKind::AddrNotAvailable
-                    | ErrorKind::HostUnreachable
-                    | ErrorKind::NetworkUnreachable
-            ) {
-                return true;
-            }
-        }
-        // hyper-util's legacy client error prints its kind first: `Error(Connect, ...)`.
-        if format!("{e:?}").starts_with("hyper_util::client::legacy::Error(Connect") {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }
 
 /// Turns a transport error from a checkout on `endpoint` into a switchyard

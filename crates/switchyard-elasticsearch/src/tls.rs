@@ -16,15 +16,20 @@ use elasticsearch::auth::{ClientCertificate, Credentials};
 use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::headers::{HeaderValue, AUTHORIZATION};
 use elasticsearch::http::transport::TransportBuilder;
-use switchyard_core::{Error, TlsSettings};
+use switchyard_core::{Error, HttpUrl, TlsSettings};
 
 /// `builder` with the credentials and `tls` applied (its files read now).
 pub(crate) fn apply(
     mut builder: TransportBuilder,
-    basic: Option<&(String, String)>,
+    connect: &HttpUrl,
     tls: Option<&TlsSettings>,
     path: &str,
 ) -> Result<TransportBuilder, Error> {
+    // Basic authentication when the URL names a user.
+    let basic = connect
+        .user
+        .as_ref()
+        .map(|user| (user, connect.password.clone().unwrap_or_default()));
     let path = format!("{path}.tls");
     let material = tls.map(|t| t.load(&path)).transpose()?;
     let problem = |field: &str, message: String| Error::Config {
@@ -34,7 +39,7 @@ pub(crate) fn apply(
     let identity = material.as_ref().and_then(|m| m.identity.as_ref());
     match (basic, identity) {
         (Some((user, password)), None) => {
-            builder = builder.auth(Credentials::Basic(user.clone(), password.clone()));
+            builder = builder.auth(Credentials::Basic(user.clone(), password));
         }
         (basic, Some(identity)) => {
             // reqwest's rustls identity: the key and the chain in one PEM.
@@ -80,7 +85,8 @@ mod tests {
     fn a_bad_tls_file_is_named() {
         let missing = TlsSettings::with_ca_file("/nonexistent/ca.pem");
         let builder = TransportBuilder::default();
-        let err = apply(builder, None, Some(&missing), "es").err().unwrap();
+        let url = HttpUrl::parse(&"http://127.0.0.1:9200".into()).unwrap();
+        let err = apply(builder, &url, Some(&missing), "es").err().unwrap();
         assert!(err.to_string().starts_with("es.tls.ca_file: "), "{err}");
     }
 }

@@ -141,12 +141,7 @@ impl MongoBackend {
 
     /// Handles, connections and pool clears since the backend was built.
     pub fn mongo_stats(&self) -> MongoStats {
-        self.counters.snapshot(self.handles_out())
-    }
-
-    fn handles_out(&self) -> u32 {
-        let max = self.config.pool.max_size as usize;
-        u32::try_from(max.saturating_sub(self.permits.available())).unwrap_or(u32::MAX)
+        self.counters.snapshot(self.permits.stats().size)
     }
 
     /// Stops handing out checkouts and shuts both clients down, waiting for

@@ -82,7 +82,6 @@ pub struct MongoBackendConfig {
     /// `mongodb://user:password@host:port/database?options`, as the driver
     /// parses it. `mongodb+srv://` needs DNS, so it works only with
     /// [`MongoBackend::connect`](crate::MongoBackend::connect).
-    #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretUrl,
     /// Pool sizing and timeouts.
     #[serde(default)]
@@ -130,10 +129,6 @@ fn default_heartbeat() -> Duration {
 }
 fn default_operation_timeout() -> Duration {
     DEFAULT_OPERATION_TIMEOUT
-}
-
-fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(url.redacted())
 }
 
 /// What a backend builds its clients from.

@@ -1,7 +1,6 @@
 //! Mapping driver errors onto [`switchyard_core::Error`], and this crate's own
 //! failures.
 
-use std::io::ErrorKind as IoKind;
 use std::time::Duration;
 
 use mongodb::error::{ErrorKind, WriteFailure};
@@ -38,14 +37,7 @@ pub fn classify(error: &mongodb::error::Error) -> BackendErrorKind {
         | ErrorKind::DnsResolve { .. }
         | ErrorKind::Authentication { .. }
         | ErrorKind::InvalidTlsConfig { .. } => BackendErrorKind::Connect,
-        ErrorKind::Io(io) => match io.kind() {
-            IoKind::ConnectionRefused
-            | IoKind::NotFound
-            | IoKind::AddrNotAvailable
-            | IoKind::HostUnreachable
-            | IoKind::NetworkUnreachable => BackendErrorKind::Connect,
-            _ => BackendErrorKind::Io,
-        },
+        ErrorKind::Io(io) => BackendErrorKind::of_io(io.kind()),
         ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::InvalidResponse { .. } => {
             BackendErrorKind::Io
         }
@@ -278,6 +270,7 @@ pub enum MongoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::ErrorKind as IoKind;
 
     #[test]
     fn codes_map_to_kinds() {

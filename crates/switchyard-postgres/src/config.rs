@@ -47,7 +47,6 @@ pub struct PgBackendConfig {
     pub endpoint: EndpointId,
     /// `postgres://user:password@host:port/database?...`, as sqlx parses it.
     /// Serializes redacted, so a serialized config never carries the password.
-    #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretUrl,
     /// The endpoint's shared pool (unscoped, schema and row checkouts).
     #[serde(default)]
@@ -155,10 +154,6 @@ fn default_tenant_pool_idle_timeout() -> Duration {
 }
 fn default_reset_timeout() -> Duration {
     DEFAULT_RESET_TIMEOUT
-}
-
-fn serialize_redacted<S: serde::Serializer>(url: &SecretUrl, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(url.redacted())
 }
 
 impl PgBackendConfig {

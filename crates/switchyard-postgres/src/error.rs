@@ -1,6 +1,5 @@
 //! Mapping sqlx errors onto [`switchyard_core::Error`].
 
-use std::io::ErrorKind;
 use std::time::Duration;
 
 use switchyard_core::{
@@ -30,14 +29,7 @@ const INVALID_SCHEMA_NAME: &str = "3F000";
 /// and [`Error::TenantNotProvisioned`].
 pub fn classify(error: &sqlx::Error) -> BackendErrorKind {
     match error {
-        sqlx::Error::Io(io) => match io.kind() {
-            ErrorKind::ConnectionRefused
-            | ErrorKind::NotFound
-            | ErrorKind::AddrNotAvailable
-            | ErrorKind::HostUnreachable
-            | ErrorKind::NetworkUnreachable => BackendErrorKind::Connect,
-            _ => BackendErrorKind::Io,
-        },
+        sqlx::Error::Io(io) => BackendErrorKind::of_io(io.kind()),
         sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             BackendErrorKind::Connect
         }
@@ -210,6 +202,7 @@ pub enum PgError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::ErrorKind;
     use switchyard_core::TenantId;
 
     fn ep() -> EndpointId {
