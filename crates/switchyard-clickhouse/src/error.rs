@@ -286,14 +286,9 @@ mod tests {
             Some(&row),
             E::BadResponse("Code: 81, e.displayText() = DB::Exception: no".into()),
         );
-        assert!(
-            matches!(
-                err,
-                Error::Backend {
-                    kind: BackendErrorKind::Rejected,
-                    ..
-                }
-            ),
+        assert_eq!(
+            err.backend_kind(),
+            Some(BackendErrorKind::Rejected),
             "{err}"
         );
     }

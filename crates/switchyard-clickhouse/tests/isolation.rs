@@ -122,13 +122,7 @@ async fn no_tenant_ever_reads_another_tenants_rows() {
 }
 
 fn is_rejected(err: &Error) -> bool {
-    matches!(
-        err,
-        Error::Backend {
-            kind: BackendErrorKind::Rejected,
-            ..
-        }
-    )
+    err.backend_kind() == Some(BackendErrorKind::Rejected)
 }
 
 fn source_of(err: &Error) -> Option<&ChError> {

@@ -384,6 +384,14 @@ impl Error {
         )
     }
 
+    /// The kind of an [`Error::Backend`], `None` for every other variant.
+    pub fn backend_kind(&self) -> Option<BackendErrorKind> {
+        match self {
+            Error::Backend { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
     /// The endpoint the error concerns, when it concerns one.
     pub fn endpoint(&self) -> Option<&EndpointId> {
         match self {

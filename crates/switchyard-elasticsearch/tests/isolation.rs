@@ -133,13 +133,9 @@ async fn no_tenant_ever_reads_another_tenants_documents() {
 }
 
 fn rejected_with(err: &Error) -> Option<&EsError> {
-    match err {
-        Error::Backend {
-            kind: BackendErrorKind::Rejected,
-            ..
-        } => std::error::Error::source(err).and_then(|s| s.downcast_ref::<EsError>()),
-        _ => None,
-    }
+    (err.backend_kind() == Some(BackendErrorKind::Rejected))
+        .then(|| std::error::Error::source(err)?.downcast_ref::<EsError>())
+        .flatten()
 }
 
 /// Every way out of a scoped handle is refused before anything is sent: the

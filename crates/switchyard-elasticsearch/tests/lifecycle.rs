@@ -64,14 +64,9 @@ async fn probes_follow_kill_pause_resume_and_restart() {
     fx.es.kill().await.unwrap();
     let started = Instant::now();
     let err = backend.probe(PROBE_TIMEOUT).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Backend {
-                kind: BackendErrorKind::Connect,
-                ..
-            }
-        ),
+    assert_eq!(
+        err.backend_kind(),
+        Some(BackendErrorKind::Connect),
         "{err:?}"
     );
     assert!(err.is_retryable() && err.is_endpoint_failure());

@@ -25,14 +25,9 @@ fn refused<T: std::fmt::Debug>(
     want: fn(&MongoError) -> bool,
 ) {
     let err = result.expect_err(what);
-    assert!(
-        matches!(
-            err,
-            Error::Backend {
-                kind: BackendErrorKind::Rejected,
-                ..
-            }
-        ),
+    assert_eq!(
+        err.backend_kind(),
+        Some(BackendErrorKind::Rejected),
         "{what}: {err}"
     );
     assert!(!err.is_retryable() && !err.is_endpoint_failure(), "{what}");

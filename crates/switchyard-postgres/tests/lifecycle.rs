@@ -457,14 +457,9 @@ async fn probes_report_role_lag_and_failures() {
     primary.kill().await.unwrap();
     let started = Instant::now();
     let err = on_primary.probe(timeout).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Backend {
-                kind: BackendErrorKind::Connect,
-                ..
-            }
-        ),
+    assert_eq!(
+        err.backend_kind(),
+        Some(BackendErrorKind::Connect),
         "{err:?}"
     );
     assert!(err.is_endpoint_failure());
@@ -480,14 +475,9 @@ async fn probes_report_role_lag_and_failures() {
     .await
     .unwrap_err();
     let took = started.elapsed();
-    assert!(
-        matches!(
-            err,
-            Error::Backend {
-                kind: BackendErrorKind::Connect,
-                ..
-            }
-        ),
+    assert_eq!(
+        err.backend_kind(),
+        Some(BackendErrorKind::Connect),
         "{err:?}"
     );
     assert!(

@@ -132,13 +132,7 @@ impl CheckoutObserver for EndpointState {
             // once. (The router's checkout loop takes the failure itself to
             // the cluster.)
             self.ewma.observe(waited);
-        } else if matches!(
-            error,
-            Error::Backend {
-                kind: BackendErrorKind::ReadOnly,
-                ..
-            }
-        ) {
+        } else if error.backend_kind() == Some(BackendErrorKind::ReadOnly) {
             self.request_probe();
         }
     }

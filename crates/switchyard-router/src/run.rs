@@ -140,11 +140,7 @@ impl<B: Backend> Cluster<B> {
 
     /// A write refused as read-only means our idea of the primary is stale.
     fn learn(&self, id: &EndpointId, error: &Error) {
-        if let Error::Backend {
-            kind: BackendErrorKind::ReadOnly,
-            ..
-        } = error
-        {
+        if error.backend_kind() == Some(BackendErrorKind::ReadOnly) {
             if let Some(ep) = self
                 .shared
                 .snapshot
