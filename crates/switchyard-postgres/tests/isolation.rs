@@ -9,14 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{exec, registry, Fixture, READ_ITEMS};
+use common::{checkout, exec, pid, registry, Fixture, READ_ITEMS, TIMEOUT};
 use sqlx::Connection;
 use switchyard_core::{
     Backend, Checkout, CheckoutRequest, Error, Isolation, TenantId, TenantRegistry,
 };
 use switchyard_postgres::{quote_ident, PgBackend, PgCheckoutExt};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Tally {
     checkouts: AtomicU64,
@@ -41,12 +39,7 @@ async fn scoped_round(
     let tenant = TenantId::new(id).unwrap();
     let entry = tenants.resolve(&tenant).unwrap();
     let isolation = entry.scope().isolation();
-    let mut conn = Checkout::acquire(
-        backend,
-        CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("checkout for {id}: {e}"));
+    let mut conn = checkout(backend, Some(&entry)).await;
     tally.checkouts.fetch_add(1, Ordering::Relaxed);
 
     let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
@@ -136,9 +129,7 @@ async fn scoped_round(
 
 /// One unscoped checkout: it must carry no tenant scope at all.
 async fn unscoped_round(backend: &Arc<PgBackend>, tally: &Tally) {
-    let mut conn = Checkout::acquire(backend, CheckoutRequest::with_timeout(TIMEOUT))
-        .await
-        .unwrap();
+    let mut conn = checkout(backend, None).await;
     tally.checkouts.fetch_add(1, Ordering::Relaxed);
     tally.unscoped.fetch_add(1, Ordering::Relaxed);
     let (path, setting): (String, String) = sqlx::query_as(
@@ -315,13 +306,8 @@ async fn prepared_statements_follow_the_search_path() {
     let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
     let b = reg.resolve(&TenantId::new("b").unwrap()).unwrap();
 
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
-    let pid_a: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
+    let pid_a = pid(&mut conn).await;
     let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
         .fetch_all(&mut *conn)
         .await
@@ -331,13 +317,8 @@ async fn prepared_statements_follow_the_search_path() {
     drop(conn);
 
     // The same physical connection, now scoped to b (pool of one).
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&b))
-        .await
-        .unwrap();
-    let pid_b: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&b)).await;
+    let pid_b = pid(&mut conn).await;
     assert_eq!(pid_a, pid_b, "expected the same physical connection");
     let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
         .fetch_all(&mut *conn)
@@ -371,17 +352,13 @@ async fn prepared_statements_follow_the_search_path() {
     .await;
     let reg = registry(&[("c", Isolation::Schema)], None);
     let c = reg.resolve(&TenantId::new("c").unwrap()).unwrap();
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
     sqlx::query("SELECT * FROM items")
         .fetch_all(&mut *conn)
         .await
         .unwrap();
     drop(conn);
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&c))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&c)).await;
     let err = sqlx::query("SELECT * FROM items")
         .fetch_all(&mut *conn)
         .await
@@ -407,9 +384,7 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
     let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
     let b = reg.resolve(&TenantId::new("b").unwrap()).unwrap();
 
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
     let first = pid(&mut conn).await;
     drop(conn);
     // Back, checked, idle with its owner recorded.
@@ -417,9 +392,7 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
         .await
         .unwrap();
 
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
     assert_eq!(pid(&mut conn).await, first);
     assert_eq!(conn.session_scope().map(|s| s.tenant().as_str()), Some("a"));
     let stats = backend.pg_stats();
@@ -435,9 +408,7 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
         .unwrap();
 
     // b finds only a's connection (a pool of one) and gets it reset first.
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&b))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&b)).await;
     assert_eq!(pid(&mut conn).await, first);
     assert_eq!(backend.pg_stats().resets, 1);
     let (path, setting): (String, String) = sqlx::query_as(
@@ -465,9 +436,7 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
     switchyard_testkit::wait_until(TIMEOUT, || async { backend.stats().idle == 1 })
         .await
         .unwrap();
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&b))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&b)).await;
     exec(
         &mut conn,
         "SELECT set_config('app.tenant_id', 'someone-else', false)",
@@ -475,9 +444,7 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
     .await;
     let changed = pid(&mut conn).await;
     drop(conn);
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&b))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&b)).await;
     assert_eq!(backend.pg_stats().closed_dirty, 1);
     assert_ne!(pid(&mut conn).await, changed);
     let setting: String = sqlx::query_scalar("SELECT current_setting('app.tenant_id', true)")
@@ -485,13 +452,6 @@ async fn affinity_reuses_a_tenants_own_connection_and_resets_for_others() {
         .await
         .unwrap();
     assert_eq!(setting, "b");
-}
-
-async fn pid(conn: &mut Checkout<PgBackend>) -> i32 {
-    sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut **conn)
-        .await
-        .unwrap()
 }
 
 /// Affinity hit rate with tenant locality (each task serves mostly its own
@@ -545,12 +505,7 @@ async fn affinity_hit_rate_under_a_local_workload() {
                             &ids[rng.usize(..ids.len())]
                         };
                         let entry = reg.resolve(&TenantId::new(id).unwrap()).unwrap();
-                        let mut conn = Checkout::acquire(
-                            &backend,
-                            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-                        )
-                        .await
-                        .unwrap();
+                        let mut conn = checkout(&backend, Some(&entry)).await;
                         let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
                             .fetch_all(&mut *conn)
                             .await
@@ -615,14 +570,7 @@ async fn a_noisy_tenant_at_its_quota_does_not_starve_the_others() {
     let noisy = reg.resolve(&TenantId::new("noisy").unwrap()).unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(
-            Checkout::acquire(
-                &backend,
-                CheckoutRequest::with_timeout(TIMEOUT).tenant(&noisy),
-            )
-            .await
-            .unwrap(),
-        );
+        held.push(checkout(&backend, Some(&noisy)).await);
     }
     let err = Checkout::acquire(
         &backend,
@@ -643,12 +591,7 @@ async fn a_noisy_tenant_at_its_quota_does_not_starve_the_others() {
             let mut slowest = Duration::ZERO;
             for _ in 0..50 {
                 let started = Instant::now();
-                let mut conn = Checkout::acquire(
-                    &backend,
-                    CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-                )
-                .await
-                .unwrap();
+                let mut conn = checkout(&backend, Some(&entry)).await;
                 let rows: Vec<(String, String)> = sqlx::query_as(READ_ITEMS)
                     .fetch_all(&mut *conn)
                     .await

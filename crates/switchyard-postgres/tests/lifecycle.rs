@@ -8,23 +8,14 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{exec, registry, Fixture, READ_ITEMS};
+use common::{checkout, exec, pid, registry, Fixture, READ_ITEMS, TIMEOUT};
 use sqlx::Row;
 use switchyard_core::{
-    Backend, BackendErrorKind, Checkout, CheckoutRequest, Error, Isolation, Role, TenantId,
-    TenantScope,
+    Backend, BackendErrorKind, Checkout, CheckoutRequest, Error, Isolation, Role, TenantEntry,
+    TenantId, TenantScope,
 };
 use switchyard_postgres::{PgBackend, PgBackendConfig};
 use switchyard_testkit::{poll_until, wait_until, FaultProxy};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn pid(conn: &mut Checkout<PgBackend>) -> i32 {
-    sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut **conn)
-        .await
-        .unwrap()
-}
 
 /// search_path, row setting and whether a transaction block is open (simple
 /// protocol: only there is a statement's own implicit transaction started at
@@ -42,6 +33,36 @@ async fn session_state(conn: &mut Checkout<PgBackend>) -> (String, String, bool)
 
 const CLEAN_PATH: &str = "\"$user\", public";
 
+/// Starts `sql` on a checkout for `entry` (through the checkout's own
+/// executor, or on the raw sqlx connection), abandons it after `cut_ms`, and
+/// returns that connection's pid and the next unscoped checkout's, whose
+/// session must be clean.
+async fn abandon(
+    backend: &Arc<PgBackend>,
+    entry: &TenantEntry,
+    sql: &'static str,
+    raw: bool,
+    cut_ms: u64,
+) -> (i32, i32) {
+    let mut conn = checkout(backend, Some(entry)).await;
+    let abandoned = pid(&mut conn).await;
+    let cut = Duration::from_millis(cut_ms);
+    let timed_out = if raw {
+        tokio::time::timeout(cut, sqlx::query(sql).execute(&mut **conn)).await
+    } else {
+        tokio::time::timeout(cut, sqlx::query(sql).execute(&mut *conn)).await
+    }
+    .is_err();
+    assert!(timed_out, "{sql} finished within {cut:?}");
+    drop(conn);
+    let mut conn = checkout(backend, None).await;
+    assert_eq!(
+        session_state(&mut conn).await,
+        (CLEAN_PATH.into(), String::new(), false)
+    );
+    (abandoned, pid(&mut conn).await)
+}
+
 #[tokio::test]
 async fn a_checkout_dropped_mid_query_never_comes_back_dirty() {
     let fx = Fixture::start(0).await;
@@ -58,80 +79,20 @@ async fn a_checkout_dropped_mid_query_never_comes_back_dirty() {
         // Through the checkout's own executor, the abandoned query is seen:
         // the connection is closed at once, not drained.
         let before = backend.pg_stats().closed_mid_query;
-        let mut conn = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-        )
-        .await
-        .unwrap();
-        let tracked_pid = pid(&mut conn).await;
-        let slow = sqlx::query("SELECT pg_sleep(0.1)").execute(&mut *conn);
-        assert!(tokio::time::timeout(Duration::from_millis(10), slow)
-            .await
-            .is_err());
-        drop(conn);
-        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-            .await
-            .unwrap();
-        assert_eq!(
-            session_state(&mut conn).await,
-            (CLEAN_PATH.into(), String::new(), false)
-        );
-        assert_ne!(pid(&mut conn).await, tracked_pid);
+        let (abandoned, next) = abandon(&backend, &entry, "SELECT pg_sleep(0.1)", false, 10).await;
+        assert_ne!(next, abandoned);
         assert_eq!(backend.pg_stats().closed_mid_query, before + 1);
-        drop(conn);
 
         // On the raw sqlx connection it is not seen: a short query is drained
         // by the return check and the connection reused clean.
-        let mut conn = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-        )
-        .await
-        .unwrap();
-        let first = pid(&mut conn).await;
-        let slow = sqlx::query("SELECT pg_sleep(0.1)").execute(&mut **conn);
-        assert!(tokio::time::timeout(Duration::from_millis(10), slow)
-            .await
-            .is_err());
-        drop(conn);
-        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-            .await
-            .unwrap();
-        assert_eq!(
-            session_state(&mut conn).await,
-            (CLEAN_PATH.into(), String::new(), false)
-        );
-        let same = pid(&mut conn).await == first;
-        drop(conn);
+        let (abandoned, next) = abandon(&backend, &entry, "SELECT pg_sleep(0.1)", true, 10).await;
+        let same = next == abandoned;
 
         // A long one on the raw connection: the check times out and the
         // connection is closed.
         let before = backend.pg_stats().reset_failures;
-        let mut conn = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-        )
-        .await
-        .unwrap();
-        let long_pid = pid(&mut conn).await;
-        let slow = sqlx::query("SELECT pg_sleep(5)").execute(&mut **conn);
-        assert!(tokio::time::timeout(Duration::from_millis(20), slow)
-            .await
-            .is_err());
-        drop(conn);
-        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-            .await
-            .unwrap();
-        assert_eq!(
-            session_state(&mut conn).await,
-            (CLEAN_PATH.into(), String::new(), false)
-        );
-        assert_ne!(
-            pid(&mut conn).await,
-            long_pid,
-            "a connection stuck in a query came back"
-        );
+        let (abandoned, next) = abandon(&backend, &entry, "SELECT pg_sleep(5)", true, 20).await;
+        assert_ne!(next, abandoned, "a connection stuck in a query came back");
         assert_eq!(backend.pg_stats().reset_failures, before + 1);
         eprintln!("tenant {id}: short cancelled query reused same connection: {same}");
     }
@@ -146,9 +107,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
     let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
 
     for scoped in [true, false] {
-        let req = CheckoutRequest::with_timeout(TIMEOUT);
-        let req = if scoped { req.tenant(&a) } else { req };
-        let mut conn = Checkout::acquire(&backend, req).await.unwrap();
+        let mut conn = checkout(&backend, scoped.then_some(&a)).await;
         let first = pid(&mut conn).await;
         exec(&mut conn, "BEGIN").await;
         exec(
@@ -157,9 +116,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
         )
         .await;
         drop(conn);
-        let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-            .await
-            .unwrap();
+        let mut conn = checkout(&backend, None).await;
         assert_ne!(
             pid(&mut conn).await,
             first,
@@ -173,9 +130,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
     }
     // A failed transaction block, unscoped: the same owner's check is a bare
     // `SELECT`, which such a session rejects.
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, None).await;
     let failed = pid(&mut conn).await;
     exec(&mut conn, "BEGIN").await;
     assert!(sqlx::raw_sql("SELECT 1/0")
@@ -183,9 +138,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
         .await
         .is_err());
     drop(conn);
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, None).await;
     assert_ne!(
         pid(&mut conn).await,
         failed,
@@ -203,9 +156,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
 
     // A transaction opened through sqlx and dropped is rolled back by sqlx and
     // the connection stays usable.
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
     {
         let mut tx = sqlx::Connection::begin(&mut **conn).await.unwrap();
         sqlx::query("INSERT INTO items VALUES ('a', 'uncommitted')")
@@ -214,9 +165,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
             .unwrap();
     }
     drop(conn);
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
     assert!(!session_state(&mut conn).await.2);
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE val = 'uncommitted'")
         .fetch_one(&mut **conn)
@@ -234,9 +183,7 @@ async fn a_transaction_left_open_on_an_idle_pool_is_rolled_back_by_the_sweeper()
     let mut config = fx.config(2);
     config.pool = config.pool.with_idle_timeout(None);
     let backend = fx.backend(config);
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, None).await;
     exec(&mut conn, "BEGIN").await;
     exec(&mut conn, "SELECT pg_advisory_xact_lock(4242)").await;
     drop(conn);
@@ -259,9 +206,7 @@ async fn a_transaction_left_open_on_an_idle_pool_is_rolled_back_by_the_sweeper()
         .expect("the abandoned transaction still holds its lock");
     assert_eq!(backend.pg_stats().closed_dirty, 1);
     // The pool is still whole: the next checkout opens a new connection.
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, None).await;
     exec(&mut conn, "SELECT 1").await;
 }
 
@@ -276,9 +221,7 @@ async fn a_connection_whose_reset_fails_is_discarded() {
     let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
     let mut admin = fx.admin("postgres").await;
 
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
     let victim = pid(&mut conn).await;
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(victim)
@@ -288,10 +231,7 @@ async fn a_connection_whose_reset_fails_is_discarded() {
     assert!(killed);
     drop(conn);
     for round in 0..3 {
-        let mut conn =
-            Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT).tenant(&a))
-                .await
-                .unwrap();
+        let mut conn = checkout(&backend, Some(&a)).await;
         assert_ne!(pid(&mut conn).await, victim);
         if round == 0 {
             // The dead connection went back without a round trip; the
@@ -597,9 +537,7 @@ async fn a_hostile_session_cannot_turn_a_name_into_sql() {
     )
     .await;
     let backend = fx.backend(fx.config(1));
-    let mut conn = Checkout::acquire(&backend, CheckoutRequest::with_timeout(TIMEOUT))
-        .await
-        .unwrap();
+    let mut conn = checkout(&backend, None).await;
     exec(
         &mut conn,
         "SET client_encoding = 'SJIS'; SET standard_conforming_strings = off; SET backslash_quote = on",

@@ -24,14 +24,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{exec, registry, Fixture, APP_DB, APP_ROLE, READ_ITEMS};
+use common::{exec, registry, Fixture, APP_DB, APP_ROLE, READ_ITEMS, TIMEOUT};
 use sqlx::{AssertSqlSafe, PgConnection};
-use switchyard_core::{
-    Backend as _, Checkout, CheckoutRequest, Isolation, TenantId, TenantRegistry,
-};
+use switchyard_core::{Backend as _, Checkout, Isolation, TenantId, TenantRegistry};
 use switchyard_postgres::{quote_ident, PgBackend, PgBackendConfig};
 
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// One run's bound: a checkout that never comes is a failure too.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 
@@ -580,12 +577,7 @@ async fn checkout(
     id: &str,
 ) -> Checkout<PgBackend> {
     let entry = tenants.resolve(&TenantId::new(id).unwrap()).unwrap();
-    Checkout::acquire(
-        backend,
-        CheckoutRequest::with_timeout(TIMEOUT).tenant(&entry),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("checkout for {id}: {e}"))
+    common::checkout(backend, Some(&entry)).await
 }
 
 async fn backend_pid(conn: &mut PgConnection) -> i32 {

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
-use switchyard_core::{Isolation, PoolSettings, TenantId, TenantRegistry, TierPolicy};
+use switchyard_core::{
+    Checkout, CheckoutRequest, Isolation, PoolSettings, TenantEntry, TenantId, TenantRegistry,
+    TierPolicy,
+};
 use switchyard_postgres::{
     enable_row_level_security, quote_ident, quote_literal, PgBackend, PgBackendConfig,
 };
@@ -34,6 +37,32 @@ pub async fn exec(conn: &mut PgConnection, sql: &str) {
         .execute(&mut *conn)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The deadline of the tests' checkouts.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A checkout on `backend` within [`TIMEOUT`], scoped to `tenant` when given.
+pub async fn checkout(
+    backend: &Arc<PgBackend>,
+    tenant: Option<&TenantEntry>,
+) -> Checkout<PgBackend> {
+    let request = CheckoutRequest::with_timeout(TIMEOUT);
+    let request = match tenant {
+        Some(entry) => request.tenant(entry),
+        None => request,
+    };
+    Checkout::acquire(backend, request)
+        .await
+        .unwrap_or_else(|e| panic!("checkout for {:?}: {e}", tenant.map(|t| t.scope().tenant())))
+}
+
+/// The checkout's server process id.
+pub async fn pid(conn: &mut Checkout<PgBackend>) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap()
 }
 
 impl Fixture {
