@@ -129,13 +129,6 @@ impl ChFixture {
     }
 }
 
-fn ran<T: std::fmt::Debug>(result: Result<T, switchyard_core::Error>) -> Attempt {
-    match result {
-        Ok(v) => Attempt::Ran(format!("{v:?}")),
-        Err(e) => Attempt::Refused(error_chain(&e)),
-    }
-}
-
 impl Fixture for ChFixture {
     type Escape = Escape;
 
@@ -221,7 +214,7 @@ impl Fixture for ChFixture {
             Escape::NumericTenantColumn => unreachable!(),
             Escape::ForeignTenantRow => {
                 let row = json!({"tenant_id": victim, "key": "foreign", "value": "planted"});
-                ran(conn.insert_rows("kv", [row]).await)
+                Attempt::of(conn.insert_rows("kv", [row]).await)
             }
             Escape::RawClient => match (conn.client(), self.level) {
                 (Err(e), _) => Attempt::Refused(error_chain(&e)),
@@ -232,15 +225,15 @@ impl Fixture for ChFixture {
             },
             Escape::QualifiedTableName => {
                 let table = format!("tenant_{victim}.kv");
-                ran(conn.select::<Kv>(&table).fetch_all().await)
+                Attempt::of(conn.select::<Kv>(&table).fetch_all().await)
             }
             Escape::TableNameInjection => {
                 let table = "kv WHERE 1 UNION ALL SELECT tenant_id, key, value FROM shared.kv";
-                ran(conn.select::<Kv>(table).fetch_all().await)
+                Attempt::of(conn.select::<Kv>(table).fetch_all().await)
             }
             Escape::FilterValueInjection => {
                 let filter = Filter::eq("key", "x' OR 1 = 1 OR key = '");
-                ran(conn.select::<Kv>("kv").filter(filter).fetch_all().await)
+                Attempt::of(conn.select::<Kv>("kv").filter(filter).fetch_all().await)
             }
             Escape::RawSqlOtherDatabase => {
                 let client = match conn.client() {

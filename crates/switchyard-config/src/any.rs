@@ -269,11 +269,13 @@ fn not_built_in(cluster: &str, engine: Engine) -> ConfigError {
     }
 }
 
-/// Builds the backend variant `$variant` from `$config` with the cluster's pool.
+/// Builds the backend variant `$variant` of endpoint `$ep` from a `$config`
+/// with the cluster's pool and the endpoint's TLS settings.
 macro_rules! backend_of {
-    ($variant:ident, $backend:path, $config:expr, $pool:expr, $cluster:expr) => {{
-        let mut config = $config;
+    ($variant:ident, $config:path, $backend:path, $ep:expr, $pool:expr, $cluster:expr) => {{
+        let mut config = <$config>::new($ep.name.clone(), $ep.url.clone());
         config.pool = $pool.clone();
+        config.tls = $ep.tls.clone();
         let backend = <$backend>::new(config).map_err(|source| ConfigError::Build {
             cluster: $cluster.to_owned(),
             source,
@@ -289,53 +291,27 @@ impl AnyBackend {
         pool: &PoolSettings,
         ep: &EndpointSettings,
     ) -> Result<Self, ConfigError> {
-        let (name, url) = (ep.name.clone(), ep.url.clone());
         Ok(match engine {
             Engine::Postgres => {
-                let mut config = PgBackendConfig::new(name, url);
-                config.tls = ep.tls.clone();
-                backend_of!(Postgres, PgBackend, config, pool, cluster)
+                backend_of!(Postgres, PgBackendConfig, PgBackend, ep, pool, cluster)
             }
             Engine::Redis => {
-                let mut config = RedisBackendConfig::new(name, url);
-                config.tls = ep.tls.clone();
-                backend_of!(Redis, RedisBackend, config, pool, cluster)
+                backend_of!(Redis, RedisBackendConfig, RedisBackend, ep, pool, cluster)
             }
             #[cfg(feature = "mongodb")]
             Engine::Mongodb => {
-                let mut config = switchyard_mongodb::MongoBackendConfig::new(name, url);
-                config.tls = ep.tls.clone();
-                backend_of!(
-                    Mongodb,
-                    switchyard_mongodb::MongoBackend,
-                    config,
-                    pool,
-                    cluster
-                )
+                use switchyard_mongodb::{MongoBackend, MongoBackendConfig};
+                backend_of!(Mongodb, MongoBackendConfig, MongoBackend, ep, pool, cluster)
             }
             #[cfg(feature = "clickhouse")]
             Engine::Clickhouse => {
-                let mut config = switchyard_clickhouse::ChBackendConfig::new(name, url);
-                config.tls = ep.tls.clone();
-                backend_of!(
-                    Clickhouse,
-                    switchyard_clickhouse::ChBackend,
-                    config,
-                    pool,
-                    cluster
-                )
+                use switchyard_clickhouse::{ChBackend, ChBackendConfig};
+                backend_of!(Clickhouse, ChBackendConfig, ChBackend, ep, pool, cluster)
             }
             #[cfg(feature = "elasticsearch")]
             Engine::Elasticsearch => {
-                let mut config = switchyard_elasticsearch::EsBackendConfig::new(name, url);
-                config.tls = ep.tls.clone();
-                backend_of!(
-                    Elasticsearch,
-                    switchyard_elasticsearch::EsBackend,
-                    config,
-                    pool,
-                    cluster
-                )
+                use switchyard_elasticsearch::{EsBackend, EsBackendConfig};
+                backend_of!(Elasticsearch, EsBackendConfig, EsBackend, ep, pool, cluster)
             }
             #[allow(unreachable_patterns)]
             other => return Err(not_built_in(cluster, other)),

@@ -299,10 +299,7 @@ impl Fixture for EsFixture {
                     Escape::ForeignId => format!("{victim}:marker"),
                     _ => "..".to_owned(),
                 };
-                match conn.get(&id).await {
-                    Ok(doc) => Attempt::Ran(format!("{doc:?}")),
-                    Err(e) => Attempt::Refused(error_chain(&e)),
-                }
+                Attempt::of(conn.get(&id).await)
             }
             Escape::RawClient => match self.scoped(attacker).await {
                 Ok(conn) => match conn.client() {

@@ -1,6 +1,6 @@
 //! A collection seen through a checkout's tenant scope.
 
-use std::future::{Future, IntoFuture};
+use std::future::IntoFuture;
 
 use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document};
@@ -73,19 +73,20 @@ impl<'a> ScopedCollection<'a> {
         }
     }
 
-    /// Refuses a caller's collation on a row-scoped handle: it would apply
-    /// to the injected tenant condition as well as to the caller's filter.
-    fn check_collation<T>(
+    /// The caller's `options`, refused when they carry a collation on a
+    /// row-scoped handle: it would apply to the injected tenant condition as
+    /// well as to the caller's filter.
+    fn options<T: Collated>(
         &self,
-        options: &Option<T>,
-        collation: impl Fn(&T) -> bool,
+        options: impl Into<Option<T>>,
         operation: &'static str,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<T>, Error> {
+        let options = options.into();
         let row = matches!(self.conn.confinement, Confinement::Row(_));
-        if row && options.as_ref().is_some_and(collation) {
+        if row && options.as_ref().is_some_and(T::has_collation) {
             return Err(self.refuse(MongoError::CollationRefused { operation }));
         }
-        Ok(())
+        Ok(options)
     }
 
     fn document(&self, doc: Document) -> Result<Document, Error> {
@@ -126,7 +127,7 @@ impl<'a> ScopedCollection<'a> {
     /// Runs one operation within the operation timeout, mapping its errors.
     async fn run<T>(
         &self,
-        op: impl Future<Output = mongodb::error::Result<T>>,
+        op: impl IntoFuture<Output = mongodb::error::Result<T>>,
     ) -> Result<T, Error> {
         let settings = self.conn.settings();
         match tokio::time::timeout(settings.operation_timeout, op).await {
@@ -151,8 +152,7 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<FindOptions>>,
     ) -> Result<Vec<Document>, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "find")?;
+        let options = self.options(options, "find")?;
         self.run(async {
             let cursor = self.inner.find(filter).with_options(options).await?;
             cursor.try_collect().await
@@ -169,9 +169,8 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<FindOptions>>,
     ) -> Result<Cursor<Document>, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "find")?;
-        self.run(self.inner.find(filter).with_options(options).into_future())
+        let options = self.options(options, "find")?;
+        self.run(self.inner.find(filter).with_options(options))
             .await
     }
 
@@ -182,15 +181,9 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<FindOneOptions>>,
     ) -> Result<Option<Document>, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "find")?;
-        self.run(
-            self.inner
-                .find_one(filter)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        let options = self.options(options, "find")?;
+        self.run(self.inner.find_one(filter).with_options(options))
+            .await
     }
 
     /// Inserts `doc` (for a row-level tenant, with the tenant field set).
@@ -201,13 +194,8 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<InsertOneResult, Error> {
         let doc = self.document(doc)?;
         let options = options.into();
-        self.run(
-            self.inner
-                .insert_one(doc)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        self.run(self.inner.insert_one(doc).with_options(options))
+            .await
     }
 
     /// Inserts `docs`; if any one of them is refused, none is sent.
@@ -221,13 +209,8 @@ impl<'a> ScopedCollection<'a> {
             .map(|d| self.document(d))
             .collect::<Result<Vec<_>, _>>()?;
         let options = options.into();
-        self.run(
-            self.inner
-                .insert_many(docs)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        self.run(self.inner.insert_many(docs).with_options(options))
+            .await
     }
 
     /// Applies the update operators in `update` to the tenant's first document
@@ -238,18 +221,12 @@ impl<'a> ScopedCollection<'a> {
         update: Document,
         options: impl Into<Option<UpdateOptions>>,
     ) -> Result<UpdateResult, Error> {
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "update")?;
+        let options = self.options(options, "update")?;
         let upsert = options.as_ref().and_then(|o| o.upsert) == Some(true);
         let update = self.update(update, upsert)?;
         let filter = self.filter(filter);
-        self.run(
-            self.inner
-                .update_one(filter, update)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        self.run(self.inner.update_one(filter, update).with_options(options))
+            .await
     }
 
     /// Applies the update operators in `update` to every tenant document
@@ -260,18 +237,12 @@ impl<'a> ScopedCollection<'a> {
         update: Document,
         options: impl Into<Option<UpdateOptions>>,
     ) -> Result<UpdateResult, Error> {
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "update")?;
+        let options = self.options(options, "update")?;
         let upsert = options.as_ref().and_then(|o| o.upsert) == Some(true);
         let update = self.update(update, upsert)?;
         let filter = self.filter(filter);
-        self.run(
-            self.inner
-                .update_many(filter, update)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        self.run(self.inner.update_many(filter, update).with_options(options))
+            .await
     }
 
     /// Replaces the tenant's first document matching `filter` with
@@ -284,13 +255,11 @@ impl<'a> ScopedCollection<'a> {
     ) -> Result<UpdateResult, Error> {
         let replacement = self.document(replacement)?;
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "replace")?;
+        let options = self.options(options, "replace")?;
         self.run(
             self.inner
                 .replace_one(filter, replacement)
-                .with_options(options)
-                .into_future(),
+                .with_options(options),
         )
         .await
     }
@@ -302,15 +271,9 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<DeleteOptions>>,
     ) -> Result<DeleteResult, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "delete")?;
-        self.run(
-            self.inner
-                .delete_one(filter)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        let options = self.options(options, "delete")?;
+        self.run(self.inner.delete_one(filter).with_options(options))
+            .await
     }
 
     /// Deletes every tenant document matching `filter`.
@@ -320,15 +283,9 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<DeleteOptions>>,
     ) -> Result<DeleteResult, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "delete")?;
-        self.run(
-            self.inner
-                .delete_many(filter)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        let options = self.options(options, "delete")?;
+        self.run(self.inner.delete_many(filter).with_options(options))
+            .await
     }
 
     /// Counts the tenant's documents matching `filter`.
@@ -338,15 +295,9 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<CountOptions>>,
     ) -> Result<u64, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "count")?;
-        self.run(
-            self.inner
-                .count_documents(filter)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        let options = self.options(options, "count")?;
+        self.run(self.inner.count_documents(filter).with_options(options))
+            .await
     }
 
     /// The distinct values of `field` among the tenant's documents matching
@@ -358,15 +309,9 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<DistinctOptions>>,
     ) -> Result<Vec<Bson>, Error> {
         let filter = self.filter(filter);
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "distinct")?;
-        self.run(
-            self.inner
-                .distinct(field, filter)
-                .with_options(options)
-                .into_future(),
-        )
-        .await
+        let options = self.options(options, "distinct")?;
+        self.run(self.inner.distinct(field, filter).with_options(options))
+            .await
     }
 
     /// Runs `pipeline` over the tenant's documents and collects the results.
@@ -379,8 +324,7 @@ impl<'a> ScopedCollection<'a> {
         options: impl Into<Option<AggregateOptions>>,
     ) -> Result<Vec<Document>, Error> {
         let pipeline = self.pipeline(pipeline.into_iter().collect())?;
-        let options = options.into();
-        self.check_collation(&options, |o| o.collation.is_some(), "aggregate")?;
+        let options = self.options(options, "aggregate")?;
         self.run(async {
             let cursor = self.inner.aggregate(pipeline).with_options(options).await?;
             cursor.try_collect().await
@@ -399,3 +343,29 @@ impl std::fmt::Debug for ScopedCollection<'_> {
             .finish()
     }
 }
+
+/// Driver options that may carry a collation.
+trait Collated {
+    fn has_collation(&self) -> bool;
+}
+
+macro_rules! collated {
+    ($($options:ty),*) => {
+        $(impl Collated for $options {
+            fn has_collation(&self) -> bool {
+                self.collation.is_some()
+            }
+        })*
+    };
+}
+
+collated!(
+    AggregateOptions,
+    CountOptions,
+    DeleteOptions,
+    DistinctOptions,
+    FindOneOptions,
+    FindOptions,
+    ReplaceOptions,
+    UpdateOptions
+);

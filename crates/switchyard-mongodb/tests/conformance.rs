@@ -142,13 +142,6 @@ impl MongoFixture {
     }
 }
 
-fn outcome<T: std::fmt::Debug>(result: Result<T, switchyard_core::Error>) -> Attempt {
-    match result {
-        Ok(v) => Attempt::Ran(format!("{v:?}")),
-        Err(e) => Attempt::Refused(error_chain(&e)),
-    }
-}
-
 impl Fixture for MongoFixture {
     type Escape = Escape;
 
@@ -242,7 +235,7 @@ impl Fixture for MongoFixture {
         match escape {
             Escape::CaseInsensitiveCollation => unreachable!(),
             Escape::OrFilter => match coll("kv") {
-                Ok(c) => outcome(
+                Ok(c) => Attempt::of(
                     c.find(
                         doc! { "$or": [ { "tenant_id": victim }, { "key": "marker" } ] },
                         None,
@@ -252,7 +245,7 @@ impl Fixture for MongoFixture {
                 Err(e) => Attempt::Refused(error_chain(&e)),
             },
             Escape::ForgedTenantField => match coll("kv") {
-                Ok(c) => outcome(
+                Ok(c) => Attempt::of(
                     c.insert_one(
                         doc! { "tenant_id": victim, "key": "forged", "value": "planted" },
                         None,
@@ -262,7 +255,7 @@ impl Fixture for MongoFixture {
                 Err(e) => Attempt::Refused(error_chain(&e)),
             },
             Escape::UpdateTenantField => match coll("kv") {
-                Ok(c) => outcome(
+                Ok(c) => Attempt::of(
                     c.update_many(
                         doc! { "key": "nothing" },
                         doc! { "$set": { "tenant_id": victim } },
@@ -273,7 +266,7 @@ impl Fixture for MongoFixture {
                 Err(e) => Attempt::Refused(error_chain(&e)),
             },
             Escape::LookupOtherDatabase => match coll("kv") {
-                Ok(c) => outcome(
+                Ok(c) => Attempt::of(
                     c.aggregate(
                         [doc! { "$lookup": {
                             "from": { "db": format!("{}_{victim}", self.tag), "coll": "kv" },
@@ -286,7 +279,7 @@ impl Fixture for MongoFixture {
                 Err(e) => Attempt::Refused(error_chain(&e)),
             },
             Escape::OutStage => match coll("kv") {
-                Ok(c) => outcome(
+                Ok(c) => Attempt::of(
                     c.aggregate(
                         [doc! { "$out": { "db": format!("{}_{victim}", self.tag), "coll": "kv" } }],
                         None,
@@ -298,12 +291,12 @@ impl Fixture for MongoFixture {
             Escape::PrefixedCollectionName => {
                 let name = format!("{}_{victim}__kv", self.tag);
                 match coll(&name) {
-                    Ok(c) => outcome(c.find(doc! {}, None).await),
+                    Ok(c) => Attempt::of(c.find(doc! {}, None).await),
                     Err(e) => Attempt::Refused(error_chain(&e)),
                 }
             }
             Escape::SystemCollection => match coll("system.users") {
-                Ok(c) => outcome(c.find(doc! {}, None).await),
+                Ok(c) => Attempt::of(c.find(doc! {}, None).await),
                 Err(e) => Attempt::Refused(error_chain(&e)),
             },
             Escape::RawClient => match conn.client() {

@@ -150,10 +150,7 @@ impl RedisFixture {
             Ok(c) => c,
             Err(e) => return Attempt::Refused(format!("checkout: {e}")),
         };
-        match conn.query::<redis_value::Value>(&command).await {
-            Ok(v) => Attempt::Ran(format!("{v:?}")),
-            Err(e) => Attempt::Refused(conformance::error_chain(&e)),
-        }
+        Attempt::of(conn.query::<redis_value::Value>(&command).await)
     }
 
     /// Keys in the database no tenant owns, then empties it.

@@ -4,6 +4,7 @@
 //! came back belongs to the tenant it was checked out for. A row or value of
 //! another tenant is a leak.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,25 +91,40 @@ fn count(stats: &Stats, intent: Intent, ok: bool) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// One PostgreSQL worker: alternates tenants, one write per three reads.
-pub async fn pg_worker(cluster: Cluster<PgBackend>, stats: Arc<Stats>, seed: usize) {
+/// One worker until the demo stops: cycles through `tenants`, one write
+/// every `write_every` operations, each operation (`op`) bounded by
+/// [`OP_TIMEOUT`] and counted.
+async fn worker<F: Future<Output = bool>>(
+    stats: &Stats,
+    seed: usize,
+    tenants: &[&str],
+    write_every: usize,
+    op: impl Fn(TenantId, Intent, usize) -> F,
+) {
     let mut n = seed;
     while !stats.stop.load(Ordering::Relaxed) {
         n += 1;
-        let Ok(tenant) = TenantId::new(PG_TENANTS[n % PG_TENANTS.len()]) else {
+        let Ok(tenant) = TenantId::new(tenants[n % tenants.len()]) else {
             return;
         };
-        let intent = if n.is_multiple_of(4) {
+        let intent = if n.is_multiple_of(write_every) {
             Intent::Write
         } else {
             Intent::Read
         };
-        let ok = tokio::time::timeout(OP_TIMEOUT, pg_op(&cluster, &stats, &tenant, intent, n))
+        let ok = tokio::time::timeout(OP_TIMEOUT, op(tenant, intent, n))
             .await
             .unwrap_or(false);
-        count(&stats, intent, ok);
+        count(stats, intent, ok);
         tokio::time::sleep(Duration::from_millis(if ok { 5 } else { 20 })).await;
     }
+}
+
+/// One PostgreSQL worker: alternates tenants, one write per three reads.
+pub async fn pg_worker(cluster: Cluster<PgBackend>, stats: Arc<Stats>, seed: usize) {
+    let (c, s) = (&cluster, &stats);
+    let op = move |t: TenantId, intent, n| async move { pg_op(c, s, &t, intent, n).await };
+    worker(&stats, seed, &PG_TENANTS, 4, op).await;
 }
 
 async fn pg_op(
@@ -169,23 +185,9 @@ async fn pg_op(
 
 /// One Redis worker: per tenant keys under its prefix, values carrying the tenant.
 pub async fn redis_worker(cluster: Cluster<RedisBackend>, stats: Arc<Stats>, seed: usize) {
-    let mut n = seed;
-    while !stats.stop.load(Ordering::Relaxed) {
-        n += 1;
-        let Ok(tenant) = TenantId::new(REDIS_TENANTS[n % REDIS_TENANTS.len()]) else {
-            return;
-        };
-        let intent = if n.is_multiple_of(3) {
-            Intent::Write
-        } else {
-            Intent::Read
-        };
-        let ok = tokio::time::timeout(OP_TIMEOUT, redis_op(&cluster, &stats, &tenant, intent, n))
-            .await
-            .unwrap_or(false);
-        count(&stats, intent, ok);
-        tokio::time::sleep(Duration::from_millis(if ok { 5 } else { 20 })).await;
-    }
+    let (c, s) = (&cluster, &stats);
+    let op = move |t: TenantId, intent, n| async move { redis_op(c, s, &t, intent, n).await };
+    worker(&stats, seed, &REDIS_TENANTS, 3, op).await;
 }
 
 async fn redis_op(

@@ -161,6 +161,17 @@ pub enum Attempt {
     Trusted(String),
 }
 
+impl Attempt {
+    /// [`Ran`](Self::Ran) with what an operation returned, or
+    /// [`Refused`](Self::Refused) with its [`error_chain`].
+    pub fn of<T: fmt::Debug, E: std::error::Error>(result: Result<T, E>) -> Self {
+        match result {
+            Ok(value) => Self::Ran(format!("{value:?}")),
+            Err(e) => Self::Refused(error_chain(&e)),
+        }
+    }
+}
+
 /// One engine at one isolation level, as the suite drives it.
 ///
 /// Every method checks out a connection of its own through the engine's
