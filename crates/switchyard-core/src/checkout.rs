@@ -330,11 +330,9 @@ impl<B: Backend> Checkout<B> {
         // pool capacity that other tenants could use.
         let permit = match (&req.quota, tenant) {
             (Some(quota), Some(tenant)) => {
-                // Whether it waited is not tracked: count it as a wait. Boxed,
-                // as the scope below: only tenants' checkouts carry either
-                // future, and every checkout's future would be the larger.
+                // Whether it waited is not tracked: count it as a wait.
                 *suspended = true;
-                Some(Box::pin(quota.acquire(tenant, req.deadline)).await?)
+                Some(quota.acquire(tenant, req.deadline).await?)
             }
             _ => None,
         };
@@ -358,6 +356,8 @@ impl<B: Backend> Checkout<B> {
             let Some(conn_ref) = pending.conn.as_mut() else {
                 return Err(Error::Closed);
             };
+            // Boxed: an engine's scope future is large, only scoped checkouts
+            // build it, and every checkout's future would carry its size.
             until(
                 req.deadline,
                 Box::pin(backend.scope(conn_ref, scope)),
