@@ -1,16 +1,17 @@
 //! The checkout guard: a scoped connection that gives everything back on drop.
 
 use std::fmt;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::{give_back, Backend, Recycle};
 use crate::endpoint::EndpointId;
@@ -238,17 +239,34 @@ pub struct Checkout<B: Backend> {
 impl<B: Backend> Checkout<B> {
     /// Checks out a connection from `backend`: takes the tenant's quota, gets a
     /// connection, applies the tenant scope, all before the request's deadline.
-    #[tracing::instrument(
-        level = "debug",
-        name = "checkout",
-        skip_all,
-        fields(
+    ///
+    /// Traced in a `checkout` span (debug level) when a subscriber may want it.
+    pub async fn acquire(backend: &Arc<B>, req: CheckoutRequest) -> Result<Self, Error> {
+        // No span is built, entered or looked up unless a subscriber may want
+        // it: even a disabled span costs a checkout a good part of its time
+        // (with `tracing`'s `log` feature, which sqlx turns on, it takes the
+        // `log` fallback's path on every enter, exit and drop).
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return Self::acquire_and_report(backend, req, false).await;
+        }
+        let span = tracing::debug_span!(
+            "checkout",
             endpoint = %backend.endpoint(),
             tenant = req.scope.as_ref().map(|s| s.tenant().as_str()),
             wait_us = tracing::field::Empty,
-        )
-    )]
-    pub async fn acquire(backend: &Arc<B>, mut req: CheckoutRequest) -> Result<Self, Error> {
+        );
+        Self::acquire_and_report(backend, req, true)
+            .instrument(span)
+            .await
+    }
+
+    /// [`acquire`](Self::acquire), reporting the outcome to the observer and,
+    /// when `traced`, the wait to the span it runs in.
+    async fn acquire_and_report(
+        backend: &Arc<B>,
+        mut req: CheckoutRequest,
+        traced: bool,
+    ) -> Result<Self, Error> {
         let started = req.started.unwrap_or_else(Instant::now);
         // Moved into the checkout's token, not cloned.
         let in_flight = req.in_flight.take();
@@ -256,9 +274,15 @@ impl<B: Backend> Checkout<B> {
         let result = Self::acquire_inner(backend, &req, in_flight, started, &mut suspended).await;
         // A checkout that never had to wait ends when it started: one clock
         // read fewer on the path every immediate checkout takes.
-        let ended = if suspended { Instant::now() } else { started };
-        let waited = ended.saturating_duration_since(started);
-        tracing::Span::current().record("wait_us", waited.as_micros() as u64);
+        let (ended, waited) = if suspended {
+            let ended = Instant::now();
+            (ended, ended.saturating_duration_since(started))
+        } else {
+            (started, Duration::ZERO)
+        };
+        if traced {
+            tracing::Span::current().record("wait_us", waited.as_micros() as u64);
+        }
         match result {
             Ok((conn, in_flight, quota)) => {
                 if let Some(observer) = &req.observer {
@@ -332,9 +356,15 @@ impl<B: Backend> Checkout<B> {
             let Some(conn_ref) = pending.conn.as_mut() else {
                 return Err(Error::Closed);
             };
-            until(req.deadline, backend.scope(conn_ref, scope), suspended)
-                .await
-                .ok_or_else(timeout)??;
+            // Boxed: an engine's scope future is large, only scoped checkouts
+            // build it, and every checkout's future would carry its size.
+            until(
+                req.deadline,
+                Box::pin(backend.scope(conn_ref, scope)),
+                suspended,
+            )
+            .await
+            .ok_or_else(timeout)??;
             let conn = pending.conn.take().ok_or(Error::Closed)?;
             return Ok((conn, in_flight, permit));
         }
@@ -442,18 +472,41 @@ impl<B: Backend> fmt::Debug for Checkout<B> {
 /// connection handed out at once) costs no timer registration. The timer is
 /// boxed: it is only built on the path that waits anyway, and keeps every
 /// checkout's future smaller.
-async fn until<F: Future>(deadline: Instant, fut: F, waited: &mut bool) -> Option<F::Output> {
-    let mut fut = pin!(fut);
-    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+fn until<F: Future>(deadline: Instant, fut: F, waited: &mut bool) -> Until<'_, F> {
+    Until {
+        fut,
+        deadline,
+        timer: None,
+        waited,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future [`until`] returns.
+    struct Until<'a, F> {
+        #[pin]
+        fut: F,
+        deadline: Instant,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        waited: &'a mut bool,
+    }
+}
+
+impl<F: Future> Future for Until<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        *waited = true;
-        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        **this.waited = true;
+        let deadline = *this.deadline;
+        let sleep = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         sleep.as_mut().poll(cx).map(|()| None)
-    })
-    .await
+    }
 }
 
 /// A connection between acquire and scope: discarded unless taken out.

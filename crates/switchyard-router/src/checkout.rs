@@ -257,6 +257,10 @@ impl<B: Backend> Cluster<B> {
         tenant: Option<&TenantId>,
         budget: &mut Budget,
     ) -> Result<Checkout<B>, Error> {
+        // No span unless a subscriber may want it (see `Checkout::acquire`).
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return self.attempts(intent, tenant, budget, false).await;
+        }
         let span = tracing::debug_span!(
             "switchyard.checkout",
             engine = self.shared.engine,
@@ -267,17 +271,21 @@ impl<B: Backend> Cluster<B> {
             attempts = tracing::field::Empty,
             wait_us = tracing::field::Empty,
         );
-        self.attempts(intent, tenant, budget).instrument(span).await
+        self.attempts(intent, tenant, budget, true)
+            .instrument(span)
+            .await
     }
 
     /// Attempts until one hands out a connection or the budget says stop, each
     /// a table of steps: choose an endpoint, check out, take the trial's
     /// verdict or the endpoint's failure to the cluster, judge the result.
+    /// `traced`: it runs in the operation's span, which takes its outcome.
     async fn attempts(
         &self,
         intent: Intent,
         tenant: Option<&TenantId>,
         budget: &mut Budget,
+        traced: bool,
     ) -> Result<Checkout<B>, Error> {
         let entry = match tenant {
             Some(t) => Some(self.shared.tenants.load().resolve(t)?),
@@ -300,9 +308,14 @@ impl<B: Backend> Cluster<B> {
             let req = request(&ep, budget, at_once, entry.as_deref());
             let result = Checkout::acquire(&ep.backend, req).await;
             self.settle(&ep, trial, &result);
-            let span = tracing::Span::current();
-            span.record("endpoint", ep.id().as_str());
-            span.record("attempts", budget.attempts);
+            if traced {
+                let span = tracing::Span::current();
+                span.record("endpoint", ep.id().as_str());
+                span.record("attempts", budget.attempts);
+                if result.is_ok() {
+                    span.record("wait_us", budget.started.elapsed().as_micros() as u64);
+                }
+            }
             match self.verdict(intent, &ep, result, budget) {
                 Step::Done(done) => return done,
                 Step::Retry(error) => last_error = error.or(last_error),
@@ -365,13 +378,7 @@ impl<B: Backend> Cluster<B> {
                 }
                 Step::Retry(None)
             }
-            Ok(conn) => {
-                let span = tracing::Span::current();
-                if !span.is_disabled() {
-                    span.record("wait_us", started.elapsed().as_micros() as u64);
-                }
-                Step::Done(Ok(conn))
-            }
+            Ok(conn) => Step::Done(Ok(conn)),
             Err(error) => {
                 if !budget.may_retry(&error) {
                     return Step::Done(Err(error));
@@ -388,16 +395,30 @@ impl<B: Backend> Cluster<B> {
 
     /// An endpoint for `intent`, and whether it was found at the first look;
     /// writes wait for a primary up to `failover_timeout`.
+    ///
+    /// The common case looks once and takes no lock: registering with
+    /// `changed` locks its waiter list, which every checkout would contend
+    /// on. The wait is boxed: every checkout's future would carry its timer
+    /// otherwise.
     async fn choose(
         &self,
         intent: Intent,
         budget: &Budget,
     ) -> Result<(Chosen<'_, B>, bool), Error> {
-        // The common case looks once and takes no lock: registering with
-        // `changed` locks its waiter list, which every checkout would contend on.
         if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
             return Ok((chosen, true));
         }
+        Box::pin(self.wait_for_endpoint(intent, budget))
+            .await
+            .map(|chosen| (chosen, false))
+    }
+
+    /// [`choose`](Self::choose) once the first look found nothing.
+    async fn wait_for_endpoint(
+        &self,
+        intent: Intent,
+        budget: &Budget,
+    ) -> Result<Chosen<'_, B>, Error> {
         let shared = &self.shared;
         let mut waiting_since: Option<Instant> = None;
         loop {
@@ -410,7 +431,7 @@ impl<B: Backend> Cluster<B> {
                 if let Some(since) = waiting_since {
                     shared.metrics.waited_for_primary(since.elapsed());
                 }
-                return Ok((chosen, false));
+                return Ok(chosen);
             }
             if shared.cancel.is_cancelled() {
                 return Err(Error::Closed);

@@ -9,6 +9,7 @@ mod fencing;
 mod live;
 mod reconfig;
 mod routing;
+mod spans;
 
 use std::sync::Arc;
 use std::time::Duration;
