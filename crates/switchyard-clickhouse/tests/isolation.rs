@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{backend_for, registry, tenant, Fixture, Item, ROWS_PER_TENANT, ROW_DB};
+use common::{backend_for, checkout, registry, tenant, Fixture, Item, ROWS_PER_TENANT, ROW_DB};
 use switchyard_clickhouse::{ChError, Filter};
 use switchyard_core::{
     Backend, BackendErrorKind, Checkout, CheckoutRequest, Error, Isolation, TenantId, TenantIdError,
@@ -49,12 +49,9 @@ async fn no_tenant_ever_reads_another_tenants_rows() {
             for i in 0..CHECKOUTS_PER_TASK {
                 let name = &all[rng.usize(..all.len())];
                 let entry = reg.resolve(&tenant(name)).unwrap();
-                let conn = Checkout::acquire(
-                    &backend,
-                    CheckoutRequest::with_timeout(Duration::from_secs(10)).tenant(&entry),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("checkout for {name}: {e}"));
+                let conn = checkout(&backend, Some(&entry))
+                    .await
+                    .unwrap_or_else(|e| panic!("checkout for {name}: {e}"));
                 checkouts.fetch_add(1, Ordering::Relaxed);
                 assert_eq!(conn.tenant().map(TenantId::as_str), Some(name.as_str()));
                 if i % 50 == 7 {
@@ -140,12 +137,7 @@ async fn row_scoped_handles_cannot_be_escaped() {
     let reg = registry(&[]);
     let a = reg.resolve(&tenant("a")).unwrap();
     assert_eq!(a.scope().isolation(), Isolation::Row);
-    let conn = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(Duration::from_secs(5)).tenant(&a),
-    )
-    .await
-    .unwrap();
+    let conn = checkout(&backend, Some(&a)).await.unwrap();
     assert_eq!(proxy.accepted(), 0, "a row scope needs no round trip");
 
     // No raw client.

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{backend_for, registry, tenant, Fixture, Item};
+use common::{backend_for, checkout, registry, tenant, Fixture, Item};
 use switchyard_clickhouse::{ChCheckoutExt, Filter};
-use switchyard_core::{Backend, BackendErrorKind, Checkout, CheckoutRequest, Error};
+use switchyard_core::{Backend, BackendErrorKind, Error};
 
 #[tokio::test]
 async fn missing_tenant_databases_are_not_provisioned_errors() {
@@ -16,15 +14,9 @@ async fn missing_tenant_databases_are_not_provisioned_errors() {
     fx.seed(&["present".into()], &[]).await;
     let backend = backend_for(&fx.ch.http_url(), 4);
     let reg = registry(&["present".into(), "absent".into()]);
-    let timeout = Duration::from_secs(5);
 
     let absent = reg.resolve(&tenant("absent")).unwrap();
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&absent),
-    )
-    .await
-    .unwrap_err();
+    let err = checkout(&backend, Some(&absent)).await.unwrap_err();
     assert!(
         matches!(&err, Error::TenantNotProvisioned { what: "database", name, .. } if name == "tenant_absent"),
         "{err}"
@@ -37,12 +29,7 @@ async fn missing_tenant_databases_are_not_provisioned_errors() {
     );
 
     let present = reg.resolve(&tenant("present")).unwrap();
-    let mut conn = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&present),
-    )
-    .await
-    .unwrap();
+    let mut conn = checkout(&backend, Some(&present)).await.unwrap();
     assert_eq!(conn.database(), Some("tenant_present"));
     let rows = conn.select::<Item>("items").fetch_all().await.unwrap();
     assert_eq!(rows.len(), 5);
@@ -88,11 +75,6 @@ async fn missing_tenant_databases_are_not_provisioned_errors() {
         "{err}"
     );
     drop(conn);
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&present),
-    )
-    .await
-    .unwrap_err();
+    let err = checkout(&backend, Some(&present)).await.unwrap_err();
     assert!(matches!(err, Error::TenantNotProvisioned { .. }), "{err}");
 }

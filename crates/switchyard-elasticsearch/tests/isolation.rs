@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{backend_for, tenant, Fixture, DOCS_PER_TENANT};
+use common::{backend_for, checkout, tenant, Fixture, DOCS_PER_TENANT};
 use serde_json::{json, Value};
 use switchyard_core::{
     Backend, BackendErrorKind, Checkout, CheckoutRequest, Error, Isolation, NameTemplate, TenantId,
@@ -58,12 +58,9 @@ async fn no_tenant_ever_reads_another_tenants_documents() {
             for i in 0..CHECKOUTS_PER_TASK {
                 let name = &all[rng.usize(..all.len())];
                 let entry = reg.resolve(&tenant(name)).unwrap();
-                let conn = Checkout::acquire(
-                    &backend,
-                    CheckoutRequest::with_timeout(Duration::from_secs(10)).tenant(&entry),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("checkout for {name}: {e}"));
+                let conn = checkout(&backend, Some(&entry))
+                    .await
+                    .unwrap_or_else(|e| panic!("checkout for {name}: {e}"));
                 checkouts.fetch_add(1, Ordering::Relaxed);
                 assert_eq!(conn.tenant().map(TenantId::as_str), Some(name.as_str()));
                 let docs = if i % 10 == 3 {
@@ -156,15 +153,10 @@ async fn scoped_handles_cannot_be_escaped() {
     };
     let proxy = FaultProxy::start(upstream).await.unwrap();
     let backend = backend_for(&format!("http://127.0.0.1:{}", proxy.port()), 4);
-    let timeout = Duration::from_secs(10);
     let a = reg.resolve(&tenant("a")).unwrap();
     let ix = reg.resolve(&tenant("ix")).unwrap();
-    let row = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout).tenant(&a))
-        .await
-        .unwrap();
-    let own = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout).tenant(&ix))
-        .await
-        .unwrap();
+    let row = checkout(&backend, Some(&a)).await.unwrap();
+    let own = checkout(&backend, Some(&ix)).await.unwrap();
     assert_eq!(row.isolation(), Some(Isolation::Row));
     assert_eq!(own.isolation(), Some(Isolation::Database));
 
@@ -387,12 +379,7 @@ async fn hostile_tenant_ids_are_rejected_before_any_io() {
         .unwrap(),
     );
     let upper = reg.resolve(&tenant("Victim")).unwrap();
-    let err = Checkout::acquire(
-        &strict,
-        CheckoutRequest::with_timeout(timeout).tenant(&upper),
-    )
-    .await
-    .unwrap_err();
+    let err = checkout(&strict, Some(&upper)).await.unwrap_err();
     assert!(
         matches!(rejected_with(&err), Some(EsError::InvalidIndexName { .. })),
         "{err}"
@@ -400,12 +387,7 @@ async fn hostile_tenant_ids_are_rejected_before_any_io() {
     assert_eq!(proxy.accepted(), 0, "nothing was sent");
 
     // Encoded, `Victim` is a tenant of its own, not `victim`.
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&upper),
-    )
-    .await
-    .unwrap_err();
+    let err = checkout(&backend, Some(&upper)).await.unwrap_err();
     assert!(
         matches!(&err, Error::TenantNotProvisioned { name, .. } if name.ends_with("row_.victim")),
         "{err}"

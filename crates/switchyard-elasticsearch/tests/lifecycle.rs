@@ -8,9 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{backend_for, tenant, Fixture};
+use common::{backend_for, checkout, tenant, Fixture};
 use serde_json::json;
-use switchyard_core::{Backend, Checkout, CheckoutRequest, Error};
+use switchyard_core::{Backend, Error};
 use switchyard_elasticsearch::elasticsearch::cluster::ClusterHealthParts;
 use switchyard_elasticsearch::elasticsearch::indices::{
     IndicesCreateParts, IndicesDeleteAliasParts, IndicesDeleteParts, IndicesExistsParts,
@@ -24,12 +24,7 @@ use switchyard_testkit::wait_until;
 async fn a_red_cluster_fails_the_probe() {
     let fx = Fixture::start("red").await;
     let backend = backend_for(fx.es.url(), 4);
-    let admin = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(Duration::from_secs(5)),
-    )
-    .await
-    .unwrap();
+    let admin = checkout(&backend, None).await.unwrap();
     let client = admin.client().unwrap().clone();
     let index = format!("{}_unassignable", fx.run);
     // A primary that may only live on a node that does not exist.
@@ -89,12 +84,9 @@ async fn missing_indices_and_aliases_are_not_provisioned_errors() {
     let reg = fx.registry(&["present".into(), "absent".into()]);
     fx.seed(&backend, &reg, &["present".into()], &["rowpresent".into()])
         .await;
-    let timeout = Duration::from_secs(5);
 
     // An unscoped checkout has no tenant target.
-    let unscoped = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout))
-        .await
-        .unwrap();
+    let unscoped = checkout(&backend, None).await.unwrap();
     let err = unscoped.search(json!({})).await.unwrap_err();
     let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<EsError>());
     assert!(matches!(source, Some(EsError::Unscoped { .. })), "{err}");
@@ -102,12 +94,7 @@ async fn missing_indices_and_aliases_are_not_provisioned_errors() {
 
     for (name, what) in [("absent", "index"), ("rowabsent", "alias")] {
         let entry = reg.resolve(&tenant(name)).unwrap();
-        let err = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(timeout).tenant(&entry),
-        )
-        .await
-        .unwrap_err();
+        let err = checkout(&backend, Some(&entry)).await.unwrap_err();
         assert!(
             matches!(&err, Error::TenantNotProvisioned { what: w, name: n, .. } if *w == what && n.ends_with(name)),
             "{err}"
@@ -119,17 +106,10 @@ async fn missing_indices_and_aliases_are_not_provisioned_errors() {
     // Deleted while cached as present: the next request says not provisioned,
     // and the next checkout asks again.
     let present = reg.resolve(&tenant("present")).unwrap();
-    let conn = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&present),
-    )
-    .await
-    .unwrap();
+    let conn = checkout(&backend, Some(&present)).await.unwrap();
     assert_eq!(conn.count(None).await.unwrap(), 3);
     let index = conn.target().unwrap().to_owned();
-    let admin = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout))
-        .await
-        .unwrap();
+    let admin = checkout(&backend, None).await.unwrap();
     let deleted = admin
         .client()
         .unwrap()
@@ -146,30 +126,18 @@ async fn missing_indices_and_aliases_are_not_provisioned_errors() {
         "{err}"
     );
     drop(conn);
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&present),
-    )
-    .await
-    .unwrap_err();
+    let err = checkout(&backend, Some(&present)).await.unwrap_err();
     assert!(matches!(err, Error::TenantNotProvisioned { .. }), "{err}");
 
     // A row write to an alias removed under it fails (`require_alias`) rather
     // than creating an index by that name.
     let rowpresent = reg.resolve(&tenant("rowpresent")).unwrap();
-    let row = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(timeout).tenant(&rowpresent),
-    )
-    .await
-    .unwrap();
+    let row = checkout(&backend, Some(&rowpresent)).await.unwrap();
     row.index("x", json!({ "label": "fine" }), Refresh::True)
         .await
         .unwrap();
     let alias = row.target().unwrap().to_owned();
-    let admin = Checkout::acquire(&backend, CheckoutRequest::with_timeout(timeout))
-        .await
-        .unwrap();
+    let admin = checkout(&backend, None).await.unwrap();
     let shared = fx.shared_index();
     let removed = admin
         .client()

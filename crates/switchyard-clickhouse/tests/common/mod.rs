@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use switchyard_clickhouse::{clickhouse, ChBackend, ChBackendConfig};
 use switchyard_core::{
-    Backend, Isolation, NameTemplate, PoolSettings, TenantId, TenantRegistry, TierPolicy,
+    Backend, Checkout, CheckoutRequest, Isolation, NameTemplate, PoolSettings, TenantEntry,
+    TenantId, TenantRegistry, TierPolicy,
 };
 use switchyard_testkit::ClickHouse;
 
@@ -123,4 +124,17 @@ pub fn registry(database_tenants: &[String]) -> TenantRegistry {
 
 pub fn tenant(s: &str) -> TenantId {
     TenantId::new(s).unwrap()
+}
+
+/// A checkout on `backend` within 10s, scoped to `tenant` when given.
+pub async fn checkout(
+    backend: &Arc<ChBackend>,
+    tenant: Option<&TenantEntry>,
+) -> Result<Checkout<ChBackend>, switchyard_core::Error> {
+    let request = CheckoutRequest::with_timeout(Duration::from_secs(10));
+    Checkout::acquire(
+        backend,
+        tenant.into_iter().fold(request, CheckoutRequest::tenant),
+    )
+    .await
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_core::{
-    Backend, Checkout, CheckoutRequest, Isolation, NameTemplate, PoolSettings, TenantId,
-    TenantRegistry, TierPolicy,
+    Backend, Checkout, CheckoutRequest, Isolation, NameTemplate, PoolSettings, TenantEntry,
+    TenantId, TenantRegistry, TierPolicy,
 };
 use switchyard_elasticsearch::elasticsearch::indices::{
     IndicesCreateParts, IndicesDeleteParts, IndicesRefreshParts,
@@ -96,15 +96,12 @@ impl Fixture {
         index_tenants: &[String],
         row_tenants: &[String],
     ) {
-        let timeout = Duration::from_secs(10);
         let mappings = json!({ "mappings": { "properties": {
             "tenant_id": { "type": "keyword" },
             "n": { "type": "long" },
             "label": { "type": "keyword" },
         } } });
-        let admin = Checkout::acquire(backend, CheckoutRequest::with_timeout(timeout))
-            .await
-            .unwrap();
+        let admin = checkout(backend, None).await.unwrap();
         for t in index_tenants {
             let entry = reg.resolve(&TenantId::new(t).unwrap()).unwrap();
             create_tenant_index(&admin, entry.scope(), Some(mappings.clone()))
@@ -130,12 +127,9 @@ impl Fixture {
         drop(admin);
         for t in index_tenants.iter().chain(row_tenants) {
             let entry = reg.resolve(&TenantId::new(t).unwrap()).unwrap();
-            let conn = Checkout::acquire(
-                backend,
-                CheckoutRequest::with_timeout(timeout).tenant(&entry),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("checkout for {t}: {e:?}"));
+            let conn = checkout(backend, Some(&entry))
+                .await
+                .unwrap_or_else(|e| panic!("checkout for {t}: {e:?}"));
             for n in 0..DOCS_PER_TENANT {
                 let mut doc = json!({ "n": n, "label": format!("secret of {t}") });
                 if conn.isolation() == Some(Isolation::Database) {
@@ -161,12 +155,7 @@ impl Fixture {
             let entry = reg.resolve(&TenantId::new(t).unwrap()).unwrap();
             names.push(backend.target_name(entry.scope()).unwrap());
         }
-        let admin = Checkout::acquire(
-            backend,
-            CheckoutRequest::with_timeout(Duration::from_secs(10)),
-        )
-        .await
-        .unwrap();
+        let admin = checkout(backend, None).await.unwrap();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let _ = admin
             .client()
@@ -179,12 +168,7 @@ impl Fixture {
 
     /// Every document of the shared index, read with an unscoped client.
     pub async fn shared_docs(&self, backend: &Arc<EsBackend>) -> Vec<Value> {
-        let admin = Checkout::acquire(
-            backend,
-            CheckoutRequest::with_timeout(Duration::from_secs(10)),
-        )
-        .await
-        .unwrap();
+        let admin = checkout(backend, None).await.unwrap();
         let client = admin.client().unwrap();
         let shared = self.shared_index();
         let _ = client
@@ -221,4 +205,17 @@ pub fn backend_for(url: &str, max_size: u32) -> Arc<EsBackend> {
 
 pub fn tenant(s: &str) -> TenantId {
     TenantId::new(s).unwrap()
+}
+
+/// A checkout on `backend` within 10s, scoped to `tenant` when given.
+pub async fn checkout(
+    backend: &Arc<EsBackend>,
+    tenant: Option<&TenantEntry>,
+) -> Result<Checkout<EsBackend>, switchyard_core::Error> {
+    let request = CheckoutRequest::with_timeout(Duration::from_secs(10));
+    Checkout::acquire(
+        backend,
+        tenant.into_iter().fold(request, CheckoutRequest::tenant),
+    )
+    .await
 }
