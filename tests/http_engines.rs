@@ -37,6 +37,24 @@ trait Engine: Sized {
     fn ping(conn: &mut Checkout<Self::Backend>) -> impl Future<Output = ()>;
 }
 
+/// [`Engine`]'s faults, forwarded to the test bed's server handle `self.0`.
+macro_rules! signals {
+    () => {
+        async fn kill(&self) {
+            self.0.kill().await.unwrap();
+        }
+        async fn pause(&self) {
+            self.0.pause().await.unwrap();
+        }
+        async fn resume(&self) {
+            self.0.resume().await.unwrap();
+        }
+        async fn restart(&self) {
+            self.0.restart().await.unwrap();
+        }
+    };
+}
+
 fn pool(max_size: u32) -> PoolSettings {
     PoolSettings::default()
         .with_max_size(max_size)
@@ -63,18 +81,7 @@ impl Engine for Ch {
             .config();
         Arc::new(ChBackend::new(config).unwrap())
     }
-    async fn kill(&self) {
-        self.0.kill().await.unwrap();
-    }
-    async fn pause(&self) {
-        self.0.pause().await.unwrap();
-    }
-    async fn resume(&self) {
-        self.0.resume().await.unwrap();
-    }
-    async fn restart(&self) {
-        self.0.restart().await.unwrap();
-    }
+    signals!();
     async fn ping(conn: &mut Checkout<ChBackend>) {
         let client = conn.client().unwrap();
         let one: u8 = client.query("SELECT 1").fetch_one().await.unwrap();
@@ -106,18 +113,7 @@ impl Engine for Es {
             .config();
         Arc::new(EsBackend::new(config).unwrap())
     }
-    async fn kill(&self) {
-        self.0.kill().await.unwrap();
-    }
-    async fn pause(&self) {
-        self.0.pause().await.unwrap();
-    }
-    async fn resume(&self) {
-        self.0.resume().await.unwrap();
-    }
-    async fn restart(&self) {
-        self.0.restart().await.unwrap();
-    }
+    signals!();
     async fn ping(conn: &mut Checkout<EsBackend>) {
         let client = conn.client().unwrap().clone();
         let ping = client.ping().send().await.map_err(|e| conn.fail(e));

@@ -11,6 +11,7 @@ use switchyard_core::{
 };
 
 use crate::filter::validate_identifier;
+use crate::ChBackend;
 
 /// Default [`ChBackendConfig::row_database`].
 pub const DEFAULT_ROW_DATABASE: &str = "default";
@@ -122,13 +123,6 @@ impl ChBackendConfig {
         }
     }
 
-    /// Starts a builder for `url`.
-    pub fn builder(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> ChBackendBuilder {
-        ChBackendBuilder {
-            config: Self::new(endpoint, url),
-        }
-    }
-
     /// Every problem with this configuration, each as an [`Error::Config`] under `path`.
     pub fn validate(&self, path: &str) -> Vec<Error> {
         let mut problems = self.pool.validate(&format!("{path}.pool"));
@@ -172,89 +166,36 @@ impl ChBackendConfig {
     }
 }
 
-/// A builder over [`ChBackendConfig`].
-///
-/// ```no_run
-/// # fn demo() -> Result<(), switchyard_core::Error> {
-/// use std::time::Duration;
-/// use switchyard_core::PoolSettings;
-/// use switchyard_clickhouse::ChBackendConfig;
-///
-/// let backend = ChBackendConfig::builder("ch-1", "http://127.0.0.1:8123")
-///     .pool(PoolSettings::default().with_max_size(32))
-///     .row_database("shared")
-///     .query_timeout(Duration::from_secs(10))
-///     .build()?;
-/// # let _ = backend; Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct ChBackendBuilder {
-    config: ChBackendConfig,
+switchyard_core::backend_builder! {
+    /// A builder over [`ChBackendConfig`].
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), switchyard_core::Error> {
+    /// use std::time::Duration;
+    /// use switchyard_core::PoolSettings;
+    /// use switchyard_clickhouse::ChBackendConfig;
+    ///
+    /// let backend = ChBackendConfig::builder("ch-1", "http://127.0.0.1:8123")
+    ///     .pool(PoolSettings::default().with_max_size(32))
+    ///     .row_database("shared")
+    ///     .query_timeout(Duration::from_secs(10))
+    ///     .build()?;
+    /// # let _ = backend; Ok(()) }
+    /// ```
+    ChBackendBuilder for ChBackendConfig => ChBackend;
+    database(database: impl Into<String>) => database = Some(database.into());
+    row_database(database: impl Into<String>) => row_database = database.into();
+    tenant_column(column: impl Into<String>) => tenant_column = column.into();
+    row_policy_setting(setting: impl Into<String>) => row_policy_setting = Some(setting.into());
+    provision_cache_ttl(ttl: Duration) => provision_cache_ttl = ttl;
+    query_timeout(timeout: Duration) => query_timeout = timeout;
 }
 
 impl ChBackendBuilder {
-    /// Sets the in-flight bound and acquire timeout.
-    pub fn pool(mut self, pool: PoolSettings) -> Self {
-        self.config.pool = pool;
-        self
-    }
-
-    /// Sets [`ChBackendConfig::database`].
-    pub fn database(mut self, database: impl Into<String>) -> Self {
-        self.config.database = Some(database.into());
-        self
-    }
-
-    /// Sets [`ChBackendConfig::row_database`].
-    pub fn row_database(mut self, database: impl Into<String>) -> Self {
-        self.config.row_database = database.into();
-        self
-    }
-
-    /// Sets [`ChBackendConfig::tenant_column`].
-    pub fn tenant_column(mut self, column: impl Into<String>) -> Self {
-        self.config.tenant_column = column.into();
-        self
-    }
-
-    /// Sets [`ChBackendConfig::row_policy_setting`].
-    pub fn row_policy_setting(mut self, setting: impl Into<String>) -> Self {
-        self.config.row_policy_setting = Some(setting.into());
-        self
-    }
-
-    /// Sets [`ChBackendConfig::provision_cache_ttl`].
-    pub fn provision_cache_ttl(mut self, ttl: Duration) -> Self {
-        self.config.provision_cache_ttl = ttl;
-        self
-    }
-
-    /// Sets [`ChBackendConfig::query_timeout`].
-    pub fn query_timeout(mut self, timeout: Duration) -> Self {
-        self.config.query_timeout = timeout;
-        self
-    }
-
-    /// Sets the TLS settings (see [`ChBackendConfig::tls`]).
-    pub fn tls(mut self, tls: TlsSettings) -> Self {
-        self.config.tls = Some(tls);
-        self
-    }
-
     /// Adds a ClickHouse setting sent with every query.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.settings.insert(name.into(), value.into());
         self
-    }
-
-    /// The configuration built so far.
-    pub fn config(self) -> ChBackendConfig {
-        self.config
-    }
-
-    /// Builds the backend; see [`ChBackend::new`](crate::ChBackend::new).
-    pub fn build(self) -> Result<crate::ChBackend, Error> {
-        crate::ChBackend::new(self.config)
     }
 }
 

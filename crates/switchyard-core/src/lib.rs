@@ -47,6 +47,7 @@
 //! ```
 
 mod backend;
+mod builder;
 mod causal;
 mod checkout;
 mod endpoint;

@@ -10,6 +10,7 @@ use switchyard_core::{
 };
 
 use crate::naming::{validate_field, IndexNaming};
+use crate::EsBackend;
 
 /// Default [`EsBackendConfig::tenant_field`].
 pub const DEFAULT_TENANT_FIELD: &str = "tenant_id";
@@ -98,13 +99,6 @@ impl EsBackendConfig {
         }
     }
 
-    /// Starts a builder for `url`.
-    pub fn builder(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> EsBackendBuilder {
-        EsBackendBuilder {
-            config: Self::new(endpoint, url),
-        }
-    }
-
     /// Every problem with this configuration, each as an [`Error::Config`] under `path`.
     pub fn validate(&self, path: &str) -> Vec<Error> {
         let mut problems = self.pool.validate(&format!("{path}.pool"));
@@ -135,72 +129,27 @@ impl EsBackendConfig {
     }
 }
 
-/// A builder over [`EsBackendConfig`].
-///
-/// ```no_run
-/// # fn demo() -> Result<(), switchyard_core::Error> {
-/// use std::time::Duration;
-/// use switchyard_core::PoolSettings;
-/// use switchyard_elasticsearch::EsBackendConfig;
-///
-/// let backend = EsBackendConfig::builder("es-1", "http://127.0.0.1:9200")
-///     .pool(PoolSettings::default().with_max_size(32))
-///     .tenant_field("org")
-///     .request_timeout(Duration::from_secs(5))
-///     .build()?;
-/// # let _ = backend; Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct EsBackendBuilder {
-    config: EsBackendConfig,
-}
-
-impl EsBackendBuilder {
-    /// Sets the in-flight bound and acquire timeout.
-    pub fn pool(mut self, pool: PoolSettings) -> Self {
-        self.config.pool = pool;
-        self
-    }
-
-    /// Sets [`EsBackendConfig::tenant_field`].
-    pub fn tenant_field(mut self, field: impl Into<String>) -> Self {
-        self.config.tenant_field = field.into();
-        self
-    }
-
-    /// Sets [`EsBackendConfig::index_naming`].
-    pub fn index_naming(mut self, naming: IndexNaming) -> Self {
-        self.config.index_naming = naming;
-        self
-    }
-
-    /// Sets [`EsBackendConfig::request_timeout`].
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.config.request_timeout = timeout;
-        self
-    }
-
-    /// Sets [`EsBackendConfig::provision_cache_ttl`].
-    pub fn provision_cache_ttl(mut self, ttl: Duration) -> Self {
-        self.config.provision_cache_ttl = ttl;
-        self
-    }
-
-    /// Sets the TLS settings (see [`EsBackendConfig::tls`]).
-    pub fn tls(mut self, tls: TlsSettings) -> Self {
-        self.config.tls = Some(tls);
-        self
-    }
-
-    /// The configuration built so far.
-    pub fn config(self) -> EsBackendConfig {
-        self.config
-    }
-
-    /// Builds the backend; see [`EsBackend::new`](crate::EsBackend::new).
-    pub fn build(self) -> Result<crate::EsBackend, Error> {
-        crate::EsBackend::new(self.config)
-    }
+switchyard_core::backend_builder! {
+    /// A builder over [`EsBackendConfig`].
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), switchyard_core::Error> {
+    /// use std::time::Duration;
+    /// use switchyard_core::PoolSettings;
+    /// use switchyard_elasticsearch::EsBackendConfig;
+    ///
+    /// let backend = EsBackendConfig::builder("es-1", "http://127.0.0.1:9200")
+    ///     .pool(PoolSettings::default().with_max_size(32))
+    ///     .tenant_field("org")
+    ///     .request_timeout(Duration::from_secs(5))
+    ///     .build()?;
+    /// # let _ = backend; Ok(()) }
+    /// ```
+    EsBackendBuilder for EsBackendConfig => EsBackend;
+    tenant_field(field: impl Into<String>) => tenant_field = field.into();
+    index_naming(naming: IndexNaming) => index_naming = naming;
+    request_timeout(timeout: Duration) => request_timeout = timeout;
+    provision_cache_ttl(ttl: Duration) => provision_cache_ttl = ttl;
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
 use crate::names::validate_database;
+use crate::MongoBackend;
 
 /// Default [`MongoBackendConfig::tenant_field`].
 pub const DEFAULT_TENANT_FIELD: &str = "tenant_id";
@@ -174,16 +175,6 @@ impl MongoBackendConfig {
 
     fn is_srv(&self) -> bool {
         self.url.scheme().as_deref() == Some("mongodb+srv")
-    }
-
-    /// Starts a builder for `url`.
-    pub fn builder(
-        endpoint: impl Into<Arc<str>>,
-        url: impl Into<SecretUrl>,
-    ) -> MongoBackendBuilder {
-        MongoBackendBuilder {
-            config: Self::new(endpoint, url),
-        }
     }
 
     /// The effective connect timeout.
@@ -387,92 +378,32 @@ impl MongoBackendConfig {
     }
 }
 
-/// A builder over [`MongoBackendConfig`].
-///
-/// ```
-/// use std::time::Duration;
-/// use switchyard_core::PoolSettings;
-/// use switchyard_mongodb::MongoBackendConfig;
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), switchyard_core::Error> {
-/// // Nothing connects until the first checkout or probe.
-/// let backend = MongoBackendConfig::builder("mongo-1", "mongodb://127.0.0.1:1")
-///     .pool(PoolSettings::default().with_max_size(8))
-///     .database("app")
-///     .operation_timeout(Duration::from_secs(5))
-///     .build()?;
-/// # let _ = backend; Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct MongoBackendBuilder {
-    config: MongoBackendConfig,
-}
-
-impl MongoBackendBuilder {
-    /// Sets the TLS settings (see [`MongoBackendConfig::tls`]).
-    pub fn tls(mut self, tls: TlsSettings) -> Self {
-        self.config.tls = Some(tls);
-        self
-    }
-
-    /// Sets the pool settings.
-    pub fn pool(mut self, pool: PoolSettings) -> Self {
-        self.config.pool = pool;
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::topology`].
-    pub fn topology(mut self, topology: Topology) -> Self {
-        self.config.topology = topology;
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::database`].
-    pub fn database(mut self, database: impl Into<String>) -> Self {
-        self.config.database = Some(database.into());
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::tenant_field`].
-    pub fn tenant_field(mut self, field: impl Into<String>) -> Self {
-        self.config.tenant_field = field.into();
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::connect_timeout`].
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.config.connect_timeout = Some(t);
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::server_selection_timeout`].
-    pub fn server_selection_timeout(mut self, t: Duration) -> Self {
-        self.config.server_selection_timeout = Some(t);
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::heartbeat_interval`].
-    pub fn heartbeat_interval(mut self, t: Duration) -> Self {
-        self.config.heartbeat_interval = t;
-        self
-    }
-
-    /// Sets [`MongoBackendConfig::operation_timeout`].
-    pub fn operation_timeout(mut self, t: Duration) -> Self {
-        self.config.operation_timeout = t;
-        self
-    }
-
-    /// The configuration built so far.
-    pub fn config(self) -> MongoBackendConfig {
-        self.config
-    }
-
-    /// Builds the backend; see [`MongoBackend::new`](crate::MongoBackend::new).
-    pub fn build(self) -> Result<crate::MongoBackend, Error> {
-        crate::MongoBackend::new(self.config)
-    }
+switchyard_core::backend_builder! {
+    /// A builder over [`MongoBackendConfig`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchyard_core::PoolSettings;
+    /// use switchyard_mongodb::MongoBackendConfig;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), switchyard_core::Error> {
+    /// // Nothing connects until the first checkout or probe.
+    /// let backend = MongoBackendConfig::builder("mongo-1", "mongodb://127.0.0.1:1")
+    ///     .pool(PoolSettings::default().with_max_size(8))
+    ///     .database("app")
+    ///     .operation_timeout(Duration::from_secs(5))
+    ///     .build()?;
+    /// # let _ = backend; Ok(()) }
+    /// ```
+    MongoBackendBuilder for MongoBackendConfig => MongoBackend;
+    topology(topology: Topology) => topology = topology;
+    database(database: impl Into<String>) => database = Some(database.into());
+    tenant_field(field: impl Into<String>) => tenant_field = field.into();
+    connect_timeout(t: Duration) => connect_timeout = Some(t);
+    server_selection_timeout(t: Duration) => server_selection_timeout = Some(t);
+    heartbeat_interval(t: Duration) => heartbeat_interval = t;
+    operation_timeout(t: Duration) => operation_timeout = t;
 }
 
 #[cfg(test)]

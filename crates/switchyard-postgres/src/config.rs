@@ -10,6 +10,7 @@ use sqlx::postgres::PgConnectOptions;
 use switchyard_core::{EndpointId, Error, PoolSettings, SecretUrl, TlsSettings, Transport};
 
 use crate::slots::HandOff;
+use crate::PgBackend;
 
 /// Default [`PgBackendConfig::max_tenant_pools`].
 pub const DEFAULT_MAX_TENANT_POOLS: usize = 64;
@@ -173,13 +174,6 @@ impl PgBackendConfig {
         }
     }
 
-    /// Starts a builder for `url`.
-    pub fn builder(endpoint: impl Into<Arc<str>>, url: impl Into<SecretUrl>) -> PgBackendBuilder {
-        PgBackendBuilder {
-            config: Self::new(endpoint, url),
-        }
-    }
-
     /// Every problem with this configuration, each as an [`Error::Config`] under `path`.
     pub fn validate(&self, path: &str) -> Vec<Error> {
         let mut problems = self.pool.validate(&format!("{path}.pool"));
@@ -298,84 +292,29 @@ impl PgBackendConfig {
     }
 }
 
-/// A builder over [`PgBackendConfig`].
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), switchyard_core::Error> {
-/// use std::time::Duration;
-/// use switchyard_core::PoolSettings;
-/// use switchyard_postgres::PgBackendConfig;
-///
-/// let backend = PgBackendConfig::builder("pg-1", "postgres://app@127.0.0.1:5432/app")
-///     .pool(PoolSettings::default().with_max_size(8))
-///     .max_tenant_pools(16)
-///     .tenant_pool_idle_timeout(Duration::from_secs(60))
-///     .build()?;
-/// # let _ = backend; Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct PgBackendBuilder {
-    config: PgBackendConfig,
-}
-
-impl PgBackendBuilder {
-    /// Sets the shared pool's settings.
-    pub fn pool(mut self, pool: PoolSettings) -> Self {
-        self.config.pool = pool;
-        self
-    }
-
-    /// Sets [`PgBackendConfig::max_tenant_pools`].
-    pub fn max_tenant_pools(mut self, n: usize) -> Self {
-        self.config.max_tenant_pools = n;
-        self
-    }
-
-    /// Sets [`PgBackendConfig::tenant_pool_max_size`].
-    pub fn tenant_pool_max_size(mut self, n: u32) -> Self {
-        self.config.tenant_pool_max_size = n;
-        self
-    }
-
-    /// Sets [`PgBackendConfig::tenant_pool_idle_timeout`].
-    pub fn tenant_pool_idle_timeout(mut self, t: Duration) -> Self {
-        self.config.tenant_pool_idle_timeout = t;
-        self
-    }
-
-    /// Sets [`PgBackendConfig::reset_timeout`].
-    pub fn reset_timeout(mut self, t: Duration) -> Self {
-        self.config.reset_timeout = t;
-        self
-    }
-
-    /// Sets [`PgBackendConfig::tenant_roles`].
-    pub fn tenant_roles(mut self, on: bool) -> Self {
-        self.config.tenant_roles = on;
-        self
-    }
-
-    /// Sets the TLS settings (see [`PgBackendConfig::tls`]).
-    pub fn tls(mut self, tls: TlsSettings) -> Self {
-        self.config.tls = Some(tls);
-        self
-    }
-
-    /// Sets the affinity settings.
-    pub fn affinity(mut self, affinity: AffinitySettings) -> Self {
-        self.config.affinity = affinity;
-        self
-    }
-
-    /// The configuration built so far.
-    pub fn config(self) -> PgBackendConfig {
-        self.config
-    }
-
-    /// Builds the backend; see [`PgBackend::new`](crate::PgBackend::new).
-    pub fn build(self) -> Result<crate::PgBackend, Error> {
-        crate::PgBackend::new(self.config)
-    }
+switchyard_core::backend_builder! {
+    /// A builder over [`PgBackendConfig`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), switchyard_core::Error> {
+    /// use std::time::Duration;
+    /// use switchyard_core::PoolSettings;
+    /// use switchyard_postgres::PgBackendConfig;
+    ///
+    /// let backend = PgBackendConfig::builder("pg-1", "postgres://app@127.0.0.1:5432/app")
+    ///     .pool(PoolSettings::default().with_max_size(8))
+    ///     .max_tenant_pools(16)
+    ///     .tenant_pool_idle_timeout(Duration::from_secs(60))
+    ///     .build()?;
+    /// # let _ = backend; Ok(()) }
+    /// ```
+    PgBackendBuilder for PgBackendConfig => PgBackend;
+    max_tenant_pools(n: usize) => max_tenant_pools = n;
+    tenant_pool_max_size(n: u32) => tenant_pool_max_size = n;
+    tenant_pool_idle_timeout(t: Duration) => tenant_pool_idle_timeout = t;
+    reset_timeout(t: Duration) => reset_timeout = t;
+    tenant_roles(on: bool) => tenant_roles = on;
+    affinity(affinity: AffinitySettings) => affinity = affinity;
 }
 
 #[cfg(test)]
