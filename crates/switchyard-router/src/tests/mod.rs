@@ -119,6 +119,11 @@ pub async fn tally(
     out
 }
 
+/// The endpoints that served `n` sequential checkouts, by name.
+pub async fn served_by(cluster: &Cluster<NoopBackend>, intent: Intent, n: usize) -> Vec<String> {
+    tally(cluster, intent, n).await.into_keys().collect()
+}
+
 /// Advances paused time in probe-interval steps, letting tasks run after each.
 pub async fn run_for(d: Duration) {
     let step = Duration::from_millis(100);

@@ -10,13 +10,7 @@ use crate::{ReadPreference, StrategyKind};
 #[tokio::test(start_paused = true)]
 async fn writes_go_to_the_primary_and_reads_to_replicas() {
     let (cluster, _) = cluster(2, config()).await;
-    assert_eq!(
-        tally(&cluster, Intent::Write, 10)
-            .await
-            .keys()
-            .collect::<Vec<_>>(),
-        ["p"]
-    );
+    assert_eq!(served_by(&cluster, Intent::Write, 10).await, ["p"]);
     let reads = tally(&cluster, Intent::Read, 1000).await;
     assert_eq!(reads.keys().collect::<Vec<_>>(), ["r1", "r2"]);
     let st = cluster.status();
@@ -36,13 +30,7 @@ async fn read_preferences_and_the_primary_fallback() {
     );
 
     let (cluster, backends) = cluster_with_down_replica(ReadPreference::PreferReplicas).await;
-    assert_eq!(
-        tally(&cluster, Intent::Read, 10)
-            .await
-            .keys()
-            .collect::<Vec<_>>(),
-        ["p"]
-    );
+    assert_eq!(served_by(&cluster, Intent::Read, 10).await, ["p"]);
     drop(backends);
 
     let (cluster, _b) = cluster_with_down_replica(ReadPreference::ReplicasOnly).await;
@@ -71,13 +59,7 @@ async fn replicas_over_the_lag_limit_serve_no_reads() {
     probe.lag = Some(Duration::from_secs(60));
     let event = crate::health::Event::ProbePassed(probe);
     cluster.shared.apply(&ep.state, event);
-    assert_eq!(
-        tally(&cluster, Intent::Read, 50)
-            .await
-            .keys()
-            .collect::<Vec<_>>(),
-        ["r2"]
-    );
+    assert_eq!(served_by(&cluster, Intent::Read, 50).await, ["r2"]);
     let st = status_of(&cluster, "r1");
     assert_eq!(st.lag, Some(Duration::from_secs(60)));
     assert!(!st.serves_reads);
