@@ -13,7 +13,7 @@ use switchyard_core::{
     BackendErrorKind, Checkout, CheckoutRequest, Error, Isolation, TenantId, TenantScope,
 };
 use switchyard_mongodb::{mongo_cause, MongoBackend, MongoError};
-use switchyard_testkit::{FaultProxy, ServerKind};
+use switchyard_testkit::ServerKind;
 
 use common::*;
 
@@ -429,15 +429,7 @@ async fn hostile_tenant_ids_and_names_are_refused_before_any_io() {
         .unwrap();
     let dbs_before = raw.list_database_names().await.unwrap();
 
-    let upstream = match server.addr() {
-        Some(addr) => addr,
-        None => first_host(&url).await,
-    };
-    let proxy = FaultProxy::start(upstream).await.unwrap();
-    let proxied = match server.kind() {
-        ServerKind::Real => via_proxy(&url, proxy.port()),
-        ServerKind::StandIn { .. } => format!("mongodb://127.0.0.1:{}", proxy.port()),
-    };
+    let (proxy, proxied) = proxied(&server, &url).await;
     let backend: Arc<MongoBackend> = backend(&proxied, &shared, 4);
     let registry = registry(&tag, 2).with_default_tier("row");
 

@@ -13,7 +13,6 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::FindOptions;
 use switchyard_core::{Isolation, TenantEntry, TenantId};
 use switchyard_mongodb::MongoBackend;
-use switchyard_testkit::{FaultProxy, ServerKind};
 use tokio::task::JoinSet;
 
 use common::*;
@@ -269,15 +268,7 @@ async fn a_connection_that_just_served_another_tenant_shows_only_the_new_one() {
 #[tokio::test]
 async fn a_cancelled_operation_never_hands_its_reply_to_the_next_tenant() {
     let server = server().await;
-    let upstream = match server.addr() {
-        Some(addr) => addr,
-        None => first_host(server.url()).await,
-    };
-    let proxy = FaultProxy::start(upstream).await.unwrap();
-    let url = match server.kind() {
-        ServerKind::Real => via_proxy(server.url(), proxy.port()),
-        ServerKind::StandIn { .. } => format!("mongodb://127.0.0.1:{}", proxy.port()),
-    };
+    let (proxy, url) = proxied(&server, server.url()).await;
     let tag = unique("cx");
     let shared = format!("{tag}_shared");
     // One driver connection: whatever A leaves behind, B gets next.

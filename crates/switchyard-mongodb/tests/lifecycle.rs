@@ -34,10 +34,7 @@ impl Target {
         let (proxy, url) = match server.kind() {
             ServerKind::StandIn { .. } => (None, server.url().to_owned()),
             ServerKind::Real => {
-                let proxy = FaultProxy::start(first_host(server.url()).await)
-                    .await
-                    .unwrap();
-                let url = via_proxy(server.url(), proxy.port());
+                let (proxy, url) = proxied(&server, server.url()).await;
                 eprintln!(
                     "faults on the real server are emulated by a fault proxy at {}",
                     proxy.addr()
@@ -96,15 +93,7 @@ async fn healthy(backend: &MongoBackend) -> bool {
 #[tokio::test]
 async fn building_a_backend_does_no_io_even_for_an_unreachable_endpoint() {
     let server = server().await;
-    let upstream = match server.addr() {
-        Some(addr) => addr,
-        None => first_host(server.url()).await,
-    };
-    let proxy = FaultProxy::start(upstream).await.unwrap();
-    let url = match server.kind() {
-        ServerKind::Real => via_proxy(server.url(), proxy.port()),
-        ServerKind::StandIn { .. } => format!("mongodb://127.0.0.1:{}", proxy.port()),
-    };
+    let (proxy, url) = proxied(&server, server.url()).await;
     let backend = MongoBackend::new(fast_config(&url, "noio")).unwrap();
     assert_eq!(backend.stats().size, 0);
     // Give anything that might connect in the background a chance to.

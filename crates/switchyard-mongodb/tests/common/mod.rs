@@ -13,7 +13,7 @@ use switchyard_core::{
     TenantRegistry, TierPolicy,
 };
 use switchyard_mongodb::{MongoBackend, MongoBackendConfig};
-use switchyard_testkit::{MongoServer, ServerKind};
+use switchyard_testkit::{FaultProxy, MongoServer, ServerKind};
 
 /// Writes `message` to the terminal even when the test harness captures
 /// output (it captures only the print macros), for skips that must be seen.
@@ -205,6 +205,21 @@ pub fn direct_url(url: &str, host: &str) -> String {
         scheme
     };
     format!("{scheme}://{userinfo}{host}{path}?{}", params.join("&"))
+}
+
+/// A fault proxy in front of `server` (whose URL is `url`), and the URL
+/// that reaches the server through it.
+pub async fn proxied(server: &MongoServer, url: &str) -> (FaultProxy, String) {
+    let upstream = match server.addr() {
+        Some(addr) => addr,
+        None => first_host(url).await,
+    };
+    let proxy = FaultProxy::start(upstream).await.unwrap();
+    let url = match server.kind() {
+        ServerKind::Real => via_proxy(url, proxy.port()),
+        ServerKind::StandIn { .. } => format!("mongodb://127.0.0.1:{}", proxy.port()),
+    };
+    (proxy, url)
 }
 
 /// The first host of `url`, resolved.
