@@ -33,6 +33,12 @@ async fn session_state(conn: &mut Checkout<PgBackend>) -> (String, String, bool)
 
 const CLEAN_PATH: &str = "\"$user\", public";
 
+/// The error of a checkout for a scope built by hand.
+async fn hand_scoped(backend: &Arc<PgBackend>, scope: TenantScope) -> Error {
+    let request = CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(scope));
+    Checkout::acquire(backend, request).await.unwrap_err()
+}
+
 /// Starts `sql` on a checkout for `entry` (through the checkout's own
 /// executor, or on the raw sqlx connection), abandons it after `cut_ms`, and
 /// returns that connection's pid and the next unscoped checkout's, whose
@@ -467,12 +473,7 @@ async fn hostile_tenant_input_never_reaches_the_server() {
         "x\"; DROP TABLE victim; --",
         "app.tenant_id",
     );
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(schema)),
-    )
-    .await
-    .unwrap_err();
+    let err = hand_scoped(&backend, schema).await;
     assert!(
         matches!(err, Error::TenantNotProvisioned { what: "schema", .. }),
         "{err:?}"
@@ -485,12 +486,7 @@ async fn hostile_tenant_input_never_reaches_the_server() {
         "x",
         "app.x'; DROP TABLE victim; --",
     );
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(row)),
-    )
-    .await
-    .unwrap_err();
+    let err = hand_scoped(&backend, row).await;
     assert!(matches!(err, Error::CheckoutRefused { .. }), "{err:?}");
     assert_eq!(proxy.accepted(), accepted, "a bad row setting caused I/O");
     let db = TenantScope::new(
@@ -499,12 +495,7 @@ async fn hostile_tenant_input_never_reaches_the_server() {
         "x\"; DROP TABLE victim; --",
         "app.tenant_id",
     );
-    let err = Checkout::acquire(
-        &backend,
-        CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(db)),
-    )
-    .await
-    .unwrap_err();
+    let err = hand_scoped(&backend, db).await;
     assert!(
         matches!(
             err,
