@@ -252,7 +252,8 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// The return path of every checkout, written once: see [`Backend`].
-pub(crate) fn give_back<B: Backend>(backend: Arc<B>, mut conn: B::Connection, keep: bool) {
+/// The backend's handle is cloned only for a reset that runs on a task.
+pub(crate) fn give_back<B: Backend>(backend: &Arc<B>, mut conn: B::Connection, keep: bool) {
     if !keep {
         backend.release(conn, Recycle::Discard);
         return;
@@ -262,6 +263,7 @@ pub(crate) fn give_back<B: Backend>(backend: Arc<B>, mut conn: B::Connection, ke
         Returned::Broken => backend.release(conn, Recycle::Discard),
         Returned::Dirty => match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
+                let backend = Arc::clone(backend);
                 rt.spawn(async move {
                     let verdict = backend.recycle(&mut conn).await;
                     backend.release(conn, verdict);

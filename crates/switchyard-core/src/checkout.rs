@@ -52,6 +52,13 @@ pub trait CheckoutObserver: Send + Sync + 'static {
     fn on_released(&self, held: Duration, outcome: Outcome) {
         let _ = (held, outcome);
     }
+    /// The counter this observer's checkouts are counted in while in flight,
+    /// from the moment one starts waiting until it fails or its connection is
+    /// returned. Read through the observer the checkout holds anyway, so
+    /// counting costs a checkout no handle of its own.
+    fn in_flight(&self) -> Option<&InFlight> {
+        None
+    }
 }
 
 /// Checkouts in flight on one endpoint, including those still waiting for a
@@ -74,13 +81,40 @@ impl InFlight {
 
     /// Counts one more until the returned token is dropped.
     pub fn enter(self: &Arc<Self>) -> InFlightToken {
-        Arc::clone(self).enter_owned()
+        self.count.fetch_add(1, Ordering::Relaxed);
+        InFlightToken(Arc::clone(self))
     }
 
-    /// [`enter`](Self::enter) with a handle the caller gives up.
-    fn enter_owned(self: Arc<Self>) -> InFlightToken {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        InFlightToken(self)
+    fn leave(&self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One checkout counted in its observer's [`InFlight`] while it acquires:
+/// given back on drop (a failed or cancelled checkout) unless
+/// [`kept`](Self::kept) hands the count to the [`Checkout`].
+struct Counted<'a>(Option<&'a InFlight>);
+
+impl<'a> Counted<'a> {
+    fn enter(observer: Option<&'a Arc<dyn CheckoutObserver>>) -> Self {
+        let counter = observer.and_then(|o| o.in_flight());
+        if let Some(c) = counter {
+            c.count.fetch_add(1, Ordering::Relaxed);
+        }
+        Self(counter)
+    }
+
+    /// Whether a count was taken; the caller gives it back.
+    fn kept(mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.leave();
+        }
     }
 }
 
@@ -96,7 +130,7 @@ pub struct InFlightToken(Arc<InFlight>);
 
 impl Drop for InFlightToken {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::Relaxed);
+        self.0.leave();
     }
 }
 
@@ -108,7 +142,6 @@ pub struct CheckoutRequest {
     quota: Option<Quota>,
     deadline: Instant,
     started: Option<Instant>,
-    in_flight: Option<Arc<InFlight>>,
     observer: Option<Arc<dyn CheckoutObserver>>,
 }
 
@@ -120,7 +153,6 @@ impl CheckoutRequest {
             quota: None,
             deadline,
             started: None,
-            in_flight: None,
             observer: None,
         }
     }
@@ -152,13 +184,8 @@ impl CheckoutRequest {
         self
     }
 
-    /// Counts the checkout in `in_flight` from the moment it starts waiting.
-    pub fn in_flight(mut self, in_flight: Arc<InFlight>) -> Self {
-        self.in_flight = Some(in_flight);
-        self
-    }
-
-    /// Reports the checkout's life to `observer`.
+    /// Reports the checkout's life to `observer`, and counts it in the
+    /// observer's [`in_flight`](CheckoutObserver::in_flight) counter.
     pub fn observer(mut self, observer: Arc<dyn CheckoutObserver>) -> Self {
         self.observer = Some(observer);
         self
@@ -228,7 +255,8 @@ pub struct Checkout<B: Backend> {
     backend: Arc<B>,
     scope: Option<Arc<TenantScope>>,
     observer: Option<Arc<dyn CheckoutObserver>>,
-    _in_flight: Option<InFlightToken>,
+    /// Whether the checkout is counted in its observer's in-flight counter.
+    counted: bool,
     _quota: Option<OwnedSemaphorePermit>,
     acquired_at: Instant,
     waited: Duration,
@@ -264,14 +292,12 @@ impl<B: Backend> Checkout<B> {
     /// when `traced`, the wait to the span it runs in.
     async fn acquire_and_report(
         backend: &Arc<B>,
-        mut req: CheckoutRequest,
+        req: CheckoutRequest,
         traced: bool,
     ) -> Result<Self, Error> {
         let started = req.started.unwrap_or_else(Instant::now);
-        // Moved into the checkout's token, not cloned.
-        let in_flight = req.in_flight.take();
         let mut suspended = false;
-        let result = Self::acquire_inner(backend, &req, in_flight, started, &mut suspended).await;
+        let result = Self::acquire_inner(backend, &req, started, &mut suspended).await;
         // A checkout that never had to wait ends when it started: one clock
         // read fewer on the path every immediate checkout takes.
         let (ended, waited) = if suspended {
@@ -284,7 +310,7 @@ impl<B: Backend> Checkout<B> {
             tracing::Span::current().record("wait_us", waited.as_micros() as u64);
         }
         match result {
-            Ok((conn, in_flight, quota)) => {
+            Ok((conn, counted, quota)) => {
                 if let Some(observer) = &req.observer {
                     observer.on_acquired(waited, ended);
                 }
@@ -293,7 +319,7 @@ impl<B: Backend> Checkout<B> {
                     backend: Arc::clone(backend),
                     scope: req.scope,
                     observer: req.observer,
-                    _in_flight: in_flight,
+                    counted,
                     _quota: quota,
                     acquired_at: ended,
                     waited,
@@ -314,17 +340,9 @@ impl<B: Backend> Checkout<B> {
     async fn acquire_inner(
         backend: &Arc<B>,
         req: &CheckoutRequest,
-        in_flight: Option<Arc<InFlight>>,
         started: Instant,
         suspended: &mut bool,
-    ) -> Result<
-        (
-            B::Connection,
-            Option<InFlightToken>,
-            Option<OwnedSemaphorePermit>,
-        ),
-        Error,
-    > {
+    ) -> Result<(B::Connection, bool, Option<OwnedSemaphorePermit>), Error> {
         let tenant = req.scope.as_ref().map(|s| s.tenant());
         // The quota comes first: a tenant at its cap waits on itself, holding no
         // pool capacity that other tenants could use.
@@ -336,7 +354,7 @@ impl<B: Backend> Checkout<B> {
             }
             _ => None,
         };
-        let in_flight = in_flight.map(InFlight::enter_owned);
+        let counted = Counted::enter(req.observer.as_ref());
         let timeout = || Error::Timeout {
             endpoint: backend.endpoint().clone(),
             tenant: tenant.cloned(),
@@ -366,9 +384,9 @@ impl<B: Backend> Checkout<B> {
             .await
             .ok_or_else(timeout)??;
             let conn = pending.conn.take().ok_or(Error::Closed)?;
-            return Ok((conn, in_flight, permit));
+            return Ok((conn, counted.kept(), permit));
         }
-        Ok((conn, in_flight, permit))
+        Ok((conn, counted.kept(), permit))
     }
 
     /// The endpoint this connection came from.
@@ -448,7 +466,12 @@ impl<B: Backend> Drop for Checkout<B> {
             observer.on_released(self.acquired_at.elapsed(), self.outcome);
         }
         if let Some(conn) = self.conn.take() {
-            give_back(Arc::clone(&self.backend), conn, self.keep);
+            give_back(&self.backend, conn, self.keep);
+        }
+        if self.counted {
+            if let Some(counter) = self.observer.as_ref().and_then(|o| o.in_flight()) {
+                counter.leave();
+            }
         }
     }
 }
@@ -544,6 +567,7 @@ mod tests {
         acquired: AtomicU64,
         failed: AtomicU64,
         released: Mutex<Vec<(Duration, Outcome)>>,
+        in_flight: InFlight,
     }
 
     impl CheckoutObserver for Recorder {
@@ -555,6 +579,9 @@ mod tests {
         }
         fn on_released(&self, held: Duration, outcome: Outcome) {
             self.released.lock().unwrap().push((held, outcome));
+        }
+        fn in_flight(&self) -> Option<&InFlight> {
+            Some(&self.in_flight)
         }
     }
 
@@ -576,11 +603,10 @@ mod tests {
         let backend = Arc::new(NoopBackend::new("n1"));
         let reg = registry();
         let entry = reg.resolve(&tenant("a")).unwrap();
-        let load = Arc::new(InFlight::new());
         let rec = Arc::new(Recorder::default());
+        let load = &rec.in_flight;
         let req = CheckoutRequest::new(deadline_after(Duration::from_secs(1)))
             .tenant(&entry)
-            .in_flight(Arc::clone(&load))
             .observer(rec.clone());
 
         let conn = Checkout::acquire(&backend, req).await.unwrap();
@@ -712,13 +738,10 @@ mod tests {
         let backend = Arc::new(NoopBackend::new("slow"));
         backend.set_acquire_delay(Duration::from_secs(10));
         let rec = Arc::new(Recorder::default());
-        let load = Arc::new(InFlight::new());
         let started = Instant::now();
         let err = Checkout::acquire(
             &backend,
-            CheckoutRequest::with_timeout(Duration::from_millis(500))
-                .in_flight(Arc::clone(&load))
-                .observer(rec.clone()),
+            CheckoutRequest::with_timeout(Duration::from_millis(500)).observer(rec.clone()),
         )
         .await
         .unwrap_err();
@@ -726,7 +749,25 @@ mod tests {
         assert!(err.to_string().contains("slow"));
         assert_eq!(started.elapsed(), Duration::from_millis(500));
         assert_eq!(rec.failed.load(Ordering::Relaxed), 1);
-        assert_eq!(load.get(), 0);
+        assert_eq!(rec.in_flight.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_checkout_counts_in_flight_until_it_is_cancelled() {
+        let backend = Arc::new(NoopBackend::new("slow"));
+        backend.set_acquire_delay(Duration::from_secs(10));
+        let rec = Arc::new(Recorder::default());
+        let req = CheckoutRequest::with_timeout(Duration::from_secs(60)).observer(rec.clone());
+        let waiting = tokio::spawn({
+            let backend = Arc::clone(&backend);
+            async move { Checkout::acquire(&backend, req).await.map(|_| ()) }
+        });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(rec.in_flight.get(), 1);
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        assert_eq!(rec.in_flight.get(), 0);
+        assert_eq!(rec.failed.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -215,7 +215,6 @@ fn request<B: Backend>(
     let deadline = budget.start_attempt(started);
     let req = CheckoutRequest::new(deadline)
         .started_at(started)
-        .in_flight(Arc::clone(&ep.state.in_flight))
         .observer(Arc::clone(&ep.observer));
     match entry {
         Some(entry) => req.tenant(entry),

@@ -145,6 +145,10 @@ impl CheckoutObserver for EndpointState {
             self.wake.notify_one();
         }
     }
+
+    fn in_flight(&self) -> Option<&InFlight> {
+        Some(&self.in_flight)
+    }
 }
 
 impl fmt::Debug for EndpointState {
