@@ -117,6 +117,13 @@ pub struct WaitKey {
     seq: u64,
 }
 
+impl WaitKey {
+    /// The class the waiter queued in.
+    pub fn class(&self) -> &QueueClass {
+        &self.class
+    }
+}
+
 struct Class<W> {
     weight: u32,
     /// Grants left in the class's current turn (refilled when the turn ends).
@@ -188,6 +195,23 @@ impl<W> FairQueue<W> {
     /// Whether `class` has waiters.
     pub fn is_waiting(&self, class: &QueueClass) -> bool {
         self.classes.contains_key(class)
+    }
+
+    /// Whether a connection (or permit) that `class` just gave back may be
+    /// kept for that class's next checkout for a moment (the linger) while
+    /// others wait: nobody of `class` waits (its own waiter would get it
+    /// anyway), and `class` holds (`held`, not counting this one) fewer than
+    /// an equal share of `max` among the classes that want one. A tenant that
+    /// checks out again at once keeps its warm connection instead of queueing
+    /// behind a noisy one; a tenant at its share waits its turn.
+    pub fn may_keep_for(&self, class: &QueueClass, held: u32, max: u32) -> bool {
+        if self.is_empty() || self.is_waiting(class) {
+            return false;
+        }
+        let wanting = u32::try_from(self.classes())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        held < max / wanting
     }
 
     /// Queues `waiter` at the back of `class` (which gets `weight` grants per

@@ -10,6 +10,13 @@
 //! itself out of the queue; one that was granted a permit in the same instant
 //! passes it on, so cancellation leaves no trace.
 //!
+//! While others wait, a permit given back by a tenant that has nobody
+//! waiting and holds less than an equal share of the gate is kept for that
+//! tenant's next checkout for a moment, the linger ([`DEFAULT_LINGER`], as
+//! PostgreSQL's pool does with a returned connection): a quiet tenant that
+//! checks out again at once does not queue behind a noisy one. When the linger
+//! ends unused, the permit goes to whoever waits.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
@@ -26,7 +33,9 @@
 //! # }
 //! ```
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -48,15 +57,46 @@ pub enum GateError {
     Closed,
 }
 
+/// How long a permit is kept for the tenant that gave it back, by default
+/// (see the module docs); PostgreSQL's pool keeps a returned connection as
+/// long.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
+
 struct State {
     available: usize,
     queue: FairQueue<oneshot::Sender<()>>,
     closed: bool,
+    /// Permits out, by the queue class of their holder (kept only with a
+    /// linger: nothing else reads it).
+    held: HashMap<QueueClass, u32>,
+    /// Permits kept for the class that gave them back, and since when; oldest
+    /// first.
+    kept: VecDeque<(QueueClass, Instant)>,
+    /// A timer is set to end the lingers (one at a time).
+    linger_armed: bool,
+}
+
+impl State {
+    fn hold(&mut self, class: &QueueClass) {
+        *self.held.entry(class.clone()).or_insert(0) += 1;
+    }
+
+    fn unhold(&mut self, class: &QueueClass) {
+        if let Some(held) = self.held.get_mut(class) {
+            *held -= 1;
+            if *held == 0 {
+                self.held.remove(class);
+            }
+        }
+    }
 }
 
 /// A semaphore with fair queuing between tenants (see the module docs).
 pub struct FairGate {
     permits: usize,
+    linger: Duration,
+    /// For the linger's timer task, which must not keep the gate alive.
+    this: Weak<FairGate>,
     state: Mutex<State>,
 }
 
@@ -67,22 +107,48 @@ impl std::fmt::Debug for FairGate {
             .field("permits", &self.permits)
             .field("available", &state.available)
             .field("waiting", &state.queue.len())
+            .field("kept", &state.kept.len())
             .finish()
     }
 }
 
 impl FairGate {
-    /// A gate of `permits` permits.
+    /// A gate of `permits` permits with the [`DEFAULT_LINGER`].
     pub fn new(permits: u32) -> Arc<Self> {
+        Self::with_linger(permits, DEFAULT_LINGER)
+    }
+
+    /// A gate of `permits` permits that keeps a given-back permit for its
+    /// tenant for `linger` at most (zero: never; see the module docs).
+    pub fn with_linger(permits: u32, linger: Duration) -> Arc<Self> {
         let permits = usize::try_from(permits).unwrap_or(usize::MAX);
-        Arc::new(Self {
+        Arc::new_cyclic(|this| Self {
             permits,
+            linger,
+            this: this.clone(),
             state: Mutex::new(State {
                 available: permits,
                 queue: FairQueue::new(),
                 closed: false,
+                held: HashMap::new(),
+                kept: VecDeque::new(),
+                linger_armed: false,
             }),
         })
+    }
+
+    /// A permit held by a checkout of `class` (counted when lingering is on).
+    fn permit(self: &Arc<Self>, state: &mut State, class: QueueClass) -> GatePermit {
+        let class = if self.linger.is_zero() {
+            None
+        } else {
+            state.hold(&class);
+            Some(class)
+        };
+        GatePermit {
+            gate: Arc::clone(self),
+            class,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -101,11 +167,15 @@ impl FairGate {
             if state.closed {
                 return Err(GateError::Closed);
             }
+            let (class, weight) = QueueClass::of(scope);
+            if let Some(at) = state.kept.iter().position(|(c, _)| *c == class) {
+                state.kept.remove(at);
+                return Ok(self.permit(&mut state, class));
+            }
             if state.available > 0 && state.queue.is_empty() {
                 state.available -= 1;
-                return Ok(GatePermit(Arc::clone(self)));
+                return Ok(self.permit(&mut state, class));
             }
-            let (class, weight) = QueueClass::of(scope);
             let (tx, rx) = oneshot::channel();
             let key = state.queue.push(class, weight, tx);
             Waiting {
@@ -117,8 +187,12 @@ impl FairGate {
         let granted = tokio::time::timeout_at(deadline, &mut waiting.rx).await;
         match granted {
             Ok(Ok(())) => {
-                waiting.key = None;
-                Ok(GatePermit(Arc::clone(self)))
+                // Counted as held by whoever handed it over.
+                let class = waiting.key.take().map(|key| key.class().clone());
+                Ok(GatePermit {
+                    gate: Arc::clone(self),
+                    class: class.filter(|_| !self.linger.is_zero()),
+                })
             }
             Ok(Err(_)) => {
                 waiting.key = None;
@@ -184,28 +258,99 @@ impl FairGate {
         let waiters = {
             let mut state = self.lock();
             state.closed = true;
+            let kept = state.kept.len();
+            state.kept.clear();
+            state.available += kept;
             state.queue.drain()
         };
         drop(waiters);
     }
 
-    /// A permit came back: to the next waiter in turn, else to the count.
-    fn release(&self) {
+    /// A permit held by a checkout of `class` (when counted) came back: kept
+    /// for `class` for the linger if [`FairQueue::may_keep_for`] says so,
+    /// else to the next waiter in turn, else to the count.
+    fn release(&self, class: Option<QueueClass>) {
         let mut state = self.lock();
-        while let Some((_, tx)) = state.queue.pop() {
+        if let Some(class) = class {
+            state.unhold(&class);
+            let held = state.held.get(&class).copied().unwrap_or(0);
+            let max = u32::try_from(self.permits).unwrap_or(u32::MAX);
+            if !state.closed && state.queue.may_keep_for(&class, held, max) {
+                let now = Instant::now();
+                if self.arm_linger(&mut state, now + self.linger) {
+                    state.kept.push_back((class, now));
+                    return;
+                }
+            }
+        }
+        self.hand_on(&mut state);
+    }
+
+    /// One permit to the next waiter in turn, else to the count.
+    fn hand_on(&self, state: &mut State) {
+        let counted = !self.linger.is_zero();
+        while let Some((key, tx)) = state.queue.pop() {
+            if counted {
+                state.hold(key.class());
+            }
             // A waiter leaves the queue before its receiver goes, so this
             // succeeds; a failure would only mean trying the next one.
             if tx.send(()).is_ok() {
                 return;
             }
+            if counted {
+                state.unhold(key.class());
+            }
         }
         state.available += 1;
+    }
+
+    /// Makes sure a timer ends the lingers due at `at` (one timer at a time:
+    /// one already set fires no later, permits being kept in order); false
+    /// without a runtime.
+    fn arm_linger(&self, state: &mut State, at: Instant) -> bool {
+        if state.linger_armed {
+            return true;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        state.linger_armed = true;
+        let gate = self.this.clone();
+        rt.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(gate) = gate.upgrade() {
+                gate.end_lingers();
+            }
+        });
+        true
+    }
+
+    /// Hands on the permits kept for the whole linger, and sets the timer
+    /// for the next.
+    fn end_lingers(&self) {
+        let mut state = self.lock();
+        state.linger_armed = false;
+        let now = Instant::now();
+        while let Some(&(_, since)) = state.kept.front() {
+            if since + self.linger > now {
+                // Set from a timer task: there is a runtime.
+                self.arm_linger(&mut state, since + self.linger);
+                return;
+            }
+            state.kept.pop_front();
+            self.hand_on(&mut state);
+        }
     }
 }
 
 /// One permit of a [`FairGate`], handed on when dropped.
 #[must_use = "the permit is released when dropped"]
-pub struct GatePermit(Arc<FairGate>);
+pub struct GatePermit {
+    gate: Arc<FairGate>,
+    /// The queue class of its holder, when the gate counts them.
+    class: Option<QueueClass>,
+}
 
 impl std::fmt::Debug for GatePermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -215,13 +360,13 @@ impl std::fmt::Debug for GatePermit {
 
 impl Drop for GatePermit {
     fn drop(&mut self) {
-        self.0.release();
+        self.gate.release(self.class.take());
     }
 }
 
 /// A queued acquire; takes itself out of the queue if dropped while waiting.
 struct Waiting<'a> {
-    gate: &'a Arc<FairGate>,
+    gate: &'a FairGate,
     /// `Some` until the wait ends with a permit or a closed gate.
     key: Option<WaitKey>,
     rx: oneshot::Receiver<()>,
@@ -240,7 +385,9 @@ impl Drop for Waiting<'_> {
             self.rx.try_recv().is_ok()
         };
         if granted {
-            self.gate.release();
+            // Counted as held by this waiter's class by whoever handed it over.
+            let class = Some(key.class().clone()).filter(|_| !self.gate.linger.is_zero());
+            self.gate.release(class);
         }
     }
 }
@@ -446,6 +593,87 @@ mod tests {
         assert_eq!(err, GateError::Closed);
         drop(held);
         assert_eq!(gate.available(), 1);
+    }
+
+    /// A gate of 4 with the quiet tenant holding one permit and the noisy
+    /// one three and one more waiting.
+    async fn quiet_and_noisy(
+        gate: &Arc<FairGate>,
+    ) -> (
+        GatePermit,
+        Vec<GatePermit>,
+        std::pin::Pin<Box<impl std::future::Future<Output = Result<GatePermit, GateError>>>>,
+    ) {
+        let registry = registry();
+        let (quiet, noisy) = (scope(&registry, "quiet"), scope(&registry, "noisy"));
+        let held = gate.acquire(Some(&quiet), far()).await.unwrap();
+        let mut noisy_held = Vec::new();
+        for _ in 0..3 {
+            noisy_held.push(gate.acquire(Some(&noisy), far()).await.unwrap());
+        }
+        let gate = Arc::clone(gate);
+        let mut waiter = Box::pin(async move { gate.acquire(Some(&noisy), far()).await });
+        assert!(futures_poll(&mut waiter).is_none());
+        (held, noisy_held, waiter)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tenant_keeps_its_permit_for_the_linger_while_others_wait() {
+        let gate = FairGate::new(4);
+        let quiet = scope(&registry(), "quiet");
+        let (held, _noisy, mut waiter) = quiet_and_noisy(&gate).await;
+        // Below its share (4 / 2 classes wanting) and nobody of its own
+        // waiting: kept, not handed to the noisy waiter.
+        drop(held);
+        assert!(futures_poll(&mut waiter).is_none());
+        let again = Instant::now();
+        let held = gate.acquire(Some(&quiet), far()).await.unwrap();
+        assert_eq!(again.elapsed(), Duration::ZERO);
+        // Kept again, and handed on once the linger ends unused.
+        drop(held);
+        tokio::time::sleep(DEFAULT_LINGER / 2).await;
+        assert!(futures_poll(&mut waiter).is_none());
+        tokio::time::sleep(DEFAULT_LINGER).await;
+        assert!(futures_poll(&mut waiter).unwrap().is_ok());
+        assert_eq!(gate.lock().kept.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_linger_a_given_back_permit_goes_to_the_waiter_at_once() {
+        let gate = FairGate::with_linger(4, Duration::ZERO);
+        let (held, _noisy, mut waiter) = quiet_and_noisy(&gate).await;
+        drop(held);
+        assert!(futures_poll(&mut waiter).unwrap().is_ok());
+        assert!(gate.lock().held.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_at_its_share_hands_its_permit_on() {
+        let gate = FairGate::new(4);
+        let (_quiet, mut noisy, mut waiter) = quiet_and_noisy(&gate).await;
+        // The noisy tenant waits itself: its own waiter gets it.
+        noisy.pop();
+        noisy.push(futures_poll(&mut waiter).unwrap().unwrap());
+        // Another tenant waits now, and the noisy one holds 3 >= 4 / 2.
+        let registry = registry();
+        let other = scope(&registry, "other");
+        let gate2 = Arc::clone(&gate);
+        let mut other_waiter = Box::pin(async move { gate2.acquire(Some(&other), far()).await });
+        assert!(futures_poll(&mut other_waiter).is_none());
+        noisy.pop();
+        assert!(futures_poll(&mut other_waiter).unwrap().is_ok());
+        assert_eq!(gate.lock().kept.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_gives_kept_permits_back() {
+        let gate = FairGate::new(4);
+        let (held, noisy, waiter) = quiet_and_noisy(&gate).await;
+        drop(held);
+        assert_eq!(gate.lock().kept.len(), 1);
+        gate.close();
+        drop((noisy, waiter));
+        assert_eq!((gate.available(), gate.lock().kept.len()), (4, 0));
     }
 
     /// Polls `fut` once.

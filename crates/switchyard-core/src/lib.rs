@@ -71,7 +71,7 @@ pub use checkout::{Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlig
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Deadline, Error};
 pub use fair::{FairQueue, QueueClass, QueueOrder, Share, WaitKey};
-pub use gate::{FairGate, GateError, GatePermit};
+pub use gate::{FairGate, GateError, GatePermit, DEFAULT_LINGER};
 pub use history::History;
 pub use http::HttpUrl;
 pub use operation::OperationError;

@@ -20,8 +20,8 @@ pub const DEFAULT_TENANT_POOL_MAX_SIZE: u32 = 4;
 pub const DEFAULT_TENANT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default [`PgBackendConfig::reset_timeout`].
 pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default [`AffinitySettings::linger`].
-pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
+/// Default [`AffinitySettings::linger`]: the same as every engine's fair gate.
+pub use switchyard_core::DEFAULT_LINGER;
 
 /// Everything a [`PgBackend`](crate::PgBackend) needs for one endpoint.
 ///

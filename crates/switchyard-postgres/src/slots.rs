@@ -194,20 +194,11 @@ impl State {
     }
 
     /// Whether a connection `owner` just returned may be kept idle for its
-    /// next checkout while others wait: nobody of its class waits (its own
-    /// waiter would get it anyway), and the class holds fewer than an equal
-    /// share of the pool among the classes that want connections.
+    /// next checkout while others wait ([`FairQueue::may_keep_for`]).
     fn may_keep_for(&self, owner: Option<&TenantScope>, max: u32) -> bool {
-        if self.waiters.is_empty() {
-            return false;
-        }
         let (class, _) = QueueClass::of(owner);
-        if self.waiters.is_waiting(&class) {
-            return false;
-        }
-        let wanting = u32::try_from(self.waiters.classes()).unwrap_or(u32::MAX) + 1;
         let held = self.held.get(&class).copied().unwrap_or(0);
-        held < max / wanting
+        self.waiters.may_keep_for(&class, held, max)
     }
 }
 

@@ -404,7 +404,14 @@ impl<B: Backend> Cluster<B> {
         intent: Intent,
         budget: &Budget,
     ) -> Result<(Chosen<'_, B>, bool), Error> {
-        if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
+        // The first attempt starts with the operation: its clock reading is
+        // the pick's time too.
+        let now = if budget.attempts == 1 {
+            budget.started
+        } else {
+            Instant::now()
+        };
+        if let Some(chosen) = self.pick_now(intent, &budget.avoid, now) {
             return Ok((chosen, true));
         }
         Box::pin(self.wait_for_endpoint(intent, budget))
@@ -426,7 +433,7 @@ impl<B: Backend> Cluster<B> {
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(chosen) = self.pick_now(intent, &budget.avoid) {
+            if let Some(chosen) = self.pick_now(intent, &budget.avoid, Instant::now()) {
                 if let Some(since) = waiting_since {
                     shared.metrics.waited_for_primary(since.elapsed());
                 }
@@ -462,8 +469,14 @@ impl<B: Backend> Cluster<B> {
     }
 
     /// One look at the snapshot, once the failures dropped checkouts reported
-    /// are applied: a half-open trial first, then the strategy.
-    fn pick_now(&self, intent: Intent, avoid: &[EndpointId]) -> Option<Chosen<'_, B>> {
+    /// are applied: a half-open trial first, then the strategy (at `now`, a
+    /// clock reading the caller has just made).
+    fn pick_now(
+        &self,
+        intent: Intent,
+        avoid: &[EndpointId],
+        now: Instant,
+    ) -> Option<Chosen<'_, B>> {
         self.shared.apply_reported();
         let snap = self.shared.snapshot.load();
         let trial = snap
@@ -476,7 +489,7 @@ impl<B: Backend> Cluster<B> {
             };
             return Some((Arc::clone(ep), Some(trial)));
         }
-        if let Some(ep) = snap.candidates(intent).pick(avoid) {
+        if let Some(ep) = snap.candidates(intent).pick(avoid, now) {
             return Some((Arc::clone(ep), None));
         }
         // A read retry that ran out of replicas may still use the primary.
@@ -484,7 +497,7 @@ impl<B: Backend> Cluster<B> {
             && !avoid.is_empty()
             && snap.read_preference != ReadPreference::ReplicasOnly
         {
-            return snap.write.pick(avoid).map(|ep| (Arc::clone(ep), None));
+            return snap.write.pick(avoid, now).map(|ep| (Arc::clone(ep), None));
         }
         None
     }

@@ -31,12 +31,13 @@ impl<B: Backend> Candidates<B> {
         Self { candidates, picker }
     }
 
-    /// The strategy's pick, or, when it is in `avoid`, the first candidate not in
-    /// `avoid` from a random starting point (retries only; O(n)).
-    pub fn pick(&self, avoid: &[EndpointId]) -> Option<&Arc<Endpoint<B>>> {
+    /// The strategy's pick at `now`, or, when it is in `avoid`, the first
+    /// candidate not in `avoid` from a random starting point (retries only;
+    /// O(n)).
+    pub fn pick(&self, avoid: &[EndpointId], now: Instant) -> Option<&Arc<Endpoint<B>>> {
         let first = self
             .picker
-            .pick(&self.candidates)
+            .pick_at(&self.candidates, now)
             .and_then(|i| self.candidates.get(i))?;
         if !avoid.contains(first.id()) {
             return Some(first);

@@ -44,12 +44,15 @@ fn cost<L: Load>(c: &L, now: Instant) -> f64 {
 
 impl Strategy for Latency {
     fn pick<L: Load>(&self, candidates: &[L]) -> Option<usize> {
+        self.pick_at(candidates, Instant::now())
+    }
+
+    fn pick_at<L: Load>(&self, candidates: &[L], now: Instant) -> Option<usize> {
         match candidates.len() {
             0 => None,
             1 => Some(0),
             n => {
                 let (a, b) = two_distinct(n);
-                let now = Instant::now();
                 let (ca, cb) = match (candidates.get(a), candidates.get(b)) {
                     (Some(x), Some(y)) => (cost(x, now), cost(y, now)),
                     _ => return Some(a),

@@ -65,6 +65,14 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     ///
     /// `candidates` is the same slice the strategy was built for.
     fn pick<L: Load>(&self, candidates: &[L]) -> Option<usize>;
+
+    /// [`pick`](Self::pick) at `now`, for a caller that has just read the
+    /// clock: a strategy that needs the time (latency decay) reads no clock
+    /// of its own.
+    fn pick_at<L: Load>(&self, candidates: &[L], now: Instant) -> Option<usize> {
+        let _ = now;
+        self.pick(candidates)
+    }
 }
 
 /// One of the built-in strategies, prepared for one candidate set.
@@ -102,6 +110,13 @@ impl Strategy for Picker {
             Picker::LeastConn(s) => s.pick(candidates),
             Picker::WeightedRoundRobin(s) => s.pick(candidates),
             Picker::Latency(s) => s.pick(candidates),
+        }
+    }
+
+    fn pick_at<L: Load>(&self, candidates: &[L], now: Instant) -> Option<usize> {
+        match self {
+            Picker::Latency(s) => s.pick_at(candidates, now),
+            _ => self.pick(candidates),
         }
     }
 }
