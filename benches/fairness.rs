@@ -1,7 +1,9 @@
 //! Fair queuing under a noisy tenant: one tenant with 200 concurrent tasks
 //! and three quiet tenants with 2 each share one pool of 16, on the no-op
-//! backend (a `FairGate` of 16; the hold is one scheduler yield) and on the
-//! testkit's PostgreSQL (the hold is `SELECT 1`; schema isolation).
+//! backend (a `FairGate` of 16; the hold is one scheduler yield; scoped
+//! connections reset on a task, or, in the `noop/clean_returns` groups, come
+//! back clean, with and without the gate's linger) and on the testkit's
+//! PostgreSQL (the hold is `SELECT 1`; schema isolation).
 //!
 //! Rows, per backend:
 //! - `alone`: the six quiet tasks by themselves;
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::core::noop::NoopBackend;
-use switchyard::core::QueueOrder;
+use switchyard::core::{FairGate, QueueOrder, DEFAULT_LINGER};
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::{
     Backend, Checkout, CheckoutRequest, Isolation, PoolSettings, TenantId, TenantRegistry,
@@ -209,6 +211,18 @@ fn fairness(c: &mut Criterion) {
     let rt = common::runtime();
     let noop = Arc::new(NoopBackend::new("noop").with_max_size(POOL_SIZE));
     rows(c, &rt, "noop", &noop, yield_once, &|| None);
+    // Scoped connections that come back clean (an engine whose scope is per
+    // request: Elasticsearch, ClickHouse, MongoDB): the permit is given back
+    // in the drop, so the gate's linger can keep it for a quiet tenant's
+    // next checkout; and the same gate without the linger.
+    for (group, linger) in [
+        ("noop/clean_returns", DEFAULT_LINGER),
+        ("noop/clean_returns/no_linger", Duration::ZERO),
+    ] {
+        let gate = FairGate::with_linger(POOL_SIZE, linger);
+        let clean = Arc::new(NoopBackend::new(group).with_gate(gate).with_clean_returns());
+        rows(c, &rt, group, &clean, yield_once, &|| None);
+    }
 
     let pg = rt
         .block_on(PgCluster::start(0))
