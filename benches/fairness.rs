@@ -104,14 +104,16 @@ where
                     let req =
                         CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT).tenant(&entry);
                     let conn = Checkout::acquire(&backend, req).await.unwrap();
+                    let waited = conn.waited();
+                    let held = Instant::now();
+                    hold(conn).await;
                     if quiet {
-                        let ns = u64::try_from(conn.waited().as_nanos()).unwrap();
                         mine.push(Wait {
-                            ns,
+                            ns: u64::try_from(waited.as_nanos()).unwrap(),
+                            hold_ns: u64::try_from(held.elapsed().as_nanos()).unwrap(),
                             first: mine.is_empty(),
                         });
                     }
-                    hold(conn).await;
                 }
                 waits.lock().unwrap().extend(mine);
             });
@@ -125,10 +127,13 @@ where
     })
 }
 
-/// One quiet checkout's wait, and whether it was its task's first of a run
-/// (when all tasks start together).
+/// One quiet checkout's wait, how long its hold took (the query itself, on
+/// PostgreSQL: what the server's load does to a round trip, queue aside),
+/// and whether it was its task's first of a run (when all tasks start
+/// together).
 struct Wait {
     ns: u64,
+    hold_ns: u64,
     first: bool,
 }
 
@@ -147,9 +152,11 @@ fn report(name: &str, waits: &Mutex<Vec<Wait>>) {
     let (p50, p99, n) = percentiles(waits.iter().map(|w| w.ns).collect());
     let (later50, later99, _) =
         percentiles(waits.iter().filter(|w| !w.first).map(|w| w.ns).collect());
+    let (hold50, hold99, _) = percentiles(waits.iter().map(|w| w.hold_ns).collect());
     println!(
         "quiet wait {name}: p50 {p50:?} p99 {p99:?} ({n} checkouts); \
-         without each task's first of a run: p50 {later50:?} p99 {later99:?}"
+         without each task's first of a run: p50 {later50:?} p99 {later99:?}; \
+         quiet hold: p50 {hold50:?} p99 {hold99:?}"
     );
 }
 
