@@ -1,7 +1,9 @@
 //! Fair queuing under a noisy tenant: one tenant with 200 concurrent tasks
 //! and three quiet tenants with 2 each share one pool of 16, on the no-op
-//! backend (a `FairGate` of 16; the hold is one scheduler yield) and on the
-//! testkit's PostgreSQL (the hold is `SELECT 1`; schema isolation).
+//! backend (a `FairGate` of 16; the hold is one scheduler yield; scoped
+//! connections reset on a task, or, in the `noop/clean_returns` groups, come
+//! back clean, with and without the gate's linger) and on the testkit's
+//! PostgreSQL (the hold is `SELECT 1`; schema isolation).
 //!
 //! Rows, per backend:
 //! - `alone`: the six quiet tasks by themselves;
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::core::noop::NoopBackend;
-use switchyard::core::QueueOrder;
+use switchyard::core::{FairGate, QueueOrder, DEFAULT_LINGER};
 use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
 use switchyard::{
     Backend, Checkout, CheckoutRequest, Isolation, PoolSettings, TenantId, TenantRegistry,
@@ -102,14 +104,16 @@ where
                     let req =
                         CheckoutRequest::with_timeout(common::CHECKOUT_TIMEOUT).tenant(&entry);
                     let conn = Checkout::acquire(&backend, req).await.unwrap();
+                    let waited = conn.waited();
+                    let held = Instant::now();
+                    hold(conn).await;
                     if quiet {
-                        let ns = u64::try_from(conn.waited().as_nanos()).unwrap();
                         mine.push(Wait {
-                            ns,
+                            ns: u64::try_from(waited.as_nanos()).unwrap(),
+                            hold_ns: u64::try_from(held.elapsed().as_nanos()).unwrap(),
                             first: mine.is_empty(),
                         });
                     }
-                    hold(conn).await;
                 }
                 waits.lock().unwrap().extend(mine);
             });
@@ -123,10 +127,13 @@ where
     })
 }
 
-/// One quiet checkout's wait, and whether it was its task's first of a run
-/// (when all tasks start together).
+/// One quiet checkout's wait, how long its hold took (the query itself, on
+/// PostgreSQL: what the server's load does to a round trip, queue aside),
+/// and whether it was its task's first of a run (when all tasks start
+/// together).
 struct Wait {
     ns: u64,
+    hold_ns: u64,
     first: bool,
 }
 
@@ -145,9 +152,11 @@ fn report(name: &str, waits: &Mutex<Vec<Wait>>) {
     let (p50, p99, n) = percentiles(waits.iter().map(|w| w.ns).collect());
     let (later50, later99, _) =
         percentiles(waits.iter().filter(|w| !w.first).map(|w| w.ns).collect());
+    let (hold50, hold99, _) = percentiles(waits.iter().map(|w| w.hold_ns).collect());
     println!(
         "quiet wait {name}: p50 {p50:?} p99 {p99:?} ({n} checkouts); \
-         without each task's first of a run: p50 {later50:?} p99 {later99:?}"
+         without each task's first of a run: p50 {later50:?} p99 {later99:?}; \
+         quiet hold: p50 {hold50:?} p99 {hold99:?}"
     );
 }
 
@@ -209,6 +218,18 @@ fn fairness(c: &mut Criterion) {
     let rt = common::runtime();
     let noop = Arc::new(NoopBackend::new("noop").with_max_size(POOL_SIZE));
     rows(c, &rt, "noop", &noop, yield_once, &|| None);
+    // Scoped connections that come back clean (an engine whose scope is per
+    // request: Elasticsearch, ClickHouse, MongoDB): the permit is given back
+    // in the drop, so the gate's linger can keep it for a quiet tenant's
+    // next checkout; and the same gate without the linger.
+    for (group, linger) in [
+        ("noop/clean_returns", DEFAULT_LINGER),
+        ("noop/clean_returns/no_linger", Duration::ZERO),
+    ] {
+        let gate = FairGate::with_linger(POOL_SIZE, linger);
+        let clean = Arc::new(NoopBackend::new(group).with_gate(gate).with_clean_returns());
+        rows(c, &rt, group, &clean, yield_once, &|| None);
+    }
 
     let pg = rt
         .block_on(PgCluster::start(0))

@@ -35,9 +35,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize};
+
+use tokio::time::Instant;
 
 use crate::tenant::{TenantId, TenantScope};
 
@@ -107,6 +109,47 @@ impl QueueClass {
                 (class, share.weight)
             }
         }
+    }
+}
+
+/// The one timer of a pool (or gate) that ends the lingers of what it keeps
+/// for a tenant ([`FairQueue::may_keep_for`]): set for the earliest, and set
+/// again for the next when it fires.
+#[derive(Debug, Default)]
+pub struct LingerTimer {
+    armed: bool,
+}
+
+impl LingerTimer {
+    /// Makes sure `end` runs on `owner` at `at` at the latest: a timer
+    /// already set fires no later (kept items end in the order they were
+    /// kept). False without a runtime to run the timer on: keep nothing then.
+    pub fn arm<T: Send + Sync + 'static>(
+        &mut self,
+        at: Instant,
+        owner: &Weak<T>,
+        end: fn(&T),
+    ) -> bool {
+        if self.armed {
+            return true;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        self.armed = true;
+        let owner = owner.clone();
+        rt.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(owner) = owner.upgrade() {
+                end(&owner);
+            }
+        });
+        true
+    }
+
+    /// The timer fired: whatever is still kept needs a new one.
+    pub fn fired(&mut self) {
+        self.armed = false;
     }
 }
 

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use crate::backend::PoolStats;
 use crate::endpoint::EndpointId;
 use crate::error::Error;
-use crate::fair::{FairQueue, QueueClass, WaitKey};
+use crate::fair::{FairQueue, LingerTimer, QueueClass, WaitKey};
 use crate::tenant::TenantScope;
 
 /// Why [`FairGate::acquire`] gave no permit.
@@ -72,8 +72,7 @@ struct State {
     /// Permits kept for the class that gave them back, and since when; oldest
     /// first.
     kept: VecDeque<(QueueClass, Instant)>,
-    /// A timer is set to end the lingers (one at a time).
-    linger_armed: bool,
+    linger_timer: LingerTimer,
 }
 
 impl State {
@@ -132,7 +131,7 @@ impl FairGate {
                 closed: false,
                 held: HashMap::new(),
                 kept: VecDeque::new(),
-                linger_armed: false,
+                linger_timer: LingerTimer::default(),
             }),
         })
     }
@@ -277,7 +276,10 @@ impl FairGate {
             let max = u32::try_from(self.permits).unwrap_or(u32::MAX);
             if !state.closed && state.queue.may_keep_for(&class, held, max) {
                 let now = Instant::now();
-                if self.arm_linger(&mut state, now + self.linger) {
+                if state
+                    .linger_timer
+                    .arm(now + self.linger, &self.this, Self::end_lingers)
+                {
                     state.kept.push_back((class, now));
                     return;
                 }
@@ -305,37 +307,18 @@ impl FairGate {
         state.available += 1;
     }
 
-    /// Makes sure a timer ends the lingers due at `at` (one timer at a time:
-    /// one already set fires no later, permits being kept in order); false
-    /// without a runtime.
-    fn arm_linger(&self, state: &mut State, at: Instant) -> bool {
-        if state.linger_armed {
-            return true;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
-        state.linger_armed = true;
-        let gate = self.this.clone();
-        rt.spawn(async move {
-            tokio::time::sleep_until(at).await;
-            if let Some(gate) = gate.upgrade() {
-                gate.end_lingers();
-            }
-        });
-        true
-    }
-
     /// Hands on the permits kept for the whole linger, and sets the timer
     /// for the next.
     fn end_lingers(&self) {
         let mut state = self.lock();
-        state.linger_armed = false;
+        state.linger_timer.fired();
         let now = Instant::now();
         while let Some(&(_, since)) = state.kept.front() {
             if since + self.linger > now {
                 // Set from a timer task: there is a runtime.
-                self.arm_linger(&mut state, since + self.linger);
+                state
+                    .linger_timer
+                    .arm(since + self.linger, &self.this, Self::end_lingers);
                 return;
             }
             state.kept.pop_front();

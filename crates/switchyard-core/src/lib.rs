@@ -70,7 +70,7 @@ pub use causal::{CausalBackend, CausalError, CausalToken, Coverage};
 pub use checkout::{Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, Outcome};
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Deadline, Error};
-pub use fair::{FairQueue, QueueClass, QueueOrder, Share, WaitKey};
+pub use fair::{FairQueue, LingerTimer, QueueClass, QueueOrder, Share, WaitKey};
 pub use gate::{FairGate, GateError, GatePermit, DEFAULT_LINGER};
 pub use history::History;
 pub use http::HttpUrl;

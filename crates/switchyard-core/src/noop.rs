@@ -73,6 +73,9 @@ pub struct NoopBackend {
     down: AtomicBool,
     fail_scope: AtomicBool,
     fail_recycle: AtomicBool,
+    /// Scoped connections come back clean, as an engine's whose scope is
+    /// per request (a key prefix, a filter) rather than session state.
+    clean_returns: bool,
     acquire_delay_ns: AtomicU64,
     scope_delay_ns: AtomicU64,
     confirm_delay_ns: AtomicU64,
@@ -93,6 +96,7 @@ impl NoopBackend {
             down: AtomicBool::new(false),
             fail_scope: AtomicBool::new(false),
             fail_recycle: AtomicBool::new(false),
+            clean_returns: false,
             acquire_delay_ns: AtomicU64::new(0),
             scope_delay_ns: AtomicU64::new(0),
             confirm_delay_ns: AtomicU64::new(0),
@@ -105,8 +109,22 @@ impl NoopBackend {
 
     /// Bounds the connections out at once to `max_size`: checkouts beyond it
     /// wait, in turn by tenant, like those of an engine's full pool.
-    pub fn with_max_size(mut self, max_size: u32) -> Self {
-        self.gate = Some(FairGate::new(max_size));
+    pub fn with_max_size(self, max_size: u32) -> Self {
+        self.with_gate(FairGate::new(max_size))
+    }
+
+    /// [`with_max_size`](Self::with_max_size) with a gate of the caller's
+    /// (another linger, say).
+    pub fn with_gate(mut self, gate: Arc<FairGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Scoped connections come back clean (no reset on a task), as those of
+    /// an engine whose scope is part of each request rather than of the
+    /// session (Elasticsearch, ClickHouse, MongoDB).
+    pub fn with_clean_returns(mut self) -> Self {
+        self.clean_returns = true;
         self
     }
 
@@ -342,7 +360,7 @@ impl Backend for NoopBackend {
 
     /// A connection that served a tenant is dirty: its owner must be reset.
     fn inspect(&self, conn: &mut NoopConnection) -> Returned {
-        if conn.tenant.is_some() {
+        if conn.tenant.is_some() && !self.clean_returns {
             Returned::Dirty
         } else {
             Returned::Clean

@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgConnection;
-use switchyard_core::{FairQueue, QueueClass, TenantScope, WaitKey};
+use switchyard_core::{FairQueue, LingerTimer, QueueClass, TenantScope, WaitKey};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -165,9 +165,8 @@ struct State {
     /// Connections out (or being opened), by the queue class of the checkout
     /// holding them; classes holding none are absent.
     held: HashMap<QueueClass, u32>,
-    /// A timer is set to end the lingers of kept connections (one at a
-    /// time, for the earliest).
-    linger_armed: bool,
+    /// Ends the lingers of kept connections.
+    linger_timer: LingerTimer,
     closed: bool,
 }
 
@@ -339,7 +338,10 @@ impl Slots {
                     && state.may_keep_for(conn.owner.as_ref(), self.max)
                 {
                     let now = Instant::now();
-                    if self.arm_linger(&mut state, now + self.linger) {
+                    if state
+                        .linger_timer
+                        .arm(now + self.linger, &self.this, Self::end_lingers)
+                    {
                         kept = Some(now);
                     }
                 }
@@ -373,34 +375,13 @@ impl Slots {
         }
     }
 
-    /// Makes sure a timer ends the lingers due at `at` (one timer at a time:
-    /// one already set fires no later, kept connections being returned in
-    /// order); false without a runtime.
-    fn arm_linger(&self, state: &mut State, at: Instant) -> bool {
-        if state.linger_armed {
-            return true;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
-        state.linger_armed = true;
-        let slots = self.this.clone();
-        rt.spawn(async move {
-            tokio::time::sleep_until(at).await;
-            if let Some(slots) = slots.upgrade() {
-                slots.end_lingers();
-            }
-        });
-        true
-    }
-
     /// Gives the connections kept for their owner for the whole linger to
     /// whoever waits (or leaves them plainly idle), and sets the timer for the
     /// next.
     fn end_lingers(&self) {
         let ended: Vec<Pooled> = {
             let mut state = self.lock();
-            state.linger_armed = false;
+            state.linger_timer.fired();
             let now = Instant::now();
             let mut ended = Vec::new();
             let mut kept = VecDeque::with_capacity(state.idle.len());
@@ -415,7 +396,9 @@ impl Slots {
             let next = state.idle.iter().find(|i| i.kept).map(|i| i.since);
             if let Some(since) = next {
                 // Set from a timer task: there is a runtime.
-                self.arm_linger(&mut state, since + self.linger);
+                state
+                    .linger_timer
+                    .arm(since + self.linger, &self.this, Self::end_lingers);
             }
             ended
         };
