@@ -9,7 +9,6 @@ mod fencing;
 mod live;
 mod reconfig;
 mod routing;
-mod spans;
 
 use std::sync::Arc;
 use std::time::Duration;

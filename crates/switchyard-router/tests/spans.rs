@@ -1,15 +1,40 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! What a tracing subscriber sees of a checkout: the router's and core's
 //! spans with their fields when it asks for debug, nothing when it does not
 //! (the spans are then never built, which keeps them off the checkout path).
+//!
+//! A test binary of its own: tracing caches whether a callsite is wanted
+//! when it is first hit, and a test on another thread hitting the checkout's
+//! callsites for the first time while this one sets its subscriber can
+//! cache "never" for them.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use switchyard_core::Intent;
+use switchyard_core::noop::NoopBackend;
+use switchyard_core::{Intent, Role};
+use switchyard_router::{Cluster, EndpointConfig};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::fmt::MakeWriter;
 
-use super::{cluster, config};
+/// A primary and two replicas, probed once.
+async fn cluster() -> Cluster<NoopBackend> {
+    let mut b = Cluster::builder("test").endpoint(
+        Arc::new(NoopBackend::with_role("p", Role::Primary)),
+        EndpointConfig::new(Role::Primary),
+    );
+    for i in 1..=2 {
+        b = b.endpoint(
+            Arc::new(NoopBackend::with_role(format!("r{i}"), Role::Replica)),
+            EndpointConfig::new(Role::Replica),
+        );
+    }
+    let cluster = b.build().unwrap();
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    cluster
+}
 
 /// Everything the subscriber wrote, shared with the test.
 #[derive(Clone, Default)]
@@ -45,7 +70,7 @@ impl<'a> MakeWriter<'a> for Captured {
 /// The text a subscriber at `level` writes while one read checks out and
 /// is returned (spans are written when they close).
 async fn one_checkout_at(level: tracing::Level) -> String {
-    let (c, _backends) = cluster(2, config()).await;
+    let c = cluster().await;
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(level)
@@ -55,9 +80,6 @@ async fn one_checkout_at(level: tracing::Level) -> String {
         .finish();
     {
         let _default = tracing::subscriber::set_default(subscriber);
-        // Callsites first seen by tests running at the same time, with no
-        // subscriber, may have cached "never": ask them again.
-        tracing::callsite::rebuild_interest_cache();
         let conn = c.checkout(Intent::Read, None).await.unwrap();
         drop(conn);
     }
@@ -81,8 +103,8 @@ async fn a_debug_subscriber_sees_the_checkout_spans_with_their_fields_and_an_inf
     assert!(core.contains("checkout{endpoint=r"), "{core}");
     assert!(core.contains("wait_us=0"), "{core}");
 
-    // One test, not two: subscribers set at once on two test threads change
-    // the process-wide level hint under each other.
+    // One test, not two: subscribers set at once on two test threads race
+    // on the same caches.
     let text = one_checkout_at(tracing::Level::INFO).await;
     assert!(!text.contains("checkout{"), "{text}");
 }
