@@ -81,8 +81,12 @@ impl InFlight {
 
     /// Counts one more until the returned token is dropped.
     pub fn enter(self: &Arc<Self>) -> InFlightToken {
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.arrive();
         InFlightToken(Arc::clone(self))
+    }
+
+    fn arrive(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     fn leave(&self) {
@@ -99,7 +103,7 @@ impl<'a> Counted<'a> {
     fn enter(observer: Option<&'a Arc<dyn CheckoutObserver>>) -> Self {
         let counter = observer.and_then(|o| o.in_flight());
         if let Some(c) = counter {
-            c.count.fetch_add(1, Ordering::Relaxed);
+            c.arrive();
         }
         Self(counter)
     }

@@ -136,14 +136,18 @@ impl FairGate {
         })
     }
 
-    /// A permit held by a checkout of `class` (counted when lingering is on).
-    fn permit(self: &Arc<Self>, state: &mut State, class: QueueClass) -> GatePermit {
-        let class = if self.linger.is_zero() {
-            None
-        } else {
-            state.hold(&class);
-            Some(class)
-        };
+    /// The class a permit records for its holder: only a gate that lingers
+    /// counts holders (nothing else reads the counts).
+    fn holder(&self, class: &QueueClass) -> Option<QueueClass> {
+        (!self.linger.is_zero()).then(|| class.clone())
+    }
+
+    /// A permit taken now by a checkout of `class`.
+    fn permit(self: &Arc<Self>, state: &mut State, class: &QueueClass) -> GatePermit {
+        let class = self.holder(class);
+        if let Some(class) = &class {
+            state.hold(class);
+        }
         GatePermit {
             gate: Arc::clone(self),
             class,
@@ -169,11 +173,11 @@ impl FairGate {
             let (class, weight) = QueueClass::of(scope);
             if let Some(at) = state.kept.iter().position(|(c, _)| *c == class) {
                 state.kept.remove(at);
-                return Ok(self.permit(&mut state, class));
+                return Ok(self.permit(&mut state, &class));
             }
             if state.available > 0 && state.queue.is_empty() {
                 state.available -= 1;
-                return Ok(self.permit(&mut state, class));
+                return Ok(self.permit(&mut state, &class));
             }
             let (tx, rx) = oneshot::channel();
             let key = state.queue.push(class, weight, tx);
@@ -187,10 +191,10 @@ impl FairGate {
         match granted {
             Ok(Ok(())) => {
                 // Counted as held by whoever handed it over.
-                let class = waiting.key.take().map(|key| key.class().clone());
+                let key = waiting.key.take();
                 Ok(GatePermit {
                     gate: Arc::clone(self),
-                    class: class.filter(|_| !self.linger.is_zero()),
+                    class: key.and_then(|key| self.holder(key.class())),
                 })
             }
             Ok(Err(_)) => {
@@ -290,18 +294,18 @@ impl FairGate {
 
     /// One permit to the next waiter in turn, else to the count.
     fn hand_on(&self, state: &mut State) {
-        let counted = !self.linger.is_zero();
         while let Some((key, tx)) = state.queue.pop() {
-            if counted {
-                state.hold(key.class());
+            let holder = self.holder(key.class());
+            if let Some(class) = &holder {
+                state.hold(class);
             }
             // A waiter leaves the queue before its receiver goes, so this
             // succeeds; a failure would only mean trying the next one.
             if tx.send(()).is_ok() {
                 return;
             }
-            if counted {
-                state.unhold(key.class());
+            if let Some(class) = &holder {
+                state.unhold(class);
             }
         }
         state.available += 1;
@@ -369,8 +373,7 @@ impl Drop for Waiting<'_> {
         };
         if granted {
             // Counted as held by this waiter's class by whoever handed it over.
-            let class = Some(key.class().clone()).filter(|_| !self.gate.linger.is_zero());
-            self.gate.release(class);
+            self.gate.release(self.gate.holder(key.class()));
         }
     }
 }
