@@ -30,7 +30,7 @@ use sqlx::postgres::PgPoolOptions;
 use switchyard::core::noop::NoopBackend;
 use switchyard::core::InFlight;
 use switchyard::postgres::{PgBackend, PgBackendConfig};
-use switchyard::router::__bench::{Load, Picker, Strategy};
+use switchyard::router::__bench::{Load, PeakEwma, Picker, Strategy};
 use switchyard::router::{EndpointConfig, StrategyKind};
 use switchyard::{
     Backend as _, Checkout, CheckoutRequest, Cluster, ClusterConfig, Intent, Isolation, Role,
@@ -111,11 +111,12 @@ fn live_bytes() -> i64 {
     LIVE_BYTES.load(Ordering::Relaxed)
 }
 
-/// A candidate as a strategy sees it: weight, load and a fixed latency.
+/// A candidate as a strategy sees it: weight, load and a latency estimate
+/// (no samples: it only decays from its initial value).
 struct Candidate {
     weight: u32,
     in_flight: Arc<InFlight>,
-    latency_ns: f64,
+    latency: PeakEwma,
 }
 
 impl Load for Candidate {
@@ -125,8 +126,8 @@ impl Load for Candidate {
     fn in_flight(&self) -> &Arc<InFlight> {
         &self.in_flight
     }
-    fn latency_ns(&self, _: Instant) -> f64 {
-        self.latency_ns
+    fn latency(&self) -> &PeakEwma {
+        &self.latency
     }
 }
 
@@ -135,7 +136,10 @@ fn candidates(n: usize) -> Vec<Candidate> {
         .map(|i| Candidate {
             weight: 1 + (i % 4) as u32,
             in_flight: Arc::new(InFlight::new()),
-            latency_ns: 1_000_000.0 + (i % 7) as f64 * 100_000.0,
+            latency: PeakEwma::new(
+                Duration::from_secs(10),
+                Duration::from_micros(1_000 + (i % 7) as u64 * 100),
+            ),
         })
         .collect()
 }

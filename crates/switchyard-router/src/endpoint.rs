@@ -224,9 +224,8 @@ impl<B: Backend> Load for Endpoint<B> {
     fn in_flight(&self) -> &Arc<InFlight> {
         &self.state.in_flight
     }
-    fn latency_ns(&self, now: Instant) -> f64 {
-        // A floor keeps load in the cost when every estimate has decayed to zero.
-        self.state.ewma.estimate_ns(now).max(1_000.0)
+    fn latency(&self) -> &PeakEwma {
+        &self.state.ewma
     }
 }
 
