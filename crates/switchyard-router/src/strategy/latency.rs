@@ -62,10 +62,10 @@ impl Slot {
         }
     }
 
-    /// The cost before the division by weight: estimate × (in flight + 1).
-    fn load_cost(&self, now_ns: i64) -> f64 {
+    /// The candidate's estimate at `now_ns`, and its load: in flight + 1.
+    fn read(&self, now_ns: i64) -> (Estimate, f64) {
         let load = f64::from(self.in_flight.get()) + 1.0;
-        self.ewma.estimate_ns(now_ns).max(FLOOR_NS) * load
+        (self.ewma.read(now_ns), load)
     }
 }
 
@@ -80,12 +80,68 @@ impl Latency {
 
     /// The cheaper of candidates `a` and `b` at `now_ns` (`a` on a tie).
     fn cheaper(sa: &Slot, sb: &Slot, a: usize, b: usize, now_ns: i64) -> usize {
-        // cost_b < cost_a, each divided by its weight: cross-multiplied.
-        if sb.load_cost(now_ns) * sa.weight < sa.load_cost(now_ns) * sb.weight {
+        let ((ea, la), (eb, lb)) = (sa.read(now_ns), sb.read(now_ns));
+        // Each cost divided by its weight: cross-multiplied.
+        if b_cheaper(ea, la * sb.weight, eb, lb * sa.weight) {
             b
         } else {
             a
         }
+    }
+}
+
+/// An estimate read at pick time: known, or above the floor and decaying
+/// (`raw · e^-age`, its `exp` not taken yet).
+#[derive(Debug, Clone, Copy)]
+enum Estimate {
+    Known(f64),
+    Decaying { raw: f64, age: f64 },
+}
+
+impl Estimate {
+    /// `raw` nanoseconds `age` decay periods ago (`age` ≥ 0), floored.
+    fn new(raw: f64, age: f64) -> Self {
+        if raw <= FLOOR_NS {
+            // Decay only lowers it: the floor.
+            Estimate::Known(FLOOR_NS)
+        } else if raw * (1.0 - age) >= FLOOR_NS {
+            // e^-age ≥ 1 − age: still above the floor.
+            Estimate::Decaying { raw, age }
+        } else {
+            Estimate::Known((raw * (-age).exp()).max(FLOOR_NS))
+        }
+    }
+
+    fn value(self) -> f64 {
+        match self {
+            Estimate::Known(v) => v,
+            Estimate::Decaying { raw, age } => raw * (-age).exp(),
+        }
+    }
+}
+
+/// Whether `b`'s cost (estimate × `mb`) is below `a`'s (estimate × `ma`).
+///
+/// The same answer as comparing `max(raw · e^-age, floor) × m` for both, but
+/// with no `exp` at all in the common case, where both estimates are above
+/// the floor and were updated less than a decay period ago (a probe updates
+/// them every interval): then `b` is cheaper iff `B·e^δ < A`, with
+/// `A = raw_a·ma`, `B = raw_b·mb` and `δ = age_a − age_b` in (−1, 1), and
+/// `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` decides unless the two costs are within
+/// about `δ²/2` of each other; only then is `e^δ` taken.
+fn b_cheaper(a: Estimate, ma: f64, b: Estimate, mb: f64) -> bool {
+    match (a, b) {
+        (Estimate::Decaying { raw: ra, age: ya }, Estimate::Decaying { raw: rb, age: yb }) => {
+            let (big_a, big_b, d) = (ra * ma, rb * mb, ya - yb);
+            if big_b * (1.0 + d) >= big_a {
+                false
+            } else if big_b < big_a * (1.0 - d) {
+                true
+            } else {
+                big_b * d.exp() < big_a
+            }
+        }
+        (a, b) => b.value() * mb < a.value() * ma,
     }
 }
 
@@ -151,21 +207,33 @@ struct Ewma {
     estimate: AtomicU64,
     /// [`clock_ns`] of the last update.
     updated_ns: AtomicI64,
-    /// The time constant in nanoseconds, as `f64` bits.
-    decay_ns: AtomicU64,
+    /// The decay rate, one over the time constant in nanoseconds, as `f64`
+    /// bits (a multiplication where a division was).
+    rate: AtomicU64,
 }
 
 impl Ewma {
-    fn decay_factor(&self, now_ns: i64) -> f64 {
+    /// Decay periods since the last update, at least 0.
+    fn age(&self, now_ns: i64) -> f64 {
         let elapsed = now_ns.saturating_sub(self.updated_ns.load(Ordering::Acquire));
-        let decay_ns = f64::from_bits(self.decay_ns.load(Ordering::Relaxed));
-        (-(elapsed.max(0) as f64) / decay_ns).exp()
+        elapsed.max(0) as f64 * f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    fn raw(&self) -> f64 {
+        f64::from_bits(self.estimate.load(Ordering::Acquire))
     }
 
     fn estimate_ns(&self, now_ns: i64) -> f64 {
-        let raw = f64::from_bits(self.estimate.load(Ordering::Acquire));
-        raw * self.decay_factor(now_ns)
+        self.raw() * (-self.age(now_ns)).exp()
     }
+
+    fn read(&self, now_ns: i64) -> Estimate {
+        Estimate::new(self.raw(), self.age(now_ns))
+    }
+}
+
+fn rate(decay: Duration) -> u64 {
+    (1.0 / nanos(decay).max(1.0)).to_bits()
 }
 
 impl PeakEwma {
@@ -174,15 +242,13 @@ impl PeakEwma {
         Self(Arc::new(Ewma {
             estimate: AtomicU64::new(nanos(initial).to_bits()),
             updated_ns: AtomicI64::new(clock_ns(Instant::now())),
-            decay_ns: AtomicU64::new(nanos(decay).max(1.0).to_bits()),
+            rate: AtomicU64::new(rate(decay)),
         }))
     }
 
     /// Changes the time constant; the estimate so far is kept.
     pub fn set_decay(&self, decay: Duration) {
-        self.0
-            .decay_ns
-            .store(nanos(decay).max(1.0).to_bits(), Ordering::Relaxed);
+        self.0.rate.store(rate(decay), Ordering::Relaxed);
     }
 
     /// Records one latency sample.
@@ -205,7 +271,7 @@ impl PeakEwma {
         let cell = &*self.0;
         let now = clock_ns(at);
         let sample = nanos(sample);
-        let decay = cell.decay_factor(now);
+        let decay = (-cell.age(now)).exp();
         let mut current = cell.estimate.load(Ordering::Acquire);
         loop {
             let old = f64::from_bits(current);
@@ -414,5 +480,61 @@ mod tests {
             assert_eq!(counts[2], 0, "{counts:?}");
             assert!(counts[0] > 100 && counts[1] > 100, "{counts:?}");
         }
+    }
+
+    /// The cost the pick compares, computed directly (an `exp` each).
+    fn direct_cost(raw: f64, age: f64, m: f64) -> f64 {
+        (raw * (-age).exp()).max(FLOOR_NS) * m
+    }
+
+    fn picks_b(a: (f64, f64, f64), b: (f64, f64, f64)) -> bool {
+        b_cheaper(Estimate::new(a.0, a.1), a.2, Estimate::new(b.0, b.1), b.2)
+    }
+
+    #[test]
+    fn the_comparison_is_the_direct_one_without_its_exps() {
+        fastrand::seed(17);
+        let raw = || 10f64.powf(2.0 + 7.0 * fastrand::f64()); // 100 ns to 1 s
+        let age = || fastrand::f64() * if fastrand::bool() { 0.5 } else { 3.0 };
+        let m = || f64::from(fastrand::u32(1..=8) * fastrand::u32(1..=4));
+        let mut compared = 0;
+        for _ in 0..200_000 {
+            let (a, b) = ((raw(), age(), m()), (raw(), age(), m()));
+            let (ca, cb) = (direct_cost(a.0, a.1, a.2), direct_cost(b.0, b.1, b.2));
+            if (ca - cb).abs() <= 1e-12 * ca.max(cb) {
+                continue; // a tie up to rounding: either answer
+            }
+            assert_eq!(picks_b(a, b), cb < ca, "{a:?} vs {b:?}: {ca} vs {cb}");
+            compared += 1;
+        }
+        assert!(compared > 190_000, "{compared}");
+        // Equal estimates and loads: the one updated longer ago is cheaper.
+        assert!(picks_b((1e6, 0.1, 1.0), (1e6, 0.3, 1.0)));
+        assert!(!picks_b((1e6, 0.3, 1.0), (1e6, 0.1, 1.0)));
+        // Close calls, where neither bound decides and `e^δ` is taken.
+        for rel in [1e-6, -1e-6, 1e-12, -1e-12] {
+            let (a, delta) = (1e6, 0.2);
+            let b = a * (-delta as f64).exp() * (1.0 + rel);
+            let want = direct_cost(b, 0.1, 1.0) < direct_cost(a, 0.1 + delta, 1.0);
+            assert_eq!(want, rel < 0.0);
+            assert_eq!(picks_b((a, 0.1 + delta, 1.0), (b, 0.1, 1.0)), want, "{rel}");
+        }
+    }
+
+    #[test]
+    fn an_estimate_near_or_below_the_floor_is_floored() {
+        let known = |e: Estimate| match e {
+            Estimate::Known(v) => Some(v),
+            Estimate::Decaying { .. } => None,
+        };
+        assert_eq!(known(Estimate::new(500.0, 0.0)), Some(FLOOR_NS));
+        assert_eq!(known(Estimate::new(0.0, 0.0)), Some(FLOOR_NS));
+        // 2µs a decay period ago: 736 ns, floored.
+        assert_eq!(known(Estimate::new(2_000.0, 1.0)), Some(FLOOR_NS));
+        // 2µs 0.6 periods ago: 1.098 µs, above the floor though 2µs·(1 − 0.6) is not.
+        let v = known(Estimate::new(2_000.0, 0.6)).unwrap();
+        assert!((v - 2_000.0 * (-0.6f64).exp()).abs() < 1e-9, "{v}");
+        // Far above it: left decaying, its `exp` not taken.
+        assert_eq!(known(Estimate::new(1e6, 0.5)), None);
     }
 }
