@@ -19,12 +19,13 @@
 //! # Cost
 //!
 //! O(1): one random draw split in two, one clock conversion, and two
-//! estimates read from atomics (one `exp` each). The strategy is prepared per
-//! snapshot with each candidate's in-flight counter, estimate and weight side
-//! by side (O(n)), so a pick reads two small lines per candidate, both at
-//! once, instead of following endpoint -> state -> counter for each: at 1,024
-//! endpoints, which no cache holds, those dependent misses were most of the
-//! pick's cost.
+//! estimates read from atomics. The two costs are compared without an `exp`
+//! unless an estimate is near the floor, was last updated more than a decay
+//! period ago, or the two costs are within about `δ²/2` of each other (see
+//! `b_cheaper`). The strategy is prepared per snapshot with each candidate's
+//! in-flight counter, estimate and weight side by side (O(n)), so a pick
+//! reads two small lines per candidate, all four at once, instead of following
+//! endpoint -> state -> counter for each candidate.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -90,32 +91,52 @@ impl Latency {
     }
 }
 
-/// An estimate read at pick time: known, or above the floor and decaying
-/// (`raw · e^-age`, its `exp` not taken yet).
+/// An estimate read at pick time, `max(raw · e^-age, floor)`, with bounds
+/// (`1 − age ≤ e^-age ≤ 1 − age + age²/2` for `age` ≥ 0) that decide most
+/// comparisons before any `exp` is taken.
 #[derive(Debug, Clone, Copy)]
-enum Estimate {
-    Known(f64),
-    Decaying { raw: f64, age: f64 },
+struct Estimate {
+    raw: f64,
+    age: f64,
+    /// `raw · (1 − age)`: at most the decayed estimate, before the floor.
+    low: f64,
+    /// `raw · (1 − age + age²/2)`: at least the decayed estimate.
+    high: f64,
 }
 
 impl Estimate {
-    /// `raw` nanoseconds `age` decay periods ago (`age` ≥ 0), floored.
+    /// `raw` nanoseconds `age` decay periods ago (`age` ≥ 0).
     fn new(raw: f64, age: f64) -> Self {
-        if raw <= FLOOR_NS {
-            // Decay only lowers it: the floor.
-            Estimate::Known(FLOOR_NS)
-        } else if raw * (1.0 - age) >= FLOOR_NS {
-            // e^-age ≥ 1 − age: still above the floor.
-            Estimate::Decaying { raw, age }
-        } else {
-            Estimate::Known((raw * (-age).exp()).max(FLOOR_NS))
+        let low = raw * (1.0 - age);
+        Self {
+            raw,
+            age,
+            low,
+            high: low + raw * age * age * 0.5,
         }
     }
 
-    fn value(self) -> f64 {
-        match self {
-            Estimate::Known(v) => v,
-            Estimate::Decaying { raw, age } => raw * (-age).exp(),
+    /// The floored estimate is at least this.
+    fn lower(&self) -> f64 {
+        self.low.max(FLOOR_NS)
+    }
+
+    /// The floored estimate is at most this.
+    fn upper(&self) -> f64 {
+        self.high.max(FLOOR_NS)
+    }
+
+    /// Whether decay has certainly not brought it down to the floor.
+    fn above_floor(&self) -> bool {
+        self.low >= FLOOR_NS
+    }
+
+    /// The floored estimate itself (an `exp`, unless the bounds meet).
+    fn value(&self) -> f64 {
+        if self.upper() <= FLOOR_NS {
+            FLOOR_NS
+        } else {
+            (self.raw * (-self.age).exp()).max(FLOOR_NS)
         }
     }
 }
@@ -123,26 +144,31 @@ impl Estimate {
 /// Whether `b`'s cost (estimate × `mb`) is below `a`'s (estimate × `ma`).
 ///
 /// The same answer as comparing `max(raw · e^-age, floor) × m` for both, but
-/// with no `exp` at all in the common case, where both estimates are above
-/// the floor and were updated less than a decay period ago (a probe updates
-/// them every interval): then `b` is cheaper iff `B·e^δ < A`, with
-/// `A = raw_a·ma`, `B = raw_b·mb` and `δ = age_a − age_b` in (−1, 1), and
-/// `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` decides unless the two costs are within
-/// about `δ²/2` of each other; only then is `e^δ` taken.
+/// with no `exp` unless the two costs are close: first each estimate's
+/// bounds; then, both above the floor, their ratio: `b` is cheaper iff
+/// `B·e^δ < A`, with `A = raw_a·ma`, `B = raw_b·mb` and `δ = age_a − age_b`
+/// in (−1, 1), and `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` decides unless the costs are
+/// within about `δ²/2` of each other (two estimates updated at nearly the
+/// same time compare without an `exp` however old they are); only then are
+/// the `exp`s taken.
 fn b_cheaper(a: Estimate, ma: f64, b: Estimate, mb: f64) -> bool {
-    match (a, b) {
-        (Estimate::Decaying { raw: ra, age: ya }, Estimate::Decaying { raw: rb, age: yb }) => {
-            let (big_a, big_b, d) = (ra * ma, rb * mb, ya - yb);
-            if big_b * (1.0 + d) >= big_a {
-                false
-            } else if big_b < big_a * (1.0 - d) {
-                true
-            } else {
-                big_b * d.exp() < big_a
-            }
-        }
-        (a, b) => b.value() * mb < a.value() * ma,
+    if b.lower() * mb >= a.upper() * ma {
+        return false;
     }
+    if b.upper() * mb < a.lower() * ma {
+        return true;
+    }
+    if a.above_floor() && b.above_floor() {
+        let (big_a, big_b, d) = (a.raw * ma, b.raw * mb, a.age - b.age);
+        if big_b * (1.0 + d) >= big_a {
+            return false;
+        }
+        if big_b < big_a * (1.0 - d) {
+            return true;
+        }
+        return big_b * d.exp() < big_a;
+    }
+    b.value() * mb < a.value() * ma
 }
 
 impl Strategy for Latency {
@@ -522,19 +548,19 @@ mod tests {
     }
 
     #[test]
-    fn an_estimate_near_or_below_the_floor_is_floored() {
-        let known = |e: Estimate| match e {
-            Estimate::Known(v) => Some(v),
-            Estimate::Decaying { .. } => None,
-        };
-        assert_eq!(known(Estimate::new(500.0, 0.0)), Some(FLOOR_NS));
-        assert_eq!(known(Estimate::new(0.0, 0.0)), Some(FLOOR_NS));
-        // 2µs a decay period ago: 736 ns, floored.
-        assert_eq!(known(Estimate::new(2_000.0, 1.0)), Some(FLOOR_NS));
-        // 2µs 0.6 periods ago: 1.098 µs, above the floor though 2µs·(1 − 0.6) is not.
-        let v = known(Estimate::new(2_000.0, 0.6)).unwrap();
-        assert!((v - 2_000.0 * (-0.6f64).exp()).abs() < 1e-9, "{v}");
-        // Far above it: left decaying, its `exp` not taken.
-        assert_eq!(known(Estimate::new(1e6, 0.5)), None);
+    fn an_estimate_s_bounds_hold_and_meet_at_the_floor() {
+        for raw in [0.0, 500.0, 1_000.0, 1_500.0, 2_000.0, 1e6, 3e7] {
+            for age in [0.0, 0.01, 0.2, 0.6, 1.0, 1.7, 5.0, 40.0] {
+                let e = Estimate::new(raw, age);
+                let exact = (raw * (-age as f64).exp()).max(FLOOR_NS);
+                assert!(e.lower() <= exact && exact <= e.upper(), "{raw} {age}");
+                assert!((e.value() - exact).abs() <= 1e-9 * exact, "{raw} {age}");
+            }
+        }
+        // At or below the floor, or decayed to it: the floor, both bounds.
+        assert_eq!(Estimate::new(500.0, 0.0).upper(), FLOOR_NS);
+        assert_eq!(Estimate::new(1_500.0, 1.0).upper(), FLOOR_NS);
+        assert!(!Estimate::new(2_000.0, 0.6).above_floor());
+        assert!(Estimate::new(1e6, 0.5).above_floor());
     }
 }
