@@ -126,9 +126,16 @@ impl Estimate {
         self.high.max(FLOOR_NS)
     }
 
-    /// Whether decay has certainly not brought it down to the floor.
+    /// Whether decay has certainly not brought it down to the floor: a lower
+    /// bound of `raw · e^-age` is at least the floor, `raw · (1 − age)` or,
+    /// for an old estimate, `raw · 2^-(⌊age·log₂e⌋ + 1)`.
     fn above_floor(&self) -> bool {
-        self.low >= FLOOR_NS
+        if self.low >= FLOOR_NS {
+            return true;
+        }
+        // Saturating: a huge age gives a huge `k`, and no bound.
+        let k = ((self.age * std::f64::consts::LOG2_E) as u64).saturating_add(1);
+        k < 1023 && self.raw * f64::from_bits((1023 - k) << 52) >= FLOOR_NS
     }
 
     /// The floored estimate itself (an `exp`, unless the bounds meet).
@@ -144,29 +151,29 @@ impl Estimate {
 /// Whether `b`'s cost (estimate × `mb`) is below `a`'s (estimate × `ma`).
 ///
 /// The same answer as comparing `max(raw · e^-age, floor) × m` for both, but
-/// with no `exp` unless the two costs are close: first each estimate's
-/// bounds; then, both above the floor, their ratio: `b` is cheaper iff
-/// `B·e^δ < A`, with `A = raw_a·ma`, `B = raw_b·mb` and `δ = age_a − age_b`
-/// in (−1, 1), and `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` decides unless the costs are
-/// within about `δ²/2` of each other (two estimates updated at nearly the
-/// same time compare without an `exp` however old they are); only then are
-/// the `exp`s taken.
+/// with no `exp` unless the two costs are close. Both above the floor (the
+/// usual case), their ratio decides: `b` is cheaper iff `B·e^δ < A`, with
+/// `A = raw_a·ma`, `B = raw_b·mb` and `δ = age_a − age_b`, and
+/// `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` (`δ < 1`) decides unless the costs are within
+/// about `δ²/2` of each other, however old the two estimates are. Near the
+/// floor, each estimate's bounds decide unless the costs are close. Only
+/// then are the `exp`s taken.
 fn b_cheaper(a: Estimate, ma: f64, b: Estimate, mb: f64) -> bool {
-    if b.lower() * mb >= a.upper() * ma {
-        return false;
-    }
-    if b.upper() * mb < a.lower() * ma {
-        return true;
-    }
     if a.above_floor() && b.above_floor() {
         let (big_a, big_b, d) = (a.raw * ma, b.raw * mb, a.age - b.age);
         if big_b * (1.0 + d) >= big_a {
             return false;
         }
-        if big_b < big_a * (1.0 - d) {
+        if d < 1.0 && big_b < big_a * (1.0 - d) {
             return true;
         }
         return big_b * d.exp() < big_a;
+    }
+    if b.lower() * mb >= a.upper() * ma {
+        return false;
+    }
+    if b.upper() * mb < a.lower() * ma {
+        return true;
     }
     b.value() * mb < a.value() * ma
 }
@@ -521,7 +528,7 @@ mod tests {
     fn the_comparison_is_the_direct_one_without_its_exps() {
         fastrand::seed(17);
         let raw = || 10f64.powf(2.0 + 7.0 * fastrand::f64()); // 100 ns to 1 s
-        let age = || fastrand::f64() * if fastrand::bool() { 0.5 } else { 3.0 };
+        let age = || fastrand::f64() * [0.5, 3.0, 15.0][fastrand::usize(..3)];
         let m = || f64::from(fastrand::u32(1..=8) * fastrand::u32(1..=4));
         let mut compared = 0;
         for _ in 0..200_000 {
@@ -534,6 +541,13 @@ mod tests {
             compared += 1;
         }
         assert!(compared > 190_000, "{compared}");
+        // Two old estimates updated about together (never since they were
+        // made): their ratio decides.
+        for (ya, yb) in [(6.0, 6.001), (6.001, 6.0), (14.0, 14.0)] {
+            let (a, b) = ((3e7, ya, 3.0), (3e7, yb, 2.0));
+            let want = direct_cost(b.0, b.1, b.2) < direct_cost(a.0, a.1, a.2);
+            assert_eq!(picks_b(a, b), want, "{ya} {yb}");
+        }
         // Equal estimates and loads: the one updated longer ago is cheaper.
         assert!(picks_b((1e6, 0.1, 1.0), (1e6, 0.3, 1.0)));
         assert!(!picks_b((1e6, 0.3, 1.0), (1e6, 0.1, 1.0)));
@@ -554,13 +568,22 @@ mod tests {
                 let e = Estimate::new(raw, age);
                 let exact = (raw * (-age as f64).exp()).max(FLOOR_NS);
                 assert!(e.lower() <= exact && exact <= e.upper(), "{raw} {age}");
+                if e.above_floor() {
+                    assert!(raw * (-age as f64).exp() >= FLOOR_NS, "{raw} {age}");
+                }
                 assert!((e.value() - exact).abs() <= 1e-9 * exact, "{raw} {age}");
             }
         }
         // At or below the floor, or decayed to it: the floor, both bounds.
         assert_eq!(Estimate::new(500.0, 0.0).upper(), FLOOR_NS);
         assert_eq!(Estimate::new(1_500.0, 1.0).upper(), FLOOR_NS);
-        assert!(!Estimate::new(2_000.0, 0.6).above_floor());
+        assert!(Estimate::new(2_000.0, 0.6).above_floor(), "1.1 µs");
+        assert!(!Estimate::new(2_000.0, 0.8).above_floor(), "0.9 µs");
         assert!(Estimate::new(1e6, 0.5).above_floor());
+        // Old, but far above the floor still: 30 ms six periods ago is 74 µs.
+        assert!(Estimate::new(3e7, 6.0).above_floor());
+        // 1.36 µs ten periods on, but its bound (0.92 µs) cannot tell.
+        assert!(!Estimate::new(3e7, 10.0).above_floor());
+        assert!(!Estimate::new(3e7, 1e300).above_floor());
     }
 }
