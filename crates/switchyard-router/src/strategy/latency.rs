@@ -20,12 +20,17 @@
 //!
 //! O(1): one random draw split in two, one clock conversion, and two
 //! estimates read from atomics. The two costs are compared without an `exp`
-//! unless an estimate is near the floor, was last updated more than a decay
-//! period ago, or the two costs are within about `δ²/2` of each other (see
-//! `b_cheaper`). The strategy is prepared per snapshot with each candidate's
-//! in-flight counter, estimate and weight side by side (O(n)), so a pick
-//! reads two small lines per candidate, all four at once, instead of following
-//! endpoint -> state -> counter for each candidate.
+//! unless they are close (within about `δ²/2` of each other, `δ` the decay
+//! periods between the two estimates' last updates, or near the floor; see
+//! `b_cheaper`), where the exact comparison takes two.
+//!
+//! The strategy is prepared per snapshot with each candidate's in-flight
+//! counter and estimate side by side (O(n)): a pick reads them directly
+//! while the two candidates' weights load through their endpoints (which
+//! the checkout of the one picked reads next), instead of following
+//! endpoint -> state -> counter for each. At 1,024 endpoints no cache holds
+//! them all, and those dependent misses, one after the other, cost more
+//! than the pick's arithmetic.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -46,12 +51,12 @@ pub struct Latency {
     slots: Box<[Slot]>,
 }
 
-/// One candidate's load, estimate and weight, read without its endpoint.
+/// One candidate's in-flight counter and estimate, read without going
+/// through its endpoint.
 #[derive(Debug)]
 struct Slot {
     in_flight: Arc<InFlight>,
     ewma: Arc<Ewma>,
-    weight: f64,
 }
 
 impl Slot {
@@ -59,7 +64,6 @@ impl Slot {
         Self {
             in_flight: Arc::clone(c.in_flight()),
             ewma: Arc::clone(&c.latency().0),
-            weight: f64::from(c.weight().max(1)),
         }
     }
 
@@ -71,24 +75,40 @@ impl Slot {
 }
 
 impl Latency {
-    /// The strategy for `candidates`: their counters, estimates and weights
-    /// side by side.
+    /// The strategy for `candidates`: their counters and estimates side by
+    /// side.
     pub fn new<L: Load>(candidates: &[L]) -> Self {
         Self {
             slots: candidates.iter().map(Slot::of).collect(),
         }
     }
 
-    /// The cheaper of candidates `a` and `b` at `now_ns` (`a` on a tie).
-    fn cheaper(sa: &Slot, sb: &Slot, a: usize, b: usize, now_ns: i64) -> usize {
-        let ((ea, la), (eb, lb)) = (sa.read(now_ns), sb.read(now_ns));
+    /// The cheaper of candidates `a` and `b` (`ca`, `cb`, their slots `sa`,
+    /// `sb`) at `now_ns`, `a` on a tie.
+    ///
+    /// The weights are read from the candidates themselves, first: the
+    /// endpoint and its state, which the checkout of the one picked reads
+    /// next, load while the slots' counters and estimates do, instead of
+    /// after them.
+    fn cheaper<L: Load>(
+        cands: (&L, &L),
+        slots: (&Slot, &Slot),
+        ab: (usize, usize),
+        now_ns: i64,
+    ) -> usize {
+        let (wa, wb) = (weight(cands.0), weight(cands.1));
+        let ((ea, la), (eb, lb)) = (slots.0.read(now_ns), slots.1.read(now_ns));
         // Each cost divided by its weight: cross-multiplied.
-        if b_cheaper(ea, la * sb.weight, eb, lb * sa.weight) {
-            b
+        if b_cheaper(ea, la * wb, eb, lb * wa) {
+            ab.1
         } else {
-            a
+            ab.0
         }
     }
+}
+
+fn weight<L: Load>(c: &L) -> f64 {
+    f64::from(c.weight().max(1))
 }
 
 /// An estimate read at pick time, `max(raw · e^-age, floor)`, with bounds
@@ -190,15 +210,16 @@ impl Strategy for Latency {
             n => {
                 let (a, b) = two_distinct(n);
                 let now_ns = clock_ns(now);
+                let cands = (candidates.get(a)?, candidates.get(b)?);
                 if let (true, Some(sa), Some(sb)) =
                     (self.slots.len() == n, self.slots.get(a), self.slots.get(b))
                 {
-                    return Some(Self::cheaper(sa, sb, a, b, now_ns));
+                    return Some(Self::cheaper(cands, (sa, sb), (a, b), now_ns));
                 }
-                // Not the set the strategy was prepared for: read the
-                // candidates themselves.
-                let (ca, cb) = (candidates.get(a)?, candidates.get(b)?);
-                Some(Self::cheaper(&Slot::of(ca), &Slot::of(cb), a, b, now_ns))
+                // Not the set the strategy was prepared for: the candidates'
+                // own counters and estimates.
+                let slots = (&Slot::of(cands.0), &Slot::of(cands.1));
+                Some(Self::cheaper(cands, slots, (a, b), now_ns))
             }
         }
     }
@@ -468,11 +489,10 @@ mod tests {
         // Against (4 + 1) / 4: the lighter one.
         let _busier = [cands[1].in_flight.enter(), cands[1].in_flight.enter()];
         assert_eq!(picks(&latency), [200, 0]);
-        // The weights are the ones the strategy was prepared with: a set
-        // reweighted is prepared again (the snapshot is rebuilt).
+        // The weights are read at pick time: a candidate reweighted weighs
+        // its new weight at once.
         let mut reweighted = loads(&[1, 8]);
         reweighted[1].in_flight = Arc::clone(&cands[1].in_flight);
-        let latency = Latency::new(&reweighted);
         let mut counts = [0; 2];
         for _ in 0..200 {
             counts[latency.pick(&reweighted).unwrap()] += 1;

@@ -11,7 +11,7 @@
 //! | [`RoundRobin`] | O(1): one atomic increment | nothing |
 //! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | nothing |
 //! | [`WeightedRoundRobin`] | O(1): one atomic increment and an index | the interleaved cycle, O(W·k) for a cycle of W picks over k distinct weights |
-//! | [`Latency`] | O(1): two random candidates compared | each candidate's counter, estimate and weight side by side, O(n) |
+//! | [`Latency`] | O(1): two random candidates compared | each candidate's counter and estimate side by side, O(n) |
 //!
 //! No pick takes a lock or allocates.
 
