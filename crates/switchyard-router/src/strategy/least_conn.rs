@@ -21,20 +21,48 @@
 //! instead of the O(log n / log log n) of a random pick.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
+
+use switchyard_core::InFlight;
 
 use super::{two_distinct, Load, Strategy};
 
 /// Largest candidate set that is scanned rather than sampled.
 pub const SCAN_LIMIT: usize = 32;
 
-/// Least connections over one candidate set; it keeps no state of its own.
+/// Least connections over one candidate set.
 #[derive(Debug, Default)]
-pub struct LeastConn;
+pub struct LeastConn {
+    /// Above [`SCAN_LIMIT`] candidates, their in-flight counters side by
+    /// side, in the candidates' order: a sampled pick reads a counter without
+    /// going through its endpoint (the weight, read through the endpoint,
+    /// loads alongside; see [`Latency`](super::Latency)).
+    counters: Box<[Arc<InFlight>]>,
+}
 
 impl LeastConn {
-    /// The strategy.
-    pub fn new() -> Self {
-        Self
+    /// The strategy for `candidates`.
+    pub fn new<L: Load>(candidates: &[L]) -> Self {
+        let counters = if candidates.len() > SCAN_LIMIT {
+            candidates
+                .iter()
+                .map(|c| Arc::clone(c.in_flight()))
+                .collect()
+        } else {
+            Box::default()
+        };
+        Self { counters }
+    }
+
+    /// Candidate `i`'s load and weight, its counter from the table when it
+    /// was prepared for `n` candidates.
+    fn load_of<L: Load>(&self, candidates: &[L], i: usize) -> Option<(u32, u32)> {
+        let weight = candidates.get(i)?.weight();
+        let load = match self.counters.get(i) {
+            Some(counter) if self.counters.len() == candidates.len() => counter.get(),
+            _ => candidates.get(i)?.in_flight().get(),
+        };
+        Some((load, weight))
     }
 }
 
@@ -44,7 +72,8 @@ impl Strategy for LeastConn {
             scan(candidates)
         } else {
             let (a, b) = two_distinct(candidates.len());
-            let (Some(la), Some(lb)) = (load_of(candidates, a), load_of(candidates, b)) else {
+            let (Some(la), Some(lb)) = (self.load_of(candidates, a), self.load_of(candidates, b))
+            else {
                 return Some(a);
             };
             Some(if a_wins(la, lb, fastrand::bool()) {
@@ -59,10 +88,6 @@ impl Strategy for LeastConn {
 /// Whether load `a` over weight `aw` is below, equal to or above `b` over `bw`.
 fn compare(a: u32, aw: u32, b: u32, bw: u32) -> Ordering {
     (u64::from(a) * u64::from(bw.max(1))).cmp(&(u64::from(b) * u64::from(aw.max(1))))
-}
-
-fn load_of<L: Load>(candidates: &[L], i: usize) -> Option<(u32, u32)> {
-    candidates.get(i).map(|c| (c.in_flight().get(), c.weight()))
 }
 
 /// Whether `a` (load, weight) wins against `b`: less load per unit of
@@ -130,7 +155,7 @@ mod tests {
     ) -> (Vec<FakeLoad>, Vec<InFlightToken>) {
         fastrand::seed(seed);
         let cands = loads(weights);
-        let lc = LeastConn::new();
+        let lc = LeastConn::new(&cands);
         let mut held = Vec::new();
         for _ in 0..picks {
             let i = lc.pick(&cands).unwrap();
@@ -258,7 +283,7 @@ mod tests {
         for n in [4, 40] {
             fastrand::seed(11);
             let cands = loads(&vec![1; n]);
-            let lc = LeastConn::new();
+            let lc = LeastConn::new(&cands);
             let mut counts = vec![0u32; n];
             let per = 10_000u32;
             for _ in 0..per * n as u32 {
@@ -269,6 +294,36 @@ mod tests {
             }
         }
         let none: Vec<FakeLoad> = Vec::new();
-        assert_eq!(LeastConn::new().pick(&none), None);
+        assert_eq!(LeastConn::new(&none).pick(&none), None);
+    }
+
+    #[test]
+    fn a_sampled_pick_reads_the_prepared_counters_or_the_candidates() {
+        fastrand::seed(19);
+        let cands = loads(&vec![1; 40]);
+        let held: Vec<InFlightToken> = (1..40).map(|i| cands[i].in_flight.enter()).collect();
+        // Only candidate 0 is idle: it wins every comparison it is drawn
+        // into, whether the counters come from the table or, for a set the
+        // strategy was not prepared for, from the candidates.
+        for lc in [LeastConn::new(&cands), LeastConn::new(&cands[..35])] {
+            let zero_wins = (0..4000)
+                .map(|_| lc.pick(&cands).unwrap())
+                .filter(|&i| i == 0)
+                .count();
+            // Drawn in 2 of 40 draws: about 200 of 4,000, all won.
+            assert!((150..=250).contains(&zero_wins), "{zero_wins}");
+        }
+        // The table holds the candidates' own counters.
+        let lc = LeastConn::new(&cands);
+        assert!(lc
+            .counters
+            .iter()
+            .zip(&cands)
+            .all(|(c, f)| Arc::ptr_eq(c, &f.in_flight)));
+        assert!(
+            LeastConn::new(&cands[..32]).counters.is_empty(),
+            "scanned: no table"
+        );
+        drop(held);
     }
 }

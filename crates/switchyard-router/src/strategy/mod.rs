@@ -9,7 +9,7 @@
 //! | strategy | pick cost | prepared per snapshot |
 //! |---|---|---|
 //! | [`RoundRobin`] | O(1): one atomic increment | nothing |
-//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | nothing |
+//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | above the limit, the candidates' counters side by side, O(n) |
 //! | [`WeightedRoundRobin`] | O(1): one atomic increment and an index | the interleaved cycle, O(W·k) for a cycle of W picks over k distinct weights |
 //! | [`Latency`] | O(1): two random candidates compared | each candidate's counter and estimate side by side, O(n) |
 //!
@@ -93,7 +93,7 @@ impl Picker {
     pub fn new<L: Load>(kind: StrategyKind, candidates: &[L]) -> Self {
         match kind {
             StrategyKind::RoundRobin => Picker::RoundRobin(RoundRobin::new()),
-            StrategyKind::LeastConn => Picker::LeastConn(LeastConn::new()),
+            StrategyKind::LeastConn => Picker::LeastConn(LeastConn::new(candidates)),
             StrategyKind::WeightedRoundRobin => {
                 let weights: Vec<u32> = candidates.iter().map(Load::weight).collect();
                 Picker::WeightedRoundRobin(WeightedRoundRobin::new(&weights))
