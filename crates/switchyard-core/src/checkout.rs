@@ -75,6 +75,7 @@ impl InFlight {
     }
 
     /// The current count.
+    #[inline]
     pub fn get(&self) -> u32 {
         self.count.load(Ordering::Relaxed)
     }
@@ -85,10 +86,12 @@ impl InFlight {
         InFlightToken(Arc::clone(self))
     }
 
+    #[inline]
     fn arrive(&self) {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[inline]
     fn leave(&self) {
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
@@ -100,6 +103,7 @@ impl InFlight {
 struct Counted<'a>(Option<&'a InFlight>);
 
 impl<'a> Counted<'a> {
+    #[inline]
     fn enter(observer: Option<&'a Arc<dyn CheckoutObserver>>) -> Self {
         let counter = observer.and_then(|o| o.in_flight());
         if let Some(c) = counter {
@@ -109,6 +113,7 @@ impl<'a> Counted<'a> {
     }
 
     /// Whether a count was taken; the caller gives it back.
+    #[inline]
     fn kept(mut self) -> bool {
         self.0.take().is_some()
     }
@@ -151,6 +156,7 @@ pub struct CheckoutRequest {
 
 impl CheckoutRequest {
     /// An unscoped checkout that gives up at `deadline`.
+    #[inline]
     pub fn new(deadline: Instant) -> Self {
         Self {
             scope: None,
@@ -165,6 +171,7 @@ impl CheckoutRequest {
     /// [`Checkout::acquire`]: for a caller that has just read the clock (a
     /// router starting an operation), which saves a read on the checkout path.
     /// A checkout that does not have to wait is handed out at `started`.
+    #[inline]
     pub fn started_at(mut self, started: Instant) -> Self {
         self.started = Some(started);
         self
@@ -176,6 +183,7 @@ impl CheckoutRequest {
     }
 
     /// Scopes the checkout to a tenant and holds it to the tenant's quota.
+    #[inline]
     pub fn tenant(mut self, entry: &TenantEntry) -> Self {
         self.scope = Some(Arc::clone(entry.scope()));
         self.quota = entry.quota().cloned();
@@ -190,6 +198,7 @@ impl CheckoutRequest {
 
     /// Reports the checkout's life to `observer`, and counts it in the
     /// observer's [`in_flight`](CheckoutObserver::in_flight) counter.
+    #[inline]
     pub fn observer(mut self, observer: Arc<dyn CheckoutObserver>) -> Self {
         self.observer = Some(observer);
         self
