@@ -262,8 +262,10 @@ impl<B: Backend> Cluster<B> {
         intent: Intent,
         tenant: Option<&TenantId>,
     ) -> Result<Checkout<B>, Error> {
-        self.checkout_with(intent, tenant, CheckoutOptions::default())
-            .await
+        // Not through `checkout_with`: one future fewer to move the result
+        // through.
+        let mut budget = Budget::new(intent, &CheckoutOptions::default());
+        self.checkout_budgeted(intent, tenant, &mut budget).await
     }
 
     /// [`checkout`](Self::checkout) with a deadline or the idempotent flag.
@@ -320,7 +322,13 @@ impl<B: Backend> Cluster<B> {
         let mut last_error: Option<Error> = None;
         loop {
             budget.attempts += 1;
-            let ((ep, trial), at_once) = match self.choose(intent, budget).await {
+            let chosen = match self.choose(intent, budget) {
+                Some(chosen) => Ok((chosen, true)),
+                None => Box::pin(self.wait_for_endpoint(intent, budget))
+                    .await
+                    .map(|chosen| (chosen, false)),
+            };
+            let ((ep, trial), at_once) = match chosen {
                 Ok(chosen) => chosen,
                 Err(error) => {
                     self.shared.metrics.no_endpoint(&error);
@@ -428,18 +436,12 @@ impl<B: Backend> Cluster<B> {
         self.shared.snapshot.load().writer() == Some(ep.id())
     }
 
-    /// An endpoint for `intent`, and whether it was found at the first look;
-    /// writes wait for a primary up to `failover_timeout`.
-    ///
-    /// The common case looks once and takes no lock: registering with
-    /// `changed` locks its waiter list, which every checkout would contend
-    /// on. The wait is boxed: every checkout's future would carry its timer
-    /// otherwise.
-    async fn choose(
-        &self,
-        intent: Intent,
-        budget: &mut Budget,
-    ) -> Result<(Chosen<'_, B>, bool), Error> {
+    /// An endpoint for `intent` at the first look, which takes no lock; the
+    /// caller waits for one ([`wait_for_endpoint`](Self::wait_for_endpoint))
+    /// when there is none. Registering with `changed` locks its waiter list,
+    /// which every checkout would contend on; the wait is boxed, or every
+    /// checkout's future would carry its timer.
+    fn choose(&self, intent: Intent, budget: &mut Budget) -> Option<Chosen<'_, B>> {
         // The first attempt starts with the operation: its clock reading is
         // the pick's time too.
         let now = if budget.attempts == 1 {
@@ -447,17 +449,9 @@ impl<B: Backend> Cluster<B> {
         } else {
             Instant::now()
         };
-        let first = {
-            let snap = self.snapshot();
-            budget.rule(&snap.rules);
-            self.pick_in(&snap, intent, &budget.avoid, now)
-        };
-        if let Some(chosen) = first {
-            return Ok((chosen, true));
-        }
-        Box::pin(self.wait_for_endpoint(intent, budget))
-            .await
-            .map(|chosen| (chosen, false))
+        let snap = self.snapshot();
+        budget.rule(&snap.rules);
+        self.pick_in(&snap, intent, &budget.avoid, now)
     }
 
     /// [`choose`](Self::choose) once the first look found nothing.
