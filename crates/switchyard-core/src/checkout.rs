@@ -75,6 +75,7 @@ impl InFlight {
     }
 
     /// The current count.
+    #[inline]
     pub fn get(&self) -> u32 {
         self.count.load(Ordering::Relaxed)
     }
@@ -85,10 +86,12 @@ impl InFlight {
         InFlightToken(Arc::clone(self))
     }
 
+    #[inline]
     fn arrive(&self) {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[inline]
     fn leave(&self) {
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
@@ -100,6 +103,7 @@ impl InFlight {
 struct Counted<'a>(Option<&'a InFlight>);
 
 impl<'a> Counted<'a> {
+    #[inline]
     fn enter(observer: Option<&'a Arc<dyn CheckoutObserver>>) -> Self {
         let counter = observer.and_then(|o| o.in_flight());
         if let Some(c) = counter {
@@ -109,6 +113,7 @@ impl<'a> Counted<'a> {
     }
 
     /// Whether a count was taken; the caller gives it back.
+    #[inline]
     fn kept(mut self) -> bool {
         self.0.take().is_some()
     }
@@ -151,6 +156,7 @@ pub struct CheckoutRequest {
 
 impl CheckoutRequest {
     /// An unscoped checkout that gives up at `deadline`.
+    #[inline]
     pub fn new(deadline: Instant) -> Self {
         Self {
             scope: None,
@@ -165,6 +171,7 @@ impl CheckoutRequest {
     /// [`Checkout::acquire`]: for a caller that has just read the clock (a
     /// router starting an operation), which saves a read on the checkout path.
     /// A checkout that does not have to wait is handed out at `started`.
+    #[inline]
     pub fn started_at(mut self, started: Instant) -> Self {
         self.started = Some(started);
         self
@@ -176,6 +183,7 @@ impl CheckoutRequest {
     }
 
     /// Scopes the checkout to a tenant and holds it to the tenant's quota.
+    #[inline]
     pub fn tenant(mut self, entry: &TenantEntry) -> Self {
         self.scope = Some(Arc::clone(entry.scope()));
         self.quota = entry.quota().cloned();
@@ -190,6 +198,7 @@ impl CheckoutRequest {
 
     /// Reports the checkout's life to `observer`, and counts it in the
     /// observer's [`in_flight`](CheckoutObserver::in_flight) counter.
+    #[inline]
     pub fn observer(mut self, observer: Arc<dyn CheckoutObserver>) -> Self {
         self.observer = Some(observer);
         self
@@ -293,7 +302,9 @@ impl<B: Backend> Checkout<B> {
     }
 
     /// [`acquire`](Self::acquire), reporting the outcome to the observer and,
-    /// when `traced`, the wait to the span it runs in.
+    /// when `traced`, the wait to the span it runs in. One future, no nested
+    /// ones on the path of a connection that is ready at once: every layer
+    /// would move the result once more.
     async fn acquire_and_report(
         backend: &Arc<B>,
         req: CheckoutRequest,
@@ -301,73 +312,38 @@ impl<B: Backend> Checkout<B> {
     ) -> Result<Self, Error> {
         let started = req.started.unwrap_or_else(Instant::now);
         let mut suspended = false;
-        let result = Self::acquire_inner(backend, &req, started, &mut suspended).await;
-        // A checkout that never had to wait ends when it started: one clock
-        // read fewer on the path every immediate checkout takes.
-        let (ended, waited) = if suspended {
-            let ended = Instant::now();
-            (ended, ended.saturating_duration_since(started))
-        } else {
-            (started, Duration::ZERO)
-        };
-        if traced {
-            tracing::Span::current().record("wait_us", waited.as_micros() as u64);
-        }
-        match result {
-            Ok((conn, counted, quota)) => {
-                if let Some(observer) = &req.observer {
-                    observer.on_acquired(waited, ended);
-                }
-                Ok(Self {
-                    conn: Some(conn),
-                    backend: Arc::clone(backend),
-                    scope: req.scope,
-                    observer: req.observer,
-                    counted,
-                    _quota: quota,
-                    acquired_at: ended,
-                    waited,
-                    outcome: Outcome::Success,
-                    keep: true,
-                })
-            }
-            Err(error) => {
-                if let Some(observer) = &req.observer {
-                    observer.on_acquire_failed(&error, waited);
-                }
-                tracing::debug!(%error, "checkout failed");
-                Err(error)
-            }
-        }
-    }
-
-    async fn acquire_inner(
-        backend: &Arc<B>,
-        req: &CheckoutRequest,
-        started: Instant,
-        suspended: &mut bool,
-    ) -> Result<(B::Connection, bool, Option<OwnedSemaphorePermit>), Error> {
         let tenant = req.scope.as_ref().map(|s| s.tenant());
-        // The quota comes first: a tenant at its cap waits on itself, holding no
-        // pool capacity that other tenants could use.
-        let permit = match (&req.quota, tenant) {
-            (Some(quota), Some(tenant)) => {
-                // Whether it waited is not tracked: count it as a wait.
-                *suspended = true;
-                Some(quota.acquire(tenant, req.deadline).await?)
-            }
-            _ => None,
-        };
-        let counted = Counted::enter(req.observer.as_ref());
         let timeout = || Error::Timeout {
             endpoint: backend.endpoint().clone(),
             tenant: tenant.cloned(),
             elapsed: started.elapsed(),
         };
+        // The quota comes first: a tenant at its cap waits on itself, holding no
+        // pool capacity that other tenants could use.
+        let quota = match (&req.quota, tenant) {
+            (Some(quota), Some(tenant)) => {
+                // Whether it waited is not tracked: count it as a wait.
+                suspended = true;
+                match quota.acquire(tenant, req.deadline).await {
+                    Ok(permit) => Some(permit),
+                    Err(error) => return Err(failed(&req, error, started, suspended, traced)),
+                }
+            }
+            _ => None,
+        };
+        let counted = Counted::enter(req.observer.as_ref());
         let acquire = backend.acquire(req.scope.as_deref(), req.deadline);
-        let conn = until(req.deadline, acquire, suspended)
-            .await
-            .ok_or_else(timeout)??;
+        let mut conn = match until(req.deadline, acquire, &mut suspended).await {
+            Some(Ok(conn)) => conn,
+            Some(Err(error)) => {
+                drop(counted);
+                return Err(failed(&req, error, started, suspended, traced));
+            }
+            None => {
+                drop(counted);
+                return Err(failed(&req, timeout(), started, suspended, traced));
+            }
+        };
         if let Some(scope) = &req.scope {
             // Until the scope is applied, a cancelled or failed checkout must not
             // let the half-scoped connection back into the pool.
@@ -375,22 +351,50 @@ impl<B: Backend> Checkout<B> {
                 conn: Some(conn),
                 backend,
             };
-            let Some(conn_ref) = pending.conn.as_mut() else {
-                return Err(Error::Closed);
+            let scoped = match pending.conn.as_mut() {
+                // Boxed: an engine's scope future is large, only scoped
+                // checkouts build it, and every checkout's future would carry
+                // its size.
+                Some(conn_ref) => {
+                    let scoping = Box::pin(backend.scope(conn_ref, scope));
+                    until(req.deadline, scoping, &mut suspended)
+                        .await
+                        .unwrap_or_else(|| Err(timeout()))
+                }
+                None => Err(Error::Closed),
             };
-            // Boxed: an engine's scope future is large, only scoped checkouts
-            // build it, and every checkout's future would carry its size.
-            until(
-                req.deadline,
-                Box::pin(backend.scope(conn_ref, scope)),
-                suspended,
-            )
-            .await
-            .ok_or_else(timeout)??;
-            let conn = pending.conn.take().ok_or(Error::Closed)?;
-            return Ok((conn, counted.kept(), permit));
+            // Taken out of `pending` only once scoped: dropped with it
+            // otherwise, the connection is discarded.
+            let scoped = scoped.and_then(|()| pending.conn.take().ok_or(Error::Closed));
+            conn = match scoped {
+                Ok(conn) => conn,
+                Err(error) => {
+                    drop(counted);
+                    return Err(failed(&req, error, started, suspended, traced));
+                }
+            };
         }
-        Ok((conn, counted.kept(), permit))
+        // A checkout that never had to wait ends when it started: one clock
+        // read fewer on the path every immediate checkout takes.
+        let (ended, waited) = waited(started, suspended);
+        if traced {
+            tracing::Span::current().record("wait_us", waited.as_micros() as u64);
+        }
+        if let Some(observer) = &req.observer {
+            observer.on_acquired(waited, ended);
+        }
+        Ok(Self {
+            conn: Some(conn),
+            backend: Arc::clone(backend),
+            counted: counted.kept(),
+            scope: req.scope,
+            observer: req.observer,
+            _quota: quota,
+            acquired_at: ended,
+            waited,
+            outcome: Outcome::Success,
+            keep: true,
+        })
     }
 
     /// The endpoint this connection came from.
@@ -534,6 +538,39 @@ impl<F: Future> Future for Until<'_, F> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         sleep.as_mut().poll(cx).map(|()| None)
     }
+}
+
+/// When a checkout that started at `started` ended, and how long it
+/// waited: zero, with no clock read, unless it was `suspended`.
+#[inline]
+fn waited(started: Instant, suspended: bool) -> (Instant, Duration) {
+    if suspended {
+        let ended = Instant::now();
+        (ended, ended.saturating_duration_since(started))
+    } else {
+        (started, Duration::ZERO)
+    }
+}
+
+/// Reports a failed checkout (to the span when `traced`, to the observer, to
+/// the debug log) and hands its error back.
+#[cold]
+fn failed(
+    req: &CheckoutRequest,
+    error: Error,
+    started: Instant,
+    suspended: bool,
+    traced: bool,
+) -> Error {
+    let (_, waited) = waited(started, suspended);
+    if traced {
+        tracing::Span::current().record("wait_us", waited.as_micros() as u64);
+    }
+    if let Some(observer) = &req.observer {
+        observer.on_acquire_failed(&error, waited);
+    }
+    tracing::debug!(%error, "checkout failed");
+    error
 }
 
 /// A connection between acquire and scope: discarded unless taken out.

@@ -33,6 +33,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use switchyard_core::{BackendErrorKind, Error, Isolation, TenantScope};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::Shared;
 use crate::connection::PgConn;
@@ -56,13 +57,29 @@ enum Ready {
 }
 
 impl Shared {
-    #[tracing::instrument(
-        level = "debug",
-        name = "pg.acquire",
-        skip_all,
-        fields(endpoint = %self.config.endpoint, tenant = scope.map(|s| s.tenant().as_str()))
-    )]
+    /// A connection ready for `scope`, traced in a `pg.acquire` span (debug
+    /// level) when a subscriber may want it: with `tracing`'s `log` feature,
+    /// which sqlx turns on, even a disabled span costs every checkout its
+    /// enter, exit and drop (see `switchyard_core::Checkout::acquire`).
     pub(crate) async fn acquire(
+        &self,
+        scope: Option<&TenantScope>,
+        deadline: Instant,
+    ) -> Result<PgConn, Error> {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return self.acquire_untraced(scope, deadline).await;
+        }
+        let span = tracing::debug_span!(
+            "pg.acquire",
+            endpoint = %self.config.endpoint,
+            tenant = scope.map(|s| s.tenant().as_str()),
+        );
+        self.acquire_untraced(scope, deadline)
+            .instrument(span)
+            .await
+    }
+
+    async fn acquire_untraced(
         &self,
         scope: Option<&TenantScope>,
         deadline: Instant,

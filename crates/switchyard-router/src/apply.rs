@@ -56,10 +56,15 @@ impl<B: Backend> ClusterState<B> {
 
     /// Applies the endpoint failures reported as checkouts were dropped since
     /// the last call, if the inbox says there are any.
+    #[inline]
     pub(crate) fn apply_reported(&self) {
-        if !self.inbox.take() {
-            return;
+        if self.inbox.take() {
+            self.apply_reported_now();
         }
+    }
+
+    #[cold]
+    fn apply_reported_now(&self) {
         let snap = self.snapshot.load_full();
         for ep in snap
             .endpoints

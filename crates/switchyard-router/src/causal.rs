@@ -107,7 +107,7 @@ impl<B: CausalBackend> Cluster<B> {
         tenant: Option<&TenantId>,
         opts: CheckoutOptions,
     ) -> Result<Checkout<B>, Error> {
-        let mut budget = Budget::new(&self.shared.config.load(), Intent::Read, &opts);
+        let mut budget = Budget::new(Intent::Read, &opts);
         self.checkout_after_budgeted(token, tenant, opts, &mut budget)
             .await
     }
@@ -190,7 +190,7 @@ impl<B: CausalBackend> Cluster<B> {
         F: AsyncFnMut(&mut Checkout<B>) -> Result<T, E>,
         E: OperationError<B::Connection>,
     {
-        let mut budget = Budget::new(&self.shared.config.load(), Intent::Read, &opts);
+        let mut budget = Budget::new(Intent::Read, &opts);
         loop {
             let conn = self
                 .checkout_after_budgeted(token, tenant, opts, &mut budget)
@@ -213,7 +213,7 @@ impl<B: CausalBackend> Cluster<B> {
         if config.causal.fallback == CausalFallback::Fail {
             return Err(self.causal_error(CausalError::NotApplied));
         }
-        let mut budget = Budget::new(config, Intent::Write, &opts);
+        let mut budget = Budget::new(Intent::Write, &opts);
         let mut conn = self
             .checkout_budgeted(Intent::Write, tenant, &mut budget)
             .await?;

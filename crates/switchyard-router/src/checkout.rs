@@ -19,6 +19,7 @@ use crate::config::ReadPreference;
 use crate::endpoint::Endpoint;
 use crate::health::Event;
 use crate::state::ClusterState;
+use crate::topology::{Rules, Snapshot};
 
 /// Options for one checkout or [`run`](Cluster::run).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -77,46 +78,44 @@ pub(crate) struct Attempt {
 }
 
 /// What one checkout (or one `run`) may still spend on retries.
+///
+/// Its rules (timeouts, attempts) come from the routing snapshot of its first
+/// pick ([`rule`](Self::rule)), so a reload mid-way cannot change the rules of
+/// one checkout, and the checkout loads one `ArcSwap`, not two.
 pub(crate) struct Budget {
     /// When the operation started: the one clock read a checkout that gets
     /// its connection at the first try needs.
     started: Instant,
+    /// The deadline the caller asked for, if any.
+    asked: Option<Instant>,
+    /// The whole deadline: the asked one, else `checkout_timeout` from
+    /// `started` (set by `rule`).
     deadline: Instant,
     retryable: bool,
-    attempts_left: u32,
+    /// Attempts allowed, and made so far.
+    max_attempts: u32,
     attempts: u32,
     /// Endpoints that already failed this operation (reads only; allocated on
     /// the first retry).
     avoid: Vec<EndpointId>,
-    /// From the configuration in force when the checkout started, so a reload
-    /// mid-way cannot change the rules of one checkout.
-    attempt_timeout: Duration,
-    failover_timeout: Duration,
+    /// The rules, once the first pick has read them.
+    rules: Option<Rules>,
     /// The attempt in progress: its start and end, set when it checks out.
     attempt: Attempt,
 }
 
 impl Budget {
-    pub(crate) fn new(
-        config: &crate::config::ClusterConfig,
-        intent: Intent,
-        opts: &CheckoutOptions,
-    ) -> Self {
-        let retryable = intent == Intent::Read || opts.idempotent;
+    pub(crate) fn new(intent: Intent, opts: &CheckoutOptions) -> Self {
         let started = Instant::now();
         Self {
-            attempt_timeout: config.retry.attempt_timeout,
-            failover_timeout: config.failover_timeout,
             started,
-            deadline: opts.deadline.unwrap_or(started + config.checkout_timeout),
-            retryable,
-            attempts_left: if retryable {
-                config.retry.max_attempts.max(1)
-            } else {
-                1
-            },
+            asked: opts.deadline,
+            deadline: opts.deadline.unwrap_or(started),
+            retryable: intent == Intent::Read || opts.idempotent,
+            max_attempts: 1,
             attempts: 0,
             avoid: Vec::new(),
+            rules: None,
             attempt: Attempt {
                 started,
                 ends: started,
@@ -125,18 +124,40 @@ impl Budget {
         }
     }
 
+    /// Takes the rules of the snapshot the first pick reads; later calls
+    /// keep the first ones.
+    #[inline]
+    fn rule(&mut self, rules: &Rules) {
+        if self.rules.is_some() {
+            return;
+        }
+        self.rules = Some(*rules);
+        self.deadline = self.asked.unwrap_or(self.started + rules.checkout_timeout);
+        self.max_attempts = if self.retryable {
+            rules.max_attempts
+        } else {
+            1
+        };
+    }
+
+    /// Attempts still allowed after the ones made so far.
+    fn attempts_left(&self) -> u32 {
+        self.max_attempts.saturating_sub(self.attempts)
+    }
+
     pub(crate) fn may_retry(&self, error: &Error) -> bool {
         self.retryable
             && error.is_retryable()
-            && self.attempts_left > 0
+            && self.attempts_left() > 0
             && Instant::now() < self.deadline
     }
 
     /// Starts an attempt at `started`: it ends at `retry.attempt_timeout`
     /// while another attempt may follow, else at the whole deadline.
+    #[inline]
     fn start_attempt(&mut self, started: Instant) -> Instant {
-        let (ends, deadline) = if self.retryable && self.attempts_left > 0 {
-            let own = started + self.attempt_timeout;
+        let (ends, deadline) = if self.retryable && self.attempts_left() > 0 {
+            let own = started + self.attempt_timeout();
             if own < self.deadline {
                 (own, Deadline::Attempt)
             } else {
@@ -158,8 +179,14 @@ impl Budget {
         self.attempt
     }
 
+    /// `retry.attempt_timeout` (zero before the first pick, which never
+    /// matters: nothing reads it before an attempt).
     pub(crate) fn attempt_timeout(&self) -> Duration {
-        self.attempt_timeout
+        self.rules.map_or(Duration::ZERO, |r| r.attempt_timeout)
+    }
+
+    fn failover_timeout(&self) -> Duration {
+        self.rules.map_or(Duration::ZERO, |r| r.failover_timeout)
     }
 
     /// Keeps the rest of this operation's reads off `id`.
@@ -235,8 +262,10 @@ impl<B: Backend> Cluster<B> {
         intent: Intent,
         tenant: Option<&TenantId>,
     ) -> Result<Checkout<B>, Error> {
-        self.checkout_with(intent, tenant, CheckoutOptions::default())
-            .await
+        // Not through `checkout_with`: one future fewer to move the result
+        // through.
+        let mut budget = Budget::new(intent, &CheckoutOptions::default());
+        self.checkout_budgeted(intent, tenant, &mut budget).await
     }
 
     /// [`checkout`](Self::checkout) with a deadline or the idempotent flag.
@@ -246,7 +275,7 @@ impl<B: Backend> Cluster<B> {
         tenant: Option<&TenantId>,
         opts: CheckoutOptions,
     ) -> Result<Checkout<B>, Error> {
-        let mut budget = Budget::new(&self.shared.config.load(), intent, &opts);
+        let mut budget = Budget::new(intent, &opts);
         self.checkout_budgeted(intent, tenant, &mut budget).await
     }
 
@@ -292,9 +321,14 @@ impl<B: Backend> Cluster<B> {
         };
         let mut last_error: Option<Error> = None;
         loop {
-            budget.attempts_left = budget.attempts_left.saturating_sub(1);
             budget.attempts += 1;
-            let ((ep, trial), at_once) = match self.choose(intent, budget).await {
+            let chosen = match self.choose(intent, budget) {
+                Some(chosen) => Ok((chosen, true)),
+                None => Box::pin(self.wait_for_endpoint(intent, budget))
+                    .await
+                    .map(|chosen| (chosen, false)),
+            };
+            let ((ep, trial), at_once) = match chosen {
                 Ok(chosen) => chosen,
                 Err(error) => {
                     self.shared.metrics.no_endpoint(&error);
@@ -306,7 +340,9 @@ impl<B: Backend> Cluster<B> {
             };
             let req = request(&ep, budget, at_once, entry.as_deref());
             let result = Checkout::acquire(&ep.backend, req).await;
-            self.settle(&ep, trial, &result);
+            if trial.is_some() || result.is_err() {
+                self.settle(&ep, trial, &result);
+            }
             if traced {
                 let span = tracing::Span::current();
                 span.record("endpoint", ep.id().as_str());
@@ -314,6 +350,11 @@ impl<B: Backend> Cluster<B> {
                 if result.is_ok() {
                     span.record("wait_us", budget.started.elapsed().as_micros() as u64);
                 }
+            }
+            // The common case leaves as it came: a result moved through
+            // `verdict` is copied twice more.
+            if result.is_ok() && (intent == Intent::Read || self.writes_to(&ep)) {
+                return result;
             }
             match self.verdict(intent, &ep, result, budget) {
                 Step::Done(done) => return done,
@@ -360,10 +401,7 @@ impl<B: Backend> Cluster<B> {
             // the writer now: a checkout that waited through a failover (the
             // old primary killed, then back as an independent primary) must
             // not write there. Nothing was sent yet, so retrying is safe.
-            Ok(conn)
-                if intent == Intent::Write
-                    && self.shared.snapshot.load().writer() != Some(ep.id()) =>
-            {
+            Ok(conn) if intent == Intent::Write && !self.writes_to(ep) => {
                 tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
                 drop(conn);
                 self.shared.metrics.retry(intent);
@@ -392,18 +430,18 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// An endpoint for `intent`, and whether it was found at the first look;
-    /// writes wait for a primary up to `failover_timeout`.
-    ///
-    /// The common case looks once and takes no lock: registering with
-    /// `changed` locks its waiter list, which every checkout would contend
-    /// on. The wait is boxed: every checkout's future would carry its timer
-    /// otherwise.
-    async fn choose(
-        &self,
-        intent: Intent,
-        budget: &Budget,
-    ) -> Result<(Chosen<'_, B>, bool), Error> {
+    /// Whether `ep` is the writer now.
+    #[inline]
+    fn writes_to(&self, ep: &Endpoint<B>) -> bool {
+        self.shared.snapshot.load().writer() == Some(ep.id())
+    }
+
+    /// An endpoint for `intent` at the first look, which takes no lock; the
+    /// caller waits for one ([`wait_for_endpoint`](Self::wait_for_endpoint))
+    /// when there is none. Registering with `changed` locks its waiter list,
+    /// which every checkout would contend on; the wait is boxed, or every
+    /// checkout's future would carry its timer.
+    fn choose(&self, intent: Intent, budget: &mut Budget) -> Option<Chosen<'_, B>> {
         // The first attempt starts with the operation: its clock reading is
         // the pick's time too.
         let now = if budget.attempts == 1 {
@@ -411,12 +449,9 @@ impl<B: Backend> Cluster<B> {
         } else {
             Instant::now()
         };
-        if let Some(chosen) = self.pick_now(intent, &budget.avoid, now) {
-            return Ok((chosen, true));
-        }
-        Box::pin(self.wait_for_endpoint(intent, budget))
-            .await
-            .map(|chosen| (chosen, false))
+        let snap = self.snapshot();
+        budget.rule(&snap.rules);
+        self.pick_in(&snap, intent, &budget.avoid, now)
     }
 
     /// [`choose`](Self::choose) once the first look found nothing.
@@ -433,7 +468,8 @@ impl<B: Backend> Cluster<B> {
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(chosen) = self.pick_now(intent, &budget.avoid, Instant::now()) {
+            let found = self.pick_in(&self.snapshot(), intent, &budget.avoid, Instant::now());
+            if let Some(chosen) = found {
                 if let Some(since) = waiting_since {
                     shared.metrics.waited_for_primary(since.elapsed());
                 }
@@ -456,7 +492,7 @@ impl<B: Backend> Cluster<B> {
                 });
             }
             let since = *waiting_since.get_or_insert_with(Instant::now);
-            let until = budget.deadline.min(since + budget.failover_timeout);
+            let until = budget.deadline.min(since + budget.failover_timeout());
             if tokio::time::timeout_at(until, notified).await.is_err() {
                 let waited = since.elapsed();
                 shared.metrics.waited_for_primary(waited);
@@ -468,17 +504,23 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// One look at the snapshot, once the failures dropped checkouts reported
-    /// are applied: a half-open trial first, then the strategy (at `now`, a
-    /// clock reading the caller has just made).
-    fn pick_now(
+    /// The routing snapshot, once the failures dropped checkouts reported
+    /// are applied.
+    #[inline]
+    fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot<B>>> {
+        self.shared.apply_reported();
+        self.shared.snapshot.load()
+    }
+
+    /// One look at `snap`: a half-open trial first, then the strategy (at
+    /// `now`, a clock reading the caller has just made).
+    fn pick_in(
         &self,
+        snap: &Snapshot<B>,
         intent: Intent,
         avoid: &[EndpointId],
         now: Instant,
     ) -> Option<Chosen<'_, B>> {
-        self.shared.apply_reported();
-        let snap = self.shared.snapshot.load();
         let trial = snap
             .trials(intent, avoid)
             .find(|ep| self.shared.apply(&ep.state, Event::TrialClaimed));

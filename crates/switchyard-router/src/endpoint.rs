@@ -176,6 +176,7 @@ impl Inbox {
     }
 
     /// Whether a report was posted since the last call (one load when not).
+    #[inline]
     pub fn take(&self) -> bool {
         self.0.load(Ordering::Acquire) && self.0.swap(false, Ordering::AcqRel)
     }

@@ -74,7 +74,7 @@ impl<B: Backend> Cluster<B> {
         F: AsyncFnMut(&mut Checkout<B>) -> Result<T, E>,
         E: OperationError<B::Connection>,
     {
-        let mut budget = Budget::new(&self.shared.config.load(), intent, &opts);
+        let mut budget = Budget::new(intent, &opts);
         loop {
             let conn = self.checkout_budgeted(intent, tenant, &mut budget).await?;
             if let Some(done) = self.attempt(intent, conn, &mut budget, &mut op).await {

@@ -9,6 +9,7 @@
 //! once and never locks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use switchyard_core::{Backend, EndpointId, History, Intent, Role};
 use tokio::time::Instant;
@@ -34,6 +35,7 @@ impl<B: Backend> Candidates<B> {
     /// The strategy's pick at `now`, or, when it is in `avoid`, the first
     /// candidate not in `avoid` from a random starting point (retries only;
     /// O(n)).
+    #[inline]
     pub fn pick(&self, avoid: &[EndpointId], now: Instant) -> Option<&Arc<Endpoint<B>>> {
         let first = self
             .picker
@@ -66,6 +68,31 @@ pub(crate) struct Snapshot<B: Backend> {
     pub split_brain: Vec<EndpointId>,
     pub strategy: StrategyKind,
     pub read_preference: ReadPreference,
+    /// The checkout rules of the configuration this table was built with: a
+    /// checkout reads them from the snapshot it picks from, so it loads one
+    /// `ArcSwap`, not two.
+    pub rules: Rules,
+}
+
+/// What one checkout may spend: the configuration's timeouts and attempts,
+/// as a [`Budget`](crate::checkout::Budget) takes them at its first pick.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules {
+    pub checkout_timeout: Duration,
+    pub attempt_timeout: Duration,
+    pub failover_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+impl Rules {
+    fn of(config: &ClusterConfig) -> Self {
+        Self {
+            checkout_timeout: config.checkout_timeout,
+            attempt_timeout: config.retry.attempt_timeout,
+            failover_timeout: config.failover_timeout,
+            max_attempts: config.retry.max_attempts.max(1),
+        }
+    }
 }
 
 impl<B: Backend> Snapshot<B> {
@@ -198,6 +225,7 @@ impl<B: Backend> Snapshot<B> {
             split_brain,
             strategy: kind,
             read_preference: config.read_preference,
+            rules: Rules::of(config),
         }
     }
 
