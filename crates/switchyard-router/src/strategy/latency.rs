@@ -68,6 +68,7 @@ impl Slot {
     }
 
     /// The candidate's estimate at `now_ns`, and its load: in flight + 1.
+    #[inline]
     fn read(&self, now_ns: i64) -> (Estimate, f64) {
         let load = f64::from(self.in_flight.get()) + 1.0;
         (self.ewma.read(now_ns), load)
@@ -107,6 +108,7 @@ impl Latency {
     }
 }
 
+#[inline]
 fn weight<L: Load>(c: &L) -> f64 {
     f64::from(c.weight().max(1))
 }
@@ -126,6 +128,7 @@ struct Estimate {
 
 impl Estimate {
     /// `raw` nanoseconds `age` decay periods ago (`age` ≥ 0).
+    #[inline]
     fn new(raw: f64, age: f64) -> Self {
         let low = raw * (1.0 - age);
         Self {
@@ -137,11 +140,13 @@ impl Estimate {
     }
 
     /// The floored estimate is at least this.
+    #[inline]
     fn lower(&self) -> f64 {
         self.low.max(FLOOR_NS)
     }
 
     /// The floored estimate is at most this.
+    #[inline]
     fn upper(&self) -> f64 {
         self.high.max(FLOOR_NS)
     }
@@ -149,6 +154,7 @@ impl Estimate {
     /// Whether decay has certainly not brought it down to the floor: a lower
     /// bound of `raw · e^-age` is at least the floor, `raw · (1 − age)` or,
     /// for an old estimate, `raw · 2^-(⌊age·log₂e⌋ + 1)`.
+    #[inline]
     fn above_floor(&self) -> bool {
         if self.low >= FLOOR_NS {
             return true;
@@ -178,6 +184,7 @@ impl Estimate {
 /// about `δ²/2` of each other, however old the two estimates are. Near the
 /// floor, each estimate's bounds decide unless the costs are close. Only
 /// then are the `exp`s taken.
+#[inline]
 fn b_cheaper(a: Estimate, ma: f64, b: Estimate, mb: f64) -> bool {
     if a.above_floor() && b.above_floor() {
         let (big_a, big_b, d) = (a.raw * ma, b.raw * mb, a.age - b.age);
@@ -229,6 +236,7 @@ impl Strategy for Latency {
 /// share it, so a pick converts its clock reading once. (Signed: under
 /// tokio's paused clock in tests, a runtime's clock may start before the
 /// anchor was taken.)
+#[inline]
 fn clock_ns(at: Instant) -> i64 {
     let anchor = anchor();
     let at = at.into_std();
@@ -238,6 +246,7 @@ fn clock_ns(at: Instant) -> i64 {
     }
 }
 
+#[inline]
 fn anchor() -> std::time::Instant {
     static ANCHOR: OnceLock<std::time::Instant> = OnceLock::new();
     *ANCHOR.get_or_init(std::time::Instant::now)
@@ -268,11 +277,13 @@ struct Ewma {
 
 impl Ewma {
     /// Decay periods since the last update, at least 0.
+    #[inline]
     fn age(&self, now_ns: i64) -> f64 {
         let elapsed = now_ns.saturating_sub(self.updated_ns.load(Ordering::Acquire));
         elapsed.max(0) as f64 * f64::from_bits(self.rate.load(Ordering::Relaxed))
     }
 
+    #[inline]
     fn raw(&self) -> f64 {
         f64::from_bits(self.estimate.load(Ordering::Acquire))
     }
@@ -281,6 +292,7 @@ impl Ewma {
         self.raw() * (-self.age(now_ns)).exp()
     }
 
+    #[inline]
     fn read(&self, now_ns: i64) -> Estimate {
         Estimate::new(self.raw(), self.age(now_ns))
     }

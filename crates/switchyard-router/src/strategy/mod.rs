@@ -128,6 +128,7 @@ impl Strategy for Picker {
 /// shift (Lemire's reduction without the rejection step): each index's
 /// probability is within `n / 2³²` of uniform (2.4·10⁻⁷ at 1,024
 /// candidates), for one thread-local RNG access instead of two.
+#[inline]
 pub(crate) fn two_distinct(n: usize) -> (usize, usize) {
     let (a, mut b) = match u64::try_from(n) {
         Ok(n64) if n64 <= 1 << 32 => {
