@@ -585,8 +585,8 @@ mod tests {
         assert!(!picks_b((1e6, 0.3, 1.0), (1e6, 0.1, 1.0)));
         // Close calls, where neither bound decides and `e^δ` is taken.
         for rel in [1e-6, -1e-6, 1e-12, -1e-12] {
-            let (a, delta) = (1e6, 0.2);
-            let b = a * (-delta as f64).exp() * (1.0 + rel);
+            let (a, delta): (f64, f64) = (1e6, 0.2);
+            let b = a * (-delta).exp() * (1.0 + rel);
             let want = direct_cost(b, 0.1, 1.0) < direct_cost(a, 0.1 + delta, 1.0);
             assert_eq!(want, rel < 0.0);
             assert_eq!(picks_b((a, 0.1 + delta, 1.0), (b, 0.1, 1.0)), want, "{rel}");
@@ -595,13 +595,13 @@ mod tests {
 
     #[test]
     fn an_estimate_s_bounds_hold_and_meet_at_the_floor() {
-        for raw in [0.0, 500.0, 1_000.0, 1_500.0, 2_000.0, 1e6, 3e7] {
-            for age in [0.0, 0.01, 0.2, 0.6, 1.0, 1.7, 5.0, 40.0] {
+        for raw in [0.0f64, 500.0, 1_000.0, 1_500.0, 2_000.0, 1e6, 3e7] {
+            for age in [0.0f64, 0.01, 0.2, 0.6, 1.0, 1.7, 5.0, 40.0] {
                 let e = Estimate::new(raw, age);
-                let exact = (raw * (-age as f64).exp()).max(FLOOR_NS);
+                let exact = (raw * (-age).exp()).max(FLOOR_NS);
                 assert!(e.lower() <= exact && exact <= e.upper(), "{raw} {age}");
                 if e.above_floor() {
-                    assert!(raw * (-age as f64).exp() >= FLOOR_NS, "{raw} {age}");
+                    assert!(raw * (-age).exp() >= FLOOR_NS, "{raw} {age}");
                 }
                 assert!((e.value() - exact).abs() <= 1e-9 * exact, "{raw} {age}");
             }

@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn a_sampled_pick_reads_the_prepared_counters_or_the_candidates() {
         fastrand::seed(19);
-        let cands = loads(&vec![1; 40]);
+        let cands = loads(&[1; 40]);
         let held: Vec<InFlightToken> = (1..40).map(|i| cands[i].in_flight.enter()).collect();
         // Only candidate 0 is idle: it wins every comparison it is drawn
         // into, whether the counters come from the table or, for a set the
