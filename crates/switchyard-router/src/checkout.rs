@@ -92,8 +92,7 @@ pub(crate) struct Budget {
     /// `started` (set by `rule`).
     deadline: Instant,
     retryable: bool,
-    /// Attempts allowed, and made so far.
-    max_attempts: u32,
+    /// Attempts made so far.
     attempts: u32,
     /// Endpoints that already failed this operation (reads only; allocated on
     /// the first retry).
@@ -112,7 +111,6 @@ impl Budget {
             asked: opts.deadline,
             deadline: opts.deadline.unwrap_or(started),
             retryable: intent == Intent::Read || opts.idempotent,
-            max_attempts: 1,
             attempts: 0,
             avoid: Vec::new(),
             rules: None,
@@ -133,16 +131,15 @@ impl Budget {
         }
         self.rules = Some(*rules);
         self.deadline = self.asked.unwrap_or(self.started + rules.checkout_timeout);
-        self.max_attempts = if self.retryable {
-            rules.max_attempts
-        } else {
-            1
-        };
     }
 
     /// Attempts still allowed after the ones made so far.
     fn attempts_left(&self) -> u32 {
-        self.max_attempts.saturating_sub(self.attempts)
+        let max = match self.rules {
+            Some(rules) if self.retryable => rules.max_attempts,
+            _ => 1,
+        };
+        max.saturating_sub(self.attempts)
     }
 
     pub(crate) fn may_retry(&self, error: &Error) -> bool {
@@ -387,7 +384,8 @@ impl<B: Backend> Cluster<B> {
         }
     }
 
-    /// What the attempt's result means for the checkout.
+    /// What the attempt's result means for the checkout, once the caller has
+    /// returned a connection it can hand out (see `attempts`).
     fn verdict(
         &self,
         intent: Intent,
@@ -397,11 +395,13 @@ impl<B: Backend> Cluster<B> {
     ) -> Step<B> {
         let started = budget.started;
         match result {
-            // A write connection is handed out only by the endpoint that is
-            // the writer now: a checkout that waited through a failover (the
-            // old primary killed, then back as an independent primary) must
-            // not write there. Nothing was sent yet, so retrying is safe.
-            Ok(conn) if intent == Intent::Write && !self.writes_to(ep) => {
+            // The caller returned every other connection: this is a write
+            // whose endpoint is no longer the writer. A write connection is
+            // handed out only by the endpoint that is the writer now: a
+            // checkout that waited through a failover (the old primary
+            // killed, then back as an independent primary) must not write
+            // there. Nothing was sent yet, so retrying is safe.
+            Ok(conn) => {
                 tracing::warn!(endpoint = %ep.id(), "endpoint stopped being the writer while a write checkout waited; retrying");
                 drop(conn);
                 self.shared.metrics.retry(intent);
@@ -415,7 +415,6 @@ impl<B: Backend> Cluster<B> {
                 }
                 Step::Retry(None)
             }
-            Ok(conn) => Step::Done(Ok(conn)),
             Err(error) => {
                 if !budget.may_retry(&error) {
                     return Step::Done(Err(error));
