@@ -48,9 +48,13 @@ pub trait CheckoutObserver: Send + Sync + 'static {
     fn on_acquire_failed(&self, error: &Error, waited: Duration) {
         let _ = (error, waited);
     }
-    /// A connection came back after being held for `held`.
-    fn on_released(&self, held: Duration, outcome: Outcome) {
-        let _ = (held, outcome);
+    /// A connection came back; it was handed out at `acquired_at`. An
+    /// observer that wants the hold time reads the clock itself
+    /// (`acquired_at.elapsed()`), so a checkout whose observer keeps no hold
+    /// time (or records it into a metrics handle nobody listens to) costs no
+    /// clock read on release.
+    fn on_released(&self, acquired_at: Instant, outcome: Outcome) {
+        let _ = (acquired_at, outcome);
     }
     /// The counter this observer's checkouts are counted in while in flight,
     /// from the moment one starts waiting until it fails or its connection is
@@ -235,7 +239,8 @@ impl fmt::Debug for CheckoutRequest {
 /// Derefs to the engine's connection. Dropping it gives everything back: the
 /// connection takes the backend's return path (kept as it is, recycled on a
 /// task, or discarded; see [`Backend`]), the in-flight count and tenant quota
-/// are released, and the hold time and outcome reach the observer. Nothing
+/// are released, and the outcome (and when the connection was handed out)
+/// reach the observer. Nothing
 /// needs to be called by hand.
 ///
 /// ```
@@ -471,7 +476,7 @@ impl<B: Backend> DerefMut for Checkout<B> {
 impl<B: Backend> Drop for Checkout<B> {
     fn drop(&mut self) {
         if let Some(observer) = &self.observer {
-            observer.on_released(self.acquired_at.elapsed(), self.outcome);
+            observer.on_released(self.acquired_at, self.outcome);
         }
         if let Some(conn) = self.conn.take() {
             give_back(&self.backend, conn, self.keep);
@@ -618,8 +623,11 @@ mod tests {
         fn on_acquire_failed(&self, _: &Error, _: Duration) {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        fn on_released(&self, held: Duration, outcome: Outcome) {
-            self.released.lock().unwrap().push((held, outcome));
+        fn on_released(&self, acquired_at: Instant, outcome: Outcome) {
+            self.released
+                .lock()
+                .unwrap()
+                .push((acquired_at.elapsed(), outcome));
         }
         fn in_flight(&self) -> Option<&InFlight> {
             Some(&self.in_flight)

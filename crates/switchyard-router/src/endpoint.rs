@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterConfig, EndpointConfig};
 use crate::counters::Counters;
 use crate::health::HealthState;
-use crate::metrics::EndpointMetrics;
+use crate::metrics::{EndpointMetrics, HeldSince};
 use crate::strategy::{Load, PeakEwma};
 
 /// The backend-independent part of an endpoint.
@@ -137,8 +137,8 @@ impl CheckoutObserver for EndpointState {
         }
     }
 
-    fn on_released(&self, held: Duration, outcome: Outcome) {
-        self.metrics.held.record(held);
+    fn on_released(&self, acquired_at: Instant, outcome: Outcome) {
+        self.metrics.held.record(HeldSince(acquired_at));
         if outcome == Outcome::EndpointFailure {
             self.reported.fetch_add(1, Ordering::AcqRel);
             self.inbox.post();

@@ -7,6 +7,7 @@ mod deadline;
 mod failover;
 mod fencing;
 mod live;
+mod metrics;
 mod reconfig;
 mod routing;
 
