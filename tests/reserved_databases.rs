@@ -177,8 +177,8 @@ impl TopologySource for Once {
 /// An endpoint a topology source adds meets the checks an endpoint given to
 /// the builder meets: a cluster built with no endpoints (so nothing refused
 /// the tier yet) does not take in a member whose engine refuses the tier, and
-/// says so in its source status, instead of handing tenant `postgres` the
-/// maintenance database.
+/// says so in its source status and in the wait for the first view, instead
+/// of handing tenant `postgres` the maintenance database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_a_topology_source_adds_meets_the_tier_checks() {
     let pg = PgCluster::start(0).await.unwrap_or_else(|e| panic!("{e}"));
@@ -193,14 +193,19 @@ async fn a_member_a_topology_source_adds_meets_the_tier_checks() {
         .build()
         .unwrap();
     let member = Member::new("pg-0", "127.0.0.1", port, Role::Primary);
-    cluster
+    let ready = cluster
         .follow(Once(Some(member)), move |m: &Member| {
             let config = PgBackendConfig::new(m.name.as_str(), url.as_str());
             Ok(Arc::new(PgBackend::new(config)?))
         })
         .ready(Duration::from_secs(10))
-        .await
-        .unwrap();
+        .await;
+    // Nothing to serve with: the wait for the first view says so and why.
+    let err = ready.expect_err("ready with every member refused");
+    assert!(
+        err.reason.contains("pg-0") && err.reason.contains("{id}"),
+        "not naming the member and the tier: {err}"
+    );
     let status = cluster.status();
     assert!(
         status.endpoints.is_empty(),

@@ -109,9 +109,9 @@ where
             };
             match report {
                 Report::View(view) => {
-                    self.apply(&shared, &view);
+                    let refused_all = self.apply(&shared, &view);
                     unconfirmed = self.confirm(view.primary().map(|m| m.name.clone()));
-                    self.tell_first(Ok(()));
+                    self.tell_first(refused_all.map_or(Ok(()), Err));
                 }
                 Report::Unreachable(reason) => {
                     if let Some((cell, _)) = shared.source_cell().as_mut() {
@@ -145,11 +145,12 @@ where
 
     /// Applies the differences between the known members and `view` as one
     /// list of endpoint changes (one lock, one rebuild), and records the view
-    /// and the members the cluster refused in its source status.
-    fn apply(&mut self, shared: &Arc<ClusterState<B>>, view: &View) {
+    /// and the members the cluster refused in its source status. Says why
+    /// when the view named members and the cluster took in none of them.
+    fn apply(&mut self, shared: &Arc<ClusterState<B>>, view: &View) -> Option<String> {
         let mut topo = shared.lock();
         if shared.check_open().is_err() {
-            return;
+            return None;
         }
         let mut refused = BTreeMap::new();
         let changes = self.changes(shared, &topo, view, &mut refused);
@@ -169,9 +170,17 @@ where
         for (endpoint, error) in &refused {
             tracing::error!(cluster = %shared.name, %endpoint, %error, "topology source change refused");
         }
+        let refused_all = (self.known.is_empty() && !refused.is_empty()).then(|| {
+            let why: Vec<String> = refused.iter().map(|(id, e)| format!("{id}: {e}")).collect();
+            format!(
+                "the cluster refused every member the source named ({})",
+                why.join("; ")
+            )
+        });
         if let Some((cell, _)) = shared.source_cell().as_mut() {
             cell.viewed(&shared.name, view, self.known != before, refused);
         }
+        refused_all
     }
 
     /// The endpoint changes that turn the known members into `view`, each

@@ -273,8 +273,10 @@ impl std::error::Error for SourceUnreachable {}
 impl Following {
     /// Waits for the source's first report: `Ok` once its first view is
     /// applied, an error naming the source when it reports itself
-    /// unreachable or says nothing within `timeout`. Either way the cluster
-    /// keeps following it (close the cluster to stop).
+    /// unreachable, says nothing within `timeout`, or names only members the
+    /// cluster refuses (each with why; the same reasons stay in the source
+    /// status's `refused`). Either way the cluster keeps following it (close
+    /// the cluster to stop), and a later view can still bring endpoints.
     pub async fn ready(mut self, timeout: Duration) -> Result<(), SourceUnreachable> {
         let error = |reason: String| SourceUnreachable {
             cluster: self.cluster.to_string(),
@@ -468,6 +470,56 @@ mod tests {
             refused.keys().map(EndpointId::as_str).collect::<Vec<_>>(),
             ["x"]
         );
+    }
+
+    /// A first view whose every member the cluster refuses leaves nothing to
+    /// serve with: `ready` says so, naming each member and why, instead of
+    /// `Ok` over an empty cluster. The follower goes on, and the next view's
+    /// members are taken in. A view that takes in one member of two is ready.
+    #[tokio::test(start_paused = true)]
+    async fn ready_fails_when_every_member_of_the_first_view_is_refused() {
+        use std::sync::Arc;
+        use switchyard_core::noop::NoopBackend;
+
+        let make = |m: &Member| {
+            if m.port == 0 {
+                return Err(switchyard_core::Error::Config {
+                    path: format!("members.{}", m.name),
+                    message: format!("no backend for {}", m.name),
+                });
+            }
+            Ok(Arc::new(NoopBackend::with_role(m.name.as_str(), m.role)))
+        };
+        let cluster = crate::Cluster::<NoopBackend>::builder("main")
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let following = cluster.follow(Script(rx), make);
+        tx.send(View::new(vec![
+            m("a", 0, Role::Primary),
+            m("b", 0, Role::Replica),
+        ]))
+        .unwrap();
+        let err = following.ready(Duration::from_secs(1)).await.unwrap_err();
+        assert!(
+            err.reason.contains("a: ") && err.reason.contains("no backend for b"),
+            "{err}"
+        );
+        tx.send(View::new(vec![m("a", 1, Role::Primary)])).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(cluster.status().endpoints.len(), 1);
+
+        let other = crate::Cluster::<NoopBackend>::builder("other")
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let following = other.follow(Script(rx), make);
+        tx.send(View::new(vec![
+            m("a", 1, Role::Primary),
+            m("b", 0, Role::Replica),
+        ]))
+        .unwrap();
+        following.ready(Duration::from_secs(1)).await.unwrap();
     }
 
     /// A source that names `db-1` primary and `db-2` replica once.
