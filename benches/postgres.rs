@@ -146,6 +146,11 @@ fn postgres(c: &mut Criterion) {
             "switchyard/row/8_tenants/affinity_on",
             "switchyard/row/8_tenants/affinity_on/fifo",
             "switchyard/row/8_tenants/bypass_16",
+            "raw_sqlx/untested",
+            "peer/set_config/untested",
+            "switchyard/unscoped/unchecked",
+            "switchyard/schema/8_tenants/unchecked",
+            "switchyard/row/8_tenants/unchecked",
         ];
         let medians = pg_rows::interleaved(&rt, &rows, &names, 64, 9, 512);
         let raw = medians[0].1.as_secs_f64();

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `raw_sqlx` | `PgPool` (sqlx defaults) `acquire` + prepared `SELECT 1` |
 //! | `peer/set_config` | the same + `SELECT set_config('app.tenant_id', $1, false)` first (8 tenants) |
+//! | `raw_sqlx/untested`, `peer/set_config/untested` | the same on a `PgPool` with `test_before_acquire(false)`: no ping on acquire |
 //! | `peer/search_path` | the same + `SET search_path TO "tenant_sN"` first (8 tenants) |
 //! | `pgbouncer/session` | `PgPool` (sqlx as is) to PgBouncer in session mode + prepared `SELECT 1` |
 //! | `pgbouncer/transaction` | `PgPool` to PgBouncer in transaction mode + simple-protocol `SELECT 1` |
@@ -16,6 +17,7 @@
 //! | `switchyard/{schema,row}/{1,8}_tenants/affinity_{on,off}` | `Cluster::checkout` for tenant `task % tenants` |
 //! | `switchyard/{schema,row}/8_tenants/affinity_on/fifo` | the same with both tiers queued `fifo` (one class per tier) instead of fair |
 //! | `switchyard/{schema,row}/8_tenants/bypass_16` | affinity on, fair, `max_bypass` 16 (the pool's size) instead of 4 |
+//! | `switchyard/unscoped/unchecked`, `switchyard/{schema,row}/8_tenants/unchecked` | affinity on with `check` off: the owner's own connection back with no round trip (owner changes still reset completely) |
 //!
 //! The count also reads each switchyard row's owner-change share from
 //! `PgBackend::pg_stats`: complete resets over checkouts.
@@ -100,7 +102,17 @@ where
 }
 
 async fn pg_pool(url: &str) -> PgPool {
-    PgPoolOptions::new()
+    pg_pool_with(url, PgPoolOptions::new()).await
+}
+
+/// sqlx's pool without its ping on acquire (`test_before_acquire(false)`):
+/// the peer of switchyard with `affinity.check` off.
+async fn pg_pool_untested(url: &str) -> PgPool {
+    pg_pool_with(url, PgPoolOptions::new().test_before_acquire(false)).await
+}
+
+async fn pg_pool_with(url: &str, options: PgPoolOptions) -> PgPool {
+    options
         .max_connections(POOL_SIZE)
         .connect(url)
         .await
@@ -183,7 +195,18 @@ pub async fn build(urls: &Urls) -> Rows {
     let search_path = pg_pool(&urls.postgres).await;
     let session = pg_pool(&urls.bouncer_session).await;
     let transaction = pg_pool(&urls.bouncer_transaction).await;
+    let raw_untested = pg_pool_untested(&urls.postgres).await;
+    let set_config_untested = pg_pool_untested(&urls.postgres).await;
     let affine = backend(&urls.postgres, "pg-affinity", AffinitySettings::default());
+    let unchecked = backend(
+        &urls.postgres,
+        "pg-unchecked",
+        AffinitySettings {
+            check: false,
+            ..AffinitySettings::default()
+        },
+    );
+    let with_unchecked = cluster(&unchecked);
     let plain = backend(
         &urls.postgres,
         "pg-no-affinity",
@@ -213,32 +236,39 @@ pub async fn build(urls: &Urls) -> Rows {
         });
     };
 
-    let pool = raw.clone();
-    add(
-        "raw_sqlx",
-        Via::Postgres,
-        op(move |_| {
-            let pool = pool.clone();
-            async move { select_one(&mut pool.acquire().await.unwrap()).await }
-        }),
-    );
-    let (pool, ids) = (set_config.clone(), Arc::clone(&row_ids));
-    add(
-        "peer/set_config",
-        Via::Postgres,
-        op(move |task| {
-            let (pool, ids) = (pool.clone(), Arc::clone(&ids));
-            async move {
-                let mut conn = pool.acquire().await.unwrap();
-                sqlx::query("SELECT set_config('app.tenant_id', $1, false)")
-                    .bind(ids[task % ids.len()].as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap();
-                select_one(&mut conn).await;
-            }
-        }),
-    );
+    for (name, pool) in [("raw_sqlx", &raw), ("raw_sqlx/untested", &raw_untested)] {
+        let pool = pool.clone();
+        add(
+            name,
+            Via::Postgres,
+            op(move |_| {
+                let pool = pool.clone();
+                async move { select_one(&mut pool.acquire().await.unwrap()).await }
+            }),
+        );
+    }
+    for (name, pool) in [
+        ("peer/set_config", &set_config),
+        ("peer/set_config/untested", &set_config_untested),
+    ] {
+        let (pool, ids) = (pool.clone(), Arc::clone(&row_ids));
+        add(
+            name,
+            Via::Postgres,
+            op(move |task| {
+                let (pool, ids) = (pool.clone(), Arc::clone(&ids));
+                async move {
+                    let mut conn = pool.acquire().await.unwrap();
+                    sqlx::query("SELECT set_config('app.tenant_id', $1, false)")
+                        .bind(ids[task % ids.len()].as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .unwrap();
+                    select_one(&mut conn).await;
+                }
+            }),
+        );
+    }
     let paths: Arc<Vec<String>> = Arc::new(
         (0..common::TENANTS)
             .map(|i| format!("SET search_path TO \"tenant_s{i}\""))
@@ -328,6 +358,11 @@ pub async fn build(urls: &Urls) -> Rows {
         Via::Postgres,
         cluster_op(&with_affinity, None),
     );
+    add(
+        "switchyard/unscoped/unchecked",
+        Via::Postgres,
+        cluster_op(&with_unchecked, None),
+    );
     for (level, ids) in [("schema", &schema_ids), ("row", &row_ids)] {
         for tenants in [1, common::TENANTS] {
             let ids: Arc<Vec<TenantId>> = Arc::new(ids[..tenants].to_vec());
@@ -354,6 +389,11 @@ pub async fn build(urls: &Urls) -> Rows {
             Via::Postgres,
             cluster_op(&with_bypass_16, Some(Arc::clone(ids))),
         );
+        add(
+            &format!("switchyard/{level}/{}_tenants/unchecked", common::TENANTS),
+            Via::Postgres,
+            cluster_op(&with_unchecked, Some(Arc::clone(ids))),
+        );
     }
     for row in &mut rows {
         if row.name.starts_with("switchyard/") {
@@ -361,6 +401,8 @@ pub async fn build(urls: &Urls) -> Rows {
                 &plain
             } else if row.name.contains("bypass_16") {
                 &bypass_16
+            } else if row.name.contains("unchecked") {
+                &unchecked
             } else {
                 &affine
             };
@@ -369,9 +411,19 @@ pub async fn build(urls: &Urls) -> Rows {
     }
     Rows {
         rows,
-        closers: vec![raw, set_config, search_path, session, transaction],
+        closers: vec![
+            raw,
+            raw_untested,
+            set_config,
+            set_config_untested,
+            search_path,
+            session,
+            transaction,
+        ],
         _keep: vec![
             Box::new(with_affinity),
+            Box::new(with_unchecked),
+            Box::new(unchecked),
             Box::new(fifo),
             Box::new(with_bypass_16),
             Box::new(bypass_16),

@@ -93,7 +93,9 @@ pub struct PgBackendConfig {
 /// instead of the complete reset and scope, and it costs nothing in safety,
 /// because every used connection is checked (outside a transaction block,
 /// still carrying exactly its owner's scope) before its owner gets it again,
-/// and goes to a different owner only after the complete reset.
+/// and goes to a different owner only after the complete reset. With
+/// [`check`](Self::check) off, the owner's own connection comes back with no
+/// round trip at all (see there for what that gives up).
 /// Under load, a returned connection goes to the oldest waiting checkout of
 /// its own owner while that tenant is fewer than
 /// [`max_bypass`](Self::max_bypass) grants ahead of the tenant whose turn it
@@ -122,6 +124,24 @@ pub struct AffinitySettings {
     /// handing it on would cost two owner changes (a complete reset each).
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// Whether a connection handed back to the owner it last served is
+    /// checked first, in one round trip (default true). Off, it is handed
+    /// back with none, as sqlx's own `PgPool` hands back a connection with
+    /// `test_before_acquire(false)`; what the owner's own SQL left on the
+    /// session then stays for the owner's next checkout:
+    /// - a transaction block opened with raw `BEGIN` and not ended: the
+    ///   next checkout's statements run inside it, and commit or roll back
+    ///   with it;
+    /// - a `search_path` or row setting the owner's SQL changed;
+    /// - a connection the server dropped, found at the first query instead.
+    ///
+    /// Nothing changes between owners: another owner's checkout still gets
+    /// the complete reset and the transaction check, a connection sqlx still
+    /// has work queued on (a dropped `Transaction`) is still checked on its
+    /// return, one left idle is still checked by the sweeper, and sessions
+    /// under [`tenant_roles`](PgBackendConfig::tenant_roles) are always
+    /// checked.
+    pub check: bool,
 }
 
 impl Default for AffinitySettings {
@@ -130,6 +150,7 @@ impl Default for AffinitySettings {
             enabled: true,
             max_bypass: 4,
             linger: DEFAULT_LINGER,
+            check: true,
         }
     }
 }
@@ -365,5 +386,16 @@ mod tests {
         c.affinity = AffinitySettings::disabled();
         assert_eq!(c.handoff().max_bypass, 0);
         assert!(c.handoff().linger.is_zero());
+    }
+
+    /// The same owner's check is on unless asked off; a partial `affinity`
+    /// section keeps the other defaults.
+    #[test]
+    fn the_same_owner_check_is_on_by_default() {
+        let on: AffinitySettings = serde_json::from_str("{}").unwrap();
+        assert!(on.check);
+        let off: AffinitySettings = serde_json::from_str(r#"{ "check": false }"#).unwrap();
+        assert!(!off.check && off.enabled);
+        assert_eq!(off.max_bypass, 4);
     }
 }

@@ -10,7 +10,7 @@
 //! | the connection | round trips | what is sent |
 //! |---|---|---|
 //! | returned to the same owner | 1 | the check ([`check`]): outside a transaction block, still exactly that scope ([`verify_sql`]; database isolation also resets role and `search_path`; unscoped: a bare `SELECT` and the transaction status it reports, nothing reset), alive |
-//! | ... vouched for by a return check < 1 s ago | 0 | nothing |
+//! | ... vouched for by a return check < 1 s ago, or with `affinity.check` off | 0 | nothing (with the check off, what the owner's SQL left stays: see [`AffinitySettings::check`](crate::AffinitySettings::check)) |
 //! | used by another owner | 1 | [`switch_sql`]: the complete reset ([`RESET_SESSION`](crate::sql::RESET_SESSION)), the next owner's check prepared afresh ([`prepare_check`](crate::sql::prepare_check)), then one `SELECT` with the new scope, the transaction check, the advisory-lock release and the list of SQL-level prepared statements: one simple-protocol message |
 //! | ... whose owner `PREPARE`d statements in SQL | +1 | their `DEALLOCATE`s |
 //! | new | 0 unscoped or database, 1 scoped | the scope and the prepared check ([`apply_sql`]) |
@@ -250,7 +250,9 @@ impl Shared {
             && !self.config.tenant_roles
             && pooled.owner.as_ref() == scope;
         let vouched = pooled.vouched.take();
-        if same && vouched.is_some_and(|at| at.elapsed() < CHECKED_RECENTLY) {
+        let unchecked = !self.config.affinity.check
+            || vouched.is_some_and(|at| at.elapsed() < CHECKED_RECENTLY);
+        if same && unchecked {
             bump(&self.returns.hits);
             return Ok(Ready::Yes);
         }

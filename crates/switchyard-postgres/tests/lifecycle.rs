@@ -180,6 +180,77 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
     assert_eq!(n, 0);
 }
 
+/// With `affinity.check` off, the owner's own connection comes back with no
+/// round trip at all (counted on the wire), carrying what the owner's SQL
+/// left on it, as sqlx's pool with `test_before_acquire(false)` would. An
+/// owner change still gets the complete reset, and still finds a transaction
+/// block the owner left open: that connection is closed and the block rolled
+/// back, never handed to the next tenant.
+#[tokio::test]
+async fn with_the_check_off_the_owner_gets_its_connection_back_with_no_round_trip() {
+    let fx = Fixture::start(0).await;
+    fx.create_schema_tenant("a").await;
+    fx.create_schema_tenant("b").await;
+    let reg = registry(&[("a", Isolation::Schema), ("b", Isolation::Schema)], None);
+    let proxy = FaultProxy::start_counting_postgres(fx.pg.primary().addr())
+        .await
+        .unwrap();
+    let mut config = fx.config(1);
+    config.url = format!(
+        "postgres://{}@127.0.0.1:{}/{}",
+        common::APP_ROLE,
+        proxy.port(),
+        common::APP_DB
+    )
+    .into();
+    config.affinity.check = false;
+    let backend = fx.backend(config);
+    let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
+    let b = reg.resolve(&TenantId::new("b").unwrap()).unwrap();
+
+    let mut conn = checkout(&backend, Some(&a)).await;
+    let first = pid(&mut conn).await;
+    exec(&mut conn, "CREATE TEMP TABLE left_by_a (x int)").await;
+    drop(conn);
+    let before = proxy.pg_messages().unwrap();
+    let mut conn = checkout(&backend, Some(&a)).await;
+    let trips = proxy.pg_messages().unwrap().since(&before).round_trips();
+    assert_eq!(trips, 0, "the owner's own checkout made round trips");
+    assert_eq!(pid(&mut conn).await, first);
+    // The owner's own leftovers stay for the owner.
+    exec(&mut conn, "INSERT INTO left_by_a VALUES (1)").await;
+    exec(&mut conn, "BEGIN").await;
+    exec(
+        &mut conn,
+        "INSERT INTO tenant_a.items VALUES ('a', 'left open')",
+    )
+    .await;
+    drop(conn);
+
+    // Another owner: the open block is found, the connection closed.
+    let mut conn = checkout(&backend, Some(&b)).await;
+    assert_ne!(
+        pid(&mut conn).await,
+        first,
+        "a session inside a's transaction went to b"
+    );
+    let row = sqlx::raw_sql(
+        "SELECT to_regclass('pg_temp.left_by_a') IS NULL, current_setting('search_path')",
+    )
+    .fetch_one(&mut **conn)
+    .await
+    .unwrap();
+    assert!(row.get::<bool, _>(0), "a's temp table reached b");
+    assert_eq!(row.get::<String, _>(1), "\"tenant_b\"");
+    drop(conn);
+    let mut admin = fx.admin(common::APP_DB).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = 'left open'")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the block a left open was committed");
+}
+
 /// A transaction left open by raw SQL holds its locks on the idle connection
 /// only until the sweeper checks it, not until `idle_timeout`, even when no
 /// checkout ever comes.
