@@ -6,7 +6,7 @@
 //! prepared statements, an advisory lock, a `LISTEN`, sequence state, an open
 //! or failed transaction, a statement cancelled mid-flight. One scenario runs
 //! every attack, for schema and for row isolation, with the affinity stash on
-//! and off, on a pool of ONE connection so tenant B's next checkout reuses A's
+//! (the same owner's check on, and off: `affinity.check`) and off, on a pool of ONE connection so tenant B's next checkout reuses A's
 //! session (unless the backend closed it, which is also a correct answer):
 //!
 //! 1. A checks out, reads its own rows, plants the state, drops the checkout;
@@ -510,10 +510,11 @@ impl Bed {
     }
 
     /// A pool of ONE connection, so the next checkout reuses the session.
-    fn backend(&self, login: &str, affinity: bool) -> Arc<PgBackend> {
+    fn backend(&self, login: &str, affinity: Affinity) -> Arc<PgBackend> {
         let mut config = PgBackendConfig::new("pg-reset", self.fx.url(login, APP_DB));
         config.pool = self.fx.config(1).pool;
-        config.affinity.enabled = affinity;
+        config.affinity.enabled = affinity != Affinity::Off;
+        config.affinity.check = affinity != Affinity::Unchecked;
         self.fx.backend(config)
     }
 
@@ -539,12 +540,23 @@ impl Bed {
     }
 }
 
+/// The affinity stash of a run's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Affinity {
+    Off,
+    /// On, the same owner's checkout checked (the default).
+    Checked,
+    /// On, with `affinity.check` off: what only the owner's own next
+    /// checkout may skip; B's must still find nothing of A's.
+    Unchecked,
+}
+
 /// One run of the scenario.
 struct Run<'a> {
     bed: &'a Bed,
     attack: Attack,
     isolation: Isolation,
-    affinity: bool,
+    affinity: Affinity,
     arrival: Arrival,
     /// Unique per run: names cursors, statements, channels, lock keys.
     n: usize,
@@ -562,7 +574,11 @@ impl Run<'_> {
             "{} / {} / affinity {} / B arrives {}",
             self.attack,
             self.isolation,
-            if self.affinity { "on" } else { "off" },
+            match self.affinity {
+                Affinity::Off => "off",
+                Affinity::Checked => "on",
+                Affinity::Unchecked => "on, unchecked",
+            },
             match self.arrival {
                 Arrival::Later => "later",
                 Arrival::Waiting => "waiting",
@@ -738,7 +754,7 @@ async fn a_new_owner_finds_nothing_of_the_previous_session() {
             continue;
         }
         for isolation in [Isolation::Schema, Isolation::Row] {
-            for (affinity, arrival) in [true, false]
+            for (affinity, arrival) in [Affinity::Checked, Affinity::Unchecked, Affinity::Off]
                 .into_iter()
                 .flat_map(|a| [(a, Arrival::Later), (a, Arrival::Waiting)])
             {
