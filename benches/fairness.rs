@@ -29,7 +29,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::core::noop::NoopBackend;
 use switchyard::core::{FairGate, QueueOrder, DEFAULT_LINGER};
-use switchyard::postgres::{AffinitySettings, PgBackend, PgBackendConfig};
+use switchyard::postgres::{PgBackend, PgBackendConfig};
 use switchyard::{
     Backend, Checkout, CheckoutRequest, Isolation, PoolSettings, TenantId, TenantRegistry,
     TierPolicy,
@@ -237,21 +237,15 @@ fn fairness(c: &mut Criterion) {
     let url = pg.primary().url().to_owned();
     // The default hand-off (bypass bound 4, linger 1ms), and the same without
     // the linger: every return goes on to whoever waits.
+    let pool = PoolSettings::default().with_max_size(POOL_SIZE);
     let lingers = [
-        ("postgres", AffinitySettings::default()),
-        (
-            "postgres/no_linger",
-            AffinitySettings {
-                linger: Duration::ZERO,
-                ..AffinitySettings::default()
-            },
-        ),
+        ("postgres", pool.clone()),
+        ("postgres/no_linger", pool.with_linger(Duration::ZERO)),
     ];
-    for (group, affinity) in lingers {
+    for (group, pool) in lingers {
         let config =
             PgBackendConfig::builder(format!("pg-{}", group.replace('/', "-")), url.as_str())
-                .pool(PoolSettings::default().with_max_size(POOL_SIZE))
-                .affinity(affinity)
+                .pool(pool)
                 .config();
         let backend = {
             let _runtime = rt.enter();

@@ -73,6 +73,17 @@ fn layers_merge_in_order_and_env_vars_win() {
         "free"
     );
 
+    // The fair gate's linger: the default, and one a cluster's pool sets.
+    assert_eq!(main.pool.linger, switchyard_core::DEFAULT_LINGER);
+    let quick = "clusters:\n  cache:\n    pool: { linger: 250us }\n";
+    write(dir.path(), "environments/quick.yaml", quick);
+    let q = ConfigSource::new(dir.path(), "quick").env_prefix("SYTEST_LAYERS_Q__");
+    let q = q.load().unwrap();
+    assert_eq!(
+        q.clusters["cache"].pool.linger,
+        std::time::Duration::from_micros(250)
+    );
+
     // Other environments do not see staging's override.
     let dev = ConfigSource::new(dir.path(), "development").env_prefix("SYTEST_LAYERS__");
     assert_eq!(

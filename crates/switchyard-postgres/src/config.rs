@@ -20,8 +20,6 @@ pub const DEFAULT_TENANT_POOL_MAX_SIZE: u32 = 4;
 pub const DEFAULT_TENANT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default [`PgBackendConfig::reset_timeout`].
 pub const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default [`AffinitySettings::linger`]: the same as every engine's fair gate.
-pub use switchyard_core::DEFAULT_LINGER;
 
 /// Everything a [`PgBackend`](crate::PgBackend) needs for one endpoint.
 ///
@@ -33,12 +31,12 @@ pub use switchyard_core::DEFAULT_LINGER;
 /// let config: PgBackendConfig = serde_json::from_str(r#"{
 ///     "endpoint": "pg-primary",
 ///     "url": "postgres://app:secret@db:5432/app",
-///     "pool": { "max_size": 8, "acquire_timeout": "2s" },
+///     "pool": { "max_size": 8, "acquire_timeout": "2s", "linger": "500us" },
 ///     "tenant_pool_idle_timeout": "1m",
-///     "affinity": { "max_bypass": 2, "linger": "500us" }
+///     "affinity": { "max_bypass": 2 }
 /// }"#).unwrap();
 /// assert_eq!(config.max_tenant_pools, 64);
-/// assert_eq!(config.affinity.linger, std::time::Duration::from_micros(500));
+/// assert_eq!(config.pool.linger, std::time::Duration::from_micros(500));
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +100,8 @@ pub struct PgBackendConfig {
 /// is (waiting tenants take turns: core's
 /// [`FairQueue::pop_ahead`](switchyard_core::FairQueue::pop_ahead); within a
 /// FIFO tier, the checkout first in line is passed over at most `max_bypass`
-/// times). Off,
+/// times), and an owner with nobody waiting keeps its returned connection
+/// for the pool's [`linger`](PoolSettings::linger). Off,
 /// every checkout of a used connection resets it completely, even for the
 /// owner it last served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,14 +115,6 @@ pub struct AffinitySettings {
     /// first checkout in line may be passed over (default 4; 0 serves
     /// waiters strictly in turn).
     pub max_bypass: u32,
-    /// Longest a returned connection is kept idle for its owner's next
-    /// checkout while other tenants wait (default 1ms; 0 never keeps one).
-    /// Only an owner with nobody waiting, holding less than an equal share
-    /// of the pool among the tenants that want connections, gets this: a
-    /// tenant that checks out again at once keeps its warm connection, where
-    /// handing it on would cost two owner changes (a complete reset each).
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
     /// Whether a connection handed back to the owner it last served is
     /// checked first, in one round trip (default true). Off, it is handed
     /// back with none, as sqlx's own `PgPool` hands back a connection with
@@ -149,7 +140,6 @@ impl Default for AffinitySettings {
         Self {
             enabled: true,
             max_bypass: 4,
-            linger: DEFAULT_LINGER,
             check: true,
         }
     }
@@ -296,7 +286,7 @@ impl PgBackendConfig {
         if self.affinity.enabled && !self.tenant_roles {
             HandOff {
                 max_bypass: self.affinity.max_bypass,
-                linger: self.affinity.linger,
+                linger: self.pool.linger,
             }
         } else {
             HandOff::default()
@@ -382,7 +372,7 @@ mod tests {
     fn no_affinity_means_no_bypass_and_no_linger() {
         let mut c = PgBackendConfig::new("pg", "postgres://db/app");
         assert_eq!(c.handoff().max_bypass, 4);
-        assert_eq!(c.handoff().linger, DEFAULT_LINGER);
+        assert_eq!(c.handoff().linger, switchyard_core::DEFAULT_LINGER);
         c.affinity = AffinitySettings::disabled();
         assert_eq!(c.handoff().max_bypass, 0);
         assert!(c.handoff().linger.is_zero());

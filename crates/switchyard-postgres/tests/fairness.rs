@@ -199,7 +199,7 @@ async fn a_returned_connection_is_kept_for_its_owner_for_the_linger_only() {
     // A linger long enough that the steps below always fall inside it.
     const LINGER: Duration = Duration::from_secs(3);
     let mut config = fx.config(2);
-    config.affinity.linger = LINGER;
+    config.pool.linger = LINGER;
     let backend = fx.backend(config);
     let reg = registry(QueueOrder::Fair);
     let noisy = checkout(&backend, &reg, Some("noisy")).await.unwrap();
