@@ -490,16 +490,18 @@ mod tests {
             }
             Ok(Arc::new(NoopBackend::with_role(m.name.as_str(), m.role)))
         };
-        let cluster = crate::Cluster::<NoopBackend>::builder("main")
-            .build()
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let following = cluster.follow(Script(rx), make);
-        tx.send(View::new(vec![
-            m("a", 0, Role::Primary),
-            m("b", 0, Role::Replica),
-        ]))
-        .unwrap();
+        // A cluster following a script whose first view is `first`.
+        let start = |name: &str, first: Vec<Member>| {
+            let cluster = crate::Cluster::<NoopBackend>::builder(name)
+                .build()
+                .unwrap();
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let following = cluster.follow(Script(rx), make);
+            tx.send(View::new(first)).unwrap();
+            (cluster, tx, following)
+        };
+        let first = vec![m("a", 0, Role::Primary), m("b", 0, Role::Replica)];
+        let (cluster, tx, following) = start("main", first);
         let err = following.ready(Duration::from_secs(1)).await.unwrap_err();
         assert!(
             err.reason.contains("a: ") && err.reason.contains("no backend for b"),
@@ -509,16 +511,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(cluster.status().endpoints.len(), 1);
 
-        let other = crate::Cluster::<NoopBackend>::builder("other")
-            .build()
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let following = other.follow(Script(rx), make);
-        tx.send(View::new(vec![
-            m("a", 1, Role::Primary),
-            m("b", 0, Role::Replica),
-        ]))
-        .unwrap();
+        let first = vec![m("a", 1, Role::Primary), m("b", 0, Role::Replica)];
+        let (_other, _tx, following) = start("other", first);
         following.ready(Duration::from_secs(1)).await.unwrap();
     }
 
