@@ -108,7 +108,7 @@ impl ChBackend {
                 query_timeout: config.query_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
                 database: config.database.clone(),
-                permits: FairGate::with_linger(config.pool.max_size, config.pool.linger),
+                permits: FairGate::for_pool(&config.pool),
                 acquire_timeout: config.pool.acquire_timeout,
             }),
         })

@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::backend::PoolStats;
-use crate::endpoint::EndpointId;
+use crate::endpoint::{EndpointId, PoolSettings};
 use crate::error::Error;
 use crate::fair::{FairQueue, LingerTimer, QueueClass, WaitKey};
 use crate::tenant::TenantScope;
@@ -115,6 +115,13 @@ impl FairGate {
     /// A gate of `permits` permits with the [`DEFAULT_LINGER`].
     pub fn new(permits: u32) -> Arc<Self> {
         Self::with_linger(permits, DEFAULT_LINGER)
+    }
+
+    /// The gate in front of a driver's pool configured by `pool`: its
+    /// `max_size` permits, kept back for `linger` (every engine that waits at a
+    /// gate builds it here, so the settings reach it the same way).
+    pub fn for_pool(pool: &PoolSettings) -> Arc<Self> {
+        Self::with_linger(pool.max_size, pool.linger)
     }
 
     /// A gate of `permits` permits that keeps a given-back permit for its
@@ -385,6 +392,17 @@ mod tests {
     use crate::tenant::{Isolation, TenantId};
     use std::num::NonZeroU32;
     use std::time::Duration;
+
+    #[test]
+    fn a_pool_gate_takes_the_pool_size_and_linger() {
+        let pool = PoolSettings::default()
+            .with_max_size(3)
+            .with_linger(Duration::from_micros(250));
+        let gate = FairGate::for_pool(&pool);
+        assert_eq!((gate.permits, gate.linger), (3, Duration::from_micros(250)));
+        let gate = FairGate::for_pool(&PoolSettings::default());
+        assert_eq!((gate.permits, gate.linger), (16, DEFAULT_LINGER));
+    }
 
     fn registry() -> TenantRegistry {
         TenantRegistry::new()

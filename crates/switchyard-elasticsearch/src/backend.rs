@@ -172,7 +172,7 @@ impl EsBackend {
                 naming: config.index_naming,
                 request_timeout: config.request_timeout,
                 provisioned: ProvisionCache::new(config.provision_cache_ttl),
-                permits: FairGate::with_linger(config.pool.max_size, config.pool.linger),
+                permits: FairGate::for_pool(&config.pool),
                 acquire_timeout: config.pool.acquire_timeout,
             }),
         })

@@ -102,7 +102,7 @@ impl MongoBackend {
         });
         tracing::debug!(endpoint = %config.endpoint, url = %config.url, "mongodb backend built");
         Ok(Self {
-            permits: FairGate::with_linger(config.pool.max_size, config.pool.linger),
+            permits: FairGate::for_pool(&config.pool),
             prober: Prober::new(probe, direct_host, handshake.map(Arc::new)),
             options: main,
             client: OnceLock::new(),

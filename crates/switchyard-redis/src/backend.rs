@@ -209,7 +209,7 @@ impl RedisBackend {
             response_timeout: config.response_timeout,
             counters: Counters::default(),
             users: Arc::default(),
-            gate: FairGate::with_linger(config.pool.max_size, config.pool.linger),
+            gate: FairGate::for_pool(&config.pool),
         })
     }
 
