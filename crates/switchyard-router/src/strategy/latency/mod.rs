@@ -324,16 +324,22 @@ impl PeakEwma {
 
     /// Records one latency sample taken at `at` (a clock read the caller
     /// already made).
+    #[inline]
     pub fn observe_at(&self, sample: Duration, at: Instant) {
         // A zero sample (a checkout that did not wait) is skipped: it never
         // raises the peak, and folding it in would only decay the estimate to
         // `at`, which every read does anyway (`e^-a/τ · e^-b/τ = e^-(a+b)/τ`),
         // so readers see the same value. What changes is the next non-zero
         // sample's weight, which then counts from the last wait instead of
-        // the last checkout. It saves an `exp` and two atomics per checkout.
-        if sample.is_zero() {
-            return;
+        // the last checkout. It saves an `exp` and two atomics per checkout,
+        // and the skip is inlined into the caller: no call at all.
+        if !sample.is_zero() {
+            self.fold(sample, at);
         }
+    }
+
+    /// Folds a non-zero sample in (see [`observe_at`](Self::observe_at)).
+    fn fold(&self, sample: Duration, at: Instant) {
         let cell = &*self.0;
         let now = clock_ns(at);
         let sample = nanos(sample);
