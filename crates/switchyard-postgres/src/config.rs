@@ -279,9 +279,8 @@ impl PgBackendConfig {
         self.url.scrub(text)
     }
 
-    /// The bypass bound in force (0 when affinity is off).
-    /// How returned connections are handed on: strict turns and no
-    /// lingering without affinity.
+    /// How returned connections are handed on, the bypass bound and the
+    /// pool's linger: strict turns and no lingering without affinity.
     pub(crate) fn handoff(&self) -> HandOff {
         if self.affinity.enabled && !self.tenant_roles {
             HandOff {

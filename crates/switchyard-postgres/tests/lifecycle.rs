@@ -33,6 +33,27 @@ async fn session_state(conn: &mut Checkout<PgBackend>) -> (String, String, bool)
 
 const CLEAN_PATH: &str = "\"$user\", public";
 
+/// Opens a transaction block on `conn` and writes `val` into tenant a's
+/// table inside it, leaving the block open.
+async fn open_block(conn: &mut Checkout<PgBackend>, val: &str) {
+    exec(conn, "BEGIN").await;
+    exec(
+        conn,
+        &format!("INSERT INTO tenant_a.items VALUES ('a', '{val}')"),
+    )
+    .await;
+}
+
+/// Rows of tenant a's table with `val`, as a superuser sees them.
+async fn committed(fx: &Fixture, val: &str) -> i64 {
+    let mut admin = fx.admin(common::APP_DB).await;
+    sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = $1")
+        .bind(val)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+}
+
 /// The error of a checkout for a scope built by hand.
 async fn hand_scoped(backend: &Arc<PgBackend>, scope: TenantScope) -> Error {
     let request = CheckoutRequest::with_timeout(TIMEOUT).scope(Arc::new(scope));
@@ -115,12 +136,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
     for scoped in [true, false] {
         let mut conn = checkout(&backend, scoped.then_some(&a)).await;
         let first = pid(&mut conn).await;
-        exec(&mut conn, "BEGIN").await;
-        exec(
-            &mut conn,
-            "INSERT INTO tenant_a.items VALUES ('a', 'uncommitted')",
-        )
-        .await;
+        open_block(&mut conn, "uncommitted").await;
         drop(conn);
         let mut conn = checkout(&backend, None).await;
         assert_ne!(
@@ -152,13 +168,7 @@ async fn a_checkout_left_in_a_transaction_is_closed_and_rolled_back() {
     );
     drop(conn);
     assert_eq!(backend.pg_stats().closed_dirty, 3);
-    let mut admin = fx.admin(common::APP_DB).await;
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = 'uncommitted'")
-            .fetch_one(&mut admin)
-            .await
-            .unwrap();
-    assert_eq!(n, 0);
+    assert_eq!(committed(&fx, "uncommitted").await, 0);
 
     // A transaction opened through sqlx and dropped is rolled back by sqlx and
     // the connection stays usable.
@@ -196,13 +206,7 @@ async fn with_the_check_off_the_owner_gets_its_connection_back_with_no_round_tri
         .await
         .unwrap();
     let mut config = fx.config(1);
-    config.url = format!(
-        "postgres://{}@127.0.0.1:{}/{}",
-        common::APP_ROLE,
-        proxy.port(),
-        common::APP_DB
-    )
-    .into();
+    config.url = common::url_at(proxy.port(), common::APP_ROLE, common::APP_DB).into();
     config.affinity.check = false;
     let backend = fx.backend(config);
     let a = reg.resolve(&TenantId::new("a").unwrap()).unwrap();
@@ -219,12 +223,7 @@ async fn with_the_check_off_the_owner_gets_its_connection_back_with_no_round_tri
     assert_eq!(pid(&mut conn).await, first);
     // The owner's own leftovers stay for the owner.
     exec(&mut conn, "INSERT INTO left_by_a VALUES (1)").await;
-    exec(&mut conn, "BEGIN").await;
-    exec(
-        &mut conn,
-        "INSERT INTO tenant_a.items VALUES ('a', 'left open')",
-    )
-    .await;
+    open_block(&mut conn, "left open").await;
     drop(conn);
 
     // Another owner: the open block is found, the connection closed.
@@ -243,12 +242,11 @@ async fn with_the_check_off_the_owner_gets_its_connection_back_with_no_round_tri
     assert!(row.get::<bool, _>(0), "a's temp table reached b");
     assert_eq!(row.get::<String, _>(1), "\"tenant_b\"");
     drop(conn);
-    let mut admin = fx.admin(common::APP_DB).await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tenant_a.items WHERE val = 'left open'")
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-    assert_eq!(n, 0, "the block a left open was committed");
+    assert_eq!(
+        committed(&fx, "left open").await,
+        0,
+        "the block a left open was committed"
+    );
 }
 
 /// A transaction left open by raw SQL holds its locks on the idle connection

@@ -58,6 +58,12 @@ pub async fn checkout(
 }
 
 /// The checkout's server process id.
+/// `user`'s URL of `db` on loopback `port` (the server's, or a proxy's in
+/// front of it).
+pub fn url_at(port: u16, user: &str, db: &str) -> String {
+    format!("postgres://{user}@127.0.0.1:{port}/{db}")
+}
+
 pub async fn pid(conn: &mut Checkout<PgBackend>) -> i32 {
     sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut **conn)
@@ -101,7 +107,7 @@ impl Fixture {
     }
 
     pub fn url(&self, user: &str, db: &str) -> String {
-        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port())
+        url_at(self.port(), user, db)
     }
 
     /// A superuser connection to `db`.

@@ -7,6 +7,24 @@ use tokio::time::advance;
 
 const MS: Duration = Duration::from_millis(1);
 
+/// Two candidates of weight 1, the first estimated at 1ms, the second at
+/// 500ms.
+fn fast_and_slow() -> Vec<crate::strategy::testing::FakeLoad> {
+    let cands = loads(&[1, 1]);
+    cands[0].ewma.observe(MS);
+    cands[1].ewma.observe(500 * MS);
+    cands
+}
+
+/// How often each of `cands` is picked in `n` picks.
+fn tally<L: Load>(latency: &Latency, cands: &[L], n: u32) -> Vec<u32> {
+    let mut counts = vec![0; cands.len()];
+    for _ in 0..n {
+        counts[latency.pick(cands).unwrap()] += 1;
+    }
+    counts
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_estimate_peaks_then_decays() {
     let e = PeakEwma::new(Duration::from_secs(10), MS);
@@ -81,9 +99,7 @@ async fn traffic_moves_away_from_an_endpoint_that_turns_slow() {
 #[tokio::test(start_paused = true)]
 async fn a_quiet_slow_endpoint_is_retried_after_decay() {
     fastrand::seed(5);
-    let cands = loads(&[1, 1]);
-    cands[0].ewma.observe(MS);
-    cands[1].ewma.observe(500 * MS);
+    let cands = fast_and_slow();
     let latency = Latency::new(&cands);
     assert_eq!(latency.pick(&cands), Some(0));
     // Keep 0 busy and let 1's estimate decay for a minute: 500ms·e^-6 ≈ 1.2ms,
@@ -112,36 +128,27 @@ async fn the_cost_is_latency_times_load_over_weight() {
     // Equal estimates; the second has four times the weight.
     let cands = loads(&[1, 4]);
     let latency = Latency::new(&cands);
-    let picks = |latency: &Latency| -> [u32; 2] {
-        let mut counts = [0; 2];
-        for _ in 0..200 {
-            counts[latency.pick(&cands).unwrap()] += 1;
-        }
-        counts
-    };
     // 1 × 1 / 1 against 1 × (2 + 1) / 4: the heavier one, though busier.
     let _busy = [cands[1].in_flight.enter(), cands[1].in_flight.enter()];
-    assert_eq!(picks(&latency), [0, 200]);
+    assert_eq!(tally(&latency, &cands, 200), [0, 200]);
     // Against (4 + 1) / 4: the lighter one.
     let _busier = [cands[1].in_flight.enter(), cands[1].in_flight.enter()];
-    assert_eq!(picks(&latency), [200, 0]);
+    assert_eq!(tally(&latency, &cands, 200), [200, 0]);
     // The weights are read at pick time: a candidate reweighted weighs
     // its new weight at once.
     let mut reweighted = loads(&[1, 8]);
     reweighted[1].in_flight = Arc::clone(&cands[1].in_flight);
-    let mut counts = [0; 2];
-    for _ in 0..200 {
-        counts[latency.pick(&reweighted).unwrap()] += 1;
-    }
-    assert_eq!(counts, [0, 200], "1 against 5 / 8");
+    assert_eq!(
+        tally(&latency, &reweighted, 200),
+        [0, 200],
+        "1 against 5 / 8"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn load_decides_once_every_estimate_has_decayed_to_the_floor() {
     fastrand::seed(11);
-    let cands = loads(&[1, 1]);
-    cands[0].ewma.observe(MS);
-    cands[1].ewma.observe(500 * MS);
+    let cands = fast_and_slow();
     let _busy = cands[0].in_flight.enter();
     let latency = Latency::new(&cands);
     assert_eq!(latency.pick(&cands), Some(0), "1ms × 2 against 500ms × 1");
@@ -162,10 +169,7 @@ async fn a_set_it_was_not_prepared_for_is_read_directly() {
     // Prepared for the first two only (or for none): the slow third
     // still loses every comparison it is drawn into.
     for latency in [Latency::new(&cands[..2]), Latency::new(&cands[..0])] {
-        let mut counts = [0u32; 3];
-        for _ in 0..300 {
-            counts[latency.pick(&cands).unwrap()] += 1;
-        }
+        let counts = tally(&latency, &cands, 300);
         assert_eq!(counts[2], 0, "{counts:?}");
         assert!(counts[0] > 100 && counts[1] > 100, "{counts:?}");
     }
