@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::checkout::Origin;
 use crate::endpoint::EndpointId;
 use crate::history::History;
 use crate::registry::TierPolicy;
@@ -252,8 +253,13 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// The return path of every checkout, written once: see [`Backend`].
-/// The backend's handle is cloned only for a reset that runs on a task.
-pub(crate) fn give_back<B: Backend>(backend: &Arc<B>, mut conn: B::Connection, keep: bool) {
+/// The origin's handle is cloned only for a reset that runs on a task.
+pub(crate) fn give_back<B: Backend>(
+    origin: &Arc<dyn Origin<B>>,
+    mut conn: B::Connection,
+    keep: bool,
+) {
+    let backend = origin.backend();
     if !keep {
         backend.release(conn, Recycle::Discard);
         return;
@@ -263,8 +269,9 @@ pub(crate) fn give_back<B: Backend>(backend: &Arc<B>, mut conn: B::Connection, k
         Returned::Broken => backend.release(conn, Recycle::Discard),
         Returned::Dirty => match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                let backend = Arc::clone(backend);
+                let origin = Arc::clone(origin);
                 rt.spawn(async move {
+                    let backend = origin.backend();
                     let verdict = backend.recycle(&mut conn).await;
                     backend.release(conn, verdict);
                 });

@@ -65,6 +65,33 @@ pub trait CheckoutObserver: Send + Sync + 'static {
     }
 }
 
+/// Where a checkout's connection comes from: the backend, and who (if
+/// anyone) observes the checkout's life.
+///
+/// A [`Checkout`] holds its origin by one reference: a router's endpoint,
+/// which owns both the backend and the observer, costs a checkout one
+/// reference count, not one for the backend and one for the observer. A
+/// bare backend is its own origin, observed by nobody.
+pub trait Origin<B: Backend>: Send + Sync + 'static {
+    /// The backend connections come from.
+    fn backend(&self) -> &B;
+
+    /// Who learns of every checkout's life, if anyone.
+    fn observer(&self) -> Option<&dyn CheckoutObserver>;
+}
+
+impl<B: Backend> Origin<B> for B {
+    #[inline]
+    fn backend(&self) -> &B {
+        self
+    }
+
+    #[inline]
+    fn observer(&self) -> Option<&dyn CheckoutObserver> {
+        None
+    }
+}
+
 /// Checkouts in flight on one endpoint, including those still waiting for a
 /// connection: the load that least-connections balancing reads.
 #[derive(Default)]
@@ -108,7 +135,7 @@ struct Counted<'a>(Option<&'a InFlight>);
 
 impl<'a> Counted<'a> {
     #[inline]
-    fn enter(observer: Option<&'a Arc<dyn CheckoutObserver>>) -> Self {
+    fn enter(observer: Option<&'a dyn CheckoutObserver>) -> Self {
         let counter = observer.and_then(|o| o.in_flight());
         if let Some(c) = counter {
             c.arrive();
@@ -147,15 +174,14 @@ impl Drop for InFlightToken {
     }
 }
 
-/// What to check out: the tenant scope and quota, the deadline, and where to
-/// report load and outcome.
+/// What to check out: the tenant scope and quota, and the deadline. (Where
+/// load and outcome are reported is the [`Origin`]'s business.)
 #[derive(Clone)]
 pub struct CheckoutRequest {
     scope: Option<Arc<TenantScope>>,
     quota: Option<Quota>,
     deadline: Instant,
     started: Option<Instant>,
-    observer: Option<Arc<dyn CheckoutObserver>>,
 }
 
 impl CheckoutRequest {
@@ -167,7 +193,6 @@ impl CheckoutRequest {
             quota: None,
             deadline,
             started: None,
-            observer: None,
         }
     }
 
@@ -197,14 +222,6 @@ impl CheckoutRequest {
     /// Scopes the checkout without a quota.
     pub fn scope(mut self, scope: Arc<TenantScope>) -> Self {
         self.scope = Some(scope);
-        self
-    }
-
-    /// Reports the checkout's life to `observer`, and counts it in the
-    /// observer's [`in_flight`](CheckoutObserver::in_flight) counter.
-    #[inline]
-    pub fn observer(mut self, observer: Arc<dyn CheckoutObserver>) -> Self {
-        self.observer = Some(observer);
         self
     }
 
@@ -270,9 +287,8 @@ impl fmt::Debug for CheckoutRequest {
 /// ```
 pub struct Checkout<B: Backend> {
     conn: Option<B::Connection>,
-    backend: Arc<B>,
+    origin: Arc<dyn Origin<B>>,
     scope: Option<Arc<TenantScope>>,
-    observer: Option<Arc<dyn CheckoutObserver>>,
     /// Whether the checkout is counted in its observer's in-flight counter.
     counted: bool,
     _quota: Option<OwnedSemaphorePermit>,
@@ -283,25 +299,30 @@ pub struct Checkout<B: Backend> {
 }
 
 impl<B: Backend> Checkout<B> {
-    /// Checks out a connection from `backend`: takes the tenant's quota, gets a
-    /// connection, applies the tenant scope, all before the request's deadline.
+    /// Checks out a connection from `origin` (a backend, or something that
+    /// owns one and observes its checkouts): takes the tenant's quota, gets a
+    /// connection, applies the tenant scope, all before the request's
+    /// deadline.
     ///
     /// Traced in a `checkout` span (debug level) when a subscriber may want it.
-    pub async fn acquire(backend: &Arc<B>, req: CheckoutRequest) -> Result<Self, Error> {
+    pub async fn acquire<O: Origin<B>>(
+        origin: &Arc<O>,
+        req: CheckoutRequest,
+    ) -> Result<Self, Error> {
         // No span is built, entered or looked up unless a subscriber may want
         // it: even a disabled span costs a checkout a good part of its time
         // (with `tracing`'s `log` feature, which sqlx turns on, it takes the
         // `log` fallback's path on every enter, exit and drop).
         if !tracing::enabled!(tracing::Level::DEBUG) {
-            return Self::acquire_and_report(backend, req, false).await;
+            return Self::acquire_and_report(origin, req, false).await;
         }
         let span = tracing::debug_span!(
             "checkout",
-            endpoint = %backend.endpoint(),
+            endpoint = %origin.backend().endpoint(),
             tenant = req.scope.as_ref().map(|s| s.tenant().as_str()),
             wait_us = tracing::field::Empty,
         );
-        Self::acquire_and_report(backend, req, true)
+        Self::acquire_and_report(origin, req, true)
             .instrument(span)
             .await
     }
@@ -310,11 +331,13 @@ impl<B: Backend> Checkout<B> {
     /// when `traced`, the wait to the span it runs in. One future, no nested
     /// ones on the path of a connection that is ready at once: every layer
     /// would move the result once more.
-    async fn acquire_and_report(
-        backend: &Arc<B>,
+    async fn acquire_and_report<O: Origin<B>>(
+        origin: &Arc<O>,
         req: CheckoutRequest,
         traced: bool,
     ) -> Result<Self, Error> {
+        let backend = origin.backend();
+        let observer = origin.observer();
         let started = req.started.unwrap_or_else(Instant::now);
         let mut suspended = false;
         let tenant = req.scope.as_ref().map(|s| s.tenant());
@@ -331,22 +354,22 @@ impl<B: Backend> Checkout<B> {
                 suspended = true;
                 match quota.acquire(tenant, req.deadline).await {
                     Ok(permit) => Some(permit),
-                    Err(error) => return Err(failed(&req, error, started, suspended, traced)),
+                    Err(error) => return Err(failed(observer, error, started, suspended, traced)),
                 }
             }
             _ => None,
         };
-        let counted = Counted::enter(req.observer.as_ref());
+        let counted = Counted::enter(observer);
         let acquire = backend.acquire(req.scope.as_deref(), req.deadline);
         let mut conn = match until(req.deadline, acquire, &mut suspended).await {
             Some(Ok(conn)) => conn,
             Some(Err(error)) => {
                 drop(counted);
-                return Err(failed(&req, error, started, suspended, traced));
+                return Err(failed(observer, error, started, suspended, traced));
             }
             None => {
                 drop(counted);
-                return Err(failed(&req, timeout(), started, suspended, traced));
+                return Err(failed(observer, timeout(), started, suspended, traced));
             }
         };
         if let Some(scope) = &req.scope {
@@ -375,7 +398,7 @@ impl<B: Backend> Checkout<B> {
                 Ok(conn) => conn,
                 Err(error) => {
                     drop(counted);
-                    return Err(failed(&req, error, started, suspended, traced));
+                    return Err(failed(observer, error, started, suspended, traced));
                 }
             };
         }
@@ -385,15 +408,14 @@ impl<B: Backend> Checkout<B> {
         if traced {
             tracing::Span::current().record("wait_us", waited.as_micros() as u64);
         }
-        if let Some(observer) = &req.observer {
+        if let Some(observer) = observer {
             observer.on_acquired(waited, ended);
         }
         Ok(Self {
             conn: Some(conn),
-            backend: Arc::clone(backend),
+            origin: Arc::clone(origin) as Arc<dyn Origin<B>>,
             counted: counted.kept(),
             scope: req.scope,
-            observer: req.observer,
             _quota: quota,
             acquired_at: ended,
             waited,
@@ -404,7 +426,7 @@ impl<B: Backend> Checkout<B> {
 
     /// The endpoint this connection came from.
     pub fn endpoint(&self) -> &EndpointId {
-        self.backend.endpoint()
+        self.origin.backend().endpoint()
     }
 
     /// The tenant this connection is confined to, if any.
@@ -424,8 +446,17 @@ impl<B: Backend> Checkout<B> {
     }
 
     /// The backend the connection came from.
-    pub fn backend(&self) -> &Arc<B> {
-        &self.backend
+    pub fn backend(&self) -> &B {
+        self.origin.backend()
+    }
+
+    /// The backend and the connection at once: for an engine call that
+    /// takes both (`backend.written(conn, ..)`).
+    pub fn split(&mut self) -> (&B, &mut B::Connection) {
+        let Self { origin, conn, .. } = self;
+        #[allow(clippy::expect_used)]
+        let conn = conn.as_mut().expect("connection present until drop");
+        (origin.backend(), conn)
     }
 
     /// Tells the router this checkout failed.
@@ -475,14 +506,15 @@ impl<B: Backend> DerefMut for Checkout<B> {
 
 impl<B: Backend> Drop for Checkout<B> {
     fn drop(&mut self) {
-        if let Some(observer) = &self.observer {
+        let observer = self.origin.observer();
+        if let Some(observer) = observer {
             observer.on_released(self.acquired_at, self.outcome);
         }
         if let Some(conn) = self.conn.take() {
-            give_back(&self.backend, conn, self.keep);
+            give_back(&self.origin, conn, self.keep);
         }
         if self.counted {
-            if let Some(counter) = self.observer.as_ref().and_then(|o| o.in_flight()) {
+            if let Some(counter) = observer.and_then(|o| o.in_flight()) {
                 counter.leave();
             }
         }
@@ -492,7 +524,7 @@ impl<B: Backend> Drop for Checkout<B> {
 impl<B: Backend> fmt::Debug for Checkout<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Checkout")
-            .field("endpoint", self.backend.endpoint())
+            .field("endpoint", self.endpoint())
             .field("tenant", &self.tenant())
             .field("waited", &self.waited)
             .field("outcome", &self.outcome)
@@ -561,7 +593,7 @@ fn waited(started: Instant, suspended: bool) -> (Instant, Duration) {
 /// the debug log) and hands its error back.
 #[cold]
 fn failed(
-    req: &CheckoutRequest,
+    observer: Option<&dyn CheckoutObserver>,
     error: Error,
     started: Instant,
     suspended: bool,
@@ -571,7 +603,7 @@ fn failed(
     if traced {
         tracing::Span::current().record("wait_us", waited.as_micros() as u64);
     }
-    if let Some(observer) = &req.observer {
+    if let Some(observer) = observer {
         observer.on_acquire_failed(&error, waited);
     }
     tracing::debug!(%error, "checkout failed");
@@ -581,7 +613,7 @@ fn failed(
 /// A connection between acquire and scope: discarded unless taken out.
 struct Unscoped<'a, B: Backend> {
     conn: Option<B::Connection>,
-    backend: &'a Arc<B>,
+    backend: &'a B,
 }
 
 impl<B: Backend> Drop for Unscoped<'_, B> {
@@ -608,12 +640,35 @@ mod tests {
         assert_send_sync::<CheckoutRequest>();
     };
 
-    #[derive(Default)]
+    /// A backend and an observer of its checkouts: the origin a router's
+    /// endpoint is, reduced to counts.
     struct Recorder {
+        backend: Arc<NoopBackend>,
         acquired: AtomicU64,
         failed: AtomicU64,
         released: Mutex<Vec<(Duration, Outcome)>>,
         in_flight: InFlight,
+    }
+
+    impl Recorder {
+        fn on(backend: &Arc<NoopBackend>) -> Arc<Self> {
+            Arc::new(Self {
+                backend: Arc::clone(backend),
+                acquired: AtomicU64::default(),
+                failed: AtomicU64::default(),
+                released: Mutex::default(),
+                in_flight: InFlight::new(),
+            })
+        }
+    }
+
+    impl Origin<NoopBackend> for Recorder {
+        fn backend(&self) -> &NoopBackend {
+            &self.backend
+        }
+        fn observer(&self) -> Option<&dyn CheckoutObserver> {
+            Some(self)
+        }
     }
 
     impl CheckoutObserver for Recorder {
@@ -652,13 +707,11 @@ mod tests {
         let backend = Arc::new(NoopBackend::new("n1"));
         let reg = registry();
         let entry = reg.resolve(&tenant("a")).unwrap();
-        let rec = Arc::new(Recorder::default());
+        let rec = Recorder::on(&backend);
         let load = &rec.in_flight;
-        let req = CheckoutRequest::new(deadline_after(Duration::from_secs(1)))
-            .tenant(&entry)
-            .observer(rec.clone());
+        let req = CheckoutRequest::new(deadline_after(Duration::from_secs(1))).tenant(&entry);
 
-        let conn = Checkout::acquire(&backend, req).await.unwrap();
+        let conn = Checkout::acquire(&rec, req).await.unwrap();
         assert_eq!(conn.tenant, Some(tenant("a")));
         assert_eq!(load.get(), 1);
         assert_eq!(entry.quota().unwrap().in_use(), 1);
@@ -724,13 +777,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn endpoint_failures_discard_the_connection() {
         let backend = Arc::new(NoopBackend::new("n1"));
-        let rec = Arc::new(Recorder::default());
-        let mut conn = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(Duration::from_secs(1)).observer(rec.clone()),
-        )
-        .await
-        .unwrap();
+        let rec = Recorder::on(&backend);
+        let mut conn =
+            Checkout::acquire(&rec, CheckoutRequest::with_timeout(Duration::from_secs(1)))
+                .await
+                .unwrap();
         conn.report_failure(&Error::backend(
             conn.endpoint(),
             None,
@@ -786,11 +837,11 @@ mod tests {
     async fn a_slow_backend_times_out_at_the_deadline() {
         let backend = Arc::new(NoopBackend::new("slow"));
         backend.set_acquire_delay(Duration::from_secs(10));
-        let rec = Arc::new(Recorder::default());
+        let rec = Recorder::on(&backend);
         let started = Instant::now();
         let err = Checkout::acquire(
-            &backend,
-            CheckoutRequest::with_timeout(Duration::from_millis(500)).observer(rec.clone()),
+            &rec,
+            CheckoutRequest::with_timeout(Duration::from_millis(500)),
         )
         .await
         .unwrap_err();
@@ -805,11 +856,11 @@ mod tests {
     async fn a_waiting_checkout_counts_in_flight_until_it_is_cancelled() {
         let backend = Arc::new(NoopBackend::new("slow"));
         backend.set_acquire_delay(Duration::from_secs(10));
-        let rec = Arc::new(Recorder::default());
-        let req = CheckoutRequest::with_timeout(Duration::from_secs(60)).observer(rec.clone());
+        let rec = Recorder::on(&backend);
+        let req = CheckoutRequest::with_timeout(Duration::from_secs(60));
         let waiting = tokio::spawn({
-            let backend = Arc::clone(&backend);
-            async move { Checkout::acquire(&backend, req).await.map(|_| ()) }
+            let rec = Arc::clone(&rec);
+            async move { Checkout::acquire(&rec, req).await.map(|_| ()) }
         });
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(rec.in_flight.get(), 1);

@@ -67,7 +67,9 @@ mod tls_client;
 
 pub use backend::{Backend, Intent, PoolStats, Probe, Recycle, Returned, Role};
 pub use causal::{CausalBackend, CausalError, CausalToken, Coverage};
-pub use checkout::{Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, Outcome};
+pub use checkout::{
+    Checkout, CheckoutObserver, CheckoutRequest, InFlight, InFlightToken, Origin, Outcome,
+};
 pub use endpoint::{percent_decode, EndpointId, PoolSettings, SecretUrl};
 pub use error::{BackendErrorKind, BoxError, Deadline, Error};
 pub use fair::{FairQueue, LingerTimer, QueueClass, QueueOrder, Share, WaitKey};

@@ -24,7 +24,6 @@
 //! The no-token checkout path is untouched: all of this runs only for
 //! checkouts given a token.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
@@ -66,8 +65,8 @@ impl<B: CausalBackend> Cluster<B> {
     /// primary's last applied operation time).
     pub async fn token(&self, conn: &mut Checkout<B>) -> Result<CausalToken, Error> {
         let line = self.probed(conn.endpoint());
-        let backend = Arc::clone(conn.backend());
-        let mark = backend.written(&mut **conn, line.as_ref()).await?;
+        let (backend, raw) = conn.split();
+        let mark = backend.written(raw, line.as_ref()).await?;
         CausalToken::new(&self.shared.name, mark)
             .ok_or_else(|| self.causal_error(CausalError::Unsupported))
     }
@@ -251,13 +250,13 @@ impl<B: CausalBackend> Cluster<B> {
                 waited: None,
             });
         }
-        let backend = Arc::clone(conn.backend());
         let started = Instant::now();
         let mut pause = FIRST_POLL;
         let mut polled = false;
         loop {
             let answer_by = until.max(Instant::now() + config.causal.wait);
-            let asked = backend.confirm(&mut **conn, token, line.as_ref());
+            let (backend, raw) = conn.split();
+            let asked = backend.confirm(raw, token, line.as_ref());
             let coverage = match tokio::time::timeout_at(answer_by, asked).await {
                 Ok(answer) => answer?,
                 Err(_) => {

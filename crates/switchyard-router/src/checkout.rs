@@ -222,24 +222,16 @@ enum Step<B: Backend> {
     Retry(Option<Error>),
 }
 
-/// The request of the next attempt on `ep`, which starts now (the first
-/// when the operation did, unless it had to wait for an endpoint: no clock
-/// read).
-fn request<B: Backend>(
-    ep: &Endpoint<B>,
-    budget: &mut Budget,
-    at_once: bool,
-    entry: Option<&TenantEntry>,
-) -> CheckoutRequest {
+/// The request of the next attempt, which starts now (the first when the
+/// operation did, unless it had to wait for an endpoint: no clock read).
+fn request(budget: &mut Budget, at_once: bool, entry: Option<&TenantEntry>) -> CheckoutRequest {
     let started = if budget.attempts == 1 && at_once {
         budget.started
     } else {
         Instant::now()
     };
     let deadline = budget.start_attempt(started);
-    let req = CheckoutRequest::new(deadline)
-        .started_at(started)
-        .observer(Arc::clone(&ep.observer));
+    let req = CheckoutRequest::new(deadline).started_at(started);
     match entry {
         Some(entry) => req.tenant(entry),
         None => req,
@@ -335,8 +327,8 @@ impl<B: Backend> Cluster<B> {
                     });
                 }
             };
-            let req = request(&ep, budget, at_once, entry.as_deref());
-            let result = Checkout::acquire(&ep.backend, req).await;
+            let req = request(budget, at_once, entry.as_deref());
+            let result = Checkout::acquire(&ep, req).await;
             if trial.is_some() || result.is_err() {
                 self.settle(&ep, trial, &result);
             }

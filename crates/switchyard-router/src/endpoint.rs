@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use switchyard_core::{
-    Backend, BackendErrorKind, CheckoutObserver, EndpointId, Error, InFlight, Outcome, Role,
+    Backend, BackendErrorKind, CheckoutObserver, EndpointId, Error, InFlight, Origin, Outcome, Role,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -190,7 +190,6 @@ impl Inbox {
 pub(crate) struct Endpoint<B: Backend> {
     pub backend: Arc<B>,
     pub state: Arc<EndpointState>,
-    pub observer: Arc<dyn CheckoutObserver>,
     /// Stops this endpoint's tasks (child of the cluster's token).
     pub cancel: CancellationToken,
     /// Stops the warmer while warming is on (child of `cancel`).
@@ -201,7 +200,6 @@ impl<B: Backend> Endpoint<B> {
     pub fn new(backend: Arc<B>, state: Arc<EndpointState>, cancel: CancellationToken) -> Self {
         Self {
             backend,
-            observer: state.clone(),
             state,
             cancel,
             warmer: Mutex::new(None),
@@ -215,6 +213,20 @@ impl<B: Backend> Endpoint<B> {
 
     pub fn id(&self) -> &EndpointId {
         &self.state.id
+    }
+}
+
+/// A checkout holds its endpoint, which is both where the connection came
+/// from and who observes it: one reference count per checkout.
+impl<B: Backend> Origin<B> for Endpoint<B> {
+    #[inline]
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    #[inline]
+    fn observer(&self) -> Option<&dyn CheckoutObserver> {
+        Some(&*self.state)
     }
 }
 
