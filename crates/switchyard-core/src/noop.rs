@@ -27,15 +27,8 @@ pub struct NoopConnection {
     pub id: u64,
     /// The tenant the connection's session last served (its owner).
     pub tenant: Option<TenantId>,
-    state: Arc<State>,
     /// The place it holds in a bounded backend's pool.
     _permit: Option<GatePermit>,
-}
-
-impl Drop for NoopConnection {
-    fn drop(&mut self) {
-        self.state.live.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Counters of what a [`NoopBackend`] was asked to do.
@@ -51,7 +44,9 @@ pub struct NoopCounters {
     pub discarded: u64,
     /// Probes answered.
     pub probes: u64,
-    /// Connections currently alive (handed out and not yet dropped).
+    /// Connections currently alive: handed out and not yet given back
+    /// (released, kept or discarded). A connection dropped without being
+    /// given back stays counted: the return path leaked it.
     pub live: u64,
 }
 
@@ -82,7 +77,7 @@ pub struct NoopBackend {
     probe_rtt_ns: AtomicU64,
     /// What probes report besides the role: history and streaming.
     replication: Mutex<(Option<History>, Option<bool>)>,
-    state: Arc<State>,
+    state: State,
     /// Bounds the connections out at once, when set ([`NoopBackend::with_max_size`]).
     gate: Option<Arc<FairGate>>,
 }
@@ -102,7 +97,7 @@ impl NoopBackend {
             confirm_delay_ns: AtomicU64::new(0),
             probe_rtt_ns: AtomicU64::new(0),
             replication: Mutex::new((None, None)),
-            state: Arc::default(),
+            state: State::default(),
             gate: None,
         }
     }
@@ -318,7 +313,6 @@ impl Backend for NoopBackend {
             // The sequence number is the count of connections handed out.
             id: s.acquired.fetch_add(1, Ordering::Relaxed),
             tenant: None,
-            state: Arc::clone(s),
             _permit: permit,
         })
     }
@@ -380,6 +374,7 @@ impl Backend for NoopBackend {
         if recycle == Recycle::Discard {
             self.state.discarded.fetch_add(1, Ordering::Relaxed);
         }
+        self.state.live.fetch_sub(1, Ordering::Relaxed);
         drop(conn);
     }
 
@@ -422,17 +417,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn counts_live_connections() {
+    async fn counts_live_connections_until_given_back() {
         let b = NoopBackend::new("n");
         let deadline = Instant::now() + Duration::from_secs(1);
         let c1 = b.acquire(None, deadline).await.unwrap();
         let c2 = b.acquire(None, deadline).await.unwrap();
-        assert_eq!((c1.id, c2.id), (0, 1));
-        assert_eq!(b.stats().in_use(), 2);
-        drop(c1);
+        let c3 = b.acquire(None, deadline).await.unwrap();
+        assert_eq!((c1.id, c2.id, c3.id), (0, 1, 2));
+        assert_eq!(b.stats().in_use(), 3);
+        b.release(c1, Recycle::Keep);
         b.release(c2, Recycle::Discard);
+        // Dropped without the return path: a leak, and counted as one.
+        drop(c3);
         let c = b.counters();
-        assert_eq!((c.acquired, c.discarded, c.live), (2, 1, 0));
+        assert_eq!((c.acquired, c.discarded, c.live), (3, 1, 1));
     }
 
     #[tokio::test(start_paused = true)]
