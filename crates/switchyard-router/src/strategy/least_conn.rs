@@ -102,7 +102,8 @@ fn a_wins(a: (u32, u32), b: (u32, u32), a_on_tie: bool) -> bool {
 
 fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
     let mut best: Option<(usize, u32, u32)> = None;
-    let mut ties = 0usize;
+    let mut ties = 0u64;
+    let mut draws = Draws::default();
     for (i, c) in candidates.iter().enumerate() {
         let (load, weight) = (c.in_flight().get(), c.weight());
         match best {
@@ -118,7 +119,7 @@ fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
                 Ordering::Equal => {
                     ties += 1;
                     // Reservoir sampling: each of the k tied candidates wins with 1/k.
-                    if fastrand::usize(..ties) == 0 {
+                    if draws.below(ties) == 0 {
                         best = Some((i, load, weight));
                     }
                 }
@@ -127,6 +128,32 @@ fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
         }
     }
     best.map(|(i, _, _)| i)
+}
+
+/// Uniform draws below small bounds, two from each 64-bit random number:
+/// the scan of three candidates all tied (every idle cluster) takes one
+/// thread-local RNG access, not two.
+#[derive(Default)]
+struct Draws {
+    bits: u64,
+    left: u8,
+}
+
+impl Draws {
+    /// A number below `k` (at least 1): 32 random bits scaled to `k` by a
+    /// multiply and a shift, each value's probability within `k / 2³²` of
+    /// uniform (as [`two_distinct`]).
+    #[inline]
+    fn below(&mut self, k: u64) -> u64 {
+        if self.left == 0 {
+            self.bits = fastrand::u64(..);
+            self.left = 2;
+        }
+        let half = self.bits & 0xffff_ffff;
+        self.bits >>= 32;
+        self.left -= 1;
+        (half * k) >> 32
+    }
 }
 
 #[cfg(test)]
