@@ -9,6 +9,7 @@ use switchyard_redis::{RedisBackend, RedisBackendConfig};
 use switchyard_router::source::Member;
 use switchyard_router::{Cluster, ClusterConfig, ClusterStatus, EndpointConfig, TopologySource};
 
+use crate::engine_block::postgres_config;
 use crate::error::ConfigError;
 use crate::settings::{ClusterSettings, EndpointSettings};
 use crate::topology::member_url;
@@ -174,6 +175,7 @@ impl AnyCluster {
             return;
         };
         let (engine, pool, cluster) = (c.engine, c.pool.clone(), self.name().to_owned());
+        let postgres = c.postgres.clone();
         let (tls, tls_digest) = (c.member_tls.clone(), c.member_tls_digest);
         let make = move |m: &Member| -> Result<AnyBackend, Error> {
             let url = member_url(&template, m).map_err(|message| Error::Config {
@@ -189,13 +191,15 @@ impl AnyCluster {
                 tls: tls.clone(),
                 tls_digest,
             };
-            AnyBackend::build(engine, &cluster, &pool, &ep).map_err(|e| match e {
-                ConfigError::Build { source, .. } => source,
-                other => Error::Config {
-                    path: format!("clusters.{cluster}"),
-                    message: other.to_string(),
+            AnyBackend::build(engine, &cluster, &pool, postgres.as_ref(), &ep).map_err(
+                |e| match e {
+                    ConfigError::Build { source, .. } => source,
+                    other => Error::Config {
+                        path: format!("clusters.{cluster}"),
+                        message: other.to_string(),
+                    },
                 },
-            })
+            )
         };
         macro_rules! follow_as {
             ($c:expr, $variant:ident) => {{
@@ -270,13 +274,17 @@ fn not_built_in(cluster: &str, engine: Engine) -> ConfigError {
 }
 
 /// Builds the backend variant `$variant` of endpoint `$ep` from a `$config`
-/// with the cluster's pool and the endpoint's TLS settings.
+/// with the cluster's pool and the endpoint's TLS settings (PostgreSQL:
+/// from the cluster's `postgres` block, see `engine_block`).
 macro_rules! backend_of {
     ($variant:ident, $config:path, $backend:path, $ep:expr, $pool:expr, $cluster:expr) => {{
         let mut config = <$config>::new($ep.name.clone(), $ep.url.clone());
         config.pool = $pool.clone();
         config.tls = $ep.tls.clone();
-        let backend = <$backend>::new(config).map_err(|source| ConfigError::Build {
+        backend_of!($variant, $backend, config, $cluster)
+    }};
+    ($variant:ident, $backend:path, $config:expr, $cluster:expr) => {{
+        let backend = <$backend>::new($config).map_err(|source| ConfigError::Build {
             cluster: $cluster.to_owned(),
             source,
         })?;
@@ -285,15 +293,19 @@ macro_rules! backend_of {
 }
 
 impl AnyBackend {
+    /// Endpoint `ep`'s backend in cluster `cluster`, with the cluster's pool
+    /// and, for PostgreSQL, its `postgres` block.
     pub(crate) fn build(
         engine: Engine,
         cluster: &str,
         pool: &PoolSettings,
+        postgres: Option<&PgBackendConfig>,
         ep: &EndpointSettings,
     ) -> Result<Self, ConfigError> {
         Ok(match engine {
             Engine::Postgres => {
-                backend_of!(Postgres, PgBackendConfig, PgBackend, ep, pool, cluster)
+                let config = postgres_config(postgres, &ep.name, &ep.url, pool, ep.tls.as_ref());
+                backend_of!(Postgres, PgBackend, config, cluster)
             }
             Engine::Redis => {
                 backend_of!(Redis, RedisBackendConfig, RedisBackend, ep, pool, cluster)

@@ -68,6 +68,7 @@
 
 mod any;
 mod engine;
+mod engine_block;
 mod env;
 mod error;
 mod locate;

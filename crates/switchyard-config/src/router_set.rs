@@ -291,10 +291,10 @@ impl RouterSet {
 }
 
 /// Whether a running cluster must be rebuilt to follow `next`'s source: the
-/// source changed, or (with a source) the pool, member URL or TLS settings
-/// and files its members' backends are made with did.
+/// source changed, or (with a source) the pool or engine block, member URL
+/// or TLS settings and files its members' backends are made with did.
 fn follows_anew(prev: &ClusterSettings, next: &ClusterSettings) -> bool {
-    let members_differ = prev.pool != next.pool
+    let members_differ = prev.backends_differ(next)
         || prev.member_tls != next.member_tls
         || prev.member_tls_digest != next.member_tls_digest;
     prev.source != next.source || (next.source != SourceSettings::Static && members_differ)
@@ -335,7 +335,7 @@ fn build_cluster(
     let mut backends = BTreeMap::new();
     let mut ordered = Vec::new();
     for ep in &c.endpoints {
-        let backend = AnyBackend::build(c.engine, name, &c.pool, ep)?;
+        let backend = AnyBackend::build(c.engine, name, &c.pool, c.postgres.as_ref(), ep)?;
         ordered.push((backend.clone(), endpoint_config(ep)));
         backends.insert(ep.name.clone(), backend);
     }
@@ -396,7 +396,8 @@ enum Swap {
     Add,
     /// A new URL or role: replaced by a fresh endpoint.
     Repoint,
-    /// Only the cluster's pool settings changed: a new backend, same state.
+    /// Only the cluster's pool settings or engine block changed: a new
+    /// backend, same state.
     NewPool,
     /// Only the credentials in the URL or the TLS settings or files changed
     /// (a rotated secret or certificate): a new backend for the same server,
@@ -432,7 +433,7 @@ fn endpoint_steps<'a>(
     prev: &'a ClusterSettings,
     next: &'a ClusterSettings,
 ) -> Vec<EndpointStep<'a>> {
-    let new_pool = prev.pool != next.pool;
+    let new_pool = prev.backends_differ(next);
     let old_eps: BTreeMap<&str, &EndpointSettings> = prev
         .endpoints
         .iter()
@@ -514,18 +515,20 @@ fn apply_step(
     match step {
         EndpointStep::Swap(swap, ep) => {
             let ep_name = &ep.name;
-            let swapped = AnyBackend::build(next.engine, name, &next.pool, ep).and_then(|b| {
-                match swap {
-                    Swap::Add => cluster.add_endpoint(&b, endpoint_config(ep)),
-                    Swap::Repoint => cluster.replace_endpoint(&b, endpoint_config(ep)),
-                    Swap::NewPool | Swap::NewCredentials => cluster.replace_backend(&b),
-                }
-                .map(|()| b)
-                .map_err(|source| ConfigError::Build {
-                    cluster: name.to_owned(),
-                    source,
-                })
-            });
+            let swapped =
+                AnyBackend::build(next.engine, name, &next.pool, next.postgres.as_ref(), ep)
+                    .and_then(|b| {
+                        match swap {
+                            Swap::Add => cluster.add_endpoint(&b, endpoint_config(ep)),
+                            Swap::Repoint => cluster.replace_endpoint(&b, endpoint_config(ep)),
+                            Swap::NewPool | Swap::NewCredentials => cluster.replace_backend(&b),
+                        }
+                        .map(|()| b)
+                        .map_err(|source| ConfigError::Build {
+                            cluster: name.to_owned(),
+                            source,
+                        })
+                    });
             let b = swapped.map_err(|e| format!("{ep_name}: {}", error_chain(&e)))?;
             backends.insert(ep_name.clone(), b);
             Ok(format!("{ep_name} {}", swap.done()))

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use switchyard_core::{
     PoolSettings, Role, SecretUrl, TenantId, TenantRegistry, TierPolicy, TlsSettings,
 };
+use switchyard_postgres::PgBackendConfig;
 use switchyard_router::ClusterConfig;
 
 use crate::topology::SourceSettings;
@@ -87,6 +88,19 @@ pub struct ClusterSettings {
     /// A hash of the `member_tls` files' contents when loaded, so a rotated
     /// file rebuilds the members.
     pub member_tls_digest: u64,
+    /// A PostgreSQL cluster's `postgres` block laid over the defaults: the
+    /// configuration each endpoint's backend starts from, taking its own
+    /// name, URL and TLS and the cluster's pool (see `engine_block`).
+    pub(crate) postgres: Option<PgBackendConfig>,
+}
+
+impl ClusterSettings {
+    /// Whether the endpoints' backends are built differently here than in
+    /// `other`: another pool, or another engine block. A running cluster's
+    /// endpoints then get new backends.
+    pub(crate) fn backends_differ(&self, other: &ClusterSettings) -> bool {
+        self.pool != other.pool || self.postgres != other.postgres
+    }
 }
 
 /// One endpoint of a cluster.

@@ -37,11 +37,12 @@ struct RawEndpoint {
 }
 
 /// Cluster keys that are not router settings.
-const NOT_ROUTER: [&str; 9] = [
+const NOT_ROUTER: [&str; 10] = [
     "tls",
     "engine",
     "writes",
     "pool",
+    "postgres",
     "endpoints",
     "source",
     "patroni",
@@ -265,6 +266,21 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
         None => PoolSettings::default(),
     };
     from_core(problems, pool.validate(&format!("{path}.pool")));
+    let postgres = match (d.get("postgres"), engine) {
+        (None, _) => None,
+        (Some(v), Some(Engine::Postgres)) => {
+            crate::engine_block::postgres_block(v, &format!("{path}.postgres"), problems)
+        }
+        (Some(_), Some(other)) => {
+            push(
+                problems,
+                &format!("{path}.postgres"),
+                format!("a {other} cluster takes no postgres block"),
+            );
+            None
+        }
+        (Some(_), None) => None,
+    };
     let rest: Dict = d
         .iter()
         .filter(|(k, _)| !NOT_ROUTER.contains(&k.as_str()))
@@ -315,6 +331,7 @@ fn cluster(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Clu
         source: source?,
         member_tls,
         member_tls_digest,
+        postgres,
     })
 }
 

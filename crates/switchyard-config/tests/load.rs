@@ -567,3 +567,64 @@ default_tier: free
         "{text:#?}"
     );
 }
+
+#[test]
+fn a_postgres_block_is_checked_where_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.yaml",
+        r#"
+clusters:
+  main:
+    engine: postgres
+    postgres: { url: "postgres://elsewhere/db", affinty: { check: false } }
+    endpoints:
+      - { name: pg-1, url: "postgres://app@127.0.0.1:5432/app", role: primary }
+  tiny:
+    engine: postgres
+    postgres: { tenant_pool_max_size: 0, reset_timeout: 0s }
+    endpoints:
+      - { name: pg-2, url: "postgres://app@127.0.0.1:5432/app", role: primary }
+  cache:
+    engine: redis
+    postgres: { tenant_roles: true }
+    endpoints:
+      - { name: r-1, url: "redis://127.0.0.1:6379/0", role: primary }
+"#,
+    );
+    let err = ConfigSource::new(dir.path(), "development")
+        .load()
+        .unwrap_err();
+    let text: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+    for (what, says, line) in [
+        (
+            "clusters.main.postgres.url",
+            "each endpoint's `url`",
+            "base.yaml:5)",
+        ),
+        ("clusters.main.postgres", "affinty", "base.yaml:5)"),
+        (
+            "clusters.tiny.postgres.tenant_pool_max_size",
+            "at least 1",
+            "base.yaml:10)",
+        ),
+        (
+            "clusters.tiny.postgres.reset_timeout",
+            "greater than zero",
+            "base.yaml:10)",
+        ),
+        (
+            "clusters.cache.postgres",
+            "a redis cluster takes no postgres block",
+            "base.yaml:15)",
+        ),
+    ] {
+        let hit = text
+            .iter()
+            .find(|t| t.starts_with(what) && t.contains(says))
+            .unwrap_or_else(|| panic!("{what}: {says} missing in {text:#?}"));
+        assert!(hit.ends_with(line), "{hit} should name {line}");
+    }
+    assert_eq!(text.len(), 5, "{text:#?}");
+}

@@ -586,3 +586,55 @@ async fn a_rotated_secret_file_is_picked_up_without_a_restart() {
     );
     assert_eq!(names(&live), ["pg-1", "pg-2"]);
 }
+
+/// A cluster's `postgres` block reaches every endpoint's backend (with the
+/// endpoint's own URL and the cluster's pool), and a change to it gives the
+/// running endpoints new backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_block_reaches_every_backend_and_reloads_live() {
+    let pg = PgCluster::start(0).await.unwrap_or_else(|e| panic!("{e}"));
+    let file = |block: &str| {
+        format!(
+            "clusters:\n  main:\n    engine: postgres\n    pool: {{ max_size: 3 }}\n    postgres: {block}\n    endpoints:\n      - {{ name: pg-1, url: \"{}\", role: primary }}\n",
+            pg.primary().url()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.yaml",
+        &file("{ reset_timeout: 750ms, affinity: { check: false } }"),
+    );
+    let live =
+        LiveConfig::start(ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_RELOAD8__"))
+            .unwrap();
+    let main = live.routers().postgres("main").unwrap();
+    let conn = main.checkout(Intent::Write, None).await.unwrap();
+    let config = conn.backend().config();
+    assert_eq!(config.endpoint.as_str(), "pg-1");
+    assert_eq!(config.url.expose(), pg.primary().url());
+    assert_eq!(config.pool.max_size, 3);
+    assert_eq!(config.reset_timeout, Duration::from_millis(750));
+    assert!(!config.affinity.check);
+    // What the block leaves out keeps its default.
+    assert!(config.affinity.enabled);
+    assert_eq!(config.tenant_pool_max_size, 4);
+    drop(conn);
+
+    write(
+        dir.path(),
+        "base.yaml",
+        &file("{ tenant_pool_max_size: 2 }"),
+    );
+    let report = live.reload().unwrap();
+    assert_eq!(
+        report.changes,
+        ["cluster main: endpoint pg-1 given a new pool"],
+        "{report:?}"
+    );
+    let conn = main.checkout(Intent::Write, None).await.unwrap();
+    let config = conn.backend().config();
+    assert_eq!(config.tenant_pool_max_size, 2);
+    assert_eq!(config.reset_timeout, Duration::from_secs(2));
+    assert!(config.affinity.check);
+}
