@@ -2,13 +2,11 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::checkout::Origin;
 use crate::endpoint::EndpointId;
 use crate::history::History;
 use crate::registry::TierPolicy;
@@ -249,35 +247,5 @@ pub trait Backend: Send + Sync + 'static {
     fn validate_tier(&self, tier: &str, policy: &TierPolicy) -> Result<(), Error> {
         let _ = (tier, policy);
         Ok(())
-    }
-}
-
-/// The return path of every checkout, written once: see [`Backend`].
-/// The origin's handle is cloned only for a reset that runs on a task.
-pub(crate) fn give_back<B: Backend>(
-    origin: &Arc<dyn Origin<B>>,
-    mut conn: B::Connection,
-    keep: bool,
-) {
-    let backend = origin.backend();
-    if !keep {
-        backend.release(conn, Recycle::Discard);
-        return;
-    }
-    match backend.inspect(&mut conn) {
-        Returned::Clean => backend.release(conn, Recycle::Keep),
-        Returned::Broken => backend.release(conn, Recycle::Discard),
-        Returned::Dirty => match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let origin = Arc::clone(origin);
-                rt.spawn(async move {
-                    let backend = origin.backend();
-                    let verdict = backend.recycle(&mut conn).await;
-                    backend.release(conn, verdict);
-                });
-            }
-            // No runtime left to reset it on: never pool a dirty connection.
-            Err(_) => backend.release(conn, Recycle::Discard),
-        },
     }
 }

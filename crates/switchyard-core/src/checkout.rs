@@ -13,7 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{give_back, Backend, Recycle};
+use crate::backend::{Backend, Recycle, Returned};
 use crate::endpoint::EndpointId;
 use crate::registry::{Quota, TenantEntry};
 use crate::tenant::{TenantId, TenantScope};
@@ -529,6 +529,32 @@ impl<B: Backend> fmt::Debug for Checkout<B> {
             .field("waited", &self.waited)
             .field("outcome", &self.outcome)
             .finish_non_exhaustive()
+    }
+}
+
+/// The return path of every checkout, written once: see [`Backend`](crate::Backend).
+/// The origin's handle is cloned only for a reset that runs on a task.
+fn give_back<B: Backend>(origin: &Arc<dyn Origin<B>>, mut conn: B::Connection, keep: bool) {
+    let backend = origin.backend();
+    if !keep {
+        backend.release(conn, Recycle::Discard);
+        return;
+    }
+    match backend.inspect(&mut conn) {
+        Returned::Clean => backend.release(conn, Recycle::Keep),
+        Returned::Broken => backend.release(conn, Recycle::Discard),
+        Returned::Dirty => match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let origin = Arc::clone(origin);
+                rt.spawn(async move {
+                    let backend = origin.backend();
+                    let verdict = backend.recycle(&mut conn).await;
+                    backend.release(conn, verdict);
+                });
+            }
+            // No runtime left to reset it on: never pool a dirty connection.
+            Err(_) => backend.release(conn, Recycle::Discard),
+        },
     }
 }
 
