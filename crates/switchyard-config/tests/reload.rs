@@ -638,3 +638,91 @@ async fn a_postgres_block_reaches_every_backend_and_reloads_live() {
     assert_eq!(config.reset_timeout, Duration::from_secs(2));
     assert!(config.affinity.check);
 }
+
+/// The attack `tenant_roles` exists for, on a cluster configured by file:
+/// tenant acme names tenant globex's schema. With the cluster's `postgres:
+/// { tenant_roles: true }` the server refuses it; reloaded without the
+/// block, schema isolation is `search_path` only and the same statement
+/// reads globex's row (the trust model the README states), so it is the
+/// block that turns the refusal on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_roles_from_the_postgres_block_refuse_another_tenants_schema() {
+    use sqlx::{Connection, Executor};
+    use switchyard_core::TenantId;
+    use switchyard_postgres::provision_tenant_role;
+
+    let pg = PgCluster::start(0).await.unwrap_or_else(|e| panic!("{e}"));
+    let port = pg.primary().port();
+    let mut admin = sqlx::PgConnection::connect(pg.primary().url())
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE ROLE app LOGIN NOSUPERUSER NOBYPASSRLS",
+        "CREATE DATABASE appdb OWNER app",
+    ] {
+        admin.execute(sql).await.unwrap();
+    }
+    let app_url = format!("postgres://app@127.0.0.1:{port}/appdb");
+    let mut app = sqlx::PgConnection::connect(&app_url).await.unwrap();
+    for t in ["acme", "globex"] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA tenant_{t}; CREATE TABLE tenant_{t}.kv (value text); \
+             INSERT INTO tenant_{t}.kv VALUES ('{t}')"
+        )))
+        .execute(&mut app)
+        .await
+        .unwrap();
+    }
+    let file = |block: &str| {
+        format!(
+            "clusters:\n  main:\n    engine: postgres\n    postgres: {block}\n    endpoints:\n      - {{ name: pg-1, url: \"{app_url}\", role: primary }}\n\
+             tiers:\n  t: {{ isolation: schema, name_template: \"tenant_{{id}}\" }}\ndefault_tier: t\n"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.yaml", &file("{ tenant_roles: true }"));
+    let live =
+        LiveConfig::start(ConfigSource::new(dir.path(), "testing").env_prefix("SYTEST_RELOAD9__"))
+            .unwrap();
+    let registry = live.settings().tenant_registry();
+    let mut admin_app =
+        sqlx::PgConnection::connect(&format!("postgres://postgres@127.0.0.1:{port}/appdb"))
+            .await
+            .unwrap();
+    for t in ["acme", "globex"] {
+        let entry = registry.resolve(&TenantId::new(t).unwrap()).unwrap();
+        provision_tenant_role(&mut admin_app, entry.scope(), "app", &[])
+            .await
+            .unwrap();
+    }
+
+    let acme = TenantId::new("acme").unwrap();
+    let read = |sql: &'static str| {
+        let live = &live;
+        let acme = &acme;
+        async move {
+            let main = live.routers().postgres("main").unwrap();
+            let mut conn = main.checkout(Intent::Write, Some(acme)).await.unwrap();
+            sqlx::query_scalar::<_, String>(sql)
+                .fetch_one(&mut **conn)
+                .await
+        }
+    };
+    assert_eq!(read("SELECT value FROM kv").await.unwrap(), "acme");
+    let refused = read("SELECT value FROM tenant_globex.kv")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("permission denied"),
+        "{refused}"
+    );
+
+    write(dir.path(), "base.yaml", &file("{}"));
+    let report = live.reload().unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(
+        read("SELECT value FROM tenant_globex.kv").await.unwrap(),
+        "globex",
+        "without tenant_roles, schema isolation is search_path only"
+    );
+}
