@@ -28,9 +28,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sqlx::postgres::PgPoolOptions;
 use switchyard::core::noop::NoopBackend;
-use switchyard::core::InFlight;
 use switchyard::postgres::{PgBackend, PgBackendConfig};
-use switchyard::router::__bench::{Load, PeakEwma, Picker, Strategy};
+use switchyard::router::__bench::{Load, LoadCell, Picker, Strategy};
 use switchyard::router::{EndpointConfig, StrategyKind};
 use switchyard::{
     Backend as _, Checkout, CheckoutRequest, Cluster, ClusterConfig, Intent, Isolation, Role,
@@ -111,35 +110,24 @@ fn live_bytes() -> i64 {
     LIVE_BYTES.load(Ordering::Relaxed)
 }
 
-/// A candidate as a strategy sees it: weight, load and a latency estimate
-/// (no samples: it only decays from its initial value).
-struct Candidate {
-    weight: u32,
-    in_flight: Arc<InFlight>,
-    latency: PeakEwma,
-}
+/// A candidate as a strategy sees it: its cell of weight, load and a
+/// latency estimate (no samples: it only decays from its initial value).
+struct Candidate(Arc<LoadCell>);
 
 impl Load for Candidate {
-    fn weight(&self) -> u32 {
-        self.weight
-    }
-    fn in_flight(&self) -> &Arc<InFlight> {
-        &self.in_flight
-    }
-    fn latency(&self) -> &PeakEwma {
-        &self.latency
+    fn cell(&self) -> &Arc<LoadCell> {
+        &self.0
     }
 }
 
 fn candidates(n: usize) -> Vec<Candidate> {
     (0..n)
-        .map(|i| Candidate {
-            weight: 1 + (i % 4) as u32,
-            in_flight: Arc::new(InFlight::new()),
-            latency: PeakEwma::new(
+        .map(|i| {
+            Candidate(Arc::new(LoadCell::new(
+                1 + (i % 4) as u32,
                 Duration::from_secs(10),
                 Duration::from_micros(1_000 + (i % 7) as u64 * 100),
-            ),
+            )))
         })
         .collect()
 }

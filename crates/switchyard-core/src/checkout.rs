@@ -112,9 +112,9 @@ impl InFlight {
     }
 
     /// Counts one more until the returned token is dropped.
-    pub fn enter(self: &Arc<Self>) -> InFlightToken {
+    pub fn enter(&self) -> InFlightToken<'_> {
         self.arrive();
-        InFlightToken(Arc::clone(self))
+        InFlightToken(self)
     }
 
     #[inline]
@@ -166,9 +166,9 @@ impl fmt::Debug for InFlight {
 
 /// One unit of [`InFlight`] load, given back on drop.
 #[derive(Debug)]
-pub struct InFlightToken(Arc<InFlight>);
+pub struct InFlightToken<'a>(&'a InFlight);
 
-impl Drop for InFlightToken {
+impl Drop for InFlightToken<'_> {
     fn drop(&mut self) {
         self.0.leave();
     }
@@ -760,7 +760,7 @@ mod tests {
 
     #[test]
     fn a_counter_counts_its_tokens() {
-        let counter = Arc::new(InFlight::new());
+        let counter = InFlight::new();
         let a = counter.enter();
         let b = counter.enter();
         assert_eq!(counter.get(), 2);

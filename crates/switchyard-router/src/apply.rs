@@ -218,12 +218,12 @@ fn observe_probe(ep: &EndpointState, event: &Event) {
             if let Some(lag) = probe.lag {
                 ep.metrics.lag.set(lag.as_secs_f64());
             }
-            ep.ewma.observe(probe.rtt);
+            ep.load.latency().observe(probe.rtt);
         }
         Event::ProbeSlow(error) => {
             ep.metrics.probe_failures.increment(1);
             if let Error::ProbeTimeout { elapsed, .. } = error {
-                ep.ewma.observe(*elapsed);
+                ep.load.latency().observe(*elapsed);
             }
         }
         Event::ProbeFailed(_) => ep.metrics.probe_failures.increment(1),

@@ -120,7 +120,7 @@ impl<B: Backend> ClusterState<B> {
                 config::check_weight(weight, &path, &mut problems);
                 join_problems(&self.path(), problems)?;
                 let pos = self.position(topo, &id)?;
-                topo.endpoints[pos].state.set_weight(weight);
+                topo.endpoints[pos].state.load.set_weight(weight);
             }
             EndpointChange::Designate(id, role) => {
                 let state = &topo.endpoints[self.position(topo, &id)?].state;

@@ -17,14 +17,13 @@ use crate::config::{ClusterConfig, EndpointConfig};
 use crate::counters::Counters;
 use crate::health::HealthState;
 use crate::metrics::{EndpointMetrics, HeldSince};
-use crate::strategy::{Load, PeakEwma};
+use crate::strategy::{Load, LoadCell};
 
 /// The backend-independent part of an endpoint.
 pub(crate) struct EndpointState {
     pub id: EndpointId,
-    weight: AtomicU32,
-    pub in_flight: Arc<InFlight>,
-    pub ewma: PeakEwma,
+    /// Weight, checkouts in flight and latency: what the strategies read.
+    pub load: Arc<LoadCell>,
     /// Changed only by the cluster ([`crate::apply`]).
     health: Mutex<HealthState>,
     /// Wakes the health task: the ejection timer changed, a probe is wanted
@@ -57,9 +56,11 @@ impl EndpointState {
         let metrics = EndpointMetrics::new(engine, cluster, id.as_str());
         metrics.up.set(1.0);
         Self {
-            in_flight: Arc::new(InFlight::new()),
-            weight: AtomicU32::new(endpoint.weight.max(1)),
-            ewma: PeakEwma::new(config.latency.decay, config.latency.default_rtt),
+            load: Arc::new(LoadCell::new(
+                endpoint.weight,
+                config.latency.decay,
+                config.latency.default_rtt,
+            )),
             health: Mutex::new(HealthState::new(endpoint.role, Instant::now())),
             wake: Notify::new(),
             probe_now: AtomicBool::new(false),
@@ -70,14 +71,6 @@ impl EndpointState {
             designated: Mutex::new(None),
             id,
         }
-    }
-
-    pub fn weight(&self) -> u32 {
-        self.weight.load(Ordering::Relaxed)
-    }
-
-    pub fn set_weight(&self, weight: u32) {
-        self.weight.store(weight.max(1), Ordering::Relaxed);
     }
 
     /// The health state; held only briefly and never across an `.await`.
@@ -115,7 +108,7 @@ impl EndpointState {
 
 impl CheckoutObserver for EndpointState {
     fn on_acquired(&self, waited: Duration, at: Instant) {
-        self.ewma.observe_at(waited, at);
+        self.load.latency().observe_at(waited, at);
         self.metrics.acquired.increment(1);
         self.metrics.wait.record(waited);
         self.counters.acquired(waited);
@@ -131,7 +124,7 @@ impl CheckoutObserver for EndpointState {
             // A failed wait is a latency sample too: a hung node looks slow at
             // once. (The router's checkout loop takes the failure itself to
             // the cluster.)
-            self.ewma.observe(waited);
+            self.load.latency().observe(waited);
         } else if error.backend_kind() == Some(BackendErrorKind::ReadOnly) {
             self.request_probe();
         }
@@ -147,7 +140,7 @@ impl CheckoutObserver for EndpointState {
     }
 
     fn in_flight(&self) -> Option<&InFlight> {
-        Some(&self.in_flight)
+        Some(self.load.in_flight())
     }
 }
 
@@ -155,8 +148,8 @@ impl fmt::Debug for EndpointState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EndpointState")
             .field("id", &self.id)
-            .field("weight", &self.weight())
-            .field("in_flight", &self.in_flight.get())
+            .field("weight", &self.load.weight())
+            .field("in_flight", &self.load.in_flight().get())
             .finish_non_exhaustive()
     }
 }
@@ -231,14 +224,9 @@ impl<B: Backend> Origin<B> for Endpoint<B> {
 }
 
 impl<B: Backend> Load for Endpoint<B> {
-    fn weight(&self) -> u32 {
-        self.state.weight()
-    }
-    fn in_flight(&self) -> &Arc<InFlight> {
-        &self.state.in_flight
-    }
-    fn latency(&self) -> &PeakEwma {
-        &self.state.ewma
+    #[inline]
+    fn cell(&self) -> &Arc<LoadCell> {
+        &self.state.load
     }
 }
 

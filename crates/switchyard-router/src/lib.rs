@@ -123,7 +123,7 @@ pub mod warming;
 #[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::strategy::{Load, PeakEwma, Picker, Strategy};
+    pub use crate::strategy::{Load, LoadCell, PeakEwma, Picker, Strategy};
 }
 
 #[cfg(test)]

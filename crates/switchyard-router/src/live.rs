@@ -63,7 +63,7 @@ impl<B: Backend> Cluster<B> {
         let decay = config.latency.decay;
         shared.config.store(Arc::new(config));
         for ep in &topo.endpoints {
-            ep.state.ewma.set_decay(decay);
+            ep.state.load.latency().set_decay(decay);
             shared.set_warmer(ep, warming);
             ep.state.wake.notify_one();
         }

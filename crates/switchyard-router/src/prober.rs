@@ -80,7 +80,7 @@ async fn probe_once<B: Backend>(ep: &Endpoint<B>, cfg: &HealthConfig) -> Event {
     };
     ep.state
         .metrics
-        .pool(ep.backend.stats(), ep.state.in_flight.get());
+        .pool(ep.backend.stats(), ep.state.load.in_flight().get());
     match result {
         Ok(probe) => Event::ProbePassed(probe),
         Err(error) => Event::ProbeFailed(error),

@@ -113,7 +113,7 @@ pub(crate) async fn run<B: Backend>(
         let cfg = config.load_full();
         let w = &cfg.warming;
         forecast.set_window(w.window);
-        let value = forecast.sample(ep.state.in_flight.get(), Instant::now());
+        let value = forecast.sample(ep.state.load.in_flight().get(), Instant::now());
         ep.state.metrics.forecast.set(value);
         let serving = {
             let h = ep.state.health();

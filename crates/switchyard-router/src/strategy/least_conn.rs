@@ -13,7 +13,7 @@
 //! `LEAST_REQUEST` balancer with its default `choice_count: 2`, tower's `p2c`):
 //! it draws two distinct candidates at random and takes the one with the lower
 //! `in_flight / weight`, a coin deciding ties. O(1): two random draws and two
-//! counters read. Nothing is kept current on the checkout path: a checkout and
+//! [`LoadCell`]s read, a cache line each. Nothing is kept current on the checkout path: a checkout and
 //! its release each move one atomic counter, whatever the cluster's size.
 //! The pick is no longer exact: it never returns the busier of the two it drew
 //! (so never the one busiest candidate, unless it is tied), and the gap between
@@ -23,9 +23,7 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use switchyard_core::InFlight;
-
-use super::{two_distinct, Load, Strategy};
+use super::{two_distinct, Load, LoadCell, Strategy};
 
 /// Largest candidate set that is scanned rather than sampled.
 pub const SCAN_LIMIT: usize = 32;
@@ -33,36 +31,31 @@ pub const SCAN_LIMIT: usize = 32;
 /// Least connections over one candidate set.
 #[derive(Debug, Default)]
 pub struct LeastConn {
-    /// Above [`SCAN_LIMIT`] candidates, their in-flight counters side by
-    /// side, in the candidates' order: a sampled pick reads a counter without
-    /// going through its endpoint (the weight, read through the endpoint,
-    /// loads alongside; see [`Latency`](super::Latency)).
-    counters: Box<[Arc<InFlight>]>,
+    /// Above [`SCAN_LIMIT`] candidates, their load cells side by side, in
+    /// the candidates' order: a sampled pick reads one line per candidate,
+    /// not its endpoint (see [`LoadCell`]).
+    cells: Box<[Arc<LoadCell>]>,
 }
 
 impl LeastConn {
     /// The strategy for `candidates`.
     pub fn new<L: Load>(candidates: &[L]) -> Self {
-        let counters = if candidates.len() > SCAN_LIMIT {
-            candidates
-                .iter()
-                .map(|c| Arc::clone(c.in_flight()))
-                .collect()
+        let cells = if candidates.len() > SCAN_LIMIT {
+            candidates.iter().map(|c| Arc::clone(c.cell())).collect()
         } else {
             Box::default()
         };
-        Self { counters }
+        Self { cells }
     }
 
-    /// Candidate `i`'s load and weight, its counter from the table when it
-    /// was prepared for `n` candidates.
+    /// Candidate `i`'s load and weight, from the table when it was prepared
+    /// for these candidates.
     fn load_of<L: Load>(&self, candidates: &[L], i: usize) -> Option<(u32, u32)> {
-        let weight = candidates.get(i)?.weight();
-        let load = match self.counters.get(i) {
-            Some(counter) if self.counters.len() == candidates.len() => counter.get(),
-            _ => candidates.get(i)?.in_flight().get(),
+        let cell = match self.cells.get(i) {
+            Some(cell) if self.cells.len() == candidates.len() => cell,
+            _ => candidates.get(i)?.cell(),
         };
-        Some((load, weight))
+        Some(load(cell))
     }
 }
 
@@ -100,12 +93,18 @@ fn a_wins(a: (u32, u32), b: (u32, u32), a_on_tie: bool) -> bool {
     }
 }
 
+/// A cell's load and weight.
+#[inline]
+fn load(cell: &LoadCell) -> (u32, u32) {
+    (cell.in_flight().get(), cell.weight())
+}
+
 fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
     let mut best: Option<(usize, u32, u32)> = None;
     let mut ties = 0u64;
     let mut draws = Draws::default();
     for (i, c) in candidates.iter().enumerate() {
-        let (load, weight) = (c.in_flight().get(), c.weight());
+        let (load, weight) = load(c.cell());
         match best {
             None => {
                 best = Some((i, load, weight));
@@ -168,36 +167,37 @@ mod tests {
     }
 
     fn state(c: &FakeLoad) -> (u32, u32) {
-        (c.in_flight.get(), c.weight)
+        load(c)
     }
 
-    /// Picks `picks` times from the thread's RNG seeded with `seed`, holding
-    /// every checkout and releasing one in five at random so loads go down as
-    /// well as up; `check` sees the candidates and each pick before it is held.
-    fn hold_picks(
-        weights: &[u32],
+    /// Picks `picks` times from `cands` with the thread's RNG seeded with
+    /// `seed`, holding every checkout and releasing one in five at random so
+    /// loads go down as well as up; `check` sees the candidates and each pick
+    /// before it is held.
+    fn hold_picks<'a>(
+        cands: &'a [FakeLoad],
         picks: usize,
         seed: u64,
         mut check: impl FnMut(&[FakeLoad], usize),
-    ) -> (Vec<FakeLoad>, Vec<InFlightToken>) {
+    ) -> Vec<InFlightToken<'a>> {
         fastrand::seed(seed);
-        let cands = loads(weights);
-        let lc = LeastConn::new(&cands);
+        let lc = LeastConn::new(cands);
         let mut held = Vec::new();
         for _ in 0..picks {
-            let i = lc.pick(&cands).unwrap();
-            check(&cands, i);
+            let i = lc.pick(cands).unwrap();
+            check(cands, i);
             held.push(cands[i].in_flight.enter());
             if fastrand::u8(..5) == 0 {
                 held.swap_remove(fastrand::usize(..held.len()));
             }
         }
-        (cands, held)
+        held
     }
 
     #[test]
     fn small_sets_never_pick_a_busier_endpoint() {
-        let (cands, _held) = hold_picks(&[1, 2, 5], 4000, 7, |cands, i| {
+        let cands = loads(&[1, 2, 5]);
+        let _held = hold_picks(&cands, 4000, 7, |cands, i| {
             for c in cands {
                 assert!(
                     !busier(state(&cands[i]), state(c)),
@@ -210,9 +210,9 @@ mod tests {
         // Weighted by 1:2:5, the held loads stay within one unit of proportion.
         let total: u32 = cands.iter().map(|c| c.in_flight.get()).sum();
         for c in &cands {
-            let fair = f64::from(total) * f64::from(c.weight) / 8.0;
+            let fair = f64::from(total) * f64::from(c.weight()) / 8.0;
             let load = f64::from(c.in_flight.get());
-            assert!((load - fair).abs() <= f64::from(c.weight), "{cands:?}");
+            assert!((load - fair).abs() <= f64::from(c.weight()), "{cands:?}");
         }
     }
 
@@ -266,7 +266,8 @@ mod tests {
     #[test]
     fn large_sets_never_pick_the_busiest_and_stay_balanced() {
         let weights: Vec<u32> = (0..100).map(|i| 1 + i % 3).collect();
-        let (cands, _held) = hold_picks(&weights, 20_000, 7, |cands, i| {
+        let cands = loads(&weights);
+        let _held = hold_picks(&cands, 20_000, 7, |cands, i| {
             // The one busiest candidate (per unit of weight) is never picked:
             // whichever candidate it was drawn with is lighter.
             let picked = state(&cands[i]);
@@ -284,7 +285,7 @@ mod tests {
         // within 5% (with this seed: 2.5%), although the draw ignores weights.
         let per_weight: Vec<f64> = cands
             .iter()
-            .map(|c| f64::from(c.in_flight.get()) / f64::from(c.weight))
+            .map(|c| f64::from(c.in_flight.get()) / f64::from(c.weight()))
             .collect();
         let max = per_weight.iter().copied().fold(f64::MIN, f64::max);
         let min = per_weight.iter().copied().fold(f64::MAX, f64::min);
@@ -293,7 +294,7 @@ mod tests {
         for w in 1..=3u32 {
             let class: u32 = cands
                 .iter()
-                .filter(|c| c.weight == w)
+                .filter(|c| c.weight() == w)
                 .map(|c| c.in_flight.get())
                 .sum();
             let units: u32 = weights.iter().filter(|&&x| x == w).sum();
@@ -340,15 +341,15 @@ mod tests {
             // Drawn in 2 of 40 draws: about 200 of 4,000, all won.
             assert!((150..=250).contains(&zero_wins), "{zero_wins}");
         }
-        // The table holds the candidates' own counters.
+        // The table holds the candidates' own cells.
         let lc = LeastConn::new(&cands);
         assert!(lc
-            .counters
+            .cells
             .iter()
             .zip(&cands)
-            .all(|(c, f)| Arc::ptr_eq(c, &f.in_flight)));
+            .all(|(c, f)| Arc::ptr_eq(c, &f.0)));
         assert!(
-            LeastConn::new(&cands[..32]).counters.is_empty(),
+            LeastConn::new(&cands[..32]).cells.is_empty(),
             "scanned: no table"
         );
         drop(held);

@@ -9,9 +9,9 @@
 //! | strategy | pick cost | prepared per snapshot |
 //! |---|---|---|
 //! | [`RoundRobin`] | O(1): one atomic increment | nothing |
-//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | above the limit, the candidates' counters side by side, O(n) |
+//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | above the limit, the candidates' [`LoadCell`]s side by side, O(n) |
 //! | [`WeightedRoundRobin`] | O(1): one atomic increment and an index | the interleaved cycle, O(W·k) for a cycle of W picks over k distinct weights |
-//! | [`Latency`] | O(1): two random candidates compared | each candidate's counter and estimate side by side, O(n) |
+//! | [`Latency`] | O(1): two random candidates compared | the candidates' [`LoadCell`]s side by side, O(n) |
 //!
 //! No pick takes a lock or allocates.
 
@@ -21,7 +21,9 @@ pub mod round_robin;
 pub mod weighted_rr;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use switchyard_core::InFlight;
 use tokio::time::Instant;
@@ -33,25 +35,69 @@ pub use weighted_rr::WeightedRoundRobin;
 
 use crate::config::StrategyKind;
 
-/// What a strategy may read about one candidate: its load view.
-pub trait Load {
+/// What every strategy reads of one endpoint: its weight, its checkouts in
+/// flight and its latency estimate, in one cache line.
+///
+/// An endpoint owns its cell. A strategy prepared for a large candidate set
+/// keeps the cells side by side ([`LeastConn`], [`Latency`]), so a sampled
+/// pick reads one line per candidate instead of following endpoint, state
+/// and counter, each a miss once no cache holds 1,024 endpoints; and the
+/// candidate it picks has that line loaded for its checkout, which counts
+/// itself in the same cell.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct LoadCell {
+    weight: AtomicU32,
+    in_flight: InFlight,
+    latency: PeakEwma,
+}
+
+impl LoadCell {
+    /// A cell of weight `weight` (at least 1), nothing in flight, and a
+    /// latency estimate starting at `initial` that forgets with time
+    /// constant `decay`.
+    pub fn new(weight: u32, decay: Duration, initial: Duration) -> Self {
+        Self {
+            weight: AtomicU32::new(weight.max(1)),
+            in_flight: InFlight::new(),
+            latency: PeakEwma::new(decay, initial),
+        }
+    }
+
     /// Relative share of traffic, at least 1.
-    fn weight(&self) -> u32;
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Changes the weight (at least 1); every pick reads it at once.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
     /// Checkouts in flight on the endpoint, waiting ones included.
-    fn in_flight(&self) -> &Arc<InFlight>;
+    #[inline]
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
     /// The endpoint's peak-EWMA latency estimate.
-    fn latency(&self) -> &PeakEwma;
+    #[inline]
+    pub fn latency(&self) -> &PeakEwma {
+        &self.latency
+    }
+}
+
+/// What a strategy may read about one candidate: its [`LoadCell`].
+pub trait Load {
+    /// The candidate's weight, load and latency.
+    fn cell(&self) -> &Arc<LoadCell>;
 }
 
 impl<L: Load + ?Sized> Load for Arc<L> {
-    fn weight(&self) -> u32 {
-        (**self).weight()
-    }
-    fn in_flight(&self) -> &Arc<InFlight> {
-        (**self).in_flight()
-    }
-    fn latency(&self) -> &PeakEwma {
-        (**self).latency()
+    #[inline]
+    fn cell(&self) -> &Arc<LoadCell> {
+        (**self).cell()
     }
 }
 
@@ -95,7 +141,7 @@ impl Picker {
             StrategyKind::RoundRobin => Picker::RoundRobin(RoundRobin::new()),
             StrategyKind::LeastConn => Picker::LeastConn(LeastConn::new(candidates)),
             StrategyKind::WeightedRoundRobin => {
-                let weights: Vec<u32> = candidates.iter().map(Load::weight).collect();
+                let weights: Vec<u32> = candidates.iter().map(|c| c.cell().weight()).collect();
                 Picker::WeightedRoundRobin(WeightedRoundRobin::new(&weights))
             }
             StrategyKind::Latency => Picker::Latency(Latency::new(candidates)),
@@ -150,35 +196,31 @@ pub(crate) mod testing {
 
     use super::*;
 
+    /// A candidate of its own: its cell and nothing else.
     #[derive(Debug)]
-    pub struct FakeLoad {
-        pub weight: u32,
-        pub in_flight: Arc<InFlight>,
-        pub ewma: PeakEwma,
-    }
+    pub struct FakeLoad(pub Arc<LoadCell>);
 
     impl FakeLoad {
         pub fn new(weight: u32) -> Self {
-            Self {
+            Self(Arc::new(LoadCell::new(
                 weight,
-                in_flight: Arc::new(InFlight::new()),
-                ewma: PeakEwma::new(
-                    std::time::Duration::from_secs(10),
-                    std::time::Duration::from_millis(1),
-                ),
-            }
+                Duration::from_secs(10),
+                Duration::from_millis(1),
+            )))
+        }
+    }
+
+    impl std::ops::Deref for FakeLoad {
+        type Target = LoadCell;
+
+        fn deref(&self) -> &LoadCell {
+            &self.0
         }
     }
 
     impl Load for FakeLoad {
-        fn weight(&self) -> u32 {
-            self.weight
-        }
-        fn in_flight(&self) -> &Arc<InFlight> {
-            &self.in_flight
-        }
-        fn latency(&self) -> &PeakEwma {
-            &self.ewma
+        fn cell(&self) -> &Arc<LoadCell> {
+            &self.0
         }
     }
 

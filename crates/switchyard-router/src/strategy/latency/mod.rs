@@ -19,27 +19,24 @@
 //! # Cost
 //!
 //! O(1): one random draw split in two, one clock conversion, and two
-//! estimates read from atomics. The two costs are compared without an `exp`
+//! [`LoadCell`]s read, a cache line each. The two costs are compared without an `exp`
 //! unless they are close (within about `δ²/2` of each other, `δ` the decay
 //! periods between the two estimates' last updates, or near the floor; see
 //! `b_cheaper`), where the exact comparison takes two.
 //!
-//! The strategy is prepared per snapshot with each candidate's in-flight
-//! counter and estimate side by side (O(n)): a pick reads them directly
-//! while the two candidates' weights load through their endpoints (which
-//! the checkout of the one picked reads next), instead of following
-//! endpoint -> state -> counter for each. At 1,024 endpoints no cache holds
-//! them all, and those dependent misses, one after the other, cost more
-//! than the pick's arithmetic.
+//! The strategy is prepared per snapshot with the candidates' cells side by
+//! side (O(n)): a pick reads each candidate's weight, load and estimate in
+//! one line, instead of following endpoint -> state -> counter. At 1,024
+//! endpoints no cache holds them all, and those dependent misses, one after
+//! the other, cost more than the pick's arithmetic.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use switchyard_core::InFlight;
 use tokio::time::Instant;
 
-use super::{two_distinct, Load, Strategy};
+use super::{two_distinct, Load, LoadCell, Strategy};
 
 /// The lowest latency a pick assumes, in nanoseconds.
 const FLOOR_NS: f64 = 1_000.0;
@@ -47,70 +44,37 @@ const FLOOR_NS: f64 = 1_000.0;
 /// Power of two choices over peak-EWMA cost, prepared for one candidate set.
 #[derive(Debug)]
 pub struct Latency {
-    /// What a pick reads of each candidate, in the candidates' order.
-    slots: Box<[Slot]>,
-}
-
-/// One candidate's in-flight counter and estimate, read without going
-/// through its endpoint.
-#[derive(Debug)]
-struct Slot {
-    in_flight: Arc<InFlight>,
-    ewma: Arc<Ewma>,
-}
-
-impl Slot {
-    fn of<L: Load>(c: &L) -> Self {
-        Self {
-            in_flight: Arc::clone(c.in_flight()),
-            ewma: Arc::clone(&c.latency().0),
-        }
-    }
-
-    /// The candidate's estimate at `now_ns`, and its load: in flight + 1.
-    #[inline]
-    fn read(&self, now_ns: i64) -> (Estimate, f64) {
-        let load = f64::from(self.in_flight.get()) + 1.0;
-        (self.ewma.read(now_ns), load)
-    }
+    /// The candidates' cells, in their order.
+    cells: Box<[Arc<LoadCell>]>,
 }
 
 impl Latency {
-    /// The strategy for `candidates`: their counters and estimates side by
-    /// side.
+    /// The strategy for `candidates`: their cells side by side.
     pub fn new<L: Load>(candidates: &[L]) -> Self {
         Self {
-            slots: candidates.iter().map(Slot::of).collect(),
+            cells: candidates.iter().map(|c| Arc::clone(c.cell())).collect(),
         }
     }
 
-    /// The cheaper of candidates `a` and `b` (`ca`, `cb`, their slots `sa`,
-    /// `sb`) at `now_ns`, `a` on a tie.
-    ///
-    /// The weights are read from the candidates themselves, first: the
-    /// endpoint and its state, which the checkout of the one picked reads
-    /// next, load while the slots' counters and estimates do, instead of
-    /// after them.
-    fn cheaper<L: Load>(
-        cands: (&L, &L),
-        slots: (&Slot, &Slot),
-        ab: (usize, usize),
-        now_ns: i64,
-    ) -> usize {
-        let (wa, wb) = (weight(cands.0), weight(cands.1));
-        let ((ea, la), (eb, lb)) = (slots.0.read(now_ns), slots.1.read(now_ns));
+    /// The cheaper of candidates `a` and `b` (their cells `ca`, `cb`) at
+    /// `now_ns`, `a` on a tie.
+    fn cheaper((ca, cb): (&LoadCell, &LoadCell), (a, b): (usize, usize), now_ns: i64) -> usize {
+        let ((ea, la, wa), (eb, lb, wb)) = (read(ca, now_ns), read(cb, now_ns));
         // Each cost divided by its weight: cross-multiplied.
         if b_cheaper(ea, la * wb, eb, lb * wa) {
-            ab.1
+            b
         } else {
-            ab.0
+            a
         }
     }
 }
 
+/// A cell's estimate at `now_ns`, its load (in flight + 1) and its weight.
 #[inline]
-fn weight<L: Load>(c: &L) -> f64 {
-    f64::from(c.weight().max(1))
+fn read(cell: &LoadCell, now_ns: i64) -> (Estimate, f64, f64) {
+    let load = f64::from(cell.in_flight().get()) + 1.0;
+    let weight = f64::from(cell.weight());
+    (cell.latency().read(now_ns), load, weight)
 }
 
 /// An estimate read at pick time, `max(raw · e^-age, floor)`, with bounds
@@ -217,16 +181,13 @@ impl Strategy for Latency {
             n => {
                 let (a, b) = two_distinct(n);
                 let now_ns = clock_ns(now);
-                let cands = (candidates.get(a)?, candidates.get(b)?);
-                if let (true, Some(sa), Some(sb)) =
-                    (self.slots.len() == n, self.slots.get(a), self.slots.get(b))
-                {
-                    return Some(Self::cheaper(cands, (sa, sb), (a, b), now_ns));
-                }
-                // Not the set the strategy was prepared for: the candidates'
-                // own counters and estimates.
-                let slots = (&Slot::of(cands.0), &Slot::of(cands.1));
-                Some(Self::cheaper(cands, slots, (a, b), now_ns))
+                let cells = match (self.cells.get(a), self.cells.get(b)) {
+                    (Some(ca), Some(cb)) if self.cells.len() == n => (ca, cb),
+                    // Not the set the strategy was prepared for: the
+                    // candidates' own cells.
+                    _ => (candidates.get(a)?.cell(), candidates.get(b)?.cell()),
+                };
+                Some(Self::cheaper((cells.0, cells.1), (a, b), now_ns))
             }
         }
     }
@@ -257,16 +218,11 @@ fn anchor() -> std::time::Instant {
 /// The estimate (nanoseconds, as `f64` bits) and the time of its last update are
 /// two atomics; an update is a compare-and-swap loop on the estimate, so
 /// concurrent samples are never lost, only ordered arbitrarily. The decay is an
-/// atomic too, so a configuration reload can change it in place. The atomics
-/// live in one shared cell, which a [`Latency`] strategy reads directly.
+/// atomic too, so a configuration reload can change it in place. An
+/// endpoint's estimate lives in its [`LoadCell`], which a [`Latency`]
+/// strategy reads directly.
 #[derive(Debug)]
-pub struct PeakEwma(Arc<Ewma>);
-
-/// The atomics of a [`PeakEwma`], 24 bytes aligned to 32 so that a pick
-/// reads them in one cache line.
-#[derive(Debug)]
-#[repr(align(32))]
-struct Ewma {
+pub struct PeakEwma {
     estimate: AtomicU64,
     /// [`clock_ns`] of the last update.
     updated_ns: AtomicI64,
@@ -275,7 +231,7 @@ struct Ewma {
     rate: AtomicU64,
 }
 
-impl Ewma {
+impl PeakEwma {
     /// Decay periods since the last update, at least 0.
     #[inline]
     fn age(&self, now_ns: i64) -> f64 {
@@ -286,10 +242,6 @@ impl Ewma {
     #[inline]
     fn raw(&self) -> f64 {
         f64::from_bits(self.estimate.load(Ordering::Acquire))
-    }
-
-    fn estimate_ns(&self, now_ns: i64) -> f64 {
-        self.raw() * (-self.age(now_ns)).exp()
     }
 
     #[inline]
@@ -305,16 +257,16 @@ fn rate(decay: Duration) -> u64 {
 impl PeakEwma {
     /// An estimate starting at `initial` that forgets with time constant `decay`.
     pub fn new(decay: Duration, initial: Duration) -> Self {
-        Self(Arc::new(Ewma {
+        Self {
             estimate: AtomicU64::new(nanos(initial).to_bits()),
             updated_ns: AtomicI64::new(clock_ns(Instant::now())),
             rate: AtomicU64::new(rate(decay)),
-        }))
+        }
     }
 
     /// Changes the time constant; the estimate so far is kept.
     pub fn set_decay(&self, decay: Duration) {
-        self.0.rate.store(rate(decay), Ordering::Relaxed);
+        self.rate.store(rate(decay), Ordering::Relaxed);
     }
 
     /// Records one latency sample.
@@ -340,11 +292,10 @@ impl PeakEwma {
 
     /// Folds a non-zero sample in (see [`observe_at`](Self::observe_at)).
     fn fold(&self, sample: Duration, at: Instant) {
-        let cell = &*self.0;
         let now = clock_ns(at);
         let sample = nanos(sample);
-        let decay = (-cell.age(now)).exp();
-        let mut current = cell.estimate.load(Ordering::Acquire);
+        let decay = (-self.age(now)).exp();
+        let mut current = self.estimate.load(Ordering::Acquire);
         loop {
             let old = f64::from_bits(current);
             let next = if sample > old {
@@ -352,7 +303,7 @@ impl PeakEwma {
             } else {
                 old * decay + sample * (1.0 - decay)
             };
-            match cell.estimate.compare_exchange_weak(
+            match self.estimate.compare_exchange_weak(
                 current,
                 next.to_bits(),
                 Ordering::AcqRel,
@@ -362,13 +313,13 @@ impl PeakEwma {
                 Err(seen) => current = seen,
             }
         }
-        cell.updated_ns.fetch_max(now, Ordering::AcqRel);
+        self.updated_ns.fetch_max(now, Ordering::AcqRel);
     }
 
     /// The estimate in nanoseconds, decayed towards zero for the time since the
     /// last sample.
     pub fn estimate_ns(&self, now: Instant) -> f64 {
-        self.0.estimate_ns(clock_ns(now))
+        self.raw() * (-self.age(clock_ns(now))).exp()
     }
 
     /// The estimate as a duration.
