@@ -123,15 +123,19 @@ impl IntoF64 for HeldSince {
 }
 
 /// Handles for one endpoint's series, registered once.
+///
+/// In order, the three every checkout records into first (see
+/// [`EndpointState`](crate::endpoint::EndpointState)).
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct EndpointMetrics {
     pub acquired: Counter,
-    pub failed: Counter,
     pub wait: Histogram,
+    pub held: Histogram,
+    pub failed: Counter,
     pub timeouts: Counter,
     pub attempt_overruns: Counter,
     pub budget_overruns: Counter,
-    pub held: Histogram,
     pub ejections: Counter,
     pub ejections_capped: Counter,
     pub up: Gauge,
