@@ -19,10 +19,10 @@
 //! # Cost
 //!
 //! O(1): one random draw split in two, one clock conversion, and two
-//! [`LoadCell`]s read, a cache line each. The two costs are compared without an `exp`
-//! unless they are close (within about `δ²/2` of each other, `δ` the decay
-//! periods between the two estimates' last updates, or near the floor; see
-//! `b_cheaper`), where the exact comparison takes two.
+//! [`LoadCell`]s read, a cache line each. The two costs are compared without
+//! an `exp` unless they are close (within about `δ²/2` of each other, `δ` the
+//! decay periods between the two estimates' last updates, or near the floor;
+//! see `b_cheaper`), where the exact comparison takes two.
 //!
 //! The strategy is prepared per snapshot with the candidates' cells side by
 //! side (O(n)): a pick reads each candidate's weight, load and estimate in
