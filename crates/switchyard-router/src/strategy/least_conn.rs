@@ -3,6 +3,10 @@
 //!
 //! # Cost and exactness
 //!
+//! The strategy keeps the candidates' [`LoadCell`]s side by side (prepared
+//! per snapshot, O(n)), so a pick reads each candidate it looks at in one
+//! line, not through its endpoint.
+//!
 //! Up to [`SCAN_LIMIT`] candidates a pick scans their counters: O(n) over at
 //! most 32 atomics, exact (a pick never returns a candidate whose
 //! `in_flight / weight` is higher than another candidate's at the moment the
@@ -13,7 +17,7 @@
 //! `LEAST_REQUEST` balancer with its default `choice_count: 2`, tower's `p2c`):
 //! it draws two distinct candidates at random and takes the one with the lower
 //! `in_flight / weight`, a coin deciding ties. O(1): two random draws and two
-//! [`LoadCell`]s read, a cache line each. Nothing is kept current on the checkout path: a checkout and
+//! cells read. Nothing is kept current on the checkout path: a checkout and
 //! its release each move one atomic counter, whatever the cluster's size.
 //! The pick is no longer exact: it never returns the busier of the two it drew
 //! (so never the one busiest candidate, unless it is tied), and the gap between
@@ -31,51 +35,49 @@ pub const SCAN_LIMIT: usize = 32;
 /// Least connections over one candidate set.
 #[derive(Debug, Default)]
 pub struct LeastConn {
-    /// Above [`SCAN_LIMIT`] candidates, their load cells side by side, in
-    /// the candidates' order: a sampled pick reads one line per candidate,
-    /// not its endpoint (see [`LoadCell`]).
+    /// The candidates' load cells side by side, in their order: a pick
+    /// reads one line per candidate it looks at, not its endpoint (see
+    /// [`LoadCell`]).
     cells: Box<[Arc<LoadCell>]>,
 }
 
 impl LeastConn {
     /// The strategy for `candidates`.
     pub fn new<L: Load>(candidates: &[L]) -> Self {
-        let cells = if candidates.len() > SCAN_LIMIT {
-            candidates.iter().map(|c| Arc::clone(c.cell())).collect()
-        } else {
-            Box::default()
-        };
-        Self { cells }
-    }
-
-    /// Candidate `i`'s load and weight, from the table when it was prepared
-    /// for these candidates.
-    fn load_of<L: Load>(&self, candidates: &[L], i: usize) -> Option<(u32, u32)> {
-        let cell = match self.cells.get(i) {
-            Some(cell) if self.cells.len() == candidates.len() => cell,
-            _ => candidates.get(i)?.cell(),
-        };
-        Some(load(cell))
+        Self {
+            cells: candidates.iter().map(|c| Arc::clone(c.cell())).collect(),
+        }
     }
 }
 
 impl Strategy for LeastConn {
     fn pick<L: Load>(&self, candidates: &[L]) -> Option<usize> {
-        if candidates.len() <= SCAN_LIMIT {
-            scan(candidates)
+        let n = candidates.len();
+        if self.cells.len() == n {
+            pick_among(n, |i| self.cells.get(i).map(|c| &**c))
         } else {
-            let (a, b) = two_distinct(candidates.len());
-            let (Some(la), Some(lb)) = (self.load_of(candidates, a), self.load_of(candidates, b))
-            else {
-                return Some(a);
-            };
-            Some(if a_wins(la, lb, fastrand::bool()) {
-                a
-            } else {
-                b
-            })
+            // Not the set the strategy was prepared for: the candidates'
+            // own cells.
+            pick_among(n, |i| candidates.get(i).map(|c| &**c.cell()))
         }
     }
+}
+
+/// The pick among `n` candidates, candidate `i`'s cell `cell(i)`.
+#[inline]
+fn pick_among<'a>(n: usize, cell: impl Fn(usize) -> Option<&'a LoadCell>) -> Option<usize> {
+    if n <= SCAN_LIMIT {
+        return scan(n, cell);
+    }
+    let (a, b) = two_distinct(n);
+    let (Some(ca), Some(cb)) = (cell(a), cell(b)) else {
+        return Some(a);
+    };
+    Some(if a_wins(load(ca), load(cb), fastrand::bool()) {
+        a
+    } else {
+        b
+    })
 }
 
 /// Whether load `a` over weight `aw` is below, equal to or above `b` over `bw`.
@@ -99,12 +101,12 @@ fn load(cell: &LoadCell) -> (u32, u32) {
     (cell.in_flight().get(), cell.weight())
 }
 
-fn scan<L: Load>(candidates: &[L]) -> Option<usize> {
+fn scan<'a>(n: usize, cell: impl Fn(usize) -> Option<&'a LoadCell>) -> Option<usize> {
     let mut best: Option<(usize, u32, u32)> = None;
     let mut ties = 0u64;
     let mut draws = Draws::default();
-    for (i, c) in candidates.iter().enumerate() {
-        let (load, weight) = load(c.cell());
+    for (i, c) in (0..n).map_while(|i| cell(i).map(|c| (i, c))) {
+        let (load, weight) = load(c);
         match best {
             None => {
                 best = Some((i, load, weight));
@@ -348,9 +350,10 @@ mod tests {
             .iter()
             .zip(&cands)
             .all(|(c, f)| Arc::ptr_eq(c, &f.0)));
-        assert!(
-            LeastConn::new(&cands[..32]).cells.is_empty(),
-            "scanned: no table"
+        assert_eq!(
+            LeastConn::new(&cands[..32]).cells.len(),
+            32,
+            "scanned from the table too"
         );
         drop(held);
     }

@@ -9,7 +9,7 @@
 //! | strategy | pick cost | prepared per snapshot |
 //! |---|---|---|
 //! | [`RoundRobin`] | O(1): one atomic increment | nothing |
-//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | above the limit, the candidates' [`LoadCell`]s side by side, O(n) |
+//! | [`LeastConn`] | O(n) exact scan up to [`least_conn::SCAN_LIMIT`] candidates, O(1) above: two random candidates compared | the candidates' [`LoadCell`]s side by side, O(n) |
 //! | [`WeightedRoundRobin`] | O(1): one atomic increment and an index | the interleaved cycle, O(W·k) for a cycle of W picks over k distinct weights |
 //! | [`Latency`] | O(1): two random candidates compared | the candidates' [`LoadCell`]s side by side, O(n) |
 //!
