@@ -403,6 +403,16 @@ impl Backend for NoopBackend {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_checkout_touches_one_line_of_the_backend() {
+        use std::mem::{offset_of, size_of};
+        // From the delay to the last counter a checkout and its release move.
+        let hot_end = offset_of!(NoopBackend, state) + offset_of!(State, live) + size_of::<u64>();
+        assert!(hot_end <= 64, "the checkout path spans {hot_end} bytes");
+        assert!(offset_of!(NoopBackend, down) < 64 && offset_of!(NoopBackend, gate) < 64);
+        assert_eq!(std::mem::align_of::<NoopBackend>(), 64);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn reports_role_and_faults() {
         let b = NoopBackend::with_role("r1", Role::Replica);

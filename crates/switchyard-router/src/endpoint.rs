@@ -24,8 +24,8 @@ use crate::strategy::{Load, LoadCell};
 /// Laid out in order, the checkout path's fields first (the cell, the
 /// counters, the metrics handles a checkout records into, which lead
 /// [`EndpointMetrics`]), from a cache line's start: a checkout touches two
-/// lines of it, not one of every five it spans. At 1,024 endpoints no cache
-/// holds them all, and each line is a miss.
+/// lines of it (the compiler's own order spread the same fields over four).
+/// At 1,024 endpoints no cache holds them all, and each line is a miss.
 #[repr(C, align(64))]
 pub(crate) struct EndpointState {
     /// Weight, checkouts in flight and latency: what the strategies read.
