@@ -168,10 +168,6 @@ mod tests {
         compare(a.0, a.1, b.0, b.1) == Ordering::Greater
     }
 
-    fn state(c: &FakeLoad) -> (u32, u32) {
-        load(c)
-    }
-
     /// Picks `picks` times from `cands` with the thread's RNG seeded with
     /// `seed`, holding every checkout and releasing one in five at random so
     /// loads go down as well as up; `check` sees the candidates and each pick
@@ -202,10 +198,10 @@ mod tests {
         let _held = hold_picks(&cands, 4000, 7, |cands, i| {
             for c in cands {
                 assert!(
-                    !busier(state(&cands[i]), state(c)),
+                    !busier(load(&cands[i]), load(c)),
                     "picked {i} at {:?} while a candidate was at {:?}",
-                    state(&cands[i]),
-                    state(c)
+                    load(&cands[i]),
+                    load(c)
                 );
             }
         });
@@ -272,12 +268,12 @@ mod tests {
         let _held = hold_picks(&cands, 20_000, 7, |cands, i| {
             // The one busiest candidate (per unit of weight) is never picked:
             // whichever candidate it was drawn with is lighter.
-            let picked = state(&cands[i]);
+            let picked = load(&cands[i]);
             assert!(
                 cands
                     .iter()
                     .enumerate()
-                    .any(|(j, c)| j != i && !busier(picked, state(c))),
+                    .any(|(j, c)| j != i && !busier(picked, load(c))),
                 "picked the busiest, {i} at {picked:?}"
             );
         });
