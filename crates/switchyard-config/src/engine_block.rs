@@ -14,7 +14,7 @@ use switchyard_core::{EndpointId, PoolSettings, SecretUrl, TlsSettings};
 use switchyard_postgres::PgBackendConfig;
 
 use crate::error::Problem;
-use crate::validate::{de, push};
+use crate::validate::{de, from_core, push};
 
 /// Keys of the engine's configuration that have a place of their own in the
 /// files, and that place.
@@ -58,12 +58,7 @@ pub(crate) fn postgres_block(
     // Never connected to: every endpoint's config takes its own URL.
     fields.insert("url".into(), Value::from("postgres://localhost/template"));
     let template = de::<PgBackendConfig>(&Value::from(fields), path, problems)?;
-    for error in template.validate(path) {
-        match error {
-            switchyard_core::Error::Config { path, message } => push(problems, &path, message),
-            other => push(problems, path, other.to_string()),
-        }
-    }
+    from_core(problems, template.validate(path));
     (problems.len() == before).then_some(template)
 }
 

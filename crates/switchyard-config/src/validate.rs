@@ -62,7 +62,7 @@ pub(crate) fn push(problems: &mut Vec<Problem>, path: &str, message: impl Into<S
     problems.push(Problem::new(path, message));
 }
 
-fn from_core(problems: &mut Vec<Problem>, errors: Vec<switchyard_core::Error>) {
+pub(crate) fn from_core(problems: &mut Vec<Problem>, errors: Vec<switchyard_core::Error>) {
     for e in errors {
         match e {
             switchyard_core::Error::Config { path, message } => push(problems, &path, message),

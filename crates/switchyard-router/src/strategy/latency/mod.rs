@@ -181,13 +181,13 @@ impl Strategy for Latency {
             n => {
                 let (a, b) = two_distinct(n);
                 let now_ns = clock_ns(now);
-                let cells = match (self.cells.get(a), self.cells.get(b)) {
+                let cells: (&LoadCell, &LoadCell) = match (self.cells.get(a), self.cells.get(b)) {
                     (Some(ca), Some(cb)) if self.cells.len() == n => (ca, cb),
                     // Not the set the strategy was prepared for: the
                     // candidates' own cells.
                     _ => (candidates.get(a)?.cell(), candidates.get(b)?.cell()),
                 };
-                Some(Self::cheaper((cells.0, cells.1), (a, b), now_ns))
+                Some(Self::cheaper(cells, (a, b), now_ns))
             }
         }
     }
