@@ -2,6 +2,13 @@
 //! balancing strategy, next to deadpool's and bb8's own checkout + release of a
 //! trivial object and to core's `Checkout::acquire` without a router.
 //!
+//! deadpool's get takes a unit of tokio's cooperative budget (its tokio
+//! semaphore does), so in a loop of checkouts its task yields to the scheduler
+//! every 128 gets; switchyard's checkout of a ready connection takes none. The
+//! `deadpool_unconstrained` row runs deadpool's get + drop under
+//! `tokio::task::unconstrained`: the same work without those yields, the
+//! bookkeeping alone.
+//!
 //! Every row of one group runs at the same concurrency (1, 2, 8 or 64 tasks on
 //! a two-worker runtime); the reported time is wall time per operation, i.e.
 //! the inverse of throughput. The raw pools are sized at 64, so no row ever
@@ -158,6 +165,18 @@ fn checkout(c: &mut Criterion) {
                         let obj = pool.get().await.unwrap();
                         black_box(*obj);
                     }
+                })
+            });
+        });
+        group.bench_function("deadpool_unconstrained", |b| {
+            b.iter_custom(|iters| {
+                let pool = deadpool_pool.clone();
+                common::concurrent(&rt, iters, tasks, move |_| {
+                    let pool = pool.clone();
+                    tokio::task::unconstrained(async move {
+                        let obj = pool.get().await.unwrap();
+                        black_box(*obj);
+                    })
                 })
             });
         });
