@@ -246,6 +246,11 @@ impl<B: Backend> Cluster<B> {
     /// fails with a retryable error is retried on another endpoint within
     /// `retry.max_attempts` and the deadline; a write is not (see
     /// [`checkout_with`](Self::checkout_with)).
+    ///
+    /// A checkout that finds no endpoint to go to takes a unit of tokio's
+    /// cooperative budget (see `tokio::task::coop`), so a loop that retries a
+    /// failing read at once still lets the health checks that end the outage
+    /// run.
     pub async fn checkout(
         &self,
         intent: Intent,
@@ -451,6 +456,12 @@ impl<B: Backend> Cluster<B> {
         intent: Intent,
         budget: &Budget,
     ) -> Result<Chosen<'_, B>, Error> {
+        // A unit of tokio's cooperative budget, as tokio's own resources
+        // take: what ends this wait (or the outage a read fails on at once)
+        // is other tasks' work (the probers, a topology source), and a loop
+        // that retries at once must let them run. Only here: a checkout that
+        // finds an endpoint at the first look depends on no other task.
+        tokio::task::coop::consume_budget().await;
         let shared = &self.shared;
         let mut waiting_since: Option<Instant> = None;
         loop {

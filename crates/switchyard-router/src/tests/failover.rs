@@ -401,3 +401,43 @@ async fn a_promotion_seen_before_the_dead_primary_takes_over_by_history() {
         assert_eq!(served.unwrap(), "r1");
     }
 }
+
+/// A read retried at once while no replica is healthy fails without waiting
+/// for anything. Such a loop must still give the cluster's own tasks turns,
+/// or the replica that comes back is never seen and the loop spins forever
+/// (it did, on a current-thread runtime): a checkout that finds no endpoint
+/// takes a unit of tokio's cooperative budget, as tokio's own resources do,
+/// and yields when the task has none left.
+#[tokio::test(start_paused = true)]
+async fn a_read_retried_at_once_lets_the_health_checks_bring_its_replica_back() {
+    let mut cfg = config();
+    cfg.read_preference = crate::ReadPreference::ReplicasOnly;
+    cfg.health.fall = 1;
+    cfg.health.rise = 1;
+    let (cluster, b) = cluster(1, cfg).await;
+    b[1].set_down(true);
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(status_of(&cluster, "r1").health, Health::Down);
+    assert!(matches!(
+        cluster.checkout(Intent::Read, None).await,
+        Err(Error::NoHealthyEndpoint { .. })
+    ));
+
+    // Back, and a probe asked for now: the prober needs only a turn.
+    b[1].set_down(false);
+    let r1 = cluster.shared.snapshot.load().endpoints[1].clone();
+    assert_eq!(r1.id().as_str(), "r1");
+    r1.state.request_probe();
+    assert_eq!(status_of(&cluster, "r1").health, Health::Down);
+
+    let mut failed = 0u32;
+    while cluster.checkout(Intent::Read, None).await.is_err() {
+        failed += 1;
+        assert!(
+            failed < 100_000,
+            "the read loop never let the prober run: r1 is still {:?}",
+            status_of(&cluster, "r1").health
+        );
+    }
+    assert!(failed > 0, "r1 came back before the loop started");
+}
