@@ -222,6 +222,20 @@ enum Step<B: Backend> {
     Retry(Option<Error>),
 }
 
+/// `error`, once the task has taken a unit of tokio's cooperative budget, as
+/// tokio's own resources take one, yielding if it had none left.
+///
+/// A checkout that fails before anything waited (an unknown tenant, no
+/// endpoint to go to) takes one, and so does one that is about to wait for
+/// an endpoint: what ends such a failure is other tasks' work (a registry
+/// reload, the probers, a topology source), and a loop that retries at once
+/// must let them run. A checkout that finds an endpoint at the first look
+/// depends on no other task, and takes none.
+async fn with_budget_taken<T>(value: T) -> T {
+    tokio::task::coop::consume_budget().await;
+    value
+}
+
 /// The request of the next attempt, which starts now (the first when the
 /// operation did, unless it had to wait for an endpoint: no clock read).
 fn request(budget: &mut Budget, at_once: bool, entry: Option<&TenantEntry>) -> CheckoutRequest {
@@ -247,10 +261,11 @@ impl<B: Backend> Cluster<B> {
     /// `retry.max_attempts` and the deadline; a write is not (see
     /// [`checkout_with`](Self::checkout_with)).
     ///
-    /// A checkout that finds no endpoint to go to takes a unit of tokio's
-    /// cooperative budget (see `tokio::task::coop`), so a loop that retries a
-    /// failing read at once still lets the health checks that end the outage
-    /// run.
+    /// A checkout that finds no endpoint to go to, or names a tenant the
+    /// registry does not know, takes a unit of tokio's cooperative budget
+    /// (see `tokio::task::coop`): a loop that retries it at once still lets
+    /// the health checks that end an outage, or the reload that brings the
+    /// tenant, run.
     pub async fn checkout(
         &self,
         intent: Intent,
@@ -310,7 +325,11 @@ impl<B: Backend> Cluster<B> {
         traced: bool,
     ) -> Result<Checkout<B>, Error> {
         let entry = match tenant {
-            Some(t) => Some(self.shared.tenants.load().resolve(t)?),
+            Some(t) => match self.shared.tenants.load().resolve(t) {
+                Ok(entry) => Some(entry),
+                // Boxed: only a failing checkout builds it.
+                Err(error) => return Err(Box::pin(with_budget_taken(error)).await),
+            },
             None => None,
         };
         let mut last_error: Option<Error> = None;
@@ -456,11 +475,7 @@ impl<B: Backend> Cluster<B> {
         intent: Intent,
         budget: &Budget,
     ) -> Result<Chosen<'_, B>, Error> {
-        // A unit of tokio's cooperative budget, as tokio's own resources
-        // take: what ends this wait (or the outage a read fails on at once)
-        // is other tasks' work (the probers, a topology source), and a loop
-        // that retries at once must let them run. Only here: a checkout that
-        // finds an endpoint at the first look depends on no other task.
+        // A unit of the cooperative budget (see `with_budget_taken`).
         tokio::task::coop::consume_budget().await;
         let shared = &self.shared;
         let mut waiting_since: Option<Instant> = None;

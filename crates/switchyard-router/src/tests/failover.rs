@@ -407,7 +407,7 @@ async fn a_promotion_seen_before_the_dead_primary_takes_over_by_history() {
 /// or the replica that comes back is never seen and the loop spins forever
 /// (it did, on a current-thread runtime): a checkout that finds no endpoint
 /// takes a unit of tokio's cooperative budget, as tokio's own resources do,
-/// and yields when the task has none left.
+/// and yields when the task has none left (`checkout::with_budget_taken`).
 #[tokio::test(start_paused = true)]
 async fn a_read_retried_at_once_lets_the_health_checks_bring_its_replica_back() {
     let mut cfg = config();

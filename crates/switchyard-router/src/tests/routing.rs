@@ -175,3 +175,36 @@ async fn checkouts_are_scoped_and_the_registry_is_live() {
         .set_tenants(TenantRegistry::new().with_default_tier("nope"))
         .is_err());
 }
+
+/// A checkout for a tenant the registry does not know yet fails at once. A
+/// loop that retries it at once must still let the task that registers the
+/// tenant (a configuration reload) run, as with an outage
+/// (`failover::a_read_retried_at_once_lets_the_health_checks_bring_its_replica_back`).
+#[tokio::test(start_paused = true)]
+async fn a_checkout_retried_at_once_lets_the_registry_reload_that_knows_its_tenant() {
+    let (cluster, _) = cluster(1, config()).await;
+    let acme = TenantId::new("acme").unwrap();
+    let reloaded = cluster.clone();
+    tokio::spawn(async move {
+        reloaded
+            .set_tenants(
+                TenantRegistry::new()
+                    .with_tier("t", TierPolicy::new(Isolation::Row))
+                    .with_default_tier("t"),
+            )
+            .unwrap();
+    });
+    let mut failed = 0u32;
+    loop {
+        match cluster.checkout(Intent::Read, Some(&acme)).await {
+            Ok(conn) => break assert_eq!(conn.tenant(), Some(&acme)),
+            Err(error) => assert!(matches!(error, Error::UnknownTenant { .. }), "{error}"),
+        }
+        failed += 1;
+        assert!(
+            failed < 100_000,
+            "the checkout loop never let the reload run"
+        );
+    }
+    assert!(failed > 0, "the reload ran before the loop started");
+}
