@@ -231,9 +231,9 @@ enum Step<B: Backend> {
 /// reload, the probers, a topology source), and a loop that retries at once
 /// must let them run. A checkout that finds an endpoint at the first look
 /// depends on no other task, and takes none.
-async fn with_budget_taken<T>(value: T) -> T {
+async fn with_budget_taken(error: Error) -> Error {
     tokio::task::coop::consume_budget().await;
-    value
+    error
 }
 
 /// The request of the next attempt, which starts now (the first when the
