@@ -3,11 +3,11 @@
 //! trivial object and to core's `Checkout::acquire` without a router.
 //!
 //! deadpool's get takes a unit of tokio's cooperative budget (its tokio
-//! semaphore does), so in a loop of checkouts its task yields to the scheduler
-//! every 128 gets; switchyard's checkout of a ready connection takes none. The
-//! `deadpool_unconstrained` row runs deadpool's get + drop under
-//! `tokio::task::unconstrained`: the same work without those yields, the
-//! bookkeeping alone.
+//! semaphore does), so in a loop of checkouts its task yields to the
+//! scheduler every 128 gets; switchyard's checkout of a ready no-op
+//! connection takes none. The `deadpool_unconstrained` row runs deadpool's
+//! get + drop under `tokio::task::unconstrained`: the same work without
+//! those yields, the bookkeeping alone.
 //!
 //! Every row of one group runs at the same concurrency (1, 2, 8 or 64 tasks on
 //! a two-worker runtime); the reported time is wall time per operation, i.e.
