@@ -18,11 +18,15 @@
 //!
 //! # Cost
 //!
-//! O(1): one random draw split in two, one clock conversion, and two
-//! [`LoadCell`]s read, a cache line each. The two costs are compared without
-//! an `exp` unless they are close (within about `δ²/2` of each other, `δ` the
-//! decay periods between the two estimates' last updates, or near the floor;
-//! see `b_cheaper`), where the exact comparison takes two.
+//! O(1): one random draw split in two and two [`LoadCell`]s read, a cache
+//! line each. The time matters only through the floor: the decay of two
+//! estimates at one rate scales both costs alike. So when the estimates'
+//! comparison and the loads' agree, that is the answer at any time, and the
+//! pick converts no clock reading (see `b_cheaper_seen`). Otherwise the
+//! costs are compared at the caller's clock reading, without an `exp`
+//! unless they are close (within about `δ²/2` of each other, `δ` the decay
+//! periods between the two estimates' last updates, or near the floor; see
+//! `b_cheaper`), where the exact comparison takes two.
 //!
 //! The strategy is prepared per snapshot with the candidates' cells side by
 //! side (O(n)): a pick reads each candidate's weight, load and estimate in
@@ -57,11 +61,12 @@ impl Latency {
     }
 
     /// The cheaper of candidates `a` and `b` (their cells `ca`, `cb`) at
-    /// `now_ns`, `a` on a tie.
-    fn cheaper((ca, cb): (&LoadCell, &LoadCell), (a, b): (usize, usize), now_ns: i64) -> usize {
-        let ((ea, la, wa), (eb, lb, wb)) = (read(ca, now_ns), read(cb, now_ns));
+    /// `now`, `a` on a tie.
+    fn cheaper((ca, cb): (&LoadCell, &LoadCell), (a, b): (usize, usize), now: Instant) -> usize {
+        let (sa, sb) = (Seen::of(ca), Seen::of(cb));
         // Each cost divided by its weight: cross-multiplied.
-        if b_cheaper(ea, la * wb, eb, lb * wa) {
+        let (ma, mb) = (sa.load * sb.weight, sb.load * sa.weight);
+        if b_cheaper_seen(sa, ma, sb, mb, || clock_ns(now)) {
             b
         } else {
             a
@@ -69,12 +74,74 @@ impl Latency {
     }
 }
 
-/// A cell's estimate at `now_ns`, its load (in flight + 1) and its weight.
+/// What a pick reads of one candidate's cell, each atomic once.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The estimate at its last update, in nanoseconds.
+    raw: f64,
+    /// [`clock_ns`] of that update.
+    updated_ns: i64,
+    /// Decay periods per nanosecond.
+    rate: f64,
+    /// In flight + 1.
+    load: f64,
+    weight: f64,
+}
+
+impl Seen {
+    #[inline]
+    fn of(cell: &LoadCell) -> Self {
+        let ewma = cell.latency();
+        Self {
+            raw: ewma.raw(),
+            updated_ns: ewma.updated_ns.load(Ordering::Acquire),
+            rate: ewma.rate(),
+            load: f64::from(cell.in_flight().get()) + 1.0,
+            weight: f64::from(cell.weight()),
+        }
+    }
+
+    /// The estimate at `now_ns`.
+    #[inline]
+    fn estimate(&self, now_ns: i64) -> Estimate {
+        Estimate::new(self.raw, age(now_ns, self.updated_ns, self.rate))
+    }
+}
+
+/// Decay periods from `updated_ns` to `now_ns`, at least 0.
 #[inline]
-fn read(cell: &LoadCell, now_ns: i64) -> (Estimate, f64, f64) {
-    let load = f64::from(cell.in_flight().get()) + 1.0;
-    let weight = f64::from(cell.weight());
-    (cell.latency().read(now_ns), load, weight)
+fn age(now_ns: i64, updated_ns: i64, rate: f64) -> f64 {
+    now_ns.saturating_sub(updated_ns).max(0) as f64 * rate
+}
+
+/// Whether `b`'s cost (estimate × `mb`) is below `a`'s (estimate × `ma`)
+/// now, reading the time (`now_ns`) only when the answer depends on it.
+///
+/// With one decay rate for both, the time cancels out of the comparison of
+/// the decayed estimates: `raw_b·e^-(t−u_b)/τ·mb < raw_a·e^-(t−u_a)/τ·ma`
+/// is the same test at every `t`. Only the floor brings the time back in,
+/// and it cannot change an answer the loads give too: when the estimates'
+/// comparison and the loads' (`mb < ma`, what decides once both are
+/// floored) agree, the floored costs agree with them at any time, so
+/// neither the clock conversion nor the estimates' bounds are needed.
+/// (Say `b` wins both. Both above the floor, or both on it, the two
+/// comparisons are the answer. `a` floored alone: `est_b·mb < est_a·ma <
+/// floor·ma`. `b` floored alone: `floor·mb < floor·ma ≤ est_a·ma`. The
+/// same inequalities, not strict, give `a` when `a` wins both.) When they
+/// disagree, or the rates differ (a reload mid-way), the costs are
+/// compared at `now_ns` (see [`b_cheaper`]).
+#[inline]
+fn b_cheaper_seen(a: Seen, ma: f64, b: Seen, mb: f64, now_ns: impl FnOnce() -> i64) -> bool {
+    if a.rate == b.rate {
+        let by_load = mb < ma;
+        // `age_a − age_b`, whatever now is.
+        let d = b.updated_ns.saturating_sub(a.updated_ns) as f64 * a.rate;
+        if ratio_b_cheaper(a.raw * ma, b.raw * mb, d) == by_load {
+            return by_load;
+        }
+    }
+    let now = now_ns();
+    b_cheaper(a.estimate(now), ma, b.estimate(now), mb)
 }
 
 /// An estimate read at pick time, `max(raw · e^-age, floor)`, with bounds
@@ -142,23 +209,13 @@ impl Estimate {
 ///
 /// The same answer as comparing `max(raw · e^-age, floor) × m` for both, but
 /// with no `exp` unless the two costs are close. Both above the floor (the
-/// usual case), their ratio decides: `b` is cheaper iff `B·e^δ < A`, with
-/// `A = raw_a·ma`, `B = raw_b·mb` and `δ = age_a − age_b`, and
-/// `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` (`δ < 1`) decides unless the costs are within
-/// about `δ²/2` of each other, however old the two estimates are. Near the
-/// floor, each estimate's bounds decide unless the costs are close. Only
-/// then are the `exp`s taken.
+/// usual case), their ratio decides ([`ratio_b_cheaper`]), however old the
+/// two estimates are. Near the floor, each estimate's bounds decide unless
+/// the costs are close. Only then are the `exp`s taken.
 #[inline]
 fn b_cheaper(a: Estimate, ma: f64, b: Estimate, mb: f64) -> bool {
     if a.above_floor() && b.above_floor() {
-        let (big_a, big_b, d) = (a.raw * ma, b.raw * mb, a.age - b.age);
-        if big_b * (1.0 + d) >= big_a {
-            return false;
-        }
-        if d < 1.0 && big_b < big_a * (1.0 - d) {
-            return true;
-        }
-        return big_b * d.exp() < big_a;
+        return ratio_b_cheaper(a.raw * ma, b.raw * mb, a.age - b.age);
     }
     if b.lower() * mb >= a.upper() * ma {
         return false;
@@ -167,6 +224,22 @@ fn b_cheaper(a: Estimate, ma: f64, b: Estimate, mb: f64) -> bool {
         return true;
     }
     b.value() * mb < a.value() * ma
+}
+
+/// Whether `big_b · e^δ < big_a`: `b`'s decayed cost below `a`'s, with
+/// `big_x = raw_x · m_x` and `δ = age_a − age_b`, floors aside.
+///
+/// `1 + δ ≤ e^δ ≤ 1 / (1 − δ)` (`δ < 1`) decides unless the costs are
+/// within about `δ²/2` of each other; only then is `e^δ` taken.
+#[inline]
+fn ratio_b_cheaper(big_a: f64, big_b: f64, d: f64) -> bool {
+    if big_b * (1.0 + d) >= big_a {
+        return false;
+    }
+    if d < 1.0 && big_b < big_a * (1.0 - d) {
+        return true;
+    }
+    big_b * d.exp() < big_a
 }
 
 impl Strategy for Latency {
@@ -180,14 +253,13 @@ impl Strategy for Latency {
             1 => Some(0),
             n => {
                 let (a, b) = two_distinct(n);
-                let now_ns = clock_ns(now);
                 let cells: (&LoadCell, &LoadCell) = match (self.cells.get(a), self.cells.get(b)) {
                     (Some(ca), Some(cb)) if self.cells.len() == n => (ca, cb),
                     // Not the set the strategy was prepared for: the
                     // candidates' own cells.
                     _ => (candidates.get(a)?.cell(), candidates.get(b)?.cell()),
                 };
-                Some(Self::cheaper(cells, (a, b), now_ns))
+                Some(Self::cheaper(cells, (a, b), now))
             }
         }
     }
@@ -235,8 +307,7 @@ impl PeakEwma {
     /// Decay periods since the last update, at least 0.
     #[inline]
     fn age(&self, now_ns: i64) -> f64 {
-        let elapsed = now_ns.saturating_sub(self.updated_ns.load(Ordering::Acquire));
-        elapsed.max(0) as f64 * f64::from_bits(self.rate.load(Ordering::Relaxed))
+        age(now_ns, self.updated_ns.load(Ordering::Acquire), self.rate())
     }
 
     #[inline]
@@ -244,9 +315,10 @@ impl PeakEwma {
         f64::from_bits(self.estimate.load(Ordering::Acquire))
     }
 
+    /// Decay periods per nanosecond.
     #[inline]
-    fn read(&self, now_ns: i64) -> Estimate {
-        Estimate::new(self.raw(), self.age(now_ns))
+    fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
     }
 }
 

@@ -241,3 +241,120 @@ fn an_estimate_s_bounds_hold_and_meet_at_the_floor() {
     assert!(!Estimate::new(3e7, 10.0).above_floor());
     assert!(!Estimate::new(3e7, 1e300).above_floor());
 }
+
+/// A candidate as a pick reads it: estimate `raw` ns last updated at
+/// `updated_ns`, `rate` decay periods per ns, load and weight.
+fn seen(raw: f64, updated_ns: i64, rate: f64, load: f64, weight: f64) -> Seen {
+    Seen {
+        raw,
+        updated_ns,
+        rate,
+        load,
+        weight,
+    }
+}
+
+/// Whether `b` is cheaper than `a` at `now_ns`, by the direct formula.
+fn direct_b_cheaper(a: Seen, b: Seen, now_ns: i64) -> bool {
+    let cost = |x: Seen, y: Seen| {
+        let age = (now_ns - x.updated_ns).max(0) as f64 * x.rate;
+        direct_cost(x.raw, age, x.load * y.weight)
+    };
+    cost(b, a) < cost(a, b)
+}
+
+#[test]
+fn a_pick_reads_the_time_only_when_the_floor_can_change_its_answer() {
+    fastrand::seed(29);
+    let rate = 1.0 / 10e9; // a 10 s time constant
+    let raw = || 10f64.powf(2.0 + 7.0 * fastrand::f64()); // 100 ns to 1 s
+    let updated = || fastrand::i64(0..60_000_000_000); // within a minute
+    let load = || f64::from(fastrand::u32(1..=6));
+    let weight = || f64::from(fastrand::u32(1..=3));
+    let (mut without_clock, mut with_clock, mut compared) = (0, 0, 0);
+    for _ in 0..100_000 {
+        let rate_b = if fastrand::u8(..20) == 0 {
+            rate * 2.0
+        } else {
+            rate
+        };
+        let a = seen(raw(), updated(), rate, load(), weight());
+        let b = seen(raw(), updated(), rate_b, load(), weight());
+        let (ma, mb) = (a.load * b.weight, b.load * a.weight);
+        // Any time after both updates, up to twenty decay periods on,
+        // where every estimate has reached the floor.
+        let latest = a.updated_ns.max(b.updated_ns);
+        let now = latest + (fastrand::f64() * 200e9) as i64;
+        let mut read = false;
+        let got = b_cheaper_seen(a, ma, b, mb, || {
+            read = true;
+            now
+        });
+        if read {
+            with_clock += 1;
+        } else {
+            without_clock += 1;
+        }
+        // The answer the clock did not decide holds at every later time.
+        for t in [latest, now, latest + 400_000_000_000] {
+            let want = direct_b_cheaper(a, b, t);
+            let close = {
+                let age = |x: Seen| (t - x.updated_ns).max(0) as f64 * x.rate;
+                let ca = direct_cost(a.raw, age(a), ma);
+                let cb = direct_cost(b.raw, age(b), mb);
+                (ca - cb).abs() <= 1e-9 * ca.max(cb)
+            };
+            if close || (read && t != now) {
+                continue; // a tie up to rounding, or a time it was not asked
+            }
+            assert_eq!(got, want, "{a:?} {b:?} at {t}");
+            compared += 1;
+        }
+    }
+    // Most random pairs agree (the cheaper estimate is the less loaded, or
+    // the floor decides both ways alike); each kind is exercised.
+    assert!(
+        without_clock > 40_000 && with_clock > 10_000,
+        "{without_clock} / {with_clock}"
+    );
+    assert!(compared > 150_000, "{compared}");
+}
+
+#[test]
+fn equal_idle_candidates_are_picked_without_the_clock() {
+    // What every idle cluster's pick sees: the same estimate, updated at
+    // about the same time, nothing in flight. The weights decide.
+    let rate = 1.0 / 10e9;
+    let a = seen(1e6, 1_000, rate, 1.0, 1.0);
+    let b = seen(1e6, 1_020, rate, 1.0, 2.0);
+    let never = || -> i64 { panic!("the clock was read") };
+    assert!(b_cheaper_seen(
+        a,
+        a.load * b.weight,
+        b,
+        b.load * a.weight,
+        never
+    ));
+    assert!(!b_cheaper_seen(
+        b,
+        b.load * a.weight,
+        a,
+        a.load * b.weight,
+        never
+    ));
+    // A faster estimate on the busier candidate: the time decides (the
+    // floor would let the loads win), so the clock is read.
+    let fast_busy = seen(2e3, 0, rate, 3.0, 1.0);
+    let slow_idle = seen(1e6, 0, rate, 1.0, 1.0);
+    let mut read = false;
+    let early = b_cheaper_seen(slow_idle, 1.0, fast_busy, 3.0, || {
+        read = true;
+        0
+    });
+    assert!(read && early, "2 µs × 3 beats 1 ms × 1");
+    // Seven periods on, 2 µs has decayed to the floor and 1 ms to 0.9 µs:
+    // the loads decide.
+    assert!(!b_cheaper_seen(slow_idle, 1.0, fast_busy, 3.0, || {
+        70_000_000_000
+    }));
+}
