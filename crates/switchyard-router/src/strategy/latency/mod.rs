@@ -132,16 +132,24 @@ fn age(now_ns: i64, updated_ns: i64, rate: f64) -> f64 {
 /// compared at `now_ns` (see [`b_cheaper`]).
 #[inline]
 fn b_cheaper_seen(a: Seen, ma: f64, b: Seen, mb: f64, now_ns: impl FnOnce() -> i64) -> bool {
-    if a.rate == b.rate {
-        let by_load = mb < ma;
+    let by_estimate = if a.rate == b.rate {
         // `age_a − age_b`, whatever now is.
         let d = b.updated_ns.saturating_sub(a.updated_ns) as f64 * a.rate;
-        if ratio_b_cheaper(a.raw * ma, b.raw * mb, d) == by_load {
-            return by_load;
+        let by_estimate = ratio_b_cheaper(a.raw * ma, b.raw * mb, d);
+        if by_estimate == (mb < ma) {
+            return by_estimate;
         }
-    }
+        Some(by_estimate)
+    } else {
+        None
+    };
     let now = now_ns();
-    b_cheaper(a.estimate(now), ma, b.estimate(now), mb)
+    let (ea, eb) = (a.estimate(now), b.estimate(now));
+    match by_estimate {
+        // Both above the floor now: the estimates' comparison, already made.
+        Some(answer) if ea.above_floor() && eb.above_floor() => answer,
+        _ => b_cheaper(ea, ma, eb, mb),
+    }
 }
 
 /// An estimate read at pick time, `max(raw · e^-age, floor)`, with bounds
