@@ -129,7 +129,8 @@ fn age(now_ns: i64, updated_ns: i64, rate: f64) -> f64 {
 /// floor·ma`. `b` floored alone: `floor·mb < floor·ma ≤ est_a·ma`. The
 /// same inequalities, not strict, give `a` when `a` wins both.) When they
 /// disagree, or the rates differ (a reload mid-way), the costs are
-/// compared at `now_ns` (see [`b_cheaper`]).
+/// compared at `now_ns`: by the estimates' comparison already made if both
+/// are still above the floor, else as [`b_cheaper`] does.
 #[inline]
 fn b_cheaper_seen(a: Seen, ma: f64, b: Seen, mb: f64, now_ns: impl FnOnce() -> i64) -> bool {
     let by_estimate = if a.rate == b.rate {
