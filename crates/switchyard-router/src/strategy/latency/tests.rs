@@ -358,3 +358,44 @@ fn equal_idle_candidates_are_picked_without_the_clock() {
         70_000_000_000
     }));
 }
+
+#[test]
+fn a_pick_without_the_clock_holds_at_the_extremes() {
+    // A zero estimate (an initial latency of zero), estimates updated
+    // thousands of decay periods apart (where `e^δ` overflows), and the
+    // two at once: wherever the clock is not read, the answer is the
+    // direct formula's at every later time.
+    let rate = 1.0 / 10e9;
+    let raws = [0.0, 500.0, 1e3, 1e6, 1e9];
+    let updates = [0i64, 1, 10_000_000_000, 10_000_000_000_000, i64::MAX / 4];
+    for (&ra, &rb) in raws.iter().flat_map(|a| raws.iter().map(move |b| (a, b))) {
+        for (&ua, &ub) in updates
+            .iter()
+            .flat_map(|a| updates.iter().map(move |b| (a, b)))
+        {
+            for (la, lb) in [(1.0, 1.0), (1.0, 3.0), (3.0, 1.0)] {
+                let a = seen(ra, ua, rate, la, 1.0);
+                let b = seen(rb, ub, rate, lb, 1.0);
+                let latest = ua.max(ub);
+                let mut read = false;
+                let got = b_cheaper_seen(a, la, b, lb, || {
+                    read = true;
+                    latest
+                });
+                let times: &[i64] = if read {
+                    &[latest]
+                } else {
+                    &[latest, latest.saturating_add(400_000_000_000)]
+                };
+                for &t in times {
+                    let age = |x: Seen| (t - x.updated_ns).max(0) as f64 * x.rate;
+                    let (ca, cb) = (direct_cost(ra, age(a), la), direct_cost(rb, age(b), lb));
+                    if (ca - cb).abs() <= 1e-9 * ca.max(cb) {
+                        continue; // a tie: either answer
+                    }
+                    assert_eq!(got, cb < ca, "{a:?} {b:?} at {t}: {ca} vs {cb}");
+                }
+            }
+        }
+    }
+}
